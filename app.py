@@ -1,0 +1,257 @@
+"""Chat with a local Hugging Face model — text and images — streamed token by token.
+
+Launch:
+    python app.py                                   # default model (SmolVLM-256M-Instruct)
+    python app.py --model HuggingFaceTB/SmolVLM-500M-Instruct --device cuda
+    python app.py --model ./my-local-model --share --auth me:secret
+    python app.py --help                            # every option and its environment variable
+
+Endpoints (same server):
+    /                  the chat UI
+    /chat (Gradio API) gradio_client: Client(url).submit({"text": ..., "files": [handle_file(p)]},
+                       system_prompt, max_new_tokens, temperature, top_p, api_name="/chat")
+                       streams the growing answer; job.cancel() stops generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import mimetypes
+import os
+import sys
+
+from model_runner import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL,
+    MAX_IMAGES_PER_MESSAGE,
+    MAX_NEW_TOKENS_LIMIT,
+    ChatInputError,
+    GenerationError,
+    GenerationSettings,
+    ModelLoadError,
+    ModelRunner,
+)
+
+# --- Serving limits (the engine's limits live at the top of model_runner.py) ---
+MAX_UPLOAD_SIZE = "20mb"        # Gradio refuses larger uploads before they reach us
+QUEUE_MAX_SIZE = 64             # waiting requests beyond this are told the app is busy
+GENERATION_CONCURRENCY_ID = "generate"  # UI and API events share one queue per model
+DEFAULT_SYSTEM_PROMPT = ""
+
+THINKING_TITLE = "Thinking…"
+ERROR_TITLE = "⚠️ Error"
+
+log = logging.getLogger("app")
+
+
+# ---------------------------------------------------------------- Gradio history → model messages
+
+def to_model_messages(history: list[dict], message: dict | str, system_prompt: str = "") -> list[dict]:
+    """The one place where Gradio's chat (history + the new message) becomes model messages.
+
+    History comes in two shapes: the browser sends normalised blocks
+    (`content: [{"type": "text", ...} | {"type": "file", "file": {"path", "mime_type"}}]`),
+    API clients the raw state (`content: [{"path": ...}, "hi"]` or a plain string).
+    Messages carrying a metadata title (the Thinking… indicator, error notes, reasoning) are
+    annotations for the reader, not part of the conversation. Consecutive messages of the same
+    role are merged, since many chat templates require alternating roles.
+    """
+    messages: list[dict] = []
+    if system_prompt and system_prompt.strip():
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]})
+    turns = list(history or [])
+    if isinstance(message, str):
+        message = {"text": message, "files": []}
+    files = [{"path": f} if isinstance(f, str) else f for f in message.get("files") or []]
+    new_content: list = [*files, message.get("text") or ""]
+    turns.append({"role": "user", "content": new_content})
+    for turn in turns:
+        role = turn.get("role")
+        if role not in ("user", "assistant") or (turn.get("metadata") or {}).get("title"):
+            continue
+        parts = [p for p in map(_to_part, _as_list(turn.get("content"))) if p]
+        if not parts:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"].extend(parts)
+        else:
+            messages.append({"role": role, "content": parts})
+    return messages
+
+
+def _as_list(content) -> list:
+    if content is None:
+        return []
+    return content if isinstance(content, list) else [content]
+
+
+def _to_part(item) -> dict | None:
+    if isinstance(item, str):
+        return {"type": "text", "text": item} if item.strip() else None
+    if not isinstance(item, dict):
+        return None
+    if item.get("type") == "text":
+        return {"type": "text", "text": item["text"]} if item.get("text", "").strip() else None
+    file = item.get("file") if item.get("type") == "file" else item
+    path = (file or {}).get("path")
+    if not path:
+        return None
+    mime = (file.get("mime_type") or mimetypes.guess_type(path)[0] or "")
+    if mime and not mime.startswith("image/"):
+        return {"type": "file", "path": path}  # the engine refuses it with a clear message
+    return {"type": "image", "image": path}
+
+
+# ---------------------------------------------------------------- the chat function
+
+def make_chat_fn(runner: ModelRunner):
+    import gradio as gr
+
+    def chat(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+             top_p: float = 1.0):
+        yield gr.ChatMessage(content="", metadata={"title": THINKING_TITLE, "status": "pending"})
+        settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
+                                      temperature=float(temperature), top_p=float(top_p))
+        try:
+            messages = to_model_messages(history, message, system_prompt)
+            stream = runner.stream(messages, settings)
+        except ChatInputError as error:
+            yield error_message(str(error))
+            return
+        except Exception as error:  # a bug of ours: say so in the chat, keep serving
+            log.exception("building the model inputs failed")
+            yield error_message(f"Internal error: {type(error).__name__}: {error}")
+            return
+        with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
+            try:
+                for text in stream:
+                    yield text
+            except GenerationError as error:
+                yield [gr.ChatMessage(content=stream.text), error_message(str(error))] \
+                    if stream.text else error_message(str(error))
+                return
+        if not stream.text:
+            yield error_message("The model returned an empty answer.")
+
+    return chat
+
+
+def error_message(text: str):
+    import gradio as gr
+    return gr.ChatMessage(content=text, metadata={"title": ERROR_TITLE})
+
+
+# ---------------------------------------------------------------- the UI
+
+def build_demo(runner: ModelRunner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+    import gradio as gr
+
+    chat_fn = make_chat_fn(runner)
+    kind = "vision-language" if runner.is_vision else "text-only"
+    dtype = str(runner.dtype).removeprefix("torch.")
+    textbox = gr.MultimodalTextbox(
+        file_types=["image"] if runner.is_vision else [],
+        file_count="multiple", sources=["upload"] if runner.is_vision else [],
+        placeholder=(f"Type a message or attach up to {MAX_IMAGES_PER_MESSAGE} images…"
+                     if runner.is_vision else "Type a message…"),
+        stop_btn=True)
+    demo = gr.ChatInterface(
+        fn=chat_fn,
+        multimodal=True,
+        textbox=textbox,
+        chatbot=gr.Chatbot(height="65vh", label=runner.name,
+                           latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                                             {"left": "$", "right": "$", "display": False}]),
+        additional_inputs=[
+            gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2),
+            gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,
+                      label="Max new tokens"),
+            gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
+            gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p"),
+        ],
+        additional_inputs_accordion=gr.Accordion("Settings", open=False),
+        title="Local model chat",
+        description=f"**{runner.name}** · {kind} · {runner.device} · {dtype}",
+        editable=True,
+        api_name="chat",
+        concurrency_limit=1,
+        fill_height=True,
+    )
+    share_generation_queue(demo, chat_fn)
+    return demo
+
+
+def share_generation_queue(demo, chat_fn, concurrency_limit: int = 1):
+    """ChatInterface gives its browser events and its API event separate queues, so a UI
+    user and an API user could run two generations at once; put them all in one."""
+    for block_fn in demo.fns.values():
+        if getattr(block_fn.fn, "__wrapped__", None) is chat_fn:
+            block_fn.concurrency_id = GENERATION_CONCURRENCY_ID
+            block_fn.concurrency_limit = concurrency_limit
+
+
+# ---------------------------------------------------------------- command line
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        description="Chat with a local Hugging Face model (text + images), streamed token by token. "
+                    "Every option can also be set by the environment variable shown.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=env("MODEL_ID", DEFAULT_MODEL),
+                        help="Hub id (downloaded once into the HF cache) or local model directory [MODEL_ID]")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=env("DEVICE", "auto"),
+                        help="auto picks cuda > mps > cpu; cuda spreads big models over all GPUs [DEVICE]")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                        default=env("DTYPE", "auto"),
+                        help="auto: bfloat16 on capable CUDA, float16 on other GPUs, float32 on CPU [DTYPE]")
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to bind; 0.0.0.0 to serve your network [GRADIO_SERVER_NAME]")
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")),
+                        help="port to serve on [GRADIO_SERVER_PORT]")
+    parser.add_argument("--share", action="store_true", default=env_flag("SHARE"),
+                        help="also create a temporary public *.gradio.live link [SHARE=1]")
+    parser.add_argument("--auth", default=env("AUTH"), metavar="USER:PASS",
+                        help="require this login for the UI [AUTH]")
+    parser.add_argument("--max-new-tokens", type=int,
+                        default=int(env("MAX_NEW_TOKENS", str(DEFAULT_MAX_NEW_TOKENS))),
+                        help=f"default of the max-new-tokens slider (1..{MAX_NEW_TOKENS_LIMIT}) [MAX_NEW_TOKENS]")
+    parser.add_argument("--trust-remote-code", action="store_true", default=env_flag("TRUST_REMOTE_CODE"),
+                        help="run Python code shipped with the model repo (only for repos you trust) "
+                             "[TRUST_REMOTE_CODE=1]")
+    args = parser.parse_args(argv)
+    if args.auth is not None and ":" not in args.auth:
+        parser.error("--auth must be USER:PASS")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        parser.error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        runner = ModelRunner.load(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    log.info("Loaded %s on %s (%s).", runner.name, runner.device, runner.dtype)
+    if args.share and not args.auth:
+        log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
+    demo = build_demo(runner, args.max_new_tokens)
+    demo.queue(max_size=QUEUE_MAX_SIZE)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                max_file_size=MAX_UPLOAD_SIZE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

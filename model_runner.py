@@ -1,0 +1,515 @@
+"""The engine: load a Hugging Face model, turn a chat into model inputs, stream the
+answer token by token, and stop when asked. No Gradio in here.
+
+    runner = ModelRunner.load("HuggingFaceTB/SmolVLM-256M-Instruct")   # or a local dir
+    messages = [{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+                                             {"type": "text", "text": "What is this?"}]}]
+    with runner.stream(messages, GenerationSettings(max_new_tokens=200)) as stream:
+        for text in stream:          # the answer so far, growing
+            print(text)
+    stream.new_tokens, stream.finish_reason, stream.time_to_first_token
+
+Messages are the neutral chat format the UI and any API adapter build: a role
+("system" | "user" | "assistant") and a list of parts, `{"type": "text", "text": ...}`
+or `{"type": "image", "image": <path or PIL.Image>}`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tokenizers.decoders import DecodeStream
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+# Small, ungated, Apache-2.0, Idefics3 architecture: runs natively in transformers
+# without torchvision or remote code, and answers at interactive speed on a laptop CPU.
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+
+# --- Limits (one place; the README lists them) ---
+MAX_IMAGE_SIDE = 2048            # larger images are downscaled before the processor
+MAX_IMAGE_PIXELS = 64_000_000    # above this an image is refused before decoding its pixels
+MAX_IMAGES_PER_MESSAGE = 8
+MAX_IMAGES_PER_CONVERSATION = 16  # older images beyond this are left out of the prompt
+MAX_NEW_TOKENS_LIMIT = 8192
+DEFAULT_MAX_NEW_TOKENS = 512
+
+# The eye can't follow more than this; fewer updates keep long chats cheap to stream.
+MAX_UPDATES_PER_SECOND = 30
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError at 2x this
+
+
+class ModelLoadError(Exception):
+    """The model could not be found or loaded. The message is one readable line."""
+
+
+class ChatInputError(Exception):
+    """The conversation can't be sent to this model (bad image, too long, ...)."""
+
+
+class GenerationError(Exception):
+    """Generation failed while running. The message is meant for the user."""
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0    # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
+
+
+# ---------------------------------------------------------------- loading
+
+def pick_device(requested: str = "auto") -> str:
+    if requested != "auto":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("--device cuda was requested but no CUDA GPU is available.")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError("--device mps was requested but MPS is not available.")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
+    if requested != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def resolve_model_path(model: str, trust_remote_code: bool = False) -> Path:
+    """A local directory as is; otherwise a hub id downloaded (with progress bars) into
+    the Hugging Face cache. Failures become one ModelLoadError line."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{model!r} is not a model directory.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt"]
+    if trust_remote_code:
+        patterns.append("*.py")
+    hint = "Check the id, or point --model at a local directory that holds the model."
+    try:
+        path = Path(snapshot_download(model, allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):  # older repos ship PyTorch .bin weights only
+            path = Path(snapshot_download(model, allow_patterns=patterns + ["*.bin"]))
+    except hub_errors.GatedRepoError:
+        raise ModelLoadError(f"{model!r} is gated: accept its terms on huggingface.co and log in "
+                             f"(`hf auth login`), or point --model at a local directory.") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise ModelLoadError(f"Model {model!r} was not found on the Hugging Face Hub. {hint}") from None
+    except hub_errors.LocalEntryNotFoundError:
+        raise ModelLoadError(f"Can't download {model!r}: the Hugging Face Hub is unreachable (offline?) "
+                             f"and the model is not in the local cache. Point --model at a local "
+                             f"directory that holds the model.") from None
+    except (hub_errors.HFValidationError, hub_errors.HfHubHTTPError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"Can't download {model!r}: {first_line}. {hint}") from None
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- streaming pieces
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+class IncrementalTextStreamer(BaseStreamer):
+    """Feeds generated text pieces to a queue as tokens arrive.
+
+    Each token is decoded once, incrementally and UTF-8-safely (a character split over
+    several byte tokens comes out whole, when complete), unlike TextIteratorStreamer,
+    which re-decodes the whole line on every token. Empty pieces are never queued.
+    """
+
+    def __init__(self, tokenizer, pieces: queue.Queue):
+        self.pieces = pieces
+        self.new_tokens = 0
+        self.first_token_at: float | None = None
+        self._prompt_seen = False
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self._decode_stream = DecodeStream(skip_special_tokens=True)
+            self._step = lambda token_id: self._decode_stream.step(backend, token_id)
+        else:  # tokenizers without a Rust backend: decode a sliding window
+            self._tokenizer, self._ids, self._prefix, self._read = tokenizer, [], 0, 0
+            self._step = self._window_step
+
+    def _window_step(self, token_id: int) -> str | None:
+        self._ids.append(token_id)
+        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self._ids[self._prefix:self._read])
+        after = decode(self._ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before):]
+        return None
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first sends the prompt ids
+            self._prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.new_tokens += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            text = self._step(token_id)
+            if text:
+                self.pieces.put(text)
+
+    def end(self):
+        self.pieces.put(_END)
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
+                          device=input_ids.device)
+
+
+class TextStream:
+    """One running generation. Iterate it for the growing answer; close it (or leave
+    the `with` block) to stop generation, which then ends within one token."""
+
+    def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig):
+        self._pieces: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._streamer = IncrementalTextStreamer(runner.tokenizer, self._pieces)
+        self.max_new_tokens = generation_config.max_new_tokens
+        self.prompt_tokens = int(inputs["input_ids"].shape[-1])
+        self.text = ""
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+        self.started_at = time.perf_counter()
+        self.ended_at: float | None = None
+        self._runner = runner
+        self._thread = threading.Thread(
+            target=self._generate, args=(inputs, generation_config), daemon=True,
+            name="generate")
+        runner._lock.acquire()  # one generation per model; released by the thread
+        try:
+            self._thread.start()
+        except BaseException:
+            runner._lock.release()
+            raise
+
+    def _generate(self, inputs, generation_config):
+        try:
+            self._runner.model.generate(
+                **inputs, generation_config=generation_config, streamer=self._streamer,
+                stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]))
+        except BaseException as error:  # reaches the consumer, never lost in the thread
+            self._pieces.put(_Failure(self._runner._describe_failure(error)))
+        finally:
+            self.ended_at = time.perf_counter()
+            self._streamer.end()
+            self._runner._lock.release()
+
+    @property
+    def new_tokens(self) -> int:
+        return self._streamer.new_tokens
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        first = self._streamer.first_token_at
+        return None if first is None else first - self.started_at
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        first, end = self._streamer.first_token_at, self.ended_at or time.perf_counter()
+        if first is None or self.new_tokens < 2 or end <= first:
+            return None
+        return (self.new_tokens - 1) / (end - first)
+
+    def __iter__(self):
+        interval = 1.0 / MAX_UPDATES_PER_SECOND
+        last_update = float("-inf")
+        unsent = False
+        while True:
+            try:
+                timeout = max(0.0, last_update + interval - time.perf_counter()) if unsent else None
+                piece = self._pieces.get(timeout=timeout)
+            except queue.Empty:  # the update that was held back is now due
+                last_update, unsent = time.perf_counter(), False
+                yield self.text
+                continue
+            if piece is _END:
+                break
+            if isinstance(piece, _Failure):
+                self.finish_reason = "error"
+                raise piece.error
+            self.text += piece
+            unsent = True
+            if time.perf_counter() - last_update >= interval:
+                last_update, unsent = time.perf_counter(), False
+                yield self.text
+        self._thread.join()
+        if self.finish_reason is None:
+            if self._stop.is_set():
+                self.finish_reason = "cancelled"
+            else:
+                self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
+        if unsent:
+            yield self.text
+
+    def close(self, wait: float = 10.0):
+        """Stop generating (within one token) and wait for the thread to end."""
+        if self._thread.is_alive():
+            self._stop.set()
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled"
+        self._thread.join(wait)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------- the runner
+
+class ModelRunner:
+    def __init__(self, model, processor, tokenizer, *, name: str, device: str,
+                 dtype: torch.dtype, is_vision: bool):
+        self.model = model
+        self.processor = processor      # None for text-only models
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.is_vision = is_vision
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
+             trust_remote_code: bool = False) -> "ModelRunner":
+        """Hub id or local directory → ready runner. Raises ModelLoadError (one line)."""
+        device = pick_device(device)
+        torch_dtype = pick_dtype(device, dtype)
+        path = resolve_model_path(model, trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ModelLoadError(f"Can't read the model config in {path}: {_first_line(e)}") from None
+        # Decided from the config, not the name: is this an image-text-to-text architecture?
+        is_vision = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        load_kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if device == "cuda":
+            load_kwargs["device_map"] = "auto"  # spreads a large model over GPUs (and CPU)
+        try:
+            if is_vision:
+                processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+                tokenizer = processor.tokenizer
+                model_obj = AutoModelForImageTextToText.from_pretrained(path, **load_kwargs)
+            else:
+                processor = None
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                model_obj = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"Can't load the model from {path}: {_first_line(e)}") from None
+        template_owner = processor if processor is not None else tokenizer
+        if not getattr(template_owner, "chat_template", None) and not tokenizer.chat_template:
+            raise ModelLoadError(f"{model!r} has no chat template, so it can't be used as a chat "
+                                 f"model (is it a base model? pick its instruct version).")
+        if device != "cuda":
+            model_obj.to(device)
+        model_obj.eval()
+        return cls(model_obj, processor, tokenizer, name=model, device=device,
+                   dtype=torch_dtype, is_vision=is_vision)
+
+    # ------------------------------------------------------------ inputs
+
+    @property
+    def context_length(self) -> int | None:
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text_config, "max_position_embeddings", None)
+
+    def build_inputs(self, messages: list[dict]):
+        """Chat messages → model inputs via the model's own chat template."""
+        messages = self._prepare_messages(messages)
+        if self.is_vision:
+            inputs = self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                return_tensors="pt")
+        else:
+            inputs = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                return_tensors="pt")
+        limit = self.context_length
+        if limit and inputs["input_ids"].shape[-1] >= limit:
+            raise ChatInputError(
+                f"The conversation is too long for this model: {inputs['input_ids'].shape[-1]} "
+                f"tokens, its context holds {limit}. Start a new chat or send less.")
+        if self.is_vision:  # BatchFeature: also casts pixel values to the model's dtype
+            return inputs.to(self.model.device, dtype=self.dtype)
+        return inputs.to(self.model.device)
+
+    def _prepare_messages(self, messages: list[dict]) -> list[dict]:
+        """Validate and load images; shape content the way this model's template wants."""
+        if not messages or messages[-1]["role"] != "user":
+            raise ChatInputError("The conversation must end with a user message.")
+        last = messages[-1]
+        if not any(p.get("type") in ("image", "file") or (p.get("text") or "").strip()
+                   for p in last["content"]):
+            raise ChatInputError("The message is empty: type some text or attach an image.")
+        new_images = [p for p in last["content"] if _is_image(p)]
+        if new_images and not self.is_vision:
+            raise ChatInputError(
+                f"This model ({self.name}) is text-only and can't see images. Send the message "
+                f"without the image, or start the app with a vision model (--model).")
+        if len(new_images) > MAX_IMAGES_PER_MESSAGE:
+            raise ChatInputError(f"Too many images in one message: {len(new_images)} "
+                                 f"(the limit is {MAX_IMAGES_PER_MESSAGE}).")
+        # Keep the newest images up to the conversation cap; earlier ones drop out of the prompt.
+        # A bad file in the new message is refused; one in the history was refused when it was
+        # sent, so it is left out rather than blocking every later turn.
+        budget = MAX_IMAGES_PER_CONVERSATION if self.is_vision else 0
+        prepared = []
+        for message in reversed(messages):
+            is_new = message is last
+            parts = []
+            for part in reversed(message["content"]):
+                if part.get("type") == "file":
+                    if is_new:
+                        raise ChatInputError(f"{os.path.basename(part['path'])} is not an image; "
+                                             f"only image files can be attached.")
+                elif _is_image(part):
+                    if budget > 0:
+                        try:
+                            parts.append({"type": "image", "image": load_image(part["image"])})
+                            budget -= 1
+                        except ChatInputError:
+                            if is_new:
+                                raise
+                elif part.get("text"):
+                    parts.append({"type": "text", "text": part["text"]})
+            parts.reverse()
+            if not parts:
+                continue
+            if not self.is_vision:  # text-only templates often expect plain strings
+                parts = "\n".join(p["text"] for p in parts)
+            prepared.append({"role": message["role"], "content": parts})
+        prepared.reverse()
+        return prepared
+
+    # ------------------------------------------------------------ generation
+
+    def generation_config(self, settings: GenerationSettings) -> GenerationConfig:
+        config = GenerationConfig.from_dict(self.model.generation_config.to_dict())
+        config.max_new_tokens = settings.max_new_tokens
+        if settings.min_new_tokens:
+            config.min_new_tokens = settings.min_new_tokens
+        if settings.temperature and settings.temperature > 0:
+            config.do_sample = True
+            config.temperature = settings.temperature
+            config.top_p = settings.top_p
+            config.top_k = None
+        else:
+            config.do_sample = False
+            config.temperature = config.top_p = config.top_k = None
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+        return config
+
+    def stream(self, messages: list[dict], settings: GenerationSettings | None = None) -> TextStream:
+        """Start generating; raises ChatInputError for a conversation the model can't take."""
+        settings = settings or GenerationSettings()
+        if not 1 <= settings.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ChatInputError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
+        inputs = self.build_inputs(messages)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        config = self.generation_config(settings)
+        if self.context_length:  # the answer ends ("length") where the context is full
+            room = self.context_length - inputs["input_ids"].shape[-1]
+            config.max_new_tokens = min(config.max_new_tokens, room)
+        return TextStream(self, inputs, config)
+
+    def _describe_failure(self, error: BaseException) -> GenerationError:
+        if isinstance(error, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return GenerationError("The GPU ran out of memory for this request. Try a shorter "
+                                   "conversation, fewer images or fewer new tokens.")
+        return GenerationError(f"Generation failed: {type(error).__name__}: {_first_line(error)}")
+
+
+def _is_image(part: dict) -> bool:
+    return part.get("type") == "image"
+
+
+def load_image(source) -> Image.Image:
+    """A path or PIL image → RGB PIL image no larger than MAX_IMAGE_SIDE.
+    Raises ChatInputError for anything that is not a readable image."""
+    if isinstance(source, Image.Image):
+        image = source
+        name = "the image"
+    else:
+        name = os.path.basename(str(source)) or "the image"
+        try:
+            image = Image.open(source)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ChatInputError(
+                    f"{name} is too large ({image.width}×{image.height} pixels; the limit is "
+                    f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels).")
+            image.load()
+        except ChatInputError:
+            raise
+        except Image.DecompressionBombError:
+            raise ChatInputError(f"{name} has too many pixels to open safely.") from None
+        except FileNotFoundError:
+            raise ChatInputError(f"{name} could not be found (was the upload removed?).") from None
+        except Exception:
+            raise ChatInputError(f"{name} is not a readable image (corrupt, truncated or not an "
+                                 f"image file).") from None
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if max(image.size) > MAX_IMAGE_SIDE:
+        image = image.copy()
+        image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    return image

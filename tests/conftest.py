@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny local models (built once per test session) and the app served
+in-process on a free 127.0.0.1 port."""
+
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+# Before gradio / huggingface_hub are imported anywhere.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-test-"))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from model_runner import ModelRunner  # noqa: E402
+from tests.tiny_models import build_all  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_paths(tmp_path_factory):
+    return build_all(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def idefics3_runner(tiny_model_paths):
+    return ModelRunner.load(str(tiny_model_paths["idefics3"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llava_runner(tiny_model_paths):
+    return ModelRunner.load(str(tiny_model_paths["llava"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llama_runner(tiny_model_paths):
+    return ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Image files a user might upload: two different pictures, a fake and a truncated PNG."""
+    root = tmp_path_factory.mktemp("images")
+    red = root / "red.png"
+    Image.new("RGB", (64, 48), (220, 30, 30)).save(red)
+    noise = root / "noise.png"
+    Image.effect_noise((64, 48), 90).convert("RGB").save(noise)
+    fake = root / "notes.png"
+    fake.write_text("this is a text file with a .png name")
+    truncated = root / "truncated.png"
+    truncated.write_bytes(red.read_bytes()[:60])
+    return {"red": red, "noise": noise, "fake": fake, "truncated": truncated}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StreamSpy:
+    """Wraps runner.stream to keep every TextStream the app starts (to check what the
+    model was really asked for, and that Stop really stopped it)."""
+
+    def __init__(self, runner):
+        self.runner, self.original, self.streams, self.calls = runner, runner.stream, [], []
+
+    def __call__(self, messages, settings=None):
+        self.calls.append((messages, settings))
+        stream = self.original(messages, settings)
+        self.streams.append(stream)
+        return stream
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """serve(runner) → (url, spy): the app on a free loopback port, closed after the test."""
+    import app
+
+    demos = []
+
+    def start(runner):
+        spy = StreamSpy(runner)
+        monkeypatch.setattr(runner, "stream", spy)
+        demo = app.build_demo(runner)
+        demo.queue(max_size=app.QUEUE_MAX_SIZE)
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
+                                server_port=free_port(), max_file_size=app.MAX_UPLOAD_SIZE)
+        demos.append(demo)
+        return url, spy
+
+    yield start
+    for demo in demos:
+        demo.close()

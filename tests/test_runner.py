@@ -1,0 +1,183 @@
+"""The engine, without any UI: streaming, images, cancel, failures."""
+
+import functools
+import threading
+import time
+
+import pytest
+import torch
+
+from model_runner import (
+    ChatInputError,
+    GenerationError,
+    GenerationSettings,
+    IncrementalTextStreamer,
+    load_image,
+    MAX_IMAGE_SIDE,
+)
+
+
+def user(text, *image_paths):
+    parts = [{"type": "image", "image": str(p)} for p in image_paths]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def answer(runner, messages, max_new_tokens=24, **settings):
+    with runner.stream(messages, GenerationSettings(max_new_tokens=max_new_tokens, **settings)) as s:
+        *_, final = s
+    return final
+
+
+def test_partial_answers_grow_by_prefix(idefics3_runner, images):
+    with idefics3_runner.stream([user("Describe this.", images["red"])],
+                                GenerationSettings(max_new_tokens=120)) as stream:
+        partials = list(stream)
+    assert len(partials) >= 2, "the answer should arrive in several updates"
+    for before, after in zip(partials, partials[1:]):
+        assert after.startswith(before) and len(after) > len(before)
+    assert partials[-1] == stream.text and stream.new_tokens == 120
+    assert stream.finish_reason == "length"
+
+
+def test_multibyte_characters_never_arrive_broken(llama_runner):
+    import queue
+    text = "Grüße 🤗 漢字 and ünïcödé — 🎉🚀 done"
+    ids = llama_runner.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split()), "the tokenizer should split characters into byte tokens"
+    pieces = queue.Queue()
+    streamer = IncrementalTextStreamer(llama_runner.tokenizer, pieces)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
+    for token_id in ids:
+        streamer.put(torch.tensor([token_id]))
+    streamer.end()
+    received = []
+    while (piece := pieces.get_nowait()) is not None and isinstance(piece, str):
+        received.append(piece)
+    assert "".join(received) == text
+    assert all("\ufffd" not in piece and piece for piece in received)
+    assert streamer.new_tokens == len(ids)
+
+
+@pytest.mark.parametrize("runner_name", ["idefics3_runner", "llava_runner"])
+def test_the_image_reaches_the_model(request, runner_name, images):
+    runner = request.getfixturevalue(runner_name)
+    red_1 = answer(runner, [user("What is in the picture?", images["red"])])
+    red_2 = answer(runner, [user("What is in the picture?", images["red"])])
+    noise = answer(runner, [user("What is in the picture?", images["noise"])])
+    assert red_1 == red_2, "greedy decoding of the same input must be reproducible"
+    assert red_1 != noise, "a different image must change the answer"
+
+
+def test_images_of_earlier_turns_stay_in_the_conversation(idefics3_runner, images):
+    def follow_up(first_image):
+        return answer(idefics3_runner, [user("Look at this.", first_image), assistant("I see it."),
+                                        user("And what colour was it?")])
+    assert follow_up(images["red"]) != follow_up(images["noise"])
+
+
+def test_closing_the_stream_stops_generation_within_two_tokens(idefics3_runner, images):
+    stream = idefics3_runner.stream([user("Tell a long story.", images["red"])],
+                                    GenerationSettings(max_new_tokens=2000))
+    iterator = iter(stream)
+    for _ in range(3):
+        next(iterator)
+    tokens_at_close = stream.new_tokens
+    stream.close()
+    assert not stream._thread.is_alive(), "the generate thread must have ended"
+    assert stream.new_tokens - tokens_at_close <= 2
+    assert stream.new_tokens < 2000 and stream.finish_reason == "cancelled"
+    # the model is free again at once
+    assert answer(idefics3_runner, [user("hi")], max_new_tokens=3)
+
+
+def test_an_error_inside_generation_reaches_the_consumer(idefics3_runner, monkeypatch, images):
+    calls = {"n": 0}
+    real_forward = idefics3_runner.model.forward
+
+    @functools.wraps(real_forward)  # generate() inspects the forward signature
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated kernel failure")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(idefics3_runner.model, "forward", failing_forward)
+    started = time.perf_counter()
+    with pytest.raises(GenerationError, match="simulated kernel failure"):
+        answer(idefics3_runner, [user("hi", images["red"])], max_new_tokens=200)
+    assert time.perf_counter() - started < 5
+    monkeypatch.undo()
+    assert answer(idefics3_runner, [user("hi")], max_new_tokens=3), "the next request must work"
+
+
+def test_out_of_memory_gets_a_readable_message(llama_runner, monkeypatch):
+    @functools.wraps(llama_runner.model.forward)
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(llama_runner.model, "forward", oom)
+    with pytest.raises(GenerationError, match="ran out of memory"):
+        answer(llama_runner, [user("hi")])
+
+
+def test_text_only_model_refuses_images_clearly(llama_runner, images):
+    with pytest.raises(ChatInputError, match="text-only and can't see images"):
+        llama_runner.stream([user("What is this?", images["red"])])
+    # text still gets an answer, and images of earlier (refused) turns don't block it
+    assert answer(llama_runner, [user("What is this?", images["red"]), user("Just say hi.")])
+
+
+@pytest.mark.parametrize("bad", ["fake", "truncated"])
+def test_unreadable_images_are_refused_with_a_message(idefics3_runner, images, bad):
+    with pytest.raises(ChatInputError, match="not a readable image"):
+        idefics3_runner.stream([user("look", images[bad])])
+    # an unreadable image in an earlier turn doesn't block later turns
+    assert answer(idefics3_runner, [user("look", images[bad]), user("hello?")], max_new_tokens=3)
+
+
+def test_empty_message_is_refused(idefics3_runner):
+    with pytest.raises(ChatInputError, match="empty"):
+        idefics3_runner.stream([user("   ")])
+
+
+def test_large_images_are_downscaled(tmp_path):
+    from PIL import Image
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (MAX_IMAGE_SIDE * 2, 100), "blue").save(path)
+    assert max(load_image(path).size) == MAX_IMAGE_SIDE
+
+
+def test_settings_reach_generation(llama_runner):
+    with llama_runner.stream([user("count")], GenerationSettings(max_new_tokens=7)) as s:
+        list(s)
+    assert s.new_tokens == 7
+    greedy = answer(llama_runner, [user("write")], max_new_tokens=30)
+    sampled = {answer(llama_runner, [user("write")], max_new_tokens=30, temperature=1.5, top_p=1.0,
+                      seed=seed) for seed in range(3)}
+    assert sampled != {greedy}, "temperature > 0 must sample"
+    assert answer(llama_runner, [user("write")], max_new_tokens=30, temperature=1.5, seed=5) == \
+        answer(llama_runner, [user("write")], max_new_tokens=30, temperature=1.5, seed=5)
+    with_system = answer(llama_runner, [{"role": "system", "content": [
+        {"type": "text", "text": "You are a pirate."}]}, user("write")], max_new_tokens=30)
+    assert with_system != greedy, "the system prompt must reach the model"
+
+
+def test_one_generation_at_a_time(llama_runner):
+    running, overlaps = [], []
+
+    def run():
+        with llama_runner.stream([user("go")], GenerationSettings(max_new_tokens=150)) as s:
+            running.append(1)
+            overlaps.append(len(running))
+            list(s)
+            running.pop()
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert overlaps and max(overlaps) == 1
