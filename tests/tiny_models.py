@@ -1,0 +1,282 @@
+r"""Tiny random-weight models for offline tests and demos.
+
+Builds three small models with random (but seeded, hence reproducible) weights and
+saves them with ``save_pretrained``, so that the app loads them through exactly the
+same code path as a hub checkpoint (``AutoConfig`` -> ``AutoProcessor`` +
+``AutoModelForImageTextToText`` for VLMs, ``AutoTokenizer`` + ``AutoModelForCausalLM``
+for text-only models):
+
+* ``idefics3`` - Idefics3ForConditionalGeneration (the SmolVLM v1 family), PIL image
+  processor, no image splitting, 32 px images -> 7 tokens per image.
+* ``llava``    - LlavaForConditionalGeneration (CLIP vision + Llama text), 32 px images
+  -> 16 ``<image>`` tokens per image.
+* ``llama``    - text-only LlamaForCausalLM.
+
+Each gets a byte-level BPE tokenizer (512 tokens) trained here on the embedded text,
+so any Unicode is encodable (emoji/CJK split into several byte tokens) and decodes
+back exactly. Chat format (image parts become ``<image>`` for the VLMs; llama drops them)::
+
+    <s><|system|>\n...<end_of_utterance>\n<|user|>\n...<end_of_utterance>\n<|assistant|>\n
+
+Weights are drawn with a large std (0.3) so images visibly change greedy output, and
+the lm_head rows of all special tokens (EOS, pad, image placeholders, role markers)
+and of ASCII control bytes are zero: their logits are exactly 0 and practically never
+the argmax, so greedy generation runs to ``max_new_tokens`` and decodes to non-empty,
+mostly-ASCII nonsense. Building is seeded: the same files every time.
+
+Usage::
+
+    python tests/tiny_models.py OUT_DIR      # builds all three, prints their paths
+    python app.py --model OUT_DIR/idefics3   # offline demo
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sys
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    GenerationConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
+
+SEED = 1234
+VOCAB_SIZE = 512
+IMAGE_SIZE = 32  # px, square; patch size 8 -> 4x4 patches
+PATCH_SIZE = 8
+INIT_STD = 0.3  # usual is 0.02; with that the tiny VLMs ignore the image
+
+BOS, EOS, PAD = "<s>", "<end_of_utterance>", "<pad>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+IMAGE = "<image>"
+IDEFICS3_IMAGE_TOKENS = [IMAGE, "<fake_token_around_image>", "<global-img>"]
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A small model can still say many things,
+even when it has never seen a picture before. The weather was warm and bright, so we
+walked along the river to the old stone bridge and watched the boats go by. She asked
+what was in the image, and he answered that it showed a red square on a white table.
+Numbers like 1, 2, 3, 42 and 2024 appear in text, as do questions: why? how? where?
+Please describe the photo in one sentence. It is a cat sitting on a chair near a window.
+Testing streaming output means the answer must be long enough to stop it halfway.
+Hello, world! This is a tiny language model with random weights; it speaks nonsense.
+"""
+
+# Jinja chat template; {image} is replaced by the architecture's image placeholder.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '{image}' -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<end_of_utterance>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
+
+def chat_template(image_placeholder: str) -> str:
+    return CHAT_TEMPLATE.replace("{image}", image_placeholder)
+
+
+def _corpus() -> list[str]:
+    """A few KB of varied English: the paragraph, its lines reversed, lower/upper case."""
+    lines = CORPUS.splitlines()
+    variants = [CORPUS, "\n".join(reversed(lines)), CORPUS.lower(), CORPUS.upper()]
+    return [v for v in variants for _ in range(3)]
+
+
+def build_tokenizer(extra_special: list[str], image_placeholder: str) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained from scratch; special tokens get the lowest ids."""
+    special = [PAD, BOS, EOS, *ROLE_TOKENS, *extra_special]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    kwargs = {"image_token": IMAGE} if IMAGE in extra_special else {}  # read by the processors
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=ROLE_TOKENS + extra_special,
+        chat_template=chat_template(image_placeholder),
+        **kwargs,
+    )
+
+
+def _text_config(tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _silenced_ids(tokenizer) -> list[int]:
+    """Special tokens and ASCII control bytes (except newline/tab): never to be generated."""
+    special = [i for i, t in tokenizer.added_tokens_decoder.items() if t.special]
+    control = [
+        i for i in range(len(tokenizer))
+        if i not in special and all(ord(c) < 32 and c not in "\n\t" or ord(c) == 127 for c in tokenizer.decode([i]))
+    ]
+    return special + control
+
+
+def _finish(model, tokenizer, path: pathlib.Path, processor=None) -> pathlib.Path:
+    """Silence unwanted tokens in lm_head, set the generation config, save everything."""
+    with torch.no_grad():
+        # Zero rows -> logit exactly 0 while the other logits are random with a large std,
+        # so EOS / placeholders / control bytes are practically never the argmax.
+        model.get_output_embeddings().weight[_silenced_ids(tokenizer)] = 0.0
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in test output
+    try:
+        model.save_pretrained(path)
+        (processor or tokenizer).save_pretrained(path)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return path
+
+
+def _seeded(build):
+    """Run a builder under SEED (same weights every time) without touching the caller's RNG."""
+
+    @functools.wraps(build)
+    def wrapper(path) -> pathlib.Path:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            return build(pathlib.Path(path))
+
+    return wrapper
+
+
+@_seeded
+def build_idefics3(path) -> pathlib.Path:
+    """SmolVLM v1 family: Idefics3 (SigLIP-like vision, pixel shuffle, Llama text)."""
+    tokenizer = build_tokenizer(IDEFICS3_IMAGE_TOKENS, IMAGE)
+    scale = 2  # pixel shuffle: (32/8)^2 / 2^2 = 4 <image> tokens per image
+    image_seq_len = (IMAGE_SIZE // PATCH_SIZE) ** 2 // scale**2
+    config = Idefics3Config(
+        text_config=_text_config(tokenizer).to_dict(),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, initializer_range=INIT_STD,
+        ),
+        scale_factor=scale,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=INIT_STD,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=False,
+    )
+    processor = Idefics3Processor(
+        image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=chat_template(IMAGE)
+    )
+    # The processor replaced the tokenizer's extra special tokens with its own three; put
+    # ours back so AutoTokenizer on the saved dir lists all of them (decode skips them anyway).
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": ROLE_TOKENS + IDEFICS3_IMAGE_TOKENS}, replace_extra_special_tokens=False
+    )
+    return _finish(model, tokenizer, path, processor)
+
+
+@_seeded
+def build_llava(path) -> pathlib.Path:
+    """LLaVA: CLIP vision tower + MLP projector + Llama text."""
+    tokenizer = build_tokenizer([IMAGE], IMAGE)
+    config = LlavaConfig(
+        text_config=_text_config(tokenizer).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32, initializer_range=INIT_STD,
+        ).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="default",  # drop CLS: 16 tokens per image
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor, tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=chat_template(IMAGE),
+    )
+    return _finish(model, tokenizer, path, processor)
+
+
+@_seeded
+def build_llama(path) -> pathlib.Path:
+    """Text-only Llama; its chat template drops image parts."""
+    tokenizer = build_tokenizer([], "")
+    model = LlamaForCausalLM(_text_config(tokenizer))
+    return _finish(model, tokenizer, path)
+
+
+BUILDERS = {"idefics3": build_idefics3, "llava": build_llava, "llama": build_llama}
+
+
+def build_all(root) -> dict[str, pathlib.Path]:
+    """Build every model in a subdirectory of ``root``; existing builds are reused."""
+    root = pathlib.Path(root)
+    out = {}
+    for name, build in BUILDERS.items():
+        path = root / name
+        out[name] = path if (path / "config.json").exists() else build(path)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python {sys.argv[0]} OUT_DIR")
+    for name, path in build_all(sys.argv[1]).items():
+        print(f"{name}: {path}")
