@@ -54,8 +54,7 @@ def to_model_messages(history: list[dict], message: dict | str, system_prompt: s
     (`content: [{"type": "text", ...} | {"type": "file", "file": {"path", "mime_type"}}]`),
     API clients the raw state (`content: [{"path": ...}, "hi"]` or a plain string).
     Messages carrying a metadata title (the Thinking… indicator, error notes, reasoning) are
-    annotations for the reader, not part of the conversation. Consecutive messages of the same
-    role are merged, since many chat templates require alternating roles.
+    annotations for the reader, not part of the conversation.
     """
     messages: list[dict] = []
     if system_prompt and system_prompt.strip():
@@ -73,10 +72,7 @@ def to_model_messages(history: list[dict], message: dict | str, system_prompt: s
         parts = [p for p in map(_to_part, _as_list(turn.get("content"))) if p]
         if not parts:
             continue
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"].extend(parts)
-        else:
-            messages.append({"role": role, "content": parts})
+        messages.append({"role": role, "content": parts})
     return messages
 
 
@@ -152,10 +148,9 @@ def build_demo(runner: ModelRunner, default_max_new_tokens: int = DEFAULT_MAX_NE
     kind = "vision-language" if runner.is_vision else "text-only"
     dtype = str(runner.dtype).removeprefix("torch.")
     textbox = gr.MultimodalTextbox(
-        file_types=["image"] if runner.is_vision else [],
-        file_count="multiple", sources=["upload"] if runner.is_vision else [],
+        file_types=["image"], file_count="multiple", sources=["upload"],
         placeholder=(f"Type a message or attach up to {MAX_IMAGES_PER_MESSAGE} images…"
-                     if runner.is_vision else "Type a message…"),
+                     if runner.is_vision else "Type a message (this model is text-only)…"),
         stop_btn=True)
     demo = gr.ChatInterface(
         fn=chat_fn,

@@ -431,10 +431,16 @@ class ModelRunner:
             parts.reverse()
             if not parts:
                 continue
-            if not self.is_vision:  # text-only templates often expect plain strings
-                parts = "\n".join(p["text"] for p in parts)
-            prepared.append({"role": message["role"], "content": parts})
+            if prepared and prepared[-1]["role"] == message["role"]:
+                # e.g. a turn left unanswered (stopped, failed): many templates need
+                # alternating roles, so it joins the next one
+                prepared[-1]["content"][:0] = parts
+            else:
+                prepared.append({"role": message["role"], "content": parts})
         prepared.reverse()
+        if not self.is_vision:  # text-only templates often expect plain strings
+            for message in prepared:
+                message["content"] = "\n".join(p["text"] for p in message["content"])
         return prepared
 
     # ------------------------------------------------------------ generation

@@ -1,0 +1,204 @@
+"""The app end to end: served on 127.0.0.1, driven with gradio_client like a user's script."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+import app
+from model_runner import GenerationSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def message(text, *files):
+    return {"text": text, "files": [handle_file(str(f)) for f in files]}
+
+
+def chat(client, msg, system_prompt="", max_new_tokens=40, temperature=0.0, top_p=1.0):
+    return client.submit(msg, system_prompt, max_new_tokens, temperature, top_p, api_name="/chat")
+
+
+def text_of(output):
+    """The answer text of one streamed output (a string, or the Thinking… / error messages)."""
+    if isinstance(output, str):
+        return output
+    if isinstance(output, dict):
+        return "" if output.get("metadata", {}).get("title") else output.get("content", "")
+    return "".join(text_of(o) for o in output)
+
+
+def error_of(output):
+    items = output if isinstance(output, list) else [output]
+    return " ".join(o["content"] for o in items
+                    if isinstance(o, dict) and o.get("metadata", {}).get("title") == app.ERROR_TITLE)
+
+
+def test_streams_an_answer_about_an_uploaded_image(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+    client = Client(url, verbose=False)
+    job = chat(client, message("What is in this picture?", images["red"]), max_new_tokens=200)
+    outputs = list(job)
+    assert outputs[0]["metadata"]["title"] == app.THINKING_TITLE, "the user sees the model working"
+    texts = [text_of(o) for o in outputs[1:]]
+    assert len(texts) >= 2, "the answer must arrive in several partial updates"
+    for before, after in zip(texts, texts[1:]):
+        assert after.startswith(before)
+    # exactly what the engine produces for the same conversation
+    sent = spy.calls[0][0]
+    assert [p["type"] for p in sent[-1]["content"]] == ["image", "text"]
+    with spy.original(sent, GenerationSettings(max_new_tokens=200)) as s:
+        *_, direct = s
+    assert texts[-1] == direct and len(direct) > 20
+    client.close()
+
+
+def test_history_with_images_goes_back_to_the_model(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+    client = Client(url, verbose=False)
+    chat(client, message("Look.", images["red"], images["noise"]), max_new_tokens=10).result()
+    chat(client, message("What did you see?"), max_new_tokens=10).result()
+    second = spy.calls[1][0]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert sum(p["type"] == "image" for p in second[0]["content"]) == 2
+    assert second[1]["content"][0]["text"], "the previous answer is part of the conversation"
+    client.close()
+
+
+def test_stop_ends_generation_on_the_server(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+    client = Client(url, verbose=False)
+    job = chat(client, message("Tell me everything.", images["red"]), max_new_tokens=2000)
+    while len([o for o in job.outputs() if isinstance(o, str)]) < 2:
+        assert not job.done(), "the answer finished before it could be stopped"
+        time.sleep(0.02)
+    job.cancel()
+    stream = spy.streams[0]
+    deadline = time.time() + 5
+    while stream._thread.is_alive() and time.time() < deadline:
+        time.sleep(0.02)
+    assert not stream._thread.is_alive(), "Stop must end the generate thread"
+    assert stream.finish_reason == "cancelled" and stream.new_tokens < 2000
+    # the next message works
+    assert text_of(chat(client, message("hello"), max_new_tokens=5).result())
+    client.close()
+
+
+def test_a_bad_image_gets_a_message_and_the_next_request_works(serve, idefics3_runner, images):
+    url, _ = serve(idefics3_runner)
+    client = Client(url, verbose=False)
+    started = time.time()
+    result = chat(client, message("What is this?", images["fake"])).result()
+    assert "notes.png is not a readable image" in error_of(result)
+    assert time.time() - started < 10
+    result = chat(client, message("And this one?", images["red"]), max_new_tokens=8).result()
+    assert text_of(result) and not error_of(result)
+    client.close()
+
+
+def test_a_failure_during_generation_shows_in_the_chat(serve, llama_runner, monkeypatch):
+    import functools
+    url, _ = serve(llama_runner)
+    real_forward = llama_runner.model.forward
+    calls = {"n": 0}
+
+    @functools.wraps(real_forward)
+    def flaky_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise RuntimeError("device lost")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(llama_runner.model, "forward", flaky_forward)
+    client = Client(url, verbose=False)
+    result = chat(client, message("go"), max_new_tokens=100).result()
+    assert "device lost" in error_of(result)
+    assert text_of(result), "the text produced before the failure is kept"
+    assert text_of(chat(client, message("again"), max_new_tokens=5).result())
+    client.close()
+
+
+def test_system_prompt_and_settings_reach_generation(serve, llama_runner):
+    url, spy = serve(llama_runner)
+    client = Client(url, verbose=False)
+    plain = text_of(chat(client, message("Hi"), max_new_tokens=7).result())
+    assert spy.streams[-1].new_tokens == 7
+    client.reset_session()
+    pirate = text_of(chat(client, message("Hi"), system_prompt="You are a pirate.", max_new_tokens=7).result())
+    assert spy.calls[-1][0][0] == {"role": "system", "content": [{"type": "text", "text": "You are a pirate."}]}
+    assert pirate != plain
+    client.reset_session()
+    chat(client, message("Hi"), max_new_tokens=7, temperature=0.9, top_p=0.8).result()
+    settings = spy.calls[-1][1]
+    assert (settings.temperature, settings.top_p, settings.max_new_tokens) == (0.9, 0.8, 7)
+    client.close()
+
+
+def test_text_only_model_says_it_cannot_see_images(serve, llama_runner, images):
+    url, _ = serve(llama_runner)
+    client = Client(url, verbose=False)
+    result = chat(client, message("What is this?", images["red"])).result()
+    assert "can't see images" in error_of(result)
+    assert text_of(chat(client, message("Then just say hello."), max_new_tokens=5).result())
+    client.close()
+
+
+def test_ui_and_api_share_one_generation_queue(idefics3_runner):
+    demo = app.build_demo(idefics3_runner)
+    chat_events = [fn for fn in demo.fns.values() if fn.concurrency_id == app.GENERATION_CONCURRENCY_ID]
+    assert len(chat_events) >= 3  # submit, retry, edit, the API
+    assert any(fn.api_name == "chat" for fn in chat_events)
+    assert all(fn.concurrency_limit == 1 for fn in chat_events)
+
+
+def test_both_history_shapes_become_the_same_model_messages(tmp_path):
+    browser = [
+        {"role": "user", "metadata": None, "options": None, "content": [
+            {"type": "file", "file": {"path": "/up/cat.png", "mime_type": "image/png"}},
+            {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "metadata": {"title": app.THINKING_TITLE}, "content": [{"type": "text", "text": ""}]},
+        {"role": "assistant", "metadata": None, "content": [{"type": "text", "text": "A cat."}]},
+    ]
+    api = [
+        {"role": "user", "content": [{"path": "/up/cat.png"}, "What is this?"]},
+        {"role": "assistant", "content": "A cat."},
+    ]
+    expected = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image", "image": "/up/cat.png"},
+                                     {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": [{"type": "image", "image": "/up/dog.jpg"},
+                                     {"type": "text", "text": "And this?"}]},
+    ]
+    new = {"text": "And this?", "files": ["/up/dog.jpg"]}
+    assert app.to_model_messages(browser, new, "Be brief.") == expected
+    assert app.to_model_messages(api, new, "Be brief.") == expected
+
+
+def run_app(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_help_documents_every_option():
+    result = run_app("--help")
+    assert result.returncode == 0
+    for option in ["--model", "--device", "--dtype", "--host", "--port", "--share", "--auth",
+                   "--max-new-tokens", "--trust-remote-code", "MODEL_ID"]:
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("someone/no-such-model-xyz", "Point --model at a local directory"),
+    ("./no/such/dir", "is not a model directory"),
+])
+def test_an_unreachable_model_exits_with_one_clear_line(model, expected):
+    result = run_app("--model", model)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
