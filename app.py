@@ -175,7 +175,25 @@ def build_demo(runner: ModelRunner, default_max_new_tokens: int = DEFAULT_MAX_NE
         fill_height=True,
     )
     share_generation_queue(demo, chat_fn)
+    with demo:
+        # Runs beside ChatInterface's own cancel: a Stop before the first token would
+        # otherwise leave the "Thinking…" spinner turning forever.
+        demo.textbox.stop(settle_pending_messages, [demo.chatbot], [demo.chatbot, demo.chatbot_state],
+                          queue=False, api_visibility="undocumented")
     return demo
+
+
+def settle_pending_messages(history: list[dict]):
+    """After Stop: drop empty pending indicators, mark other pending blocks done."""
+    settled = []
+    for msg in history or []:
+        metadata = msg.get("metadata") or {}
+        if metadata.get("status") == "pending":
+            if not any(p for p in map(_to_part, _as_list(msg.get("content"))) if p):
+                continue
+            msg = {**msg, "metadata": {**metadata, "status": "done"}}
+        settled.append(msg)
+    return settled, settled
 
 
 def share_generation_queue(demo, chat_fn, concurrency_limit: int = 1):

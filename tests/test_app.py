@@ -202,3 +202,15 @@ def test_an_unreachable_model_exits_with_one_clear_line(model, expected):
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_stop_before_the_first_token_leaves_no_spinner_behind():
+    thinking = {"role": "assistant", "content": [{"type": "text", "text": ""}],
+                "metadata": {"title": app.THINKING_TITLE, "status": "pending"}}
+    reasoning = {"role": "assistant", "content": [{"type": "text", "text": "Let me see"}],
+                 "metadata": {"title": "Thinking", "status": "pending"}}
+    asked = {"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None}
+    settled, state = app.settle_pending_messages([asked, thinking])
+    assert settled == state == [asked]
+    settled, _ = app.settle_pending_messages([asked, reasoning])
+    assert settled[-1]["metadata"]["status"] == "done" and settled[-1]["content"] == reasoning["content"]
