@@ -342,19 +342,18 @@ class ModelRunner:
             if is_vision:
                 processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
                 tokenizer = processor.tokenizer
-                model_obj = AutoModelForImageTextToText.from_pretrained(path, **load_kwargs)
             else:
                 processor = None
                 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-                model_obj = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+            if not getattr(processor, "chat_template", None) and not tokenizer.chat_template:
+                raise ModelLoadError(f"{model!r} has no chat template, so it can't be used as a chat "
+                                     f"model (is it a base model? pick its instruct version).")
+            model_class = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
+            model_obj = model_class.from_pretrained(path, **load_kwargs)
         except ModelLoadError:
             raise
         except Exception as e:
             raise ModelLoadError(f"Can't load the model from {path}: {_first_line(e)}") from None
-        template_owner = processor if processor is not None else tokenizer
-        if not getattr(template_owner, "chat_template", None) and not tokenizer.chat_template:
-            raise ModelLoadError(f"{model!r} has no chat template, so it can't be used as a chat "
-                                 f"model (is it a base model? pick its instruct version).")
         if device != "cuda":
             model_obj.to(device)
         model_obj.eval()

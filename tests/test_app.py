@@ -214,3 +214,17 @@ def test_stop_before_the_first_token_leaves_no_spinner_behind():
     assert settled == state == [asked]
     settled, _ = app.settle_pending_messages([asked, reasoning])
     assert settled[-1]["metadata"]["status"] == "done" and settled[-1]["content"] == reasoning["content"]
+
+
+def test_a_broken_model_directory_exits_with_one_clear_line(tiny_model_paths, tmp_path):
+    import shutil
+    no_template = tmp_path / "no-template"
+    shutil.copytree(tiny_model_paths["llama"], no_template)
+    (no_template / "chat_template.jinja").unlink()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    for model, expected in [(no_template, "has no chat template"), (corrupt, "Can't read the model config")]:
+        result = run_app("--model", str(model))
+        assert result.returncode != 0
+        assert expected in result.stderr and "Traceback" not in result.stderr
