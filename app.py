@@ -11,6 +11,9 @@ Endpoints (same server):
     /chat (Gradio API) gradio_client: Client(url).submit({"text": ..., "files": [handle_file(p)]},
                        system_prompt, max_new_tokens, temperature, top_p, api_name="/chat")
                        streams the growing answer; job.cancel() stops generation.
+    /v1/chat/completions, /v1/models   OpenAI-compatible API (see openai_api.py)
+    /healthz           model, device, loaded
+    /metrics           Prometheus metrics
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def make_chat_fn(runner: ModelRunner):
         try:
             messages = to_model_messages(history, message, system_prompt)
             stream = runner.stream(messages, settings)
-        except ChatInputError as error:
+        except (ChatInputError, GenerationError) as error:
             yield error_message(str(error))
             return
         except Exception as error:  # a bug of ours: say so in the chat, keep serving
@@ -217,8 +220,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Chat with a local Hugging Face model (text + images), streamed token by token. "
                     "Every option can also be set by the environment variable shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=env("MODEL_ID", DEFAULT_MODEL),
-                        help="Hub id (downloaded once into the HF cache) or local model directory [MODEL_ID]")
+    parser.add_argument("--model", default=env("MODEL_ID"),
+                        help=f"hub id (downloaded once into the HF cache) or local model directory; "
+                             f"default {DEFAULT_MODEL}. With --backend openai: the served model's name "
+                             f"(default: the first one the server lists) [MODEL_ID]")
+    parser.add_argument("--backend", choices=["local", "openai"], default=env("BACKEND", "local"),
+                        help="local: run the model in this process; openai: stream from an "
+                             "OpenAI-compatible server at --base-url (vLLM, TGI, Ollama, ...) [BACKEND]")
+    parser.add_argument("--base-url", default=env("OPENAI_BASE_URL"),
+                        help="with --backend openai: the server's URL, e.g. http://host:8000/v1 [OPENAI_BASE_URL]")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=env("DEVICE", "auto"),
                         help="auto picks cuda > mps > cpu; cuda spreads big models over all GPUs [DEVICE]")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
@@ -232,6 +242,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also create a temporary public *.gradio.live link [SHARE=1]")
     parser.add_argument("--auth", default=env("AUTH"), metavar="USER:PASS",
                         help="require this login for the UI [AUTH]")
+    parser.add_argument("--api-key", default=env("API_KEY"), metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on this app's OpenAI API (/v1); "
+                             "without it /v1 is open on 127.0.0.1 only. With --backend openai it is "
+                             "also sent to the upstream server [API_KEY]")
     parser.add_argument("--max-new-tokens", type=int,
                         default=int(env("MAX_NEW_TOKENS", str(DEFAULT_MAX_NEW_TOKENS))),
                         help=f"default of the max-new-tokens slider (1..{MAX_NEW_TOKENS_LIMIT}) [MAX_NEW_TOKENS]")
@@ -239,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run Python code shipped with the model repo (only for repos you trust) "
                              "[TRUST_REMOTE_CODE=1]")
     args = parser.parse_args(argv)
+    if args.backend == "openai" and not args.base_url:
+        parser.error("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
     if args.auth is not None and ":" not in args.auth:
         parser.error("--auth must be USER:PASS")
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
@@ -246,23 +262,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+          auth: tuple[str, str] | None = None, api_key: str | None = None,
+          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, block: bool = True, quiet: bool = False):
+    """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics.
+    Returns (demo, local_url); with block=True only when the server stops."""
+    from fastapi.responses import Response
+
+    from metrics import Metrics
+    from openai_api import create_api
+
+    demo = build_demo(runner, max_new_tokens)
+    demo.queue(max_size=QUEUE_MAX_SIZE)
+    metrics = Metrics(runner, extra_waiting=lambda: ui_queue_depth(demo))
+    server, local_url, _ = demo.launch(
+        server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD_SIZE,
+        prevent_thread_lock=True, quiet=quiet)
+    api_open = api_key is None and is_loopback(host) and not share
+    server.mount("/v1", create_api(runner, api_key=api_key, open_without_key=api_open))
+    server.add_api_route("/healthz", lambda: {
+        "status": "ok", "model": runner.name, "device": runner.device,
+        "dtype": str(runner.dtype).removeprefix("torch."), "loaded": True}, methods=["GET"])
+    server.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=metrics.content_type),
+                         methods=["GET"])
+    if api_key is None and not api_open:
+        log.warning("The OpenAI API (/v1) is off: the server is reachable from the network; "
+                    "start with --api-key KEY to turn it on.")
+    if block:
+        demo.block_thread()
+    return demo, local_url
+
+
+def ui_queue_depth(demo) -> int:
+    queue = getattr(demo, "_queue", None)
+    event_queue = queue and queue.event_queue_per_concurrency_id.get(GENERATION_CONCURRENCY_ID)
+    return len(event_queue.queue) if event_queue else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        runner = ModelRunner.load(args.model, device=args.device, dtype=args.dtype,
-                                  trust_remote_code=args.trust_remote_code)
+        if args.backend == "openai":
+            from remote_backend import RemoteRunner
+            runner = RemoteRunner(args.base_url, api_key=args.api_key, model=args.model)
+        else:
+            runner = ModelRunner.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype,
+                                      trust_remote_code=args.trust_remote_code)
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     log.info("Loaded %s on %s (%s).", runner.name, runner.device, runner.dtype)
     if args.share and not args.auth:
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
-    demo = build_demo(runner, args.max_new_tokens)
-    demo.queue(max_size=QUEUE_MAX_SIZE)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size=MAX_UPLOAD_SIZE)
+    serve(runner, host=args.host, port=args.port, share=args.share, auth=auth, api_key=args.api_key,
+          max_new_tokens=args.max_new_tokens)
     return 0
 
 

@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -75,6 +75,7 @@ class GenerationSettings:
     temperature: float = 0.0    # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # the answer ends before any of these
     min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
 
 
@@ -211,40 +212,64 @@ class _StopOnEvent(StoppingCriteria):
 
 class TextStream:
     """One running generation. Iterate it for the growing answer; close it (or leave
-    the `with` block) to stop generation, which then ends within one token."""
+    the `with` block) to stop generation, which then ends within one token.
 
-    def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig):
+    `finish_reason` is "stop" (end of turn or a stop string), "length", "cancelled" or
+    "error"; it is set when the generate thread ends, before iteration finishes."""
+
+    def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
+                 stop: list[str] = (), seed: int | None = None):
         self._pieces: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._stop_reason = "cancelled"
+        self._stop_strings = [s for s in stop if s]
         self._streamer = IncrementalTextStreamer(runner.tokenizer, self._pieces)
+        self._runner = runner
+        self._raw = ""
         self.max_new_tokens = generation_config.max_new_tokens
         self.prompt_tokens = int(inputs["input_ids"].shape[-1])
         self.text = ""
-        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
-        self._runner = runner
         self._thread = threading.Thread(
-            target=self._generate, args=(inputs, generation_config), daemon=True,
+            target=self._generate, args=(inputs, generation_config, seed), daemon=True,
             name="generate")
-        runner._lock.acquire()  # one generation per model; released by the thread
+        runner.waiting += 1
+        try:
+            runner._lock.acquire()  # one generation per model; released by the thread
+        finally:
+            runner.waiting -= 1
         try:
             self._thread.start()
         except BaseException:
             runner._lock.release()
             raise
 
-    def _generate(self, inputs, generation_config):
+    def _generate(self, inputs, generation_config, seed):
+        self._runner.active += 1
         try:
+            if seed is not None:  # under the lock: no other generation draws from the RNG
+                torch.manual_seed(seed)
             self._runner.model.generate(
                 **inputs, generation_config=generation_config, streamer=self._streamer,
                 stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]))
         except BaseException as error:  # reaches the consumer, never lost in the thread
-            self._pieces.put(_Failure(self._runner._describe_failure(error)))
+            self.error = self._runner._describe_failure(error)
+            self._pieces.put(_Failure(self.error))
         finally:
             self.ended_at = time.perf_counter()
-            self._streamer.end()
+            if self.error is not None:
+                self.finish_reason = "error"
+            elif self._stop.is_set():
+                self.finish_reason = self._stop_reason
+            else:
+                self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
+            self._runner.active -= 1
             self._runner._lock.release()
+            self._streamer.end()
+            self._runner._notify_finished(self)
 
     @property
     def new_tokens(self) -> int:
@@ -262,43 +287,54 @@ class TextStream:
             return None
         return (self.new_tokens - 1) / (end - first)
 
+    def _add(self, piece: str):
+        """Append generated text; the visible text never shows a stop string, nor the
+        start of one that may still complete."""
+        searched_from = max(0, len(self._raw) - max(map(len, self._stop_strings), default=0))
+        self._raw += piece
+        if not self._stop_strings:
+            self.text = self._raw
+            return
+        for stop in self._stop_strings:
+            at = self._raw.find(stop, searched_from)
+            if at >= 0:
+                self._raw = self.text = self._raw[:at]
+                self._stop_reason = "stop"
+                self._stop.set()
+                return
+        held = max((k for stop in self._stop_strings for k in range(1, len(stop))
+                    if self._raw.endswith(stop[:k])), default=0)
+        self.text = self._raw[:len(self._raw) - held]
+
     def __iter__(self):
         interval = 1.0 / MAX_UPDATES_PER_SECOND
         last_update = float("-inf")
-        unsent = False
+        shown = ""
         while True:
+            due = self.text != shown
             try:
-                timeout = max(0.0, last_update + interval - time.perf_counter()) if unsent else None
+                timeout = max(0.0, last_update + interval - time.perf_counter()) if due else None
                 piece = self._pieces.get(timeout=timeout)
-            except queue.Empty:  # the update that was held back is now due
-                last_update, unsent = time.perf_counter(), False
-                yield self.text
-                continue
+            except queue.Empty:  # an update that was held back is now due
+                piece = None
             if piece is _END:
                 break
             if isinstance(piece, _Failure):
-                self.finish_reason = "error"
                 raise piece.error
-            self.text += piece
-            unsent = True
-            if time.perf_counter() - last_update >= interval:
-                last_update, unsent = time.perf_counter(), False
-                yield self.text
+            if piece is not None and not (self._stop.is_set() and self._stop_reason == "stop"):
+                self._add(piece)
+            if self.text != shown and time.perf_counter() - last_update >= interval:
+                last_update, shown = time.perf_counter(), self.text
+                yield shown
         self._thread.join()
-        if self.finish_reason is None:
-            if self._stop.is_set():
-                self.finish_reason = "cancelled"
-            else:
-                self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
-        if unsent:
+        if self._stop_reason != "stop":
+            self.text = self._raw  # a held-back partial stop string that never completed
+        if self.text != shown:
             yield self.text
 
     def close(self, wait: float = 10.0):
         """Stop generating (within one token) and wait for the thread to end."""
-        if self._thread.is_alive():
-            self._stop.set()
-            if self.finish_reason is None:
-                self.finish_reason = "cancelled"
+        self._stop.set()
         self._thread.join(wait)
 
     def __enter__(self):
@@ -321,6 +357,16 @@ class ModelRunner:
         self.dtype = dtype
         self.is_vision = is_vision
         self._lock = threading.Lock()
+        self.waiting = 0   # requests waiting for the model
+        self.active = 0    # generations running (0 or 1)
+        self.finish_listeners: list = []  # called with each TextStream when it ends (metrics)
+
+    def _notify_finished(self, stream) -> None:
+        for listener in self.finish_listeners:
+            try:
+                listener(stream)
+            except Exception:  # a broken listener must not break generation
+                pass
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
@@ -370,7 +416,10 @@ class ModelRunner:
 
     def build_inputs(self, messages: list[dict]):
         """Chat messages → model inputs via the model's own chat template."""
-        messages = self._prepare_messages(messages)
+        messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name)
+        if not self.is_vision:  # text-only templates often expect plain strings
+            for message in messages:
+                message["content"] = "\n".join(p["text"] for p in message["content"])
         if self.is_vision:
             inputs = self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -387,60 +436,6 @@ class ModelRunner:
         if self.is_vision:  # BatchFeature: also casts pixel values to the model's dtype
             return inputs.to(self.model.device, dtype=self.dtype)
         return inputs.to(self.model.device)
-
-    def _prepare_messages(self, messages: list[dict]) -> list[dict]:
-        """Validate and load images; shape content the way this model's template wants."""
-        if not messages or messages[-1]["role"] != "user":
-            raise ChatInputError("The conversation must end with a user message.")
-        last = messages[-1]
-        if not any(p.get("type") in ("image", "file") or (p.get("text") or "").strip()
-                   for p in last["content"]):
-            raise ChatInputError("The message is empty: type some text or attach an image.")
-        new_images = [p for p in last["content"] if _is_image(p)]
-        if new_images and not self.is_vision:
-            raise ChatInputError(
-                f"This model ({self.name}) is text-only and can't see images. Send the message "
-                f"without the image, or start the app with a vision model (--model).")
-        if len(new_images) > MAX_IMAGES_PER_MESSAGE:
-            raise ChatInputError(f"Too many images in one message: {len(new_images)} "
-                                 f"(the limit is {MAX_IMAGES_PER_MESSAGE}).")
-        # Keep the newest images up to the conversation cap; earlier ones drop out of the prompt.
-        # A bad file in the new message is refused; one in the history was refused when it was
-        # sent, so it is left out rather than blocking every later turn.
-        budget = MAX_IMAGES_PER_CONVERSATION if self.is_vision else 0
-        prepared = []
-        for message in reversed(messages):
-            is_new = message is last
-            parts = []
-            for part in reversed(message["content"]):
-                if part.get("type") == "file":
-                    if is_new:
-                        raise ChatInputError(f"{os.path.basename(part['path'])} is not an image; "
-                                             f"only image files can be attached.")
-                elif _is_image(part):
-                    if budget > 0:
-                        try:
-                            parts.append({"type": "image", "image": load_image(part["image"])})
-                            budget -= 1
-                        except ChatInputError:
-                            if is_new:
-                                raise
-                elif part.get("text"):
-                    parts.append({"type": "text", "text": part["text"]})
-            parts.reverse()
-            if not parts:
-                continue
-            if prepared and prepared[-1]["role"] == message["role"]:
-                # e.g. a turn left unanswered (stopped, failed): many templates need
-                # alternating roles, so it joins the next one
-                prepared[-1]["content"][:0] = parts
-            else:
-                prepared.append({"role": message["role"], "content": parts})
-        prepared.reverse()
-        if not self.is_vision:  # text-only templates often expect plain strings
-            for message in prepared:
-                message["content"] = "\n".join(p["text"] for p in message["content"])
-        return prepared
 
     # ------------------------------------------------------------ generation
 
@@ -467,13 +462,11 @@ class ModelRunner:
         if not 1 <= settings.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ChatInputError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
         inputs = self.build_inputs(messages)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
         config = self.generation_config(settings)
         if self.context_length:  # the answer ends ("length") where the context is full
             room = self.context_length - inputs["input_ids"].shape[-1]
             config.max_new_tokens = min(config.max_new_tokens, room)
-        return TextStream(self, inputs, config)
+        return TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed)
 
     def _describe_failure(self, error: BaseException) -> GenerationError:
         if isinstance(error, torch.OutOfMemoryError):
@@ -482,6 +475,59 @@ class ModelRunner:
             return GenerationError("The GPU ran out of memory for this request. Try a shorter "
                                    "conversation, fewer images or fewer new tokens.")
         return GenerationError(f"Generation failed: {type(error).__name__}: {_first_line(error)}")
+
+
+def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str) -> list[dict]:
+    """Validate a conversation and load its images (as RGB PIL images, within the limits).
+    Raises ChatInputError for what can't be sent: every engine goes through here."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ChatInputError("The conversation must end with a user message.")
+    last = messages[-1]
+    if not any(p.get("type") in ("image", "file") or (p.get("text") or "").strip()
+               for p in last["content"]):
+        raise ChatInputError("The message is empty: type some text or attach an image.")
+    new_images = [p for p in last["content"] if _is_image(p)]
+    if new_images and not sees_images:
+        raise ChatInputError(
+            f"This model ({model_name}) is text-only and can't see images. Send the message "
+            f"without the image, or start the app with a vision model (--model).")
+    if len(new_images) > MAX_IMAGES_PER_MESSAGE:
+        raise ChatInputError(f"Too many images in one message: {len(new_images)} "
+                             f"(the limit is {MAX_IMAGES_PER_MESSAGE}).")
+    # Keep the newest images up to the conversation cap; earlier ones drop out of the prompt.
+    # A bad file in the new message is refused; one in the history was refused when it was
+    # sent, so it is left out rather than blocking every later turn.
+    budget = MAX_IMAGES_PER_CONVERSATION if sees_images else 0
+    prepared = []
+    for message in reversed(messages):
+        is_new = message is last
+        parts = []
+        for part in reversed(message["content"]):
+            if part.get("type") == "file":
+                if is_new:
+                    raise ChatInputError(f"{os.path.basename(part['path'])} is not an image; "
+                                         f"only image files can be attached.")
+            elif _is_image(part):
+                if budget > 0:
+                    try:
+                        parts.append({"type": "image", "image": load_image(part["image"])})
+                        budget -= 1
+                    except ChatInputError:
+                        if is_new:
+                            raise
+            elif part.get("text"):
+                parts.append({"type": "text", "text": part["text"]})
+        parts.reverse()
+        if not parts:
+            continue
+        if prepared and prepared[-1]["role"] == message["role"]:
+            # e.g. a turn left unanswered (stopped, failed): many templates need
+            # alternating roles, so it joins the next one
+            prepared[-1]["content"][:0] = parts
+        else:
+            prepared.append({"role": message["role"], "content": parts})
+    prepared.reverse()
+    return prepared
 
 
 def _is_image(part: dict) -> bool:
@@ -493,9 +539,9 @@ def load_image(source) -> Image.Image:
     Raises ChatInputError for anything that is not a readable image."""
     if isinstance(source, Image.Image):
         image = source
-        name = "the image"
     else:
-        name = os.path.basename(str(source)) or "the image"
+        is_path = isinstance(source, (str, os.PathLike))
+        name = (os.path.basename(str(source)) if is_path else "") or "The image"
         try:
             image = Image.open(source)
             if image.width * image.height > MAX_IMAGE_PIXELS:

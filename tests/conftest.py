@@ -78,18 +78,17 @@ class StreamSpy:
 
 @pytest.fixture
 def serve(monkeypatch):
-    """serve(runner) → (url, spy): the app on a free loopback port, closed after the test."""
+    """serve(runner, **serve_options) → (url, spy): the app (UI, /v1, /metrics) on a free
+    loopback port, closed after the test."""
     import app
 
     demos = []
 
-    def start(runner):
+    def start(runner, **options):
         spy = StreamSpy(runner)
         monkeypatch.setattr(runner, "stream", spy)
-        demo = app.build_demo(runner)
-        demo.queue(max_size=app.QUEUE_MAX_SIZE)
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
-                                server_port=free_port(), max_file_size=app.MAX_UPLOAD_SIZE)
+        demo, url = app.serve(runner, host="127.0.0.1", port=free_port(), block=False, quiet=True,
+                              **options)
         demos.append(demo)
         return url, spy
 

@@ -181,3 +181,13 @@ def test_one_generation_at_a_time(llama_runner):
     for t in threads:
         t.join(60)
     assert overlaps and max(overlaps) == 1
+
+
+def test_stop_strings_end_the_answer_before_them(llama_runner):
+    full = answer(llama_runner, [user("write")], max_new_tokens=60)
+    stop = full[20:24]
+    with llama_runner.stream([user("write")], GenerationSettings(max_new_tokens=60, stop=[stop])) as s:
+        partials = list(s)
+    assert partials[-1] == full[:full.find(stop)]
+    assert all(stop not in p for p in partials)
+    assert s.finish_reason == "stop" and s.new_tokens < 60

@@ -1,0 +1,302 @@
+"""OpenAI-compatible API served beside the chat UI (same process, same port, same engine).
+
+    POST /v1/chat/completions   stream: true → Server-Sent Events (chat.completion.chunk),
+                                stream: false → one chat.completion with usage
+    GET  /v1/models             the loaded model
+
+Images come as `image_url` content parts holding `data:` URLs (base64 PNG/JPEG/WebP);
+http(s) URLs are refused, so the server never fetches arbitrary addresses. Errors use
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx for every
+bad request. A client that disconnects stops its generation within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import re
+import time
+import uuid
+from typing import Literal
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model_runner import (
+    MAX_NEW_TOKENS_LIMIT,
+    ChatInputError,
+    GenerationError,
+    GenerationSettings,
+    load_image,
+)
+
+# --- Abuse limits ---
+MAX_MESSAGES = 512
+MAX_STOP_STRINGS = 4
+MAX_IMAGE_BYTES = 20 * 1024 * 1024       # decoded size of one data: URL image
+MAX_WAITING_REQUESTS = 16                # API requests waiting for the model; beyond: 503
+DEFAULT_MAX_TOKENS = 512
+
+DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", re.DOTALL)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type,
+                                                     "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------- request schema
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown extras are ignored, not fatal
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream_options: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stop_strings(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
+        return stops
+
+
+# ---------------------------------------------------------------- request → engine
+
+def to_engine_messages(request: ChatCompletionRequest) -> list[dict]:
+    """OpenAI messages → the engine's neutral messages (images decoded to PIL)."""
+    messages = []
+    for i, message in enumerate(request.messages):
+        role = "system" if message.role == "developer" else message.role
+        content = message.content
+        if content is None:
+            continue
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        else:
+            parts = []
+            for j, part in enumerate(content):
+                param = f"messages[{i}].content[{j}]"
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text or ""})
+                elif part.image_url is None:
+                    raise APIError(400, "An image_url part needs an image_url object.", param=param)
+                else:
+                    parts.append({"type": "image", "image": decode_image(part.image_url.url,
+                                                                          param + ".image_url")})
+        messages.append({"role": role, "content": parts})
+    if not messages or messages[-1]["role"] != "user":
+        raise APIError(400, "The last message must be a user message.", param="messages")
+    return messages
+
+
+def decode_image(url: str, param: str):
+    if url.startswith(("http://", "https://")):
+        raise APIError(400, "Image URLs are not fetched by this server; send the image inline "
+                            "as a data: URL (data:image/png;base64,...).", param=param,
+                       code="image_url_not_supported")
+    match = DATA_URL.match(url)
+    if not match:
+        raise APIError(400, "Images must be data: URLs with a base64 PNG, JPEG, WebP or GIF "
+                            "(data:image/png;base64,...).", param=param, code="invalid_image")
+    if len(match.group(2)) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise APIError(400, f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MB.", param=param,
+                       code="image_too_large")
+    try:
+        data = base64.b64decode(match.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "The image's base64 data is invalid.", param=param,
+                       code="invalid_image") from None
+    try:
+        return load_image(io.BytesIO(data))
+    except ChatInputError as error:
+        raise APIError(400, str(error), param=param, code="invalid_image") from None
+
+
+def to_settings(request: ChatCompletionRequest) -> GenerationSettings:
+    return GenerationSettings(
+        max_new_tokens=request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's default
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+        stop=request.stop or [])
+
+
+# ---------------------------------------------------------------- the app
+
+def create_api(runner, *, api_key: str | None = None, open_without_key: bool = True) -> FastAPI:
+    """The /v1 sub-application. With `api_key`, every call needs `Authorization: Bearer KEY`;
+    without one it answers only when `open_without_key` (the server is bound to loopback)."""
+    api = FastAPI(title="OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    waiting = {"count": 0}
+
+    @api.exception_handler(APIError)
+    async def _api_error(request, error: APIError):
+        return JSONResponse(error.body, status_code=error.status)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request, error: RequestValidationError):
+        first = error.errors()[0]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                        for p in first.get("loc", ()) if p != "body").lstrip(".") or None
+        message = f"{param}: {first.get('msg')}" if param else first.get("msg", "Invalid request")
+        return JSONResponse(APIError(400, message, param=param).body, status_code=400)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(error.status_code, str(error.detail), type=kind).body,
+                            status_code=error.status_code)
+
+    def authorize(request: Request):
+        if api_key is None:
+            if not open_without_key:
+                raise APIError(401, "The API is off: this server is reachable from the network and "
+                                    "was started without --api-key.", code="api_disabled")
+            return
+        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "Invalid or missing API key (Authorization: Bearer KEY).",
+                           code="invalid_api_key")
+
+    def model_card():
+        return {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}
+
+    @api.get("/models", dependencies=[Depends(authorize)])
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @api.post("/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if body.model not in (None, "", runner.name):
+            raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
+                                f"{runner.name!r}.", param="model", code="model_not_found")
+        messages = await anyio.to_thread.run_sync(to_engine_messages, body)
+        settings = to_settings(body)
+        if waiting["count"] >= MAX_WAITING_REQUESTS:
+            raise APIError(503, "The server is busy; try again shortly.", type="server_error",
+                           code="server_busy")
+        waiting["count"] += 1
+        try:
+            stream = await anyio.to_thread.run_sync(runner.stream, messages, settings)
+        except ChatInputError as error:
+            code = "context_length_exceeded" if "too long" in str(error) else None
+            raise APIError(400, str(error), param="messages", code=code) from None
+        finally:
+            waiting["count"] -= 1
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return EventSourceResponse(
+                sse_chunks(stream, completion_id, created, runner.name, include_usage),
+                ping=15, send_timeout=30)
+        return await complete(stream, request, completion_id, created, runner.name)
+
+    return api
+
+
+async def updates(stream):
+    """The stream's growing text, pulled from its thread without blocking the event loop.
+    Closing this generator (client gone, task cancelled) stops generation."""
+    iterator = iter(stream)
+    try:
+        while True:
+            text = await anyio.to_thread.run_sync(next, iterator, None)
+            if text is None:
+                return
+            yield text
+    finally:
+        with anyio.CancelScope(shield=True):  # runs even when the client is gone
+            await anyio.to_thread.run_sync(stream.close)
+
+
+def usage_of(stream) -> dict:
+    return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.new_tokens,
+            "total_tokens": stream.prompt_tokens + stream.new_tokens}
+
+
+def finish_reason_of(stream) -> str:
+    return "length" if stream.finish_reason == "length" else "stop"
+
+
+async def complete(stream, request: Request, completion_id, created, model):
+    sent = ""
+    try:
+        async for text in updates(stream):
+            sent = text
+            if await request.is_disconnected():
+                break
+    except GenerationError as error:
+        raise APIError(500, str(error), type="server_error", code="generation_failed") from None
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": sent},
+                     "finish_reason": finish_reason_of(stream)}],
+        "usage": usage_of(stream),
+    }
+
+
+async def sse_chunks(stream, completion_id, created, model, include_usage: bool):
+    def chunk(delta: dict, finish_reason=None, **extra) -> dict:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [{"index": 0, "delta": delta,
+                                             "finish_reason": finish_reason}], **extra}
+        return {"data": json.dumps(body, ensure_ascii=False)}
+
+    yield chunk({"role": "assistant", "content": ""})
+    sent = ""
+    try:
+        async for text in updates(stream):
+            yield chunk({"content": text[len(sent):]})
+            sent = text
+    except GenerationError as error:
+        yield {"data": json.dumps(APIError(500, str(error), type="server_error",
+                                           code="generation_failed").body)}
+        yield {"data": "[DONE]"}
+        return
+    except asyncio.CancelledError:  # the client went away; `updates` stopped generation
+        raise
+    yield chunk({}, finish_reason_of(stream))
+    if include_usage:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [], "usage": usage_of(stream)}
+        yield {"data": json.dumps(body)}
+    yield {"data": "[DONE]"}

@@ -1,0 +1,193 @@
+"""The engine interface in front of any OpenAI-compatible server (vLLM, TGI, SGLang,
+Ollama, llama.cpp server, or another instance of this app), through the official
+`openai` client. The UI and this app's own /v1 use it exactly like a local ModelRunner.
+
+    python app.py --backend openai --base-url http://gpu-box:8000/v1 --model Qwen/Qwen2.5-VL-72B-Instruct
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import openai
+
+from model_runner import (
+    MAX_UPDATES_PER_SECOND,
+    ChatInputError,
+    GenerationError,
+    GenerationSettings,
+    ModelLoadError,
+    prepare_messages,
+)
+
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 300.0   # longest silence accepted from the server (a long prefill, a queue)
+
+
+class RemoteRunner:
+    def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or "not-needed", max_retries=1,
+            timeout=openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+        self.name = model or self._served_model()
+        self.device = f"via {self.base_url}"
+        self.dtype = "set by the server"
+        self.is_vision = True  # the server decides; a text-only one answers with an error
+        self.waiting = 0
+        self.active = 0
+        self.finish_listeners: list = []
+
+    def _served_model(self) -> str:
+        try:
+            models = self.client.models.list().data
+        except openai.APIConnectionError:
+            raise ModelLoadError(f"Can't reach the model server at {self.base_url} (is it running? "
+                                 f"is the URL right, ending in /v1?).") from None
+        except openai.APIError as error:
+            raise ModelLoadError(f"The model server at {self.base_url} refused to list its models: "
+                                 f"{_message_of(error)}") from None
+        if not models:
+            raise ModelLoadError(f"The model server at {self.base_url} serves no model; pass --model.")
+        return models[0].id
+
+    def stream(self, messages: list[dict], settings: GenerationSettings | None = None) -> "RemoteStream":
+        settings = settings or GenerationSettings()
+        prepared = prepare_messages(messages, sees_images=True, model_name=self.name)
+        request = {
+            "model": self.name, "messages": [to_openai_message(m) for m in prepared],
+            "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
+            "top_p": settings.top_p, "stream": True, "stream_options": {"include_usage": True},
+        }
+        if settings.seed is not None:
+            request["seed"] = settings.seed
+        if settings.stop:
+            request["stop"] = settings.stop
+        return RemoteStream(self, request)
+
+    def _notify_finished(self, stream) -> None:
+        for listener in self.finish_listeners:
+            try:
+                listener(stream)
+            except Exception:
+                pass
+
+
+def to_openai_message(message: dict) -> dict:
+    parts = []
+    for part in message["content"]:
+        if part["type"] == "text":
+            parts.append({"type": "text", "text": part["text"]})
+        else:
+            buffer = io.BytesIO()
+            part["image"].save(buffer, format="PNG")
+            data = base64.b64encode(buffer.getvalue()).decode("ascii")
+            parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}})
+    if message["role"] != "user" and all(p["type"] == "text" for p in parts):
+        return {"role": message["role"], "content": "\n".join(p["text"] for p in parts)}
+    return {"role": message["role"], "content": parts}
+
+
+def _message_of(error: openai.APIError) -> str:
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return str(body["message"])
+    return str(getattr(error, "message", None) or error)
+
+
+class RemoteStream:
+    """Same contract as model_runner.TextStream: iterate for the growing answer, close()
+    to stop — which closes the HTTP stream, so the server stops generating too."""
+
+    def __init__(self, runner: RemoteRunner, request: dict):
+        self._runner = runner
+        self.max_new_tokens = request["max_tokens"]
+        self.text = ""
+        self.prompt_tokens = 0
+        self._chunks = 0
+        self._usage_tokens: int | None = None
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.started_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
+        runner.waiting += 1
+        try:
+            self._response = runner.client.chat.completions.create(**request)
+        except openai.APIConnectionError:
+            raise GenerationError(f"Can't reach the model server at {runner.base_url}.") from None
+        except openai.APIStatusError as error:
+            cls = ChatInputError if 400 <= error.status_code < 500 else GenerationError
+            raise cls(f"The model server refused the request ({error.status_code}): "
+                      f"{_message_of(error)}") from None
+        finally:
+            runner.waiting -= 1
+        runner.active += 1
+
+    @property
+    def new_tokens(self) -> int:
+        return self._usage_tokens if self._usage_tokens is not None else self._chunks
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        end = self.ended_at or time.perf_counter()
+        if self.first_token_at is None or self.new_tokens < 2 or end <= self.first_token_at:
+            return None
+        return (self.new_tokens - 1) / (end - self.first_token_at)
+
+    def __iter__(self):
+        interval = 1.0 / MAX_UPDATES_PER_SECOND
+        last_update, shown = float("-inf"), ""
+        try:
+            for chunk in self._response:
+                if chunk.usage is not None:
+                    self.prompt_tokens = chunk.usage.prompt_tokens
+                    self._usage_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        self._chunks += 1
+                        self.first_token_at = self.first_token_at or time.perf_counter()
+                        self.text += choice.delta.content
+                    if choice.finish_reason:
+                        self.finish_reason = "length" if choice.finish_reason == "length" else "stop"
+                if self.text != shown and time.perf_counter() - last_update >= interval:
+                    last_update, shown = time.perf_counter(), self.text
+                    yield shown
+        except openai.APIError as error:
+            self.error = GenerationError(f"The model server failed: {_message_of(error)}")
+            self._finish("error")
+            raise self.error from None
+        except Exception as error:  # e.g. the connection dropped mid-answer
+            self.error = GenerationError(f"The connection to the model server broke: "
+                                         f"{type(error).__name__}: {error}")
+            self._finish("error")
+            raise self.error from None
+        self._finish(self.finish_reason or "stop")
+        if self.text != shown:
+            yield self.text
+
+    def _finish(self, reason: str):
+        if self.ended_at is None:
+            self.ended_at = time.perf_counter()
+            self.finish_reason = reason
+            self._runner.active -= 1
+            self._runner._notify_finished(self)
+
+    def close(self):
+        if self.ended_at is None:
+            self._response.close()
+            self._finish("cancelled")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

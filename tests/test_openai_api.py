@@ -1,0 +1,251 @@
+"""The OpenAI-compatible API, the remote backend and the ops endpoints, driven with the
+official `openai` client (and raw HTTP for the bad requests)."""
+
+import base64
+import functools
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from gradio_client import Client, handle_file
+
+import app
+from openai_api import create_api
+from remote_backend import RemoteRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def image_question(image, text="What is in this picture?"):
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": data_url(image)}}]}]
+
+
+def wait_until_ended(stream, seconds=5.0):
+    deadline = time.time() + seconds
+    while stream.ended_at is None and time.time() < deadline:
+        time.sleep(0.02)
+    return stream.ended_at is not None
+
+
+def test_streamed_chunks_add_up_to_the_complete_answer(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused")
+    messages = image_question(images["red"])
+    whole = client.chat.completions.create(model=idefics3_runner.name, messages=messages,
+                                           temperature=0, max_tokens=150)
+    assert whole.object == "chat.completion" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 150 and whole.usage.prompt_tokens > 10
+    chunks = list(client.chat.completions.create(
+        messages=messages, model=idefics3_runner.name, temperature=0, max_tokens=150, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(contents) >= 3, "the answer must arrive in several chunks"
+    assert "".join(contents) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 150
+    assert sum(p["type"] == "image" for p in spy.calls[0][0][0]["content"]) == 1, "the image reached the model"
+
+
+def test_models_and_health(serve, llama_runner):
+    url, _ = serve(llama_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [llama_runner.name]
+    health = httpx.get(url + "healthz").json()
+    assert health == {"status": "ok", "model": llama_runner.name, "device": "cpu", "dtype": "float32",
+                      "loaded": True}
+
+
+def test_stop_sequences_seed_and_model_name(serve, llama_runner):
+    url, _ = serve(llama_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused")
+    ask = functools.partial(client.chat.completions.create, messages=[{"role": "user", "content": "hi"}],
+                            max_tokens=40, model=llama_runner.name)
+    full = ask(temperature=0).choices[0].message.content
+    cut = ask(temperature=0, stop=[full[15:18]])
+    assert cut.choices[0].message.content == full[:full.find(full[15:18])]
+    assert cut.choices[0].finish_reason == "stop"
+    assert ask(temperature=1.2, seed=7).choices[0].message.content == \
+        ask(temperature=1.2, seed=7).choices[0].message.content
+    no_model = httpx.post(url + "v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0,
+        "logprobs": False, "user": "extras are ignored"})
+    assert no_model.json()["choices"][0]["message"]["content"] == full
+
+
+BAD_REQUESTS = {
+    "no messages": ({"messages": []}, 400, "messages"),
+    "tool role": ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+    "last is assistant": ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    "not base64": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "image_url"),
+    "not an image": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8gd29ybGQ="}}]}]}, 400, "image_url"),
+    "http image url": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/x.png"}}]}]}, 400, "image_url"),
+    "temperature 50": ({"temperature": 50}, 400, "temperature"),
+    "top_p 2": ({"top_p": 2}, 400, "top_p"),
+    "negative max_tokens": ({"max_tokens": -5}, 400, "max_tokens"),
+    "huge max_tokens": ({"max_completion_tokens": 10**7}, 400, "max_completion_tokens"),
+    "n=3": ({"n": 3}, 400, "n"),
+    "wrong model": ({"model": "gpt-4o"}, 404, "model"),
+    "too long": ({"messages": [{"role": "user", "content": "tell me " * 3000}]}, 400, "messages"),
+    "not json": (None, 400, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_a_4xx_in_openai_shape(serve, idefics3_runner, case):
+    url, spy = serve(idefics3_runner)
+    body, status, param = BAD_REQUESTS[case]
+    if body is None:
+        response = httpx.post(url + "v1/chat/completions", content=b"{nope",
+                              headers={"content-type": "application/json"})
+    else:
+        response = httpx.post(url + "v1/chat/completions",
+                              json={"messages": [{"role": "user", "content": "hi"}], **body})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param:
+        assert param in (error["param"] or ""), error
+    assert not spy.streams, "nothing was generated for a bad request"
+    # and the server keeps serving
+    ok = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 3})
+    assert ok.status_code == 200
+
+
+def test_closing_a_stream_early_stops_generation(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused")
+    stream = client.chat.completions.create(messages=image_question(images["red"]), temperature=0,
+                                            max_tokens=2000, stream=True, model=idefics3_runner.name)
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received == 3:
+            break
+    stream.close()
+    generation = spy.streams[0]
+    assert wait_until_ended(generation), "the server must stop generating when the client leaves"
+    assert generation.finish_reason == "cancelled" and generation.new_tokens < 2000
+
+
+def test_api_key_is_required_when_set(serve, llama_runner):
+    url, _ = serve(llama_runner, api_key="s3cret")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(url + "v1/chat/completions", json=body).status_code == 401
+    wrong = httpx.post(url + "v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    client = openai.OpenAI(base_url=url + "v1", api_key="s3cret")
+    assert client.chat.completions.create(messages=body["messages"], max_tokens=2,
+                                          model=llama_runner.name).choices[0].message.content
+
+
+def test_api_is_off_on_a_network_address_without_a_key(llama_runner):
+    from fastapi.testclient import TestClient
+    api = TestClient(create_api(llama_runner, api_key=None, open_without_key=False))
+    response = api.get("/models")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "api_disabled"
+
+
+def metric(url, name) -> float:
+    for line in httpx.get(url + "metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.split(" ")[0] == name or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def test_metrics_count_completed_stopped_and_failed(serve, llama_runner, monkeypatch):
+    url, spy = serve(llama_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused")
+    base = {k: metric(url, f'chat_requests_total{{outcome="{k}"}}') for k in ("completed", "stopped", "error")}
+    tokens = metric(url, "chat_generated_tokens_total")
+    client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                   model=llama_runner.name)
+    stream = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=2000,
+                                            stream=True, model=llama_runner.name)
+    next(iter(stream)), next(iter(stream))
+    stream.close()
+    assert wait_until_ended(spy.streams[-1])
+    real_forward = llama_runner.model.forward
+
+    @functools.wraps(real_forward)
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(llama_runner.model, "forward", broken)
+    failed = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert failed.status_code == 500 and "simulated failure" in failed.json()["error"]["message"]
+    after = {k: metric(url, f'chat_requests_total{{outcome="{k}"}}') for k in ("completed", "stopped", "error")}
+    assert after == {"completed": base["completed"] + 1, "stopped": base["stopped"] + 1, "error": base["error"] + 1}
+    assert metric(url, "chat_generated_tokens_total") >= tokens + 5
+    assert metric(url, "chat_active_generations") == 0 and metric(url, "chat_queue_depth") == 0
+    assert metric(url, "chat_time_to_first_token_seconds_count") >= 2
+
+
+def test_remote_backend_streams_from_another_instance(serve, idefics3_runner, images):
+    back_url, back_spy = serve(idefics3_runner)
+    front_url, _ = serve(RemoteRunner(back_url + "v1"))
+    client = Client(front_url, verbose=False)
+    job = client.submit({"text": "Describe it.", "files": [handle_file(str(images["red"]))]}, "", 120, 0.0, 1.0,
+                        api_name="/chat")
+    texts = [o for o in job if isinstance(o, str)]
+    assert len(texts) >= 2 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    sent = back_spy.calls[0][0]
+    assert [p["type"] for p in sent[-1]["content"]] == ["image", "text"], "the image went upstream"
+    with back_spy.original(sent, app.GenerationSettings(max_new_tokens=120)) as direct:
+        *_, expected = direct
+    assert texts[-1] == expected
+
+    # Stop on the front instance stops generation on the back one
+    job = client.submit({"text": "Go on forever.", "files": []}, "", 2000, 0.0, 1.0, api_name="/chat")
+    while len([o for o in job.outputs() if isinstance(o, str)]) < 2:
+        assert not job.done()
+        time.sleep(0.02)
+    job.cancel()
+    assert wait_until_ended(back_spy.streams[-1])
+    assert back_spy.streams[-1].finish_reason == "cancelled" and back_spy.streams[-1].new_tokens < 2000
+    client.close()
+
+
+def test_remote_backend_unreachable_gives_a_clear_message(serve):
+    from tests.conftest import free_port
+    url, _ = serve(RemoteRunner(f"http://127.0.0.1:{free_port()}/v1", model="some-model"))
+    client = Client(url, verbose=False)
+    result = client.submit({"text": "hello", "files": []}, "", 20, 0.0, 1.0, api_name="/chat").result()
+    assert result["metadata"]["title"] == app.ERROR_TITLE
+    assert "Can't reach the model server" in result["content"]
+    client.close()
+
+
+def test_remote_backend_needs_a_model_when_the_server_is_unreachable():
+    from model_runner import ModelLoadError
+    from tests.conftest import free_port
+    with pytest.raises(ModelLoadError, match="Can't reach the model server"):
+        RemoteRunner(f"http://127.0.0.1:{free_port()}/v1")
+
+
+def test_langgraph_example_streams_from_the_app(serve, llama_runner):
+    pytest.importorskip("langgraph")
+    url, spy = serve(llama_runner)
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "langgraph_chat.py"), "Say something",
+                             "--base-url", url + "v1", "--max-tokens", "30"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused")
+    expected = client.chat.completions.create(messages=[{"role": "user", "content": "Say something"}],
+                                              temperature=0, max_tokens=30,
+                                              model=llama_runner.name).choices[0].message.content
+    assert result.stdout.rstrip("\n") == expected and expected
