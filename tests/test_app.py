@@ -195,9 +195,10 @@ def test_help_documents_every_option():
 @pytest.mark.parametrize("model, expected", [
     ("someone/no-such-model-xyz", "Point --model at a local directory"),
     ("./no/such/dir", "is not a model directory"),
+    ("--backend openai --base-url http://127.0.0.1:9/v1", "Can't reach the model server"),
 ])
 def test_an_unreachable_model_exits_with_one_clear_line(model, expected):
-    result = run_app("--model", model)
+    result = run_app(*model.split(" ")) if model.startswith("--") else run_app("--model", model)
     assert result.returncode != 0
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.stderr
