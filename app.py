@@ -306,6 +306,8 @@ def ui_queue_depth(demo) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for chatty in ("httpx", "openai", "httpcore"):  # one line per request/retry otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         if args.backend == "openai":
             from remote_backend import RemoteRunner
