@@ -24,25 +24,24 @@ import mimetypes
 import os
 import sys
 
-from model_runner import (
+import threading
+
+# Only light imports at the top: the UI starts serving while torch and the model load.
+from config import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
     MAX_IMAGES_PER_MESSAGE,
     MAX_NEW_TOKENS_LIMIT,
-    ChatInputError,
-    GenerationError,
-    GenerationSettings,
-    ModelLoadError,
-    ModelRunner,
+    MAX_UPLOAD_SIZE,
+    QUEUE_MAX_SIZE,
 )
 
-# --- Serving limits (the engine's limits live at the top of model_runner.py) ---
-MAX_UPLOAD_SIZE = "20mb"        # Gradio refuses larger uploads before they reach us
-QUEUE_MAX_SIZE = 64             # waiting requests beyond this are told the app is busy
 GENERATION_CONCURRENCY_ID = "generate"  # UI and API events share one queue per model
+REMOTE_MAX_CONCURRENCY = 16  # with --backend openai the serving engine batches; don't serialise
 DEFAULT_SYSTEM_PROMPT = ""
 
 THINKING_TITLE = "Thinking…"
+LOADING_TITLE = "Loading the model…"
 ERROR_TITLE = "⚠️ Error"
 
 log = logging.getLogger("app")
@@ -102,15 +101,75 @@ def _to_part(item) -> dict | None:
     return {"type": "image", "image": path}
 
 
+# ---------------------------------------------------------------- the model, loading in the background
+
+class ModelSlot:
+    """Stands in for the runner while the model loads in a background thread, so the UI
+    answers at once and shows "loading model…". Requests made meanwhile wait for it."""
+
+    def __init__(self, name: str | None, load, max_concurrency: int = 1):
+        self.requested_name = name
+        self.max_concurrency = max_concurrency
+        self.runner = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.finish_listeners: list = []  # handed to the runner once it exists
+        self._load = load
+
+    def start(self) -> "ModelSlot":
+        threading.Thread(target=self._run, name="load-model", daemon=True).start()
+        return self
+
+    def _run(self):
+        try:
+            runner = self._load()
+            runner.finish_listeners.extend(self.finish_listeners)
+            self.finish_listeners = runner.finish_listeners
+            self.runner = runner
+        except BaseException as error:
+            self.error = error
+        finally:
+            self.ready.set()
+
+    @property
+    def loaded(self) -> bool:
+        return self.runner is not None
+
+    name = property(lambda self: self.runner.name if self.runner else (self.requested_name or "model"))
+    device = property(lambda self: self.runner.device if self.runner else "loading model…")
+    dtype = property(lambda self: self.runner.dtype if self.runner else "")
+    is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
+    waiting = property(lambda self: self.runner.waiting if self.runner else 0)
+    active = property(lambda self: self.runner.active if self.runner else 0)
+
+    def stream(self, messages, settings=None):
+        self.ready.wait()
+        if self.runner is None:
+            from model_runner import GenerationError
+            raise GenerationError(f"The model failed to load: {self.error}")
+        return self.runner.stream(messages, settings)
+
+
+def header_markdown(runner) -> str:
+    if not getattr(runner, "loaded", True):
+        return f"**{runner.name}** · ⏳ loading model…"
+    kind = "vision-language" if runner.is_vision else "text-only"
+    dtype = str(runner.dtype).removeprefix("torch.")
+    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}"
+
+
 # ---------------------------------------------------------------- the chat function
 
-def make_chat_fn(runner: ModelRunner):
+def make_chat_fn(runner):
     import gradio as gr
 
     def chat(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
              top_p: float = 1.0):
-        yield gr.ChatMessage(content="", metadata={"title": THINKING_TITLE, "status": "pending"})
+        title = THINKING_TITLE if getattr(runner, "loaded", True) else LOADING_TITLE
+        yield gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
+        # Imported here, not at the top: the app serves before torch is loaded.
+        from model_runner import ChatInputError, GenerationError, GenerationSettings
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
                                       temperature=float(temperature), top_p=float(top_p))
         try:
@@ -144,45 +203,55 @@ def error_message(text: str):
 
 # ---------------------------------------------------------------- the UI
 
-def build_demo(runner: ModelRunner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     import gradio as gr
 
     chat_fn = make_chat_fn(runner)
-    kind = "vision-language" if runner.is_vision else "text-only"
-    dtype = str(runner.dtype).removeprefix("torch.")
-    textbox = gr.MultimodalTextbox(
-        file_types=["image"], file_count="multiple", sources=["upload"],
-        placeholder=(f"Type a message or attach up to {MAX_IMAGES_PER_MESSAGE} images…"
-                     if runner.is_vision else "Type a message (this model is text-only)…"),
-        stop_btn=True)
-    demo = gr.ChatInterface(
-        fn=chat_fn,
-        multimodal=True,
-        textbox=textbox,
-        chatbot=gr.Chatbot(height="65vh", label=runner.name,
-                           latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
-                                             {"left": "$", "right": "$", "display": False}]),
-        additional_inputs=[
-            gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2),
-            gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,
-                      label="Max new tokens"),
-            gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
-            gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p"),
-        ],
-        additional_inputs_accordion=gr.Accordion("Settings", open=False),
-        title="Local model chat",
-        description=f"**{runner.name}** · {kind} · {runner.device} · {dtype}",
-        editable=True,
-        api_name="chat",
-        concurrency_limit=1,
-        fill_height=True,
-    )
-    share_generation_queue(demo, chat_fn)
-    with demo:
+    concurrency = getattr(runner, "max_concurrency", 1)
+    with gr.Blocks(title="Local model chat", fill_height=True) as demo:
+        gr.Markdown("# Local model chat")
+        header = gr.Markdown(header_markdown(runner))
+        textbox = gr.MultimodalTextbox(
+            file_types=["image"], file_count="multiple", sources=["upload"],
+            placeholder=f"Type a message or attach up to {MAX_IMAGES_PER_MESSAGE} images…",
+            stop_btn=True)
+        chat = gr.ChatInterface(
+            fn=chat_fn,
+            multimodal=True,
+            textbox=textbox,
+            chatbot=gr.Chatbot(height="65vh", label="Chat",
+                               latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                                                 {"left": "$", "right": "$", "display": False}]),
+            additional_inputs=[
+                gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2),
+                gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,
+                          label="Max new tokens"),
+                gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
+                gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p"),
+            ],
+            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            editable=True,
+            api_name="chat",
+            concurrency_limit=concurrency,
+            fill_height=True,
+        )
         # Runs beside ChatInterface's own cancel: a Stop before the first token would
         # otherwise leave the "Thinking…" spinner turning forever.
-        demo.textbox.stop(settle_pending_messages, [demo.chatbot], [demo.chatbot, demo.chatbot_state],
+        chat.textbox.stop(settle_pending_messages, [chat.chatbot], [chat.chatbot, chat.chatbot_state],
                           queue=False, api_visibility="undocumented")
+        if not getattr(runner, "loaded", True):  # refresh the header until the model is ready
+            timer = gr.Timer(1.0)
+
+            def refresh_header():
+                loaded = getattr(runner, "loaded", True)
+                return header_markdown(runner), gr.Timer(active=not loaded)
+
+            timer.tick(refresh_header, outputs=[header, timer], queue=False,
+                       api_visibility="undocumented")
+            demo.load(refresh_header, outputs=[header, timer], queue=False,
+                      api_visibility="undocumented")
+    share_generation_queue(demo, chat_fn, concurrency)
+    demo.chat_interface = chat
     return demo
 
 
@@ -268,13 +337,13 @@ def is_loopback(host: str) -> bool:
 
 def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, api_key: str | None = None,
-          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, block: bool = True, quiet: bool = False):
+          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, block: bool = True, quiet: bool = False,
+          on_listening=None):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics.
     Returns (demo, local_url); with block=True only when the server stops."""
     from fastapi.responses import Response
 
     from metrics import Metrics
-    from openai_api import create_api
 
     demo = build_demo(runner, max_new_tokens)
     demo.queue(max_size=QUEUE_MAX_SIZE)
@@ -282,11 +351,16 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     server, local_url, _ = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD_SIZE,
         prevent_thread_lock=True, quiet=quiet)
+    if on_listening:
+        on_listening()
+    from openai_api import create_api  # imports torch: after the UI is up
+
     api_open = api_key is None and is_loopback(host) and not share
     server.mount("/v1", create_api(runner, api_key=api_key, open_without_key=api_open))
     server.add_api_route("/healthz", lambda: {
-        "status": "ok", "model": runner.name, "device": runner.device,
-        "dtype": str(runner.dtype).removeprefix("torch."), "loaded": True}, methods=["GET"])
+        "status": "ok" if getattr(runner, "loaded", True) else "loading", "model": runner.name,
+        "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."),
+        "loaded": getattr(runner, "loaded", True)}, methods=["GET"])
     server.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=metrics.content_type),
                          methods=["GET"])
     if api_key is None and not api_open:
@@ -308,22 +382,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for chatty in ("httpx", "openai", "httpcore"):  # one line per request/retry otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    try:
-        if args.backend == "openai":
+    if args.backend == "openai":
+        def load():
             from remote_backend import RemoteRunner
-            runner = RemoteRunner(args.base_url, api_key=args.api_key, model=args.model)
-        else:
-            runner = ModelRunner.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype,
-                                      trust_remote_code=args.trust_remote_code)
-    except ModelLoadError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    log.info("Loaded %s on %s (%s).", runner.name, runner.device, runner.dtype)
+            return RemoteRunner(args.base_url, api_key=args.api_key, model=args.model)
+        slot = ModelSlot(args.model or args.base_url, load, max_concurrency=REMOTE_MAX_CONCURRENCY)
+    else:
+        def load():
+            from model_runner import ModelRunner
+            return ModelRunner.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype,
+                                    trust_remote_code=args.trust_remote_code)
+        slot = ModelSlot(args.model or DEFAULT_MODEL, load)
     if args.share and not args.auth:
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    serve(runner, host=args.host, port=args.port, share=args.share, auth=auth, api_key=args.api_key,
-          max_new_tokens=args.max_new_tokens)
+    # The UI first (importing gradio takes seconds), then the model: loading both at once
+    # would only make them fight for the GIL.
+    demo, _ = serve(slot, host=args.host, port=args.port, share=args.share, auth=auth,
+                    api_key=args.api_key, max_new_tokens=args.max_new_tokens, block=False,
+                    on_listening=slot.start)
+    slot.ready.wait()
+    if slot.error is not None:
+        from model_runner import ModelLoadError
+        message = str(slot.error) if isinstance(slot.error, ModelLoadError) else \
+            f"Can't load the model: {type(slot.error).__name__}: {slot.error}"
+        print(f"error: {message}", file=sys.stderr)
+        demo.close()
+        return 1
+    log.info("Model ready: %s on %s (%s).", slot.name, slot.device, slot.dtype)
+    demo.block_thread()
     return 0
 
 

@@ -39,20 +39,16 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-# Small, ungated, Apache-2.0, Idefics3 architecture: runs natively in transformers
-# without torchvision or remote code, and answers at interactive speed on a laptop CPU.
-DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
-
-# --- Limits (one place; the README lists them) ---
-MAX_IMAGE_SIDE = 2048            # larger images are downscaled before the processor
-MAX_IMAGE_PIXELS = 64_000_000    # above this an image is refused before decoding its pixels
-MAX_IMAGES_PER_MESSAGE = 8
-MAX_IMAGES_PER_CONVERSATION = 16  # older images beyond this are left out of the prompt
-MAX_NEW_TOKENS_LIMIT = 8192
-DEFAULT_MAX_NEW_TOKENS = 512
-
-# The eye can't follow more than this; fewer updates keep long chats cheap to stream.
-MAX_UPDATES_PER_SECOND = 30
+from config import (  # noqa: F401  (re-exported for callers of the engine)
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    MAX_IMAGES_PER_CONVERSATION,
+    MAX_IMAGES_PER_MESSAGE,
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_UPDATES_PER_SECOND,
+)
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError at 2x this
 

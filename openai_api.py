@@ -30,20 +30,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_runner import (
+from config import (
+    API_DEFAULT_MAX_TOKENS as DEFAULT_MAX_TOKENS,
+    API_MAX_IMAGE_BYTES as MAX_IMAGE_BYTES,
+    API_MAX_MESSAGES as MAX_MESSAGES,
+    API_MAX_STOP_STRINGS as MAX_STOP_STRINGS,
+    API_MAX_WAITING_REQUESTS as MAX_WAITING_REQUESTS,
     MAX_NEW_TOKENS_LIMIT,
+)
+from model_runner import (
     ChatInputError,
     GenerationError,
     GenerationSettings,
     load_image,
 )
-
-# --- Abuse limits ---
-MAX_MESSAGES = 512
-MAX_STOP_STRINGS = 4
-MAX_IMAGE_BYTES = 20 * 1024 * 1024       # decoded size of one data: URL image
-MAX_WAITING_REQUESTS = 16                # API requests waiting for the model; beyond: 503
-DEFAULT_MAX_TOKENS = 512
 
 DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", re.DOTALL)
 
@@ -201,10 +201,15 @@ def create_api(runner, *, api_key: str | None = None, open_without_key: bool = T
 
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models():
+        if not getattr(runner, "loaded", True):
+            return {"object": "list", "data": []}
         return {"object": "list", "data": [model_card()]}
 
     @api.post("/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if not getattr(runner, "loaded", True):
+            raise APIError(503, "The model is still loading; try again in a few seconds.",
+                           type="server_error", code="model_loading")
         if body.model not in (None, "", runner.name):
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
                                 f"{runner.name!r}.", param="model", code="model_not_found")

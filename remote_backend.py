@@ -13,8 +13,8 @@ import time
 
 import openai
 
+from config import MAX_UPDATES_PER_SECOND, REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S
 from model_runner import (
-    MAX_UPDATES_PER_SECOND,
     ChatInputError,
     GenerationError,
     GenerationSettings,
@@ -22,8 +22,6 @@ from model_runner import (
     prepare_messages,
 )
 
-CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 300.0   # longest silence accepted from the server (a long prefill, a queue)
 
 
 class RemoteRunner:
@@ -31,7 +29,7 @@ class RemoteRunner:
         self.base_url = base_url.rstrip("/")
         self.client = openai.OpenAI(
             base_url=self.base_url, api_key=api_key or "not-needed", max_retries=1,
-            timeout=openai.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+            timeout=openai.Timeout(REMOTE_READ_TIMEOUT_S, connect=REMOTE_CONNECT_TIMEOUT_S))
         self.name = model or self._served_model()
         self.device = f"via {self.base_url}"
         self.dtype = "set by the server"

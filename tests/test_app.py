@@ -229,3 +229,33 @@ def test_a_broken_model_directory_exits_with_one_clear_line(tiny_model_paths, tm
         result = run_app("--model", str(model))
         assert result.returncode != 0
         assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_ui_serves_while_the_model_loads(serve, llama_runner):
+    import threading
+
+    import httpx
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return llama_runner
+
+    slot = app.ModelSlot("tiny-llama", slow_load)
+    url, _ = serve(slot, on_listening=slot.start)
+    assert httpx.get(url).status_code == 200
+    assert httpx.get(url + "healthz").json()["loaded"] is False
+    assert "loading model" in app.header_markdown(slot)
+    early = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert early.status_code == 503 and early.json()["error"]["code"] == "model_loading"
+    client = Client(url, verbose=False)
+    job = chat(client, message("hello"), max_new_tokens=5)  # sent while loading: waits, then answers
+    deadline = time.time() + 10
+    while not job.outputs() and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.outputs()[0]["metadata"]["title"] == app.LOADING_TITLE and not job.done()
+    release.set()
+    assert text_of(job.result())
+    assert httpx.get(url + "healthz").json()["loaded"] is True
+    assert "loading" not in app.header_markdown(slot)
+    client.close()

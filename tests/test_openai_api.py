@@ -14,6 +14,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import app
+from model_runner import GenerationSettings
 from openai_api import create_api
 from remote_backend import RemoteRunner
 
@@ -205,7 +206,7 @@ def test_remote_backend_streams_from_another_instance(serve, idefics3_runner, im
     assert len(texts) >= 2 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
     sent = back_spy.calls[0][0]
     assert [p["type"] for p in sent[-1]["content"]] == ["image", "text"], "the image went upstream"
-    with back_spy.original(sent, app.GenerationSettings(max_new_tokens=120)) as direct:
+    with back_spy.original(sent, GenerationSettings(max_new_tokens=120)) as direct:
         *_, expected = direct
     assert texts[-1] == expected
 

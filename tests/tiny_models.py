@@ -129,15 +129,14 @@ def build_tokenizer(extra_special: list[str], image_placeholder: str) -> PreTrai
     )
 
 
-def _text_config(tokenizer) -> LlamaConfig:
+def _text_config(tokenizer, **sizes) -> LlamaConfig:
+    """The tiny Llama text config; `sizes` overrides its dimensions (bench model)."""
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=2048)
+    dims.update(sizes)
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
+        **dims,
         initializer_range=INIT_STD,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -260,6 +259,18 @@ def build_llama(path) -> pathlib.Path:
     tokenizer = build_tokenizer([], "")
     model = LlamaForCausalLM(_text_config(tokenizer))
     return _finish(model, tokenizer, path)
+
+
+@_seeded
+def build_bench_llama(path) -> pathlib.Path:
+    """Text-only Llama sized for benchmarks (bench/benchmark.py): ~3.3M parameters, so
+    that greedy decoding costs real compute (~100-250 tokens/s on a 2-core CPU) instead
+    of being all per-step overhead like the tiny models; 8192 positions for long chats."""
+    tokenizer = build_tokenizer([], "")
+    config = _text_config(tokenizer, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=8,
+                          max_position_embeddings=8192)
+    return _finish(LlamaForCausalLM(config), tokenizer, path)
 
 
 BUILDERS = {"idefics3": build_idefics3, "llava": build_llava, "llama": build_llama}
