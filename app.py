@@ -43,6 +43,7 @@ DEFAULT_SYSTEM_PROMPT = ""
 THINKING_TITLE = "Thinking…"
 LOADING_TITLE = "Loading the model…"
 ERROR_TITLE = "⚠️ Error"
+NOTE_TITLE = "ℹ️ Note"
 
 log = logging.getLogger("app")
 
@@ -72,9 +73,8 @@ def to_model_messages(history: list[dict], message: dict | str, system_prompt: s
         if role not in ("user", "assistant") or (turn.get("metadata") or {}).get("title"):
             continue
         parts = [p for p in map(_to_part, _as_list(turn.get("content"))) if p]
-        if not parts:
-            continue
-        messages.append({"role": role, "content": parts})
+        if parts or turn is turns[-1]:  # an empty new message stays, for the engine to refuse
+            messages.append({"role": role, "content": parts})
     return messages
 
 
@@ -182,16 +182,18 @@ def make_chat_fn(runner):
             log.exception("building the model inputs failed")
             yield error_message(f"Internal error: {type(error).__name__}: {error}")
             return
+        notes = [gr.ChatMessage(content=notice, metadata={"title": NOTE_TITLE})
+                 for notice in stream.notices]
         with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
             try:
                 for text in stream:
-                    yield text
+                    yield [*notes, text] if notes else text
             except GenerationError as error:
-                yield [gr.ChatMessage(content=stream.text), error_message(str(error))] \
-                    if stream.text else error_message(str(error))
+                answer = [gr.ChatMessage(content=stream.text)] if stream.text else []
+                yield [*notes, *answer, error_message(str(error))]
                 return
         if not stream.text:
-            yield error_message("The model returned an empty answer.")
+            yield [*notes, error_message("The model returned an empty answer.")]
 
     return chat
 
@@ -321,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-remote-code", action="store_true", default=env_flag("TRUST_REMOTE_CODE"),
                         help="run Python code shipped with the model repo (only for repos you trust) "
                              "[TRUST_REMOTE_CODE=1]")
+    parser.add_argument("--log-chats", action="store_true", default=env_flag("LOG_CHATS"),
+                        help="log every prompt and answer (off by default: they are not logged) [LOG_CHATS=1]")
     args = parser.parse_args(argv)
     if args.backend == "openai" and not args.base_url:
         parser.error("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
@@ -338,7 +342,7 @@ def is_loopback(host: str) -> bool:
 def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, api_key: str | None = None,
           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, block: bool = True, quiet: bool = False,
-          on_listening=None):
+          on_listening=None, queue_max_size: int = QUEUE_MAX_SIZE, log_chats: bool = False):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics.
     Returns (demo, local_url); with block=True only when the server stops."""
     from fastapi.responses import Response
@@ -346,7 +350,9 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     from metrics import Metrics
 
     demo = build_demo(runner, max_new_tokens)
-    demo.queue(max_size=QUEUE_MAX_SIZE)
+    demo.queue(max_size=queue_max_size)
+    if log_chats:  # off by default: prompts and answers are the users' business
+        runner.finish_listeners.append(log_exchange)
     metrics = Metrics(runner, extra_waiting=lambda: ui_queue_depth(demo))
     server, local_url, _ = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD_SIZE,
@@ -369,6 +375,11 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     if block:
         demo.block_thread()
     return demo, local_url
+
+
+def log_exchange(stream) -> None:
+    log.info("chat: %r -> %r (%s, %d tokens)", stream.request_text, stream.text,
+             stream.finish_reason, stream.new_tokens)
 
 
 def ui_queue_depth(demo) -> int:
@@ -400,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     # would only make them fight for the GIL.
     demo, _ = serve(slot, host=args.host, port=args.port, share=args.share, auth=auth,
                     api_key=args.api_key, max_new_tokens=args.max_new_tokens, block=False,
-                    on_listening=slot.start)
+                    on_listening=slot.start, log_chats=args.log_chats)
     slot.ready.wait()
     if slot.error is not None:
         from model_runner import ModelLoadError

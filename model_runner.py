@@ -227,6 +227,8 @@ class TextStream:
         self.text = ""
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
+        self.notices: list[str] = []  # for the user: history trimmed, image downscaled, ...
+        self.request_text = ""        # the user's last message (logged only with --log-chats)
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
         self._thread = threading.Thread(
@@ -410,28 +412,58 @@ class ModelRunner:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return getattr(text_config, "max_position_embeddings", None)
 
-    def build_inputs(self, messages: list[dict]):
-        """Chat messages → model inputs via the model's own chat template."""
-        messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name)
+    def build_inputs(self, messages: list[dict], reserve_tokens: int = 1,
+                     notices: list[str] | None = None):
+        """Chat messages → model inputs via the model's own chat template, leaving room for
+        `reserve_tokens` new tokens. When the conversation doesn't fit, the oldest turns are
+        left out (and a notice says so); a last message that alone doesn't fit is refused."""
+        notices = [] if notices is None else notices
+        messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
+                                    notices=notices)
         if not self.is_vision:  # text-only templates often expect plain strings
             for message in messages:
                 message["content"] = "\n".join(p["text"] for p in message["content"])
-        if self.is_vision:
-            inputs = self.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                return_tensors="pt")
-        else:
-            inputs = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                return_tensors="pt")
+        inputs = self._apply_chat_template(messages)
         limit = self.context_length
-        if limit and inputs["input_ids"].shape[-1] >= limit:
-            raise ChatInputError(
-                f"The conversation is too long for this model: {inputs['input_ids'].shape[-1]} "
-                f"tokens, its context holds {limit}. Start a new chat or send less.")
+        if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:
+            inputs = self._fit_in_context(messages, limit - reserve_tokens, notices)
         if self.is_vision:  # BatchFeature: also casts pixel values to the model's dtype
             return inputs.to(self.model.device, dtype=self.dtype)
         return inputs.to(self.model.device)
+
+    def _apply_chat_template(self, messages: list[dict]):
+        template_owner = self.processor if self.is_vision else self.tokenizer
+        return template_owner.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+
+    def _fit_in_context(self, messages: list[dict], budget: int, notices: list[str]):
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        turns = messages[len(system):]
+        cuts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]  # keep whole turns
+        fits = {}
+
+        def try_cut(i):  # inputs without the first turns[:i], or None when still too long
+            if i not in fits:
+                inputs = self._apply_chat_template(system + turns[i:])
+                fits[i] = inputs if inputs["input_ids"].shape[-1] <= budget else None
+            return fits[i]
+
+        low, high = 0, len(cuts) - 1  # binary search for the fewest turns to drop
+        while low <= high:
+            middle = (low + high) // 2
+            if try_cut(cuts[middle]) is not None:
+                high = middle - 1
+            else:
+                low = middle + 1
+        if low == len(cuts):
+            last = self._apply_chat_template(system + turns[-1:])["input_ids"].shape[-1]
+            raise ChatInputError(
+                f"This message is too long for the model: {last} tokens, and its context holds "
+                f"{self.context_length} (with room for the answer). Send a shorter message.")
+        dropped = cuts[low]
+        notices.append(f"The oldest {dropped} message{'s' * (dropped > 1)} of this chat were left out "
+                       f"so that it fits the model's context of {self.context_length} tokens.")
+        return try_cut(dropped)
 
     # ------------------------------------------------------------ generation
 
@@ -457,12 +489,18 @@ class ModelRunner:
         settings = settings or GenerationSettings()
         if not 1 <= settings.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ChatInputError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
-        inputs = self.build_inputs(messages)
+        notices: list[str] = []
+        limit = self.context_length
+        # Room for the answer: all of max_new_tokens if possible, at least a quarter of the context.
+        reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
+        inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices)
         config = self.generation_config(settings)
-        if self.context_length:  # the answer ends ("length") where the context is full
-            room = self.context_length - inputs["input_ids"].shape[-1]
-            config.max_new_tokens = min(config.max_new_tokens, room)
-        return TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed)
+        if limit:  # the answer ends ("length") where the context is full
+            config.max_new_tokens = min(config.max_new_tokens, limit - inputs["input_ids"].shape[-1])
+        stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed)
+        stream.notices = notices
+        stream.request_text = last_user_text(messages)
+        return stream
 
     def _describe_failure(self, error: BaseException) -> GenerationError:
         if isinstance(error, torch.OutOfMemoryError):
@@ -473,9 +511,13 @@ class ModelRunner:
         return GenerationError(f"Generation failed: {type(error).__name__}: {_first_line(error)}")
 
 
-def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str) -> list[dict]:
+def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str,
+                     notices: list[str] | None = None) -> list[dict]:
     """Validate a conversation and load its images (as RGB PIL images, within the limits).
-    Raises ChatInputError for what can't be sent: every engine goes through here."""
+    Raises ChatInputError for what can't be sent: every engine goes through here. What the
+    user should know about the new message (an image downscaled, old images left out) is
+    appended to `notices`."""
+    notices = [] if notices is None else notices
     if not messages or messages[-1]["role"] != "user":
         raise ChatInputError("The conversation must end with a user message.")
     last = messages[-1]
@@ -494,6 +536,7 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
     # A bad file in the new message is refused; one in the history was refused when it was
     # sent, so it is left out rather than blocking every later turn.
     budget = MAX_IMAGES_PER_CONVERSATION if sees_images else 0
+    left_out = 0
     prepared = []
     for message in reversed(messages):
         is_new = message is last
@@ -506,11 +549,20 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
             elif _is_image(part):
                 if budget > 0:
                     try:
-                        parts.append({"type": "image", "image": load_image(part["image"])})
-                        budget -= 1
+                        image = load_image(part["image"])
                     except ChatInputError:
                         if is_new:
                             raise
+                        continue
+                    parts.append({"type": "image", "image": image})
+                    budget -= 1
+                    if is_new and "downscaled_from" in image.info:
+                        width, height = image.info["downscaled_from"]
+                        notices.append(f"An image of {width}×{height} pixels was downscaled to "
+                                       f"{image.width}×{image.height} (the limit is {MAX_IMAGE_SIDE} "
+                                       f"pixels a side).")
+                elif sees_images:
+                    left_out += 1
             elif part.get("text"):
                 parts.append({"type": "text", "text": part["text"]})
         parts.reverse()
@@ -523,7 +575,14 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
         else:
             prepared.append({"role": message["role"], "content": parts})
     prepared.reverse()
+    if left_out:
+        notices.append(f"The model sees the latest {MAX_IMAGES_PER_CONVERSATION} images of this chat; "
+                       f"{left_out} older image{'s' * (left_out > 1)} were left out.")
     return prepared
+
+
+def last_user_text(messages: list[dict]) -> str:
+    return " ".join(p.get("text", "") for p in messages[-1]["content"] if p.get("type") == "text")
 
 
 def _is_image(part: dict) -> bool:
@@ -557,6 +616,8 @@ def load_image(source) -> Image.Image:
     if image.mode != "RGB":
         image = image.convert("RGB")
     if max(image.size) > MAX_IMAGE_SIDE:
+        original = image.size
         image = image.copy()
         image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+        image.info["downscaled_from"] = original
     return image

@@ -19,6 +19,7 @@ from model_runner import (
     GenerationError,
     GenerationSettings,
     ModelLoadError,
+    last_user_text,
     prepare_messages,
 )
 
@@ -53,7 +54,8 @@ class RemoteRunner:
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None) -> "RemoteStream":
         settings = settings or GenerationSettings()
-        prepared = prepare_messages(messages, sees_images=True, model_name=self.name)
+        notices: list[str] = []
+        prepared = prepare_messages(messages, sees_images=True, model_name=self.name, notices=notices)
         request = {
             "model": self.name, "messages": [to_openai_message(m) for m in prepared],
             "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
@@ -63,7 +65,10 @@ class RemoteRunner:
             request["seed"] = settings.seed
         if settings.stop:
             request["stop"] = settings.stop
-        return RemoteStream(self, request)
+        stream = RemoteStream(self, request)
+        stream.notices = notices
+        stream.request_text = last_user_text(messages)
+        return stream
 
     def _notify_finished(self, stream) -> None:
         for listener in self.finish_listeners:
@@ -110,6 +115,8 @@ class RemoteStream:
         self._usage_tokens: int | None = None
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
+        self.notices: list[str] = []
+        self.request_text = ""
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.ended_at: float | None = None

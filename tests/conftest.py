@@ -53,7 +53,11 @@ def images(tmp_path_factory):
     fake.write_text("this is a text file with a .png name")
     truncated = root / "truncated.png"
     truncated.write_bytes(red.read_bytes()[:60])
-    return {"red": red, "noise": noise, "fake": fake, "truncated": truncated}
+    bomb = root / "bomb.png"  # 100 megapixels in a few kB: must be refused before decoding
+    Image.new("1", (10_000, 10_000)).save(bomb, optimize=True)
+    wide = root / "wide.png"  # valid but larger than MAX_IMAGE_SIDE: downscaled
+    Image.new("RGB", (3000, 300), (20, 120, 220)).save(wide)
+    return {"red": red, "noise": noise, "fake": fake, "truncated": truncated, "bomb": bomb, "wide": wide}
 
 
 def free_port() -> int:

@@ -1,0 +1,364 @@
+"""Bad input, load and faults, security: the app answers clearly, keeps serving, and
+loses nothing. Servers bind to 127.0.0.1 only."""
+
+import functools
+import logging
+import os
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from gradio_client import Client, handle_file
+
+import app
+from config import MAX_IMAGE_SIDE, MAX_IMAGES_PER_CONVERSATION, MAX_IMAGES_PER_MESSAGE
+from model_runner import ChatInputError, GenerationSettings
+from tests.test_app import chat, error_of, message, text_of
+
+
+def notes_of(output):
+    items = output if isinstance(output, list) else [output]
+    return " ".join(o["content"] for o in items
+                    if isinstance(o, dict) and o.get("metadata", {}).get("title") == app.NOTE_TITLE)
+
+
+def user(text, *images):
+    return {"role": "user", "content": [{"type": "image", "image": str(i)} for i in images] +
+            [{"type": "text", "text": text}]}
+
+
+def generate_threads():
+    return [t for t in threading.enumerate() if t.name == "generate"]
+
+
+# ---------------------------------------------------------------- bad input, UI path
+
+@pytest.mark.parametrize("bad, expected", [
+    ("fake", "not a readable image"),
+    ("truncated", "not a readable image"),
+    ("bomb", "too large"),
+])
+def test_bad_images_get_a_message_and_the_chat_goes_on(serve, idefics3_runner, images, bad, expected):
+    url, spy = serve(idefics3_runner)
+    client = Client(url, verbose=False)
+    started = time.time()
+    assert text_of(chat(client, message("first question"), max_new_tokens=5).result())
+    result = chat(client, message("what is this?", images[bad])).result()
+    assert expected in error_of(result) and time.time() - started < 15
+    assert text_of(chat(client, message("third question"), max_new_tokens=5).result())
+    sent = spy.calls[-1][0]
+    texts = [p.get("text") for m in sent for p in m["content"] if p["type"] == "text"]
+    assert texts[0] == "first question" and texts[-1] == "third question", "history kept"
+    client.close()
+
+
+def test_a_huge_image_is_refused_before_its_pixels_are_decoded(images, monkeypatch):
+    from PIL import Image
+    from model_runner import load_image
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(1))
+    with pytest.raises(ChatInputError, match="too large"):
+        load_image(images["bomb"])
+    assert not decoded
+
+
+def test_a_large_image_is_downscaled_and_the_user_told_once(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+    client = Client(url, verbose=False)
+    first = chat(client, message("look", images["wide"]), max_new_tokens=5).result()
+    assert f"downscaled to {MAX_IMAGE_SIDE}×" in notes_of(first) and text_of(first)
+    second = chat(client, message("and now?"), max_new_tokens=5).result()
+    assert not notes_of(second), "told once, not on every later turn"
+    client.close()
+
+
+def test_image_caps_per_message_and_per_conversation(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+    client = Client(url, verbose=False)
+    too_many = chat(client, message("many", *[images["red"]] * (MAX_IMAGES_PER_MESSAGE + 1))).result()
+    assert "Too many images in one message" in error_of(too_many)
+    client.reset_session()
+    for turn in range(MAX_IMAGES_PER_CONVERSATION // MAX_IMAGES_PER_MESSAGE):
+        result = chat(client, message(f"batch {turn}", *[images["noise"]] * MAX_IMAGES_PER_MESSAGE),
+                      max_new_tokens=8).result()
+        assert not notes_of(result)
+    over = chat(client, message("one more", images["red"]), max_new_tokens=8).result()
+    assert "older image were left out" in notes_of(over) or "older images were left out" in notes_of(over)
+    from model_runner import prepare_messages
+    seen = prepare_messages(spy.calls[-1][0], sees_images=True, model_name="m")
+    assert sum(p["type"] == "image" for m in seen for p in m["content"]) == MAX_IMAGES_PER_CONVERSATION
+    assert seen[-1]["content"][0]["type"] == "image", "the newest image is kept"
+    client.close()
+
+
+def test_an_empty_message_is_refused_clearly(serve, llama_runner):
+    url, _ = serve(llama_runner)
+    client = Client(url, verbose=False)
+    assert "empty" in error_of(chat(client, message("   ")).result())
+    assert text_of(chat(client, message("hi"), max_new_tokens=8).result())
+    client.close()
+
+
+def test_uploads_over_the_size_limit_are_refused_by_the_server(serve, llama_runner, tmp_path):
+    url, _ = serve(llama_runner)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + os.urandom(21 * 1024 * 1024))
+    response = httpx.post(url + "gradio_api/upload", files={"files": ("big.png", big.read_bytes(), "image/png")})
+    assert response.status_code == 413
+    assert "size" in response.text.lower()
+    client = Client(url, verbose=False)
+    assert text_of(chat(client, message("still there?"), max_new_tokens=8).result())
+    client.close()
+
+
+def test_a_non_image_upload_is_refused(serve, llama_runner, tmp_path):
+    url, _ = serve(llama_runner)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception, match="Invalid file type"):
+        chat(client, message("read this", notes)).result()
+    assert text_of(chat(client, message("ok, then hi"), max_new_tokens=8).result())
+    client.close()
+
+
+# ---------------------------------------------------------------- context length
+
+def long_text(runner, tokens: int) -> str:
+    words = "the cat sat on a mat and looked at the red boat near the old stone wall "
+    text = ""
+    while len(runner.tokenizer(text, add_special_tokens=False)["input_ids"]) < tokens:
+        text += words
+    return text
+
+
+def test_oldest_turns_are_dropped_to_fit_the_context(llama_runner):
+    context = llama_runner.context_length
+    chunk = long_text(llama_runner, context // 3)
+    messages = [user("first " + chunk), {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+                user("second " + chunk), {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+                user("third " + chunk)]
+    with llama_runner.stream(messages, GenerationSettings(max_new_tokens=600)) as stream:
+        *_, answer = stream
+    assert answer and stream.prompt_tokens + 512 <= context
+    assert any("oldest 2 messages" in n for n in stream.notices)
+    with pytest.raises(ChatInputError, match="This message is too long"):
+        llama_runner.stream([user(long_text(llama_runner, context))])
+
+
+def test_the_ui_shows_when_history_was_dropped(serve, llama_runner):
+    url, _ = serve(llama_runner)
+    client = Client(url, verbose=False)
+    chunk = long_text(llama_runner, llama_runner.context_length // 2)
+    chat(client, message("one " + chunk), max_new_tokens=5).result()
+    second = chat(client, message("two " + chunk), max_new_tokens=5).result()
+    assert "were left out" in notes_of(second) and text_of(second)
+    too_long = chat(client, message(long_text(llama_runner, llama_runner.context_length))).result()
+    assert "This message is too long" in error_of(too_long)
+    client.close()
+
+
+# ---------------------------------------------------------------- faults
+
+def test_out_of_memory_is_caught_and_the_next_request_works(serve, llama_runner, monkeypatch):
+    url, _ = serve(llama_runner)
+    real_forward = llama_runner.model.forward
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+
+    @functools.wraps(real_forward)
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(llama_runner.model, "forward", oom)
+    client = Client(url, verbose=False)
+    assert "ran out of memory" in error_of(chat(client, message("hi")).result())
+    assert emptied, "the CUDA cache must be emptied"
+    monkeypatch.setattr(llama_runner.model, "forward", real_forward)
+    assert text_of(chat(client, message("again"), max_new_tokens=8).result())
+    client.close()
+
+
+def test_a_full_queue_says_busy(serve, llama_runner):
+    from gradio_client.exceptions import AppError
+    url, spy = serve(llama_runner, queue_max_size=1)
+    running = Client(url, verbose=False)
+    waiting = Client(url, verbose=False)
+    refused = Client(url, verbose=False)
+    long_job = chat(running, message("long"), max_new_tokens=5000)
+    while not spy.streams:
+        time.sleep(0.02)
+    queued = chat(waiting, message("wait"), max_new_tokens=8)
+    time.sleep(0.5)
+    with pytest.raises((AppError, Exception), match="(?i)queue is full|busy"):
+        chat(refused, message("no room"), max_new_tokens=8).result()
+    long_job.cancel()
+    assert text_of(queued.result(timeout=30))
+    for client in (running, waiting, refused):
+        client.close()
+
+
+def test_rapid_stop_and_resubmit_leaves_no_orphans_and_no_mixed_answers(serve, llama_runner):
+    url, spy = serve(llama_runner)
+
+    def user_session(name, results):
+        client = Client(url, verbose=False)
+        for round_ in range(4):
+            job = chat(client, message(f"{name} round {round_}"), max_new_tokens=3000)
+            while not any(isinstance(o, str) for o in job.outputs()) and not job.done():
+                time.sleep(0.01)
+            job.cancel()
+        final = chat(client, message(f"{name} final"), max_new_tokens=25).result()
+        results[name] = text_of(final)
+        client.close()
+
+    results = {}
+    users = [threading.Thread(target=user_session, args=(name, results)) for name in ("ann", "bob")]
+    for t in users:
+        t.start()
+    for t in users:
+        t.join(120)
+    deadline = time.time() + 5
+    while generate_threads() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not generate_threads(), "no generation may outlive its request"
+    for name, received in results.items():
+        stream = next(s for s in spy.streams if s.request_text == f"{name} final")
+        assert received == stream.text and stream.finish_reason == "length", f"{name} got someone else's answer"
+
+
+# ---------------------------------------------------------------- load
+
+LOAD_CLIENTS = 16
+LOAD_TURNS = int(os.environ.get("LOAD_TEST_TURNS", "2"))  # 5 for the full run
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_many_clients_stopping_and_vanishing(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+
+    def session(index, turns, report):
+        client = Client(url, verbose=False)
+        for turn in range(turns):
+            marker = f"client {index} turn {turn}"
+            job = chat(client, message(marker, images["red"] if turn % 2 == 0 else images["noise"]),
+                       max_new_tokens=40)
+            if index % 3 == 0 and turn == 0:  # a third stop mid-stream
+                while not any(isinstance(o, str) for o in job.outputs()) and not job.done():
+                    time.sleep(0.01)
+                job.cancel()
+                report.append((marker, "stopped", None, time.time()))
+            elif index in (4, 11) and turn == turns - 1:  # some vanish mid-stream
+                while not any(isinstance(o, str) for o in job.outputs()) and not job.done():
+                    time.sleep(0.01)
+                client.close()
+                report.append((marker, "vanished", None, time.time()))
+                return
+            else:
+                started = time.time()
+                outputs = list(job)
+                first = next((time.time() for o in outputs if isinstance(o, str)), None)
+                report.append((marker, "completed", text_of(job.result()), started))
+        client.close()
+
+    def run_clients(turns):
+        report = []
+        threads = [threading.Thread(target=session, args=(i, turns, report)) for i in range(LOAD_CLIENTS)]
+        for t in threads:
+            t.start()
+        return threads, report
+
+    warmup, _ = run_clients(1)  # pools and caches reach their working size first
+    for t in warmup:
+        t.join(300)
+    time.sleep(1)
+    threads_before, rss_before = threading.active_count(), rss_mb()
+
+    started = time.time()
+    threads, report = run_clients(LOAD_TURNS)
+    probe_times = []
+    while any(t.is_alive() for t in threads):  # a newcomer is still served during the load
+        t0 = time.time()
+        assert httpx.get(url + "healthz", timeout=10).status_code == 200
+        assert httpx.get(url, timeout=10).status_code == 200
+        probe_times.append(time.time() - t0)
+        time.sleep(0.5)
+    for t in threads:
+        t.join(300)
+    elapsed = time.time() - started
+
+    completed = [r for r in report if r[1] == "completed"]
+    for marker, _, received, _ in completed:
+        stream = next(s for s in spy.streams if s.request_text == marker)
+        assert received == stream.text and stream.finish_reason == "length", f"{marker}: incomplete or mixed up"
+    deadline = time.time() + 10
+    while generate_threads() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not generate_threads()
+    for marker, outcome, _, _ in report:
+        if outcome != "completed":
+            stream = next(s for s in spy.streams if s.request_text == marker)
+            assert stream.ended_at is not None
+    time.sleep(2)
+    threads_after, rss_after = threading.active_count(), rss_mb()
+    ttfts = sorted(s.time_to_first_token for s in spy.streams if s.time_to_first_token)
+    print(f"\nload: {LOAD_CLIENTS} clients x {LOAD_TURNS} turns in {elapsed:.1f}s: "
+          f"{len(completed)} completed, {sum(r[1] == 'stopped' for r in report)} stopped, "
+          f"{sum(r[1] == 'vanished' for r in report)} vanished, 0 errors; "
+          f"engine TTFT p95 {ttfts[int(len(ttfts) * 0.95) - 1] * 1000:.0f} ms; "
+          f"probe max {max(probe_times):.2f}s; threads {threads_before}->{threads_after}; "
+          f"RSS {rss_before:.0f}->{rss_after:.0f} MB")
+    assert len(completed) >= LOAD_CLIENTS * LOAD_TURNS // 2
+    assert max(probe_times) < 5, "the server must stay responsive under load"
+    assert threads_after <= threads_before + 2, "threads must go back to the baseline"
+    assert rss_after - rss_before < 100, "RSS may move by allocator noise, not grow per turn"
+
+
+# ---------------------------------------------------------------- security
+
+@pytest.mark.parametrize("path", [
+    "gradio_api/file=/etc/passwd",
+    "gradio_api/file={tmp}/../../../etc/passwd",
+    "gradio_api/file={tmp}/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "file=/etc/passwd",
+])
+def test_the_file_route_serves_nothing_outside_gradios_dirs(serve, llama_runner, path):
+    url, _ = serve(llama_runner)
+    response = httpx.get(url + path.format(tmp=os.environ["GRADIO_TEMP_DIR"]))
+    assert response.status_code in (403, 404) and "root:" not in response.text
+
+
+def test_auth_protects_the_ui(serve, llama_runner):
+    url, _ = serve(llama_runner, auth=("ann", "pa55"))
+    with pytest.raises(Exception):
+        Client(url, verbose=False)
+    client = Client(url, auth=("ann", "pa55"), verbose=False)
+    assert text_of(chat(client, message("hi"), max_new_tokens=8).result())
+    client.close()
+
+
+def test_share_without_auth_warns(tiny_model_paths):
+    from tests.test_app import run_app
+    result = run_app("--model", "/no/such/model", "--share")
+    assert "anyone with the link can use this machine's compute" in result.stdout + result.stderr
+
+
+def test_prompts_are_logged_only_when_asked(serve, llama_runner, caplog):
+    caplog.set_level(logging.INFO)
+    url, _ = serve(llama_runner)
+    client = Client(url, verbose=False)
+    chat(client, message("my secret plan"), max_new_tokens=8).result()
+    assert "my secret plan" not in caplog.text
+    client.close()
+    url, _ = serve(llama_runner, log_chats=True)
+    client = Client(url, verbose=False)
+    chat(client, message("my public plan"), max_new_tokens=8).result()
+    assert "my public plan" in caplog.text
+    client.close()
