@@ -250,3 +250,25 @@ def test_langgraph_example_streams_from_the_app(serve, llama_runner):
                                               temperature=0, max_tokens=30,
                                               model=llama_runner.name).choices[0].message.content
     assert result.stdout.rstrip("\n") == expected and expected
+
+
+def test_bad_content_gets_a_400_from_the_engine_checks(serve, idefics3_runner, llama_runner, images):
+    url, spy = serve(idefics3_runner)
+    text_url, _ = serve(llama_runner)
+
+    def post(base, content):
+        return httpx.post(base + "v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+
+    image = {"type": "image_url", "image_url": {"url": data_url(images["red"])}}
+    cases = [
+        (url, [{"type": "image_url", "image_url": {"url": data_url(images["bomb"])}}], "too large"),
+        (url, [{"type": "image_url", "image_url": {"url": data_url(images["truncated"])}}], "not a readable image"),
+        (url, [image] * 9, "Too many images"),
+        (url, "   ", "empty"),
+        (text_url, [{"type": "text", "text": "what is it?"}, image], "can't see images"),
+    ]
+    for base, content, expected in cases:
+        response = post(base, content)
+        assert response.status_code == 400, response.text
+        assert expected in response.json()["error"]["message"]
+    assert not spy.streams
