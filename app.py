@@ -25,6 +25,7 @@ import os
 import sys
 
 import threading
+import time
 
 # Only light imports at the top: the UI starts serving while torch and the model load.
 from config import (
@@ -44,6 +45,8 @@ THINKING_TITLE = "Thinking…"
 LOADING_TITLE = "Loading the model…"
 ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
+REASONING_TITLE = "Thinking"
+STATS_PREFIX = "⏱ "
 
 log = logging.getLogger("app")
 
@@ -184,23 +187,62 @@ def make_chat_fn(runner):
             return
         notes = [gr.ChatMessage(content=notice, metadata={"title": NOTE_TITLE})
                  for notice in stream.notices]
+        view = AnswerView(stream, notes)
         with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
             try:
                 for text in stream:
-                    yield [*notes, text] if notes else text
+                    yield view.render(text)
             except GenerationError as error:
-                answer = [gr.ChatMessage(content=stream.text)] if stream.text else []
-                yield [*notes, *answer, error_message(str(error))]
+                yield [*view.render(stream.text, with_stats=False), error_message(str(error))]
                 return
         if not stream.text:
             yield [*notes, error_message("The model returned an empty answer.")]
-
+            return
+        yield view.render(stream.text)  # the final figures
     return chat
 
 
 def error_message(text: str):
     import gradio as gr
     return gr.ChatMessage(content=text, metadata={"title": ERROR_TITLE})
+
+
+class AnswerView:
+    """Turns the text generated so far into chat bubbles: notes, the reasoning in a
+    collapsible "Thinking" block (spinning while it streams, then done with its duration),
+    the answer, and a line of live figures. New ChatMessage objects on every call: Gradio
+    diffs against the previous yield."""
+
+    def __init__(self, stream, notes: list):
+        self.stream, self.notes = stream, notes
+        self.thought_for: float | None = None
+
+    def render(self, text: str, with_stats: bool = True) -> list:
+        import gradio as gr
+        reasoning, answer, thought = self.stream.parts(text)
+        bubbles = list(self.notes)
+        if reasoning is not None:
+            if thought and self.thought_for is None:
+                self.thought_for = time.perf_counter() - self.stream.started_at
+            metadata = {"title": REASONING_TITLE, "status": "done" if thought else "pending"}
+            if thought:
+                metadata["duration"] = round(self.thought_for, 1)
+            bubbles.append(gr.ChatMessage(content=reasoning, metadata=metadata))
+        if answer:
+            bubbles.append(gr.ChatMessage(content=answer))
+        if with_stats:
+            bubbles.append(gr.ChatMessage(content="", metadata={"title": stats_line(self.stream),
+                                                                "status": "done"}))
+        return bubbles
+
+
+def stats_line(stream) -> str:
+    figures = [f"{stream.new_tokens} tokens"]
+    if stream.tokens_per_second:
+        figures.append(f"{stream.tokens_per_second:.1f} tokens/s")
+    if stream.time_to_first_token is not None:
+        figures.append(f"first token after {stream.time_to_first_token:.2f} s")
+    return STATS_PREFIX + " · ".join(figures)
 
 
 # ---------------------------------------------------------------- the UI

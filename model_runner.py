@@ -229,6 +229,7 @@ class TextStream:
         self.error: BaseException | None = None
         self.notices: list[str] = []  # for the user: history trimmed, image downscaled, ...
         self.request_text = ""        # the user's last message (logged only with --log-chats)
+        self.starts_in_reasoning = False  # the prompt opened a <think> block
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
         self._thread = threading.Thread(
@@ -329,6 +330,10 @@ class TextStream:
             self.text = self._raw  # a held-back partial stop string that never completed
         if self.text != shown:
             yield self.text
+
+    def parts(self, text: str | None = None) -> tuple[str | None, str, bool]:
+        """(reasoning or None, answer, reasoning finished?) of the text so far."""
+        return split_reasoning(self.text if text is None else text, self.starts_in_reasoning)
 
     def close(self, wait: float = 10.0):
         """Stop generating (within one token) and wait for the thread to end."""
@@ -500,6 +505,8 @@ class ModelRunner:
         stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed)
         stream.notices = notices
         stream.request_text = last_user_text(messages)
+        prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
+        stream.starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START)
         return stream
 
     def _describe_failure(self, error: BaseException) -> GenerationError:
@@ -579,6 +586,31 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
         notices.append(f"The model sees the latest {MAX_IMAGES_PER_CONVERSATION} images of this chat; "
                        f"{left_out} older image{'s' * (left_out > 1)} were left out.")
     return prepared
+
+
+REASONING_START, REASONING_END = "<think>", "</think>"  # Qwen3, DeepSeek-R1, SmolLM3, ...
+
+
+def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str | None, str, bool]:
+    """Generated text → (reasoning or None, answer, reasoning finished?).
+
+    A reasoning model writes `<think>…</think>` before its answer; many chat templates
+    already open the block in the prompt, so the output starts inside it."""
+    if not starts_in_reasoning:
+        head = text.lstrip()
+        if not head.startswith(REASONING_START):
+            if head and REASONING_START.startswith(head):  # "<thi" may still become "<think>"
+                return "", "", False
+            return None, text, True
+        text = head[len(REASONING_START):]
+    end = text.find(REASONING_END)
+    if end < 0:
+        for k in range(len(REASONING_END) - 1, 0, -1):  # hold back a partial closing tag
+            if text.endswith(REASONING_END[:k]):
+                text = text[:-k]
+                break
+        return text.strip(), "", False
+    return text[:end].strip(), text[end + len(REASONING_END):].lstrip(), True
 
 
 def last_user_text(messages: list[dict]) -> str:

@@ -271,10 +271,13 @@ async def complete(stream, request: Request, completion_id, created, model):
                 break
     except GenerationError as error:
         raise APIError(500, str(error), type="server_error", code="generation_failed") from None
+    reasoning, answer, _ = stream.parts(sent)
+    message = {"role": "assistant", "content": answer}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": sent},
-                     "finish_reason": finish_reason_of(stream)}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_of(stream)}],
         "usage": usage_of(stream),
     }
 
@@ -287,11 +290,19 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool)
         return {"data": json.dumps(body, ensure_ascii=False)}
 
     yield chunk({"role": "assistant", "content": ""})
-    sent = ""
+    sent_reasoning = sent_answer = ""
     try:
         async for text in updates(stream):
-            yield chunk({"content": text[len(sent):]})
-            sent = text
+            reasoning, answer, _ = stream.parts(text)
+            delta = {}
+            if reasoning and reasoning.startswith(sent_reasoning) and reasoning != sent_reasoning:
+                delta["reasoning_content"] = reasoning[len(sent_reasoning):]
+                sent_reasoning = reasoning
+            if answer.startswith(sent_answer) and answer != sent_answer:
+                delta["content"] = answer[len(sent_answer):]
+                sent_answer = answer
+            if delta:
+                yield chunk(delta)
     except GenerationError as error:
         yield {"data": json.dumps(APIError(500, str(error), type="server_error",
                                            code="generation_failed").body)}

@@ -21,6 +21,7 @@ from model_runner import (
     ModelLoadError,
     last_user_text,
     prepare_messages,
+    split_reasoning,
 )
 
 
@@ -110,6 +111,8 @@ class RemoteStream:
         self._runner = runner
         self.max_new_tokens = request["max_tokens"]
         self.text = ""
+        self._reasoning = ""
+        self._answer = ""
         self.prompt_tokens = 0
         self._chunks = 0
         self._usage_tokens: int | None = None
@@ -157,10 +160,17 @@ class RemoteStream:
                     self.prompt_tokens = chunk.usage.prompt_tokens
                     self._usage_tokens = chunk.usage.completion_tokens
                 for choice in chunk.choices:
-                    if choice.delta and choice.delta.content:
+                    delta = choice.delta
+                    # vLLM, SGLang, DeepSeek and this app send reasoning apart from the answer
+                    reasoning = (delta.model_extra or {}).get("reasoning_content") or \
+                        (delta.model_extra or {}).get("reasoning") if delta else None
+                    if delta and (delta.content or reasoning):
                         self._chunks += 1
                         self.first_token_at = self.first_token_at or time.perf_counter()
-                        self.text += choice.delta.content
+                        self._reasoning += reasoning or ""
+                        self._answer += delta.content or ""
+                        self.text = (f"<think>{self._reasoning}</think>{self._answer}"
+                                     if self._reasoning else self._answer)
                     if choice.finish_reason:
                         self.finish_reason = "length" if choice.finish_reason == "length" else "stop"
                 if self.text != shown and time.perf_counter() - last_update >= interval:
@@ -178,6 +188,9 @@ class RemoteStream:
         self._finish(self.finish_reason or "stop")
         if self.text != shown:
             yield self.text
+
+    def parts(self, text: str | None = None):
+        return split_reasoning(self.text if text is None else text)
 
     def _finish(self, reason: str):
         if self.ended_at is None:

@@ -72,7 +72,7 @@ def test_stop_ends_generation_on_the_server(serve, idefics3_runner, images):
     url, spy = serve(idefics3_runner)
     client = Client(url, verbose=False)
     job = chat(client, message("Tell me everything.", images["red"]), max_new_tokens=2000)
-    while len([o for o in job.outputs() if isinstance(o, str)]) < 2:
+    while len([o for o in job.outputs() if text_of(o)]) < 2:
         assert not job.done(), "the answer finished before it could be stopped"
         time.sleep(0.02)
     job.cancel()

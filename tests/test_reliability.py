@@ -208,7 +208,7 @@ def test_rapid_stop_and_resubmit_leaves_no_orphans_and_no_mixed_answers(serve, l
         client = Client(url, verbose=False)
         for round_ in range(4):
             job = chat(client, message(f"{name} round {round_}"), max_new_tokens=3000)
-            while not any(isinstance(o, str) for o in job.outputs()) and not job.done():
+            while not any(text_of(o) for o in job.outputs()) and not job.done():
                 time.sleep(0.01)
             job.cancel()
         final = chat(client, message(f"{name} final"), max_new_tokens=25).result()
@@ -251,12 +251,12 @@ def test_many_clients_stopping_and_vanishing(serve, idefics3_runner, images):
             job = chat(client, message(marker, images["red"] if turn % 2 == 0 else images["noise"]),
                        max_new_tokens=40)
             if index % 3 == 0 and turn == 0:  # a third stop mid-stream
-                while not any(isinstance(o, str) for o in job.outputs()) and not job.done():
+                while not any(text_of(o) for o in job.outputs()) and not job.done():
                     time.sleep(0.01)
                 job.cancel()
                 report.append((marker, "stopped", None, time.time()))
             elif index in (4, 11) and turn == turns - 1:  # some vanish mid-stream
-                while not any(isinstance(o, str) for o in job.outputs()) and not job.done():
+                while not any(text_of(o) for o in job.outputs()) and not job.done():
                     time.sleep(0.01)
                 client.close()
                 report.append((marker, "vanished", None, time.time()))
@@ -264,7 +264,7 @@ def test_many_clients_stopping_and_vanishing(serve, idefics3_runner, images):
             else:
                 started = time.time()
                 outputs = list(job)
-                first = next((time.time() for o in outputs if isinstance(o, str)), None)
+                first = next((time.time() for o in outputs if text_of(o)), None)
                 report.append((marker, "completed", text_of(job.result()), started))
         client.close()
 
