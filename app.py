@@ -35,6 +35,7 @@ from config import (
     MAX_NEW_TOKENS_LIMIT,
     MAX_UPLOAD_SIZE,
     QUEUE_MAX_SIZE,
+    ZERO_GPU_DURATION_S,
 )
 
 GENERATION_CONCURRENCY_ID = "generate"  # UI and API events share one queue per model
@@ -247,10 +248,38 @@ def stats_line(stream) -> str:
 
 # ---------------------------------------------------------------- the UI
 
+def starter_examples() -> list[dict]:
+    """A few starter prompts; the pictures are drawn here (no downloads, nothing to ship)."""
+    from examples.starter_images import draw_starter_images
+    images = draw_starter_images()
+    return [
+        {"text": "Describe this picture in two sentences.", "files": [images["landscape"]],
+         "label": "🏞️ Describe a picture"},
+        {"text": "How many shapes are there, and what colour is each?", "files": [images["shapes"]],
+         "label": "🔺 Count the shapes"},
+        {"text": "What does this chart show? Which month is highest?", "files": [images["chart"]],
+         "label": "📊 Read a chart"},
+        {"text": "Explain Python list vs tuple, with a short code example.", "files": [],
+         "label": "🐍 Code question"},
+    ]
+
+
+def on_zero_gpu(chat_fn):
+    """On a ZeroGPU Space (`spaces` importable and SPACES_ZERO_GPU set) each answer runs
+    on a GPU borrowed by `@spaces.GPU`; everywhere else the function is left as it is."""
+    if not env_flag("SPACES_ZERO_GPU"):
+        return chat_fn
+    try:
+        import spaces
+    except ImportError:
+        return chat_fn
+    return spaces.GPU(duration=ZERO_GPU_DURATION_S)(chat_fn)
+
+
 def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     import gradio as gr
 
-    chat_fn = make_chat_fn(runner)
+    chat_fn = on_zero_gpu(make_chat_fn(runner))
     concurrency = getattr(runner, "max_concurrency", 1)
     with gr.Blocks(title="Local model chat", fill_height=True) as demo:
         gr.Markdown("# Local model chat")
@@ -258,7 +287,7 @@ def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         textbox = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"],
             placeholder=f"Type a message or attach up to {MAX_IMAGES_PER_MESSAGE} images…",
-            stop_btn=True)
+            stop_btn=True, render=False)
         chat = gr.ChatInterface(
             fn=chat_fn,
             multimodal=True,
@@ -266,14 +295,20 @@ def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
             chatbot=gr.Chatbot(height="65vh", label="Chat",
                                latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                  {"left": "$", "right": "$", "display": False}]),
-            additional_inputs=[
-                gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2),
+            additional_inputs=[  # render=False: ChatInterface puts them in its accordion
+                gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2, render=False),
                 gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,
-                          label="Max new tokens"),
-                gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
-                gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p"),
+                          label="Max new tokens", render=False),
+                gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
+                          render=False),
+                gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", render=False),
             ],
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
+            examples=[[example] for example in starter_examples()],
+            example_labels=[example["label"] for example in starter_examples()],
+            run_examples_on_click=True,
+            cache_examples=False,
+            save_history=True,
             editable=True,
             api_name="chat",
             concurrency_limit=concurrency,
@@ -396,9 +431,15 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     if log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
     metrics = Metrics(runner, extra_waiting=lambda: ui_queue_depth(demo))
-    server, local_url, _ = demo.launch(
+    server, local_url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD_SIZE,
         prevent_thread_lock=True, quiet=quiet)
+    if share:
+        if share_url:
+            log.info("Public link (valid 1 week, while this app runs): %s", share_url)
+        else:
+            log.warning("Could not create the public share link (is this machine offline?); "
+                        "the app keeps running locally at %s", local_url)
     if on_listening:
         on_listening()
     from openai_api import create_api  # imports torch: after the UI is up

@@ -1,0 +1,69 @@
+"""Publishing: Space front matter, ZeroGPU, --share offline, settings from the environment."""
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+import app
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_space_front_matter_is_complete_and_matches_requirements():
+    readme = (ROOT / "README.md").read_text()
+    front = yaml.safe_load(readme.split("---")[1])
+    for key in ("title", "emoji", "sdk", "sdk_version", "app_file", "short_description",
+                "suggested_hardware", "models", "license"):
+        assert front.get(key), f"front matter lacks {key}"
+    assert front["sdk"] == "gradio" and (ROOT / front["app_file"]).exists()
+    assert len(front["short_description"]) <= 60, "Spaces cap the short description at 60 characters"
+    pinned = re.search(r"^gradio==([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert front["sdk_version"] == pinned
+    assert app.DEFAULT_MODEL in front["models"]
+
+
+def test_zero_gpu_wraps_generation_only_when_the_space_says_so(monkeypatch, llama_runner):
+    import spaces
+    wrapped = []
+
+    def fake_gpu(duration=None):
+        def decorate(fn):
+            wrapped.append((fn.__name__, duration))
+            return fn
+        return decorate
+
+    monkeypatch.setattr(spaces, "GPU", fake_gpu)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    app.build_demo(llama_runner)
+    assert wrapped == []
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    demo = app.build_demo(llama_runner)
+    assert wrapped == [("chat", app.ZERO_GPU_DURATION_S)]
+    assert any(fn.concurrency_id == app.GENERATION_CONCURRENCY_ID for fn in demo.fns.values())
+
+
+def test_share_offline_says_so_and_the_app_keeps_running(tiny_model_paths):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(tiny_model_paths["llama"]),
+                                "--port", str(port), "--share"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, ready = time.time() + 90, False
+        while time.time() < deadline and not ready:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json().get("loaded")
+            except (httpx.HTTPError, ValueError):
+                time.sleep(0.3)
+        assert ready, "the local app must run although the share link failed"
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert "anyone with the link can use this machine's compute" in output
+    assert "Could not create the public share link" in output
