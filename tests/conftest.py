@@ -42,6 +42,11 @@ def llama_runner(tiny_model_paths):
 
 
 @pytest.fixture(scope="session")
+def reasoning_runner(tiny_model_paths):
+    return ModelRunner.load(str(tiny_model_paths["reasoning"]), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """Image files a user might upload: two different pictures, a fake and a truncated PNG."""
     root = tmp_path_factory.mktemp("images")

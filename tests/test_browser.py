@@ -147,12 +147,8 @@ def test_retry_and_saved_conversations_survive_a_reload(serve, llama_runner, pag
         "a restored conversation continues with its own history"
 
 
-def test_reasoning_shows_a_collapsible_thinking_block(serve, tiny_model_paths, page):
-    from model_runner import ModelRunner
-    if "reasoning" not in tiny_model_paths:
-        pytest.fail("tests/tiny_models.py must build the tiny reasoning model")
-    runner = ModelRunner.load(str(tiny_model_paths["reasoning"]), device="cpu")
-    url, spy = serve(runner, max_new_tokens=80)
+def test_reasoning_shows_a_collapsible_thinking_block(serve, reasoning_runner, page):
+    url, spy = serve(reasoning_runner, max_new_tokens=80)
     open_app(page, url)
     send(page, "What is 2+2?")
     time.sleep(0.5)

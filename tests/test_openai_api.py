@@ -273,3 +273,18 @@ def test_bad_content_gets_a_400_from_the_engine_checks(serve, idefics3_runner, l
         assert response.status_code == 400, response.text
         assert expected in response.json()["error"]["message"]
     assert not spy.streams
+
+
+def test_reasoning_comes_as_reasoning_content(serve, reasoning_runner):
+    url, _ = serve(reasoning_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused")
+    ask = functools.partial(client.chat.completions.create, model=reasoning_runner.name,
+                            messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0,
+                            max_tokens=60)
+    whole = ask().choices[0].message
+    assert whole.content and whole.reasoning_content and "</think>" not in whole.content
+    chunks = list(ask(stream=True))
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for c in chunks if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert reasoning == whole.reasoning_content and content == whole.content

@@ -203,3 +203,28 @@ def test_stop_strings_end_the_answer_before_them(llama_runner):
     assert partials[-1] == full[:full.find(stop)]
     assert all(stop not in p for p in partials)
     assert s.finish_reason == "stop" and s.new_tokens < 60
+
+
+def test_reasoning_is_split_from_the_answer(reasoning_runner, llama_runner):
+    with reasoning_runner.stream([user("What is 2+2?")], GenerationSettings(max_new_tokens=60)) as s:
+        partials = list(s)
+    assert s.starts_in_reasoning, "the template opened <think> in the prompt"
+    reasoning, answer, done = s.parts()
+    assert done and reasoning and answer and "</think>" not in answer + reasoning
+    early = [s.parts(p) for p in partials if "</think>" not in p]
+    assert all(a == "" and not d for _, a, d in early), "before </think> everything is reasoning"
+    with llama_runner.stream([user("hi")], GenerationSettings(max_new_tokens=20)) as plain:
+        *_, text = plain
+    assert plain.parts() == (None, text, True), "models without reasoning are unaffected"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>plan</think>answer", ("plan", "answer", True)),
+    ("  <think>plan so far", ("plan so far", "", False)),
+    ("<think>plan</th", ("plan", "", False)),
+    ("<thi", ("", "", False)),
+    ("plain answer", (None, "plain answer", True)),
+])
+def test_split_reasoning(text, expected):
+    from model_runner import split_reasoning
+    assert split_reasoning(text) == expected

@@ -1,6 +1,6 @@
 r"""Tiny random-weight models for offline tests and demos.
 
-Builds three small models with random (but seeded, hence reproducible) weights and
+Builds four small models with random (but seeded, hence reproducible) weights and
 saves them with ``save_pretrained``, so that the app loads them through exactly the
 same code path as a hub checkpoint (``AutoConfig`` -> ``AutoProcessor`` +
 ``AutoModelForImageTextToText`` for VLMs, ``AutoTokenizer`` + ``AutoModelForCausalLM``
@@ -11,6 +11,9 @@ for text-only models):
 * ``llava``    - LlavaForConditionalGeneration (CLIP vision + Llama text), 32 px images
   -> 16 ``<image>`` tokens per image.
 * ``llama``    - text-only LlamaForCausalLM.
+* ``reasoning`` - text-only LlamaForCausalLM that "thinks" like Qwen3 / DeepSeek-R1: the
+  generation prompt ends with ``<think>\n`` and greedy output closes it with one ``</think>``
+  (a non-special added token) ~14 tokens in (see ``build_reasoning_llama``).
 
 Each gets a byte-level BPE tokenizer (512 tokens) trained here on the embedded text,
 so any Unicode is encodable (emoji/CJK split into several byte tokens) and decodes
@@ -26,7 +29,7 @@ mostly-ASCII nonsense. Building is seeded: the same files every time.
 
 Usage::
 
-    python tests/tiny_models.py OUT_DIR      # builds all three, prints their paths
+    python tests/tiny_models.py OUT_DIR      # builds all four, prints their paths
     python app.py --model OUT_DIR/idefics3   # offline demo
 """
 
@@ -37,7 +40,7 @@ import pathlib
 import sys
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -273,7 +276,115 @@ def build_bench_llama(path) -> pathlib.Path:
     return _finish(LlamaForCausalLM(config), tokenizer, path)
 
 
-BUILDERS = {"idefics3": build_idefics3, "llava": build_llava, "llama": build_llama}
+THINK, END_THINK = "<think>", "</think>"
+
+# Like Qwen3's / DeepSeek-R1's: earlier assistant turns lose their "<think>...</think>" part
+# (only the answer goes back into the context) and the generation prompt opens the reasoning
+# block, so the model's output is "reasoning</think>answer". Image parts are dropped.
+REASONING_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and '</think>' in ns.text -%}"
+    "{%- set ns.text = ns.text.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + ns.text + '<end_of_utterance>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n<think>\\n' -}}{%- endif -%}"
+)
+
+
+def _install_think_circuit(model, tokenizer) -> None:
+    """Hand-set weights so that greedy decoding after the template's "<think>\\n" emits
+    "</think>" exactly once, ~14 tokens in, whatever the prompt; the rest stays random.
+
+    Five residual coordinates are reserved: three embedding features (a constant c in every
+    token; 1 in "<think>"; 1 in "</think>") and two residual slots that only heads 2 and 3 of
+    layer 0 write to (the rows of every other o_proj/down_proj are zero there), that no layer
+    reads (zero columns) and that only the "</think>" lm_head row looks at:
+
+    * EARLY (head 2): query = the constant feature, key = the "<think>" feature, both on the
+      rotary pair with frequency 0.1 rad/token, so the score on the "<think>" token is
+      ~30*cos(0.1*distance). Values are -M for "<think>", ~+M for every other token. Up to
+      ~13 tokens after "<think>" the head attends to it (EARLY ~ -M); then cos drops below
+      ~log(context)/30, attention spreads over the other tokens and EARLY flips to ~+M.
+    * SEEN (head 3): the same with the "</think>" feature on the slowest rotary pair (cos
+      stays > 0.79 over 2048 positions): +M from "</think>" on, exactly 0 before (every
+      other token has zero key and value there).
+
+    The "</think>" lm_head row is K*EARLY - 3K*SEEN: its logit is ~ -25 until EARLY flips,
+    then ~ +25 (way above the other logits, ~6-10), so it is emitted at the flip (13 or 14
+    tokens in), and from then on SEEN keeps it at ~ -45. The flip point hardly depends on the
+    prompt (log(context) only moves it by ~1 token from 10 to 2000 context tokens).
+    """
+    const, start, end, early, seen = range(5)  # reserved hidden coordinates
+    c, M, K, score = INIT_STD, 5.0, 100.0, 30.0
+    think_id, end_id = tokenizer.convert_tokens_to_ids([THINK, END_THINK])
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = model.model.rotary_emb.inv_freq
+    slow_pair = int(inv_freq.argmin())
+    early_pair = int((inv_freq - 0.1).abs().argmin())
+
+    def normed(row):  # RMSNorm with unit weight (the init), as layer 0 sees an embedding
+        return row / row.pow(2).mean().sqrt()
+
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, [start, end, early, seen]] = 0.0
+        emb[:, const] = c
+        emb[think_id, start] = 1.0
+        emb[end_id, end] = 1.0
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.o_proj.weight[[early, seen]] = 0.0
+            mlp.down_proj.weight[[early, seen]] = 0.0
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                proj.weight[:, [early, seen]] = 0.0
+        const_in = float(torch.stack([normed(r) for r in emb])[:, const].mean())  # ~1
+        x_think, x_end = normed(emb[think_id]), normed(emb[end_id])
+        attn = model.model.layers[0].self_attn
+
+        def head(h, key_feature, pair, key_in, values, out):
+            rows = slice(h * head_dim, (h + 1) * head_dim)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.weight[rows] = 0.0
+            attn.o_proj.weight[:, rows] = 0.0
+            attn.q_proj.weight[h * head_dim + pair, const] = 1.0
+            attn.k_proj.weight[h * head_dim + pair, key_feature] = score * head_dim**0.5 / (const_in * key_in)
+            for feature, weight in values.items():
+                attn.v_proj.weight[h * head_dim, feature] = weight
+            attn.o_proj.weight[out, h * head_dim] = 1.0
+
+        neg = (float(x_think[const]) + 1.0) / float(x_think[start])  # "<think>"'s value: -M
+        head(2, start, early_pair, float(x_think[start]), {const: M, start: -neg * M}, early)
+        head(3, end, slow_pair, float(x_end[end]), {end: M / float(x_end[end])}, seen)
+        lm_head = model.get_output_embeddings().weight
+        lm_head[:, [early, seen]] = 0.0
+        lm_head[[think_id, end_id]] = 0.0  # "<think>" is never generated
+        lm_head[end_id, early] = K
+        lm_head[end_id, seen] = -3 * K
+
+
+@_seeded
+def build_reasoning_llama(path) -> pathlib.Path:
+    """Text-only Llama that "reasons" like Qwen3 / DeepSeek-R1 distills: "<think>" and
+    "</think>" are single, non-special added tokens (kept by skip_special_tokens decoding),
+    the generation prompt ends with "<think>\\n", and greedy output is ~14 random tokens,
+    "</think>" once, then random text (the answer) up to max_new_tokens."""
+    tokenizer = build_tokenizer([], "")
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
+    tokenizer.chat_template = REASONING_CHAT_TEMPLATE
+    model = LlamaForCausalLM(_text_config(tokenizer))
+    _install_think_circuit(model, tokenizer)
+    return _finish(model, tokenizer, path)
+
+
+BUILDERS = {"idefics3": build_idefics3, "llava": build_llava, "llama": build_llama,
+            "reasoning": build_reasoning_llama}
 
 
 def build_all(root) -> dict[str, pathlib.Path]:
