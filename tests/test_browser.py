@@ -114,10 +114,10 @@ def test_header_upload_streaming_and_stop(serve, idefics3_runner, images, page):
     assert (ARTIFACTS / "chat.png").stat().st_size > 10_000
 
 
-def test_retry_and_saved_conversations_survive_a_reload(serve, llama_runner, page):
-    url, spy = serve(llama_runner, max_new_tokens=20)
+def test_retry_and_saved_conversations_survive_a_reload(serve, idefics3_runner, images, page):
+    url, spy = serve(idefics3_runner, max_new_tokens=20)
     open_app(page, url)
-    send(page, "first conversation, first question")
+    send(page, "first conversation, first question", images["red"])
     time.sleep(0.5)
     wait_until_idle(page)
     calls = len(spy.calls)
@@ -142,9 +142,23 @@ def test_retry_and_saved_conversations_survive_a_reload(serve, llama_runner, pag
     send(page, "and a follow-up")
     time.sleep(0.5)
     wait_until_idle(page)
+    expect(page.locator(".user-row img").first).to_be_visible()  # its image still displays
     history = spy.calls[-1][0]
     assert history[0]["content"][-1]["text"] == "first conversation, first question", \
         "a restored conversation continues with its own history"
+    assert history[0]["content"][0]["type"] == "image", "and its image still reaches the model"
+
+
+def test_a_starter_example_runs_with_its_picture(serve, idefics3_runner, page):
+    url, spy = serve(idefics3_runner, max_new_tokens=20)
+    open_app(page, url)
+    page.get_by_text("Count the shapes").click()
+    time.sleep(0.5)
+    wait_until_idle(page)
+    expect(page.locator(".user-row img").first).to_be_visible()
+    assert answer_text(page)
+    sent = spy.calls[-1][0][-1]["content"]
+    assert sent[0]["type"] == "image" and "shapes" in sent[-1]["text"]
 
 
 def test_reasoning_shows_a_collapsible_thinking_block(serve, reasoning_runner, page):
