@@ -306,23 +306,31 @@ class TextStream:
         self.text = self._raw[:len(self._raw) - held]
 
     def __iter__(self):
+        """The answer so far, at most MAX_UPDATES_PER_SECOND times a second. Between
+        updates this thread sleeps instead of waking for every token, so the generate
+        thread has the interpreter to itself."""
         interval = 1.0 / MAX_UPDATES_PER_SECOND
         last_update = float("-inf")
         shown = ""
-        while True:
-            due = self.text != shown
-            try:
-                timeout = max(0.0, last_update + interval - time.perf_counter()) if due else None
-                piece = self._pieces.get(timeout=timeout)
-            except queue.Empty:  # an update that was held back is now due
-                piece = None
-            if piece is _END:
-                break
-            if isinstance(piece, _Failure):
-                raise piece.error
-            if piece is not None and not (self._stop.is_set() and self._stop_reason == "stop"):
-                self._add(piece)
-            if self.text != shown and time.perf_counter() - last_update >= interval:
+        ended = False
+        while not ended:
+            pieces = [self._pieces.get()]  # sleep until something arrives
+            wait = last_update + interval - time.perf_counter()
+            if wait > 0 and pieces[0] is not _END:
+                time.sleep(wait)  # let tokens pile up until the next update is due
+            while True:  # take everything that has arrived
+                try:
+                    pieces.append(self._pieces.get_nowait())
+                except queue.Empty:
+                    break
+            for piece in pieces:
+                if piece is _END:
+                    ended = True
+                elif isinstance(piece, _Failure):
+                    raise piece.error
+                elif not (self._stop.is_set() and self._stop_reason == "stop"):
+                    self._add(piece)
+            if self.text != shown and not ended:
                 last_update, shown = time.perf_counter(), self.text
                 yield shown
         self._thread.join()
