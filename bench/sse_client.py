@@ -85,22 +85,25 @@ def apply_diff(obj, diff):
 
 
 def answer_text(value) -> str:
-    """The answer's text in an output: the API's growing string, or the last assistant
-    message of a chatbot (browser event). Annotations (the "Thinking…" indicator, error
-    notes: messages with a metadata title) are not answer text."""
+    """The answer's text in an output: the API's growing string or message(s) of this
+    turn, or the chatbot (browser event): the last assistant message after the last user
+    message. Annotations (the "Thinking…" indicator, notes, stats, errors: messages with a
+    metadata title) are not answer text."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value:
-        value = value[-1]
-    if not isinstance(value, dict) or (value.get("metadata") or {}).get("title"):
-        return ""
-    if value.get("role", "assistant") != "assistant":
-        return ""
-    content = value.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    messages = value if isinstance(value, list) else [value]
+    for message in reversed(messages):
+        if isinstance(message, str):
+            return message
+        if not isinstance(message, dict) or message.get("role") == "user":
+            return ""
+        if (message.get("metadata") or {}).get("title"):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, str) and content:
+            return content
     return ""
 
 
@@ -152,6 +155,7 @@ class Session:
                 now = time.perf_counter()
                 message = json.loads(line[5:])
                 kind = message.get("msg")
+                result.setdefault("t_" + kind, now)  # the first of each kind
                 if kind == "process_generating":
                     data_out = message["output"]["data"]
                     outputs = data_out if outputs is None else [
@@ -268,7 +272,7 @@ def gradio_client_chat(url, text, files=(), extra=()) -> dict:
     job = client.submit({"text": text, "files": [handle_file(p) for p in files]}, *extra, api_name="/chat")
     first = None
     for output in job:
-        if isinstance(output, str) and output and first is None:
+        if first is None and answer_text(output):
             first = time.perf_counter()
     return {"t_join": t_join, "t_first_text": first, "t_done": time.perf_counter()}
 

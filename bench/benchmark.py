@@ -1,0 +1,1012 @@
+"""Streaming benchmark: the engine and the whole Gradio app against plain `model.generate`.
+
+    python bench/benchmark.py                      # full run: ~5-10 min on a 2-core CPU
+    python bench/benchmark.py --quick              # fewer rounds and tokens: ~2-3 min
+    python bench/benchmark.py --model DIR_OR_ID [--model ...] [--rounds 7] [--out DIR]
+    pip install -r requirements-bench.txt          # matplotlib, for the plot
+
+Prints one table row per figure with ✓/✗ against its target, writes OUT/benchmark.json
+(every figure, every round, the settings and versions) and OUT/per_token_latency.png
+(OUT defaults to bench/results/).
+
+Models. Default: `bench-llama` (tests/tiny_models.build_bench_llama: a 3.7M-parameter
+random Llama, greedy ~100-250 tokens/s on one CPU core, so the model's compute is real)
+and the tiny `idefics3` VLM with an image (overhead-bound: a step costs little more than
+the Python around it). Both are built under ./tiny-models on first use. With --model, the
+first model is the main one (figures 3-6, the plot, start-up), figures 1-2 run on every
+model, figure 7 on the first vision model (else the tiny idefics3).
+
+Figures and targets (every figure alternates its variants across rounds, rotating the
+order, and reports medians; ratios are medians of per-round ratios):
+  1 throughput   tokens/s of the app (server + HTTP + client reading the stream) and of
+                 the runner alone, each / plain generate (no streamer), same prompt and
+                 token count, greedy.                        app >= 0.98, runner >= 0.99
+  2 TTFT         client-observed time to the first non-empty answer text minus plain
+                 generate's time to the same text (input building included in both);
+                 the floor is the same client against a trivial echo ChatInterface that
+                 yields one character at once.                overhead <= floor + 10 ms
+  3 detokenize   cost of one streamer.put() at tokens ~100/~1000/~4000 of one long line
+                 without newlines, ours vs TextIteratorStreamer.   ours@4000 <= 1.5x @100
+  4 stop         tokens generated after the cancel request reached the server, and time
+                 from the last token to the end of the generate thread.  <= 1 token, <= 20 ms
+  5 long chat    server CPU seconds per generated token (first text -> end, so prefill is
+                 out) with a 400-message history vs an empty one, through the /chat API
+                 and through the browser's event.                       <= 1.5x empty
+  6 concurrency  1, 4, 8 simultaneous clients: aggregate tokens/s, TTFT p50/p95.
+                                                              8-client aggregate >= 1-client
+  7 memory       server RSS and threads before/after N chat turns with images.
+                                                   RSS growth < 30 MB, threads back to baseline
+  8 start-up     `python app.py --model DIR`: launch -> GET / answers 200, and -> /healthz
+                 says "loaded": true.                                  UI <= 5 s
+
+How: the app is served in this process (app.serve), so the engine is observable: a
+wrapper around runner.stream records each TextStream (and forces min_new_tokens =
+max_new_tokens; the random models never emit EOS anyway) and a patched
+IncrementalTextStreamer.put timestamps every token. The client is a separate process
+(bench/sse_client.py) speaking Gradio's queue API over raw HTTP/SSE with httpx, so arrival
+times are real (gradio_client's reader polls with a 50 ms sleep; it appears only in the
+info rows marked "gradio_client"), its CPU is not the server's, and its times share the
+server's clock (CLOCK_MONOTONIC). Files are uploaded before the clock starts, as a
+browser does when an image is attached. Torch runs on --torch-threads (default 1): on a
+busy 2-core machine two intra-op threads make every figure noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from time import perf_counter
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="bench-gradio-"))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import TextIteratorStreamer  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import app  # noqa: E402
+from model_runner import GenerationSettings, IncrementalTextStreamer, ModelRunner  # noqa: E402
+
+TEXT_PROMPT = "Tell me a long story about the river and the old stone bridge."
+IMAGE_PROMPT = "Describe the picture in detail."
+
+
+@dataclasses.dataclass
+class Sizes:
+    rounds: int = 6              # throughput rounds; the other figures scale from it
+    tokens: int = 300            # answer length for throughput and long chats
+    ttft_tokens: int = 8
+    long_tokens: int = 1200      # the long answer of the plot
+    detok_tokens: int = 4100
+    stop_max_tokens: int = 2000
+    history_messages: int = 400
+    chat_tokens: int = 200       # long chats
+    concurrency_tokens: int = 100
+    memory_turns: int = 300
+    startup_timeout: float = 90.0
+
+    @classmethod
+    def make(cls, quick: bool, rounds: int | None) -> "Sizes":
+        if quick:
+            sizes = cls(rounds=3, tokens=150, long_tokens=600, chat_tokens=100, concurrency_tokens=50,
+                        memory_turns=60)
+        else:
+            sizes = cls()
+        if rounds:
+            sizes.rounds = rounds
+        return sizes
+
+    @property
+    def ttft_rounds(self):
+        return 3 * self.rounds
+
+    @property
+    def few_rounds(self):  # the slow figures (long chats, concurrency, start-up, the plot)
+        return max(1, self.rounds // 2)
+
+
+@dataclasses.dataclass
+class Model:
+    name: str
+    path: str
+    runner: ModelRunner
+    files: list[str]          # attached to each message (an image for vision models)
+    text: str
+    url: str = ""             # the app serving it, while it is served
+    demo: object = None
+    spy: "StreamSpy" = None
+
+    @property
+    def messages(self) -> list[dict]:
+        parts = [{"type": "image", "image": p} for p in self.files]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": self.text}]}]
+
+    def extra(self, max_new_tokens: int) -> list:
+        """The /chat endpoint's additional inputs: system prompt, max new tokens, temperature, top-p."""
+        return ["", max_new_tokens, 0.0, 1.0]
+
+    def settings(self, tokens: int) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens)
+
+
+# ---------------------------------------------------------------- measuring tools
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return None
+    k = (len(values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def interleaved(variants: dict, rounds: int, warmup: bool = True) -> dict[str, list]:
+    """Run each variant once per round, rotating the order every round."""
+    names = list(variants)
+    if warmup:
+        for name in names:
+            variants[name]()
+    results = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(variants[name]())
+    return results
+
+
+def paired(a: list, b: list, op) -> list:
+    return [op(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+
+
+class StreamSpy:
+    """Replaces runner.stream in the served app: keeps each TextStream, forces the answer
+    length (min_new_tokens = max_new_tokens) and timestamps close() (= the app acting on
+    a Stop)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner, self.original, self.streams, self.record = runner, runner.stream, [], True
+        runner.stream = self
+
+    def __call__(self, messages, settings=None):
+        settings = settings or GenerationSettings()
+        settings = dataclasses.replace(settings, min_new_tokens=settings.max_new_tokens)
+        stream = self.original(messages, settings)
+        close = stream.close
+
+        def timed_close(wait: float = 10.0):
+            if not hasattr(stream, "bench_closed_at"):
+                stream.bench_closed_at = perf_counter()
+            return close(wait)
+
+        stream.close = timed_close
+        if self.record:
+            self.streams.append(stream)
+        return stream
+
+    def last(self):
+        stream = self.streams[-1]
+        stream._thread.join(30)
+        return stream
+
+
+@contextlib.contextmanager
+def token_clock():
+    """Timestamps every generated token: IncrementalTextStreamer.put records
+    perf_counter() on entry in `streamer.bench_times` (about 0.2 µs a token)."""
+    original = IncrementalTextStreamer.put
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.__dict__.setdefault("bench_times", []).extend([perf_counter()] * value.numel())
+        return original(self, value)
+
+    IncrementalTextStreamer.put = put
+    try:
+        yield
+    finally:
+        IncrementalTextStreamer.put = original
+
+
+def token_times(stream) -> list[float]:
+    return stream._streamer.__dict__.get("bench_times", [])
+
+
+class TokenClock(BaseStreamer):
+    """A streamer for plain generate that only looks at the clock: the time of every token
+    and of the first token whose text is not empty."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer, self.ids, self.times, self.prompt = tokenizer, [], [], True
+        self.first_text_at = None
+
+    def put(self, value):
+        if self.prompt:
+            self.prompt = False
+            return
+        now = perf_counter()
+        self.times.extend([now] * value.numel())
+        if self.tokenizer is not None and self.first_text_at is None:
+            self.ids += value.reshape(-1).tolist()
+            if self.tokenizer.decode(self.ids, skip_special_tokens=True).replace("\ufffd", ""):
+                self.first_text_at = now
+
+    def end(self):
+        pass
+
+
+class ClientProcess:
+    """bench/sse_client.py --worker: the HTTP client, in its own process."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "sse_client.py"), "--worker", str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def __call__(self, op: str, **request):
+        self.process.stdin.write(json.dumps({"op": op, **request}) + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        if "error" in answer:
+            raise RuntimeError(f"client {op}: {answer['error']}")
+        return answer["ok"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_model(m: Model) -> None:
+    m.spy = StreamSpy(m.runner)
+    m.demo, m.url = app.serve(m.runner, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+
+
+def stop_serving(m: Model) -> None:
+    m.demo.close()
+    m.runner.stream = m.spy.original
+    m.spy.streams.clear()
+    m.demo = m.spy = None
+
+
+def serve_echo():
+    """The floor for figure 2: a ChatInterface shaped like the app's (multimodal, same
+    additional inputs, api_name="chat") whose fn yields one character at once."""
+    import gradio as gr
+
+    def echo(message, history, system_prompt="", max_new_tokens=1, temperature=0.0, top_p=1.0):
+        yield "x"
+
+    demo = gr.ChatInterface(
+        echo, multimodal=True, api_name="chat",
+        textbox=gr.MultimodalTextbox(file_types=["image"], file_count="multiple"),
+        additional_inputs=[gr.Textbox(), gr.Slider(1, 8192), gr.Slider(0.0, 2.0), gr.Slider(0.05, 1.0)])
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            quiet=True)
+    return demo, url
+
+
+# ---------------------------------------------------------------- the figures
+
+def fig_throughput(ctx, m: Model) -> dict:
+    """1. Tokens/s, whole answer (request -> last token): plain generate without a
+    streamer (input building included), the runner alone, the app through the raw SSE
+    client, and (info) through gradio_client. Also this process's CPU time per token
+    (time.process_time(): all its threads; the client's CPU is in its own process): a
+    measure of the overhead that a busy machine doesn't blur as much as wall time."""
+    n = ctx.sizes.tokens
+
+    def timed(fn):
+        def run():
+            cpu, start = time.process_time(), perf_counter()
+            start, end = fn() or (start, perf_counter())  # the client's own times, when it has them
+            return {"tok_s": n / (end - start), "cpu_ms_per_token":
+                    1000 * (time.process_time() - cpu) / n}
+        return run
+
+    def plain():
+        inputs = m.runner.build_inputs(m.messages)
+        out = m.runner.model.generate(**inputs, generation_config=m.runner.generation_config(m.settings(n)))
+        assert out.shape[-1] - inputs["input_ids"].shape[-1] == n
+
+    def runner():
+        with m.spy.original(m.messages, m.settings(n)) as stream:
+            for _ in stream:
+                pass
+        assert stream.new_tokens == n, stream.new_tokens
+
+    def app_sse():
+        r = ctx.client("chat", url=m.url, text=m.text, files=m.files, extra=m.extra(n))
+        assert m.spy.last().new_tokens == n and r["success"], r.get("error")
+        return r["t_join"], r["t_done"]  # at the client (same clock), upload done before t_join
+
+    def app_gradio_client():
+        r = ctx.client("gradio_client_chat", url=m.url, text=m.text, files=m.files, extra=m.extra(n))
+        return r["t_join"], r["t_done"]
+
+    runs = interleaved({"plain": timed(plain), "runner": timed(runner), "app": timed(app_sse),
+                        "app_gradio_client": timed(app_gradio_client)}, ctx.sizes.rounds)
+    m.spy.streams.clear()
+    tok_s = {k: [r["tok_s"] for r in v] for k, v in runs.items()}
+    cpu = {k: median(r["cpu_ms_per_token"] for r in v) for k, v in runs.items()}
+    out = {"tokens": n, "rounds": runs, "median_tokens_per_second": {k: median(v) for k, v in tok_s.items()},
+           "median_cpu_ms_per_token": cpu}
+    for variant, target in (("app", 0.98), ("runner", 0.99), ("app_gradio_client", None)):
+        ratios = paired(tok_s[variant], tok_s["plain"], lambda a, b: a / b)
+        ratio, best = median(ratios), max(tok_s[variant]) / max(tok_s["plain"])
+        out[variant] = {"ratio": ratio, "ratio_quartiles": [percentile(ratios, 0.25), percentile(ratios, 0.75)],
+                        "best_of_rounds_ratio": best}
+        shown = (f"{ratio:.3f} ({median(tok_s[variant]):.0f} vs {median(tok_s['plain']):.0f} tok/s; "
+                 f"rounds {percentile(ratios, 0.25):.2f}-{percentile(ratios, 0.75):.2f}, best-of {best:.2f})")
+        if target:
+            extra_cpu = 1000 * (cpu[variant] - cpu["plain"])
+            ctx.check(1, f"throughput {variant} / plain", m.name, ratio, f">= {target}", ratio >= target,
+                      shown + f"; CPU {extra_cpu:+.0f} µs/token")
+        else:
+            ctx.info(1, "throughput via gradio_client / plain", m.name, shown + ", incl. its upload")
+    return out
+
+
+def fig_ttft(ctx, m: Model, echo_url: str) -> dict:
+    """2. Time to first text. Plain: build inputs + generate until the first token whose
+    text is not empty. App and echo: raw SSE client, POST queue/join -> first
+    process_generating message whose answer text is not empty (the app's "Thinking…"
+    indicator before it is not answer text)."""
+    k = ctx.sizes.ttft_tokens
+
+    def plain():
+        start = perf_counter()
+        inputs = m.runner.build_inputs(m.messages)
+        clock = TokenClock(m.runner.tokenizer)
+        m.runner.model.generate(**inputs, generation_config=m.runner.generation_config(m.settings(k)),
+                                streamer=clock)
+        return {"first_text": clock.first_text_at - start, "first_token": clock.times[0] - start}
+
+    def runner():
+        start = perf_counter()
+        with m.spy.original(m.messages, m.settings(k)) as stream:
+            first = next(iter(stream))
+            assert first
+            elapsed = perf_counter() - start
+        return elapsed
+
+    def app_sse():
+        r = ctx.client("chat", url=m.url, text=m.text, files=m.files, extra=m.extra(k))
+        return r["t_first_text"] - r["t_join"]
+
+    def echo():
+        r = ctx.client("chat", url=echo_url, text=m.text, files=m.files, extra=m.extra(k))
+        return r["t_first_text"] - r["t_join"]
+
+    def app_gradio_client():
+        r = ctx.client("gradio_client_chat", url=m.url, text=m.text, files=m.files, extra=m.extra(k))
+        return r["t_first_text"] - r["t_join"]
+
+    runs = interleaved({"plain": plain, "runner": runner, "app": app_sse, "echo": echo,
+                        "app_gradio_client": app_gradio_client}, ctx.sizes.ttft_rounds)
+    m.spy.streams.clear()
+    plain_text = [p["first_text"] for p in runs["plain"]]
+    overhead = median(paired(runs["app"], plain_text, lambda a, b: a - b))
+    floor = median(runs["echo"])
+    ms = {k: 1000 * median(v) for k, v in (("app", runs["app"]), ("plain", plain_text), ("echo", runs["echo"]),
+                                            ("runner", runs["runner"]), ("gc", runs["app_gradio_client"]))}
+    ctx.check(2, "TTFT overhead vs floor + 10 ms", m.name, overhead * 1000, "<= floor + 10 ms",
+              overhead <= floor + 0.010,
+              f"{overhead * 1000:.1f} ms (app {ms['app']:.1f} − plain {ms['plain']:.1f}); "
+              f"floor {floor * 1000:.1f} ms")
+    ctx.info(2, "TTFT runner alone / via gradio_client", m.name,
+             f"runner {ms['runner']:.1f} ms (+{ms['runner'] - ms['plain']:.1f}); "
+             f"gradio_client {ms['gc']:.1f} ms (incl. its upload + 50 ms polling)")
+    return {"measured_with": "raw HTTP: POST /gradio_api/queue/join -> GET /gradio_api/queue/data "
+                             "(SSE), client in a separate process; files uploaded before the clock",
+            "seconds": runs, "overhead_s": overhead, "floor_s": floor,
+            "plain_first_token_s": median(p["first_token"] for p in runs["plain"])}
+
+
+def long_line_ids(tokenizer, count: int) -> list[int]:
+    from tests.tiny_models import CORPUS
+    line = " ".join(CORPUS.split())  # one line, no newlines
+    ids: list[int] = []
+    while len(ids) < count:
+        ids += tokenizer.encode(" " + line, add_special_tokens=False)
+    return ids[:count]
+
+
+def fig_detokenize(ctx) -> dict:
+    """3. Cost of streamer.put() per token along one long line (token ids fed directly,
+    one tensor per call as generate does), ours vs transformers' TextIteratorStreamer."""
+    tokenizer = ctx.main.runner.tokenizer
+    ids = long_line_ids(tokenizer, ctx.sizes.detok_tokens)
+    tensors = [torch.tensor([i]) for i in ids]
+    prompt = torch.tensor([[tokenizer.bos_token_id or 0]])
+
+    def costs(streamer) -> list[float]:
+        streamer.put(prompt)  # generate's first put is the prompt
+        out = []
+        for t in tensors:
+            start = time.perf_counter_ns()
+            streamer.put(t)
+            out.append((time.perf_counter_ns() - start) / 1000)  # µs
+        return out
+
+    runs = interleaved({
+        "ours": lambda: costs(IncrementalTextStreamer(tokenizer, queue.Queue())),
+        "TextIteratorStreamer": lambda: costs(TextIteratorStreamer(tokenizer, skip_prompt=True)),
+    }, max(3, ctx.sizes.rounds))
+    positions = [100, 1000, 4000]
+
+    def at(costs_of_round, position):  # median of the 200 calls around a position
+        return statistics.median(costs_of_round[max(0, position - 100):position + 100])
+
+    table = {name: {p: median(at(r, p) for r in rounds) for p in positions} for name, rounds in runs.items()}
+    growth = {name: median(at(r, 4000) / at(r, 100) for r in rounds) for name, rounds in runs.items()}
+    per_token = {name: [statistics.median(r[i] for r in rounds) for i in range(len(ids))]
+                 for name, rounds in runs.items()}
+    ours, ref = table["ours"], table["TextIteratorStreamer"]
+    ctx.check(3, "detokenize ours @4000 / @100", ctx.main.name, growth["ours"], "<= 1.5", growth["ours"] <= 1.5,
+              f"{growth['ours']:.2f} ({ours[100]:.1f} / {ours[1000]:.1f} / {ours[4000]:.1f} µs at 100/1000/4000)")
+    ctx.info(3, "detokenize TextIteratorStreamer", ctx.main.name,
+             f"{ref[100]:.1f} / {ref[1000]:.1f} / {ref[4000]:.1f} µs at 100/1000/4000 "
+             f"({growth['TextIteratorStreamer']:.1f}x)")
+    ctx.detok_curves = per_token
+    return {"microseconds_per_put": table, "growth_4000_over_100": growth, "tokens": len(ids),
+            "curve_every_10_tokens": {k: [round(statistics.median(v[i:i + 10]), 2) for i in range(0, len(v), 10)]
+                                      for k, v in per_token.items()}}
+
+
+def fig_stop(ctx) -> dict:
+    """4. Stop: the client cancels (POST /gradio_api/cancel, what job.cancel() and the Stop
+    button send) after its 10th text update. Server side: when the cancel request reached
+    Gradio's cancel handler (gradio.routes.cancel_tasks, wrapped), when the app closed the
+    stream, every token's time, and when the generate thread ended."""
+    import gradio.routes as routes
+    m = ctx.main
+    arrivals = []
+    original_cancel = routes.cancel_tasks
+
+    async def timed_cancel_tasks(task_ids):
+        arrivals.append(perf_counter())
+        return await original_cancel(task_ids)
+
+    rounds = []
+    routes.cancel_tasks = timed_cancel_tasks
+    try:
+        with token_clock():
+            for _ in range(ctx.sizes.rounds + 1):
+                r = ctx.client("chat", url=m.url, text=m.text, files=m.files,
+                               extra=m.extra(ctx.sizes.stop_max_tokens), cancel_after_updates=10)
+                stream = m.spy.last()
+                times, arrived = token_times(stream), arrivals[-1]
+                rounds.append({
+                    "tokens_before_cancel": sum(t <= arrived for t in times),
+                    "tokens_after_cancel_arrived": sum(t > arrived for t in times),
+                    "tokens_after_cancel_sent": sum(t > r["t_cancel_sent"] for t in times),
+                    "cancel_arrived_to_stream_closed_ms": 1000 * (stream.bench_closed_at - arrived),
+                    "last_token_to_thread_end_ms": 1000 * (stream.ended_at - times[-1]),
+                    "finish_reason": stream.finish_reason})
+            # the engine alone: close() from the consuming thread, as the app's finally does
+            engine = []
+            for _ in range(ctx.sizes.rounds):
+                with m.spy.original(m.messages, m.settings(ctx.sizes.stop_max_tokens)) as stream:
+                    for i, _ in enumerate(stream):
+                        if i == 9:
+                            break
+                    closed = perf_counter()
+                times = token_times(stream)
+                engine.append({"tokens_after_close": sum(t > closed for t in times),
+                               "last_token_to_thread_end_ms": 1000 * (stream.ended_at - times[-1])})
+    finally:
+        routes.cancel_tasks = original_cancel
+        m.spy.streams.clear()
+    rounds = rounds[1:]  # the first is a warm-up
+    after = median(r["tokens_after_cancel_arrived"] for r in rounds)
+    lag = median(r["last_token_to_thread_end_ms"] for r in rounds)
+    to_close = median(r["cancel_arrived_to_stream_closed_ms"] for r in rounds)
+    ctx.check(4, "stop: tokens after cancel reached server", m.name, after, "<= 1", after <= 1,
+              f"{after:g} (max {max(r['tokens_after_cancel_arrived'] for r in rounds)}); "
+              f"cancel -> stream.close() {to_close:.1f} ms")
+    ctx.check(4, "stop: last token -> thread end", m.name, lag, "<= 20 ms", lag <= 20, f"{lag:.1f} ms")
+    ctx.info(4, "stop: engine alone (close())", m.name,
+             f"{median(e['tokens_after_close'] for e in engine):g} tokens after close, thread end "
+             f"{median(e['last_token_to_thread_end_ms'] for e in engine):.1f} ms after the last token")
+    return {"rounds": rounds, "engine_alone": engine}
+
+
+def browser_history(messages: int) -> list[dict]:
+    """A chat as the browser's chatbot holds it (normalised message blocks). Short
+    messages: the prompt stays ~3k tokens, so the model's own cost grows less."""
+    turns = []
+    for _ in range(messages // 2):
+        turns.append({"role": "user", "content": [{"type": "text", "text": "Hi!"}]})
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]})
+    return turns
+
+
+def fig_long_chat(ctx) -> dict:
+    """5. Server CPU per generated token, empty history vs a long one. The history is
+    loaded into the session's chatbot_state through ChatInterface's own chatbot -> state
+    sync event (the non-queued event the browser fires after every turn), then one turn
+    runs through the /chat API (answer = a string; history in State) or through the
+    browser's event (answer = the whole chatbot, postprocessed and diffed per update).
+    CPU is the server process's user+system time, read by the client process (psutil)
+    when the first text arrives and when the event completes, divided by the tokens
+    generated after the first text arrived (prefill is out). The engine alone runs the
+    same prompts in the same rounds (time.process_time(), first text -> end): server
+    minus engine is the app's own share (Gradio, HTTP, the chat fn)."""
+    m, n = ctx.main, ctx.sizes.chat_tokens
+    history = browser_history(ctx.sizes.history_messages)
+    prompt_tokens = {k: int(m.runner.build_inputs(app.to_model_messages(h, {"text": m.text, "files": m.files}))
+                            ["input_ids"].shape[-1]) for k, h in (("empty", []), ("long", history))}
+
+    def app_turn(hist, browser):
+        def run():
+            r = ctx.client("chat", url=m.url, text=m.text, files=m.files, extra=m.extra(n),
+                           history=hist, browser=browser, cpu=True)
+            stream = m.spy.last()
+            assert r["success"] and stream.new_tokens == n, r.get("error")
+            tokens = sum(t > r["t_first_text"] for t in token_times(stream))
+            m.spy.streams.clear()
+            updates.setdefault(run, []).append((len(r["updates"]) - 1) / tokens)
+            return (r["cpu_done"] - r["cpu_first_text"]) / tokens
+        return run
+
+    def engine_turn(hist):
+        messages = app.to_model_messages(hist, {"text": m.text, "files": m.files})
+
+        def run():
+            with m.spy.original(messages, m.settings(n)) as stream:
+                it = iter(stream)
+                next(it)
+                cpu, tokens = time.process_time(), stream.new_tokens
+                for _ in it:
+                    pass
+            return (time.process_time() - cpu) / (stream.new_tokens - tokens)
+        return run
+
+    variants, updates = {}, {}
+    for key, hist in (("empty", []), ("long", history)):
+        variants[f"api {key}"] = app_turn(hist, browser=False)
+        variants[f"browser {key}"] = app_turn(hist, browser=True)
+        variants[f"engine {key}"] = engine_turn(hist)
+    with token_clock():
+        runs = interleaved(variants, ctx.sizes.few_rounds, warmup=False)
+    ms = {k: 1000 * median(v) for k, v in runs.items()}
+    out = {"history_messages": len(history), "prompt_tokens": prompt_tokens, "tokens": n,
+           "cpu_seconds_per_token": runs, "median_ms_per_token": ms}
+    for path in ("api", "browser"):
+        ratio = median(paired(runs[f"{path} long"], runs[f"{path} empty"], lambda a, b: a / b))
+        ctx.check(5, f"long chat server CPU/token ({path})", m.name, ratio, "<= 1.5", ratio <= 1.5,
+                  f"{ratio:.2f}x ({ms[f'{path} empty']:.2f} -> {ms[f'{path} long']:.2f} ms/token)")
+    for path in ("api", "browser"):  # the app's own share: server minus engine, per token and per update
+        share = {k: ms[f"{path} {k}"] - ms[f"engine {k}"] for k in ("empty", "long")}
+        per_update = {k: share[k] / median(updates[variants[f"{path} {k}"]]) for k in ("empty", "long")}
+        out[path] = {"app_share_ms_per_token": share, "app_share_ms_per_update": per_update,
+                     "updates_per_token": {k: median(updates[variants[f"{path} {k}"]]) for k in ("empty", "long")}}
+        ctx.info(5, f"long chat: app share ({path})", m.name,
+                 f"server - engine: {share['empty']:.2f} -> {share['long']:.2f} ms/token, "
+                 f"{per_update['empty']:.1f} -> {per_update['long']:.1f} ms per update")
+    ctx.info(5, "long chat CPU/token, engine alone", m.name,
+             f"{ms['engine empty']:.2f} -> {ms['engine long']:.2f} ms/token: the model on "
+             f"{prompt_tokens['long']} vs {prompt_tokens['empty']} prompt tokens ({len(history)} messages)")
+    return out
+
+
+def fig_concurrency(ctx) -> dict:
+    """6. 1, 4 and 8 clients submit at once (separate sessions and connections):
+    aggregate tokens/s = all tokens / (last completion - first join); TTFT per client
+    includes its wait in the app's one-at-a-time queue."""
+    m, n = ctx.main, ctx.sizes.concurrency_tokens
+
+    def clients(count):
+        def run():
+            results = ctx.client("concurrent", url=m.url, clients=count, text=m.text, files=m.files,
+                                 extra=m.extra(n))
+            assert all(r["success"] for r in results)
+            span = max(r["t_done"] for r in results) - min(r["t_join"] for r in results)
+            return {"tokens_per_second": count * n / span,
+                    "ttft_s": [r["t_first_text"] - r["t_join"] for r in results]}
+        return run
+
+    runs = interleaved({c: clients(c) for c in (1, 4, 8)}, ctx.sizes.few_rounds, warmup=False)
+    m.spy.streams.clear()
+    summary = {}
+    for count, rs in runs.items():
+        ttfts = [t for r in rs for t in r["ttft_s"]]
+        summary[count] = {"tokens_per_second": median(r["tokens_per_second"] for r in rs),
+                          "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95)}
+    ratio = median(paired([r["tokens_per_second"] for r in runs[8]],
+                          [r["tokens_per_second"] for r in runs[1]], lambda a, b: a / b))
+    line = "; ".join(f"{c}: {s['tokens_per_second']:.0f} tok/s, TTFT p50 {1000 * s['ttft_p50_s']:.0f} / "
+                     f"p95 {1000 * s['ttft_p95_s']:.0f} ms" for c, s in summary.items())
+    ctx.check(6, "concurrency: 8-client / 1-client tok/s", m.name, ratio, ">= 1.0", ratio >= 1.0,
+              f"{ratio:.3f}")
+    ctx.info(6, "concurrency detail", m.name, line)
+    return {"tokens": n, "rounds": {str(k): v for k, v in runs.items()},
+            "summary": {str(k): v for k, v in summary.items()}, "ratio_8_to_1": ratio}
+
+
+def fig_memory(ctx, m: Model) -> dict:
+    """7. Server RSS and threads (OS threads of the process, and Python's) after a
+    warm-up, then after conversations of 10 turns, each turn with an image uploaded
+    anew, through /chat; gc.collect() and the same 2 s settle before each reading. The
+    spy keeps no streams here. Gradio keeps each closed session's chat state for an hour
+    by design; that is part of the growth."""
+    me = psutil.Process()
+    m.spy.record = False
+    turns_per_chat = 10
+
+    def reading():
+        gc.collect()
+        time.sleep(2)
+        gc.collect()
+        return {"rss_mb": me.memory_info().rss / 2**20, "os_threads": me.num_threads(),
+                "python_threads": threading.active_count()}
+
+    try:
+        ctx.client("conversations", url=m.url, count=2, turns=5, text=m.text, files=m.files, extra=m.extra(16))
+        before = reading()
+        done = ctx.client("conversations", url=m.url, count=ctx.sizes.memory_turns // turns_per_chat,
+                          turns=turns_per_chat, text=m.text, files=m.files, extra=m.extra(16))
+        after = reading()
+    finally:
+        m.spy.record = True
+    growth = after["rss_mb"] - before["rss_mb"]
+    threads_ok = after["os_threads"] <= before["os_threads"] and after["python_threads"] <= before["python_threads"]
+    turns = ctx.sizes.memory_turns // turns_per_chat * turns_per_chat
+    ctx.check(7, f"memory: RSS growth over {turns} turns", m.name, growth, "< 30 MB", growth < 30,
+              f"{growth:+.1f} MB ({before['rss_mb']:.0f} -> {after['rss_mb']:.0f}); "
+              f"{done['failures']} failed turns, {done['seconds']:.0f} s")
+    ctx.check(7, "memory: threads back to baseline", m.name, after["os_threads"] - before["os_threads"],
+              "<= baseline", threads_ok,
+              f"OS {before['os_threads']} -> {after['os_threads']}, Python {before['python_threads']} -> "
+              f"{after['python_threads']}")
+    return {"turns": turns, "before": before, "after": after, "client": done}
+
+
+def fig_startup(ctx) -> dict:
+    """8. `python app.py --model DIR --port P` in a fresh process: seconds from Popen
+    until GET / answers 200, and until GET /healthz says "loaded": true (polled every
+    20 ms; equal times when the app loads the model before serving)."""
+    import httpx
+    m = ctx.main
+    rounds = []
+    for _ in range(ctx.sizes.few_rounds):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}/"
+        log = tempfile.TemporaryFile()
+        start = perf_counter()
+        process = subprocess.Popen([sys.executable, "app.py", "--model", m.path, "--port", str(port)],
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        ui = loaded = None
+        try:
+            with httpx.Client(timeout=2) as http:
+                while perf_counter() - start < ctx.sizes.startup_timeout and loaded is None:
+                    if process.poll() is not None:
+                        log.seek(0)
+                        raise RuntimeError(f"app.py exited {process.returncode}: {log.read()[-500:]!r}")
+                    try:
+                        if ui is None and http.get(base).status_code == 200:
+                            ui = perf_counter() - start
+                        if ui is not None:
+                            health = http.get(base + "healthz")
+                            if health.status_code == 200 and health.json().get("loaded") is True:
+                                loaded = perf_counter() - start
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.02)
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+        rounds.append({"ui_s": ui, "loaded_s": loaded})
+    ui, loaded = median(r["ui_s"] for r in rounds), median(r["loaded_s"] for r in rounds)
+    ctx.check(8, "start-up: UI answers", m.name, ui, "<= 5 s", ui is not None and ui <= 5,
+              f"{ui:.2f} s; model loaded at {loaded:.2f} s" if ui and loaded else f"UI {ui}, loaded {loaded}")
+    return {"command": f"python app.py --model {m.path} --port P", "rounds": rounds}
+
+
+def long_answer_latency(ctx) -> dict:
+    """The plot: per-token latency (time between consecutive tokens, as generate emits
+    them) over one long answer: plain generate, the runner, the app with its client."""
+    m, n = ctx.main, ctx.sizes.long_tokens
+
+    def plain():
+        inputs = m.runner.build_inputs(m.messages)
+        clock = TokenClock()
+        m.runner.model.generate(**inputs, generation_config=m.runner.generation_config(m.settings(n)),
+                                streamer=clock)
+        return clock.times
+
+    def runner():
+        with m.spy.original(m.messages, m.settings(n)) as stream:
+            for _ in stream:
+                pass
+        return token_times(stream)
+
+    def app_sse():
+        ctx.client("chat", url=m.url, text=m.text, files=m.files, extra=m.extra(n))
+        return token_times(m.spy.last())
+
+    with token_clock():
+        runs = interleaved({"plain": plain, "runner": runner, "app": app_sse}, ctx.sizes.few_rounds, warmup=False)
+    m.spy.streams.clear()
+    gaps = {k: [[1000 * (b - a) for a, b in zip(times, times[1:])] for times in v] for k, v in runs.items()}
+    curves = {k: [statistics.median(r[i] for r in v) for i in range(n - 1)] for k, v in gaps.items()}
+    ctx.latency_curves = curves
+    summary = {k: {"first_100_ms": statistics.median(c[:100]), "last_100_ms": statistics.median(c[-100:]),
+                   "tokens_per_second": median((len(t) - 1) / (t[-1] - t[0]) for t in runs[k])}
+               for k, c in curves.items()}
+    ctx.info("plot", f"per-token latency, {n}-token answer", m.name,
+             "; ".join(f"{k} {s['first_100_ms']:.2f} -> {s['last_100_ms']:.2f} ms" for k, s in summary.items()))
+    return {"tokens": n, "summary": summary,
+            "ms_every_10_tokens": {k: [round(statistics.median(c[i:i + 10]), 3) for i in range(0, len(c), 10)]
+                                   for k, c in curves.items()}}
+
+
+# ---------------------------------------------------------------- report
+
+MEASUREMENT_NOTES = """
+How: medians over interleaved rounds (order rotated each round); ratios are medians of
+per-round ratios. App figures come from a client in a separate process speaking Gradio's
+queue API over raw HTTP/SSE (POST /gradio_api/queue/join, GET /gradio_api/queue/data),
+timestamping each event on arrival; files are uploaded before the clock starts. Rows
+marked gradio_client use gradio_client, whose reader polls every 50 ms (and uploads
+inside the clock). Server CPU = process CPU time of this process (the server runs in it).
+See the docstring of bench/benchmark.py for each figure."""
+
+
+class Context:
+    def __init__(self, args, sizes):
+        self.args, self.sizes = args, sizes
+        self.rows: list[dict] = []
+        self.client: ClientProcess | None = None
+        self.main: Model | None = None
+        self.detok_curves = self.latency_curves = None
+
+    def check(self, figure, name, model, value, target, ok, shown):
+        self.rows.append({"figure": figure, "name": name, "model": model, "value": value,
+                          "target": target, "ok": bool(ok), "shown": shown})
+
+    def info(self, figure, name, model, shown):
+        self.rows.append({"figure": figure, "name": name, "model": model, "target": "", "ok": None,
+                          "shown": shown})
+
+
+def print_table(rows: list[dict]) -> None:
+    width = max(len(r["name"]) for r in rows)
+    mwidth = max(len(r["model"]) for r in rows)
+    print(f"\n{'#':<5}{'figure':<{width + 2}}{'model':<{mwidth + 2}}{'target':<19}   result")
+    for r in rows:
+        mark = {True: "✓", False: "✗", None: "·"}[r["ok"]]
+        print(f"{str(r['figure']):<5}{r['name']:<{width + 2}}{r['model']:<{mwidth + 2}}{r['target']:<19}{mark}  "
+              f"{r['shown']}")
+    checks = [r for r in rows if r["ok"] is not None]
+    print(f"\n{sum(r['ok'] for r in checks)}/{len(checks)} targets met "
+          f"(✓ met, ✗ missed, · information)")
+    print(MEASUREMENT_NOTES)
+
+
+def rolling_median(values, window=25):
+    half = window // 2
+    return [statistics.median(values[max(0, i - half):i + half + 1]) for i in range(len(values))]
+
+
+def plot(ctx, path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [p for p in (ctx.latency_curves, ctx.detok_curves) if p]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.2 * len(panels)), squeeze=False)
+    axes = axes[:, 0]
+    i = 0
+    if ctx.latency_curves:
+        ax = axes[i]
+        i += 1
+        for name, curve in ctx.latency_curves.items():
+            ax.plot(range(2, len(curve) + 2), rolling_median(curve), label=name, linewidth=1.2)
+        ax.set_title(f"Per-token latency over a long answer ({ctx.main.name}; median of "
+                     f"{ctx.sizes.few_rounds} rounds per position, rolling median of 25)")
+        ax.set_xlabel("token position in the answer")
+        ax.set_ylabel("ms between tokens")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if ctx.detok_curves:
+        ax = axes[i]
+        for name, curve in ctx.detok_curves.items():
+            ax.plot(range(1, len(curve) + 1), rolling_median(curve), label=name, linewidth=1.2)
+        ax.set_yscale("log")
+        ax.set_title("Detokenization cost per token, one long line without newlines (rolling median of 25)")
+        ax.set_xlabel("token position in the line")
+        ax.set_ylabel("µs per streamer.put()")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- main
+
+def prepare_models(args) -> list[tuple[str, str]]:
+    from tests.tiny_models import build_all, build_bench_llama
+    tiny_root = ROOT / "tiny-models"
+    tiny = build_all(tiny_root)
+    bench = tiny_root / "bench-llama"
+    if not (bench / "config.json").exists():
+        build_bench_llama(bench)
+    ctx_models = [(Path(m).name if Path(m).is_dir() else m, m) for m in args.model] if args.model else \
+        [("bench-llama", str(bench)), ("idefics3", str(tiny["idefics3"]))]
+    return ctx_models, str(tiny["idefics3"])
+
+
+def load_model(name, path, image, device) -> Model:
+    runner = ModelRunner.load(path, device=device)
+    files = [str(image)] if runner.is_vision else []
+    return Model(name, path, runner, files, IMAGE_PROMPT if runner.is_vision else TEXT_PROMPT)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="See the module docstring for what each figure measures.")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and tokens (~2-3 min)")
+    parser.add_argument("--model", action="append", metavar="ID_OR_DIR",
+                        help="model to measure (repeatable); the first is the main model. "
+                             "Default: bench-llama and the tiny idefics3, built locally")
+    parser.add_argument("--rounds", type=int, help="rounds per figure (default 6, --quick 3); "
+                                                   "TTFT uses 3x, the slow figures half")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
+    parser.add_argument("--device", default="cpu", help="device for the models (default cpu)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads (default 1; 0 = torch's default)")
+    parser.add_argument("--only", help="comma-separated figure numbers to run (e.g. 1,2,plot)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sizes = Sizes.make(args.quick, args.rounds)
+    only = set(args.only.split(",")) if args.only else None
+    wanted = lambda key: only is None or str(key) in only  # noqa: E731
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(args, sizes)
+    started, load_start = time.time(), os.getloadavg()
+    image = Path(os.environ["GRADIO_TEMP_DIR"]) / "bench-image.png"
+    Image.effect_noise((64, 48), 90).convert("RGB").save(image)
+
+    model_specs, tiny_idefics3 = prepare_models(args)
+    models = [load_model(name, path, image, args.device) for name, path in model_specs]
+    ctx.main = models[0]
+    vision = next((m for m in models if m.runner.is_vision), None)
+    print(f"benchmark: {', '.join(m.name for m in models)} on {args.device}, torch threads "
+          f"{torch.get_num_threads()}, sizes {dataclasses.asdict(sizes)}", flush=True)
+    if load_start[0] > 0.5 * os.cpu_count():
+        print(f"note: the machine is busy (load average {load_start[0]:.1f} on {os.cpu_count()} CPUs): "
+              f"wall-clock figures will be noisy; see the per-round spread in the table and JSON", flush=True)
+    figures: dict = {}
+
+    def run(key, label, fn, *fn_args):
+        if not wanted(key):
+            return
+        print(f"  {label} ...", flush=True)
+        t = perf_counter()
+        try:
+            figures.setdefault(label, {})
+            result = fn(ctx, *fn_args)
+            if fn_args and isinstance(fn_args[0], Model):
+                figures[label][fn_args[0].name] = result
+            else:
+                figures[label] = result
+        except Exception as error:
+            traceback.print_exc()
+            figures[label] = {"error": f"{type(error).__name__}: {error}"}
+            model = fn_args[0].name if fn_args and isinstance(fn_args[0], Model) else ctx.main.name
+            ctx.check(key, f"{label}: failed", model, None, "runs", False, f"{type(error).__name__}: {error}")
+        print(f"    {perf_counter() - t:.0f} s", flush=True)
+
+    ctx.client = ClientProcess()
+    echo_demo, echo_url = serve_echo()
+    try:
+        for m in models:
+            serve_model(m)
+            try:
+                run(1, "1 throughput", fig_throughput, m)
+                run(2, "2 ttft", fig_ttft, m, echo_url)
+                if m is ctx.main:
+                    run(3, "3 detokenize", fig_detokenize)
+                    run(4, "4 stop", fig_stop)
+                    run(5, "5 long chat", fig_long_chat)
+                    run(6, "6 concurrency", fig_concurrency)
+                    run("plot", "per-token latency", long_answer_latency)
+                if m is vision:
+                    run(7, "7 memory", fig_memory, m)
+            finally:
+                stop_serving(m)
+        if vision is None and wanted(7):
+            m = load_model("idefics3", tiny_idefics3, image, args.device)
+            serve_model(m)
+            try:
+                run(7, "7 memory", fig_memory, m)
+            finally:
+                stop_serving(m)
+    finally:
+        echo_demo.close()
+        ctx.client.close()
+    del models
+    gc.collect()
+    run(8, "8 start-up", fig_startup)
+
+    print_table(ctx.rows)
+    plotted = plot(ctx, args.out / "per_token_latency.png")
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_start": load_start, "load_average_end": os.getloadavg(),
+                    "torch_threads": torch.get_num_threads()},
+        "versions": {name: __import__(name).__version__ for name in
+                     ("torch", "transformers", "gradio", "gradio_client", "tokenizers", "httpx")},
+        "models": {m_name: path for m_name, path in model_specs},
+        "sizes": dataclasses.asdict(sizes),
+        "checks": ctx.rows,
+        "figures": figures,
+    }
+    (args.out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"load average: {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+          f"({os.cpu_count()} CPUs)")
+    print(f"\nwrote {args.out / 'benchmark.json'}" + (f" and {args.out / 'per_token_latency.png'}" if plotted else "")
+          + f" in {report['seconds']:.0f} s")
+    return 0 if all(r["ok"] for r in ctx.rows if r["ok"] is not None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
