@@ -33,12 +33,15 @@ from config import (
     DEFAULT_MODEL,
     MAX_IMAGES_PER_MESSAGE,
     MAX_NEW_TOKENS_LIMIT,
+    MAX_UPDATES_PER_SECOND,
     MAX_UPLOAD_SIZE,
     QUEUE_MAX_SIZE,
     ZERO_GPU_DURATION_S,
 )
 
 GENERATION_CONCURRENCY_ID = "generate"  # UI and API events share one queue per model
+# Updates per second × messages in the chat stays under this (30/s up to 100 messages).
+UPDATE_BUDGET_MESSAGES = 3000
 REMOTE_MAX_CONCURRENCY = 16  # with --backend openai the serving engine batches; don't serialise
 DEFAULT_SYSTEM_PROMPT = ""
 
@@ -164,21 +167,29 @@ def header_markdown(runner) -> str:
 
 # ---------------------------------------------------------------- the chat function
 
-def make_chat_fn(runner):
+def make_chat_fn(runner, *, zero_gpu: bool = False):
+    """The chat function ChatInterface calls. On ZeroGPU it is a plain generator under
+    `@spaces.GPU` (which refuses async functions); everywhere else an async generator
+    drives it, so that Stop reaches the engine at once (see `chat` below)."""
     import gradio as gr
 
-    def chat(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
-             top_p: float = 1.0):
+    def chat_steps(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+                   top_p: float = 1.0, on_stream=None):
         title = THINKING_TITLE if getattr(runner, "loaded", True) else LOADING_TITLE
         yield gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
         # Imported here, not at the top: the app serves before torch is loaded.
         from model_runner import ChatInputError, GenerationError, GenerationSettings
+        # Gradio re-processes the whole chat on every update: fewer updates for long chats.
+        updates_per_second = min(MAX_UPDATES_PER_SECOND, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
-                                      temperature=float(temperature), top_p=float(top_p))
+                                      temperature=float(temperature), top_p=float(top_p),
+                                      max_updates_per_second=updates_per_second)
         try:
             messages = to_model_messages(history, message, system_prompt)
             stream = runner.stream(messages, settings)
+            if on_stream:
+                on_stream(stream)
         except (ChatInputError, GenerationError) as error:
             yield error_message(str(error))
             return
@@ -200,6 +211,30 @@ def make_chat_fn(runner):
             yield [*notes, error_message("The model returned an empty answer.")]
             return
         yield view.render(stream.text)  # the final figures
+
+    if zero_gpu:
+        import spaces
+        chat_steps.__name__ = "chat"
+        return spaces.GPU(duration=ZERO_GPU_DURATION_S)(chat_steps)
+
+    async def chat(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+                   top_p: float = 1.0):
+        # Gradio closes a plain generator only between two steps, retrying every 50 ms while
+        # a step runs; here Stop cancels the wait at once and tells the engine, which stops
+        # within one token.
+        import anyio
+        streams = []
+        steps = chat_steps(message, history, system_prompt, max_new_tokens, temperature, top_p,
+                           on_stream=streams.append)
+        try:
+            while (update := await anyio.to_thread.run_sync(next, steps, None,
+                                                            abandon_on_cancel=True)) is not None:
+                yield update
+        finally:
+            for stream in streams:
+                stream.close(wait=0)
+
     return chat
 
 
@@ -264,22 +299,22 @@ def starter_examples() -> list[dict]:
     ]
 
 
-def on_zero_gpu(chat_fn):
+def on_zero_gpu() -> bool:
     """On a ZeroGPU Space (`spaces` importable and SPACES_ZERO_GPU set) each answer runs
-    on a GPU borrowed by `@spaces.GPU`; everywhere else the function is left as it is."""
+    on a GPU borrowed by `@spaces.GPU`; everywhere else nothing changes."""
     if not env_flag("SPACES_ZERO_GPU"):
-        return chat_fn
+        return False
     try:
-        import spaces
+        import spaces  # noqa: F401
     except ImportError:
-        return chat_fn
-    return spaces.GPU(duration=ZERO_GPU_DURATION_S)(chat_fn)
+        return False
+    return True
 
 
 def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     import gradio as gr
 
-    chat_fn = on_zero_gpu(make_chat_fn(runner))
+    chat_fn = make_chat_fn(runner, zero_gpu=on_zero_gpu())
     concurrency = getattr(runner, "max_concurrency", 1)
     with gr.Blocks(title="Local model chat", fill_height=True) as demo:
         gr.Markdown("# Local model chat")
@@ -428,6 +463,10 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
 
     demo = build_demo(runner, max_new_tokens)
     demo.queue(max_size=queue_max_size)
+    # Gradio's queue polls every 1 ms when idle (~80 ms of CPU a second, taken from the
+    # generate thread); 5 ms costs at most 5 ms of latency. Private attributes: Gradio is pinned.
+    demo._queue.sleep_when_free = 0.005
+    demo._queue.progress_update_sleep_when_free = 0.1
     if log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
     metrics = Metrics(runner, extra_waiting=lambda: ui_queue_depth(demo))

@@ -72,6 +72,7 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # the answer ends before any of these
+    max_updates_per_second: float = MAX_UPDATES_PER_SECOND
     min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
 
 
@@ -214,11 +215,13 @@ class TextStream:
     "error"; it is set when the generate thread ends, before iteration finishes."""
 
     def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
-                 stop: list[str] = (), seed: int | None = None):
+                 stop: list[str] = (), seed: int | None = None,
+                 max_updates_per_second: float = MAX_UPDATES_PER_SECOND):
         self._pieces: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._stop_reason = "cancelled"
         self._stop_strings = [s for s in stop if s]
+        self._update_interval = 1.0 / max(0.1, max_updates_per_second)
         self._streamer = IncrementalTextStreamer(runner.tokenizer, self._pieces)
         self._runner = runner
         self._raw = ""
@@ -309,7 +312,7 @@ class TextStream:
         """The answer so far, at most MAX_UPDATES_PER_SECOND times a second. Between
         updates this thread sleeps instead of waking for every token, so the generate
         thread has the interpreter to itself."""
-        interval = 1.0 / MAX_UPDATES_PER_SECOND
+        interval = self._update_interval
         last_update = float("-inf")
         shown = ""
         ended = False
@@ -510,7 +513,8 @@ class ModelRunner:
         config = self.generation_config(settings)
         if limit:  # the answer ends ("length") where the context is full
             config.max_new_tokens = min(config.max_new_tokens, limit - inputs["input_ids"].shape[-1])
-        stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed)
+        stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed,
+                            max_updates_per_second=settings.max_updates_per_second)
         stream.notices = notices
         stream.request_text = last_user_text(messages)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())

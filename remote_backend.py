@@ -199,7 +199,8 @@ class RemoteStream:
             self._runner.active -= 1
             self._runner._notify_finished(self)
 
-    def close(self):
+    def close(self, wait: float = 0):
+        """Close the HTTP stream: the server stops generating when its client leaves."""
         if self.ended_at is None:
             self._response.close()
             self._finish("cancelled")
