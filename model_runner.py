@@ -284,10 +284,7 @@ class TextStream:
 
     @property
     def tokens_per_second(self) -> float | None:
-        first, end = self._streamer.first_token_at, self.ended_at or time.perf_counter()
-        if first is None or self.new_tokens < 2 or end <= first:
-            return None
-        return (self.new_tokens - 1) / (end - first)
+        return decode_rate(self.new_tokens, self._streamer.first_token_at, self.ended_at)
 
     def _add(self, piece: str):
         """Append generated text; the visible text never shows a stop string, nor the
@@ -376,11 +373,7 @@ class ModelRunner:
         self.finish_listeners: list = []  # called with each TextStream when it ends (metrics)
 
     def _notify_finished(self, stream) -> None:
-        for listener in self.finish_listeners:
-            try:
-                listener(stream)
-            except Exception:  # a broken listener must not break generation
-                pass
+        notify_finished(self.finish_listeners, stream)
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
@@ -623,6 +616,22 @@ def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str |
                 break
         return text.strip(), "", False
     return text[:end].strip(), text[end + len(REASONING_END):].lstrip(), True
+
+
+def decode_rate(new_tokens: int, first_token_at: float | None, ended_at: float | None) -> float | None:
+    """Tokens per second after the first one (the first is the prefill's)."""
+    end = ended_at or time.perf_counter()
+    if first_token_at is None or new_tokens < 2 or end <= first_token_at:
+        return None
+    return (new_tokens - 1) / (end - first_token_at)
+
+
+def notify_finished(listeners: list, stream) -> None:
+    for listener in listeners:
+        try:
+            listener(stream)
+        except Exception:  # a broken listener (metrics, logging) must not break generation
+            pass
 
 
 def last_user_text(messages: list[dict]) -> str:

@@ -19,7 +19,9 @@ from model_runner import (
     GenerationError,
     GenerationSettings,
     ModelLoadError,
+    decode_rate,
     last_user_text,
+    notify_finished,
     prepare_messages,
     split_reasoning,
 )
@@ -72,11 +74,7 @@ class RemoteRunner:
         return stream
 
     def _notify_finished(self, stream) -> None:
-        for listener in self.finish_listeners:
-            try:
-                listener(stream)
-            except Exception:
-                pass
+        notify_finished(self.finish_listeners, stream)
 
 
 def to_openai_message(message: dict) -> dict:
@@ -146,10 +144,7 @@ class RemoteStream:
 
     @property
     def tokens_per_second(self) -> float | None:
-        end = self.ended_at or time.perf_counter()
-        if self.first_token_at is None or self.new_tokens < 2 or end <= self.first_token_at:
-            return None
-        return (self.new_tokens - 1) / (end - self.first_token_at)
+        return decode_rate(self.new_tokens, self.first_token_at, self.ended_at)
 
     def __iter__(self):
         interval = 1.0 / MAX_UPDATES_PER_SECOND
