@@ -23,7 +23,6 @@ import logging
 import mimetypes
 import os
 import sys
-
 import threading
 import time
 
@@ -316,6 +315,7 @@ def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
 
     chat_fn = make_chat_fn(runner, zero_gpu=on_zero_gpu())
     concurrency = getattr(runner, "max_concurrency", 1)
+    examples = starter_examples()
     with gr.Blocks(title="Local model chat", fill_height=True) as demo:
         gr.Markdown("# Local model chat")
         header = gr.Markdown(header_markdown(runner))
@@ -339,8 +339,8 @@ def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
                 gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", render=False),
             ],
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
-            examples=[[example] for example in starter_examples()],
-            example_labels=[example["label"] for example in starter_examples()],
+            examples=[[example] for example in examples],
+            example_labels=[example["label"] for example in examples],
             run_examples_on_click=True,
             cache_examples=False,
             save_history=True,
@@ -365,7 +365,6 @@ def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
             demo.load(refresh_header, outputs=[header, timer], queue=False,
                       api_visibility="undocumented")
     share_generation_queue(demo, chat_fn, concurrency)
-    demo.chat_interface = chat
     return demo
 
 

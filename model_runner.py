@@ -131,8 +131,7 @@ def resolve_model_path(model: str, trust_remote_code: bool = False) -> Path:
                              f"and the model is not in the local cache. Point --model at a local "
                              f"directory that holds the model.") from None
     except (hub_errors.HFValidationError, hub_errors.HfHubHTTPError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"Can't download {model!r}: {first_line}. {hint}") from None
+        raise ModelLoadError(f"Can't download {model!r}: {_first_line(e)}. {hint}") from None
     return path
 
 
