@@ -12,7 +12,6 @@ bad request. A client that disconnects stops its generation within one token.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
@@ -308,8 +307,6 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool)
                                            code="generation_failed").body)}
         yield {"data": "[DONE]"}
         return
-    except asyncio.CancelledError:  # the client went away; `updates` stopped generation
-        raise
     yield chunk({}, finish_reason_of(stream))
     if include_usage:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
