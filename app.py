@@ -407,7 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"default {DEFAULT_MODEL}. With --backend openai: the served model's name "
                              f"(default: the first one the server lists) [MODEL_ID]")
     parser.add_argument("--backend", choices=["local", "openai"], default=env("BACKEND", "local"),
-                        help="local: run the model in this process; openai: stream from an "
+                        help="local: run the model on this machine; openai: stream from an "
                              "OpenAI-compatible server at --base-url (vLLM, TGI, Ollama, ...) [BACKEND]")
     parser.add_argument("--base-url", default=env("OPENAI_BASE_URL"),
                         help="with --backend openai: the server's URL, e.g. http://host:8000/v1 [OPENAI_BASE_URL]")
@@ -434,6 +434,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-remote-code", action="store_true", default=env_flag("TRUST_REMOTE_CODE"),
                         help="run Python code shipped with the model repo (only for repos you trust) "
                              "[TRUST_REMOTE_CODE=1]")
+    parser.add_argument("--in-process", action="store_true", default=env_flag("IN_PROCESS"),
+                        help="run the model in the web server's process instead of a process of its own "
+                             "(slower streaming: the two then share one Python interpreter lock) [IN_PROCESS=1]")
     parser.add_argument("--log-chats", action="store_true", default=env_flag("LOG_CHATS"),
                         help="log every prompt and answer (off by default: they are not logged) [LOG_CHATS=1]")
     args = parser.parse_args(argv)
@@ -521,9 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         slot = ModelSlot(args.model or args.base_url, load, max_concurrency=REMOTE_MAX_CONCURRENCY)
     else:
         def load():
-            from model_runner import ModelRunner
-            return ModelRunner.load(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype,
-                                    trust_remote_code=args.trust_remote_code)
+            load_kwargs = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+            if args.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
+                from model_runner import ModelRunner
+                return ModelRunner.load(args.model or DEFAULT_MODEL, **load_kwargs)
+            from engine_process import EngineProcess
+            return EngineProcess.start(args.model or DEFAULT_MODEL, **load_kwargs)
         slot = ModelSlot(args.model or DEFAULT_MODEL, load)
     if args.share and not args.auth:
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")

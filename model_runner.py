@@ -162,6 +162,7 @@ class IncrementalTextStreamer(BaseStreamer):
         self.pieces = pieces
         self.new_tokens = 0
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self._prompt_seen = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
@@ -185,10 +186,11 @@ class IncrementalTextStreamer(BaseStreamer):
         if not self._prompt_seen:  # generate() first sends the prompt ids
             self._prompt_seen = True
             return
+        self.last_token_at = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = self.last_token_at
         for token_id in value.reshape(-1).tolist():
             self.new_tokens += 1
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
             text = self._step(token_id)
             if text:
                 self.pieces.put(text)
@@ -218,6 +220,7 @@ class TextStream:
                  max_updates_per_second: float = MAX_UPDATES_PER_SECOND):
         self._pieces: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._ended = threading.Event()  # the generate thread is done
         self._stop_reason = "cancelled"
         self._stop_strings = [s for s in stop if s]
         self._update_interval = 1.0 / max(0.1, max_updates_per_second)
@@ -234,6 +237,8 @@ class TextStream:
         self.starts_in_reasoning = False  # the prompt opened a <think> block
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
+        self.closed_at: float | None = None      # first close(): Stop, a closed tab, a cancel
+        self._tokens_at_close = 0
         self._thread = threading.Thread(
             target=self._generate, args=(inputs, generation_config, seed), daemon=True,
             name="generate")
@@ -270,6 +275,7 @@ class TextStream:
             self._runner.active -= 1
             self._runner._lock.release()
             self._streamer.end()
+            self._ended.set()
             self._runner._notify_finished(self)
 
     @property
@@ -284,6 +290,19 @@ class TextStream:
     @property
     def tokens_per_second(self) -> float | None:
         return decode_rate(self.new_tokens, self._streamer.first_token_at, self.ended_at)
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self._streamer.first_token_at
+
+    @property
+    def last_token_at(self) -> float | None:
+        return self._streamer.last_token_at
+
+    @property
+    def tokens_after_close(self) -> int | None:
+        """Tokens generated after close() was first called (Stop really stops: 0 or 1)."""
+        return None if self.closed_at is None else self.new_tokens - self._tokens_at_close
 
     def _add(self, piece: str):
         """Append generated text; the visible text never shows a stop string, nor the
@@ -316,7 +335,7 @@ class TextStream:
             pieces = [self._pieces.get()]  # sleep until something arrives
             wait = last_update + interval - time.perf_counter()
             if wait > 0 and pieces[0] is not _END:
-                time.sleep(wait)  # let tokens pile up until the next update is due
+                self._ended.wait(wait)  # let tokens pile up until the next update is due
             while True:  # take everything that has arrived
                 try:
                     pieces.append(self._pieces.get_nowait())
@@ -344,8 +363,14 @@ class TextStream:
 
     def close(self, wait: float = 10.0):
         """Stop generating (within one token) and wait for the thread to end."""
+        if self.closed_at is None and not self._ended.is_set():
+            self.closed_at, self._tokens_at_close = time.perf_counter(), self.new_tokens
         self._stop.set()
         self._thread.join(wait)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until generation has ended; True if it has."""
+        return self._ended.wait(timeout)
 
     def __enter__(self):
         return self

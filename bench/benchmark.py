@@ -212,7 +212,7 @@ class StreamSpy:
 
     def last(self):
         stream = self.streams[-1]
-        stream._thread.join(30)
+        stream.join(30)
         return stream
 
 

@@ -47,6 +47,23 @@ def reasoning_runner(tiny_model_paths):
 
 
 @pytest.fixture(scope="session")
+def idefics3_engine_process(tiny_model_paths):
+    """The idefics3 model in an engine process of its own (the app's default)."""
+    from engine_process import EngineProcess
+    engine = EngineProcess.start(str(tiny_model_paths["idefics3"]), device="cpu")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(params=["in-process", "engine-process"])
+def idefics3_engine(request):
+    """The idefics3 model both ways the app runs it: in the web server's process and in
+    an engine process of its own."""
+    name = "idefics3_runner" if request.param == "in-process" else "idefics3_engine_process"
+    return request.getfixturevalue(name)
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """Image files a user might upload: two different pictures, a fake and a truncated PNG."""
     root = tmp_path_factory.mktemp("images")

@@ -37,8 +37,8 @@ def error_of(output):
                     if isinstance(o, dict) and o.get("metadata", {}).get("title") == app.ERROR_TITLE)
 
 
-def test_streams_an_answer_about_an_uploaded_image(serve, idefics3_runner, images):
-    url, spy = serve(idefics3_runner)
+def test_streams_an_answer_about_an_uploaded_image(serve, idefics3_engine, images):
+    url, spy = serve(idefics3_engine)
     client = Client(url, verbose=False)
     job = chat(client, message("What is in this picture?", images["red"]), max_new_tokens=200)
     outputs = list(job)
@@ -68,8 +68,8 @@ def test_history_with_images_goes_back_to_the_model(serve, idefics3_runner, imag
     client.close()
 
 
-def test_stop_ends_generation_on_the_server(serve, idefics3_runner, images):
-    url, spy = serve(idefics3_runner)
+def test_stop_ends_generation_on_the_server(serve, idefics3_engine, images):
+    url, spy = serve(idefics3_engine)
     client = Client(url, verbose=False)
     job = chat(client, message("Tell me everything.", images["red"]), max_new_tokens=2000)
     while len([o for o in job.outputs() if text_of(o)]) < 2:
@@ -77,11 +77,9 @@ def test_stop_ends_generation_on_the_server(serve, idefics3_runner, images):
         time.sleep(0.02)
     job.cancel()
     stream = spy.streams[0]
-    deadline = time.time() + 5
-    while stream._thread.is_alive() and time.time() < deadline:
-        time.sleep(0.02)
-    assert not stream._thread.is_alive(), "Stop must end the generate thread"
+    assert stream.join(5), "Stop must end generation"
     assert stream.finish_reason == "cancelled" and stream.new_tokens < 2000
+    assert stream.tokens_after_close <= 1, "the model stops within one token of the Stop"
     # the next message works
     assert text_of(chat(client, message("hello"), max_new_tokens=5).result())
     client.close()

@@ -1,0 +1,134 @@
+"""The engine in a process of its own (the app's default): same answers, Stop, refusals,
+and a crashed engine that ends the answer with a message and comes back."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine_process import EngineProcess
+from model_runner import ChatInputError, GenerationError, GenerationSettings, ModelLoadError
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ask(text, *image_paths):
+    return [{"role": "user", "content": [*({"type": "image", "image": str(p)} for p in image_paths),
+                                         {"type": "text", "text": text}]}]
+
+
+def test_answers_exactly_like_the_engine_in_this_process(idefics3_engine_process, idefics3_runner, images):
+    messages = ask("What is in this picture?", images["red"])
+    settings = GenerationSettings(max_new_tokens=60)
+    with idefics3_engine_process.stream(messages, settings) as remote:
+        updates = list(remote)
+    with idefics3_runner.stream(messages, settings) as local:
+        *_, expected = local
+    assert updates[-1] == expected == remote.text and len(expected) > 20
+    for before, after in zip(updates, updates[1:]):
+        assert after.startswith(before), "the answer only grows"
+    assert remote.new_tokens == local.new_tokens == 60 and remote.finish_reason == "length"
+    assert remote.prompt_tokens == local.prompt_tokens
+    assert 0 < remote.time_to_first_token < 5 and remote.tokens_per_second > 0
+    assert idefics3_engine_process.is_vision and idefics3_engine_process.active == 0
+
+
+def test_stop_reaches_the_engine_within_one_token(idefics3_engine_process):
+    stream = idefics3_engine_process.stream(ask("Tell me everything."),
+                                            GenerationSettings(max_new_tokens=4000, min_new_tokens=4000))
+    for updates, _ in enumerate(stream, 1):
+        if updates == 3:
+            break
+    stream.close()
+    assert stream.finish_reason == "cancelled" and stream.new_tokens < 4000
+    assert stream.tokens_after_close <= 1
+    assert stream.ended_at - stream.closed_at < 1.0
+    with idefics3_engine_process.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
+        list(after)
+    assert after.finish_reason == "length", "the next request is served"
+
+
+def test_the_engines_refusal_reaches_the_caller_and_it_keeps_serving(idefics3_engine_process, images):
+    with pytest.raises(ChatInputError, match="notes.png is not a readable image"):
+        idefics3_engine_process.stream(ask("What is this?", images["fake"]))
+    with idefics3_engine_process.stream(ask("And this?", images["red"]), GenerationSettings(max_new_tokens=5)) as s:
+        list(s)
+    assert s.new_tokens == 5
+
+
+def test_finished_answers_reach_the_listeners(idefics3_engine_process):
+    seen = []
+    idefics3_engine_process.finish_listeners.append(seen.append)
+    try:
+        with idefics3_engine_process.stream(ask("hi"), GenerationSettings(max_new_tokens=7)) as stream:
+            list(stream)
+    finally:
+        idefics3_engine_process.finish_listeners.remove(seen.append)
+    assert seen == [stream] and stream.new_tokens == 7
+
+
+def test_a_killed_engine_ends_the_answer_with_a_message_and_the_next_request_restarts_it(tiny_model_paths):
+    engine = EngineProcess.start(str(tiny_model_paths["llama"]), device="cpu")
+    try:
+        stream = engine.stream(ask("Tell me a story."), GenerationSettings(max_new_tokens=4000, min_new_tokens=4000))
+        shown = ""
+        with pytest.raises(GenerationError, match="model process stopped .*killed by SIGKILL"):
+            for shown in stream:
+                if shown:
+                    os.kill(engine.pid, signal.SIGKILL)  # what the out-of-memory killer does
+        assert shown and stream.text.startswith(shown), "the answer so far is kept"
+        assert stream.finish_reason == "error" and engine.active == 0
+        with engine.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
+            list(after)
+        assert after.new_tokens == 5 and engine.restarts == 1
+    finally:
+        engine.close()
+    assert not engine.alive
+
+
+def test_a_model_that_cannot_load_is_one_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="is not a model directory"):
+        EngineProcess.start(str(tmp_path / "nothing-here"), device="cpu")
+
+
+def test_the_engine_process_goes_away_with_the_app(tiny_model_paths):
+    port = free_port()
+    app_process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(tiny_model_paths["llama"]),
+                                    "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, ready = time.time() + 90, False
+        while time.time() < deadline and not ready:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json().get("loaded")
+            except (httpx.HTTPError, ValueError):
+                time.sleep(0.3)
+        assert ready
+        engines = children_of(app_process.pid)
+        assert len(engines) == 1, "the model runs in one child process"
+    finally:
+        app_process.kill()  # not even a chance to clean up
+        app_process.wait(10)
+    deadline = time.time() + 10
+    while running(engines[0]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not running(engines[0]), "the engine must not outlive the app"
+
+
+def children_of(pid: int) -> list[int]:
+    """The engine processes among pid's children (multiprocessing also starts a resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
