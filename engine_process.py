@@ -227,6 +227,7 @@ class EngineStream:
         self.ended_at: float | None = None
         self.closed_at: float | None = None
         self.tokens_after_close: int | None = None
+        self.token_times: list[float] | None = None  # with GenerationSettings.record_token_times
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self._cancel_sent = False
@@ -258,6 +259,7 @@ class EngineStream:
         self.last_token_at = result.get("last_token_at", self.last_token_at)
         self.closed_at = result.get("closed_at", self.closed_at)
         self.tokens_after_close = result.get("tokens_after_close")
+        self.token_times = result.get("token_times")
         self.ended_at = result.get("ended_at") or time.perf_counter()
         if result.get("error"):
             self.error = GenerationError(result["error"])
@@ -399,7 +401,8 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
                 "finish_reason": "error" if error else stream.finish_reason,
                 "new_tokens": stream.new_tokens, "first_token_at": stream.first_token_at,
                 "last_token_at": stream.last_token_at, "ended_at": stream.ended_at,
-                "closed_at": stream.closed_at, "tokens_after_close": stream.tokens_after_close})
+                "closed_at": stream.closed_at, "tokens_after_close": stream.tokens_after_close,
+                "token_times": stream.token_times})
 
     while True:
         try:

@@ -74,6 +74,7 @@ class GenerationSettings:
     stop: list[str] = field(default_factory=list)  # the answer ends before any of these
     max_updates_per_second: float = MAX_UPDATES_PER_SECOND
     min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
+    record_token_times: bool = False   # keep every token's perf_counter() (benchmarks)
 
 
 # ---------------------------------------------------------------- loading
@@ -158,8 +159,9 @@ class IncrementalTextStreamer(BaseStreamer):
     which re-decodes the whole line on every token. Empty pieces are never queued.
     """
 
-    def __init__(self, tokenizer, pieces: queue.Queue):
+    def __init__(self, tokenizer, pieces: queue.Queue, record_times: bool = False):
         self.pieces = pieces
+        self.times: list[float] | None = [] if record_times else None
         self.new_tokens = 0
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -191,6 +193,8 @@ class IncrementalTextStreamer(BaseStreamer):
             self.first_token_at = self.last_token_at
         for token_id in value.reshape(-1).tolist():
             self.new_tokens += 1
+            if self.times is not None:
+                self.times.append(self.last_token_at)
             text = self._step(token_id)
             if text:
                 self.pieces.put(text)
@@ -217,14 +221,14 @@ class TextStream:
 
     def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
                  stop: list[str] = (), seed: int | None = None,
-                 max_updates_per_second: float = MAX_UPDATES_PER_SECOND):
+                 max_updates_per_second: float = MAX_UPDATES_PER_SECOND, record_token_times: bool = False):
         self._pieces: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._ended = threading.Event()  # the generate thread is done
         self._stop_reason = "cancelled"
         self._stop_strings = [s for s in stop if s]
         self._update_interval = 1.0 / max(0.1, max_updates_per_second)
-        self._streamer = IncrementalTextStreamer(runner.tokenizer, self._pieces)
+        self._streamer = IncrementalTextStreamer(runner.tokenizer, self._pieces, record_token_times)
         self._runner = runner
         self._raw = ""
         self.max_new_tokens = generation_config.max_new_tokens
@@ -298,6 +302,11 @@ class TextStream:
     @property
     def last_token_at(self) -> float | None:
         return self._streamer.last_token_at
+
+    @property
+    def token_times(self) -> list[float] | None:
+        """With GenerationSettings.record_token_times: perf_counter() of every token."""
+        return self._streamer.times
 
     @property
     def tokens_after_close(self) -> int | None:
@@ -531,7 +540,8 @@ class ModelRunner:
         if limit:  # the answer ends ("length") where the context is full
             config.max_new_tokens = min(config.max_new_tokens, limit - inputs["input_ids"].shape[-1])
         stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed,
-                            max_updates_per_second=settings.max_updates_per_second)
+                            max_updates_per_second=settings.max_updates_per_second,
+                            record_token_times=settings.record_token_times)
         stream.notices = notices
         stream.request_text = last_user_text(messages)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())

@@ -131,13 +131,13 @@ class Session:
         return response.json()["data"]
 
     def submit(self, fn_index: int, data: list, *, answer_output: int = 0,
-               cancel_after_updates: int | None = None, cpu_pid: int | None = None) -> dict:
+               cancel_after_updates: int | None = None, cpu_pids: list[int] | None = None) -> dict:
         """Join the queue and read the event's stream to the end. Returns arrival times:
         t_join (just before the POST), t_first_text (first non-empty answer text),
         t_done (process_completed), updates [(t, chars)], and with cancel_after_updates
-        the time the cancel was sent; with cpu_pid, that process's CPU seconds at the
-        first text and at the end."""
-        cpu = _cpu_reader(cpu_pid)
+        the time the cancel was sent; with cpu_pids, those processes' CPU seconds at the
+        first text and at the end (one number per process)."""
+        cpu = _cpu_reader(cpu_pids)
         result = {"t_first_text": None, "t_done": None, "updates": [], "t_cancel_sent": None,
                   "cpu_first_text": None, "cpu_done": None, "success": None, "text": ""}
         result["t_join"] = time.perf_counter()
@@ -186,15 +186,14 @@ class Session:
         return result
 
 
-def _cpu_reader(pid):
-    if pid is None:
+def _cpu_reader(pids):
+    if not pids:
         return lambda: None
     import psutil
-    process = psutil.Process(pid)
+    processes = [psutil.Process(pid) for pid in pids]
 
     def read():
-        times = process.cpu_times()
-        return times.user + times.system
+        return [t.user + t.system for t in (p.cpu_times() for p in processes)]
     return read
 
 
@@ -205,7 +204,7 @@ def _message(session: Session, text: str, files: list[str]) -> dict:
 
 
 def chat(url, text, files=(), extra=(), *, history=None, browser=False,
-         cancel_after_updates=None, cpu_pid=None, http=None) -> dict:
+         cancel_after_updates=None, cpu_pids=None, http=None) -> dict:
     """One chat turn in a new session, through the /chat API (default) or the browser's
     generation event (browser=True). history: preloaded into the session's
     chatbot_state through ChatInterface's own chatbot -> state sync event."""
@@ -217,9 +216,9 @@ def chat(url, text, files=(), extra=(), *, history=None, browser=False,
     if browser:
         session.predict(events["save"], [message])  # the browser's textbox.submit step
         return session.submit(events["browser"], [None, None, *extra], answer_output=1,
-                              cancel_after_updates=cancel_after_updates, cpu_pid=cpu_pid)
+                              cancel_after_updates=cancel_after_updates, cpu_pids=cpu_pids)
     return session.submit(events["api"], [message, None, *extra],
-                          cancel_after_updates=cancel_after_updates, cpu_pid=cpu_pid)
+                          cancel_after_updates=cancel_after_updates, cpu_pids=cpu_pids)
 
 
 def concurrent(url, clients, text, files=(), extra=()) -> list[dict]:
@@ -289,8 +288,8 @@ def worker(server_pid: int) -> None:
         op = request.pop("op")
         if op in ("chat",):
             request.setdefault("http", http)
-        if request.pop("cpu", False):
-            request["cpu_pid"] = server_pid
+        if request.get("cpu_pids") == "server":
+            request["cpu_pids"] = [server_pid]
         try:
             answer = {"ok": REQUESTS[op](**request)}
         except Exception as error:  # reported to the benchmark, which raises it

@@ -40,14 +40,15 @@ def test_answers_exactly_like_the_engine_in_this_process(idefics3_engine_process
 
 
 def test_stop_reaches_the_engine_within_one_token(idefics3_engine_process):
-    stream = idefics3_engine_process.stream(ask("Tell me everything."),
-                                            GenerationSettings(max_new_tokens=4000, min_new_tokens=4000))
+    stream = idefics3_engine_process.stream(ask("Tell me everything."), GenerationSettings(
+        max_new_tokens=4000, min_new_tokens=4000, record_token_times=True))
     for updates, _ in enumerate(stream, 1):
         if updates == 3:
             break
     stream.close()
     assert stream.finish_reason == "cancelled" and stream.new_tokens < 4000
     assert stream.tokens_after_close <= 1
+    assert sum(t > stream.closed_at for t in stream.token_times) == stream.tokens_after_close
     assert stream.ended_at - stream.closed_at < 1.0
     with idefics3_engine_process.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
         list(after)

@@ -81,7 +81,7 @@ def test_images_of_earlier_turns_stay_in_the_conversation(idefics3_runner, image
 
 def test_closing_the_stream_stops_generation_within_two_tokens(idefics3_runner, images):
     stream = idefics3_runner.stream([user("Tell a long story.", images["red"])],
-                                    GenerationSettings(max_new_tokens=2000))
+                                    GenerationSettings(max_new_tokens=2000, record_token_times=True))
     iterator = iter(stream)
     for _ in range(3):
         next(iterator)
@@ -90,6 +90,10 @@ def test_closing_the_stream_stops_generation_within_two_tokens(idefics3_runner, 
     assert not stream._thread.is_alive(), "the generate thread must have ended"
     assert stream.new_tokens - tokens_at_close <= 2
     assert stream.new_tokens < 2000 and stream.finish_reason == "cancelled"
+    # the engine's own bookkeeping of it (the benchmark and the engine process read it)
+    assert stream.tokens_after_close <= 1
+    assert len(stream.token_times) == stream.new_tokens and stream.token_times == sorted(stream.token_times)
+    assert sum(t > stream.closed_at for t in stream.token_times) == stream.tokens_after_close
     # the model is free again at once
     assert answer(idefics3_runner, [user("hi")], max_new_tokens=3)
 
