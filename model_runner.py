@@ -337,14 +337,14 @@ class TextStream:
         updates this thread sleeps instead of waking for every token, so the generate
         thread has the interpreter to itself."""
         interval = self._update_interval
-        last_update = float("-inf")
+        next_update = 0.0
         shown = ""
         ended = False
         while not ended:
-            pieces = [self._pieces.get()]  # sleep until something arrives
-            wait = last_update + interval - time.perf_counter()
-            if wait > 0 and pieces[0] is not _END:
-                self._ended.wait(wait)  # let tokens pile up until the next update is due
+            wait = next_update - time.perf_counter()
+            if wait > 0:  # let tokens pile up until the next update is due (one wake-up per update)
+                self._ended.wait(wait)
+            pieces = [self._pieces.get()]  # blocks only while nothing new has come
             while True:  # take everything that has arrived
                 try:
                     pieces.append(self._pieces.get_nowait())
@@ -358,7 +358,7 @@ class TextStream:
                 elif not (self._stop.is_set() and self._stop_reason == "stop"):
                     self._add(piece)
             if self.text != shown and not ended:
-                last_update, shown = time.perf_counter(), self.text
+                next_update, shown = time.perf_counter() + interval, self.text
                 yield shown
         self._thread.join()
         if self._stop_reason != "stop":

@@ -40,7 +40,8 @@ order, and reports medians; ratios are medians of per-round ratios):
   8 start-up     `python app.py --model DIR`: launch -> GET / answers 200, and -> /healthz
                  says "loaded": true.                                  UI <= 5 s
 
-How: the app is served from this process (app.serve) as `python app.py` runs it: the web
+How: plain generate and the runner alone run in a process that does nothing else (the
+baseline). The app is served from this process (app.serve) as `python app.py` runs it: the web
 server here, the model in an engine process (engine_process.EngineProcess); a second copy
 serves the model in this process (--in-process) for comparison. A wrapper around
 runner.stream records each stream (forcing min_new_tokens = max_new_tokens; the random
@@ -144,6 +145,7 @@ class Model:
     url: str = ""             # the app on the engine process, while it is served
     demo: object = None
     spy: "StreamSpy" = None
+    clean: CleanProcess = None    # plain generate and the runner alone, in a process of their own
     url_in: str = ""          # the app with the model in its own process (--in-process)
     demo_in: object = None
     spy_in: "StreamSpy" = None
@@ -276,6 +278,105 @@ class ClientProcess:
         self.process.wait(10)
 
 
+class CleanProcess:
+    """Plain `generate` and the runner alone, in a process that does nothing else: the
+    baseline. In this process they would share the interpreter lock with the web servers
+    kept up for the app's figures (their idle polling alone cost plain generate ~10 %)."""
+
+    def __init__(self, path: str, device: str, torch_threads: int | None):
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_clean_worker, args=(child, path, device, torch_threads),
+                                       daemon=True)
+        self.process.start()
+        child.close()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the clean process failed to load the model")
+
+    def __call__(self, op: str, *args):
+        self.conn.send((op, args))
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"clean process, {op}: {value}")
+        return value
+
+    def close(self):
+        self.conn.close()
+        self.process.join(10)
+
+
+def _clean_worker(conn, path, device, torch_threads):
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    runner = ModelRunner.load(path, device=device)
+    conn.send("ready")
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", CLEAN_OPS[op](runner, *args)))
+        except Exception as error:
+            conn.send(("error", f"{type(error).__name__}: {error}"))
+
+
+def _plain(runner, messages, settings, streamer=None) -> int:
+    inputs = runner.build_inputs(messages)
+    out = runner.model.generate(**inputs, generation_config=runner.generation_config(settings), streamer=streamer)
+    return out.shape[-1] - inputs["input_ids"].shape[-1]
+
+
+def _whole_answer(fn):
+    def run(runner, messages, settings):
+        cpu, start = time.process_time(), perf_counter()
+        tokens = fn(runner, messages, settings)
+        return {"start": start, "end": perf_counter(), "cpu": time.process_time() - cpu, "tokens": tokens}
+    return run
+
+
+def _runner_answer(runner, messages, settings) -> int:
+    with runner.stream(messages, settings) as stream:
+        for _ in stream:
+            pass
+    return stream.new_tokens
+
+
+def _plain_ttft(runner, messages, settings):
+    start = perf_counter()
+    clock = TokenClock(runner.tokenizer)
+    _plain(runner, messages, settings, clock)
+    return {"first_text": clock.first_text_at - start, "first_token": clock.times[0] - start}
+
+
+def _runner_ttft(runner, messages, settings):
+    start = perf_counter()
+    with runner.stream(messages, settings) as stream:
+        assert next(iter(stream))
+        return perf_counter() - start
+
+
+def _plain_times(runner, messages, settings):
+    clock = TokenClock()
+    _plain(runner, messages, settings, clock)
+    return clock.times
+
+
+def _runner_times(runner, messages, settings):
+    with runner.stream(messages, settings) as stream:
+        for _ in stream:
+            pass
+    return stream.token_times
+
+
+CLEAN_OPS = {"plain": _whole_answer(_plain), "runner": _whole_answer(_runner_answer),
+             "plain_ttft": _plain_ttft, "runner_ttft": _runner_ttft,
+             "plain_times": _plain_times, "runner_times": _runner_times}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -286,6 +387,7 @@ def serve_model(m: Model, torch_threads: int | None) -> None:
     """The app as users run it (the model in an engine process) and, for comparison, with
     the model in the web server's process (--in-process)."""
     m.engine = EngineProcess.start(m.path, device=m.runner.device, torch_threads=torch_threads or None)
+    m.clean = CleanProcess(m.path, m.runner.device, torch_threads or None)
     m.spy = StreamSpy(m.engine)
     m.demo, m.url = app.serve(m.engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
     m.spy_in = StreamSpy(m.runner)
@@ -296,8 +398,9 @@ def stop_serving(m: Model) -> None:
     m.demo.close()
     m.demo_in.close()
     m.engine.close()
+    m.clean.close()
     m.runner.stream = m.spy_in.original
-    m.demo = m.spy = m.demo_in = m.spy_in = m.engine = None
+    m.demo = m.spy = m.demo_in = m.spy_in = m.engine = m.clean = None
 
 
 def serve_echo():
@@ -322,46 +425,41 @@ def serve_echo():
 
 def fig_throughput(ctx, m: Model) -> dict:
     """1. Tokens/s, whole answer (request -> last token): plain generate without a
-    streamer (input building included), the runner alone, the app (model in its engine
-    process) through the raw SSE client, and (info) the app with --in-process and the app
-    through gradio_client. For the runner, also this process's CPU time per token over
-    plain's (time.process_time()): the overhead, less blurred by a busy machine."""
+    streamer (input building included) and the runner alone, both in the clean process;
+    the app (model in its engine process) through the raw SSE client; and (info) the app
+    with --in-process and the app through gradio_client. For the runner, also its CPU
+    time per token over plain's (time.process_time() in the clean process): the overhead,
+    less blurred by a busy machine."""
     n = ctx.sizes.tokens
 
     def timed(fn):
         def run():
-            cpu, start = time.process_time(), perf_counter()
-            start, end = fn() or (start, perf_counter())  # the client's own times, when it has them
-            return {"tok_s": n / (end - start), "cpu_ms_per_token":
-                    1000 * (time.process_time() - cpu) / n}
+            start, end, cpu = fn()
+            return {"tok_s": n / (end - start), "cpu_ms_per_token": None if cpu is None else 1000 * cpu / n}
         return run
 
-    def plain():
-        inputs = m.runner.build_inputs(m.messages)
-        out = m.runner.model.generate(**inputs, generation_config=m.runner.generation_config(m.settings(n)))
-        assert out.shape[-1] - inputs["input_ids"].shape[-1] == n
-
-    def runner():
-        with m.spy_in.original(m.messages, m.settings(n)) as stream:
-            for _ in stream:
-                pass
-        assert stream.new_tokens == n, stream.new_tokens
+    def clean(op):  # in the clean process, which measures its own CPU
+        def run():
+            r = m.clean(op, m.messages, m.settings(n))
+            assert r["tokens"] == n, r
+            return r["start"], r["end"], r["cpu"]
+        return run
 
     def app_sse():
         r = ctx.client("chat", url=m.url, text=m.text, files=m.files, extra=m.extra(n))
         assert m.spy.last().new_tokens == n and r["success"], r.get("error")
-        return r["t_join"], r["t_done"]  # at the client (same clock), upload done before t_join
+        return r["t_join"], r["t_done"], None  # at the client (same clock), upload done before t_join
 
     def app_in_process():
         r = ctx.client("chat", url=m.url_in, text=m.text, files=m.files, extra=m.extra(n))
         assert m.spy_in.last().new_tokens == n and r["success"], r.get("error")
-        return r["t_join"], r["t_done"]
+        return r["t_join"], r["t_done"], None
 
     def app_gradio_client():
         r = ctx.client("gradio_client_chat", url=m.url, text=m.text, files=m.files, extra=m.extra(n))
-        return r["t_join"], r["t_done"]
+        return r["t_join"], r["t_done"], None
 
-    runs = interleaved({"plain": timed(plain), "runner": timed(runner), "app": timed(app_sse),
+    runs = interleaved({"plain": timed(clean("plain")), "runner": timed(clean("runner")), "app": timed(app_sse),
                         "app_in_process": timed(app_in_process), "app_gradio_client": timed(app_gradio_client)},
                        ctx.sizes.rounds)
     m.spy.streams.clear()
@@ -370,6 +468,7 @@ def fig_throughput(ctx, m: Model) -> dict:
     cpu = {k: median(r["cpu_ms_per_token"] for r in v) for k, v in runs.items()}
     out = {"tokens": n, "rounds": runs, "median_tokens_per_second": {k: median(v) for k, v in tok_s.items()},
            "median_cpu_ms_per_token": cpu}
+    cpu = {k: v for k, v in cpu.items() if v is not None}
     for variant, target in (("app", 0.98), ("runner", 0.99), ("app_in_process", None), ("app_gradio_client", None)):
         ratios = paired(tok_s[variant], tok_s["plain"], lambda a, b: a / b)
         ratio, best = median(ratios), max(tok_s[variant]) / max(tok_s["plain"])
@@ -378,9 +477,9 @@ def fig_throughput(ctx, m: Model) -> dict:
         shown = (f"{ratio:.3f} ({median(tok_s[variant]):.0f} vs {median(tok_s['plain']):.0f} tok/s; "
                  f"rounds {percentile(ratios, 0.25):.2f}-{percentile(ratios, 0.75):.2f}, best-of {best:.2f})")
         if target:
-            extra_cpu = 1000 * (cpu[variant] - cpu["plain"])
-            ctx.check(1, f"throughput {variant} / plain", m.name, ratio, f">= {target}", ratio >= target,
-                      shown + (f"; CPU {extra_cpu:+.0f} µs/token" if variant == "runner" else ""))
+            if variant in cpu:
+                shown += f"; CPU {1000 * (cpu[variant] - cpu['plain']):+.0f} µs/token"
+            ctx.check(1, f"throughput {variant} / plain", m.name, ratio, f">= {target}", ratio >= target, shown)
         elif variant == "app_in_process":
             ctx.info(1, "throughput app --in-process / plain", m.name,
                      shown + "; the model shares the web server's interpreter lock")
@@ -397,23 +496,17 @@ def fig_ttft(ctx, m: Model, echo_url: str) -> dict:
     k = ctx.sizes.ttft_tokens
 
     def plain():
-        start = perf_counter()
-        inputs = m.runner.build_inputs(m.messages)
-        clock = TokenClock(m.runner.tokenizer)
-        m.runner.model.generate(**inputs, generation_config=m.runner.generation_config(m.settings(k)),
-                                streamer=clock)
-        return {"first_text": clock.first_text_at - start, "first_token": clock.times[0] - start}
+        return m.clean("plain_ttft", m.messages, m.settings(k))
 
     def runner():
-        start = perf_counter()
-        with m.spy_in.original(m.messages, m.settings(k)) as stream:
-            first = next(iter(stream))
-            assert first
-            elapsed = perf_counter() - start
-        return elapsed
+        return m.clean("runner_ttft", m.messages, m.settings(k))
 
     def app_sse():
         r = ctx.client("chat", url=m.url, text=m.text, files=m.files, extra=m.extra(k))
+        return r["t_first_text"] - r["t_join"]
+
+    def app_in_process():
+        r = ctx.client("chat", url=m.url_in, text=m.text, files=m.files, extra=m.extra(k))
         return r["t_first_text"] - r["t_join"]
 
     def echo():
@@ -424,9 +517,10 @@ def fig_ttft(ctx, m: Model, echo_url: str) -> dict:
         r = ctx.client("gradio_client_chat", url=m.url, text=m.text, files=m.files, extra=m.extra(k))
         return r["t_first_text"] - r["t_join"]
 
-    runs = interleaved({"plain": plain, "runner": runner, "app": app_sse, "echo": echo,
-                        "app_gradio_client": app_gradio_client}, ctx.sizes.ttft_rounds)
+    runs = interleaved({"plain": plain, "runner": runner, "app": app_sse, "app_in_process": app_in_process,
+                        "echo": echo, "app_gradio_client": app_gradio_client}, ctx.sizes.ttft_rounds)
     m.spy.streams.clear()
+    m.spy_in.streams.clear()
     plain_text = [p["first_text"] for p in runs["plain"]]
     overhead = median(paired(runs["app"], plain_text, lambda a, b: a - b))
     floor = median(runs["echo"])
@@ -436,8 +530,10 @@ def fig_ttft(ctx, m: Model, echo_url: str) -> dict:
               overhead <= floor + 0.010,
               f"{overhead * 1000:.1f} ms (app {ms['app']:.1f} − plain {ms['plain']:.1f}); "
               f"floor {floor * 1000:.1f} ms")
-    ctx.info(2, "TTFT runner alone / via gradio_client", m.name,
+    in_process = median(paired(runs["app_in_process"], plain_text, lambda a, b: a - b))
+    ctx.info(2, "TTFT runner alone / app --in-process / via gradio_client", m.name,
              f"runner {ms['runner']:.1f} ms (+{ms['runner'] - ms['plain']:.1f}); "
+             f"app --in-process overhead {1000 * in_process:.1f} ms; "
              f"gradio_client {ms['gc']:.1f} ms (incl. its upload + 50 ms polling)")
     return {"measured_with": "raw HTTP: POST /gradio_api/queue/join -> GET /gradio_api/queue/data "
                              "(SSE), client in a separate process; files uploaded before the clock",
@@ -753,17 +849,10 @@ def long_answer_latency(ctx) -> dict:
     m, n = ctx.main, ctx.sizes.long_tokens
 
     def plain():
-        inputs = m.runner.build_inputs(m.messages)
-        clock = TokenClock()
-        m.runner.model.generate(**inputs, generation_config=m.runner.generation_config(m.settings(n)),
-                                streamer=clock)
-        return clock.times
+        return m.clean("plain_times", m.messages, m.settings(n))
 
     def runner():
-        with m.spy_in.original(m.messages, m.settings(n)) as stream:
-            for _ in stream:
-                pass
-        return token_times(stream)
+        return m.clean("runner_times", m.messages, m.settings(n))
 
     def app_sse():
         ctx.client("chat", url=m.url, text=m.text, files=m.files, extra=m.extra(n))
