@@ -19,8 +19,9 @@ Protocol: pickled tuples over two one-way pipes.
     engine -> web server   ("ready", info) | ("load_failed", message), then per request
                            ("started", id, info) | ("refused", id, kind, message),
                            ("text", id, offset, piece, progress)..., ("end", id, result)
-The engine coalesces text updates (GenerationSettings.max_updates_per_second) before
-sending them, so the pipe carries at most that many messages a second per answer.
+The engine coalesces text updates (GenerationSettings.max_updates_per_second) and its
+generate thread sends them itself (TextStream's on_update): the pipe carries at most that
+many messages a second per answer, and no second thread wakes in the engine per update.
 """
 
 from __future__ import annotations
@@ -357,8 +358,19 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
     state_lock = threading.Lock()
 
     def serve(request_id: int, messages: list[dict], settings: GenerationSettings) -> None:
+        started = threading.Event()
+        sent = ""
+
+        def on_update(text: str) -> None:  # in the generate thread: no other thread wakes per update
+            nonlocal sent
+            started.wait()
+            offset = len(sent) if text.startswith(sent) else 0
+            send("text", request_id, offset, text[offset:],
+                 {"new_tokens": stream.new_tokens, "first_token_at": stream.first_token_at})
+            sent = text
+
         try:
-            stream = runner.stream(messages, settings)  # waits while another answer generates
+            stream = runner.stream(messages, settings, on_update=on_update)  # waits while another answer generates
         except Exception as error:
             with state_lock:
                 pending.discard(request_id)
@@ -374,35 +386,25 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
             streams[request_id] = stream
             if request_id in cancelled:
                 stream.close(wait=0)
-        send("started", request_id, {
-            "notices": stream.notices, "prompt_tokens": stream.prompt_tokens,
-            "starts_in_reasoning": stream.starts_in_reasoning, "max_new_tokens": stream.max_new_tokens,
-            "started_at": stream.started_at})
-        sent, error = "", None
         try:
-            for text in stream:
-                offset = len(sent) if text.startswith(sent) else 0
-                send("text", request_id, offset, text[offset:],
-                     {"new_tokens": stream.new_tokens, "first_token_at": stream.first_token_at})
-                sent = text
-        except GenerationError as failure:
-            error = str(failure)
-        except Exception as failure:
-            log.exception("generation failed")
-            error = f"Internal error: {type(failure).__name__}: {failure}"
+            send("started", request_id, {
+                "notices": stream.notices, "prompt_tokens": stream.prompt_tokens,
+                "starts_in_reasoning": stream.starts_in_reasoning, "max_new_tokens": stream.max_new_tokens,
+                "started_at": stream.started_at})
         finally:
-            stream.join()
-            with state_lock:
-                streams.pop(request_id, None)
-                pending.discard(request_id)
-                cancelled.discard(request_id)
-            send("end", request_id, {
-                "text": stream.text if stream.text != sent else None, "error": error,
-                "finish_reason": "error" if error else stream.finish_reason,
-                "new_tokens": stream.new_tokens, "first_token_at": stream.first_token_at,
-                "last_token_at": stream.last_token_at, "ended_at": stream.ended_at,
-                "closed_at": stream.closed_at, "tokens_after_close": stream.tokens_after_close,
-                "token_times": stream.token_times})
+            started.set()  # on a broken pipe, on_update fails too, and that stops generation
+        stream.join()
+        with state_lock:
+            streams.pop(request_id, None)
+            pending.discard(request_id)
+            cancelled.discard(request_id)
+        send("end", request_id, {
+            "text": stream.text if stream.text != sent else None,
+            "error": str(stream.error) if stream.error else None, "finish_reason": stream.finish_reason,
+            "new_tokens": stream.new_tokens, "first_token_at": stream.first_token_at,
+            "last_token_at": stream.last_token_at, "ended_at": stream.ended_at,
+            "closed_at": stream.closed_at, "tokens_after_close": stream.tokens_after_close,
+            "token_times": stream.token_times})
 
     while True:
         try:

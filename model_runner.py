@@ -203,6 +203,28 @@ class IncrementalTextStreamer(BaseStreamer):
         self.pieces.put(_END)
 
 
+class _UpdatePusher:
+    """In place of the pieces queue when a TextStream has on_update: coalesces in the
+    generate thread and hands out the text when an update is due, and at the end."""
+
+    def __init__(self, stream: "TextStream", on_update):
+        self.stream, self.on_update = stream, on_update
+        self.shown, self.next_update = "", 0.0
+
+    def put(self, piece) -> None:
+        stream = self.stream
+        if isinstance(piece, _Failure):  # stream.error holds it
+            return
+        ended = stream._take(piece)
+        now = time.perf_counter()
+        if stream.text != self.shown and (ended or now >= self.next_update):
+            self.shown, self.next_update = stream.text, now + stream._update_interval
+            try:
+                self.on_update(self.shown)
+            except Exception:  # nobody to hand it to any more: stop generating
+                stream._stop.set()
+
+
 class _StopOnEvent(StoppingCriteria):
     def __init__(self, event: threading.Event):
         self.event = event
@@ -217,12 +239,17 @@ class TextStream:
     the `with` block) to stop generation, which then ends within one token.
 
     `finish_reason` is "stop" (end of turn or a stop string), "length", "cancelled" or
-    "error"; it is set when the generate thread ends, before iteration finishes."""
+    "error"; it is set when the generate thread ends, before iteration finishes.
+
+    With `on_update`, the generate thread itself calls on_update(text) when an update is
+    due (and once at the end) instead of waking a consuming thread: no second thread
+    takes the interpreter lock per update (the engine process streams this way)."""
 
     def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
                  stop: list[str] = (), seed: int | None = None,
-                 max_updates_per_second: float = MAX_UPDATES_PER_SECOND, record_token_times: bool = False):
-        self._pieces: queue.Queue = queue.Queue()
+                 max_updates_per_second: float = MAX_UPDATES_PER_SECOND, record_token_times: bool = False,
+                 on_update=None):
+        self._pieces = queue.Queue() if on_update is None else _UpdatePusher(self, on_update)
         self._stop = threading.Event()
         self._ended = threading.Event()  # the generate thread is done
         self._stop_reason = "cancelled"
@@ -332,10 +359,22 @@ class TextStream:
                     if self._raw.endswith(stop[:k])), default=0)
         self.text = self._raw[:len(self._raw) - held]
 
+    def _take(self, piece) -> bool:
+        """Apply one text piece from the streamer, or its end (True)."""
+        if piece is _END:
+            if self._stop_reason != "stop":
+                self.text = self._raw  # a held-back partial stop string that never completed
+            return True
+        if not (self._stop.is_set() and self._stop_reason == "stop"):
+            self._add(piece)
+        return False
+
     def __iter__(self):
         """The answer so far, at most MAX_UPDATES_PER_SECOND times a second. Between
         updates this thread sleeps instead of waking for every token, so the generate
         thread has the interpreter to itself."""
+        if isinstance(self._pieces, _UpdatePusher):
+            raise TypeError("this stream hands its updates to on_update")
         interval = self._update_interval
         next_update = 0.0
         shown = ""
@@ -351,18 +390,13 @@ class TextStream:
                 except queue.Empty:
                     break
             for piece in pieces:
-                if piece is _END:
-                    ended = True
-                elif isinstance(piece, _Failure):
+                if isinstance(piece, _Failure):
                     raise piece.error
-                elif not (self._stop.is_set() and self._stop_reason == "stop"):
-                    self._add(piece)
+                ended = self._take(piece) or ended
             if self.text != shown and not ended:
                 next_update, shown = time.perf_counter() + interval, self.text
                 yield shown
         self._thread.join()
-        if self._stop_reason != "stop":
-            self.text = self._raw  # a held-back partial stop string that never completed
         if self.text != shown:
             yield self.text
 
@@ -526,8 +560,10 @@ class ModelRunner:
             config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
         return config
 
-    def stream(self, messages: list[dict], settings: GenerationSettings | None = None) -> TextStream:
-        """Start generating; raises ChatInputError for a conversation the model can't take."""
+    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
+               on_update=None) -> TextStream:
+        """Start generating; raises ChatInputError for a conversation the model can't take.
+        With on_update, the text is handed to it from the generate thread (see TextStream)."""
         settings = settings or GenerationSettings()
         if not 1 <= settings.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ChatInputError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
@@ -541,7 +577,7 @@ class ModelRunner:
             config.max_new_tokens = min(config.max_new_tokens, limit - inputs["input_ids"].shape[-1])
         stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed,
                             max_updates_per_second=settings.max_updates_per_second,
-                            record_token_times=settings.record_token_times)
+                            record_token_times=settings.record_token_times, on_update=on_update)
         stream.notices = notices
         stream.request_text = last_user_text(messages)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
