@@ -39,8 +39,9 @@ from config import (
 )
 
 GENERATION_CONCURRENCY_ID = "generate"  # UI and API events share one queue per model
-# Updates per second × messages in the chat stays under this (30/s up to 100 messages).
-UPDATE_BUDGET_MESSAGES = 3000
+# Updates per second × messages in the chat stays under this (30/s up to 40 messages, 3/s
+# at 400): Gradio re-processes and diffs the whole chat on every update.
+UPDATE_BUDGET_MESSAGES = 1200
 REMOTE_MAX_CONCURRENCY = 16  # with --backend openai the serving engine batches; don't serialise
 DEFAULT_SYSTEM_PROMPT = ""
 

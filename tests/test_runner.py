@@ -232,3 +232,29 @@ def test_reasoning_is_split_from_the_answer(reasoning_runner, llama_runner):
 def test_split_reasoning(text, expected):
     from model_runner import split_reasoning
     assert split_reasoning(text) == expected
+
+
+def test_the_generate_thread_can_hand_out_the_updates_itself(llama_runner):
+    """on_update (how the engine process streams): same answer, same coalescing, stop
+    strings hidden, one final update; and such a stream can't also be iterated."""
+    full = answer(llama_runner, [user("write")], max_new_tokens=200)
+    stop = full[120:124]
+    for stop_strings, expected in (([], full), ([stop], full[:full.find(stop)])):
+        updates, threads = [], set()
+
+        def on_update(text):
+            updates.append((time.perf_counter(), text))
+            threads.add(threading.current_thread().name)
+
+        settings = GenerationSettings(max_new_tokens=200, stop=stop_strings, max_updates_per_second=20)
+        stream = llama_runner.stream([user("write")], settings, on_update=on_update)
+        with pytest.raises(TypeError):
+            iter(stream).__next__()
+        assert stream.join(60)
+        texts = [text for _, text in updates]
+        assert texts[-1] == expected == stream.text
+        assert all(after.startswith(before) for before, after in zip(texts, texts[1:]))
+        assert all(stop not in t for t in texts) if stop_strings else len(texts) >= 2
+        gaps = [b - a for (a, _), (b, _) in zip(updates, updates[1:-1])]
+        assert all(gap >= 1 / 20 - 0.005 for gap in gaps), "at most 20 updates a second"
+        assert threads == {"generate"}, "no other thread is woken per update"
