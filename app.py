@@ -43,6 +43,9 @@ GENERATION_CONCURRENCY_ID = "generate"  # UI and API events share one queue per 
 # at 400): Gradio re-processes and diffs the whole chat on every update.
 UPDATE_BUDGET_MESSAGES = 1200
 REMOTE_MAX_CONCURRENCY = 16  # with --backend openai the serving engine batches; don't serialise
+# A local model generates one answer at a time; the next request is let through meanwhile,
+# so its inputs are built and it starts the moment the engine is free.
+LOCAL_MAX_CONCURRENCY = 2
 DEFAULT_SYSTEM_PROMPT = ""
 
 THINKING_TITLE = "Thinking…"
@@ -531,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                 return ModelRunner.load(args.model or DEFAULT_MODEL, **load_kwargs)
             from engine_process import EngineProcess
             return EngineProcess.start(args.model or DEFAULT_MODEL, **load_kwargs)
-        slot = ModelSlot(args.model or DEFAULT_MODEL, load)
+        # ZeroGPU: one GPU borrowed per answer, one at a time
+        slot = ModelSlot(args.model or DEFAULT_MODEL, load, max_concurrency=1 if on_zero_gpu() else LOCAL_MAX_CONCURRENCY)
     if args.share and not args.auth:
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

@@ -389,6 +389,7 @@ def serve_model(m: Model, torch_threads: int | None) -> None:
     m.engine = EngineProcess.start(m.path, device=m.runner.device, torch_threads=torch_threads or None)
     m.clean = CleanProcess(m.path, m.runner.device, torch_threads or None)
     m.spy = StreamSpy(m.engine)
+    m.engine.max_concurrency = m.runner.max_concurrency = app.LOCAL_MAX_CONCURRENCY  # as app.main has it
     m.demo, m.url = app.serve(m.engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
     m.spy_in = StreamSpy(m.runner)
     m.demo_in, m.url_in = app.serve(m.runner, host="127.0.0.1", port=free_port(), block=False, quiet=True)
@@ -689,7 +690,8 @@ def fig_long_chat(ctx) -> dict:
             m.spy.streams.clear()
             updates.setdefault(run, []).append((len(r["updates"]) - 1) / tokens)
             web, engine = ((done - first) / tokens for first, done in zip(r["cpu_first_text"], r["cpu_done"]))
-            return {"web": web, "engine": engine, "total": web + engine}
+            seconds = r["t_done"] - r["t_first_text"]
+            return {"web": web, "engine": engine, "total": web + engine, "web_per_second": web * tokens / seconds}
         return run
 
     variants, updates = {}, {}
@@ -710,6 +712,12 @@ def fig_long_chat(ctx) -> dict:
         ctx.check(5, f"long chat web-server CPU/token ({path})", m.name, ratios["web"], "<= 1.5",
                   ratios["web"] <= 1.5,
                   f"{ratios['web']:.2f}x ({ms[f'{path} empty web']:.2f} -> {ms[f'{path} long web']:.2f} ms/token)")
+        per_second = {k: 1000 * median(r["web_per_second"] for r in runs[f"{path} {k}"]) for k in ("empty", "long")}
+        out[f"{path}_web_ms_per_second"] = per_second
+        ctx.info(5, f"long chat web-server CPU per second ({path})", m.name,
+                 f"{per_second['empty']:.0f} -> {per_second['long']:.0f} ms/s while streaming "
+                 f"({median(updates[variants[f'{path} empty']]):.2f} -> "
+                 f"{median(updates[variants[f'{path} long']]):.2f} updates/token)")
         ctx.info(5, f"long chat engine, total CPU/token ({path})", m.name,
                  f"engine {ratios['engine']:.2f}x ({ms[f'{path} empty engine']:.2f} -> "
                  f"{ms[f'{path} long engine']:.2f}); total {ratios['total']:.2f}x "
