@@ -39,7 +39,7 @@ from model_runner import (
     GenerationError,
     GenerationSettings,
     ModelLoadError,
-    decode_rate,
+    StreamFigures,
     last_user_text,
     notify_finished,
     split_reasoning,
@@ -203,7 +203,7 @@ def _exit_description(code: int | None) -> str:
     return f"exit code {code}"
 
 
-class EngineStream:
+class EngineStream(StreamFigures):
     """Same contract as model_runner.TextStream, for an answer generating in the engine
     process: iterate for the growing answer, close() to stop it (within one token)."""
 
@@ -273,14 +273,6 @@ class EngineStream:
         self._started.wait()
         if self._refusal is not None:
             raise self._refusal
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.started_at
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        return decode_rate(self.new_tokens, self.first_token_at, self.ended_at)
 
     def __iter__(self):
         shown = ""

@@ -234,7 +234,20 @@ class _StopOnEvent(StoppingCriteria):
                           device=input_ids.device)
 
 
-class TextStream:
+class StreamFigures:
+    """Time to first token and decode rate, for any stream with new_tokens, started_at,
+    first_token_at and ended_at (TextStream, the engine process's and the remote one's)."""
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return decode_rate(self.new_tokens, self.first_token_at, self.ended_at)
+
+
+class TextStream(StreamFigures):
     """One running generation. Iterate it for the growing answer; close it (or leave
     the `with` block) to stop generation, which then ends within one token.
 
@@ -312,15 +325,6 @@ class TextStream:
     @property
     def new_tokens(self) -> int:
         return self._streamer.new_tokens
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        first = self._streamer.first_token_at
-        return None if first is None else first - self.started_at
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        return decode_rate(self.new_tokens, self._streamer.first_token_at, self.ended_at)
 
     @property
     def first_token_at(self) -> float | None:

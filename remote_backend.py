@@ -19,7 +19,7 @@ from model_runner import (
     GenerationError,
     GenerationSettings,
     ModelLoadError,
-    decode_rate,
+    StreamFigures,
     last_user_text,
     notify_finished,
     prepare_messages,
@@ -101,7 +101,7 @@ def _message_of(error: openai.APIError) -> str:
     return str(getattr(error, "message", None) or error)
 
 
-class RemoteStream:
+class RemoteStream(StreamFigures):
     """Same contract as model_runner.TextStream: iterate for the growing answer, close()
     to stop — which closes the HTTP stream, so the server stops generating too."""
 
@@ -137,14 +137,6 @@ class RemoteStream:
     @property
     def new_tokens(self) -> int:
         return self._usage_tokens if self._usage_tokens is not None else self._chunks
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.started_at
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        return decode_rate(self.new_tokens, self.first_token_at, self.ended_at)
 
     def __iter__(self):
         interval = 1.0 / MAX_UPDATES_PER_SECOND
