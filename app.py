@@ -155,7 +155,7 @@ class ModelSlot:
     def stream(self, messages, settings=None):
         self.ready.wait()
         if self.runner is None:
-            from model_runner import GenerationError
+            from conversation import GenerationError
             raise GenerationError(f"The model failed to load: {self.error}")
         return self.runner.stream(messages, settings)
 
@@ -182,7 +182,7 @@ def make_chat_fn(runner, *, zero_gpu: bool = False):
         title = THINKING_TITLE if getattr(runner, "loaded", True) else LOADING_TITLE
         yield gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
         # Imported here, not at the top: the app serves before torch is loaded.
-        from model_runner import ChatInputError, GenerationError, GenerationSettings
+        from conversation import ChatInputError, GenerationError, GenerationSettings
         # Gradio re-processes the whole chat on every update: fewer updates for long chats.
         updates_per_second = min(MAX_UPDATES_PER_SECOND, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                     on_listening=slot.start, log_chats=args.log_chats)
     slot.ready.wait()
     if slot.error is not None:
-        from model_runner import ModelLoadError
+        from conversation import ModelLoadError
         message = str(slot.error) if isinstance(slot.error, ModelLoadError) else \
             f"Can't load the model: {type(slot.error).__name__}: {slot.error}"
         print(f"error: {message}", file=sys.stderr)

@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 
-from model_runner import (
+from conversation import (
     ChatInputError,
     GenerationError,
     GenerationSettings,

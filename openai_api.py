@@ -37,7 +37,7 @@ from config import (
     API_MAX_WAITING_REQUESTS as MAX_WAITING_REQUESTS,
     MAX_NEW_TOKENS_LIMIT,
 )
-from model_runner import (
+from conversation import (
     ChatInputError,
     GenerationError,
     GenerationSettings,

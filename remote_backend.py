@@ -14,7 +14,7 @@ import time
 import openai
 
 from config import MAX_UPDATES_PER_SECOND, REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S
-from model_runner import (
+from conversation import (
     ChatInputError,
     GenerationError,
     GenerationSettings,

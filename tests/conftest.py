@@ -5,6 +5,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Before gradio / huggingface_hub are imported anywhere.
@@ -86,6 +87,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_loaded(port: int, process, timeout: float = 90) -> bool:
+    """Poll a launched `app.py`'s /healthz until the model is loaded (False: it never was,
+    or the process ended)."""
+    import httpx
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json().get("loaded"):
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.3)
+    return False
 
 
 class StreamSpy:

@@ -3,14 +3,12 @@
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 import app
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_loaded
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,13 +52,7 @@ def test_share_offline_says_so_and_the_app_keeps_running(tiny_model_paths):
                                 "--port", str(port), "--share"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
-        deadline, ready = time.time() + 90, False
-        while time.time() < deadline and not ready:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json().get("loaded")
-            except (httpx.HTTPError, ValueError):
-                time.sleep(0.3)
-        assert ready, "the local app must run although the share link failed"
+        assert wait_until_loaded(port, process), "the local app must run although the share link failed"
         assert process.poll() is None
     finally:
         process.terminate()

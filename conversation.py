@@ -1,0 +1,220 @@
+"""What the engine and the web server share, without torch: the errors, the generation
+settings, a conversation's validation and image loading, the reasoning split, and the
+figures every stream reports. The web server imports only this (the model runs in the
+engine process), so it starts fast and stays small; model_runner re-exports it all.
+
+Messages are the neutral chat format: a role ("system" | "user" | "assistant") and a
+list of parts, `{"type": "text", "text": ...}` or `{"type": "image", "image": <path or
+PIL.Image>}` (`{"type": "file", "path": ...}` for an attachment that is not an image).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from config import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    MAX_IMAGES_PER_CONVERSATION,
+    MAX_IMAGES_PER_MESSAGE,
+    MAX_UPDATES_PER_SECOND,
+)
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError at 2x this
+
+
+class ModelLoadError(Exception):
+    """The model could not be found or loaded. The message is one readable line."""
+
+
+class ChatInputError(Exception):
+    """The conversation can't be sent to this model (bad image, too long, ...)."""
+
+
+class GenerationError(Exception):
+    """Generation failed while running. The message is meant for the user."""
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0    # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # the answer ends before any of these
+    max_updates_per_second: float = MAX_UPDATES_PER_SECOND
+    min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
+    record_token_times: bool = False   # keep every token's perf_counter() (benchmarks)
+
+
+
+class StreamFigures:
+    """Time to first token and decode rate, for any stream with new_tokens, started_at,
+    first_token_at and ended_at (TextStream, the engine process's and the remote one's)."""
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return decode_rate(self.new_tokens, self.first_token_at, self.ended_at)
+
+
+
+def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str,
+                     notices: list[str] | None = None) -> list[dict]:
+    """Validate a conversation and load its images (as RGB PIL images, within the limits).
+    Raises ChatInputError for what can't be sent: every engine goes through here. What the
+    user should know about the new message (an image downscaled, old images left out) is
+    appended to `notices`."""
+    notices = [] if notices is None else notices
+    if not messages or messages[-1]["role"] != "user":
+        raise ChatInputError("The conversation must end with a user message.")
+    last = messages[-1]
+    if not any(p.get("type") in ("image", "file") or (p.get("text") or "").strip()
+               for p in last["content"]):
+        raise ChatInputError("The message is empty: type some text or attach an image.")
+    new_images = [p for p in last["content"] if _is_image(p)]
+    if new_images and not sees_images:
+        raise ChatInputError(
+            f"This model ({model_name}) is text-only and can't see images. Send the message "
+            f"without the image, or start the app with a vision model (--model).")
+    if len(new_images) > MAX_IMAGES_PER_MESSAGE:
+        raise ChatInputError(f"Too many images in one message: {len(new_images)} "
+                             f"(the limit is {MAX_IMAGES_PER_MESSAGE}).")
+    # Keep the newest images up to the conversation cap; earlier ones drop out of the prompt.
+    # A bad file in the new message is refused; one in the history was refused when it was
+    # sent, so it is left out rather than blocking every later turn.
+    budget = MAX_IMAGES_PER_CONVERSATION if sees_images else 0
+    left_out = 0
+    prepared = []
+    for message in reversed(messages):
+        is_new = message is last
+        parts = []
+        for part in reversed(message["content"]):
+            if part.get("type") == "file":
+                if is_new:
+                    raise ChatInputError(f"{os.path.basename(part['path'])} is not an image; "
+                                         f"only image files can be attached.")
+            elif _is_image(part):
+                if budget > 0:
+                    try:
+                        image = load_image(part["image"])
+                    except ChatInputError:
+                        if is_new:
+                            raise
+                        continue
+                    parts.append({"type": "image", "image": image})
+                    budget -= 1
+                    if is_new and "downscaled_from" in image.info:
+                        width, height = image.info["downscaled_from"]
+                        notices.append(f"An image of {width}×{height} pixels was downscaled to "
+                                       f"{image.width}×{image.height} (the limit is {MAX_IMAGE_SIDE} "
+                                       f"pixels a side).")
+                elif sees_images:
+                    left_out += 1
+            elif part.get("text"):
+                parts.append({"type": "text", "text": part["text"]})
+        parts.reverse()
+        if not parts:
+            continue
+        if prepared and prepared[-1]["role"] == message["role"]:
+            # e.g. a turn left unanswered (stopped, failed): many templates need
+            # alternating roles, so it joins the next one
+            prepared[-1]["content"][:0] = parts
+        else:
+            prepared.append({"role": message["role"], "content": parts})
+    prepared.reverse()
+    if left_out:
+        notices.append(f"The model sees the latest {MAX_IMAGES_PER_CONVERSATION} images of this chat; "
+                       f"{left_out} older image{'s' * (left_out > 1)} were left out.")
+    return prepared
+
+
+REASONING_START, REASONING_END = "<think>", "</think>"  # Qwen3, DeepSeek-R1, SmolLM3, ...
+
+
+def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str | None, str, bool]:
+    """Generated text → (reasoning or None, answer, reasoning finished?).
+
+    A reasoning model writes `<think>…</think>` before its answer; many chat templates
+    already open the block in the prompt, so the output starts inside it."""
+    if not starts_in_reasoning:
+        head = text.lstrip()
+        if not head.startswith(REASONING_START):
+            if head and REASONING_START.startswith(head):  # "<thi" may still become "<think>"
+                return "", "", False
+            return None, text, True
+        text = head[len(REASONING_START):]
+    end = text.find(REASONING_END)
+    if end < 0:
+        for k in range(len(REASONING_END) - 1, 0, -1):  # hold back a partial closing tag
+            if text.endswith(REASONING_END[:k]):
+                text = text[:-k]
+                break
+        return text.strip(), "", False
+    return text[:end].strip(), text[end + len(REASONING_END):].lstrip(), True
+
+
+def decode_rate(new_tokens: int, first_token_at: float | None, ended_at: float | None) -> float | None:
+    """Tokens per second after the first one (the first is the prefill's)."""
+    end = ended_at or time.perf_counter()
+    if first_token_at is None or new_tokens < 2 or end <= first_token_at:
+        return None
+    return (new_tokens - 1) / (end - first_token_at)
+
+
+def notify_finished(listeners: list, stream) -> None:
+    for listener in listeners:
+        try:
+            listener(stream)
+        except Exception:  # a broken listener (metrics, logging) must not break generation
+            pass
+
+
+def last_user_text(messages: list[dict]) -> str:
+    return " ".join(p.get("text", "") for p in messages[-1]["content"] if p.get("type") == "text")
+
+
+def _is_image(part: dict) -> bool:
+    return part.get("type") == "image"
+
+
+def load_image(source) -> Image.Image:
+    """A path or PIL image → RGB PIL image no larger than MAX_IMAGE_SIDE.
+    Raises ChatInputError for anything that is not a readable image."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        is_path = isinstance(source, (str, os.PathLike))
+        name = (os.path.basename(str(source)) if is_path else "") or "The image"
+        try:
+            image = Image.open(source)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ChatInputError(
+                    f"{name} is too large ({image.width}×{image.height} pixels; the limit is "
+                    f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels).")
+            image.load()
+        except ChatInputError:
+            raise
+        except Image.DecompressionBombError:
+            raise ChatInputError(f"{name} has too many pixels to open safely.") from None
+        except FileNotFoundError:
+            raise ChatInputError(f"{name} could not be found (was the upload removed?).") from None
+        except Exception:
+            raise ChatInputError(f"{name} is not a readable image (corrupt, truncated or not an "
+                                 f"image file).") from None
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if max(image.size) > MAX_IMAGE_SIDE:
+        original = image.size
+        image = image.copy()
+        image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+        image.info["downscaled_from"] = original
+    return image
