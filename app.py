@@ -19,6 +19,7 @@ Endpoints (same server):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import mimetypes
 import os
@@ -467,8 +468,9 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
 
     from metrics import Metrics
 
-    demo = build_demo(runner, max_new_tokens)
-    demo.queue(max_size=queue_max_size)
+    with gradio_app_built_at_launch_only():
+        demo = build_demo(runner, max_new_tokens)
+        demo.queue(max_size=queue_max_size)
     # Gradio's queue polls every 1 ms when idle (~80 ms of CPU a second, taken from the
     # generate thread); 5 ms costs at most 5 ms of latency. Private attributes: Gradio is pinned.
     demo._queue.sleep_when_free = 0.005
@@ -503,6 +505,22 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     if block:
         demo.block_thread()
     return demo, local_url
+
+
+@contextlib.contextmanager
+def gradio_app_built_at_launch_only():
+    """Gradio builds its FastAPI app (~80 routes) on leaving each Blocks and in queue(),
+    then again in launch(), whose app is the one served: the early ones cost ~0.45 s of
+    start-up here and are thrown away. Nothing reads `demo.app` before launch() (Gradio
+    is pinned; tests/test_app.py serves through here)."""
+    from gradio.routes import App
+
+    build = App.__dict__["create_app"]
+    App.create_app = staticmethod(lambda blocks, *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        App.create_app = build
 
 
 def log_exchange(stream) -> None:
