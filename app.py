@@ -19,7 +19,6 @@ Endpoints (same server):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import mimetypes
 import os
@@ -318,6 +317,8 @@ def on_zero_gpu() -> bool:
 def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     import gradio as gr
 
+    from gradio_fixes import HistoryCachingChatbot
+
     chat_fn = make_chat_fn(runner, zero_gpu=on_zero_gpu())
     concurrency = getattr(runner, "max_concurrency", 1)
     examples = starter_examples()
@@ -332,7 +333,7 @@ def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
             fn=chat_fn,
             multimodal=True,
             textbox=textbox,
-            chatbot=gr.Chatbot(height="65vh", label="Chat",
+            chatbot=HistoryCachingChatbot(height="65vh", label="Chat",
                                latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                                                  {"left": "$", "right": "$", "display": False}]),
             additional_inputs=[  # render=False: ChatInterface puts them in its accordion
@@ -466,15 +467,14 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     Returns (demo, local_url); with block=True only when the server stops."""
     from fastapi.responses import Response
 
+    from gradio_fixes import gradio_app_built_at_launch_only, wake_queue_on_events
     from metrics import Metrics
 
     with gradio_app_built_at_launch_only():
         demo = build_demo(runner, max_new_tokens)
         demo.queue(max_size=queue_max_size)
-    # Gradio's queue polls every 1 ms when idle (~80 ms of CPU a second, taken from the
-    # generate thread); 5 ms costs at most 5 ms of latency. Private attributes: Gradio is pinned.
-    demo._queue.sleep_when_free = 0.005
-    demo._queue.progress_update_sleep_when_free = 0.1
+    wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
+    demo._queue.progress_update_sleep_when_free = 0.1  # we report no progress; it polls too
     if log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
     metrics = Metrics(runner, extra_waiting=lambda: ui_queue_depth(demo))
@@ -505,22 +505,6 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     if block:
         demo.block_thread()
     return demo, local_url
-
-
-@contextlib.contextmanager
-def gradio_app_built_at_launch_only():
-    """Gradio builds its FastAPI app (~80 routes) on leaving each Blocks and in queue(),
-    then again in launch(), whose app is the one served: the early ones cost ~0.45 s of
-    start-up here and are thrown away. Nothing reads `demo.app` before launch() (Gradio
-    is pinned; tests/test_app.py serves through here)."""
-    from gradio.routes import App
-
-    build = App.__dict__["create_app"]
-    App.create_app = staticmethod(lambda blocks, *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        App.create_app = build
 
 
 def log_exchange(stream) -> None:

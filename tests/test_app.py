@@ -257,3 +257,27 @@ def test_the_ui_serves_while_the_model_loads(serve, llama_runner):
     assert httpx.get(url + "healthz").json()["loaded"] is True
     assert "loading" not in app.header_markdown(slot)
     client.close()
+
+
+def test_the_chat_shows_the_same_whatever_postprocessing_it_reuses(images):
+    """HistoryCachingChatbot postprocesses each history message once per turn; what the
+    browser receives must be exactly what gr.Chatbot sends, update after update."""
+    import gradio as gr
+
+    from gradio_fixes import HistoryCachingChatbot
+
+    plain, caching = gr.Chatbot(), HistoryCachingChatbot()
+    assert caching.get_block_name() == plain.get_block_name() == "chatbot"
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": str(images["red"]), "mime_type": "image/png"}},
+                                     {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red square."}],
+         "metadata": {"title": app.STATS_PREFIX + "7 tokens", "status": "done"}},
+        {"role": "user", "content": "And now?"},
+    ]
+    for answer in ("", "It is", "It is still red.", "It is still red. Done."):
+        update = [*history, *({"role": "assistant", "content": part} for part in (answer, "stats") if part)]
+        assert caching.postprocess(update).model_dump() == plain.postprocess(update).model_dump()
+    # A new turn: new message objects, equal or not, are postprocessed anew.
+    next_turn = [{**m} for m in history[:2]] + [{"role": "user", "content": "Something else"}]
+    assert caching.postprocess(next_turn).model_dump() == plain.postprocess(next_turn).model_dump()

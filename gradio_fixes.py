@@ -1,0 +1,144 @@
+"""Measured fixes to the pinned Gradio's internals (requirements.txt pins gradio; each
+fix names what it replaces, and tests/test_app.py serves every test through them).
+
+    with gradio_app_built_at_launch_only():      # ~0.45 s of start-up
+        demo = build_demo(...); demo.queue(...)  # its chat: HistoryCachingChatbot(...)
+    wake_queue_on_events(demo)                   # before demo.launch()
+
+Why the chatbot: every streamed update re-sends the whole chat, and Gradio postprocesses
+every message of it again (Chatbot.postprocess builds pydantic models per message): 18 ms
+of the ~35 ms an update cost at 400 messages. The history's messages are the same
+objects on every update of a turn, so each is postprocessed once.
+
+Why the queue fix: Gradio's queue loop (queueing.Queue.start_processing) looks for work
+by sleeping `sleep_when_free` (1 ms) and looking again, whether the app is idle or
+streaming. On the 2-core benchmark machine that cost 44 ms of CPU a second at 5 ms and
+still 10 ms/s at 50 ms, taken from the model on the other core, and a long sleep delays
+every answer's start by up to that long. Here the loop sleeps until an event is pushed
+or a job ends (an asyncio.Event), with a slow poll as a safety net: idle CPU ~6 ms/s and
+no start-up delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+
+import gradio as gr
+
+SAFETY_POLL_S = 0.5  # the loop also looks on its own this often, in case a wake-up was missed
+CACHED_CHAT_MESSAGES = 4096  # postprocessed messages kept, across the chats streaming now
+
+
+class HistoryCachingChatbot(gr.Chatbot):
+    """gr.Chatbot whose postprocess reuses the result for a message it has seen, the same
+    object, in an earlier update (Gradio builds new models from the output and never
+    changes them; a message dict is never changed in place between the updates of a
+    turn). New and changed messages (the answer streaming) are postprocessed as usual."""
+
+    is_template = True  # Gradio's marker for a subclass shown as its base: "chatbot"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._processed: OrderedDict[int, tuple[dict, list | None]] = OrderedDict()
+
+    def postprocess(self, value):
+        if value is None:
+            return super().postprocess(value)
+        self._check_format(value)
+        processed = []
+        for message in value:
+            if not isinstance(message, dict):
+                messages = self._postprocess(message)
+            elif (hit := self._processed.get(id(message))) is not None and hit[0] is message:
+                self._processed.move_to_end(id(message))
+                messages = hit[1]
+            else:
+                messages = self._postprocess(message)
+                self._processed[id(message)] = (message, messages)  # holding it keeps its id unique
+                if len(self._processed) > CACHED_CHAT_MESSAGES:
+                    self._processed.popitem(last=False)
+            if messages is not None:
+                processed.extend(messages)
+        return gr.components.chatbot.ChatbotDataMessages(root=processed)
+
+
+@contextlib.contextmanager
+def gradio_app_built_at_launch_only():
+    """Gradio builds its FastAPI app (~80 routes) on leaving each Blocks and in queue(),
+    then again in launch(), whose app is the one served: the early ones cost ~0.45 s of
+    start-up here and are thrown away. Nothing reads `demo.app` before launch()."""
+    from gradio.routes import App
+
+    build = App.__dict__["create_app"]
+    App.create_app = staticmethod(lambda blocks, *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        App.create_app = build
+
+
+def wake_queue_on_events(demo) -> None:
+    """Replace the polling in demo's queue loop with a wake-up (see the module docstring).
+    Call after demo.queue() and before demo.launch(), which starts the loop."""
+    from gradio.queueing import run_coro_in_background, set_task_name
+
+    queue = demo._queue
+    work = asyncio.Event()  # set: there may be an event to start
+    push, process_events = queue.push, queue.process_events
+
+    async def push_and_wake(*args, **kwargs):
+        try:
+            return await push(*args, **kwargs)
+        finally:
+            work.set()
+
+    async def process_events_and_wake(*args, **kwargs):
+        try:
+            return await process_events(*args, **kwargs)
+        finally:  # a concurrency slot is free: a waiting event may start
+            work.set()
+
+    async def wait_for_work():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(work.wait(), SAFETY_POLL_S)
+        work.clear()  # before looking: a push from now on sets it again
+
+    async def start_processing() -> None:
+        # gradio 6.31 queueing.Queue.start_processing, with wait_for_work() in place of
+        # `await asyncio.sleep(self.sleep_when_free)`.
+        self = queue
+        try:
+            while not self.stopped:
+                if len(self) == 0 or None not in self.active_jobs:
+                    await wait_for_work()
+                    continue
+                async with self.delete_lock:
+                    event_batch = self.get_events()
+                if not event_batch:
+                    await wait_for_work()
+                    continue
+                events, batch, concurrency_id = event_batch
+                self.active_jobs[self.active_jobs.index(None)] = events
+                event_queue = self.event_queue_per_concurrency_id[concurrency_id]
+                event_queue.current_concurrency += 1
+                start_time = time.time()
+                fn = events[0].fn
+                event_queue.start_times_per_fn[fn].add(start_time)
+                for event in events:
+                    if (a := self.event_analytics.get(event._id)) is not None:
+                        a["status"] = "processing"
+                task = run_coro_in_background(self.process_events, events, batch, start_time, fn)
+                set_task_name(task, events[0].session_hash, fn._id, events[0]._id, batch)
+                self._asyncio_tasks.add(task)
+                task.add_done_callback(self._asyncio_tasks.discard)
+                if self.live_updates:
+                    self.broadcast_estimations(concurrency_id)
+        finally:
+            self.stopped = True
+            self._cancel_asyncio_tasks()
+
+    queue.push, queue.process_events = push_and_wake, process_events_and_wake
+    queue.start_processing = start_processing
