@@ -317,7 +317,7 @@ def on_zero_gpu() -> bool:
 def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     import gradio as gr
 
-    from gradio_fixes import HistoryCachingChatbot
+    from gradio_fixes import cache_history_postprocessing
 
     chat_fn = make_chat_fn(runner, zero_gpu=on_zero_gpu())
     concurrency = getattr(runner, "max_concurrency", 1)
@@ -333,9 +333,10 @@ def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
             fn=chat_fn,
             multimodal=True,
             textbox=textbox,
-            chatbot=HistoryCachingChatbot(height="65vh", label="Chat",
-                               latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
-                                                 {"left": "$", "right": "$", "display": False}]),
+            chatbot=cache_history_postprocessing(gr.Chatbot(
+                height="65vh", label="Chat",
+                latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                                  {"left": "$", "right": "$", "display": False}])),
             additional_inputs=[  # render=False: ChatInterface puts them in its accordion
                 gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2, render=False),
                 gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,

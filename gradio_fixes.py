@@ -2,7 +2,7 @@
 fix names what it replaces, and tests/test_app.py serves every test through them).
 
     with gradio_app_built_at_launch_only():      # ~0.45 s of start-up
-        demo = build_demo(...); demo.queue(...)  # its chat: HistoryCachingChatbot(...)
+        demo = build_demo(...); demo.queue(...)  # its chat: cache_history_postprocessing(gr.Chatbot(...))
     wake_queue_on_events(demo)                   # before demo.launch()
 
 Why the chatbot: every streamed update re-sends the whole chat, and Gradio postprocesses
@@ -32,37 +32,37 @@ SAFETY_POLL_S = 0.5  # the loop also looks on its own this often, in case a wake
 CACHED_CHAT_MESSAGES = 4096  # postprocessed messages kept, across the chats streaming now
 
 
-class HistoryCachingChatbot(gr.Chatbot):
-    """gr.Chatbot whose postprocess reuses the result for a message it has seen, the same
-    object, in an earlier update (Gradio builds new models from the output and never
-    changes them; a message dict is never changed in place between the updates of a
-    turn). New and changed messages (the answer streaming) are postprocessed as usual."""
+def cache_history_postprocessing(chatbot: gr.Chatbot) -> gr.Chatbot:
+    """Make `chatbot.postprocess` reuse its result for a message it has seen, the same
+    object, in an earlier update: a turn's history messages are the same dicts on every
+    update and are never changed in place; Gradio builds new models from the result and
+    never changes it. New and changed messages (the answer streaming) are postprocessed
+    as usual. On the instance, not a subclass: the browser knows a component by its class."""
+    processed: OrderedDict[int, tuple[dict, list | None]] = OrderedDict()
+    postprocess_message = chatbot._postprocess
 
-    is_template = True  # Gradio's marker for a subclass shown as its base: "chatbot"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._processed: OrderedDict[int, tuple[dict, list | None]] = OrderedDict()
-
-    def postprocess(self, value):
+    def postprocess(value):
         if value is None:
-            return super().postprocess(value)
-        self._check_format(value)
-        processed = []
+            return gr.components.chatbot.ChatbotDataMessages(root=[])
+        chatbot._check_format(value)
+        shown = []
         for message in value:
             if not isinstance(message, dict):
-                messages = self._postprocess(message)
-            elif (hit := self._processed.get(id(message))) is not None and hit[0] is message:
-                self._processed.move_to_end(id(message))
+                messages = postprocess_message(message)
+            elif (hit := processed.get(id(message))) is not None and hit[0] is message:
+                processed.move_to_end(id(message))
                 messages = hit[1]
             else:
-                messages = self._postprocess(message)
-                self._processed[id(message)] = (message, messages)  # holding it keeps its id unique
-                if len(self._processed) > CACHED_CHAT_MESSAGES:
-                    self._processed.popitem(last=False)
+                messages = postprocess_message(message)
+                processed[id(message)] = (message, messages)  # holding it keeps its id unique
+                if len(processed) > CACHED_CHAT_MESSAGES:
+                    processed.popitem(last=False)
             if messages is not None:
-                processed.extend(messages)
-        return gr.components.chatbot.ChatbotDataMessages(root=processed)
+                shown.extend(messages)
+        return gr.components.chatbot.ChatbotDataMessages(root=shown)
+
+    chatbot.postprocess = postprocess
+    return chatbot
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ class HistoryCachingChatbot(gr.Chatbot):
         for message in value:
             if not isinstance(message, dict):
                 messages = self._postprocess(message)
-            elif (hit := self._processed.get(id(message))) is not None or True:
+            elif (hit := self._processed.get(id(message))) is not None and hit[0] is message:
                 self._processed.move_to_end(id(message))
                 messages = hit[1]
             else:

@@ -260,14 +260,13 @@ def test_the_ui_serves_while_the_model_loads(serve, llama_runner):
 
 
 def test_the_chat_shows_the_same_whatever_postprocessing_it_reuses(images):
-    """HistoryCachingChatbot postprocesses each history message once per turn; what the
+    """The app's chatbot postprocesses each history message once per turn; what the
     browser receives must be exactly what gr.Chatbot sends, update after update."""
     import gradio as gr
 
-    from gradio_fixes import HistoryCachingChatbot
+    from gradio_fixes import cache_history_postprocessing
 
-    plain, caching = gr.Chatbot(), HistoryCachingChatbot()
-    assert caching.get_block_name() == plain.get_block_name() == "chatbot"
+    plain, caching = gr.Chatbot(), cache_history_postprocessing(gr.Chatbot())
     history = [
         {"role": "user", "content": [{"type": "file", "file": {"path": str(images["red"]), "mime_type": "image/png"}},
                                      {"type": "text", "text": "What is this?"}]},
