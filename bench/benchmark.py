@@ -130,7 +130,7 @@ class Sizes:
         return 3 * self.rounds
 
     @property
-    def few_rounds(self):  # the slow figures (long chats, concurrency, start-up, the plot)
+    def few_rounds(self):  # the slow figures (long chats, start-up, the plot)
         return max(1, self.rounds // 2)
 
 
@@ -406,7 +406,9 @@ def stop_serving(m: Model) -> None:
 
 def serve_echo():
     """The floor for figure 2: a ChatInterface shaped like the app's (multimodal, same
-    additional inputs, api_name="chat") whose fn yields one character at once."""
+    additional inputs, api_name="chat") whose fn yields one character at once. Stock
+    Gradio: served only while figure 2 runs, since its queue polls every 1 ms (~80 ms of
+    CPU a second in this process, which the other figures count as the web server's)."""
     import gradio as gr
 
     def echo(message, history, system_prompt="", max_new_tokens=1, temperature=0.0, top_p=1.0):
@@ -489,12 +491,13 @@ def fig_throughput(ctx, m: Model) -> dict:
     return out
 
 
-def fig_ttft(ctx, m: Model, echo_url: str) -> dict:
+def fig_ttft(ctx, m: Model) -> dict:
     """2. Time to first text. Plain: build inputs + generate until the first token whose
     text is not empty. App and echo: raw SSE client, POST queue/join -> first
     process_generating message whose answer text is not empty (the app's "Thinking…"
     indicator before it is not answer text)."""
     k = ctx.sizes.ttft_tokens
+    echo_demo, echo_url = serve_echo()
 
     def plain():
         return m.clean("plain_ttft", m.messages, m.settings(k))
@@ -518,8 +521,11 @@ def fig_ttft(ctx, m: Model, echo_url: str) -> dict:
         r = ctx.client("gradio_client_chat", url=m.url, text=m.text, files=m.files, extra=m.extra(k))
         return r["t_first_text"] - r["t_join"]
 
-    runs = interleaved({"plain": plain, "runner": runner, "app": app_sse, "app_in_process": app_in_process,
-                        "echo": echo, "app_gradio_client": app_gradio_client}, ctx.sizes.ttft_rounds)
+    try:
+        runs = interleaved({"plain": plain, "runner": runner, "app": app_sse, "app_in_process": app_in_process,
+                            "echo": echo, "app_gradio_client": app_gradio_client}, ctx.sizes.ttft_rounds)
+    finally:
+        echo_demo.close()
     m.spy.streams.clear()
     m.spy_in.streams.clear()
     plain_text = [p["first_text"] for p in runs["plain"]]
@@ -744,7 +750,8 @@ def fig_concurrency(ctx) -> dict:
                     "ttft_s": [r["t_first_text"] - r["t_join"] for r in results]}
         return run
 
-    runs = interleaved({c: clients(c) for c in (1, 4, 8)}, ctx.sizes.few_rounds, warmup=False)
+    # all the rounds, not few_rounds: a round is short (~10 s) and single rounds swing ±15 %
+    runs = interleaved({c: clients(c) for c in (1, 4, 8)}, ctx.sizes.rounds, warmup=False)
     m.spy.streams.clear()
     summary = {}
     for count, rs in runs.items():
@@ -1057,13 +1064,12 @@ def main(argv=None) -> int:
         print(f"    {perf_counter() - t:.0f} s", flush=True)
 
     ctx.client = ClientProcess()
-    echo_demo, echo_url = serve_echo()
     try:
         for m in models:
             serve_model(m, args.torch_threads)
             try:
                 run(1, "1 throughput", fig_throughput, m)
-                run(2, "2 ttft", fig_ttft, m, echo_url)
+                run(2, "2 ttft", fig_ttft, m)
                 if m is ctx.main:
                     run(3, "3 detokenize", fig_detokenize)
                     run(4, "4 stop", fig_stop)
@@ -1082,7 +1088,6 @@ def main(argv=None) -> int:
             finally:
                 stop_serving(m)
     finally:
-        echo_demo.close()
         ctx.client.close()
     del models
     gc.collect()
