@@ -441,6 +441,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-remote-code", action="store_true", default=env_flag("TRUST_REMOTE_CODE"),
                         help="run Python code shipped with the model repo (only for repos you trust) "
                              "[TRUST_REMOTE_CODE=1]")
+    parser.add_argument("--compile", action="store_true", default=env_flag("COMPILE"),
+                        help="CUDA: generate with a static KV cache and a torch.compile'd decoding step "
+                             "(CUDA graphs): faster tokens after a one-time compile while the model "
+                             "loads. Models whose cache can't be static are refused [COMPILE=1]")
     parser.add_argument("--in-process", action="store_true", default=env_flag("IN_PROCESS"),
                         help="run the model in the web server's process instead of a process of its own "
                              "(slower streaming: the two then share one Python interpreter lock) [IN_PROCESS=1]")
@@ -531,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         slot = ModelSlot(args.model or args.base_url, load, max_concurrency=REMOTE_MAX_CONCURRENCY)
     else:
         def load():
-            load_kwargs = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+            load_kwargs = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                               compile=args.compile)
             if args.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
                 return ModelRunner.load(args.model or DEFAULT_MODEL, **load_kwargs)

@@ -28,6 +28,9 @@ MAX_IMAGES_PER_CONVERSATION = _env("MAX_IMAGES_PER_CONVERSATION", 16)
 MAX_NEW_TOKENS_LIMIT = _env("MAX_NEW_TOKENS_LIMIT", 8192)
 # The eye can't follow more; fewer updates keep long chats cheap to stream.
 MAX_UPDATES_PER_SECOND = _env("MAX_UPDATES_PER_SECOND", 30)
+# --compile: the static KV cache holds this many tokens (prompt + answer; longer chats get a
+# bigger cache and a one-time recompile). Its memory is reserved whole, per layer.
+COMPILE_CACHE_TOKENS = _env("COMPILE_CACHE_TOKENS", 4096)
 
 # --- Serving (UI) ---
 MAX_UPLOAD_SIZE = _env("MAX_UPLOAD_SIZE", "20mb")  # Gradio refuses larger uploads (413)

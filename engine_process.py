@@ -68,11 +68,12 @@ class EngineProcess:
         self.restarts = 0
 
     @classmethod
-    def start(cls, model: str, *, device: str = "auto", dtype: str = "auto",
-              trust_remote_code: bool = False, torch_threads: int | None = None) -> "EngineProcess":
-        """Start the engine and load the model there. Raises ModelLoadError (one line)."""
+    def start(cls, model: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+              compile: bool = False, torch_threads: int | None = None) -> "EngineProcess":
+        """Start the engine and load the model there (ModelRunner.load's arguments).
+        Raises ModelLoadError (one line)."""
         engine = cls({"model": model, "device": device, "dtype": dtype,
-                      "trust_remote_code": trust_remote_code}, torch_threads)
+                      "trust_remote_code": trust_remote_code, "compile": compile}, torch_threads)
         engine._launch()
         return engine
 

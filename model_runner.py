@@ -16,6 +16,7 @@ or `{"type": "image", "image": <path or PIL.Image>}`.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -37,6 +38,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from config import (  # noqa: F401  (re-exported for callers of the engine)
+    COMPILE_CACHE_TOKENS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
     MAX_IMAGE_SIDE,
@@ -60,6 +62,8 @@ from conversation import (  # noqa: F401  (re-exported: the engine's contract)
     prepare_messages,
     split_reasoning,
 )
+
+log = logging.getLogger("engine")
 
 # ---------------------------------------------------------------- loading
 
@@ -401,8 +405,9 @@ class TextStream(StreamFigures):
 
 class ModelRunner:
     def __init__(self, model, processor, tokenizer, *, name: str, device: str,
-                 dtype: torch.dtype, is_vision: bool):
+                 dtype: torch.dtype, is_vision: bool, compile: bool = False):
         self.model = model
+        self.compile = compile  # static KV cache; transformers compiles decoding on CUDA
         self.processor = processor      # None for text-only models
         self.tokenizer = tokenizer
         self.name = name
@@ -419,8 +424,12 @@ class ModelRunner:
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False) -> "ModelRunner":
-        """Hub id or local directory → ready runner. Raises ModelLoadError (one line)."""
+             trust_remote_code: bool = False, compile: bool = False) -> "ModelRunner":
+        """Hub id or local directory → ready runner. Raises ModelLoadError (one line).
+
+        compile: generate with a static KV cache, which transformers pairs with
+        torch.compile of the decoding step ("reduce-overhead": CUDA graphs) on CUDA; the
+        compile happens here, in a short warm-up, not in the first user's answer."""
         device = pick_device(device)
         torch_dtype = pick_dtype(device, dtype)
         path = resolve_model_path(model, trust_remote_code)
@@ -452,8 +461,28 @@ class ModelRunner:
         if device != "cuda":
             model_obj.to(device)
         model_obj.eval()
-        return cls(model_obj, processor, tokenizer, name=model, device=device,
-                   dtype=torch_dtype, is_vision=is_vision)
+        if compile and not getattr(model_obj, "_can_compile_fullgraph", False):
+            raise ModelLoadError(f"--compile: {type(model_obj).__name__} ({model}) can't generate with a "
+                                 f"static KV cache in this transformers version; start without --compile.")
+        runner = cls(model_obj, processor, tokenizer, name=model, device=device,
+                     dtype=torch_dtype, is_vision=is_vision, compile=compile)
+        if compile:
+            runner.warm_up()
+        return runner
+
+    def warm_up(self) -> None:
+        """One short answer, so that one-time work (with --compile on CUDA: compiling and
+        capturing the decoding step, tens of seconds) happens before the first user's."""
+        if self.compile and self.device != "cuda":
+            log.warning("--compile: torch.compile runs on CUDA only; on %s only the static KV cache "
+                        "is used, which is usually slower than the default cache.", self.device)
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
+        try:
+            with self.stream(messages, GenerationSettings(max_new_tokens=8, min_new_tokens=8)) as stream:
+                for _ in stream:
+                    pass
+        except (ChatInputError, GenerationError) as error:
+            raise ModelLoadError(f"The model loaded but can't generate: {error}") from None
 
     # ------------------------------------------------------------ inputs
 
@@ -533,6 +562,10 @@ class ModelRunner:
             config.temperature = config.top_p = config.top_k = None
         if config.pad_token_id is None:
             config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+        if self.compile:
+            config.cache_implementation = "static"
+            # One cache size for every answer: a new size means a new compile.
+            config.max_cache_len = min(self.context_length or COMPILE_CACHE_TOKENS, COMPILE_CACHE_TOKENS)
         return config
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,

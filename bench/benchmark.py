@@ -3,6 +3,7 @@
     python bench/benchmark.py                      # full run: ~5-10 min on a 2-core CPU
     python bench/benchmark.py --quick              # fewer rounds and tokens: ~2-3 min
     python bench/benchmark.py --model DIR_OR_ID [--model ...] [--rounds 7] [--out DIR]
+    python bench/benchmark.py --model ID --device cuda --compile   # as `app.py --compile` runs
     pip install -r requirements-bench.txt          # matplotlib, for the plot
 
 Prints one table row per figure with ✓/✗ against its target, writes OUT/benchmark.json
@@ -283,11 +284,11 @@ class CleanProcess:
     baseline. In this process they would share the interpreter lock with the web servers
     kept up for the app's figures (their idle polling alone cost plain generate ~10 %)."""
 
-    def __init__(self, path: str, device: str, torch_threads: int | None):
+    def __init__(self, path: str, device: str, torch_threads: int | None, compile: bool = False):
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_clean_worker, args=(child, path, device, torch_threads),
+        self.process = context.Process(target=_clean_worker, args=(child, path, device, torch_threads, compile),
                                        daemon=True)
         self.process.start()
         child.close()
@@ -306,12 +307,12 @@ class CleanProcess:
         self.process.join(10)
 
 
-def _clean_worker(conn, path, device, torch_threads):
+def _clean_worker(conn, path, device, torch_threads, compile):
     if torch_threads:
         torch.set_num_threads(torch_threads)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    runner = ModelRunner.load(path, device=device)
+    runner = ModelRunner.load(path, device=device, compile=compile)
     conn.send("ready")
     while True:
         try:
@@ -386,8 +387,9 @@ def free_port() -> int:
 def serve_model(m: Model, torch_threads: int | None) -> None:
     """The app as users run it (the model in an engine process) and, for comparison, with
     the model in the web server's process (--in-process)."""
-    m.engine = EngineProcess.start(m.path, device=m.runner.device, torch_threads=torch_threads or None)
-    m.clean = CleanProcess(m.path, m.runner.device, torch_threads or None)
+    m.engine = EngineProcess.start(m.path, device=m.runner.device, compile=m.runner.compile,
+                                   torch_threads=torch_threads or None)
+    m.clean = CleanProcess(m.path, m.runner.device, torch_threads or None, m.runner.compile)
     m.spy = StreamSpy(m.engine)
     m.engine.max_concurrency = m.runner.max_concurrency = app.LOCAL_MAX_CONCURRENCY  # as app.main has it
     m.demo, m.url = app.serve(m.engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
@@ -994,8 +996,8 @@ def prepare_models(args) -> list[tuple[str, str]]:
     return ctx_models, str(tiny["idefics3"])
 
 
-def load_model(name, path, image, device) -> Model:
-    runner = ModelRunner.load(path, device=device)
+def load_model(name, path, image, device, compile=False) -> Model:
+    runner = ModelRunner.load(path, device=device, compile=compile)
     files = [str(image)] if runner.is_vision else []
     return Model(name, path, runner, files, IMAGE_PROMPT if runner.is_vision else TEXT_PROMPT)
 
@@ -1014,6 +1016,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="device for the models (default cpu)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads (default 1; 0 = torch's default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="load every variant (plain generate too) as `app.py --compile` does: static "
+                             "KV cache, torch.compile of the decoding step on CUDA")
     parser.add_argument("--only", help="comma-separated figure numbers to run (e.g. 1,2,plot)")
     return parser.parse_args(argv)
 
@@ -1034,7 +1039,7 @@ def main(argv=None) -> int:
     Image.effect_noise((64, 48), 90).convert("RGB").save(image)
 
     model_specs, tiny_idefics3 = prepare_models(args)
-    models = [load_model(name, path, image, args.device) for name, path in model_specs]
+    models = [load_model(name, path, image, args.device, args.compile) for name, path in model_specs]
     ctx.main = models[0]
     vision = next((m for m in models if m.runner.is_vision), None)
     print(f"benchmark: {', '.join(m.name for m in models)} on {args.device}, torch threads "

@@ -258,3 +258,20 @@ def test_the_generate_thread_can_hand_out_the_updates_itself(llama_runner):
         gaps = [b - a for (a, _), (b, _) in zip(updates, updates[1:-1])]
         assert all(gap >= 1 / 20 - 0.005 for gap in gaps), "at most 20 updates a second"
         assert threads == {"generate"}, "no other thread is woken per update"
+
+
+def test_compile_answers_the_same_with_a_static_cache(llama_runner, tiny_model_paths):
+    """--compile: a static KV cache (compiled by transformers on CUDA; here on CPU, the
+    cache alone) must change nothing the user sees: same greedy answer, Stop still works."""
+    from model_runner import ModelLoadError, ModelRunner
+
+    static = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile=True)
+    assert static.generation_config(GenerationSettings()).cache_implementation == "static"
+    conversation = [user("Tell me about the sea."), assistant("It is big."), user("And the sky?")]
+    assert answer(static, conversation, max_new_tokens=40) == answer(llama_runner, conversation, max_new_tokens=40)
+    with static.stream([user("Go on.")], GenerationSettings(max_new_tokens=500, min_new_tokens=500)) as stream:
+        next(iter(stream))
+        stream.close()
+    assert stream.finish_reason == "cancelled" and stream.new_tokens < 500
+    with pytest.raises(ModelLoadError, match="--compile.*static KV cache"):
+        ModelRunner.load(str(tiny_model_paths["idefics3"]), device="cpu", compile=True)
