@@ -186,7 +186,7 @@ def test_help_documents_every_option():
     result = run_app("--help")
     assert result.returncode == 0
     for option in ["--model", "--device", "--dtype", "--host", "--port", "--share", "--auth",
-                   "--max-new-tokens", "--trust-remote-code", "--in-process", "MODEL_ID"]:
+                   "--max-new-tokens", "--trust-remote-code", "--in-process", "--compile", "MODEL_ID"]:
         assert option in result.stdout
 
 
