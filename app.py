@@ -39,9 +39,9 @@ from config import (
 )
 
 GENERATION_CONCURRENCY_ID = "generate"  # UI and API events share one queue per model
-# Updates per second × messages in the chat stays under this (30/s up to 40 messages, 3/s
-# at 400): Gradio re-processes and diffs the whole chat on every update.
-UPDATE_BUDGET_MESSAGES = 1200
+# Updates per second × messages in the chat stays under this (30/s up to 26 messages, 8/s at
+# 100, 2/s at 400): Gradio walks the whole chat on every update (~20 ms at 400 messages).
+UPDATE_BUDGET_MESSAGES = 800
 REMOTE_MAX_CONCURRENCY = 16  # with --backend openai the serving engine batches; don't serialise
 # A local model generates one answer at a time; the next request is let through meanwhile,
 # so its inputs are built and it starts the moment the engine is free.

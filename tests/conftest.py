@@ -1,6 +1,8 @@
 """Shared fixtures: tiny local models (built once per test session) and the app served
 in-process on a free 127.0.0.1 port."""
 
+import functools
+import itertools
 import os
 import socket
 import sys
@@ -87,6 +89,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def break_forward(monkeypatch, model, error: BaseException, on_call: int | None = None):
+    """Make model.forward raise `error` on every call, or only on call number `on_call` (a
+    kernel failing mid-answer, an out-of-memory). Returns the real forward."""
+    real_forward, calls = model.forward, itertools.count(1)
+
+    @functools.wraps(real_forward)  # generate() inspects the forward signature
+    def forward(*args, **kwargs):
+        if next(calls) == on_call or on_call is None:
+            raise error
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return real_forward
 
 
 def wait_until_loaded(port: int, process, timeout: float = 90) -> bool:

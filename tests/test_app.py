@@ -10,6 +10,7 @@ from gradio_client import Client, handle_file
 
 import app
 from model_runner import GenerationSettings
+from tests.conftest import break_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,19 +99,8 @@ def test_a_bad_image_gets_a_message_and_the_next_request_works(serve, idefics3_r
 
 
 def test_a_failure_during_generation_shows_in_the_chat(serve, llama_runner, monkeypatch):
-    import functools
     url, _ = serve(llama_runner)
-    real_forward = llama_runner.model.forward
-    calls = {"n": 0}
-
-    @functools.wraps(real_forward)
-    def flaky_forward(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise RuntimeError("device lost")
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(llama_runner.model, "forward", flaky_forward)
+    break_forward(monkeypatch, llama_runner.model, RuntimeError("device lost"), on_call=10)
     client = Client(url, verbose=False)
     result = chat(client, message("go"), max_new_tokens=100).result()
     assert "device lost" in error_of(result)

@@ -18,6 +18,7 @@ from model_runner import GenerationSettings
 from openai_api import create_api
 from tests.test_app import text_of
 from remote_backend import RemoteRunner
+from tests.conftest import break_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,13 +182,7 @@ def test_metrics_count_completed_stopped_and_failed(serve, llama_runner, monkeyp
     next(iter(stream)), next(iter(stream))
     stream.close()
     assert wait_until_ended(spy.streams[-1])
-    real_forward = llama_runner.model.forward
-
-    @functools.wraps(real_forward)
-    def broken(*args, **kwargs):
-        raise RuntimeError("simulated failure")
-
-    monkeypatch.setattr(llama_runner.model, "forward", broken)
+    break_forward(monkeypatch, llama_runner.model, RuntimeError("simulated failure"))
     failed = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert failed.status_code == 500 and "simulated failure" in failed.json()["error"]["message"]
     after = {k: metric(url, f'chat_requests_total{{outcome="{k}"}}') for k in ("completed", "stopped", "error")}

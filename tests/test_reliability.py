@@ -1,7 +1,6 @@
 """Bad input, load and faults, security: the app answers clearly, keeps serving, and
 loses nothing. Servers bind to 127.0.0.1 only."""
 
-import functools
 import logging
 import os
 import threading
@@ -15,6 +14,7 @@ from gradio_client import Client, handle_file
 import app
 from config import MAX_IMAGE_SIDE, MAX_IMAGES_PER_CONVERSATION, MAX_IMAGES_PER_MESSAGE
 from model_runner import ChatInputError, GenerationSettings
+from tests.conftest import break_forward
 from tests.test_app import chat, error_of, message, text_of
 
 
@@ -164,16 +164,11 @@ def test_the_ui_shows_when_history_was_dropped(serve, llama_runner):
 
 def test_out_of_memory_is_caught_and_the_next_request_works(serve, llama_runner, monkeypatch):
     url, _ = serve(llama_runner)
-    real_forward = llama_runner.model.forward
     emptied = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
-
-    @functools.wraps(real_forward)
-    def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    monkeypatch.setattr(llama_runner.model, "forward", oom)
+    real_forward = break_forward(monkeypatch, llama_runner.model,
+                                 torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
     client = Client(url, verbose=False)
     assert "ran out of memory" in error_of(chat(client, message("hi")).result())
     assert emptied, "the CUDA cache must be emptied"

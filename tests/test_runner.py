@@ -15,6 +15,7 @@ from model_runner import (
     load_image,
     MAX_IMAGE_SIDE,
 )
+from tests.conftest import break_forward
 
 
 def user(text, *image_paths):
@@ -99,17 +100,7 @@ def test_closing_the_stream_stops_generation_within_two_tokens(idefics3_runner, 
 
 
 def test_an_error_inside_generation_reaches_the_consumer(idefics3_runner, monkeypatch, images):
-    calls = {"n": 0}
-    real_forward = idefics3_runner.model.forward
-
-    @functools.wraps(real_forward)  # generate() inspects the forward signature
-    def failing_forward(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated kernel failure")
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(idefics3_runner.model, "forward", failing_forward)
+    break_forward(monkeypatch, idefics3_runner.model, RuntimeError("simulated kernel failure"), on_call=4)
     started = time.perf_counter()
     with pytest.raises(GenerationError, match="simulated kernel failure"):
         answer(idefics3_runner, [user("hi", images["red"])], max_new_tokens=200)
@@ -119,10 +110,7 @@ def test_an_error_inside_generation_reaches_the_consumer(idefics3_runner, monkey
 
 
 def test_out_of_memory_gets_a_readable_message(llama_runner, monkeypatch):
-    @functools.wraps(llama_runner.model.forward)
-    def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(llama_runner.model, "forward", oom)
+    break_forward(monkeypatch, llama_runner.model, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
     with pytest.raises(GenerationError, match="ran out of memory"):
         answer(llama_runner, [user("hi")])
 
