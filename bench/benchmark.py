@@ -331,6 +331,11 @@ def _plain(runner, messages, settings, streamer=None) -> int:
     return out.shape[-1] - inputs["input_ids"].shape[-1]
 
 
+def _plain_inference_mode(runner, messages, settings) -> int:
+    with torch.inference_mode():  # as the engine generates: plain minus autograd bookkeeping
+        return _plain(runner, messages, settings)
+
+
 def _whole_answer(fn):
     def run(runner, messages, settings):
         cpu, start = time.process_time(), perf_counter()
@@ -374,6 +379,7 @@ def _runner_times(runner, messages, settings):
 
 
 CLEAN_OPS = {"plain": _whole_answer(_plain), "runner": _whole_answer(_runner_answer),
+             "plain_inference_mode": _whole_answer(_plain_inference_mode),
              "plain_ttft": _plain_ttft, "runner_ttft": _runner_ttft,
              "plain_times": _plain_times, "runner_times": _runner_times}
 
@@ -432,7 +438,9 @@ def fig_throughput(ctx, m: Model) -> dict:
     """1. Tokens/s, whole answer (request -> last token): plain generate without a
     streamer (input building included) and the runner alone, both in the clean process;
     the app (model in its engine process) through the raw SSE client; and (info) the app
-    with --in-process and the app through gradio_client. For the runner, also its CPU
+    with --in-process, the app through gradio_client, and plain generate under
+    torch.inference_mode (as the engine runs it: what streaming costs without the gain of
+    skipping autograd bookkeeping). For the runner, also its CPU
     time per token over plain's (time.process_time() in the clean process): the overhead,
     less blurred by a busy machine."""
     n = ctx.sizes.tokens
@@ -465,6 +473,7 @@ def fig_throughput(ctx, m: Model) -> dict:
         return r["t_join"], r["t_done"], None
 
     runs = interleaved({"plain": timed(clean("plain")), "runner": timed(clean("runner")), "app": timed(app_sse),
+                        "plain_inference_mode": timed(clean("plain_inference_mode")),
                         "app_in_process": timed(app_in_process), "app_gradio_client": timed(app_gradio_client)},
                        ctx.sizes.rounds)
     m.spy.streams.clear()
@@ -474,7 +483,8 @@ def fig_throughput(ctx, m: Model) -> dict:
     out = {"tokens": n, "rounds": runs, "median_tokens_per_second": {k: median(v) for k, v in tok_s.items()},
            "median_cpu_ms_per_token": cpu}
     cpu = {k: v for k, v in cpu.items() if v is not None}
-    for variant, target in (("app", 0.98), ("runner", 0.99), ("app_in_process", None), ("app_gradio_client", None)):
+    for variant, target in (("app", 0.98), ("runner", 0.99), ("plain_inference_mode", None),
+                            ("app_in_process", None), ("app_gradio_client", None)):
         ratios = paired(tok_s[variant], tok_s["plain"], lambda a, b: a / b)
         ratio, best = median(ratios), max(tok_s[variant]) / max(tok_s["plain"])
         out[variant] = {"ratio": ratio, "ratio_quartiles": [percentile(ratios, 0.25), percentile(ratios, 0.75)],
@@ -485,6 +495,11 @@ def fig_throughput(ctx, m: Model) -> dict:
             if variant in cpu:
                 shown += f"; CPU {1000 * (cpu[variant] - cpu['plain']):+.0f} µs/token"
             ctx.check(1, f"throughput {variant} / plain", m.name, ratio, f">= {target}", ratio >= target, shown)
+        elif variant == "plain_inference_mode":
+            app_vs = median(paired(tok_s["app"], tok_s[variant], lambda a, b: a / b))
+            out["app_vs_plain_inference_mode"] = app_vs
+            ctx.info(1, "throughput plain under inference_mode / plain", m.name,
+                     shown + f"; the engine generates so: app / this = {app_vs:.3f}")
         elif variant == "app_in_process":
             ctx.info(1, "throughput app --in-process / plain", m.name,
                      shown + "; the model shares the web server's interpreter lock")
