@@ -479,7 +479,6 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
         demo = build_demo(runner, max_new_tokens)
         demo.queue(max_size=queue_max_size)
     wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
-    demo._queue.progress_update_sleep_when_free = 0.1  # we report no progress; it polls too
     if log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
     metrics = Metrics(runner, extra_waiting=lambda: ui_queue_depth(demo))

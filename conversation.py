@@ -52,7 +52,6 @@ class GenerationSettings:
     record_token_times: bool = False   # keep every token's perf_counter() (benchmarks)
 
 
-
 class StreamFigures:
     """Time to first token and decode rate, for any stream with new_tokens, started_at,
     first_token_at and ended_at (TextStream, the engine process's and the remote one's)."""
@@ -64,7 +63,6 @@ class StreamFigures:
     @property
     def tokens_per_second(self) -> float | None:
         return decode_rate(self.new_tokens, self.first_token_at, self.ended_at)
-
 
 
 def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str,

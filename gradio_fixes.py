@@ -142,3 +142,5 @@ def wake_queue_on_events(demo) -> None:
 
     queue.push, queue.process_events = push_and_wake, process_events_and_wake
     queue.start_processing = start_processing
+    # Its progress loop polls too (every 10 ms); the app reports no progress.
+    queue.progress_update_sleep_when_free = 0.1

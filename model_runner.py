@@ -469,16 +469,16 @@ class ModelRunner:
                                  f"static KV cache in this transformers version; start without --compile.")
         runner = cls(model_obj, processor, tokenizer, name=model, device=device,
                      dtype=torch_dtype, is_vision=is_vision, compile=compile)
-        if compile:
+        if compile and device == "cuda":
             runner.warm_up()
+        elif compile:
+            log.warning("--compile: torch.compile runs on CUDA only; on %s only the static KV cache "
+                        "is used, which is usually slower than the default cache.", device)
         return runner
 
     def warm_up(self) -> None:
         """One short answer, so that one-time work (with --compile on CUDA: compiling and
         capturing the decoding step, tens of seconds) happens before the first user's."""
-        if self.compile and self.device != "cuda":
-            log.warning("--compile: torch.compile runs on CUDA only; on %s only the static KV cache "
-                        "is used, which is usually slower than the default cache.", self.device)
         messages = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
         try:
             with self.stream(messages, GenerationSettings(max_new_tokens=8, min_new_tokens=8)) as stream:
