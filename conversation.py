@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -26,6 +27,9 @@ from config import (
 )
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError at 2x this
+# What is decoded, whatever a file's name or a data: URL says: Pillow can open dozens of
+# formats, some through outside programs (EPS through Ghostscript); users send these.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 class ModelLoadError(Exception):
@@ -70,7 +74,8 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
     """Validate a conversation and load its images (as RGB PIL images, within the limits).
     Raises ChatInputError for what can't be sent: every engine goes through here. What the
     user should know about the new message (an image downscaled, old images left out) is
-    appended to `notices`."""
+    appended to `notices`. Messages keep their roles and order; `alternate_roles` joins
+    neighbours of one role once the conversation has been fitted into the context."""
     notices = [] if notices is None else notices
     if not messages or messages[-1]["role"] != "user":
         raise ChatInputError("The conversation must end with a user message.")
@@ -119,20 +124,25 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
                     left_out += 1
             elif part.get("text"):
                 parts.append({"type": "text", "text": part["text"]})
-        parts.reverse()
-        if not parts:
-            continue
-        if prepared and prepared[-1]["role"] == message["role"]:
-            # e.g. a turn left unanswered (stopped, failed): many templates need
-            # alternating roles, so it joins the next one
-            prepared[-1]["content"][:0] = parts
-        else:
-            prepared.append({"role": message["role"], "content": parts})
+        if parts:
+            prepared.append({"role": message["role"], "content": parts[::-1]})
     prepared.reverse()
     if left_out:
         notices.append(f"The model sees the latest {MAX_IMAGES_PER_CONVERSATION} images of this chat; "
                        f"{left_out} older image{'s' * (left_out > 1)} were left out.")
     return prepared
+
+
+def alternate_roles(messages: list[dict]) -> list[dict]:
+    """Join neighbouring messages of one role (e.g. two user messages sent through the API
+    in a row): many chat templates need user and assistant to alternate."""
+    joined: list[dict] = []
+    for message in messages:
+        if joined and joined[-1]["role"] == message["role"]:
+            joined[-1] = {"role": message["role"], "content": joined[-1]["content"] + message["content"]}
+        else:
+            joined.append({"role": message["role"], "content": list(message["content"])})
+    return joined
 
 
 REASONING_START, REASONING_END = "<think>", "</think>"  # Qwen3, DeepSeek-R1, SmolLM3, ...
@@ -158,6 +168,14 @@ def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str |
                 break
         return text.strip(), "", False
     return text[:end].strip(), text[end + len(REASONING_END):].lstrip(), True
+
+
+def served_model_name(model: str) -> str:
+    """The name clients see and ask for (/v1/models, the header): a hub id as it is, a
+    local directory by its own name, never its path on this machine."""
+    if model.startswith((".", "/", "~")) or Path(model).expanduser().is_dir():
+        return Path(model).expanduser().resolve().name or model
+    return model
 
 
 def decode_rate(new_tokens: int, first_token_at: float | None, ended_at: float | None) -> float | None:
@@ -193,7 +211,7 @@ def load_image(source) -> Image.Image:
         is_path = isinstance(source, (str, os.PathLike))
         name = (os.path.basename(str(source)) if is_path else "") or "The image"
         try:
-            image = Image.open(source)
+            image = Image.open(source, formats=IMAGE_FORMATS)
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ChatInputError(
                     f"{name} is too large ({image.width}×{image.height} pixels; the limit is "
@@ -206,8 +224,8 @@ def load_image(source) -> Image.Image:
         except FileNotFoundError:
             raise ChatInputError(f"{name} could not be found (was the upload removed?).") from None
         except Exception:
-            raise ChatInputError(f"{name} is not a readable image (corrupt, truncated or not an "
-                                 f"image file).") from None
+            raise ChatInputError(f"{name} is not a readable image (corrupt, truncated, or not a PNG, "
+                                 f"JPEG, WebP, GIF or BMP file).") from None
     if image.mode != "RGB":
         image = image.convert("RGB")
     if max(image.size) > MAX_IMAGE_SIDE:

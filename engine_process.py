@@ -52,7 +52,10 @@ _REFUSALS = {"input": ChatInputError, "generation": GenerationError}
 
 class EngineProcess:
     """A ModelRunner in a child process, with the ModelRunner interface: name, device,
-    dtype, is_vision, waiting, active, finish_listeners, stream()."""
+    dtype, is_vision, one_at_a_time, active, finish_listeners, stream()."""
+
+    one_at_a_time = True
+    loaded = True  # (app.ModelSlot stands in while a model loads)
 
     def __init__(self, load_kwargs: dict, torch_threads: int | None = None):
         self._load_kwargs = load_kwargs
@@ -62,18 +65,18 @@ class EngineProcess:
         self._send_lock = threading.Lock()
         self._launch_lock = threading.Lock()
         self._process = self._commands = None
-        self.waiting = 0   # requests sent, not generating yet
         self.active = 0    # generating (0 or 1: the engine runs one answer at a time)
         self.finish_listeners: list = []
         self.restarts = 0
 
     @classmethod
     def start(cls, model: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-              compile: bool = False, torch_threads: int | None = None) -> "EngineProcess":
+              compile: bool = False, served_name: str | None = None,
+              torch_threads: int | None = None) -> "EngineProcess":
         """Start the engine and load the model there (ModelRunner.load's arguments).
         Raises ModelLoadError (one line)."""
-        engine = cls({"model": model, "device": device, "dtype": dtype,
-                      "trust_remote_code": trust_remote_code, "compile": compile}, torch_threads)
+        engine = cls({"model": model, "device": device, "dtype": dtype, "trust_remote_code": trust_remote_code,
+                      "compile": compile, "served_name": served_name}, torch_threads)
         engine._launch()
         return engine
 
@@ -127,16 +130,12 @@ class EngineProcess:
                 self.restarts += 1
             stream = EngineStream(self, next(self._ids), settings, last_user_text(messages))
             self._streams[stream.id] = stream
-            self.waiting += 1
         try:
-            try:
-                self._send("generate", stream.id, messages, settings)
-            except (OSError, ValueError):  # it died just now
-                self._streams.pop(stream.id, None)
-                raise GenerationError("The model process stopped; send again to restart it.") from None
-            stream._wait_started()
-        finally:
-            self.waiting -= 1
+            self._send("generate", stream.id, messages, settings)
+        except (OSError, ValueError):  # it died just now
+            self._streams.pop(stream.id, None)
+            raise GenerationError("The model process stopped; send again to restart it.") from None
+        stream._wait_started()
         return stream
 
     def _read_events(self, events, process, streams: dict) -> None:

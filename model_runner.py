@@ -55,11 +55,13 @@ from conversation import (  # noqa: F401  (re-exported: the engine's contract)
     GenerationSettings,
     ModelLoadError,
     StreamFigures,
+    alternate_roles,
     decode_rate,
     last_user_text,
     load_image,
     notify_finished,
     prepare_messages,
+    served_model_name,
     split_reasoning,
 )
 
@@ -249,7 +251,7 @@ class TextStream(StreamFigures):
         self.max_new_tokens = generation_config.max_new_tokens
         self.prompt_tokens = int(inputs["input_ids"].shape[-1])
         self.text = ""
-        self.finish_reason: str | None = None
+        self._finish_reason: str | None = None  # set by the generate thread
         self.error: BaseException | None = None
         self.notices: list[str] = []  # for the user: history trimmed, image downscaled, ...
         self.request_text = ""        # the user's last message (logged only with --log-chats)
@@ -261,11 +263,7 @@ class TextStream(StreamFigures):
         self._thread = threading.Thread(
             target=self._generate, args=(inputs, generation_config, seed), daemon=True,
             name="generate")
-        runner.waiting += 1
-        try:
-            runner._lock.acquire()  # one generation per model; released by the thread
-        finally:
-            runner.waiting -= 1
+        runner._lock.acquire()  # one generation per model; released by the thread
         try:
             self._thread.start()
         except BaseException:
@@ -289,16 +287,24 @@ class TextStream(StreamFigures):
         finally:
             self.ended_at = time.perf_counter()
             if self.error is not None:
-                self.finish_reason = "error"
+                self._finish_reason = "error"
             elif self._stop.is_set():
-                self.finish_reason = self._stop_reason
+                self._finish_reason = self._stop_reason
             else:
-                self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
+                self._finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
             self._runner.active -= 1
             self._runner._lock.release()
             self._streamer.end()
             self._ended.set()
             self._runner._notify_finished(self)
+
+    @property
+    def finish_reason(self) -> str | None:
+        # A stop string can be found by the consumer after the last tokens were generated
+        # (the generate thread had already said "length"): the answer still ended at it.
+        if self._finish_reason not in (None, "error") and self._stop_reason == "stop":
+            return "stop"
+        return self._finish_reason
 
     @property
     def new_tokens(self) -> int:
@@ -407,6 +413,9 @@ class TextStream(StreamFigures):
 # ---------------------------------------------------------------- the runner
 
 class ModelRunner:
+    one_at_a_time = True  # one answer generates at a time; the others wait in line
+    loaded = True  # (app.ModelSlot stands in while a model loads)
+
     def __init__(self, model, processor, tokenizer, *, name: str, device: str,
                  dtype: torch.dtype, is_vision: bool, compile: bool = False):
         self.model = model
@@ -418,7 +427,6 @@ class ModelRunner:
         self.dtype = dtype
         self.is_vision = is_vision
         self._lock = threading.Lock()
-        self.waiting = 0   # requests waiting for the model
         self.active = 0    # generations running (0 or 1)
         self.finish_listeners: list = []  # called with each TextStream when it ends (metrics)
 
@@ -427,8 +435,10 @@ class ModelRunner:
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False, compile: bool = False) -> "ModelRunner":
+             trust_remote_code: bool = False, compile: bool = False,
+             served_name: str | None = None) -> "ModelRunner":
         """Hub id or local directory → ready runner. Raises ModelLoadError (one line).
+        Its name is `served_name`, by default the hub id or the directory's own name.
 
         compile: generate with a static KV cache, which transformers pairs with
         torch.compile of the decoding step ("reduce-overhead": CUDA graphs) on CUDA; the
@@ -467,7 +477,7 @@ class ModelRunner:
         if compile and not getattr(model_obj, "_can_compile_fullgraph", False):
             raise ModelLoadError(f"--compile: {type(model_obj).__name__} ({model}) can't generate with a "
                                  f"static KV cache in this transformers version; start without --compile.")
-        runner = cls(model_obj, processor, tokenizer, name=model, device=device,
+        runner = cls(model_obj, processor, tokenizer, name=served_name or served_model_name(model), device=device,
                      dtype=torch_dtype, is_vision=is_vision, compile=compile)
         if compile and device == "cuda":
             runner.warm_up()
@@ -503,9 +513,6 @@ class ModelRunner:
         notices = [] if notices is None else notices
         messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
                                     notices=notices)
-        if not self.is_vision:  # text-only templates often expect plain strings
-            for message in messages:
-                message["content"] = "\n".join(p["text"] for p in message["content"])
         inputs = self._apply_chat_template(messages)
         limit = self.context_length
         if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:
@@ -515,6 +522,10 @@ class ModelRunner:
         return inputs.to(self.model.device)
 
     def _apply_chat_template(self, messages: list[dict]):
+        messages = alternate_roles(messages)
+        if not self.is_vision:  # text-only templates often expect plain strings
+            messages = [{"role": m["role"], "content": "\n".join(p["text"] for p in m["content"])}
+                        for m in messages]
         template_owner = self.processor if self.is_vision else self.tokenizer
         return template_owner.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
@@ -522,7 +533,10 @@ class ModelRunner:
     def _fit_in_context(self, messages: list[dict], budget: int, notices: list[str]):
         system = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(system):]
-        cuts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]  # keep whole turns
+        # Cut before a user message, keeping whole turns; two user messages in a row (one
+        # sent again after a refusal, through the API) can be cut apart: only the last one
+        # is the new message.
+        cuts = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
         fits = {}
 
         def try_cut(i):  # inputs without the first turns[:i], or None when still too long

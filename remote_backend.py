@@ -13,13 +13,14 @@ import time
 
 import openai
 
-from config import MAX_UPDATES_PER_SECOND, REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S
+from config import REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S
 from conversation import (
     ChatInputError,
     GenerationError,
     GenerationSettings,
     ModelLoadError,
     StreamFigures,
+    alternate_roles,
     last_user_text,
     notify_finished,
     prepare_messages,
@@ -27,18 +28,21 @@ from conversation import (
 )
 
 
-
 class RemoteRunner:
-    def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None):
+    one_at_a_time = False  # the server batches: requests are not serialised here
+    loaded = True  # (app.ModelSlot stands in while a model loads)
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None,
+                 served_name: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.client = openai.OpenAI(
             base_url=self.base_url, api_key=api_key or "not-needed", max_retries=1,
             timeout=openai.Timeout(REMOTE_READ_TIMEOUT_S, connect=REMOTE_CONNECT_TIMEOUT_S))
-        self.name = model or self._served_model()
+        self.model = model or self._served_model()  # the server's name for it
+        self.name = served_name or self.model       # this app's
         self.device = f"via {self.base_url}"
         self.dtype = "set by the server"
         self.is_vision = True  # the server decides; a text-only one answers with an error
-        self.waiting = 0
         self.active = 0
         self.finish_listeners: list = []
 
@@ -58,9 +62,10 @@ class RemoteRunner:
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None) -> "RemoteStream":
         settings = settings or GenerationSettings()
         notices: list[str] = []
-        prepared = prepare_messages(messages, sees_images=True, model_name=self.name, notices=notices)
+        prepared = alternate_roles(prepare_messages(messages, sees_images=True, model_name=self.name,
+                                                    notices=notices))
         request = {
-            "model": self.name, "messages": [to_openai_message(m) for m in prepared],
+            "model": self.model, "messages": [to_openai_message(m) for m in prepared],
             "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
             "top_p": settings.top_p, "stream": True, "stream_options": {"include_usage": True},
         }
@@ -68,7 +73,7 @@ class RemoteRunner:
             request["seed"] = settings.seed
         if settings.stop:
             request["stop"] = settings.stop
-        stream = RemoteStream(self, request)
+        stream = RemoteStream(self, request, settings.max_updates_per_second)
         stream.notices = notices
         stream.request_text = last_user_text(messages)
         return stream
@@ -105,8 +110,9 @@ class RemoteStream(StreamFigures):
     """Same contract as model_runner.TextStream: iterate for the growing answer, close()
     to stop — which closes the HTTP stream, so the server stops generating too."""
 
-    def __init__(self, runner: RemoteRunner, request: dict):
+    def __init__(self, runner: RemoteRunner, request: dict, max_updates_per_second: float):
         self._runner = runner
+        self._update_interval = 1.0 / max(0.1, max_updates_per_second)
         self.max_new_tokens = request["max_tokens"]
         self.text = ""
         self._reasoning = ""
@@ -121,7 +127,6 @@ class RemoteStream(StreamFigures):
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
-        runner.waiting += 1
         try:
             self._response = runner.client.chat.completions.create(**request)
         except openai.APIConnectionError:
@@ -130,8 +135,6 @@ class RemoteStream(StreamFigures):
             cls = ChatInputError if 400 <= error.status_code < 500 else GenerationError
             raise cls(f"The model server refused the request ({error.status_code}): "
                       f"{_message_of(error)}") from None
-        finally:
-            runner.waiting -= 1
         runner.active += 1
 
     @property
@@ -139,7 +142,7 @@ class RemoteStream(StreamFigures):
         return self._usage_tokens if self._usage_tokens is not None else self._chunks
 
     def __iter__(self):
-        interval = 1.0 / MAX_UPDATES_PER_SECOND
+        interval = self._update_interval
         last_update, shown = float("-inf"), ""
         try:
             for chunk in self._response:
