@@ -28,6 +28,7 @@ import time
 
 # Only light imports at the top: the UI starts serving while torch and the model load.
 from config import (
+    API_MAX_WAITING_REQUESTS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
     MAX_IMAGES_PER_MESSAGE,
@@ -37,19 +38,20 @@ from config import (
     QUEUE_MAX_SIZE,
     ZERO_GPU_DURATION_S,
 )
+from waiting_line import LineFull, WaitingLine
 
-GENERATION_CONCURRENCY_ID = "generate"  # UI and API events share one queue per model
+GENERATION_CONCURRENCY_ID = "generate"  # the chat's events (submit, retry, edit, /chat)
 # Updates per second × messages in the chat stays under this (30/s up to 26 messages, 8/s at
 # 100, 2/s at 400): Gradio walks the whole chat on every update (~20 ms at 400 messages).
 UPDATE_BUDGET_MESSAGES = 800
-REMOTE_MAX_CONCURRENCY = 16  # with --backend openai the serving engine batches; don't serialise
-# A local model generates one answer at a time; the next request is let through meanwhile,
-# so its inputs are built and it starts the moment the engine is free.
-LOCAL_MAX_CONCURRENCY = 2
+# Gradio runs at most this many events at once (its thread limit); the chat's wait in the
+# app's own line, so there is room for all of them plus a few of Gradio's own.
+GRADIO_EXTRA_THREADS = 8
 DEFAULT_SYSTEM_PROMPT = ""
 
 THINKING_TITLE = "Thinking…"
 LOADING_TITLE = "Loading the model…"
+WAITING_TITLE = "⏳ {} in line for the model"
 ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
 REASONING_TITLE = "Thinking"
@@ -67,25 +69,27 @@ def to_model_messages(history: list[dict], message: dict | str, system_prompt: s
     (`content: [{"type": "text", ...} | {"type": "file", "file": {"path", "mime_type"}}]`),
     API clients the raw state (`content: [{"path": ...}, "hi"]` or a plain string).
     Messages carrying a metadata title (the Thinking… indicator, error notes, reasoning) are
-    annotations for the reader, not part of the conversation.
+    annotations for the reader, not part of the conversation. A user message that got no
+    answer (refused, failed, or stopped before any text) is left out: the model never sees
+    a refused turn, and one can't block the turns after it.
     """
-    messages: list[dict] = []
-    if system_prompt and system_prompt.strip():
-        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]})
-    turns = list(history or [])
     if isinstance(message, str):
         message = {"text": message, "files": []}
     files = [{"path": f} if isinstance(f, str) else f for f in message.get("files") or []]
-    new_content: list = [*files, message.get("text") or ""]
-    turns.append({"role": "user", "content": new_content})
-    for turn in turns:
+    new_turn = {"role": "user", "content": [*files, message.get("text") or ""]}
+    turns: list[dict] = []
+    for turn in [*(history or []), new_turn]:
         role = turn.get("role")
         if role not in ("user", "assistant") or (turn.get("metadata") or {}).get("title"):
             continue
         parts = [p for p in map(_to_part, _as_list(turn.get("content"))) if p]
-        if parts or turn is turns[-1]:  # an empty new message stays, for the engine to refuse
-            messages.append({"role": role, "content": parts})
-    return messages
+        if parts or turn is new_turn:  # an empty new message stays, for the engine to refuse
+            turns.append({"role": role, "content": parts})
+    answered = [turn for turn, after in zip(turns, [*turns[1:], None])
+                if turn["role"] == "assistant" or after is None or after["role"] == "assistant"]
+    system = [{"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]}] \
+        if system_prompt and system_prompt.strip() else []
+    return system + answered
 
 
 def _as_list(content) -> list:
@@ -115,11 +119,12 @@ def _to_part(item) -> dict | None:
 
 class ModelSlot:
     """Stands in for the runner while the model loads in a background thread, so the UI
-    answers at once and shows "loading model…". Requests made meanwhile wait for it."""
+    answers at once and shows "loading model…". Requests made meanwhile wait for it.
+    `name` is the served name when it is known before loading (None: the server's choice)."""
 
-    def __init__(self, name: str | None, load, max_concurrency: int = 1):
+    def __init__(self, name: str | None, load, *, one_at_a_time: bool):
         self.requested_name = name
-        self.max_concurrency = max_concurrency
+        self.one_at_a_time = one_at_a_time
         self.runner = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
@@ -145,11 +150,10 @@ class ModelSlot:
     def loaded(self) -> bool:
         return self.runner is not None
 
-    name = property(lambda self: self.runner.name if self.runner else (self.requested_name or "model"))
+    name = property(lambda self: self.runner.name if self.runner else self.requested_name)
     device = property(lambda self: self.runner.device if self.runner else "loading model…")
     dtype = property(lambda self: self.runner.dtype if self.runner else "")
     is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
-    waiting = property(lambda self: self.runner.waiting if self.runner else 0)
     active = property(lambda self: self.runner.active if self.runner else 0)
 
     def stream(self, messages, settings=None):
@@ -161,8 +165,8 @@ class ModelSlot:
 
 
 def header_markdown(runner) -> str:
-    if not getattr(runner, "loaded", True):
-        return f"**{runner.name}** · ⏳ loading model…"
+    if not runner.loaded:
+        return f"**{runner.name or 'model'}** · ⏳ loading model…"
     kind = "vision-language" if runner.is_vision else "text-only"
     dtype = str(runner.dtype).removeprefix("torch.")
     return f"**{runner.name}** · {kind} · {runner.device} · {dtype}"
@@ -170,17 +174,25 @@ def header_markdown(runner) -> str:
 
 # ---------------------------------------------------------------- the chat function
 
-def make_chat_fn(runner, *, zero_gpu: bool = False):
-    """The chat function ChatInterface calls. On ZeroGPU it is a plain generator under
-    `@spaces.GPU` (which refuses async functions); everywhere else an async generator
-    drives it, so that Stop reaches the engine at once (see `chat` below)."""
+def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
+    """The chat function ChatInterface calls. Each message waits its turn in `line` (shared
+    with the API) and shows its position meanwhile. On ZeroGPU it is a plain generator under
+    `@spaces.GPU` (which refuses async functions) and Gradio's own queue orders the turns;
+    everywhere else an async generator drives it, so that Stop reaches the engine at once."""
     import gradio as gr
+
+    def pending(title: str):
+        return gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
 
     def chat_steps(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
                    top_p: float = 1.0, on_stream=None):
-        title = THINKING_TITLE if getattr(runner, "loaded", True) else LOADING_TITLE
-        yield gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
+        title = THINKING_TITLE
+        if not runner.loaded:
+            title = LOADING_TITLE
+        elif line.engine_busy:  # at the front, waiting for the answer before it to end
+            title = WAITING_TITLE.format(ordinal(1))
+        yield pending(title)
         # Imported here, not at the top: the app serves before torch is loaded.
         from conversation import ChatInputError, GenerationError, GenerationSettings
         # Gradio re-processes the whole chat on every update: fewer updates for long chats.
@@ -200,6 +212,8 @@ def make_chat_fn(runner, *, zero_gpu: bool = False):
             log.exception("building the model inputs failed")
             yield error_message(f"Internal error: {type(error).__name__}: {error}")
             return
+        if title != THINKING_TITLE:  # it waited; now the model is working on it
+            yield pending(THINKING_TITLE)
         notes = [gr.ChatMessage(content=notice, metadata={"title": NOTE_TITLE})
                  for notice in stream.notices]
         view = AnswerView(stream, notes)
@@ -227,18 +241,39 @@ def make_chat_fn(runner, *, zero_gpu: bool = False):
         # a step runs; here Stop cancels the wait at once and tells the engine, which stops
         # within one token.
         import anyio
-        streams = []
-        steps = chat_steps(message, history, system_prompt, max_new_tokens, temperature, top_p,
-                           on_stream=streams.append)
         try:
+            place = line.join("ui")
+        except LineFull as full:
+            yield error_message(str(full))
+            return
+        streams, gone = [], threading.Event()
+
+        def on_stream(stream):
+            streams.append(stream)
+            place.started(stream)
+            if gone.is_set():  # Stop came while it waited for the engine
+                stream.close(wait=0)
+
+        try:
+            async for position in place.waiting():
+                yield pending(WAITING_TITLE.format(ordinal(position)))
+            steps = chat_steps(message, history, system_prompt, max_new_tokens, temperature, top_p,
+                               on_stream=on_stream)
             while (update := await anyio.to_thread.run_sync(next, steps, None,
                                                             abandon_on_cancel=True)) is not None:
                 yield update
         finally:
+            gone.set()
+            place.leave()
             for stream in streams:
                 stream.close(wait=0)
 
     return chat
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def error_message(text: str):
@@ -314,13 +349,25 @@ def on_zero_gpu() -> bool:
     return True
 
 
-def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+def waiting_line_for(runner, max_waiting: int = QUEUE_MAX_SIZE) -> WaitingLine:
+    """The one line to `runner` for the UI and the API, told when each answer ends."""
+    line = WaitingLine(one_at_a_time=runner.one_at_a_time, max_waiting=max_waiting,
+                       max_waiting_per_kind={"api": API_MAX_WAITING_REQUESTS})
+    runner.finish_listeners.append(line.stream_finished)
+    return line
+
+
+def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
     import gradio as gr
 
     from gradio_fixes import cache_history_postprocessing
 
-    chat_fn = make_chat_fn(runner, zero_gpu=on_zero_gpu())
-    concurrency = getattr(runner, "max_concurrency", 1)
+    line = line or waiting_line_for(runner)
+    zero_gpu = on_zero_gpu()
+    chat_fn = make_chat_fn(runner, line, zero_gpu=zero_gpu)
+    # ZeroGPU: one answer at a time, in Gradio's queue. Elsewhere every message enters the
+    # chat function at once and waits in the app's line (with the API's requests).
+    concurrency = 1 if zero_gpu else None
     examples = starter_examples()
     with gr.Blocks(title="Local model chat", fill_height=True) as demo:
         gr.Markdown("# Local model chat")
@@ -360,18 +407,17 @@ def build_demo(runner, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         # otherwise leave the "Thinking…" spinner turning forever.
         chat.textbox.stop(settle_pending_messages, [chat.chatbot], [chat.chatbot, chat.chatbot_state],
                           queue=False, api_visibility="undocumented")
-        if not getattr(runner, "loaded", True):  # refresh the header until the model is ready
+        if not runner.loaded:  # refresh the header until the model is ready
             timer = gr.Timer(1.0)
 
             def refresh_header():
-                loaded = getattr(runner, "loaded", True)
-                return header_markdown(runner), gr.Timer(active=not loaded)
+                return header_markdown(runner), gr.Timer(active=not runner.loaded)
 
             timer.tick(refresh_header, outputs=[header, timer], queue=False,
                        api_visibility="undocumented")
             demo.load(refresh_header, outputs=[header, timer], queue=False,
                       api_visibility="undocumented")
-    share_generation_queue(demo, chat_fn, concurrency)
+    route_chat_events(demo, chat_fn, concurrency)
     return demo
 
 
@@ -388,9 +434,9 @@ def settle_pending_messages(history: list[dict]):
     return settled, settled
 
 
-def share_generation_queue(demo, chat_fn, concurrency_limit: int = 1):
-    """ChatInterface gives its browser events and its API event separate queues, so a UI
-    user and an API user could run two generations at once; put them all in one."""
+def route_chat_events(demo, chat_fn, concurrency_limit: int | None):
+    """ChatInterface gives its browser events (submit, retry, edit, examples) and its API
+    event separate Gradio queues; give them one, with `concurrency_limit` (None: no limit)."""
     for block_fn in demo.fns.values():
         if getattr(block_fn.fn, "__wrapped__", None) is chat_fn:
             block_fn.concurrency_id = GENERATION_CONCURRENCY_ID
@@ -435,9 +481,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="require 'Authorization: Bearer KEY' on this app's OpenAI API (/v1); "
                              "without it /v1 is open on 127.0.0.1 only. With --backend openai it is "
                              "also sent to the upstream server [API_KEY]")
-    parser.add_argument("--max-new-tokens", type=int,
-                        default=int(env("MAX_NEW_TOKENS", str(DEFAULT_MAX_NEW_TOKENS))),
-                        help=f"default of the max-new-tokens slider (1..{MAX_NEW_TOKENS_LIMIT}) [MAX_NEW_TOKENS]")
+    parser.add_argument("--served-model-name", default=env("SERVED_MODEL_NAME"), metavar="NAME",
+                        help="the model's name in the header and on /v1 (default: the hub id, or a "
+                             "local directory's own name) [SERVED_MODEL_NAME]")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"default answer length, for the UI's slider and the API "
+                             f"(1..{MAX_NEW_TOKENS_LIMIT}) [MAX_NEW_TOKENS]")
     parser.add_argument("--trust-remote-code", action="store_true", default=env_flag("TRUST_REMOTE_CODE"),
                         help="run Python code shipped with the model repo (only for repos you trust) "
                              "[TRUST_REMOTE_CODE=1]")
@@ -475,16 +524,17 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     from gradio_fixes import gradio_app_built_at_launch_only, wake_queue_on_events
     from metrics import Metrics
 
+    line = waiting_line_for(runner, queue_max_size)
     with gradio_app_built_at_launch_only():
-        demo = build_demo(runner, max_new_tokens)
+        demo = build_demo(runner, line, max_new_tokens)
         demo.queue(max_size=queue_max_size)
     wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
     if log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
-    metrics = Metrics(runner, extra_waiting=lambda: ui_queue_depth(demo))
+    metrics = Metrics(runner, waiting=lambda: line.waiting + ui_queue_depth(demo))
     server, local_url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD_SIZE,
-        prevent_thread_lock=True, quiet=quiet)
+        max_threads=queue_max_size + GRADIO_EXTRA_THREADS, prevent_thread_lock=True, quiet=quiet)
     if share:
         if share_url:
             log.info("Public link (valid 1 week, while this app runs): %s", share_url)
@@ -496,11 +546,12 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     from openai_api import create_api  # imports torch: after the UI is up
 
     api_open = api_key is None and is_loopback(host) and not share
-    server.mount("/v1", create_api(runner, api_key=api_key, open_without_key=api_open))
+    server.mount("/v1", create_api(runner, line, api_key=api_key, open_without_key=api_open,
+                                   default_max_tokens=max_new_tokens))
     server.add_api_route("/healthz", lambda: {
-        "status": "ok" if getattr(runner, "loaded", True) else "loading", "model": runner.name,
+        "status": "ok" if runner.loaded else "loading", "model": runner.name,
         "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."),
-        "loaded": getattr(runner, "loaded", True)}, methods=["GET"])
+        "loaded": runner.loaded}, methods=["GET"])
     server.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=metrics.content_type),
                          methods=["GET"])
     if api_key is None and not api_open:
@@ -517,6 +568,7 @@ def log_exchange(stream) -> None:
 
 
 def ui_queue_depth(demo) -> int:
+    """Chat events held in Gradio's own queue (on ZeroGPU; elsewhere they wait in the line)."""
     queue = getattr(demo, "_queue", None)
     event_queue = queue and queue.event_queue_per_concurrency_id.get(GENERATION_CONCURRENCY_ID)
     return len(event_queue.queue) if event_queue else 0
@@ -530,19 +582,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "openai":
         def load():
             from remote_backend import RemoteRunner
-            return RemoteRunner(args.base_url, api_key=args.api_key, model=args.model)
-        slot = ModelSlot(args.model or args.base_url, load, max_concurrency=REMOTE_MAX_CONCURRENCY)
+            return RemoteRunner(args.base_url, api_key=args.api_key, model=args.model,
+                                served_name=args.served_model_name)
+        slot = ModelSlot(args.served_model_name or args.model, load, one_at_a_time=False)
     else:
+        from conversation import served_model_name
+        model = args.model or DEFAULT_MODEL
+        name = args.served_model_name or served_model_name(model)
+
         def load():
             load_kwargs = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                               compile=args.compile)
+                               compile=args.compile, served_name=name)
             if args.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
-                return ModelRunner.load(args.model or DEFAULT_MODEL, **load_kwargs)
+                return ModelRunner.load(model, **load_kwargs)
             from engine_process import EngineProcess
-            return EngineProcess.start(args.model or DEFAULT_MODEL, **load_kwargs)
-        # ZeroGPU: one GPU borrowed per answer, one at a time
-        slot = ModelSlot(args.model or DEFAULT_MODEL, load, max_concurrency=1 if on_zero_gpu() else LOCAL_MAX_CONCURRENCY)
+            return EngineProcess.start(model, **load_kwargs)
+        slot = ModelSlot(name, load, one_at_a_time=True)
     if args.share and not args.auth:
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

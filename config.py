@@ -13,7 +13,8 @@ def _env(name: str, default):
 # Small, ungated, Apache-2.0, Idefics3 architecture: runs natively in transformers
 # without torchvision or remote code, and answers at interactive speed on a laptop CPU.
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
-DEFAULT_MAX_NEW_TOKENS = _env("DEFAULT_MAX_NEW_TOKENS", 512)
+# The default answer length, for the UI's slider and the API alike (--max-new-tokens).
+DEFAULT_MAX_NEW_TOKENS = _env("MAX_NEW_TOKENS", 512)
 
 # --- Images ---
 # Larger images are downscaled before the processor; above MAX_IMAGE_PIXELS an image is
@@ -32,17 +33,22 @@ MAX_UPDATES_PER_SECOND = _env("MAX_UPDATES_PER_SECOND", 30)
 # bigger cache and a one-time recompile). Its memory is reserved whole, per layer.
 COMPILE_CACHE_TOKENS = _env("COMPILE_CACHE_TOKENS", 4096)
 
-# --- Serving (UI) ---
+# --- Serving ---
 MAX_UPLOAD_SIZE = _env("MAX_UPLOAD_SIZE", "20mb")  # Gradio refuses larger uploads (413)
-QUEUE_MAX_SIZE = _env("QUEUE_MAX_SIZE", 64)        # beyond: "busy, try again"
+# Requests waiting for the model, UI and API together (one line, first come first served);
+# beyond: "busy, try again".
+QUEUE_MAX_SIZE = _env("QUEUE_MAX_SIZE", 64)
 ZERO_GPU_DURATION_S = _env("ZERO_GPU_DURATION_S", 120)  # GPU time asked per answer on ZeroGPU
 
 # --- OpenAI-compatible API ---
 API_MAX_MESSAGES = _env("API_MAX_MESSAGES", 512)
 API_MAX_STOP_STRINGS = _env("API_MAX_STOP_STRINGS", 4)
 API_MAX_IMAGE_BYTES = _env("API_MAX_IMAGE_BYTES", 20 * 1024 * 1024)  # one decoded data: URL
-API_MAX_WAITING_REQUESTS = _env("API_MAX_WAITING_REQUESTS", 16)      # beyond: 503
-API_DEFAULT_MAX_TOKENS = _env("API_DEFAULT_MAX_TOKENS", 512)
+API_MAX_WAITING_REQUESTS = _env("API_MAX_WAITING_REQUESTS", 16)      # of those in line; beyond: 503
+# A request that comes while the model loads waits this long for it, then gets a 503 with
+# Retry-After (the openai client retries twice by default).
+API_MODEL_LOAD_WAIT_S = _env("API_MODEL_LOAD_WAIT_S", 60.0)
+API_RETRY_AFTER_S = _env("API_RETRY_AFTER_S", 5)
 
 # --- Remote backend ---
 REMOTE_CONNECT_TIMEOUT_S = _env("REMOTE_CONNECT_TIMEOUT_S", 5.0)

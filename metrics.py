@@ -14,7 +14,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, runner, extra_waiting=lambda: 0):
+    def __init__(self, runner, waiting=lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("chat_requests", "Generations by outcome", ["outcome"],
                                 registry=self.registry)
@@ -24,7 +24,7 @@ class Metrics:
         active = Gauge("chat_active_generations", "Generations running now", registry=self.registry)
         active.set_function(lambda: runner.active)
         depth = Gauge("chat_queue_depth", "Requests waiting for the model", registry=self.registry)
-        depth.set_function(lambda: runner.waiting + extra_waiting())
+        depth.set_function(waiting)
         self.ttft = Histogram("chat_time_to_first_token_seconds", "Time to first token",
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
                               registry=self.registry)

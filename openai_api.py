@@ -24,17 +24,18 @@ from typing import Literal
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import (
-    API_DEFAULT_MAX_TOKENS as DEFAULT_MAX_TOKENS,
     API_MAX_IMAGE_BYTES as MAX_IMAGE_BYTES,
     API_MAX_MESSAGES as MAX_MESSAGES,
     API_MAX_STOP_STRINGS as MAX_STOP_STRINGS,
-    API_MAX_WAITING_REQUESTS as MAX_WAITING_REQUESTS,
+    API_MODEL_LOAD_WAIT_S as MODEL_LOAD_WAIT_S,
+    API_RETRY_AFTER_S as RETRY_AFTER_S,
+    DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS_LIMIT,
 )
 from conversation import (
@@ -43,16 +44,21 @@ from conversation import (
     GenerationSettings,
     load_image,
 )
+from waiting_line import LineFull, WaitingLine
 
 DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", re.DOTALL)
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": type,
-                                                     "param": param, "code": code}}
+        self.status, self.headers = status, headers
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited in line."""
 
 
 # ---------------------------------------------------------------- request schema
@@ -101,8 +107,11 @@ class ChatCompletionRequest(BaseModel):
 # ---------------------------------------------------------------- request → engine
 
 def to_engine_messages(request: ChatCompletionRequest) -> list[dict]:
-    """OpenAI messages → the engine's neutral messages (images decoded to PIL)."""
+    """OpenAI messages → the engine's neutral messages (images decoded to PIL).
+    A bad image in the last message is a 400; one in an earlier message was refused when it
+    was sent, so it is left out, as in the chat UI, rather than blocking the conversation."""
     messages = []
+    last = len(request.messages) - 1
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
         content = message.content
@@ -119,8 +128,12 @@ def to_engine_messages(request: ChatCompletionRequest) -> list[dict]:
                 elif part.image_url is None:
                     raise APIError(400, "An image_url part needs an image_url object.", param=param)
                 else:
-                    parts.append({"type": "image", "image": decode_image(part.image_url.url,
-                                                                          param + ".image_url")})
+                    try:
+                        parts.append({"type": "image", "image": decode_image(part.image_url.url,
+                                                                              param + ".image_url")})
+                    except APIError:
+                        if i == last:
+                            raise
         messages.append({"role": role, "content": parts})
     if not messages or messages[-1]["role"] != "user":
         raise APIError(400, "The last message must be a user message.", param="messages")
@@ -150,9 +163,9 @@ def decode_image(url: str, param: str):
         raise APIError(400, str(error), param=param, code="invalid_image") from None
 
 
-def to_settings(request: ChatCompletionRequest) -> GenerationSettings:
+def to_settings(request: ChatCompletionRequest, default_max_tokens: int) -> GenerationSettings:
     return GenerationSettings(
-        max_new_tokens=request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS,
+        max_new_tokens=request.max_completion_tokens or request.max_tokens or default_max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's default
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
@@ -161,15 +174,16 @@ def to_settings(request: ChatCompletionRequest) -> GenerationSettings:
 
 # ---------------------------------------------------------------- the app
 
-def create_api(runner, *, api_key: str | None = None, open_without_key: bool = True) -> FastAPI:
-    """The /v1 sub-application. With `api_key`, every call needs `Authorization: Bearer KEY`;
-    without one it answers only when `open_without_key` (the server is bound to loopback)."""
+def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_without_key: bool = True,
+               default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> FastAPI:
+    """The /v1 sub-application. Its requests wait in `line` with the chat UI's. With
+    `api_key`, every call needs `Authorization: Bearer KEY`; without one it answers only
+    when `open_without_key` (the server is bound to loopback)."""
     api = FastAPI(title="OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-    waiting = {"count": 0}
 
     @api.exception_handler(APIError)
     async def _api_error(request, error: APIError):
-        return JSONResponse(error.body, status_code=error.status)
+        return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request, error: RequestValidationError):
@@ -185,6 +199,10 @@ def create_api(runner, *, api_key: str | None = None, open_without_key: bool = T
         return JSONResponse(APIError(error.status_code, str(error.detail), type=kind).body,
                             status_code=error.status_code)
 
+    @api.exception_handler(ClientGone)
+    async def _gone(request, error: ClientGone):
+        return Response(status_code=499)  # nobody reads it
+
     def authorize(request: Request):
         if api_key is None:
             if not open_without_key:
@@ -195,36 +213,55 @@ def create_api(runner, *, api_key: str | None = None, open_without_key: bool = T
             raise APIError(401, "Invalid or missing API key (Authorization: Bearer KEY).",
                            code="invalid_api_key")
 
-    def model_card():
-        return {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}
+    async def wait_until_loaded(deadline: float, request: Request) -> None:
+        while not runner.loaded:
+            if time.monotonic() > deadline:
+                raise APIError(503, "The model is still loading; try again in a few seconds.",
+                               type="server_error", code="model_loading",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+            if await request.is_disconnected():
+                raise ClientGone()
+            await anyio.sleep(0.1)
 
     @api.get("/models", dependencies=[Depends(authorize)])
-    async def list_models():
-        if not getattr(runner, "loaded", True):
-            return {"object": "list", "data": []}
-        return {"object": "list", "data": [model_card()]}
+    async def list_models(request: Request):
+        if runner.name is None:  # a remote server's default model, until it is asked
+            await wait_until_loaded(time.monotonic() + MODEL_LOAD_WAIT_S, request)
+        return {"object": "list", "data": [
+            {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}]}
 
     @api.post("/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        if not getattr(runner, "loaded", True):
-            raise APIError(503, "The model is still loading; try again in a few seconds.",
-                           type="server_error", code="model_loading")
+        deadline = time.monotonic() + MODEL_LOAD_WAIT_S  # like the UI, a request made while
+        if runner.name is None:                          # the model loads waits for it
+            await wait_until_loaded(deadline, request)
         if body.model not in (None, "", runner.name):
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
                                 f"{runner.name!r}.", param="model", code="model_not_found")
         messages = await anyio.to_thread.run_sync(to_engine_messages, body)
-        settings = to_settings(body)
-        if waiting["count"] >= MAX_WAITING_REQUESTS:
-            raise APIError(503, "The server is busy; try again shortly.", type="server_error",
-                           code="server_busy")
-        waiting["count"] += 1
+        settings = to_settings(body, default_max_tokens)
         try:
+            place = line.join("api")
+        except LineFull as full:
+            raise APIError(503, str(full), type="server_error", code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        try:
+            async for _ in place.waiting(recheck_s=0.5):
+                if await request.is_disconnected():
+                    raise ClientGone()
+                if not runner.loaded and time.monotonic() > deadline:
+                    await wait_until_loaded(deadline, request)  # raises the 503
+            await wait_until_loaded(deadline, request)
             stream = await anyio.to_thread.run_sync(runner.stream, messages, settings)
+            place.started(stream)
         except ChatInputError as error:
             code = "context_length_exceeded" if "too long" in str(error) else None
             raise APIError(400, str(error), param="messages", code=code) from None
+        except GenerationError as error:
+            raise APIError(500, str(error), type="server_error", code="generation_failed") from None
         finally:
-            waiting["count"] -= 1
+            if place.position:  # it never started: out of the line
+                place.leave()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
@@ -242,8 +279,8 @@ async def updates(stream):
     Closing this generator (client gone, task cancelled) stops generation."""
     iterator = iter(stream)
     try:
-        while True:
-            text = await anyio.to_thread.run_sync(next, iterator, None)
+        while True:  # a cancel (client gone) doesn't wait for the next piece of text
+            text = await anyio.to_thread.run_sync(next, iterator, None, abandon_on_cancel=True)
             if text is None:
                 return
             yield text

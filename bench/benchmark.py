@@ -397,7 +397,6 @@ def serve_model(m: Model, torch_threads: int | None) -> None:
                                    torch_threads=torch_threads or None)
     m.clean = CleanProcess(m.path, m.runner.device, torch_threads or None, m.runner.compile)
     m.spy = StreamSpy(m.engine)
-    m.engine.max_concurrency = m.runner.max_concurrency = app.LOCAL_MAX_CONCURRENCY  # as app.main has it
     m.demo, m.url = app.serve(m.engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
     m.spy_in = StreamSpy(m.runner)
     m.demo_in, m.url_in = app.serve(m.runner, host="127.0.0.1", port=free_port(), block=False, quiet=True)
