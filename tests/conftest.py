@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def idefics3_engine_process(tiny_model_paths):
     engine.close()
 
 
+@pytest.fixture(scope="session")
+def long_answer_engine_process(tmp_path_factory):
+    """bench-llama (8192 positions, ~150 tokens/s here) in an engine process: its long
+    answers last tens of seconds, for tests that need one generating while others wait."""
+    from engine_process import EngineProcess
+    from tests.tiny_models import build_bench_llama
+    engine = EngineProcess.start(str(build_bench_llama(tmp_path_factory.mktemp("bench-llama") / "bench-llama")),
+                                 device="cpu")
+    yield engine
+    engine.close()
+
+
 @pytest.fixture(params=["in-process", "engine-process"])
 def idefics3_engine(request):
     """The idefics3 model both ways the app runs it: in the web server's process and in
@@ -104,6 +117,32 @@ def break_forward(monkeypatch, model, error: BaseException, on_call: int | None 
 
     monkeypatch.setattr(model, "forward", forward)
     return real_forward
+
+
+def hold_generation(patch, model, after_calls: int = 3):
+    """Make the model's forward wait after `after_calls` calls until the returned event is
+    set: an answer that has begun and lasts as long as a test needs (max. 60 s)."""
+    real_forward, release, calls = model.forward, threading.Event(), itertools.count(1)
+
+    @functools.wraps(real_forward)
+    def forward(*args, **kwargs):
+        if next(calls) > after_calls:
+            release.wait(60)
+        return real_forward(*args, **kwargs)
+
+    patch.setattr(model, "forward", forward)
+    return release
+
+
+def wait_for(condition, timeout: float = 30, what: str = "a condition", interval: float = 0.02):
+    """Poll `condition` until it returns something true (returned) or fail the test after
+    `timeout` seconds: a test waits on what it needs, never on a fixed sleep, never forever."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+    return value
 
 
 def wait_until_loaded(port: int, process, timeout: float = 90) -> bool:

@@ -10,7 +10,7 @@ from gradio_client import Client, handle_file
 
 import app
 from model_runner import GenerationSettings
-from tests.conftest import break_forward
+from tests.conftest import break_forward, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,9 +73,8 @@ def test_stop_ends_generation_on_the_server(serve, idefics3_engine, images):
     url, spy = serve(idefics3_engine)
     client = Client(url, verbose=False)
     job = chat(client, message("Tell me everything.", images["red"]), max_new_tokens=2000)
-    while len([o for o in job.outputs() if text_of(o)]) < 2:
-        assert not job.done(), "the answer finished before it could be stopped"
-        time.sleep(0.02)
+    wait_for(lambda: len([o for o in job.outputs() if text_of(o)]) >= 2 or job.done(), 30, "text to stream")
+    assert not job.done(), "the answer finished before it could be stopped"
     job.cancel()
     stream = spy.streams[0]
     assert stream.join(5), "Stop must end generation"
@@ -134,12 +133,14 @@ def test_text_only_model_says_it_cannot_see_images(serve, llama_runner, images):
     client.close()
 
 
-def test_ui_and_api_share_one_generation_queue(idefics3_runner):
+def test_every_chat_event_waits_in_the_apps_line_not_in_gradios(idefics3_runner):
+    """Submit, retry, edit, the examples and /chat all enter the chat function at once and
+    wait in the one line they share with the API (tests/test_queue.py shows the order)."""
     demo = app.build_demo(idefics3_runner)
     chat_events = [fn for fn in demo.fns.values() if fn.concurrency_id == app.GENERATION_CONCURRENCY_ID]
-    assert len(chat_events) >= 3  # submit, retry, edit, the API
+    assert len(chat_events) >= 4  # submit, retry, edit, example, the API
     assert any(fn.api_name == "chat" for fn in chat_events)
-    assert all(fn.concurrency_limit == 1 for fn in chat_events)
+    assert all(fn.concurrency_limit is None for fn in chat_events)
 
 
 def test_both_history_shapes_become_the_same_model_messages(tmp_path):
@@ -229,18 +230,14 @@ def test_the_ui_serves_while_the_model_loads(serve, llama_runner):
         release.wait(30)
         return llama_runner
 
-    slot = app.ModelSlot("tiny-llama", slow_load)
+    slot = app.ModelSlot("tiny-llama", slow_load, one_at_a_time=True)
     url, _ = serve(slot, on_listening=slot.start)
     assert httpx.get(url).status_code == 200
     assert httpx.get(url + "healthz").json()["loaded"] is False
     assert "loading model" in app.header_markdown(slot)
-    early = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-    assert early.status_code == 503 and early.json()["error"]["code"] == "model_loading"
     client = Client(url, verbose=False)
     job = chat(client, message("hello"), max_new_tokens=5)  # sent while loading: waits, then answers
-    deadline = time.time() + 10
-    while not job.outputs() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(job.outputs, 10, "the first update")
     assert job.outputs()[0]["metadata"]["title"] == app.LOADING_TITLE and not job.done()
     release.set()
     assert text_of(job.result())
@@ -270,3 +267,47 @@ def test_the_chat_shows_the_same_whatever_postprocessing_it_reuses(images):
     # A new turn: new message objects, equal or not, are postprocessed anew.
     next_turn = [{**m} for m in history[:2]] + [{"role": "user", "content": "Something else"}]
     assert caching.postprocess(next_turn).model_dump() == plain.postprocess(next_turn).model_dump()
+
+
+VANISHING_SCRIPT = """
+import sys
+from gradio_client import Client
+job = Client(sys.argv[1], verbose=False).submit({"text": "Tell me everything.", "files": []}, "", 2000,
+                                                0.0, 1.0, api_name="/chat")
+for output in job:
+    print("update", flush=True)
+"""
+
+
+def test_a_script_killed_mid_answer_stops_generation(serve, idefics3_engine):
+    """A gradio_client script whose connection drops (killed, network gone): the server
+    notices and the engine stops within a token, as for Stop."""
+    url, spy = serve(idefics3_engine)
+    script = subprocess.Popen([sys.executable, "-c", VANISHING_SCRIPT, url], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):  # "Thinking…", then text
+            assert script.stdout.readline() == "update\n"
+        wait_for(lambda: spy.streams and spy.streams[0].new_tokens > 0, 30, "text to stream")
+    finally:
+        script.kill()
+        script.wait(10)
+    stream = spy.streams[0]
+    assert stream.join(10), "the engine must stop when the client is gone"
+    assert stream.finish_reason == "cancelled" and stream.new_tokens < 1000
+    assert stream.tokens_after_close <= 1
+
+
+def test_live_figures_update_while_the_answer_streams(serve, llama_runner):
+    url, spy = serve(llama_runner)
+    client = Client(url, verbose=False)
+    outputs = list(chat(client, message("Tell me a story."), max_new_tokens=300))
+    figures = [o["metadata"]["title"] for output in outputs for o in (output if isinstance(output, list) else [])
+               if (o.get("metadata") or {}).get("title", "").startswith(app.STATS_PREFIX)]
+    counts = [int(title.split(app.STATS_PREFIX)[1].split(" tokens")[0]) for title in figures]
+    assert len(set(counts)) >= 3 and counts == sorted(counts), "the figures grow with the answer"
+    stream = spy.streams[-1]
+    assert counts[-1] == stream.new_tokens == 300
+    assert figures[-1] == app.stats_line(stream)
+    assert f"{stream.tokens_per_second:.1f} tokens/s" in figures[-1]
+    assert f"first token after {stream.time_to_first_token:.2f} s" in figures[-1]
+    client.close()

@@ -2,7 +2,6 @@
 on a tiny local model. The screenshot of a finished chat lands in artifacts/browser/."""
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,13 +18,16 @@ if not Path(CHROMIUM).exists():
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 import app  # noqa: E402
+from tests.conftest import hold_generation, wait_for  # noqa: E402
 
-# The answer bubble of the last assistant turn (not the Thinking / stats blocks).
+# The answer bubble of the last assistant turn: not the blocks with a title (Thinking,
+# figures, notes), whose content shows while they are open.
 LAST_ANSWER_JS = """() => {
   const rows = document.querySelectorAll('.bot-row');
   if (!rows.length) return '';
-  const parts = rows[rows.length - 1].querySelectorAll('.message:not(.thought) .message-content');
-  return Array.from(parts).map(p => p.innerText).join('\\n');
+  const parts = Array.from(rows[rows.length - 1].querySelectorAll('.message-content'))
+    .filter(p => !p.closest('.thought-group'));
+  return parts.map(p => p.innerText).join('\\n');
 }"""
 
 
@@ -70,6 +72,22 @@ def wait_until_idle(page, timeout=60):
     expect(page.locator("button.submit-button")).to_be_visible(timeout=timeout * 1000)
 
 
+def answered(page, spy, act, timeout=60):
+    """Do `act` (send, retry, edit...), then wait until the model's answer to it has ended and
+    the page is idle again. Returns the engine's stream."""
+    before = len(spy.streams)
+    act()
+    wait_for(lambda: len(spy.streams) > before and spy.streams[-1].join(0), timeout, "the answer to end")
+    wait_until_idle(page, timeout)
+    return spy.streams[-1]
+
+
+def figures_shown(page) -> str:
+    """The live figures line of the last answer ("⏱ 12 tokens · ..."), or ""."""
+    line = page.locator(".thought-group .title", has_text=app.STATS_PREFIX)
+    return line.last.inner_text() if line.count() else ""
+
+
 def test_header_upload_streaming_and_stop(serve, idefics3_runner, images, page):
     url, spy = serve(idefics3_runner, max_new_tokens=300)
     open_app(page, url)
@@ -90,23 +108,20 @@ def test_header_upload_streaming_and_stop(serve, idefics3_runner, images, page):
     expect(page.locator(".user-row img").first).to_be_visible()
     assert spy.streams[-1].finish_reason == "length"
 
-    # Stop during a long answer: the text stops growing, the app takes the next message
-    page.locator("textarea").first.fill("Now tell me a very long story.")
-    page.locator("#component-0")  # keep the page busy-free
-    spy.streams.clear()
-    page.keyboard.press("Enter")
-    while not answer_text(page) or not spy.streams:
-        time.sleep(0.02)
-    time.sleep(0.3)
-    page.locator("button.stop-button").click()
-    time.sleep(1.0)
+    # Stop during a long answer (held after 30 tokens): generation ends, the app takes the next message
+    with pytest.MonkeyPatch.context() as patch:
+        release = hold_generation(patch, idefics3_runner.model, after_calls=30)
+        send(page, "Now tell me a very long story.")
+        wait_for(lambda: len(spy.streams) == 2 and answer_text(page) and answer_text(page) != seen[-1], 30,
+                 "the second answer to show")
+        page.locator("button.stop-button").click()
+        stream = spy.streams[-1]
+        wait_for(lambda: stream.closed_at is not None, 10, "Stop to reach the engine")
+        release.set()
+        assert stream.join(10) and stream.finish_reason == "cancelled" and stream.tokens_after_close <= 1
     stopped_at = answer_text(page)
-    time.sleep(1.0)
-    assert answer_text(page) == stopped_at, "the text must stop growing after Stop"
-    assert spy.streams[-1].finish_reason == "cancelled" and spy.streams[-1].new_tokens < 300
-    send(page, "Short answer please.")
-    time.sleep(0.5)
-    wait_until_idle(page)
+    assert stopped_at and stream.text.strip().startswith(stopped_at.strip()[:10]), "the stopped answer stays"
+    answered(page, spy, lambda: send(page, "Short answer please."))
     assert answer_text(page) and answer_text(page) != stopped_at
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -114,34 +129,79 @@ def test_header_upload_streaming_and_stop(serve, idefics3_runner, images, page):
     assert (ARTIFACTS / "chat.png").stat().st_size > 10_000
 
 
+def test_live_figures_and_closing_the_tab_mid_answer(serve, long_answer_engine_process, page):
+    """The figures line shows under the answer and grows as it streams; closing the tab
+    stops generation in the engine process within a token."""
+    url, spy = serve(long_answer_engine_process, max_new_tokens=4000)
+    open_app(page, url)
+    send(page, "Tell me a very long story.")
+    counts = set()
+
+    def figures_grew():
+        shown = figures_shown(page)
+        if shown:
+            counts.add(int(shown.split(app.STATS_PREFIX)[1].split(" tokens")[0]))
+        return len(counts) >= 3 and "tokens/s" in shown and "first token after" in shown
+    wait_for(figures_grew, 60, "the live figures to update", interval=0.05)
+    assert answer_text(page)
+    stream = spy.streams[-1]
+    page.close()
+    assert stream.join(10), "closing the tab must stop generation"
+    assert stream.finish_reason == "cancelled" and stream.new_tokens < 4000
+    assert stream.tokens_after_close <= 1
+
+
+def test_undo_puts_the_text_and_images_back_in_the_input_box(serve, idefics3_runner, images, page):
+    url, spy = serve(idefics3_runner, max_new_tokens=10)
+    open_app(page, url)
+    answered(page, spy, lambda: send(page, "Look at these two.", images["red"], images["noise"]))
+    page.locator("button[aria-label=Undo]").last.click()
+    expect(page.locator(".user-row")).to_have_count(0)
+    expect(page.locator("textarea").first).to_have_value("Look at these two.")
+    thumbnails_in_input = """() => Array.from(document.querySelectorAll('.thumbnail-item'))
+        .filter(t => !t.closest('.message-row')).length"""
+    wait_for(lambda: page.evaluate(thumbnails_in_input) == 2, 10, "both images back in the input box")
+    answered(page, spy, lambda: page.locator("button.submit-button").click())
+    sent = spy.calls[-1][0]
+    assert len(sent) == 1 and [p["type"] for p in sent[0]["content"]] == ["image", "image", "text"]
+
+
+def test_edit_runs_the_chat_again_from_the_edited_message(serve, llama_runner, page):
+    url, spy = serve(llama_runner, max_new_tokens=10)
+    open_app(page, url)
+    first = answered(page, spy, lambda: send(page, "First question."))
+    answered(page, spy, lambda: send(page, "Second question."))
+    page.locator(".user-row").last.hover()
+    page.locator("button[aria-label=Edit]").last.click()
+    page.locator("textarea.edit-textarea").fill("Second question, edited.")
+    answered(page, spy, lambda: page.locator("button.icon-button[aria-label=Submit]").click())
+    sent = spy.calls[-1][0]
+    assert [(m["role"], m["content"][0]["text"]) for m in sent] == [
+        ("user", "First question."), ("assistant", first.text), ("user", "Second question, edited.")]
+    expect(page.locator(".user-row")).to_have_count(2)
+    expect(page.locator(".user-row").last).to_contain_text("Second question, edited.")
+
+
 def test_retry_and_saved_conversations_survive_a_reload(serve, idefics3_runner, images, page):
     url, spy = serve(idefics3_runner, max_new_tokens=20)
     open_app(page, url)
-    send(page, "first conversation, first question", images["red"])
-    time.sleep(0.5)
-    wait_until_idle(page)
+    answered(page, spy, lambda: send(page, "first conversation, first question", images["red"]))
     calls = len(spy.calls)
-    page.locator("button[aria-label=Retry]").last.click()
-    time.sleep(0.5)
-    wait_until_idle(page)
+    answered(page, spy, lambda: page.locator("button[aria-label=Retry]").last.click())
     assert len(spy.calls) == calls + 1, "retry runs the model again"
     assert spy.calls[-1][0][-1]["content"][-1]["text"] == "first conversation, first question"
     assert answer_text(page)
 
     page.get_by_role("button", name="New chat").click()
     expect(page.get_by_text("first conversation, first question")).to_have_count(1)  # only in the sidebar
-    send(page, "second conversation")
-    time.sleep(0.5)
-    wait_until_idle(page)
+    answered(page, spy, lambda: send(page, "second conversation"))
 
     page.reload()
     page.wait_for_selector("textarea")
     page.get_by_text("first conversation, first").first.click()
     expect(page.locator(".user-row").get_by_text("first conversation, first question")).to_be_visible()
     assert answer_text(page), "the restored conversation shows its answer"
-    send(page, "and a follow-up")
-    time.sleep(0.5)
-    wait_until_idle(page)
+    answered(page, spy, lambda: send(page, "and a follow-up"))
     expect(page.locator(".user-row img").first).to_be_visible()  # its image still displays
     history = spy.calls[-1][0]
     assert history[0]["content"][-1]["text"] == "first conversation, first question", \
@@ -149,27 +209,41 @@ def test_retry_and_saved_conversations_survive_a_reload(serve, idefics3_runner, 
     assert history[0]["content"][0]["type"] == "image", "and its image still reaches the model"
 
 
+def test_a_deleted_conversation_stays_deleted_after_a_reload(serve, llama_runner, page):
+    url, spy = serve(llama_runner, max_new_tokens=5)
+    open_app(page, url)
+    answered(page, spy, lambda: send(page, "conversation to delete"))
+    page.get_by_role("button", name="New chat").click()
+    answered(page, spy, lambda: send(page, "conversation to keep"))
+    sidebar = page.get_by_text("conversation to delete")
+    expect(sidebar).to_have_count(1)
+    sidebar.click()
+    expect(page.locator(".user-row").get_by_text("conversation to delete")).to_be_visible()
+    page.locator("button[aria-label=Clear]").click()
+    expect(page.get_by_text("conversation to delete")).to_have_count(0)
+    page.reload()
+    page.wait_for_selector("textarea")
+    expect(page.get_by_text("conversation to keep")).to_have_count(1)
+    expect(page.get_by_text("conversation to delete")).to_have_count(0)
+
+
 def test_a_starter_example_runs_with_its_picture(serve, idefics3_runner, page):
     url, spy = serve(idefics3_runner, max_new_tokens=20)
     open_app(page, url)
-    page.get_by_text("Count the shapes").click()
-    time.sleep(0.5)
-    wait_until_idle(page)
+    answered(page, spy, lambda: page.get_by_text("Count the shapes").click())
     expect(page.locator(".user-row img").first).to_be_visible()
     assert answer_text(page)
     sent = spy.calls[-1][0][-1]["content"]
     assert sent[0]["type"] == "image" and "shapes" in sent[-1]["text"]
 
 
-def test_reasoning_shows_a_collapsible_thinking_block(serve, reasoning_runner, page):
+def test_reasoning_shows_in_its_own_thinking_block(serve, reasoning_runner, page):
     url, spy = serve(reasoning_runner, max_new_tokens=80)
     open_app(page, url)
-    send(page, "What is 2+2?")
-    time.sleep(0.5)
-    wait_until_idle(page)
-    thinking = page.locator(".thought-group .title", has_text=app.REASONING_TITLE)
-    expect(thinking.first).to_be_visible()
-    reasoning, answer, done = spy.streams[-1].parts()
+    stream = answered(page, spy, lambda: send(page, "What is 2+2?"))
+    reasoning, answer, done = stream.parts()
     assert done and reasoning and answer
+    expect(page.locator(".thought-group .title", has_text=app.REASONING_TITLE).first).to_be_visible()
     assert answer_text(page).strip().startswith(answer.strip()[:10])
+    assert reasoning.strip()[:10] not in answer_text(page), "the reasoning is not part of the answer"
     page.screenshot(path=str(ARTIFACTS / "reasoning.png"), full_page=True)

@@ -1,5 +1,6 @@
 """Publishing: Space front matter, ZeroGPU, --share offline, settings from the environment."""
 
+import os
 import re
 import subprocess
 import sys
@@ -59,3 +60,20 @@ def test_share_offline_says_so_and_the_app_keeps_running(tiny_model_paths):
         output = process.communicate(timeout=30)[0]
     assert "anyone with the link can use this machine's compute" in output
     assert "Could not create the public share link" in output
+
+
+def test_one_default_answer_length_for_the_ui_and_the_api(serve, llama_runner):
+    import httpx
+    url, spy = serve(llama_runner, max_new_tokens=7)
+    slider = next(c for c in httpx.get(url + "config").json()["components"]
+                  if c.get("props", {}).get("label") == "Max new tokens")
+    assert slider["props"]["value"] == 7
+    answer = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert answer.json()["usage"]["completion_tokens"] == 7 == spy.streams[-1].new_tokens
+
+
+def test_max_new_tokens_from_the_environment_sets_the_default_everywhere():
+    script = "import app, config; print(config.DEFAULT_MAX_NEW_TOKENS, app.parse_args([]).max_new_tokens)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "MAX_NEW_TOKENS": "77"}, timeout=60)
+    assert result.stdout.split() == ["77", "77"], result.stderr

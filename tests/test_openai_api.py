@@ -18,7 +18,7 @@ from model_runner import GenerationSettings
 from openai_api import create_api
 from tests.test_app import text_of
 from remote_backend import RemoteRunner
-from tests.conftest import break_forward
+from tests.conftest import break_forward, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,7 @@ def image_question(image, text="What is in this picture?"):
 
 
 def wait_until_ended(stream, seconds=5.0):
-    deadline = time.time() + seconds
-    while stream.ended_at is None and time.time() < deadline:
-        time.sleep(0.02)
-    return stream.ended_at is not None
+    return wait_for(lambda: stream.ended_at is not None, seconds, "generation to end")
 
 
 def test_streamed_chunks_add_up_to_the_complete_answer(serve, idefics3_runner, images):
@@ -157,7 +154,8 @@ def test_api_key_is_required_when_set(serve, llama_runner):
 
 def test_api_is_off_on_a_network_address_without_a_key(llama_runner):
     from fastapi.testclient import TestClient
-    api = TestClient(create_api(llama_runner, api_key=None, open_without_key=False))
+    api = TestClient(create_api(llama_runner, app.waiting_line_for(llama_runner), api_key=None,
+                                open_without_key=False))
     response = api.get("/models")
     assert response.status_code == 401 and response.json()["error"]["code"] == "api_disabled"
 
@@ -208,9 +206,8 @@ def test_remote_backend_streams_from_another_instance(serve, idefics3_runner, im
 
     # Stop on the front instance stops generation on the back one
     job = client.submit({"text": "Go on forever.", "files": []}, "", 2000, 0.0, 1.0, api_name="/chat")
-    while len([o for o in job.outputs() if text_of(o)]) < 2:
-        assert not job.done()
-        time.sleep(0.02)
+    wait_for(lambda: len([o for o in job.outputs() if text_of(o)]) >= 2 or job.done(), 30, "text to stream")
+    assert not job.done()
     job.cancel()
     assert wait_until_ended(back_spy.streams[-1])
     assert back_spy.streams[-1].finish_reason == "cancelled" and back_spy.streams[-1].new_tokens < 2000
@@ -283,3 +280,34 @@ def test_reasoning_comes_as_reasoning_content(serve, reasoning_runner):
                         for c in chunks if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert reasoning == whole.reasoning_content and content == whole.content
+
+
+def test_an_answer_that_reaches_the_end_of_the_context_stops_there_with_length(serve, llama_runner):
+    from tests.test_reliability import long_text
+    url, _ = serve(llama_runner)
+    context = llama_runner.context_length
+    prompt = long_text(llama_runner, context - 700)  # fits, with less room than the answer asks for
+    response = httpx.post(url + "v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": 2000, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["total_tokens"] == context, "the answer ends where the context is full"
+
+
+def test_remote_backend_honours_the_update_rate_it_is_given(serve, llama_runner):
+    """The UI asks long chats for fewer updates (app.UPDATE_BUDGET_MESSAGES); a remote
+    backend's stream must keep to it like the local engine's."""
+    back_url, _ = serve(llama_runner)
+    remote = RemoteRunner(back_url + "v1")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell me a long story."}]}]
+    counts = {}
+    for rate in (3, 30):
+        started = time.perf_counter()
+        with remote.stream(messages, GenerationSettings(max_new_tokens=1200, max_updates_per_second=rate)) as stream:
+            updates = list(stream)
+        elapsed = time.perf_counter() - started
+        assert updates[-1] == stream.text and stream.new_tokens == 1200
+        assert len(updates) <= rate * elapsed + 2, f"{len(updates)} updates in {elapsed:.1f} s at {rate}/s"
+        counts[rate] = len(updates)
+    assert counts[30] > 2 * counts[3]

@@ -263,3 +263,23 @@ def test_compile_answers_the_same_with_a_static_cache(llama_runner, tiny_model_p
     assert stream.finish_reason == "cancelled" and stream.new_tokens < 500
     with pytest.raises(ModelLoadError, match="--compile.*static KV cache"):
         ModelRunner.load(str(tiny_model_paths["idefics3"]), device="cpu", compile=True)
+
+
+def test_temperature_zero_is_greedy_and_top_p_narrows_sampling(llama_runner):
+    messages = [user("write")]
+    inputs = llama_runner.build_inputs(messages)
+    with torch.no_grad():
+        ids = llama_runner.model.generate(**inputs, do_sample=False, max_new_tokens=30,
+                                          generation_config=llama_runner.generation_config(GenerationSettings()))
+    argmax_every_step = llama_runner.tokenizer.decode(ids[0, inputs["input_ids"].shape[-1]:], skip_special_tokens=True)
+    greedy = answer(llama_runner, messages, max_new_tokens=30, temperature=0.0)
+    # (the stream holds back a character whose bytes are not all generated yet)
+    assert greedy == argmax_every_step.rstrip("\ufffd") and len(greedy) > 20
+    assert greedy == answer(llama_runner, messages, max_new_tokens=30, temperature=0.0), "repeatable"
+    sampled = {answer(llama_runner, messages, max_new_tokens=30, temperature=1.0, top_p=1.0, seed=seed)
+               for seed in range(3)}
+    assert len(sampled) > 1 and greedy not in sampled, "temperature 1 samples"
+    # top_p keeps the most likely tokens that make up p of the probability: tiny p, top token only
+    narrowed = {answer(llama_runner, messages, max_new_tokens=30, temperature=1.0, top_p=1e-6, seed=seed)
+                for seed in range(3)}
+    assert narrowed == {greedy}
