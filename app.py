@@ -156,12 +156,14 @@ class ModelSlot:
     is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
     active = property(lambda self: self.runner.active if self.runner else 0)
 
-    def stream(self, messages, settings=None):
-        self.ready.wait()
+    def stream(self, messages, settings=None, cancelled: threading.Event | None = None):
+        from conversation import Cancelled, GenerationError
+        while not self.ready.wait(None if cancelled is None else 0.1):
+            if cancelled.is_set():
+                raise Cancelled()
         if self.runner is None:
-            from conversation import GenerationError
             raise GenerationError(f"The model failed to load: {self.error}")
-        return self.runner.stream(messages, settings)
+        return self.runner.stream(messages, settings, cancelled=cancelled)
 
 
 def header_markdown(runner) -> str:
@@ -186,7 +188,7 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
 
     def chat_steps(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
-                   top_p: float = 1.0, on_stream=None):
+                   top_p: float = 1.0, on_stream=None, cancelled: threading.Event | None = None):
         title = THINKING_TITLE
         if not runner.loaded:
             title = LOADING_TITLE
@@ -194,7 +196,7 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
             title = WAITING_TITLE.format(ordinal(1))
         yield pending(title)
         # Imported here, not at the top: the app serves before torch is loaded.
-        from conversation import ChatInputError, GenerationError, GenerationSettings
+        from conversation import Cancelled, ChatInputError, GenerationError, GenerationSettings
         # Gradio re-processes the whole chat on every update: fewer updates for long chats.
         updates_per_second = min(MAX_UPDATES_PER_SECOND, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
@@ -202,9 +204,11 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
                                       max_updates_per_second=updates_per_second)
         try:
             messages = to_model_messages(history, message, system_prompt)
-            stream = runner.stream(messages, settings)
+            stream = runner.stream(messages, settings, cancelled=cancelled)
             if on_stream:
                 on_stream(stream)
+        except Cancelled:  # Stop while it waited for the engine: nothing ran, nobody listens
+            return
         except (ChatInputError, GenerationError) as error:
             yield error_message(str(error))
             return
@@ -251,14 +255,14 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
         def on_stream(stream):
             streams.append(stream)
             place.started(stream)
-            if gone.is_set():  # Stop came while it waited for the engine
+            if gone.is_set():  # Stop came just as it started
                 stream.close(wait=0)
 
         try:
             async for position in place.waiting():
                 yield pending(WAITING_TITLE.format(ordinal(position)))
             steps = chat_steps(message, history, system_prompt, max_new_tokens, temperature, top_p,
-                               on_stream=on_stream)
+                               on_stream=on_stream, cancelled=gone)
             while (update := await anyio.to_thread.run_sync(next, steps, None,
                                                             abandon_on_cancel=True)) is not None:
                 yield update
@@ -531,6 +535,7 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
     if log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
+    # (Gradio's own queue holds chat events only on ZeroGPU; elsewhere they wait in the line.)
     metrics = Metrics(runner, waiting=lambda: line.waiting + ui_queue_depth(demo))
     server, local_url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD_SIZE,

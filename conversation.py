@@ -44,6 +44,10 @@ class GenerationError(Exception):
     """Generation failed while running. The message is meant for the user."""
 
 
+class Cancelled(Exception):
+    """The request was withdrawn (Stop, its client gone) while it waited: nothing ran."""
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS

@@ -35,6 +35,7 @@ import threading
 import time
 
 from conversation import (
+    Cancelled,
     ChatInputError,
     GenerationError,
     GenerationSettings,
@@ -47,7 +48,7 @@ from conversation import (
 
 log = logging.getLogger("engine")
 
-_REFUSALS = {"input": ChatInputError, "generation": GenerationError}
+_REFUSALS = {"input": ChatInputError, "generation": GenerationError, "cancelled": Cancelled}
 
 
 class EngineProcess:
@@ -116,9 +117,11 @@ class EngineProcess:
         with self._send_lock:
             self._commands.send(message)
 
-    def stream(self, messages: list[dict], settings: GenerationSettings | None = None) -> "EngineStream":
+    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
+               cancelled: threading.Event | None = None) -> "EngineStream":
         """Start generating; raises ChatInputError for a conversation the model can't take.
-        Blocks while another answer is generating, like ModelRunner.stream."""
+        Blocks while another answer is generating, like ModelRunner.stream; `cancelled` set
+        meanwhile withdraws the request in the engine before it starts (Cancelled)."""
         settings = settings or GenerationSettings()
         with self._launch_lock:
             if not self.alive:  # it died (crash, OOM kill): a fresh one for this request
@@ -135,7 +138,7 @@ class EngineProcess:
         except (OSError, ValueError):  # it died just now
             self._streams.pop(stream.id, None)
             raise GenerationError("The model process stopped; send again to restart it.") from None
-        stream._wait_started()
+        stream._wait_started(cancelled)
         return stream
 
     def _read_events(self, events, process, streams: dict) -> None:
@@ -269,8 +272,10 @@ class EngineStream(StreamFigures):
         self._updates.put(True)
 
     # -- the consumer's side
-    def _wait_started(self) -> None:
-        self._started.wait()
+    def _wait_started(self, cancelled: threading.Event | None) -> None:
+        while not self._started.wait(None if cancelled is None else 0.05):
+            if cancelled.is_set():
+                self.close(wait=0)  # the engine drops it unstarted: refused as "cancelled"
         if self._refusal is not None:
             raise self._refusal
 
@@ -344,12 +349,12 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
         return
     send("ready", {"name": runner.name, "device": runner.device, "dtype": str(runner.dtype),
                    "is_vision": runner.is_vision})
-    streams: dict = {}      # request id -> TextStream, while generating
-    pending: set = set()    # request ids received and not ended
-    cancelled: set = set()  # cancelled before their generation started
+    streams: dict = {}    # request id -> TextStream, while generating
+    withdrawn: dict = {}  # request id -> Event, set by a cancel before its generation starts
     state_lock = threading.Lock()
 
-    def serve(request_id: int, messages: list[dict], settings: GenerationSettings) -> None:
+    def serve(request_id: int, messages: list[dict], settings: GenerationSettings,
+              cancelled: threading.Event) -> None:
         started = threading.Event()
         sent = ""
 
@@ -361,13 +366,14 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
                  {"new_tokens": stream.new_tokens, "first_token_at": stream.first_token_at})
             sent = text
 
-        try:
-            stream = runner.stream(messages, settings, on_update=on_update)  # waits while another answer generates
+        try:  # waits while another answer generates
+            stream = runner.stream(messages, settings, on_update=on_update, cancelled=cancelled)
         except Exception as error:
             with state_lock:
-                pending.discard(request_id)
-                cancelled.discard(request_id)
-            if isinstance(error, (ChatInputError, GenerationError)):
+                withdrawn.pop(request_id, None)
+            if isinstance(error, Cancelled):
+                send("refused", request_id, "cancelled", "Withdrawn before it started.")
+            elif isinstance(error, (ChatInputError, GenerationError)):
                 send("refused", request_id, "input" if isinstance(error, ChatInputError) else "generation",
                      str(error))
             else:  # a bug of ours: say so, keep serving
@@ -376,7 +382,8 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
             return
         with state_lock:
             streams[request_id] = stream
-            if request_id in cancelled:
+            withdrawn.pop(request_id, None)
+            if cancelled.is_set():  # the cancel came just as it started
                 stream.close(wait=0)
         try:
             send("started", request_id, {
@@ -388,8 +395,6 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
         stream.join()
         with state_lock:
             streams.pop(request_id, None)
-            pending.discard(request_id)
-            cancelled.discard(request_id)
         send("end", request_id, {
             "text": stream.text if stream.text != sent else None,
             "error": str(stream.error) if stream.error else None, "finish_reason": stream.finish_reason,
@@ -404,16 +409,18 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
         except (EOFError, OSError):  # the web server is gone
             break
         if command[0] == "generate":
+            cancelled = threading.Event()
             with state_lock:
-                pending.add(command[1])
-            threading.Thread(target=serve, args=command[1:], name=f"request-{command[1]}", daemon=True).start()
+                withdrawn[command[1]] = cancelled
+            threading.Thread(target=serve, args=(*command[1:], cancelled), name=f"request-{command[1]}",
+                             daemon=True).start()
         elif command[0] == "cancel":
             with state_lock:
-                stream = streams.get(command[1])
-                if stream is None and command[1] in pending:
-                    cancelled.add(command[1])
+                stream, cancelled = streams.get(command[1]), withdrawn.get(command[1])
             if stream is not None:
                 stream.close(wait=0)
+            elif cancelled is not None:
+                cancelled.set()
         elif command[0] == "exit":
             break
     with state_lock:

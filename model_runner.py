@@ -50,6 +50,7 @@ from config import (  # noqa: F401  (re-exported for callers of the engine)
 from conversation import (  # noqa: F401  (re-exported: the engine's contract)
     REASONING_END,
     REASONING_START,
+    Cancelled,
     ChatInputError,
     GenerationError,
     GenerationSettings,
@@ -238,7 +239,7 @@ class TextStream(StreamFigures):
     def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
                  stop: list[str] = (), seed: int | None = None,
                  max_updates_per_second: float = MAX_UPDATES_PER_SECOND, record_token_times: bool = False,
-                 on_update=None):
+                 on_update=None, cancelled: threading.Event | None = None):
         self._pieces = queue.Queue() if on_update is None else _UpdatePusher(self, on_update)
         self._stop = threading.Event()
         self._ended = threading.Event()  # the generate thread is done
@@ -264,6 +265,9 @@ class TextStream(StreamFigures):
             target=self._generate, args=(inputs, generation_config, seed), daemon=True,
             name="generate")
         runner._lock.acquire()  # one generation per model; released by the thread
+        if cancelled is not None and cancelled.is_set():  # withdrawn while it waited for the engine
+            runner._lock.release()
+            raise Cancelled()
         try:
             self._thread.start()
         except BaseException:
@@ -586,10 +590,14 @@ class ModelRunner:
         return config
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               on_update=None) -> TextStream:
+               on_update=None, cancelled: threading.Event | None = None) -> TextStream:
         """Start generating; raises ChatInputError for a conversation the model can't take.
-        With on_update, the text is handed to it from the generate thread (see TextStream)."""
+        Waits while another answer generates; `cancelled` set meanwhile (Stop, the client
+        gone) withdraws the request before anything runs (Cancelled). With on_update, the
+        text is handed to it from the generate thread (see TextStream)."""
         settings = settings or GenerationSettings()
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled()
         if not 1 <= settings.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ChatInputError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
         notices: list[str] = []
@@ -602,7 +610,8 @@ class ModelRunner:
             config.max_new_tokens = min(config.max_new_tokens, limit - inputs["input_ids"].shape[-1])
         stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed,
                             max_updates_per_second=settings.max_updates_per_second,
-                            record_token_times=settings.record_token_times, on_update=on_update)
+                            record_token_times=settings.record_token_times, on_update=on_update,
+                            cancelled=cancelled)
         stream.notices = notices
         stream.request_text = last_user_text(messages)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())

@@ -12,11 +12,14 @@ bad request. A client that disconnects stops its generation within one token.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import io
 import json
 import re
+import threading
 import time
 import uuid
 from typing import Literal
@@ -27,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import (
@@ -39,6 +43,7 @@ from config import (
     MAX_NEW_TOKENS_LIMIT,
 )
 from conversation import (
+    Cancelled,
     ChatInputError,
     GenerationError,
     GenerationSettings,
@@ -213,20 +218,43 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
             raise APIError(401, "Invalid or missing API key (Authorization: Bearer KEY).",
                            code="invalid_api_key")
 
-    async def wait_until_loaded(deadline: float, request: Request) -> None:
+    async def give_up_if_due(deadline: float, request: Request) -> None:
+        """A waiting request ends when its client has left, or with a 503 (and Retry-After)
+        when the model is still loading past its deadline."""
+        if await request.is_disconnected():
+            raise ClientGone()
+        if not runner.loaded and time.monotonic() > deadline:
+            raise APIError(503, "The model is still loading; try again in a few seconds.",
+                           type="server_error", code="model_loading",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def until_loaded(deadline: float, request: Request) -> None:
         while not runner.loaded:
-            if time.monotonic() > deadline:
-                raise APIError(503, "The model is still loading; try again in a few seconds.",
-                               type="server_error", code="model_loading",
-                               headers={"Retry-After": str(RETRY_AFTER_S)})
-            if await request.is_disconnected():
-                raise ClientGone()
+            await give_up_if_due(deadline, request)
             await anyio.sleep(0.1)
+
+    async def start_stream(messages: list[dict], settings: GenerationSettings, request: Request):
+        """runner.stream in a worker thread, where it waits while the answer before it ends.
+        A client that leaves meanwhile withdraws the request: it leaves the line at once,
+        and the engine drops it unstarted when its turn comes."""
+        withdrawn = threading.Event()
+        starting = asyncio.ensure_future(anyio.to_thread.run_sync(
+            functools.partial(runner.stream, messages, settings, cancelled=withdrawn)))
+        while not starting.done():
+            await asyncio.wait({starting}, timeout=0.25)
+            if not starting.done() and await request.is_disconnected():
+                withdrawn.set()
+                starting.add_done_callback(close_if_started)
+                raise ClientGone()
+        try:
+            return starting.result()
+        except Cancelled:
+            raise ClientGone() from None
 
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models(request: Request):
         if runner.name is None:  # a remote server's default model, until it is asked
-            await wait_until_loaded(time.monotonic() + MODEL_LOAD_WAIT_S, request)
+            await until_loaded(time.monotonic() + MODEL_LOAD_WAIT_S, request)
         return {"object": "list", "data": [
             {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}]}
 
@@ -234,7 +262,7 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         deadline = time.monotonic() + MODEL_LOAD_WAIT_S  # like the UI, a request made while
         if runner.name is None:                          # the model loads waits for it
-            await wait_until_loaded(deadline, request)
+            await until_loaded(deadline, request)
         if body.model not in (None, "", runner.name):
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
                                 f"{runner.name!r}.", param="model", code="model_not_found")
@@ -247,12 +275,9 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         try:
             async for _ in place.waiting(recheck_s=0.5):
-                if await request.is_disconnected():
-                    raise ClientGone()
-                if not runner.loaded and time.monotonic() > deadline:
-                    await wait_until_loaded(deadline, request)  # raises the 503
-            await wait_until_loaded(deadline, request)
-            stream = await anyio.to_thread.run_sync(runner.stream, messages, settings)
+                await give_up_if_due(deadline, request)
+            await until_loaded(deadline, request)
+            stream = await start_stream(messages, settings, request)
             place.started(stream)
         except ChatInputError as error:
             code = "context_length_exceeded" if "too long" in str(error) else None
@@ -266,12 +291,20 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
         created = int(time.time())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
+            # The background task closes the stream even when the client is gone before the
+            # first event is sent (the generator, whose finally closes it, never runs then).
             return EventSourceResponse(
                 sse_chunks(stream, completion_id, created, runner.name, include_usage),
-                ping=15, send_timeout=30)
+                ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
         return await complete(stream, request, completion_id, created, runner.name)
 
     return api
+
+
+def close_if_started(starting: asyncio.Future) -> None:
+    """For a withdrawn request's runner.stream call: the stream, if it started after all."""
+    if not starting.cancelled() and starting.exception() is None:
+        starting.result().close(wait=0)
 
 
 async def updates(stream):

@@ -15,6 +15,7 @@ import openai
 
 from config import REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S
 from conversation import (
+    Cancelled,
     ChatInputError,
     GenerationError,
     GenerationSettings,
@@ -59,8 +60,12 @@ class RemoteRunner:
             raise ModelLoadError(f"The model server at {self.base_url} serves no model; pass --model.")
         return models[0].id
 
-    def stream(self, messages: list[dict], settings: GenerationSettings | None = None) -> "RemoteStream":
+    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
+               cancelled=None) -> "RemoteStream":
+        """Start streaming from the server (it queues and batches: nothing waits here)."""
         settings = settings or GenerationSettings()
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled()
         notices: list[str] = []
         prepared = alternate_roles(prepare_messages(messages, sees_images=True, model_name=self.name,
                                                     notices=notices))

@@ -83,7 +83,7 @@ class WaitingLine:
             if place not in self._waiting:  # it left (Stop, client gone) before it could start
                 return
             self._waiting.remove(place)
-            if stream is not None and stream.finish_reason is None:  # not over already
+            if self.one_at_a_time and stream is not None and stream.finish_reason is None:  # not over yet
                 self._generating[stream] = place
         self._moved()
 
@@ -117,7 +117,7 @@ class Place:
     @property
     def at_front(self) -> bool:
         position = self.position
-        return position == 1 or (position > 1 and not self.line.one_at_a_time)
+        return position == 1 or (position > 0 and not self.line.one_at_a_time)
 
     async def waiting(self, recheck_s: float | None = None):
         """Yields the place's position whenever it changes (and every recheck_s, so the
@@ -130,7 +130,7 @@ class Place:
             if position != shown or recheck_s is not None:
                 shown = position
                 yield position
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # (not TimeoutError before 3.11)
                 await asyncio.wait_for(self._changed.wait(), recheck_s)
             self._changed.clear()
 

@@ -206,11 +206,11 @@ class StreamSpy:
         self.runner, self.original, self.streams, self.record = runner, runner.stream, [], True
         runner.stream = self
 
-    def __call__(self, messages, settings=None):
+    def __call__(self, messages, settings=None, **options):
         settings = settings or GenerationSettings()
         settings = dataclasses.replace(settings, min_new_tokens=settings.max_new_tokens,
                                        record_token_times=True)
-        stream = self.original(messages, settings)
+        stream = self.original(messages, settings, **options)
         close = stream.close
 
         def timed_close(wait: float = 10.0):
