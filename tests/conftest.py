@@ -167,9 +167,9 @@ class StreamSpy:
     def __init__(self, runner):
         self.runner, self.original, self.streams, self.calls = runner, runner.stream, [], []
 
-    def __call__(self, messages, settings=None):
+    def __call__(self, messages, settings=None, **options):
         self.calls.append((messages, settings))
-        stream = self.original(messages, settings)
+        stream = self.original(messages, settings, **options)
         self.streams.append(stream)
         return stream
 

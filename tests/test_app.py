@@ -60,8 +60,8 @@ def test_streams_an_answer_about_an_uploaded_image(serve, idefics3_engine, image
 def test_history_with_images_goes_back_to_the_model(serve, idefics3_runner, images):
     url, spy = serve(idefics3_runner)
     client = Client(url, verbose=False)
-    chat(client, message("Look.", images["red"], images["noise"]), max_new_tokens=10).result()
-    chat(client, message("What did you see?"), max_new_tokens=10).result()
+    chat(client, message("Look.", images["red"], images["noise"]), max_new_tokens=10).result(timeout=60)
+    chat(client, message("What did you see?"), max_new_tokens=10).result(timeout=60)
     second = spy.calls[1][0]
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
     assert sum(p["type"] == "image" for p in second[0]["content"]) == 2
@@ -81,7 +81,7 @@ def test_stop_ends_generation_on_the_server(serve, idefics3_engine, images):
     assert stream.finish_reason == "cancelled" and stream.new_tokens < 2000
     assert stream.tokens_after_close <= 1, "the model stops within one token of the Stop"
     # the next message works
-    assert text_of(chat(client, message("hello"), max_new_tokens=5).result())
+    assert text_of(chat(client, message("hello"), max_new_tokens=5).result(timeout=60))
     client.close()
 
 
@@ -89,10 +89,10 @@ def test_a_bad_image_gets_a_message_and_the_next_request_works(serve, idefics3_r
     url, _ = serve(idefics3_runner)
     client = Client(url, verbose=False)
     started = time.time()
-    result = chat(client, message("What is this?", images["fake"])).result()
+    result = chat(client, message("What is this?", images["fake"])).result(timeout=60)
     assert "notes.png is not a readable image" in error_of(result)
     assert time.time() - started < 10
-    result = chat(client, message("And this one?", images["red"]), max_new_tokens=8).result()
+    result = chat(client, message("And this one?", images["red"]), max_new_tokens=8).result(timeout=60)
     assert text_of(result) and not error_of(result)
     client.close()
 
@@ -101,24 +101,24 @@ def test_a_failure_during_generation_shows_in_the_chat(serve, llama_runner, monk
     url, _ = serve(llama_runner)
     break_forward(monkeypatch, llama_runner.model, RuntimeError("device lost"), on_call=10)
     client = Client(url, verbose=False)
-    result = chat(client, message("go"), max_new_tokens=100).result()
+    result = chat(client, message("go"), max_new_tokens=100).result(timeout=60)
     assert "device lost" in error_of(result)
     assert text_of(result), "the text produced before the failure is kept"
-    assert text_of(chat(client, message("again"), max_new_tokens=5).result())
+    assert text_of(chat(client, message("again"), max_new_tokens=5).result(timeout=60))
     client.close()
 
 
 def test_system_prompt_and_settings_reach_generation(serve, llama_runner):
     url, spy = serve(llama_runner)
     client = Client(url, verbose=False)
-    plain = text_of(chat(client, message("Hi"), max_new_tokens=7).result())
+    plain = text_of(chat(client, message("Hi"), max_new_tokens=7).result(timeout=60))
     assert spy.streams[-1].new_tokens == 7
     client.reset_session()
-    pirate = text_of(chat(client, message("Hi"), system_prompt="You are a pirate.", max_new_tokens=7).result())
+    pirate = text_of(chat(client, message("Hi"), system_prompt="You are a pirate.", max_new_tokens=7).result(timeout=60))
     assert spy.calls[-1][0][0] == {"role": "system", "content": [{"type": "text", "text": "You are a pirate."}]}
     assert pirate != plain
     client.reset_session()
-    chat(client, message("Hi"), max_new_tokens=7, temperature=0.9, top_p=0.8).result()
+    chat(client, message("Hi"), max_new_tokens=7, temperature=0.9, top_p=0.8).result(timeout=60)
     settings = spy.calls[-1][1]
     assert (settings.temperature, settings.top_p, settings.max_new_tokens) == (0.9, 0.8, 7)
     client.close()
@@ -127,9 +127,9 @@ def test_system_prompt_and_settings_reach_generation(serve, llama_runner):
 def test_text_only_model_says_it_cannot_see_images(serve, llama_runner, images):
     url, _ = serve(llama_runner)
     client = Client(url, verbose=False)
-    result = chat(client, message("What is this?", images["red"])).result()
+    result = chat(client, message("What is this?", images["red"])).result(timeout=60)
     assert "can't see images" in error_of(result)
-    assert text_of(chat(client, message("Then just say hello."), max_new_tokens=5).result())
+    assert text_of(chat(client, message("Then just say hello."), max_new_tokens=5).result(timeout=60))
     client.close()
 
 
@@ -240,7 +240,7 @@ def test_the_ui_serves_while_the_model_loads(serve, llama_runner):
     wait_for(job.outputs, 10, "the first update")
     assert job.outputs()[0]["metadata"]["title"] == app.LOADING_TITLE and not job.done()
     release.set()
-    assert text_of(job.result())
+    assert text_of(job.result(timeout=60))
     assert httpx.get(url + "healthz").json()["loaded"] is True
     assert "loading" not in app.header_markdown(slot)
     client.close()

@@ -41,23 +41,23 @@ def refuse_in_ui(kind, client, runners, images, patch, spy):
     """Send the refused or failed turn of this kind through /chat; returns its text."""
     if kind == "too long":
         text = long_text(runners["llama"], runners["llama"].context_length + 300)
-        assert "This message is too long" in error_of(chat(client, message(text)).result())
+        assert "This message is too long" in error_of(chat(client, message(text)).result(timeout=60))
     elif kind == "bad image":
         text = "What is in this broken picture?"
-        assert "not a readable image" in error_of(chat(client, message(text, images["truncated"])).result())
+        assert "not a readable image" in error_of(chat(client, message(text, images["truncated"])).result(timeout=60))
     elif kind == "not an image":
         text = "What is in this text file named .png?"
-        assert "not a readable image" in error_of(chat(client, message(text, images["fake"])).result())
+        assert "not a readable image" in error_of(chat(client, message(text, images["fake"])).result(timeout=60))
     elif kind == "image to a text-only model":
         text = "What colour is this?"
-        assert "can't see images" in error_of(chat(client, message(text, images["red"])).result())
+        assert "can't see images" in error_of(chat(client, message(text, images["red"])).result(timeout=60))
     elif kind == "empty":
         text = "   "
-        assert "empty" in error_of(chat(client, message(text)).result())
+        assert "empty" in error_of(chat(client, message(text)).result(timeout=60))
     elif kind == "generation error":
         text = "This one fails inside the model."
         break_forward(patch, runners["llama"].model, RuntimeError("device lost"), on_call=1)
-        assert "device lost" in error_of(chat(client, message(text), max_new_tokens=20).result())
+        assert "device lost" in error_of(chat(client, message(text), max_new_tokens=20).result(timeout=60))
     elif kind == "stop before any text":
         text = "Stopped before the first word."
         entered, release = block_first_forward(patch, runners["llama"].model)
@@ -80,11 +80,11 @@ def test_a_refused_turn_in_the_ui_never_blocks_the_next(serve, llama_runner, ide
     runner = idefics3_runner if "image" in kind and "text-only" not in kind else llama_runner
     url, spy = serve(runner)
     client = Client(url, verbose=False)
-    first = text_of(chat(client, message("Hello there."), max_new_tokens=8).result())
+    first = text_of(chat(client, message("Hello there."), max_new_tokens=8).result(timeout=60))
     assert first
     with pytest.MonkeyPatch.context() as patch:  # the model works again after it
         refused = refuse_in_ui(kind, client, {"llama": llama_runner}, images, patch, spy)
-    result = chat(client, message(FOLLOW_UP), max_new_tokens=8).result()
+    result = chat(client, message(FOLLOW_UP), max_new_tokens=8).result(timeout=60)
     assert text_of(result) and not error_of(result), f"the follow-up after '{kind}' must be answered"
     # what the model saw: the first exchange and the follow-up; nothing of the refused turn
     seen = spy.calls[-1][0]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from engine_process import EngineProcess
-from model_runner import ChatInputError, GenerationError, GenerationSettings, ModelLoadError
-from tests.conftest import free_port, wait_until_loaded
+from model_runner import Cancelled, ChatInputError, GenerationError, GenerationSettings, ModelLoadError
+from tests.conftest import free_port, wait_for, wait_until_loaded
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,3 +130,32 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+def test_a_request_withdrawn_while_it_waits_for_the_engine_never_runs(idefics3_engine_process):
+    import threading
+    engine = idefics3_engine_process
+    started = []
+    engine.finish_listeners.append(started.append)
+    try:
+        running = engine.stream(ask("A long answer."), GenerationSettings(max_new_tokens=4000, min_new_tokens=4000))
+        withdrawn, outcome = threading.Event(), {}
+
+        def wait_behind():
+            try:
+                outcome["stream"] = engine.stream(ask("Withdrawn."), GenerationSettings(max_new_tokens=5),
+                                                  cancelled=withdrawn)
+            except Exception as error:
+                outcome["error"] = error
+        waiter = threading.Thread(target=wait_behind)
+        waiter.start()
+        wait_for(lambda: len(engine._streams) == 2, 10, "the request to reach the engine")
+        withdrawn.set()
+        waiter.join(10)
+        assert isinstance(outcome.get("error"), Cancelled), outcome
+        running.close()
+        with engine.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
+            list(after)
+    finally:
+        engine.finish_listeners.remove(started.append)
+    assert [s.request_text for s in started] == ["A long answer.", "hello"], "the withdrawn one never ran"

@@ -218,7 +218,7 @@ def test_remote_backend_unreachable_gives_a_clear_message(serve):
     from tests.conftest import free_port
     url, _ = serve(RemoteRunner(f"http://127.0.0.1:{free_port()}/v1", model="some-model"))
     client = Client(url, verbose=False)
-    result = client.submit({"text": "hello", "files": []}, "", 20, 0.0, 1.0, api_name="/chat").result()
+    result = client.submit({"text": "hello", "files": []}, "", 20, 0.0, 1.0, api_name="/chat").result(timeout=60)
     assert result["metadata"]["title"] == app.ERROR_TITLE
     assert "Can't reach the model server" in result["content"]
     client.close()
@@ -311,3 +311,37 @@ def test_remote_backend_honours_the_update_rate_it_is_given(serve, llama_runner)
         assert len(updates) <= rate * elapsed + 2, f"{len(updates)} updates in {elapsed:.1f} s at {rate}/s"
         counts[rate] = len(updates)
     assert counts[30] > 2 * counts[3]
+
+
+@pytest.mark.parametrize("gone_during", ["http.response.start", "http.response.body"])
+def test_a_client_gone_before_its_first_event_still_stops_generation(llama_runner, monkeypatch, gone_during):
+    """Raw ASGI: the client disconnects while the SSE response starts, before the generator
+    that would close the stream has run (or at its first event)."""
+    import asyncio
+    import json
+
+    from tests.conftest import StreamSpy
+    spy = StreamSpy(llama_runner)
+    monkeypatch.setattr(llama_runner, "stream", spy)
+    api = create_api(llama_runner, app.waiting_line_for(llama_runner))
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                       "max_tokens": 2000}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/chat/completions", "raw_path": b"/chat/completions", "root_path": "",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == gone_during:
+            await asyncio.sleep(0.5)  # the disconnect is noticed meanwhile
+
+    asyncio.run(asyncio.wait_for(api(scope, receive, send), 30))
+    stream = spy.streams[0]
+    assert stream.join(10) and stream.finish_reason == "cancelled" and stream.new_tokens < 2000

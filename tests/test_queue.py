@@ -2,6 +2,8 @@
 shown while waiting, the line's limits, and API requests made while the model loads."""
 
 import asyncio
+import json
+import socket
 import subprocess
 import sys
 import threading
@@ -76,8 +78,7 @@ def test_ui_and_api_requests_are_served_in_arrival_order(serve, busy_engine):
             clients.append(Client(url, verbose=False))
             jobs[text] = chat(clients[-1], message(text), max_new_tokens=5)
         else:
-            # C is long enough for D, at the front behind it, to see that it waits for it
-            threads.append(api_request(url, text, results, stream=text == "E", max_tokens=60 if text == "C" else 5))
+            threads.append(api_request(url, text, results, stream=text == "E"))
         wait_for(lambda: metric(url, "chat_queue_depth") == arrival, 30, f"{text} to join the line")
     wait_for(lambda: in_line("3rd") in titles(jobs["D"].outputs()), 30, "D to show its position")
     running.cancel()
@@ -89,8 +90,10 @@ def test_ui_and_api_requests_are_served_in_arrival_order(serve, busy_engine):
     assert set(results) == {"C", "E"} and all(results.values())
     started = sorted(spy.streams, key=lambda s: s.started_at)
     assert [s.request_text[0] for s in started] == ["A", "B", "C", "D", "E"], "first come, first served"
-    # D saw its place move up, then the model working on it
-    assert titles(jobs["D"].outputs())[:4] == [in_line("3rd"), in_line("2nd"), in_line("1st"), app.THINKING_TITLE]
+    # D saw its place move up ("1st" too, unless C was done before D looked), then the model
+    # working on it; B, at the front while A generated, waited as 1st
+    seen_by_d = titles(jobs["D"].outputs())
+    assert seen_by_d[:2] == [in_line("3rd"), in_line("2nd")] and app.THINKING_TITLE in seen_by_d[2:4]
     assert titles(jobs["B"].outputs())[:2] == [in_line("1st"), app.THINKING_TITLE]
     assert metric(url, "chat_queue_depth") == 0
     for client in (first, *clients):
@@ -124,10 +127,8 @@ def test_stop_while_waiting_leaves_the_line(serve, llama_runner, monkeypatch):
     release.set()
     wait_for(lambda: spy.streams[0].finish_reason == "cancelled", 10, "A to stop")
     assert text_of(chat(clients[1], message("again"), max_new_tokens=5).result(timeout=30))
-    assert "C" not in [s.request_text for s in spy.streams], "a request stopped in line never generates"
-    for stream in spy.streams:
-        if stream.request_text == "B":  # it was already asking the engine: stopped at its start
-            assert stream.finish_reason == "cancelled" and stream.new_tokens <= 2
+    # B was already asking the engine, C was behind it: neither ever generated
+    assert [s.request_text for s in spy.streams] == ["A", "again"]
     for client in clients:
         client.close()
 
@@ -288,3 +289,31 @@ def test_a_waiting_place_hears_each_move():
 
     assert asyncio.run(asyncio.wait_for(wait(), 10)) == [4, 3, 2]
     assert place.at_front
+
+
+def test_an_api_client_that_leaves_while_waiting_never_generates(serve, llama_runner, monkeypatch):
+    url, spy = serve(llama_runner)
+    release = hold_generation(monkeypatch, llama_runner.model)
+    running = chat(Client(url, verbose=False), message("A"), max_new_tokens=4000)
+    wait_for(lambda: spy.streams, 30, "A to generate")
+
+    def ask(text) -> socket.socket:
+        """A streaming request sent over a raw socket (no answer comes before its turn)."""
+        body = json.dumps({"messages": [{"role": "user", "content": text}], "stream": True}).encode()
+        client = socket.create_connection(("127.0.0.1", int(url.rstrip("/").rsplit(":", 1)[1])))
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return client
+
+    with ask("at the front, waiting for the engine"):
+        wait_for(lambda: metric(url, "chat_queue_depth") == 1, 30, "the first to wait")
+        with ask("behind it"):
+            wait_for(lambda: metric(url, "chat_queue_depth") == 2, 30, "the second to wait")
+    # both clients are gone (their sockets closed)
+    wait_for(lambda: metric(url, "chat_queue_depth") == 0, 10, "both to leave the line")
+    running.cancel()
+    release.set()
+    wait_for(lambda: spy.streams[0].finish_reason == "cancelled", 10, "A to stop")
+    assert httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "next"}],
+                                                         "max_tokens": 3}).status_code == 200
+    assert [s.request_text for s in spy.streams] == ["A", "next"], "no generation for a client that left"

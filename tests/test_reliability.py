@@ -44,10 +44,10 @@ def test_bad_images_get_a_message_and_the_chat_goes_on(serve, idefics3_runner, i
     url, spy = serve(idefics3_runner)
     client = Client(url, verbose=False)
     started = time.time()
-    assert text_of(chat(client, message("first question"), max_new_tokens=5).result())
-    result = chat(client, message("what is this?", images[bad])).result()
+    assert text_of(chat(client, message("first question"), max_new_tokens=5).result(timeout=60))
+    result = chat(client, message("what is this?", images[bad])).result(timeout=60)
     assert expected in error_of(result) and time.time() - started < 15
-    assert text_of(chat(client, message("third question"), max_new_tokens=5).result())
+    assert text_of(chat(client, message("third question"), max_new_tokens=5).result(timeout=60))
     sent = spy.calls[-1][0]
     texts = [p.get("text") for m in sent for p in m["content"] if p["type"] == "text"]
     assert texts[0] == "first question" and texts[-1] == "third question", "history kept"
@@ -67,9 +67,9 @@ def test_a_huge_image_is_refused_before_its_pixels_are_decoded(images, monkeypat
 def test_a_large_image_is_downscaled_and_the_user_told_once(serve, idefics3_runner, images):
     url, spy = serve(idefics3_runner)
     client = Client(url, verbose=False)
-    first = chat(client, message("look", images["wide"]), max_new_tokens=5).result()
+    first = chat(client, message("look", images["wide"]), max_new_tokens=5).result(timeout=60)
     assert f"downscaled to {MAX_IMAGE_SIDE}×" in notes_of(first) and text_of(first)
-    second = chat(client, message("and now?"), max_new_tokens=5).result()
+    second = chat(client, message("and now?"), max_new_tokens=5).result(timeout=60)
     assert not notes_of(second), "told once, not on every later turn"
     client.close()
 
@@ -77,14 +77,14 @@ def test_a_large_image_is_downscaled_and_the_user_told_once(serve, idefics3_runn
 def test_image_caps_per_message_and_per_conversation(serve, idefics3_runner, images):
     url, spy = serve(idefics3_runner)
     client = Client(url, verbose=False)
-    too_many = chat(client, message("many", *[images["red"]] * (MAX_IMAGES_PER_MESSAGE + 1))).result()
+    too_many = chat(client, message("many", *[images["red"]] * (MAX_IMAGES_PER_MESSAGE + 1))).result(timeout=60)
     assert "Too many images in one message" in error_of(too_many)
     client.reset_session()
     for turn in range(MAX_IMAGES_PER_CONVERSATION // MAX_IMAGES_PER_MESSAGE):
         result = chat(client, message(f"batch {turn}", *[images["noise"]] * MAX_IMAGES_PER_MESSAGE),
-                      max_new_tokens=8).result()
+                      max_new_tokens=8).result(timeout=60)
         assert not notes_of(result)
-    over = chat(client, message("one more", images["red"]), max_new_tokens=8).result()
+    over = chat(client, message("one more", images["red"]), max_new_tokens=8).result(timeout=60)
     assert "older image were left out" in notes_of(over) or "older images were left out" in notes_of(over)
     from model_runner import prepare_messages
     seen = prepare_messages(spy.calls[-1][0], sees_images=True, model_name="m")
@@ -96,8 +96,8 @@ def test_image_caps_per_message_and_per_conversation(serve, idefics3_runner, ima
 def test_an_empty_message_is_refused_clearly(serve, llama_runner):
     url, _ = serve(llama_runner)
     client = Client(url, verbose=False)
-    assert "empty" in error_of(chat(client, message("   ")).result())
-    assert text_of(chat(client, message("hi"), max_new_tokens=8).result())
+    assert "empty" in error_of(chat(client, message("   ")).result(timeout=60))
+    assert text_of(chat(client, message("hi"), max_new_tokens=8).result(timeout=60))
     client.close()
 
 
@@ -109,7 +109,7 @@ def test_uploads_over_the_size_limit_are_refused_by_the_server(serve, llama_runn
     assert response.status_code == 413
     assert "size" in response.text.lower()
     client = Client(url, verbose=False)
-    assert text_of(chat(client, message("still there?"), max_new_tokens=8).result())
+    assert text_of(chat(client, message("still there?"), max_new_tokens=8).result(timeout=60))
     client.close()
 
 
@@ -119,8 +119,8 @@ def test_a_non_image_upload_is_refused(serve, llama_runner, tmp_path):
     notes.write_text("not an image")
     client = Client(url, verbose=False)
     with pytest.raises(Exception, match="Invalid file type"):
-        chat(client, message("read this", notes)).result()
-    assert text_of(chat(client, message("ok, then hi"), max_new_tokens=8).result())
+        chat(client, message("read this", notes)).result(timeout=60)
+    assert text_of(chat(client, message("ok, then hi"), max_new_tokens=8).result(timeout=60))
     client.close()
 
 
@@ -152,10 +152,10 @@ def test_the_ui_shows_when_history_was_dropped(serve, llama_runner):
     url, _ = serve(llama_runner)
     client = Client(url, verbose=False)
     chunk = long_text(llama_runner, llama_runner.context_length // 2)
-    chat(client, message("one " + chunk), max_new_tokens=5).result()
-    second = chat(client, message("two " + chunk), max_new_tokens=5).result()
+    chat(client, message("one " + chunk), max_new_tokens=5).result(timeout=60)
+    second = chat(client, message("two " + chunk), max_new_tokens=5).result(timeout=60)
     assert "were left out" in notes_of(second) and text_of(second)
-    too_long = chat(client, message(long_text(llama_runner, llama_runner.context_length))).result()
+    too_long = chat(client, message(long_text(llama_runner, llama_runner.context_length))).result(timeout=60)
     assert "This message is too long" in error_of(too_long)
     client.close()
 
@@ -170,10 +170,10 @@ def test_out_of_memory_is_caught_and_the_next_request_works(serve, llama_runner,
     real_forward = break_forward(monkeypatch, llama_runner.model,
                                  torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
     client = Client(url, verbose=False)
-    assert "ran out of memory" in error_of(chat(client, message("hi")).result())
+    assert "ran out of memory" in error_of(chat(client, message("hi")).result(timeout=60))
     assert emptied, "the CUDA cache must be emptied"
     monkeypatch.setattr(llama_runner.model, "forward", real_forward)
-    assert text_of(chat(client, message("again"), max_new_tokens=8).result())
+    assert text_of(chat(client, message("again"), max_new_tokens=8).result(timeout=60))
     client.close()
 
 
@@ -186,7 +186,7 @@ def test_rapid_stop_and_resubmit_leaves_no_orphans_and_no_mixed_answers(serve, l
             job = chat(client, message(f"{name} round {round_}"), max_new_tokens=3000)
             wait_for(lambda: any(text_of(o) for o in job.outputs()) or job.done(), 60, "text or the end")
             job.cancel()
-        final = chat(client, message(f"{name} final"), max_new_tokens=25).result()
+        final = chat(client, message(f"{name} final"), max_new_tokens=25).result(timeout=60)
         results[name] = text_of(final)
         client.close()
 
@@ -213,6 +213,7 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
+@pytest.mark.timeout(900)  # LOAD_TEST_TURNS=5 runs longer than the default limit
 def test_many_clients_stopping_and_vanishing(serve, idefics3_runner, images):
     url, spy = serve(idefics3_runner)
 
@@ -235,7 +236,7 @@ def test_many_clients_stopping_and_vanishing(serve, idefics3_runner, images):
                 started = time.time()
                 outputs = list(job)
                 first = next((time.time() for o in outputs if text_of(o)), None)
-                report.append((marker, "completed", text_of(job.result()), started))
+                report.append((marker, "completed", text_of(job.result(timeout=60)), started))
         client.close()
 
     def run_clients(turns):
@@ -307,7 +308,7 @@ def test_auth_protects_the_ui(serve, llama_runner):
     with pytest.raises(Exception):
         Client(url, verbose=False)
     client = Client(url, auth=("ann", "pa55"), verbose=False)
-    assert text_of(chat(client, message("hi"), max_new_tokens=8).result())
+    assert text_of(chat(client, message("hi"), max_new_tokens=8).result(timeout=60))
     client.close()
 
 
@@ -321,11 +322,11 @@ def test_prompts_are_logged_only_when_asked(serve, llama_runner, caplog):
     caplog.set_level(logging.INFO)
     url, _ = serve(llama_runner)
     client = Client(url, verbose=False)
-    chat(client, message("my secret plan"), max_new_tokens=8).result()
+    chat(client, message("my secret plan"), max_new_tokens=8).result(timeout=60)
     assert "my secret plan" not in caplog.text
     client.close()
     url, _ = serve(llama_runner, log_chats=True)
     client = Client(url, verbose=False)
-    chat(client, message("my public plan"), max_new_tokens=8).result()
+    chat(client, message("my public plan"), max_new_tokens=8).result(timeout=60)
     assert "my public plan" in caplog.text
     client.close()
