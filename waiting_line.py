@@ -66,9 +66,7 @@ class WaitingLine:
     def stream_finished(self, stream) -> None:
         """A runner finish listener: the answer has ended, the engine is free for the next."""
         with self._lock:
-            place = self._generating.pop(stream, None)
-        if place is not None:
-            self._moved()
+            self._generating.pop(stream, None)
 
     def _position(self, place: "Place") -> int:
         """1-based place among those not generating yet; 0 once started or gone."""
@@ -89,12 +87,14 @@ class WaitingLine:
 
     def _leave(self, place: "Place") -> None:
         with self._lock:
-            if place in self._waiting:
+            was_waiting = place in self._waiting
+            if was_waiting:
                 self._waiting.remove(place)
             for stream, holder in list(self._generating.items()):
                 if holder is place:
                     del self._generating[stream]
-        self._moved()
+        if was_waiting:  # the places behind it move up
+            self._moved()
 
     def _moved(self) -> None:
         with self._lock:
