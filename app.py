@@ -154,6 +154,7 @@ class ModelSlot:
     device = property(lambda self: self.runner.device if self.runner else "loading model…")
     dtype = property(lambda self: self.runner.dtype if self.runner else "")
     is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
+    compile = property(lambda self: self.runner.compile if self.runner else False)
     active = property(lambda self: self.runner.active if self.runner else 0)
 
     def stream(self, messages, settings=None, cancelled: threading.Event | None = None):
@@ -171,7 +172,8 @@ def header_markdown(runner) -> str:
         return f"**{runner.name or 'model'}** · ⏳ loading model…"
     kind = "vision-language" if runner.is_vision else "text-only"
     dtype = str(runner.dtype).removeprefix("torch.")
-    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}"
+    compiled = " · compiled" if runner.compile else ""
+    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}{compiled}"
 
 
 # ---------------------------------------------------------------- the chat function
@@ -453,6 +455,12 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def compile_choice(value: str) -> str:
+    """--compile / COMPILE: auto, on, off (1/true/yes and 0/false/no are read as on and off)."""
+    value = value.strip().lower()
+    return {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -494,10 +502,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-remote-code", action="store_true", default=env_flag("TRUST_REMOTE_CODE"),
                         help="run Python code shipped with the model repo (only for repos you trust) "
                              "[TRUST_REMOTE_CODE=1]")
-    parser.add_argument("--compile", action="store_true", default=env_flag("COMPILE"),
-                        help="CUDA: generate with a static KV cache and a torch.compile'd decoding step "
-                             "(CUDA graphs): faster tokens after a one-time compile while the model "
-                             "loads. Models whose cache can't be static are refused [COMPILE=1]")
+    parser.add_argument("--compile", nargs="?", const="on", type=compile_choice, choices=["auto", "on", "off"],
+                        default=compile_choice(env("COMPILE", "auto")),
+                        help="generate with a static KV cache and a torch.compile'd decoding step (CUDA "
+                             "graphs), compiled once while the model loads. auto: on CUDA, for models "
+                             "that can (others run as before); on: also the static cache on CPU/MPS, "
+                             "and a model that can't is refused; off [COMPILE]")
+    parser.add_argument("--torch-threads", type=int, default=int(env("TORCH_THREADS", "0")), metavar="N",
+                        help="torch threads for generating (default 0: the cores less one, for the web "
+                             "server) [TORCH_THREADS]")
     parser.add_argument("--in-process", action="store_true", default=env_flag("IN_PROCESS"),
                         help="run the model in the web server's process instead of a process of its own "
                              "(slower streaming: the two then share one Python interpreter lock) [IN_PROCESS=1]")
@@ -597,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def load():
             load_kwargs = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                               compile=args.compile, served_name=name)
+                               compile=args.compile, served_name=name, torch_threads=args.torch_threads or None)
             if args.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
                 return ModelRunner.load(model, **load_kwargs)

@@ -58,9 +58,8 @@ class EngineProcess:
     one_at_a_time = True
     loaded = True  # (app.ModelSlot stands in while a model loads)
 
-    def __init__(self, load_kwargs: dict, torch_threads: int | None = None):
+    def __init__(self, load_kwargs: dict):
         self._load_kwargs = load_kwargs
-        self._torch_threads = torch_threads
         self._streams: dict[int, EngineStream] = {}  # this launch's answers in flight
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
@@ -72,12 +71,12 @@ class EngineProcess:
 
     @classmethod
     def start(cls, model: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-              compile: bool = False, served_name: str | None = None,
+              compile: str | bool = "auto", served_name: str | None = None,
               torch_threads: int | None = None) -> "EngineProcess":
         """Start the engine and load the model there (ModelRunner.load's arguments).
         Raises ModelLoadError (one line)."""
         engine = cls({"model": model, "device": device, "dtype": dtype, "trust_remote_code": trust_remote_code,
-                      "compile": compile, "served_name": served_name}, torch_threads)
+                      "compile": compile, "served_name": served_name, "torch_threads": torch_threads})
         engine._launch()
         return engine
 
@@ -94,7 +93,7 @@ class EngineProcess:
         command_reader, command_writer = context.Pipe(duplex=False)
         event_reader, event_writer = context.Pipe(duplex=False)
         process = context.Process(target=_engine_main, name="engine", daemon=True,
-                                  args=(command_reader, event_writer, self._load_kwargs, self._torch_threads))
+                                  args=(command_reader, event_writer, self._load_kwargs))
         process.start()
         command_reader.close()  # the child's ends: EOF here when the child dies
         event_writer.close()
@@ -107,8 +106,8 @@ class EngineProcess:
         if kind == "load_failed":
             process.join(5)
             raise ModelLoadError(info)
-        self.name, self.device, self.dtype, self.is_vision = (
-            info["name"], info["device"], info["dtype"], info["is_vision"])
+        self.name, self.device, self.dtype, self.is_vision, self.compile = (
+            info["name"], info["device"], info["dtype"], info["is_vision"], info["compile"])
         self._process, self._commands, self._streams = process, command_writer, {}
         threading.Thread(target=self._read_events, args=(event_reader, process, self._streams),
                          name="engine-events", daemon=True).start()
@@ -322,7 +321,7 @@ class EngineStream(StreamFigures):
 
 # ---------------------------------------------------------------- the engine process
 
-def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None) -> None:
+def _engine_main(commands, events, load_kwargs: dict) -> None:
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the web server's; we end with it (EOF)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -335,11 +334,7 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
     try:
         import tqdm  # its default lock is a multiprocessing semaphore, reported as leaked at exit
         tqdm.tqdm.set_lock(threading.RLock())
-        import torch
-
         from model_runner import ModelRunner
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
         runner = ModelRunner.load(**load_kwargs)
     except ModelLoadError as error:
         send("load_failed", str(error))
@@ -348,7 +343,7 @@ def _engine_main(commands, events, load_kwargs: dict, torch_threads: int | None)
         send("load_failed", f"Can't load the model: {type(error).__name__}: {error}")
         return
     send("ready", {"name": runner.name, "device": runner.device, "dtype": str(runner.dtype),
-                   "is_vision": runner.is_vision})
+                   "is_vision": runner.is_vision, "compile": runner.compile})
     streams: dict = {}    # request id -> TextStream, while generating
     withdrawn: dict = {}  # request id -> Event, set by a cancel before its generation starts
     state_lock = threading.Lock()

@@ -17,6 +17,7 @@ or `{"type": "image", "image": <path or PIL.Image>}`.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -217,12 +218,19 @@ class _UpdatePusher:
 
 
 class _StopOnEvent(StoppingCriteria):
+    """Stops generation at the next token once the event is set. Its two possible answers
+    are made once: no new (device) tensor per token."""
+
     def __init__(self, event: threading.Event):
         self.event = event
+        self._answers: dict = {}
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
-                          device=input_ids.device)
+        key = (input_ids.shape[0], input_ids.device)
+        if key not in self._answers:
+            self._answers[key] = tuple(torch.full((input_ids.shape[0],), flag, dtype=torch.bool,
+                                                  device=input_ids.device) for flag in (False, True))
+        return self._answers[key][self.event.is_set()]
 
 
 class TextStream(StreamFigures):
@@ -275,14 +283,15 @@ class TextStream(StreamFigures):
             raise
 
     def _generate(self, inputs, generation_config, seed):
-        self._runner.active += 1
+        runner = self._runner
+        runner.active += 1
         try:
+            # A thread's torch ops use its own count (not the process's): set it here.
+            torch.set_num_threads(runner.torch_threads)
             if seed is not None:  # under the lock: no other generation draws from the RNG
                 torch.manual_seed(seed)
-            # inference_mode, not generate's own no_grad: no autograd bookkeeping at all,
-            # 7-10 % more tokens/s on the benchmark's small models on CPU
-            with torch.inference_mode():
-                self._runner.model.generate(
+            with runner.grad_mode():
+                runner.model.generate(
                     **inputs, generation_config=generation_config, streamer=self._streamer,
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]))
         except BaseException as error:  # reaches the consumer, never lost in the thread
@@ -416,14 +425,34 @@ class TextStream(StreamFigures):
 
 # ---------------------------------------------------------------- the runner
 
+def default_torch_threads() -> int:
+    """Torch threads for generating: the cores this process may use, less one for the web
+    server. More threads than free cores make every thread wait for the slowest: on 2
+    cores with one busy, 2 threads decoded 2.7x slower than 1 (README, Performance)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+# Without autograd bookkeeping (inference_mode) generate was 4-18 % faster on CPU here; on
+# an H200 one run measured it slower than generate's own no_grad (55 vs 87 tokens/s), so
+# elsewhere the engine keeps what plain generate does. bench/gpu.py measures both.
+GRAD_MODE = {"cpu": torch.inference_mode}
+
+
 class ModelRunner:
     one_at_a_time = True  # one answer generates at a time; the others wait in line
     loaded = True  # (app.ModelSlot stands in while a model loads)
 
     def __init__(self, model, processor, tokenizer, *, name: str, device: str,
-                 dtype: torch.dtype, is_vision: bool, compile: bool = False):
+                 dtype: torch.dtype, is_vision: bool, compile: bool = False,
+                 torch_threads: int | None = None):
         self.model = model
         self.compile = compile  # static KV cache; transformers compiles decoding on CUDA
+        self.torch_threads = torch_threads or default_torch_threads()
+        self.grad_mode = GRAD_MODE.get(device, torch.no_grad)
         self.processor = processor      # None for text-only models
         self.tokenizer = tokenizer
         self.name = name
@@ -439,14 +468,20 @@ class ModelRunner:
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False, compile: bool = False,
-             served_name: str | None = None) -> "ModelRunner":
+             trust_remote_code: bool = False, compile: str | bool = "auto",
+             served_name: str | None = None, torch_threads: int | None = None) -> "ModelRunner":
         """Hub id or local directory → ready runner. Raises ModelLoadError (one line).
         Its name is `served_name`, by default the hub id or the directory's own name.
 
-        compile: generate with a static KV cache, which transformers pairs with
-        torch.compile of the decoding step ("reduce-overhead": CUDA graphs) on CUDA; the
-        compile happens here, in a short warm-up, not in the first user's answer."""
+        compile ("auto", "on", "off"): generate with a static KV cache, which transformers
+        pairs with torch.compile of the decoding step ("reduce-overhead": CUDA graphs) on
+        CUDA. "auto" does so on CUDA only, and only if the model generates that way (else it
+        stays eager and logs why); "on" also on CPU/MPS (the static cache alone) and refuses
+        a model that can't. The compile happens here, in a warm-up answer, not in the first
+        user's. torch_threads: for generating (default_torch_threads())."""
+        compile = {True: "on", False: "off"}.get(compile, compile)
+        if compile not in ("auto", "on", "off"):
+            raise ModelLoadError(f"--compile must be auto, on or off, not {compile!r}.")
         device = pick_device(device)
         torch_dtype = pick_dtype(device, dtype)
         path = resolve_model_path(model, trust_remote_code)
@@ -478,17 +513,29 @@ class ModelRunner:
         if device != "cuda":
             model_obj.to(device)
         model_obj.eval()
-        if compile and not getattr(model_obj, "_can_compile_fullgraph", False):
-            raise ModelLoadError(f"--compile: {type(model_obj).__name__} ({model}) can't generate with a "
-                                 f"static KV cache in this transformers version; start without --compile.")
         runner = cls(model_obj, processor, tokenizer, name=served_name or served_model_name(model), device=device,
-                     dtype=torch_dtype, is_vision=is_vision, compile=compile)
-        if compile and device == "cuda":
-            runner.warm_up()
-        elif compile:
-            log.warning("--compile: torch.compile runs on CUDA only; on %s only the static KV cache "
-                        "is used, which is usually slower than the default cache.", device)
+                     dtype=torch_dtype, is_vision=is_vision, torch_threads=torch_threads)
+        if compile == "on" or (compile == "auto" and device == "cuda"):
+            runner.compile_or_explain(forced=compile == "on")
         return runner
+
+    def compile_or_explain(self, forced: bool) -> None:
+        """Switch to the static cache (compiled on CUDA) and warm it up; a model that can't
+        generate so is refused when `forced`, else it stays eager and the log says why."""
+        self.compile = True
+        try:
+            self.warm_up()
+        except ModelLoadError as error:
+            self.compile = False
+            if forced:
+                raise ModelLoadError(f"--compile on: {self.name} can't generate with a static KV cache "
+                                     f"({error}); start with --compile off.") from None
+            log.warning("--compile auto: %s can't generate with a static KV cache (%s); it runs "
+                        "without compile.", self.name, error)
+            return
+        if self.device != "cuda":
+            log.warning("--compile on: torch.compile runs on CUDA only; on %s only the static KV cache "
+                        "is used, which is usually slower than the default cache.", self.device)
 
     def warm_up(self) -> None:
         """One short answer, so that one-time work (with --compile on CUDA: compiling and
@@ -585,9 +632,13 @@ class ModelRunner:
             config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
         if self.compile:
             config.cache_implementation = "static"
-            # One cache size for every answer: a new size means a new compile.
-            config.max_cache_len = min(self.context_length or COMPILE_CACHE_TOKENS, COMPILE_CACHE_TOKENS)
+            config.max_cache_len = self.static_cache_tokens
         return config
+
+    @property
+    def static_cache_tokens(self) -> int:
+        """One cache size for every answer (a new size means a new compile), reserved whole."""
+        return min(self.context_length or COMPILE_CACHE_TOKENS, COMPILE_CACHE_TOKENS)
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
                on_update=None, cancelled: threading.Event | None = None) -> TextStream:
@@ -606,8 +657,14 @@ class ModelRunner:
         reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
         inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices)
         config = self.generation_config(settings)
+        prompt_tokens = inputs["input_ids"].shape[-1]
         if limit:  # the answer ends ("length") where the context is full
-            config.max_new_tokens = min(config.max_new_tokens, limit - inputs["input_ids"].shape[-1])
+            config.max_new_tokens = min(config.max_new_tokens, limit - prompt_tokens)
+        if self.compile and prompt_tokens + config.max_new_tokens > config.max_cache_len:
+            log.info("This answer (%d prompt tokens + up to %d new) is longer than the static cache "
+                     "(%d tokens): it runs with the default cache, not compiled.",
+                     prompt_tokens, config.max_new_tokens, config.max_cache_len)
+            config.cache_implementation = config.max_cache_len = None
         stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed,
                             max_updates_per_second=settings.max_updates_per_second,
                             record_token_times=settings.record_token_times, on_update=on_update,
