@@ -3,7 +3,7 @@
     python bench/benchmark.py                      # full run: ~5-10 min on a 2-core CPU
     python bench/benchmark.py --quick              # fewer rounds and tokens: ~2-3 min
     python bench/benchmark.py --model DIR_OR_ID [--model ...] [--rounds 7] [--out DIR]
-    python bench/benchmark.py --model ID --device cuda --compile   # as `app.py --compile` runs
+    python bench/benchmark.py --model ID --device cuda             # compiled, as `app.py` runs there
     pip install -r requirements-bench.txt          # matplotlib, for the plot
 
 Prints one table row per figure with ✓/✗ against its target, writes OUT/benchmark.json
@@ -53,8 +53,9 @@ both processes). The client is a separate process
 times are real (gradio_client's reader polls with a 50 ms sleep; it appears only in the
 info rows marked "gradio_client"), its CPU is not the server's, and its times share the
 server's clock (CLOCK_MONOTONIC). Files are uploaded before the clock starts, as a
-browser does when an image is attached. Torch runs on --torch-threads (default 1): on a
-busy 2-core machine two intra-op threads make every figure noise.
+browser does when an image is attached. Torch runs on --torch-threads, by default what the
+app uses (model_runner.default_torch_threads(): the cores less one, for the web server),
+plain generate included.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import app  # noqa: E402
 from engine_process import EngineProcess  # noqa: E402
-from model_runner import GenerationSettings, IncrementalTextStreamer, ModelRunner  # noqa: E402
+from model_runner import GenerationSettings, IncrementalTextStreamer, ModelRunner, default_torch_threads  # noqa: E402
 
 TEXT_PROMPT = "Tell me a long story about the river and the old stone bridge."
 IMAGE_PROMPT = "Describe the picture in detail."
@@ -284,7 +285,7 @@ class CleanProcess:
     baseline. In this process they would share the interpreter lock with the web servers
     kept up for the app's figures (their idle polling alone cost plain generate ~10 %)."""
 
-    def __init__(self, path: str, device: str, torch_threads: int | None, compile: bool = False):
+    def __init__(self, path: str, device: str, torch_threads: int, compile: str):
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
@@ -308,11 +309,10 @@ class CleanProcess:
 
 
 def _clean_worker(conn, path, device, torch_threads, compile):
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
+    torch.set_num_threads(torch_threads)  # plain generate runs in this (main) thread
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    runner = ModelRunner.load(path, device=device, compile=compile)
+    runner = ModelRunner.load(path, device=device, compile=compile, torch_threads=torch_threads)
     conn.send("ready")
     while True:
         try:
@@ -390,12 +390,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_model(m: Model, torch_threads: int | None) -> None:
+def serve_model(m: Model, torch_threads: int) -> None:
     """The app as users run it (the model in an engine process) and, for comparison, with
     the model in the web server's process (--in-process)."""
-    m.engine = EngineProcess.start(m.path, device=m.runner.device, compile=m.runner.compile,
-                                   torch_threads=torch_threads or None)
-    m.clean = CleanProcess(m.path, m.runner.device, torch_threads or None, m.runner.compile)
+    compile = "on" if m.runner.compile else "off"  # as resolved for this model and device
+    m.engine = EngineProcess.start(m.path, device=m.runner.device, compile=compile, torch_threads=torch_threads)
+    m.clean = CleanProcess(m.path, m.runner.device, torch_threads, compile)
     m.spy = StreamSpy(m.engine)
     m.demo, m.url = app.serve(m.engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
     m.spy_in = StreamSpy(m.runner)
@@ -1010,8 +1010,8 @@ def prepare_models(args) -> list[tuple[str, str]]:
     return ctx_models, str(tiny["idefics3"])
 
 
-def load_model(name, path, image, device, compile=False) -> Model:
-    runner = ModelRunner.load(path, device=device, compile=compile)
+def load_model(name, path, image, device, compile, torch_threads) -> Model:
+    runner = ModelRunner.load(path, device=device, compile=compile, torch_threads=torch_threads)
     files = [str(image)] if runner.is_vision else []
     return Model(name, path, runner, files, IMAGE_PROMPT if runner.is_vision else TEXT_PROMPT)
 
@@ -1028,11 +1028,12 @@ def parse_args(argv=None):
                                                    "TTFT uses 3x, the slow figures half")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory")
     parser.add_argument("--device", default="cpu", help="device for the models (default cpu)")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch intra-op threads (default 1; 0 = torch's default)")
-    parser.add_argument("--compile", action="store_true",
-                        help="load every variant (plain generate too) as `app.py --compile` does: static "
-                             "KV cache, torch.compile of the decoding step on CUDA")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads for every variant, plain generate included (default: the "
+                             "app's own, model_runner.default_torch_threads(): the cores less one)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="load every variant (plain generate too) as `app.py --compile` does (default "
+                             "auto, as the app: static KV cache + torch.compile of decoding on CUDA)")
     parser.add_argument("--only", help="comma-separated figure numbers to run (e.g. 1,2,plot)")
     return parser.parse_args(argv)
 
@@ -1042,8 +1043,8 @@ def main(argv=None) -> int:
     sizes = Sizes.make(args.quick, args.rounds)
     only = set(args.only.split(",")) if args.only else None
     wanted = lambda key: only is None or str(key) in only  # noqa: E731
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    args.torch_threads = args.torch_threads or default_torch_threads()
+    torch.set_num_threads(args.torch_threads)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1053,7 +1054,8 @@ def main(argv=None) -> int:
     Image.effect_noise((64, 48), 90).convert("RGB").save(image)
 
     model_specs, tiny_idefics3 = prepare_models(args)
-    models = [load_model(name, path, image, args.device, args.compile) for name, path in model_specs]
+    models = [load_model(name, path, image, args.device, args.compile, args.torch_threads)
+              for name, path in model_specs]
     ctx.main = models[0]
     vision = next((m for m in models if m.runner.is_vision), None)
     print(f"benchmark: {', '.join(m.name for m in models)} on {args.device}, torch threads "

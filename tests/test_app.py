@@ -177,7 +177,8 @@ def test_help_documents_every_option():
     result = run_app("--help")
     assert result.returncode == 0
     for option in ["--model", "--device", "--dtype", "--host", "--port", "--share", "--auth",
-                   "--max-new-tokens", "--trust-remote-code", "--in-process", "--compile", "MODEL_ID"]:
+                   "--max-new-tokens", "--trust-remote-code", "--in-process", "--compile", "--torch-threads",
+                   "--served-model-name", "MODEL_ID"]:
         assert option in result.stdout
 
 

@@ -77,3 +77,17 @@ def test_max_new_tokens_from_the_environment_sets_the_default_everywhere():
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "MAX_NEW_TOKENS": "77"}, timeout=60)
     assert result.stdout.split() == ["77", "77"], result.stderr
+
+
+def test_compile_option_and_its_environment_variable(monkeypatch, tiny_model_paths):
+    monkeypatch.delenv("COMPILE", raising=False)
+    assert app.parse_args([]).compile == "auto"
+    assert app.parse_args(["--compile"]).compile == "on"
+    assert app.parse_args(["--compile", "off"]).compile == "off"
+    monkeypatch.setenv("COMPILE", "1")
+    assert app.parse_args([]).compile == "on"
+    monkeypatch.setenv("COMPILE", "off")
+    assert app.parse_args([]).compile == "off"
+    from model_runner import ModelRunner
+    compiled = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on")
+    assert app.header_markdown(compiled).endswith("· cpu · float32 · compiled")

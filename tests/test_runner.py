@@ -248,21 +248,94 @@ def test_the_generate_thread_can_hand_out_the_updates_itself(llama_runner):
         assert threads == {"generate"}, "no other thread is woken per update"
 
 
-def test_compile_answers_the_same_with_a_static_cache(llama_runner, tiny_model_paths):
-    """--compile: a static KV cache (compiled by transformers on CUDA; here on CPU, the
-    cache alone) must change nothing the user sees: same greedy answer, Stop still works."""
-    from model_runner import ModelLoadError, ModelRunner
+@pytest.mark.parametrize("kind", ["llama", "idefics3"])
+def test_compile_on_answers_the_same_with_a_static_cache(request, kind, tiny_model_paths, images):
+    """--compile on: a static KV cache (compiled by transformers on CUDA; here on CPU, the
+    cache alone) must change nothing the user sees: same greedy answer, Stop still works.
+    Idefics3 (the default model's family) takes it too: its text decoding is a Llama's."""
+    from model_runner import ModelRunner
 
-    static = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile=True)
-    assert static.generation_config(GenerationSettings()).cache_implementation == "static"
-    conversation = [user("Tell me about the sea."), assistant("It is big."), user("And the sky?")]
-    assert answer(static, conversation, max_new_tokens=40) == answer(llama_runner, conversation, max_new_tokens=40)
+    eager = request.getfixturevalue(f"{kind}_runner")
+    static = ModelRunner.load(str(tiny_model_paths[kind]), device="cpu", compile="on")
+    assert static.compile and static.generation_config(GenerationSettings()).cache_implementation == "static"
+    pictures = [images["red"]] if kind == "idefics3" else []
+    conversation = [user("Tell me about the sea.", *pictures), assistant("It is big."), user("And the sky?")]
+    assert answer(static, conversation, max_new_tokens=40) == answer(eager, conversation, max_new_tokens=40)
     with static.stream([user("Go on.")], GenerationSettings(max_new_tokens=500, min_new_tokens=500)) as stream:
         next(iter(stream))
         stream.close()
     assert stream.finish_reason == "cancelled" and stream.new_tokens < 500
-    with pytest.raises(ModelLoadError, match="--compile.*static KV cache"):
-        ModelRunner.load(str(tiny_model_paths["idefics3"]), device="cpu", compile=True)
+
+
+def test_compile_auto_compiles_on_cuda_only(tiny_model_paths, monkeypatch):
+    from model_runner import ModelRunner
+    runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu")  # the default: auto
+    assert not runner.compile and runner.generation_config(GenerationSettings()).cache_implementation is None
+    tried = []
+    monkeypatch.setattr(ModelRunner, "compile_or_explain", lambda self, forced: tried.append(forced))
+    ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on")
+    assert tried == [True]
+
+
+def test_a_model_that_cant_take_a_static_cache_runs_eager_or_is_refused(tiny_model_paths, monkeypatch, caplog):
+    from transformers import StaticCache
+
+    from model_runner import ModelLoadError, ModelRunner
+    runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="off")
+    real_forward = runner.model.forward
+
+    @functools.wraps(real_forward)
+    def no_static_cache(*args, **kwargs):
+        if isinstance(kwargs.get("past_key_values"), StaticCache):
+            raise NotImplementedError("this architecture keeps a cache of its own")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner.model, "forward", no_static_cache)
+    runner.compile_or_explain(forced=False)  # auto, on CUDA
+    assert not runner.compile and "it runs without compile" in caplog.text
+    assert answer(runner, [user("still answers")], max_new_tokens=5)
+    with pytest.raises(ModelLoadError, match="--compile on: .* can't generate with a static KV cache"):
+        runner.compile_or_explain(forced=True)
+    assert not runner.compile
+
+
+def test_an_answer_longer_than_the_static_cache_falls_back_to_the_default_cache(llama_runner, tiny_model_paths,
+                                                                               monkeypatch, caplog):
+    import model_runner
+    monkeypatch.setattr(model_runner, "COMPILE_CACHE_TOKENS", 64)
+    static = model_runner.ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on")
+    assert static.static_cache_tokens == 64
+    caplog.set_level("INFO", logger="engine")
+    short = [user("hi")]
+    assert answer(static, short, max_new_tokens=10) == answer(llama_runner, short, max_new_tokens=10)
+    assert "longer than the static cache" not in caplog.text
+    conversation = [user("Tell me about the sea and the sky and the boats."), assistant("It is big."),
+                    user("And what else?")]
+    assert answer(static, conversation, max_new_tokens=80) == answer(llama_runner, conversation, max_new_tokens=80)
+    assert "longer than the static cache (64 tokens): it runs with the default cache" in caplog.text
+
+
+def test_generation_uses_the_engines_thread_count_whatever_the_caller_set(tiny_model_paths, monkeypatch):
+    """A thread's torch ops use that thread's count, not the one set in another thread: the
+    generate thread sets its own (the cores less one, for the web server)."""
+    from model_runner import ModelRunner, default_torch_threads
+    runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", torch_threads=3)
+    assert ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu").torch_threads == default_torch_threads()
+    seen, real_forward = [], runner.model.forward
+
+    @functools.wraps(real_forward)
+    def forward(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner.model, "forward", forward)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert answer(runner, [user("hi")], max_new_tokens=5)
+    finally:
+        torch.set_num_threads(before)
+    assert set(seen) == {3}
 
 
 def test_temperature_zero_is_greedy_and_top_p_narrows_sampling(llama_runner):

@@ -1,0 +1,386 @@
+"""GPU benchmark: does the engine stream as fast as the model can go? One command, one device call.
+
+    python bench/gpu.py                        # CUDA: a random ~0.76B Llama in bf16, ~4 min
+    python bench/gpu.py --device cpu --small   # here: a tiny model, under a minute (a test runs it)
+    python bench/gpu.py --model DIR_OR_ID      # your own model instead of the random one
+
+Each variant generates the same greedy answer (min_new_tokens = max_new_tokens) from the same
+prompt; rounds interleave the variants (order rotated), medians are reported, and every
+figure is printed and written to OUT/gpu.json the moment it is measured, so a run cut short
+by a time limit still leaves what it measured. Eager first, then compiled (static KV cache +
+torch.compile of the decoding step, CUDA only), each against plain generate in that mode:
+
+    plain                 model.generate under no_grad, as users call it: the baseline
+    plain inference_mode  the same under torch.inference_mode
+    plain in a thread     the same, called from a background thread (the engine generates so)
+    plain + per-token     with the engine's streamer and Stop criterion (the engine's per-token work)
+    runner                ModelRunner.stream in this process (app.py --in-process)
+    engine process        EngineProcess.stream (the app's default)
+    app over HTTP         app.serve on the engine process, read by bench/sse_client.py in a
+                          process of its own (raw SSE, no gradio_client)
+
+Also per mode: time to first text (plain, runner, engine process, app), tokens generated
+after a Stop, and load + warm-up time; and the memory-bandwidth bound (weights read once per
+token at the GPU's bandwidth).
+
+    python bench/gpu.py --device cpu --threads   # the engine's torch thread count, on CPU
+
+measures instead decoding (tokens/s) and a ~1,500-token prefill (ms) in a generate thread with
+1, cores-1 and all cores' torch threads, with the other cores idle and with one core kept busy
+(as the web server is while it streams): what model_runner.default_torch_threads() is based on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from time import perf_counter
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gpu-bench-gradio-"))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from benchmark import ClientProcess, StreamSpy, TokenClock, free_port  # noqa: E402
+from engine_process import EngineProcess  # noqa: E402
+from model_runner import (  # noqa: E402
+    GenerationSettings,
+    IncrementalTextStreamer,
+    ModelRunner,
+    _StopOnEvent,
+    default_torch_threads,
+)
+from tests import tiny_models  # noqa: E402
+
+PROMPT = "Tell me a long story about the river and the old stone bridge."
+# GB/s of memory bandwidth, for the bound: every weight is read once per decoded token.
+BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
+                 "A100": 1555, "L40S": 864, "L4": 300, "A10G": 600, "RTX 4090": 1008, "RTX 3090": 936}
+
+
+def build_model(path: Path, small: bool) -> Path:
+    """A random Llama saved like a hub model: ~0.76B parameters in bf16 (hidden 2048, 16
+    layers, 16 heads, 8 KV heads), or --small's tiny one. Reused when already built."""
+    if (path / "config.json").exists():
+        return path
+    tokenizer = tiny_models.build_tokenizer([], "")
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4) if small else \
+        dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+             num_key_value_heads=8)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, initializer_range=0.02,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dims)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny_models.SEED)
+        model = LlamaForCausalLM(config)
+    if not small:
+        model = model.to(torch.bfloat16)
+    return tiny_models._finish(model, tokenizer, path)
+
+
+class Report:
+    """Prints each figure as it comes and keeps OUT/gpu.json up to date."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.path = out / "gpu.json"
+        self.data = {"meta": meta, "figures": {}}
+        out.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def add(self, key: str, value, line: str) -> None:
+        self.data["figures"][key] = value
+        print(line, flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+
+def rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds
+
+
+def timed(fn) -> float:
+    start = perf_counter()
+    tokens = fn()
+    return rate(tokens, perf_counter() - start)
+
+
+class Bench:
+    def __init__(self, args, path: str, report: Report):
+        self.args, self.path, self.report = args, path, report
+        self.deadline = time.monotonic() + args.budget  # set again for each mode
+        self.messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+        self.tokens = args.tokens
+        self.settings = GenerationSettings(max_new_tokens=self.tokens, min_new_tokens=self.tokens)
+        self.threads = default_torch_threads()
+        torch.set_num_threads(self.threads)  # plain generate runs in this (main) thread
+        start = perf_counter()
+        self.runner = ModelRunner.load(path, device=args.device, compile="off", torch_threads=self.threads)
+        self.sync()
+        report.add("load_s", perf_counter() - start, f"loaded {path} in {perf_counter() - start:.1f} s "
+                   f"({self.runner.device}, {self.runner.dtype}, torch threads {self.threads})")
+        self.inputs = self.runner.build_inputs(self.messages)
+
+    def sync(self):
+        if self.args.device == "cuda":
+            torch.cuda.synchronize()
+
+    # -- the variants, each returning tokens/s for one whole answer (prefill included)
+    def plain(self, grad=torch.no_grad, streamer=None, stopping=None):
+        config = self.runner.generation_config(self.settings)
+        with grad():
+            out = self.runner.model.generate(**self.inputs, generation_config=config, streamer=streamer,
+                                             stopping_criteria=stopping)
+        self.sync()
+        return out.shape[-1] - self.inputs["input_ids"].shape[-1]
+
+    def plain_in_thread(self):
+        result = {}
+
+        def run():
+            torch.set_num_threads(self.threads)
+            result["tokens"] = self.plain()
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return result["tokens"]
+
+    def plain_per_token_work(self):
+        streamer = IncrementalTextStreamer(self.runner.tokenizer, queue.SimpleQueue())
+        return self.plain(streamer=streamer, stopping=StoppingCriteriaList([_StopOnEvent(threading.Event())]))
+
+    @staticmethod
+    def through(runner, messages, settings):
+        with runner.stream(messages, settings) as stream:
+            for _ in stream:
+                pass
+        return stream.new_tokens
+
+    def rounds(self, name: str, variants: dict, rounds: int, per: str = "tokens/s", baseline: str | None = None):
+        """Interleaved rounds (a warm-up first); stops early past the time budget, after at
+        least one round. Prints one line per variant, and each one's ratio to `baseline`."""
+        for fn in variants.values():
+            fn()
+        results = {key: [] for key in variants}
+        names = list(variants)
+        for r in range(rounds):
+            if r and time.monotonic() > self.deadline:
+                print(f"  (time budget reached after {r} rounds)", flush=True)
+                break
+            for key in names[r % len(names):] + names[:r % len(names)]:
+                results[key].append(variants[key]())
+        medians = {key: statistics.median(v) for key, v in results.items()}
+        for key, values in results.items():
+            ratio = f"  ×{medians[key] / medians[baseline]:.3f} of {baseline}" if baseline and key != baseline else ""
+            self.report.add(f"{name}/{key}", {"median": medians[key], "rounds": values},
+                            f"{name:9} {key:22} {medians[key]:9.1f} {per}  (rounds "
+                            f"{min(values):.1f}-{max(values):.1f}){ratio}")
+        return medians
+
+
+def ttft_plain(bench: Bench) -> float:
+    clock = TokenClock(bench.runner.tokenizer)
+    settings = GenerationSettings(max_new_tokens=8, min_new_tokens=8)
+    start = perf_counter()
+    with torch.no_grad():
+        bench.runner.model.generate(**bench.inputs, generation_config=bench.runner.generation_config(settings),
+                                    streamer=clock)
+    return (clock.first_text_at or perf_counter()) - start
+
+
+def ttft_stream(runner, messages) -> float:
+    start = perf_counter()
+    with runner.stream(messages, GenerationSettings(max_new_tokens=8, min_new_tokens=8)) as stream:
+        for text in stream:
+            if text:
+                return perf_counter() - start
+    return perf_counter() - start
+
+
+def tokens_after_stop(runner, messages) -> int:
+    with runner.stream(messages, GenerationSettings(max_new_tokens=2000, min_new_tokens=2000)) as stream:
+        for count, _ in enumerate(stream, 1):
+            if count == 3:
+                break
+        stream.close()
+    return stream.tokens_after_close
+
+
+def measure_mode(bench: Bench, mode: str, budget: float) -> None:
+    args, report = bench.args, bench.report
+    bench.deadline = time.monotonic() + budget
+    compiled = mode == "compiled"
+    if compiled:
+        start = perf_counter()
+        bench.runner.compile_or_explain(forced=True)  # the warm-up compiles here
+        report.add("compiled/warm_up_s", perf_counter() - start,
+                   f"compiled warm-up (in this process) {perf_counter() - start:.1f} s")
+    start = perf_counter()
+    engine = EngineProcess.start(bench.path, device=args.device, compile="on" if compiled else "off",
+                                 torch_threads=bench.threads)
+    report.add(f"{mode}/engine_start_s", perf_counter() - start,
+               f"{mode}: engine process started (load{' + compile' if compiled else ''}) in "
+               f"{perf_counter() - start:.1f} s")
+    demo = client = None
+    try:
+        variants = {
+            "plain": lambda: timed(bench.plain),
+            "plain inference_mode": lambda: timed(lambda: bench.plain(grad=torch.inference_mode)),
+            "plain in a thread": lambda: timed(bench.plain_in_thread),
+            "plain + per-token": lambda: timed(bench.plain_per_token_work),
+            "runner": lambda: timed(lambda: bench.through(bench.runner, bench.messages, bench.settings)),
+            "engine process": lambda: timed(lambda: bench.through(engine, bench.messages, bench.settings)),
+        }
+        ttfts = {
+            "plain": lambda: ttft_plain(bench) * 1000,
+            "runner": lambda: ttft_stream(bench.runner, bench.messages) * 1000,
+            "engine process": lambda: ttft_stream(engine, bench.messages) * 1000,
+        }
+        if not args.no_app:
+            import app
+            spy = StreamSpy(engine)  # forces min_new_tokens = max_new_tokens for the app's answers
+            demo, url = app.serve(engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+            client = ClientProcess()
+
+            def app_answer(tokens):
+                result = client("chat", url=url, text=PROMPT, extra=["", tokens, 0.0, 1.0])
+                return result, spy.last()
+
+            def app_rate():
+                result, stream = app_answer(bench.tokens)
+                return rate(stream.new_tokens, result["t_done"] - result["t_join"])
+
+            def app_ttft():
+                result, _ = app_answer(8)
+                return (result["t_first_text"] - result["t_join"]) * 1000
+            variants["app over HTTP"] = app_rate
+            ttfts["app over HTTP"] = app_ttft
+        bench.rounds(mode, variants, args.rounds, baseline="plain")
+        bench.rounds(f"{mode} TTFT", ttfts, args.rounds, per="ms to first text")
+        after = {"runner": tokens_after_stop(bench.runner, bench.messages),
+                 "engine process": tokens_after_stop(engine, bench.messages)}
+        report.add(f"{mode}/tokens_after_stop", after,
+                   f"{mode:9} tokens after Stop: runner {after['runner']}, engine process {after['engine process']}")
+    finally:
+        if client:
+            client.close()
+        if demo:
+            demo.close()
+        engine.close()
+
+
+def spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+def measure_threads(bench: Bench) -> None:
+    import multiprocessing
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    counts = sorted({1, max(1, cores - 1), cores})
+    long_prompt = [{"role": "user", "content": [{"type": "text", "text": PROMPT * 100}]}]
+    long_inputs = bench.runner.build_inputs(long_prompt)
+    one = GenerationSettings(max_new_tokens=1, min_new_tokens=1)
+
+    def in_thread(threads, inputs, settings):
+        result = {}
+
+        def run():
+            torch.set_num_threads(threads)
+            start = perf_counter()
+            with torch.inference_mode():
+                bench.runner.model.generate(**inputs, generation_config=bench.runner.generation_config(settings))
+            result["s"] = perf_counter() - start
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return result["s"]
+
+    for busy in (False, True):
+        stop = multiprocessing.get_context("spawn").Event()
+        hog = multiprocessing.get_context("spawn").Process(target=spin, args=(stop,)) if busy else None
+        if hog:
+            hog.start()
+        try:
+            label = "one core busy" if busy else "idle"
+            variants = {}
+            for n in counts:
+                variants[f"{n} threads decode"] = lambda n=n: rate(bench.tokens, in_thread(n, bench.inputs, bench.settings))
+                variants[f"{n} threads prefill"] = lambda n=n: in_thread(n, long_inputs, one) * 1000
+            bench.rounds(f"threads, {label}", variants, bench.args.rounds, per="(tokens/s | ms)")
+        finally:
+            if hog:
+                stop.set()
+                hog.join()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    parser.add_argument("--small", action="store_true", help="a tiny random model (a CPU dry run)")
+    parser.add_argument("--model", help="a model directory or hub id instead of the random Llama")
+    parser.add_argument("--tokens", type=int, help="answer length (default 256; --small 48)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --small 2)")
+    parser.add_argument("--budget", type=float, default=240,
+                        help="seconds of rounds, shared by the modes: past its share, a mode starts no "
+                             "new round (each variant gets one, after its warm-up)")
+    parser.add_argument("--compiled", choices=["auto", "yes", "no"], default="auto",
+                        help="also measure compiled (auto: on CUDA)")
+    parser.add_argument("--no-app", action="store_true", help="leave out the app over HTTP (needs gradio)")
+    parser.add_argument("--threads", action="store_true",
+                        help="measure only the generate thread's torch thread count (see above)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    args.tokens = args.tokens or (48 if args.small else 256)
+    args.rounds = args.rounds or (2 if args.small else 3)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    started = perf_counter()
+    path = args.model or str(build_model(Path(tempfile.gettempdir()) / f"gpu-bench-{'small' if args.small else 'llama'}",
+                                         args.small))
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    import transformers
+    meta = {"device": args.device, "gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokens": args.tokens, "rounds": args.rounds, "model": path}
+    report = Report(args.out, meta)
+    print(f"gpu bench: {meta}", flush=True)
+    report.add("build_s", perf_counter() - started, f"model ready in {perf_counter() - started:.1f} s")
+    bench = Bench(args, path, report)
+    weights = sum(p.numel() * p.element_size() for p in bench.runner.model.parameters())
+    bandwidth = next((gbs for name, gbs in BANDWIDTH_GBS.items() if gpu and name in gpu), None)
+    bound = bandwidth * 1e9 / weights if bandwidth else None
+    report.add("bound", {"weights_gb": weights / 1e9, "bandwidth_gbs": bandwidth, "tokens_per_s": bound},
+               f"weights {weights / 1e9:.2f} GB; memory-bandwidth bound "
+               + (f"~{bound:,.0f} tokens/s at {bandwidth} GB/s" if bound else "n/a (unknown bandwidth)"))
+    if args.threads:
+        measure_threads(bench)
+        report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s")
+        return 0
+    modes = ["eager"]
+    if args.compiled == "yes" or (args.compiled == "auto" and args.device == "cuda"):
+        modes.append("compiled")
+    for mode in modes:
+        measure_mode(bench, mode, args.budget / len(modes))
+    report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s; "
+               f"figures in {report.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
