@@ -1,6 +1,6 @@
 """GPU benchmark: does the engine stream as fast as the model can go? One command, one device call.
 
-    python bench/gpu.py                        # CUDA: a random ~0.76B Llama in bf16, ~4 min
+    python bench/gpu.py                        # CUDA: a random ~0.76B Llama in bf16, ~4-5 min
     python bench/gpu.py --device cpu --small   # here: a tiny model, under a minute (a test runs it)
     python bench/gpu.py --model DIR_OR_ID      # your own model instead of the random one
 
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="a model directory or hub id instead of the random Llama")
     parser.add_argument("--tokens", type=int, help="answer length (default 256; --small 48)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --small 2)")
-    parser.add_argument("--budget", type=float, default=240,
+    parser.add_argument("--budget", type=float, default=180,
                         help="seconds of rounds, shared by the modes: past its share, a mode starts no "
                              "new round (each variant gets one, after its warm-up)")
     parser.add_argument("--compiled", choices=["auto", "yes", "no"], default="auto",
