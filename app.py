@@ -523,6 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--auth must be USER:PASS")
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         parser.error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    if args.torch_threads < 0:
+        parser.error("--torch-threads must be 0 (the default: the cores less one) or more")
     return args
 
 
@@ -609,8 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         name = args.served_model_name or served_model_name(model)
 
         def load():
+            # ZeroGPU lends the GPU per answer only: no compile at load (auto), unless asked for
+            compile = "off" if on_zero_gpu() and args.compile == "auto" else args.compile
             load_kwargs = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                               compile=args.compile, served_name=name, torch_threads=args.torch_threads or None)
+                               compile=compile, served_name=name, torch_threads=args.torch_threads or None)
             if args.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
                 return ModelRunner.load(model, **load_kwargs)

@@ -425,6 +425,12 @@ class TextStream(StreamFigures):
 
 # ---------------------------------------------------------------- the runner
 
+def tries_compile(setting: str, device: str) -> bool:
+    """--compile auto compiles on CUDA only: elsewhere torch.compile of decoding gains nothing
+    here and the static cache alone is slower (87 vs ~140 tokens/s on bench-llama, CPU)."""
+    return setting == "on" or (setting == "auto" and device == "cuda")
+
+
 def default_torch_threads() -> int:
     """Torch threads for generating: the cores this process may use, less one for the web
     server. More threads than free cores make every thread wait for the slowest: on 2
@@ -515,7 +521,7 @@ class ModelRunner:
         model_obj.eval()
         runner = cls(model_obj, processor, tokenizer, name=served_name or served_model_name(model), device=device,
                      dtype=torch_dtype, is_vision=is_vision, torch_threads=torch_threads)
-        if compile == "on" or (compile == "auto" and device == "cuda"):
+        if tries_compile(compile, device):
             runner.compile_or_explain(forced=compile == "on")
         return runner
 
@@ -526,7 +532,7 @@ class ModelRunner:
         try:
             self.warm_up()
         except ModelLoadError as error:
-            self.compile = False
+            self._uncompile()
             if forced:
                 raise ModelLoadError(f"--compile on: {self.name} can't generate with a static KV cache "
                                      f"({error}); start with --compile off.") from None
@@ -536,6 +542,24 @@ class ModelRunner:
         if self.device != "cuda":
             log.warning("--compile on: torch.compile runs on CUDA only; on %s only the static KV cache "
                         "is used, which is usually slower than the default cache.", self.device)
+        elif not hasattr(self.model, "_compiled_call"):
+            # transformers did not compile (a model offloaded to CPU, quantized, ...): a static
+            # cache alone is slower than the default one
+            if forced:
+                log.warning("--compile on: transformers did not compile %s (offloaded or quantized?); "
+                            "it runs with the static KV cache alone.", self.name)
+            else:
+                self._uncompile()
+                log.warning("--compile auto: transformers did not compile %s (offloaded or quantized?); "
+                            "it runs without compile.", self.name)
+
+    def _uncompile(self) -> None:
+        """Back to the default cache, and what a failed compile left behind goes."""
+        self.compile = False
+        self.model.__dict__.pop("_compiled_call", None)
+        torch._dynamo.reset()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def warm_up(self) -> None:
         """One short answer, so that one-time work (with --compile on CUDA: compiling and
@@ -664,7 +688,8 @@ class ModelRunner:
             log.info("This answer (%d prompt tokens + up to %d new) is longer than the static cache "
                      "(%d tokens): it runs with the default cache, not compiled.",
                      prompt_tokens, config.max_new_tokens, config.max_cache_len)
-            config.cache_implementation = config.max_cache_len = None
+            config.cache_implementation = self.model.generation_config.cache_implementation
+            config.max_cache_len = None
         stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed,
                             max_updates_per_second=settings.max_updates_per_second,
                             record_token_times=settings.record_token_times, on_update=on_update,

@@ -120,13 +120,15 @@ def timed(fn) -> float:
     return rate(tokens, perf_counter() - start)
 
 
+WARM_UP_TOKENS = 8  # each variant's first, unmeasured run: allocations, kernels, graphs
+
+
 class Bench:
     def __init__(self, args, path: str, report: Report):
         self.args, self.path, self.report = args, path, report
         self.deadline = time.monotonic() + args.budget  # set again for each mode
         self.messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         self.tokens = args.tokens
-        self.settings = GenerationSettings(max_new_tokens=self.tokens, min_new_tokens=self.tokens)
         self.threads = default_torch_threads()
         torch.set_num_threads(self.threads)  # plain generate runs in this (main) thread
         start = perf_counter()
@@ -140,80 +142,94 @@ class Bench:
         if self.args.device == "cuda":
             torch.cuda.synchronize()
 
-    # -- the variants, each returning tokens/s for one whole answer (prefill included)
-    def plain(self, grad=torch.no_grad, streamer=None, stopping=None):
-        config = self.runner.generation_config(self.settings)
+    @staticmethod
+    def settings(tokens: int) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens)
+
+    # -- the variants: one whole answer of `tokens` tokens (prefill included); tokens made
+    def plain(self, tokens, grad=torch.no_grad, streamer=None, stopping=None):
+        config = self.runner.generation_config(self.settings(tokens))
         with grad():
             out = self.runner.model.generate(**self.inputs, generation_config=config, streamer=streamer,
                                              stopping_criteria=stopping)
         self.sync()
         return out.shape[-1] - self.inputs["input_ids"].shape[-1]
 
-    def plain_in_thread(self):
+    def plain_in_thread(self, tokens):
         result = {}
 
         def run():
             torch.set_num_threads(self.threads)
-            result["tokens"] = self.plain()
+            result["tokens"] = self.plain(tokens)
         thread = threading.Thread(target=run)
         thread.start()
         thread.join()
         return result["tokens"]
 
-    def plain_per_token_work(self):
+    def plain_per_token_work(self, tokens):
         streamer = IncrementalTextStreamer(self.runner.tokenizer, queue.SimpleQueue())
-        return self.plain(streamer=streamer, stopping=StoppingCriteriaList([_StopOnEvent(threading.Event())]))
+        return self.plain(tokens, streamer=streamer, stopping=StoppingCriteriaList([_StopOnEvent(threading.Event())]))
 
-    @staticmethod
-    def through(runner, messages, settings):
-        with runner.stream(messages, settings) as stream:
+    def through(self, stream_fn, tokens):
+        with stream_fn(self.messages, self.settings(tokens)) as stream:
             for _ in stream:
                 pass
         return stream.new_tokens
 
     def rounds(self, name: str, variants: dict, rounds: int, per: str = "tokens/s", baseline: str | None = None):
-        """Interleaved rounds (a warm-up first); stops early past the time budget, after at
-        least one round. Prints one line per variant, and each one's ratio to `baseline`."""
-        for fn in variants.values():
-            fn()
-        results = {key: [] for key in variants}
-        names = list(variants)
+        """Each variant is called with the answer length: first a short warm-up, then
+        interleaved rounds, which stop early past the time budget (after one round). A
+        variant that fails is reported and left out. Prints a line per variant, and each
+        one's ratio to `baseline`."""
+        results, names = {key: [] for key in variants}, list(variants)
+        for key in names:
+            try:
+                variants[key](WARM_UP_TOKENS)
+            except Exception as error:
+                self.report.add(f"{name}/{key}", {"error": repr(error)}, f"{name:9} {key:22} failed: {error!r}")
+                del results[key]
         for r in range(rounds):
             if r and time.monotonic() > self.deadline:
                 print(f"  (time budget reached after {r} rounds)", flush=True)
                 break
             for key in names[r % len(names):] + names[:r % len(names)]:
-                results[key].append(variants[key]())
+                if key in results:
+                    results[key].append(variants[key](self.tokens))
         medians = {key: statistics.median(v) for key, v in results.items()}
         for key, values in results.items():
-            ratio = f"  ×{medians[key] / medians[baseline]:.3f} of {baseline}" if baseline and key != baseline else ""
+            ratio = f"  ×{medians[key] / medians[baseline]:.3f} of {baseline}" \
+                if baseline in medians and key != baseline else ""
             self.report.add(f"{name}/{key}", {"median": medians[key], "rounds": values},
                             f"{name:9} {key:22} {medians[key]:9.1f} {per}  (rounds "
                             f"{min(values):.1f}-{max(values):.1f}){ratio}")
         return medians
 
 
+def tokens_per_second(fn):
+    """A variant reporting tokens/s of a call that returns the number of tokens made."""
+    return lambda tokens: timed(lambda: fn(tokens))
+
+
 def ttft_plain(bench: Bench) -> float:
     clock = TokenClock(bench.runner.tokenizer)
-    settings = GenerationSettings(max_new_tokens=8, min_new_tokens=8)
     start = perf_counter()
     with torch.no_grad():
-        bench.runner.model.generate(**bench.inputs, generation_config=bench.runner.generation_config(settings),
-                                    streamer=clock)
+        bench.runner.model.generate(**bench.inputs, generation_config=bench.runner.generation_config(
+            bench.settings(WARM_UP_TOKENS)), streamer=clock)
     return (clock.first_text_at or perf_counter()) - start
 
 
-def ttft_stream(runner, messages) -> float:
+def ttft_stream(bench: Bench, stream_fn) -> float:
     start = perf_counter()
-    with runner.stream(messages, GenerationSettings(max_new_tokens=8, min_new_tokens=8)) as stream:
+    with stream_fn(bench.messages, bench.settings(WARM_UP_TOKENS)) as stream:
         for text in stream:
             if text:
                 return perf_counter() - start
     return perf_counter() - start
 
 
-def tokens_after_stop(runner, messages) -> int:
-    with runner.stream(messages, GenerationSettings(max_new_tokens=2000, min_new_tokens=2000)) as stream:
+def tokens_after_stop(bench: Bench, stream_fn) -> int:
+    with stream_fn(bench.messages, bench.settings(300)) as stream:
         for count, _ in enumerate(stream, 1):
             if count == 3:
                 break
@@ -223,7 +239,6 @@ def tokens_after_stop(runner, messages) -> int:
 
 def measure_mode(bench: Bench, mode: str, budget: float) -> None:
     args, report = bench.args, bench.report
-    bench.deadline = time.monotonic() + budget
     compiled = mode == "compiled"
     if compiled:
         start = perf_counter()
@@ -236,20 +251,23 @@ def measure_mode(bench: Bench, mode: str, budget: float) -> None:
     report.add(f"{mode}/engine_start_s", perf_counter() - start,
                f"{mode}: engine process started (load{' + compile' if compiled else ''}) in "
                f"{perf_counter() - start:.1f} s")
+    engine_stream = engine.stream  # (the app's answers go through a StreamSpy below)
     demo = client = None
     try:
         variants = {
-            "plain": lambda: timed(bench.plain),
-            "plain inference_mode": lambda: timed(lambda: bench.plain(grad=torch.inference_mode)),
-            "plain in a thread": lambda: timed(bench.plain_in_thread),
-            "plain + per-token": lambda: timed(bench.plain_per_token_work),
-            "runner": lambda: timed(lambda: bench.through(bench.runner, bench.messages, bench.settings)),
-            "engine process": lambda: timed(lambda: bench.through(engine, bench.messages, bench.settings)),
+            "plain": tokens_per_second(bench.plain),
+            "plain inference_mode": tokens_per_second(lambda n: bench.plain(n, grad=torch.inference_mode)),
+            "plain in a thread": tokens_per_second(bench.plain_in_thread),
+            "plain + per-token": tokens_per_second(bench.plain_per_token_work),
+            "runner": tokens_per_second(lambda n: bench.through(bench.runner.stream, n)),
+            "engine process": tokens_per_second(lambda n: bench.through(engine_stream, n)),
         }
+        if compiled:  # tensors made under inference_mode make the compiled step recompile
+            del variants["plain inference_mode"]
         ttfts = {
-            "plain": lambda: ttft_plain(bench) * 1000,
-            "runner": lambda: ttft_stream(bench.runner, bench.messages) * 1000,
-            "engine process": lambda: ttft_stream(engine, bench.messages) * 1000,
+            "plain": lambda _: ttft_plain(bench) * 1000,
+            "runner": lambda _: ttft_stream(bench, bench.runner.stream) * 1000,
+            "engine process": lambda _: ttft_stream(bench, engine_stream) * 1000,
         }
         if not args.no_app:
             import app
@@ -259,21 +277,24 @@ def measure_mode(bench: Bench, mode: str, budget: float) -> None:
 
             def app_answer(tokens):
                 result = client("chat", url=url, text=PROMPT, extra=["", tokens, 0.0, 1.0])
+                if not result.get("t_first_text"):
+                    raise RuntimeError(f"the app answered no text: {result.get('error')}")
                 return result, spy.last()
 
-            def app_rate():
-                result, stream = app_answer(bench.tokens)
+            def app_rate(tokens):
+                result, stream = app_answer(tokens)
                 return rate(stream.new_tokens, result["t_done"] - result["t_join"])
 
-            def app_ttft():
-                result, _ = app_answer(8)
+            def app_ttft(_):
+                result, _ = app_answer(WARM_UP_TOKENS)
                 return (result["t_first_text"] - result["t_join"]) * 1000
             variants["app over HTTP"] = app_rate
             ttfts["app over HTTP"] = app_ttft
+        bench.deadline = time.monotonic() + budget  # from here: loads and compiles are not rounds
         bench.rounds(mode, variants, args.rounds, baseline="plain")
         bench.rounds(f"{mode} TTFT", ttfts, args.rounds, per="ms to first text")
-        after = {"runner": tokens_after_stop(bench.runner, bench.messages),
-                 "engine process": tokens_after_stop(engine, bench.messages)}
+        after = {"runner": tokens_after_stop(bench, bench.runner.stream),
+                 "engine process": tokens_after_stop(bench, engine_stream)}
         report.add(f"{mode}/tokens_after_stop", after,
                    f"{mode:9} tokens after Stop: runner {after['runner']}, engine process {after['engine process']}")
     finally:
@@ -295,7 +316,7 @@ def measure_threads(bench: Bench) -> None:
     counts = sorted({1, max(1, cores - 1), cores})
     long_prompt = [{"role": "user", "content": [{"type": "text", "text": PROMPT * 100}]}]
     long_inputs = bench.runner.build_inputs(long_prompt)
-    one = GenerationSettings(max_new_tokens=1, min_new_tokens=1)
+    one = bench.settings(1)
 
     def in_thread(threads, inputs, settings):
         result = {}
@@ -320,8 +341,9 @@ def measure_threads(bench: Bench) -> None:
             label = "one core busy" if busy else "idle"
             variants = {}
             for n in counts:
-                variants[f"{n} threads decode"] = lambda n=n: rate(bench.tokens, in_thread(n, bench.inputs, bench.settings))
-                variants[f"{n} threads prefill"] = lambda n=n: in_thread(n, long_inputs, one) * 1000
+                variants[f"{n} threads decode"] = \
+                    lambda tokens, n=n: rate(tokens, in_thread(n, bench.inputs, bench.settings(tokens)))
+                variants[f"{n} threads prefill"] = lambda _, n=n: in_thread(n, long_inputs, one) * 1000
             bench.rounds(f"threads, {label}", variants, bench.args.rounds, per="(tokens/s | ms)")
         finally:
             if hog:
@@ -376,7 +398,10 @@ def main(argv=None) -> int:
     if args.compiled == "yes" or (args.compiled == "auto" and args.device == "cuda"):
         modes.append("compiled")
     for mode in modes:
-        measure_mode(bench, mode, args.budget / len(modes))
+        try:
+            measure_mode(bench, mode, args.budget / len(modes))
+        except Exception as error:  # the other mode's figures still count
+            report.add(f"{mode}/error", repr(error), f"{mode}: failed: {error!r}")
     report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s; "
                f"figures in {report.path}")
     return 0

@@ -268,7 +268,9 @@ def test_compile_on_answers_the_same_with_a_static_cache(request, kind, tiny_mod
 
 
 def test_compile_auto_compiles_on_cuda_only(tiny_model_paths, monkeypatch):
-    from model_runner import ModelRunner
+    from model_runner import ModelRunner, tries_compile
+    assert [tries_compile("auto", device) for device in ("cuda", "cpu", "mps")] == [True, False, False]
+    assert tries_compile("on", "cpu") and not tries_compile("off", "cuda")
     runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu")  # the default: auto
     assert not runner.compile and runner.generation_config(GenerationSettings()).cache_implementation is None
     tried = []
@@ -306,18 +308,27 @@ def test_an_answer_longer_than_the_static_cache_falls_back_to_the_default_cache(
     static = model_runner.ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on")
     assert static.static_cache_tokens == 64
     caplog.set_level("INFO", logger="engine")
+    caches, real_generate = [], static.model.generate
+
+    def generate(*args, generation_config, **kwargs):
+        caches.append(generation_config.cache_implementation)
+        return real_generate(*args, generation_config=generation_config, **kwargs)
+
+    monkeypatch.setattr(static.model, "generate", generate)
     short = [user("hi")]
     assert answer(static, short, max_new_tokens=10) == answer(llama_runner, short, max_new_tokens=10)
-    assert "longer than the static cache" not in caplog.text
+    assert caches == ["static"] and "longer than the static cache" not in caplog.text
     conversation = [user("Tell me about the sea and the sky and the boats."), assistant("It is big."),
                     user("And what else?")]
     assert answer(static, conversation, max_new_tokens=80) == answer(llama_runner, conversation, max_new_tokens=80)
+    assert caches == ["static", None], "the long answer ran with the default cache"
     assert "longer than the static cache (64 tokens): it runs with the default cache" in caplog.text
 
 
 def test_generation_uses_the_engines_thread_count_whatever_the_caller_set(tiny_model_paths, monkeypatch):
-    """A thread's torch ops use that thread's count, not the one set in another thread: the
-    generate thread sets its own (the cores less one, for the web server)."""
+    """Torch work in a new thread runs on torch's default thread count (all cores), whatever
+    another thread set (though torch.get_num_threads() reports that): the generate thread
+    sets its own (the cores less one, for the web server)."""
     from model_runner import ModelRunner, default_torch_threads
     runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", torch_threads=3)
     assert ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu").torch_threads == default_torch_threads()
