@@ -158,7 +158,7 @@ class ModelSlot:
     active = property(lambda self: self.runner.active if self.runner else 0)
 
     def stream(self, messages, settings=None, cancelled: threading.Event | None = None):
-        from conversation import Cancelled, GenerationError
+        from engine_contract import Cancelled, GenerationError
         while not self.ready.wait(None if cancelled is None else 0.1):
             if cancelled.is_set():
                 raise Cancelled()
@@ -198,7 +198,7 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
             title = WAITING_TITLE.format(ordinal(1))
         yield pending(title)
         # Imported here, not at the top: the app serves before torch is loaded.
-        from conversation import Cancelled, ChatInputError, GenerationError, GenerationSettings
+        from engine_contract import Cancelled, ChatInputError, GenerationError, GenerationSettings
         # Gradio re-processes the whole chat on every update: fewer updates for long chats.
         updates_per_second = min(MAX_UPDATES_PER_SECOND, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                                 served_name=args.served_model_name)
         slot = ModelSlot(args.served_model_name or args.model, load, one_at_a_time=False)
     else:
-        from conversation import served_model_name
+        from engine_contract import served_model_name
         model = args.model or DEFAULT_MODEL
         name = args.served_model_name or served_model_name(model)
 
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
                     on_listening=slot.start, log_chats=args.log_chats)
     slot.ready.wait()
     if slot.error is not None:
-        from conversation import ModelLoadError
+        from engine_contract import ModelLoadError
         message = str(slot.error) if isinstance(slot.error, ModelLoadError) else \
             f"Can't load the model: {type(slot.error).__name__}: {slot.error}"
         print(f"error: {message}", file=sys.stderr)

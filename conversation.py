@@ -1,7 +1,6 @@
-"""What the engine and the web server share, without torch: the errors, the generation
-settings, a conversation's validation and image loading, the reasoning split, and the
-figures every stream reports. The web server imports only this (the model runs in the
-engine process), so it starts fast and stays small; model_runner re-exports it all.
+"""A conversation, made ready for a model, without torch: validating it, loading its images
+within the limits, joining neighbouring turns, and splitting reasoning from the answer.
+Every engine (local, engine process, remote) goes through here.
 
 Messages are the neutral chat format: a role ("system" | "user" | "assistant") and a
 list of parts, `{"type": "text", "text": ...}` or `{"type": "image", "image": <path or
@@ -11,66 +10,21 @@ PIL.Image>}` (`{"type": "file", "path": ...}` for an attachment that is not an i
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
-from dataclasses import dataclass, field
 
 from PIL import Image
 
 from config import (
-    DEFAULT_MAX_NEW_TOKENS,
     MAX_IMAGE_PIXELS,
     MAX_IMAGE_SIDE,
     MAX_IMAGES_PER_CONVERSATION,
     MAX_IMAGES_PER_MESSAGE,
-    MAX_UPDATES_PER_SECOND,
 )
+from engine_contract import ChatInputError
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError at 2x this
 # What is decoded, whatever a file's name or a data: URL says: Pillow can open dozens of
 # formats, some through outside programs (EPS through Ghostscript); users send these.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-
-
-class ModelLoadError(Exception):
-    """The model could not be found or loaded. The message is one readable line."""
-
-
-class ChatInputError(Exception):
-    """The conversation can't be sent to this model (bad image, too long, ...)."""
-
-
-class GenerationError(Exception):
-    """Generation failed while running. The message is meant for the user."""
-
-
-class Cancelled(Exception):
-    """The request was withdrawn (Stop, its client gone) while it waited: nothing ran."""
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 0.0    # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # the answer ends before any of these
-    max_updates_per_second: float = MAX_UPDATES_PER_SECOND
-    min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
-    record_token_times: bool = False   # keep every token's perf_counter() (benchmarks)
-
-
-class StreamFigures:
-    """Time to first token and decode rate, for any stream with new_tokens, started_at,
-    first_token_at and ended_at (TextStream, the engine process's and the remote one's)."""
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.started_at
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        return decode_rate(self.new_tokens, self.first_token_at, self.ended_at)
 
 
 def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str,
@@ -172,30 +126,6 @@ def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str |
                 break
         return text.strip(), "", False
     return text[:end].strip(), text[end + len(REASONING_END):].lstrip(), True
-
-
-def served_model_name(model: str) -> str:
-    """The name clients see and ask for (/v1/models, the header): a hub id as it is, a
-    local directory by its own name, never its path on this machine."""
-    if model.startswith((".", "/", "~")) or Path(model).expanduser().is_dir():
-        return Path(model).expanduser().resolve().name or model
-    return model
-
-
-def decode_rate(new_tokens: int, first_token_at: float | None, ended_at: float | None) -> float | None:
-    """Tokens per second after the first one (the first is the prefill's)."""
-    end = ended_at or time.perf_counter()
-    if first_token_at is None or new_tokens < 2 or end <= first_token_at:
-        return None
-    return (new_tokens - 1) / (end - first_token_at)
-
-
-def notify_finished(listeners: list, stream) -> None:
-    for listener in listeners:
-        try:
-            listener(stream)
-        except Exception:  # a broken listener (metrics, logging) must not break generation
-            pass
 
 
 def last_user_text(messages: list[dict]) -> str:

@@ -1,31 +1,29 @@
 """The engine in a process of its own: the model generates there, the web server streams here.
 
-Why: CPython runs one thread's Python at a time (the GIL). The generate loop is
-Python-bound (on a GPU, and for small models on a CPU), and Gradio spends a few ms of
-Python on every streamed update (postprocess and diff of the chat, SSE). In one process
-each update stalls generation that long: bench/benchmark.py measured the app at 0.81x
-plain `generate` at 30 updates/s, and a thread burning 1 ms of Python 30 times a second
-costs generate 4%; a process burning 5 ms costs it nothing. Two processes share only the
-CPU cores. It also keeps the UI serving when the engine dies (a crash, an OOM kill): the
-answer in flight ends with an error, and the next request starts a fresh engine.
+Why: CPython runs one thread's Python at a time (the GIL). The generate loop is Python-bound
+(on a GPU, and for small models on a CPU), and Gradio spends a few milliseconds of Python
+on every streamed update; in one process each update would stall generation that long
+(README, Performance). Two processes share only the CPU cores. It also keeps the UI
+serving when the engine dies (a crash, an OOM kill): the answer in flight ends with an
+error, and the next request starts a fresh engine.
 
     runner = EngineProcess.start("HuggingFaceTB/SmolVLM-256M-Instruct", device="auto")
-    with runner.stream(messages, settings) as stream:   # the ModelRunner contract
+    with runner.stream(messages, settings) as stream:   # the engine_contract.Runner contract
         for text in stream:
             ...
 
-Protocol: pickled tuples over two one-way pipes.
-    web server -> engine   ("generate", id, messages, settings) · ("cancel", id) · ("exit",)
-    engine -> web server   ("ready", info) | ("load_failed", message), then per request
-                           ("started", id, info) | ("refused", id, kind, message),
-                           ("text", id, offset, piece, progress)..., ("end", id, result)
-The engine coalesces text updates (GenerationSettings.max_updates_per_second) and its
-generate thread sends them itself (TextStream's on_update): the pipe carries at most that
-many messages a second per answer, and no second thread wakes in the engine per update.
+Protocol: the dataclasses below, pickled over two one-way pipes.
+    web server -> engine   Generate · Cancel · Exit
+    engine -> web server   Ready | LoadFailed, then per request
+                           Started | Refused, Text..., Ended
+The engine's TextStream coalesces the text (UpdateThrottle) and its generate thread sends
+each update itself: at most max_updates_per_second messages a second per answer, and no
+other thread wakes in the engine per update.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -33,27 +31,112 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
-from conversation import (
+from conversation import last_user_text, split_reasoning
+from engine_contract import (
     Cancelled,
     ChatInputError,
     GenerationError,
     GenerationSettings,
     ModelLoadError,
     StreamFigures,
-    last_user_text,
     notify_finished,
-    split_reasoning,
 )
 
 log = logging.getLogger("engine")
 
-_REFUSALS = {"input": ChatInputError, "generation": GenerationError, "cancelled": Cancelled}
 
+# ---------------------------------------------------------------- the messages
+
+@dataclass
+class Generate:
+    request_id: int
+    messages: list[dict]
+    settings: GenerationSettings
+
+
+@dataclass
+class Cancel:
+    request_id: int
+
+
+@dataclass
+class Exit:
+    pass
+
+
+@dataclass
+class Ready:
+    name: str
+    device: str
+    dtype: str
+    is_vision: bool
+    compile: bool
+
+
+@dataclass
+class LoadFailed:
+    message: str
+
+
+@dataclass
+class Started:
+    request_id: int
+    notices: list[str]
+    prompt_tokens: int
+    starts_in_reasoning: bool
+    max_new_tokens: int
+    started_at: float
+
+
+@dataclass
+class Refused:
+    request_id: int
+    error: str        # "input" | "generation" | "cancelled" (the key of REFUSALS)
+    message: str
+
+
+REFUSALS = {"input": ChatInputError, "generation": GenerationError, "cancelled": Cancelled}
+
+
+@dataclass
+class Text:
+    request_id: int
+    offset: int        # the piece replaces the text from here (it only grows, normally)
+    piece: str
+    new_tokens: int
+    first_token_at: float | None
+
+
+@dataclass
+class Ended:
+    """The end of an answer: its figures, as the engine's TextStream has them. These
+    fields are what EngineStream takes over at the end."""
+    request_id: int
+    text: str | None   # None: as last sent
+    error: str | None
+    finish_reason: str
+    new_tokens: int
+    first_token_at: float | None
+    last_token_at: float | None
+    ended_at: float | None
+    closed_at: float | None
+    tokens_after_close: int | None
+    token_times: list[float] | None
+
+    @classmethod
+    def of(cls, request_id: int, stream, sent: str) -> "Ended":
+        figures = {f.name: getattr(stream, f.name) for f in dataclasses.fields(cls)
+                   if f.name not in ("request_id", "text", "error")}
+        return cls(request_id, stream.text if stream.text != sent else None,
+                   str(stream.error) if stream.error else None, **figures)
+
+
+# ---------------------------------------------------------------- the web server's side
 
 class EngineProcess:
-    """A ModelRunner in a child process, with the ModelRunner interface: name, device,
-    dtype, is_vision, one_at_a_time, active, finish_listeners, stream()."""
+    """A ModelRunner in a child process (the engine_contract.Runner contract)."""
 
     one_at_a_time = True
     loaded = True  # (app.ModelSlot stands in while a model loads)
@@ -70,13 +153,10 @@ class EngineProcess:
         self.restarts = 0
 
     @classmethod
-    def start(cls, model: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-              compile: str | bool = "auto", served_name: str | None = None,
-              torch_threads: int | None = None) -> "EngineProcess":
+    def start(cls, model: str, **load_kwargs) -> "EngineProcess":
         """Start the engine and load the model there (ModelRunner.load's arguments).
         Raises ModelLoadError (one line)."""
-        engine = cls({"model": model, "device": device, "dtype": dtype, "trust_remote_code": trust_remote_code,
-                      "compile": compile, "served_name": served_name, "torch_threads": torch_threads})
+        engine = cls({"model": model, **load_kwargs})
         engine._launch()
         return engine
 
@@ -98,21 +178,21 @@ class EngineProcess:
         command_reader.close()  # the child's ends: EOF here when the child dies
         event_writer.close()
         try:
-            kind, info = event_reader.recv()
+            ready = event_reader.recv()
         except (EOFError, OSError):
             process.join(5)
             raise ModelLoadError(f"The engine process exited while loading the model "
                                  f"({_exit_description(process.exitcode)}).") from None
-        if kind == "load_failed":
+        if isinstance(ready, LoadFailed):
             process.join(5)
-            raise ModelLoadError(info)
+            raise ModelLoadError(ready.message)
         self.name, self.device, self.dtype, self.is_vision, self.compile = (
-            info["name"], info["device"], info["dtype"], info["is_vision"], info["compile"])
+            ready.name, ready.device, ready.dtype, ready.is_vision, ready.compile)
         self._process, self._commands, self._streams = process, command_writer, {}
         threading.Thread(target=self._read_events, args=(event_reader, process, self._streams),
                          name="engine-events", daemon=True).start()
 
-    def _send(self, *message) -> None:
+    def _send(self, message) -> None:
         with self._send_lock:
             self._commands.send(message)
 
@@ -122,6 +202,8 @@ class EngineProcess:
         Blocks while another answer is generating, like ModelRunner.stream; `cancelled` set
         meanwhile withdraws the request in the engine before it starts (Cancelled)."""
         settings = settings or GenerationSettings()
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled()
         with self._launch_lock:
             if not self.alive:  # it died (crash, OOM kill): a fresh one for this request
                 log.warning("The engine process is gone; starting a new one.")
@@ -133,7 +215,7 @@ class EngineProcess:
             stream = EngineStream(self, next(self._ids), settings, last_user_text(messages))
             self._streams[stream.id] = stream
         try:
-            self._send("generate", stream.id, messages, settings)
+            self._send(Generate(stream.id, messages, settings))
         except (OSError, ValueError):  # it died just now
             self._streams.pop(stream.id, None)
             raise GenerationError("The model process stopped; send again to restart it.") from None
@@ -144,24 +226,24 @@ class EngineProcess:
         """The one thread that receives from one engine process; it updates its streams."""
         while True:
             try:
-                kind, request_id, *payload = events.recv()
+                event = events.recv()
             except (EOFError, OSError):
                 break
-            stream = streams.get(request_id)
+            stream = streams.get(event.request_id)
             if stream is None:
                 continue
-            if kind == "started":
+            if isinstance(event, Text):
+                stream._on_text(event)
+            elif isinstance(event, Started):
                 self.active += 1
-                stream._on_started(payload[0])
-            elif kind == "refused":
-                streams.pop(request_id, None)
-                stream._on_refused(_REFUSALS.get(payload[0], GenerationError)(payload[1]))
-            elif kind == "text":
-                stream._on_text(*payload)
-            elif kind == "end":
-                streams.pop(request_id, None)
+                stream._on_started(event)
+            elif isinstance(event, Refused):
+                streams.pop(event.request_id, None)
+                stream._on_refused(REFUSALS.get(event.error, GenerationError)(event.message))
+            elif isinstance(event, Ended):
+                streams.pop(event.request_id, None)
                 self.active -= 1
-                stream._on_end(payload[0])
+                stream._on_end(event)
                 notify_finished(self.finish_listeners, stream)
         process.join(5)
         reason = _exit_description(process.exitcode)
@@ -173,7 +255,9 @@ class EngineProcess:
                                     f"Send again to restart it.")
             if stream._started.is_set():
                 self.active -= 1
-                stream._on_end({"error": str(error), "finish_reason": "error"})
+                stream._on_end(Ended(request_id, None, str(error), "error", stream.new_tokens,
+                                     stream.first_token_at, stream.last_token_at, None, stream.closed_at,
+                                     None, None))
                 notify_finished(self.finish_listeners, stream)
             else:
                 stream._on_refused(error)
@@ -184,7 +268,7 @@ class EngineProcess:
         if process is None:
             return
         try:
-            self._send("exit")
+            self._send(Exit())
         except (OSError, ValueError):
             pass
         process.join(timeout)
@@ -206,17 +290,18 @@ def _exit_description(code: int | None) -> str:
 
 
 class EngineStream(StreamFigures):
-    """Same contract as model_runner.TextStream, for an answer generating in the engine
-    process: iterate for the growing answer, close() to stop it (within one token)."""
+    """An answer generating in the engine process (the engine_contract.Stream contract):
+    iterate for the growing answer, close() to stop it (within one token)."""
 
     def __init__(self, engine: EngineProcess, request_id: int, settings: GenerationSettings,
                  request_text: str):
         self._engine = engine
         self.id = request_id
-        self._updates: queue.Queue = queue.Queue()  # wake-ups for the consumer
+        self._updates: queue.SimpleQueue = queue.SimpleQueue()  # wake-ups for the reader
         self._started = threading.Event()
         self._finished = threading.Event()
         self._refusal: BaseException | None = None
+        self._cancel_sent = False
         self.max_new_tokens = settings.max_new_tokens
         self.request_text = request_text
         self.text = ""
@@ -230,18 +315,15 @@ class EngineStream(StreamFigures):
         self.ended_at: float | None = None
         self.closed_at: float | None = None
         self.tokens_after_close: int | None = None
-        self.token_times: list[float] | None = None  # with GenerationSettings.record_token_times
+        self.token_times: list[float] | None = None  # when the engine records them (benchmarks)
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
-        self._cancel_sent = False
 
     # -- called by the engine's reader thread
-    def _on_started(self, info: dict) -> None:
-        self.notices = info["notices"]
-        self.prompt_tokens = info["prompt_tokens"]
-        self.starts_in_reasoning = info["starts_in_reasoning"]
-        self.max_new_tokens = info["max_new_tokens"]
-        self.started_at = info["started_at"]
+    def _on_started(self, started: Started) -> None:
+        self.notices, self.prompt_tokens = started.notices, started.prompt_tokens
+        self.starts_in_reasoning, self.max_new_tokens = started.starts_in_reasoning, started.max_new_tokens
+        self.started_at = started.started_at
         self._started.set()
 
     def _on_refused(self, error: BaseException) -> None:
@@ -249,28 +331,24 @@ class EngineStream(StreamFigures):
         self._finished.set()
         self._started.set()
 
-    def _on_text(self, offset: int, piece: str, progress: dict) -> None:
-        self.text = self.text[:offset] + piece
-        self.__dict__.update(progress)
+    def _on_text(self, text: Text) -> None:
+        self.text = self.text[:text.offset] + text.piece
+        self.new_tokens, self.first_token_at = text.new_tokens, text.first_token_at
         self._updates.put(True)
 
-    def _on_end(self, result: dict) -> None:
-        if result.get("text") is not None:
-            self.text = result["text"]
-        self.new_tokens = result.get("new_tokens", self.new_tokens)
-        self.first_token_at = result.get("first_token_at", self.first_token_at)
-        self.last_token_at = result.get("last_token_at", self.last_token_at)
-        self.closed_at = result.get("closed_at", self.closed_at)
-        self.tokens_after_close = result.get("tokens_after_close")
-        self.token_times = result.get("token_times")
-        self.ended_at = result.get("ended_at") or time.perf_counter()
-        if result.get("error"):
-            self.error = GenerationError(result["error"])
-        self.finish_reason = result["finish_reason"]
+    def _on_end(self, ended: Ended) -> None:
+        for field in dataclasses.fields(Ended):
+            if field.name not in ("request_id", "text", "error"):
+                setattr(self, field.name, getattr(ended, field.name))
+        if ended.text is not None:
+            self.text = ended.text
+        self.ended_at = self.ended_at or time.perf_counter()
+        if ended.error:
+            self.error = GenerationError(ended.error)
         self._finished.set()
         self._updates.put(True)
 
-    # -- the consumer's side
+    # -- the reader's side
     def _wait_started(self, cancelled: threading.Event | None) -> None:
         while not self._started.wait(None if cancelled is None else 0.05):
             if cancelled.is_set():
@@ -282,29 +360,25 @@ class EngineStream(StreamFigures):
         shown = ""
         while True:
             self._updates.get()
-            while True:  # everything that has arrived: one update for all of it
-                try:
-                    self._updates.get_nowait()
-                except queue.Empty:
-                    break
+            while not self._updates.empty():  # everything that has arrived: one update for all
+                self._updates.get()
             finished = self._finished.is_set()
-            if self.error is not None:
-                raise self.error
             if self.text != shown:
                 shown = self.text
                 yield shown
             if finished:
+                if self.error is not None:
+                    raise self.error
                 return
 
     def parts(self, text: str | None = None) -> tuple[str | None, str, bool]:
         return split_reasoning(self.text if text is None else text, self.starts_in_reasoning)
 
     def close(self, wait: float = 10.0) -> None:
-        """Stop generating (the engine stops within one token) and wait for the end."""
         if not self._finished.is_set() and not self._cancel_sent:
             self._cancel_sent = True
             try:
-                self._engine._send("cancel", self.id)
+                self._engine._send(Cancel(self.id))
             except (OSError, ValueError, AttributeError):
                 pass  # the engine is gone: the reader ends this stream
         self._finished.wait(wait)
@@ -321,107 +395,108 @@ class EngineStream(StreamFigures):
 
 # ---------------------------------------------------------------- the engine process
 
+@dataclass
+class _Request:
+    cancelled: threading.Event   # set by a Cancel before it started: it never does
+    stream: object = None        # its TextStream, once generating
+
+
+class _EngineServer:
+    """Runs in the engine process: one thread per request waits for the model and streams
+    it; every request is in one table until its answer has ended."""
+
+    def __init__(self, runner, events):
+        self.runner, self.events = runner, events
+        self.requests: dict[int, _Request] = {}
+        self.lock = threading.Lock()  # for the table and the events pipe
+
+    def send(self, message) -> None:
+        with self.lock:
+            self.events.send(message)
+
+    def run(self, commands) -> None:
+        while True:
+            try:
+                command = commands.recv()
+            except (EOFError, OSError):  # the web server is gone
+                break
+            if isinstance(command, Generate):
+                request = _Request(threading.Event())
+                with self.lock:
+                    self.requests[command.request_id] = request
+                threading.Thread(target=self.answer, args=(command, request), daemon=True,
+                                 name=f"request-{command.request_id}").start()
+            elif isinstance(command, Cancel):
+                with self.lock:
+                    request = self.requests.get(command.request_id)
+                if request is not None:
+                    request.cancelled.set()
+                    if request.stream is not None:
+                        request.stream.close(wait=0)
+            elif isinstance(command, Exit):
+                break
+        with self.lock:
+            running = [r.stream for r in self.requests.values() if r.stream is not None]
+        for stream in running:
+            stream.close(wait=5)
+
+    def answer(self, command: Generate, request: _Request) -> None:
+        request_id, started, sent = command.request_id, threading.Event(), ""
+
+        def on_update(text: str) -> None:  # in the generate thread
+            nonlocal sent
+            started.wait()
+            offset = len(sent) if text.startswith(sent) else 0
+            self.send(Text(request_id, offset, text[offset:], stream.new_tokens, stream.first_token_at))
+            sent = text
+
+        try:  # waits while another answer generates
+            stream = self.runner.stream(command.messages, command.settings, on_update=on_update,
+                                        cancelled=request.cancelled)
+        except Exception as error:
+            with self.lock:
+                self.requests.pop(request_id, None)
+            if isinstance(error, Cancelled):
+                self.send(Refused(request_id, "cancelled", "Withdrawn before it started."))
+            elif isinstance(error, (ChatInputError, GenerationError)):
+                self.send(Refused(request_id, "input" if isinstance(error, ChatInputError) else "generation",
+                                  str(error)))
+            else:  # a bug of ours: say so, keep serving
+                log.exception("building the model inputs failed")
+                self.send(Refused(request_id, "generation", f"Internal error: {type(error).__name__}: {error}"))
+            return
+        with self.lock:
+            request.stream = stream
+        if request.cancelled.is_set():  # the cancel came just as it started
+            stream.close(wait=0)
+        try:
+            self.send(Started(request_id, stream.notices, stream.prompt_tokens, stream.starts_in_reasoning,
+                              stream.max_new_tokens, stream.started_at))
+        finally:
+            started.set()  # on a broken pipe, on_update fails too, and that stops generation
+        stream.join()
+        with self.lock:
+            self.requests.pop(request_id, None)
+        self.send(Ended.of(request_id, stream, sent))
+
+
 def _engine_main(commands, events, load_kwargs: dict) -> None:
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the web server's; we end with it (EOF)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    send_lock = threading.Lock()
-
-    def send(*message):
-        with send_lock:
-            events.send(message)
-
     try:
         import tqdm  # its default lock is a multiprocessing semaphore, reported as leaked at exit
         tqdm.tqdm.set_lock(threading.RLock())
         from model_runner import ModelRunner
         runner = ModelRunner.load(**load_kwargs)
     except ModelLoadError as error:
-        send("load_failed", str(error))
+        events.send(LoadFailed(str(error)))
         return
     except BaseException as error:
-        send("load_failed", f"Can't load the model: {type(error).__name__}: {error}")
+        events.send(LoadFailed(f"Can't load the model: {type(error).__name__}: {error}"))
         return
-    send("ready", {"name": runner.name, "device": runner.device, "dtype": str(runner.dtype),
-                   "is_vision": runner.is_vision, "compile": runner.compile})
-    streams: dict = {}    # request id -> TextStream, while generating
-    withdrawn: dict = {}  # request id -> Event, set by a cancel before its generation starts
-    state_lock = threading.Lock()
-
-    def serve(request_id: int, messages: list[dict], settings: GenerationSettings,
-              cancelled: threading.Event) -> None:
-        started = threading.Event()
-        sent = ""
-
-        def on_update(text: str) -> None:  # in the generate thread: no other thread wakes per update
-            nonlocal sent
-            started.wait()
-            offset = len(sent) if text.startswith(sent) else 0
-            send("text", request_id, offset, text[offset:],
-                 {"new_tokens": stream.new_tokens, "first_token_at": stream.first_token_at})
-            sent = text
-
-        try:  # waits while another answer generates
-            stream = runner.stream(messages, settings, on_update=on_update, cancelled=cancelled)
-        except Exception as error:
-            with state_lock:
-                withdrawn.pop(request_id, None)
-            if isinstance(error, Cancelled):
-                send("refused", request_id, "cancelled", "Withdrawn before it started.")
-            elif isinstance(error, (ChatInputError, GenerationError)):
-                send("refused", request_id, "input" if isinstance(error, ChatInputError) else "generation",
-                     str(error))
-            else:  # a bug of ours: say so, keep serving
-                log.exception("building the model inputs failed")
-                send("refused", request_id, "generation", f"Internal error: {type(error).__name__}: {error}")
-            return
-        with state_lock:
-            streams[request_id] = stream
-            withdrawn.pop(request_id, None)
-            if cancelled.is_set():  # the cancel came just as it started
-                stream.close(wait=0)
-        try:
-            send("started", request_id, {
-                "notices": stream.notices, "prompt_tokens": stream.prompt_tokens,
-                "starts_in_reasoning": stream.starts_in_reasoning, "max_new_tokens": stream.max_new_tokens,
-                "started_at": stream.started_at})
-        finally:
-            started.set()  # on a broken pipe, on_update fails too, and that stops generation
-        stream.join()
-        with state_lock:
-            streams.pop(request_id, None)
-        send("end", request_id, {
-            "text": stream.text if stream.text != sent else None,
-            "error": str(stream.error) if stream.error else None, "finish_reason": stream.finish_reason,
-            "new_tokens": stream.new_tokens, "first_token_at": stream.first_token_at,
-            "last_token_at": stream.last_token_at, "ended_at": stream.ended_at,
-            "closed_at": stream.closed_at, "tokens_after_close": stream.tokens_after_close,
-            "token_times": stream.token_times})
-
-    while True:
-        try:
-            command = commands.recv()
-        except (EOFError, OSError):  # the web server is gone
-            break
-        if command[0] == "generate":
-            cancelled = threading.Event()
-            with state_lock:
-                withdrawn[command[1]] = cancelled
-            threading.Thread(target=serve, args=(*command[1:], cancelled), name=f"request-{command[1]}",
-                             daemon=True).start()
-        elif command[0] == "cancel":
-            with state_lock:
-                stream, cancelled = streams.get(command[1]), withdrawn.get(command[1])
-            if stream is not None:
-                stream.close(wait=0)
-            elif cancelled is not None:
-                cancelled.set()
-        elif command[0] == "exit":
-            break
-    with state_lock:
-        running = list(streams.values())
-    for stream in running:
-        stream.close(wait=5)
+    events.send(Ready(runner.name, runner.device, str(runner.dtype), runner.is_vision, runner.compile))
+    _EngineServer(runner, events).run(commands)
     events.close()
     # No interpreter teardown: native threads (torch, tokenizers) abort noisily in it.
     os._exit(0)

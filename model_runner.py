@@ -38,33 +38,23 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from config import (  # noqa: F401  (re-exported for callers of the engine)
+from config import (
     COMPILE_CACHE_TOKENS,
-    DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
-    MAX_IMAGE_SIDE,
-    MAX_IMAGES_PER_CONVERSATION,
-    MAX_IMAGES_PER_MESSAGE,
     MAX_NEW_TOKENS_LIMIT,
     MAX_UPDATES_PER_SECOND,
 )
-from conversation import (  # noqa: F401  (re-exported: the engine's contract)
-    REASONING_END,
-    REASONING_START,
+from conversation import REASONING_START, alternate_roles, last_user_text, prepare_messages, split_reasoning
+from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
     Cancelled,
     ChatInputError,
     GenerationError,
     GenerationSettings,
     ModelLoadError,
     StreamFigures,
-    alternate_roles,
-    decode_rate,
-    last_user_text,
-    load_image,
+    UpdateThrottle,
     notify_finished,
-    prepare_messages,
     served_model_name,
-    split_reasoning,
 )
 
 log = logging.getLogger("engine")
@@ -135,24 +125,19 @@ def _first_line(error: BaseException) -> str:
 
 # ---------------------------------------------------------------- streaming pieces
 
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
 _END = object()
 
 
 class IncrementalTextStreamer(BaseStreamer):
-    """Feeds generated text pieces to a queue as tokens arrive.
+    """Hands generated text to `on_text` as tokens arrive.
 
     Each token is decoded once, incrementally and UTF-8-safely (a character split over
     several byte tokens comes out whole, when complete), unlike TextIteratorStreamer,
-    which re-decodes the whole line on every token. Empty pieces are never queued.
+    which re-decodes the whole line on every token. Empty pieces are never handed out.
     """
 
-    def __init__(self, tokenizer, pieces: queue.Queue, record_times: bool = False):
-        self.pieces = pieces
+    def __init__(self, tokenizer, on_text, record_times: bool = False):
+        self.on_text = on_text
         self.times: list[float] | None = [] if record_times else None
         self.new_tokens = 0
         self.first_token_at: float | None = None
@@ -189,32 +174,10 @@ class IncrementalTextStreamer(BaseStreamer):
                 self.times.append(self.last_token_at)
             text = self._step(token_id)
             if text:
-                self.pieces.put(text)
+                self.on_text(text)
 
     def end(self):
-        self.pieces.put(_END)
-
-
-class _UpdatePusher:
-    """In place of the pieces queue when a TextStream has on_update: coalesces in the
-    generate thread and hands out the text when an update is due, and at the end."""
-
-    def __init__(self, stream: "TextStream", on_update):
-        self.stream, self.on_update = stream, on_update
-        self.shown, self.next_update = "", 0.0
-
-    def put(self, piece) -> None:
-        stream = self.stream
-        if isinstance(piece, _Failure):  # stream.error holds it
-            return
-        ended = stream._take(piece)
-        now = time.perf_counter()
-        if stream.text != self.shown and (ended or now >= self.next_update):
-            self.shown, self.next_update = stream.text, now + stream._update_interval
-            try:
-                self.on_update(self.shown)
-            except Exception:  # nobody to hand it to any more: stop generating
-                stream._stop.set()
+        pass
 
 
 class _StopOnEvent(StoppingCriteria):
@@ -234,40 +197,38 @@ class _StopOnEvent(StoppingCriteria):
 
 
 class TextStream(StreamFigures):
-    """One running generation. Iterate it for the growing answer; close it (or leave
-    the `with` block) to stop generation, which then ends within one token.
+    """One answer generating in this process (the engine_contract.Stream contract).
 
-    `finish_reason` is "stop" (end of turn or a stop string), "length", "cancelled" or
-    "error"; it is set when the generate thread ends, before iteration finishes.
-
-    With `on_update`, the generate thread itself calls on_update(text) when an update is
-    due (and once at the end) instead of waking a consuming thread: no second thread
-    takes the interpreter lock per update (the engine process streams this way)."""
+    The generate thread itself turns tokens into text, cuts it at a stop string, and hands
+    the text out when an update is due (UpdateThrottle): to `on_update` (the engine process
+    sends it on), or else to the iterator, which sleeps until then. No other thread wakes
+    per token, so the one that generates has the interpreter to itself."""
 
     def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
                  stop: list[str] = (), seed: int | None = None,
-                 max_updates_per_second: float = MAX_UPDATES_PER_SECOND, record_token_times: bool = False,
+                 max_updates_per_second: float = MAX_UPDATES_PER_SECOND,
                  on_update=None, cancelled: threading.Event | None = None):
-        self._pieces = queue.Queue() if on_update is None else _UpdatePusher(self, on_update)
+        self._updates: queue.SimpleQueue | None = None if on_update else queue.SimpleQueue()
+        self._hand_out = on_update or self._updates.put
+        self._throttle = UpdateThrottle(max_updates_per_second)
         self._stop = threading.Event()
         self._ended = threading.Event()  # the generate thread is done
         self._stop_reason = "cancelled"
         self._stop_strings = [s for s in stop if s]
-        self._update_interval = 1.0 / max(0.1, max_updates_per_second)
-        self._streamer = IncrementalTextStreamer(runner.tokenizer, self._pieces, record_token_times)
+        self._streamer = IncrementalTextStreamer(runner.tokenizer, self._on_text, runner.record_token_times)
         self._runner = runner
         self._raw = ""
         self.max_new_tokens = generation_config.max_new_tokens
         self.prompt_tokens = int(inputs["input_ids"].shape[-1])
         self.text = ""
-        self._finish_reason: str | None = None  # set by the generate thread
+        self.finish_reason: str | None = None
         self.error: BaseException | None = None
-        self.notices: list[str] = []  # for the user: history trimmed, image downscaled, ...
-        self.request_text = ""        # the user's last message (logged only with --log-chats)
-        self.starts_in_reasoning = False  # the prompt opened a <think> block
+        self.notices: list[str] = []
+        self.request_text = ""
+        self.starts_in_reasoning = False
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
-        self.closed_at: float | None = None      # first close(): Stop, a closed tab, a cancel
+        self.closed_at: float | None = None
         self._tokens_at_close = 0
         self._thread = threading.Thread(
             target=self._generate, args=(inputs, generation_config, seed), daemon=True,
@@ -286,7 +247,7 @@ class TextStream(StreamFigures):
         runner = self._runner
         runner.active += 1
         try:
-            # A thread's torch ops use its own count (not the process's): set it here.
+            # Torch work in a new thread runs on torch's default thread count: set ours here.
             torch.set_num_threads(runner.torch_threads)
             if seed is not None:  # under the lock: no other generation draws from the RNG
                 torch.manual_seed(seed)
@@ -295,51 +256,39 @@ class TextStream(StreamFigures):
                     **inputs, generation_config=generation_config, streamer=self._streamer,
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]))
         except BaseException as error:  # reaches the consumer, never lost in the thread
-            self.error = self._runner._describe_failure(error)
-            self._pieces.put(_Failure(self.error))
+            self.error = runner._describe_failure(error)
         finally:
             self.ended_at = time.perf_counter()
             if self.error is not None:
-                self._finish_reason = "error"
+                self.finish_reason = "error"
             elif self._stop.is_set():
-                self._finish_reason = self._stop_reason
+                self.finish_reason = self._stop_reason
             else:
-                self._finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
-            self._runner.active -= 1
-            self._runner._lock.release()
-            self._streamer.end()
+                self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
+            runner.active -= 1
+            runner._lock.release()
+            if self._stop_reason != "stop":
+                self.text = self._raw  # a held-back partial stop string that never completed
+            if self._throttle.last(self.text):
+                self._show(self.text)
+            if self._updates is not None:
+                self._updates.put(_END)
             self._ended.set()
-            self._runner._notify_finished(self)
+            runner._notify_finished(self)
 
-    @property
-    def finish_reason(self) -> str | None:
-        # A stop string can be found by the consumer after the last tokens were generated
-        # (the generate thread had already said "length"): the answer still ended at it.
-        if self._finish_reason not in (None, "error") and self._stop_reason == "stop":
-            return "stop"
-        return self._finish_reason
+    def _on_text(self, piece: str) -> None:
+        """A new piece of text, in the generate thread."""
+        if self._stop_reason == "stop":  # cut at a stop string: what follows is not shown
+            return
+        self._add(piece)
+        if self._throttle.due(self.text):
+            self._show(self.text)
 
-    @property
-    def new_tokens(self) -> int:
-        return self._streamer.new_tokens
-
-    @property
-    def first_token_at(self) -> float | None:
-        return self._streamer.first_token_at
-
-    @property
-    def last_token_at(self) -> float | None:
-        return self._streamer.last_token_at
-
-    @property
-    def token_times(self) -> list[float] | None:
-        """With GenerationSettings.record_token_times: perf_counter() of every token."""
-        return self._streamer.times
-
-    @property
-    def tokens_after_close(self) -> int | None:
-        """Tokens generated after close() was first called (Stop really stops: 0 or 1)."""
-        return None if self.closed_at is None else self.new_tokens - self._tokens_at_close
+    def _show(self, text: str) -> None:
+        try:
+            self._hand_out(text)
+        except Exception:  # nobody to hand it to any more: stop generating
+            self._stop.set()
 
     def _add(self, piece: str):
         """Append generated text; the visible text never shows a stop string, nor the
@@ -360,60 +309,54 @@ class TextStream(StreamFigures):
                     if self._raw.endswith(stop[:k])), default=0)
         self.text = self._raw[:len(self._raw) - held]
 
-    def _take(self, piece) -> bool:
-        """Apply one text piece from the streamer, or its end (True)."""
-        if piece is _END:
-            if self._stop_reason != "stop":
-                self.text = self._raw  # a held-back partial stop string that never completed
-            return True
-        if not (self._stop.is_set() and self._stop_reason == "stop"):
-            self._add(piece)
-        return False
+    @property
+    def new_tokens(self) -> int:
+        return self._streamer.new_tokens
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self._streamer.first_token_at
+
+    @property
+    def last_token_at(self) -> float | None:
+        return self._streamer.last_token_at
+
+    @property
+    def token_times(self) -> list[float] | None:
+        """With runner.record_token_times (benchmarks): perf_counter() of every token."""
+        return self._streamer.times
+
+    @property
+    def tokens_after_close(self) -> int | None:
+        return None if self.closed_at is None else self.new_tokens - self._tokens_at_close
 
     def __iter__(self):
-        """The answer so far, at most MAX_UPDATES_PER_SECOND times a second. Between
-        updates this thread sleeps instead of waking for every token, so the generate
-        thread has the interpreter to itself."""
-        if isinstance(self._pieces, _UpdatePusher):
-            raise TypeError("this stream hands its updates to on_update")
-        interval = self._update_interval
-        next_update = 0.0
-        shown = ""
+        """The answer so far, each time the generate thread hands it out; a reader that
+        falls behind gets the latest text, not every one in between."""
+        if self._updates is None:
+            raise TypeError("this stream's updates go to its on_update")
         ended = False
         while not ended:
-            wait = next_update - time.perf_counter()
-            if wait > 0:  # let tokens pile up until the next update is due (one wake-up per update)
-                self._ended.wait(wait)
-            pieces = [self._pieces.get()]  # blocks only while nothing new has come
-            while True:  # take everything that has arrived
-                try:
-                    pieces.append(self._pieces.get_nowait())
-                except queue.Empty:
-                    break
-            for piece in pieces:
-                if isinstance(piece, _Failure):
-                    raise piece.error
-                ended = self._take(piece) or ended
-            if self.text != shown and not ended:
-                next_update, shown = time.perf_counter() + interval, self.text
-                yield shown
-        self._thread.join()
-        if self.text != shown:
-            yield self.text
+            items = [self._updates.get()]
+            while not self._updates.empty():
+                items.append(self._updates.get())
+            ended = items[-1] is _END
+            texts = [item for item in items if item is not _END]
+            if texts:
+                yield texts[-1]
+        if self.error is not None:
+            raise self.error
 
     def parts(self, text: str | None = None) -> tuple[str | None, str, bool]:
-        """(reasoning or None, answer, reasoning finished?) of the text so far."""
         return split_reasoning(self.text if text is None else text, self.starts_in_reasoning)
 
     def close(self, wait: float = 10.0):
-        """Stop generating (within one token) and wait for the thread to end."""
         if self.closed_at is None and not self._ended.is_set():
             self.closed_at, self._tokens_at_close = time.perf_counter(), self.new_tokens
         self._stop.set()
         self._thread.join(wait)
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until generation has ended; True if it has."""
         return self._ended.wait(timeout)
 
     def __enter__(self):
@@ -449,13 +392,16 @@ GRAD_MODE = {"cpu": torch.inference_mode}
 
 
 class ModelRunner:
+    """A model loaded in this process (the engine_contract.Runner contract)."""
+
     one_at_a_time = True  # one answer generates at a time; the others wait in line
     loaded = True  # (app.ModelSlot stands in while a model loads)
 
     def __init__(self, model, processor, tokenizer, *, name: str, device: str,
                  dtype: torch.dtype, is_vision: bool, compile: bool = False,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, record_token_times: bool = False):
         self.model = model
+        self.record_token_times = record_token_times  # every token's time, on its stream (benchmarks)
         self.compile = compile  # static KV cache; transformers compiles decoding on CUDA
         self.torch_threads = torch_threads or default_torch_threads()
         self.grad_mode = GRAD_MODE.get(device, torch.no_grad)
@@ -475,7 +421,8 @@ class ModelRunner:
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, compile: str | bool = "auto",
-             served_name: str | None = None, torch_threads: int | None = None) -> "ModelRunner":
+             served_name: str | None = None, torch_threads: int | None = None,
+             record_token_times: bool = False) -> "ModelRunner":
         """Hub id or local directory → ready runner. Raises ModelLoadError (one line).
         Its name is `served_name`, by default the hub id or the directory's own name.
 
@@ -484,7 +431,8 @@ class ModelRunner:
         CUDA. "auto" does so on CUDA only, and only if the model generates that way (else it
         stays eager and logs why); "on" also on CPU/MPS (the static cache alone) and refuses
         a model that can't. The compile happens here, in a warm-up answer, not in the first
-        user's. torch_threads: for generating (default_torch_threads())."""
+        user's. torch_threads: for generating (default_torch_threads()). record_token_times:
+        every stream keeps each token's time (benchmarks)."""
         compile = {True: "on", False: "off"}.get(compile, compile)
         if compile not in ("auto", "on", "off"):
             raise ModelLoadError(f"--compile must be auto, on or off, not {compile!r}.")
@@ -520,7 +468,8 @@ class ModelRunner:
             model_obj.to(device)
         model_obj.eval()
         runner = cls(model_obj, processor, tokenizer, name=served_name or served_model_name(model), device=device,
-                     dtype=torch_dtype, is_vision=is_vision, torch_threads=torch_threads)
+                     dtype=torch_dtype, is_vision=is_vision, torch_threads=torch_threads,
+                     record_token_times=record_token_times)
         if tries_compile(compile, device):
             runner.compile_or_explain(forced=compile == "on")
         return runner
@@ -692,8 +641,7 @@ class ModelRunner:
             config.max_cache_len = None
         stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed,
                             max_updates_per_second=settings.max_updates_per_second,
-                            record_token_times=settings.record_token_times, on_update=on_update,
-                            cancelled=cancelled)
+                            on_update=on_update, cancelled=cancelled)
         stream.notices = notices
         stream.request_text = last_user_text(messages)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())

@@ -42,13 +42,8 @@ from config import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS_LIMIT,
 )
-from conversation import (
-    Cancelled,
-    ChatInputError,
-    GenerationError,
-    GenerationSettings,
-    load_image,
-)
+from conversation import load_image
+from engine_contract import Cancelled, ChatInputError, GenerationError, GenerationSettings
 from waiting_line import LineFull, WaitingLine
 
 DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", re.DOTALL)

@@ -1,6 +1,6 @@
-"""The engine interface in front of any OpenAI-compatible server (vLLM, TGI, SGLang,
-Ollama, llama.cpp server, or another instance of this app), through the official
-`openai` client. The UI and this app's own /v1 use it exactly like a local ModelRunner.
+"""A runner in front of any OpenAI-compatible server (vLLM, TGI, SGLang, Ollama, llama.cpp
+server, or another instance of this app), through the official `openai` client: the
+engine_contract.Runner contract, so the UI and this app's own /v1 use it like a local model.
 
     python app.py --backend openai --base-url http://gpu-box:8000/v1 --model Qwen/Qwen2.5-VL-72B-Instruct
 """
@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 
 import openai
 
 from config import REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S
-from conversation import (
+from conversation import alternate_roles, last_user_text, prepare_messages, split_reasoning
+from engine_contract import (
     Cancelled,
     ChatInputError,
     GenerationError,
     GenerationSettings,
     ModelLoadError,
     StreamFigures,
-    alternate_roles,
-    last_user_text,
+    UpdateThrottle,
     notify_finished,
-    prepare_messages,
-    split_reasoning,
 )
 
 
@@ -113,12 +112,13 @@ def _message_of(error: openai.APIError) -> str:
 
 
 class RemoteStream(StreamFigures):
-    """Same contract as model_runner.TextStream: iterate for the growing answer, close()
-    to stop — which closes the HTTP stream, so the server stops generating too."""
+    """An answer streaming from the server (the engine_contract.Stream contract): iterate for
+    the growing answer; close() closes the HTTP stream, so the server stops generating too."""
 
     def __init__(self, runner: RemoteRunner, request: dict, max_updates_per_second: float):
         self._runner = runner
-        self._update_interval = 1.0 / max(0.1, max_updates_per_second)
+        self._throttle = UpdateThrottle(max_updates_per_second)
+        self._ended = threading.Event()
         self.max_new_tokens = request["max_tokens"]
         self.text = ""
         self._reasoning = ""
@@ -130,9 +130,12 @@ class RemoteStream(StreamFigures):
         self.error: BaseException | None = None
         self.notices: list[str] = []
         self.request_text = ""
+        self.starts_in_reasoning = False  # the server sends reasoning apart: text opens it itself
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
+        self.closed_at: float | None = None
+        self._tokens_at_close = 0
         try:
             self._response = runner.client.chat.completions.create(**request)
         except openai.APIConnectionError:
@@ -147,9 +150,13 @@ class RemoteStream(StreamFigures):
     def new_tokens(self) -> int:
         return self._usage_tokens if self._usage_tokens is not None else self._chunks
 
+    @property
+    def tokens_after_close(self) -> int | None:
+        """Chunks (tokens, as the server counts them) read after close(): none, since
+        closing stops the reading."""
+        return None if self.closed_at is None else self.new_tokens - self._tokens_at_close
+
     def __iter__(self):
-        interval = self._update_interval
-        last_update, shown = float("-inf"), ""
         try:
             for chunk in self._response:
                 if chunk.usage is not None:
@@ -169,9 +176,8 @@ class RemoteStream(StreamFigures):
                                      if self._reasoning else self._answer)
                     if choice.finish_reason:
                         self.finish_reason = "length" if choice.finish_reason == "length" else "stop"
-                if self.text != shown and time.perf_counter() - last_update >= interval:
-                    last_update, shown = time.perf_counter(), self.text
-                    yield shown
+                if self._throttle.due(self.text):
+                    yield self.text
         except openai.APIError as error:
             self.error = GenerationError(f"The model server failed: {_message_of(error)}")
             self._finish("error")
@@ -182,7 +188,7 @@ class RemoteStream(StreamFigures):
             self._finish("error")
             raise self.error from None
         self._finish(self.finish_reason or "stop")
-        if self.text != shown:
+        if self._throttle.last(self.text):
             yield self.text
 
     def parts(self, text: str | None = None):
@@ -193,13 +199,19 @@ class RemoteStream(StreamFigures):
             self.ended_at = time.perf_counter()
             self.finish_reason = reason
             self._runner.active -= 1
+            self._ended.set()
             self._runner._notify_finished(self)
 
     def close(self, wait: float = 0):
         """Close the HTTP stream: the server stops generating when its client leaves."""
         if self.ended_at is None:
+            self.closed_at, self._tokens_at_close = time.perf_counter(), self.new_tokens
             self._response.close()
             self._finish("cancelled")
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Until the answer has ended: read to its end, failed or closed."""
+        return self._ended.wait(timeout)
 
     def __enter__(self):
         return self

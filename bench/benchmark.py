@@ -47,7 +47,7 @@ server here, the model in an engine process (engine_process.EngineProcess); a se
 serves the model in this process (--in-process) for comparison. A wrapper around
 runner.stream records each stream (forcing min_new_tokens = max_new_tokens; the random
 models never emit EOS anyway) and asks the engine to record every token's time
-(GenerationSettings.record_token_times; perf_counter is CLOCK_MONOTONIC, one clock for
+(the runners are loaded with record_token_times; perf_counter is CLOCK_MONOTONIC, one clock for
 both processes). The client is a separate process
 (bench/sse_client.py) speaking Gradio's queue API over raw HTTP/SSE with httpx, so arrival
 times are real (gradio_client's reader polls with a 50 ms sleep; it appears only in the
@@ -162,7 +162,7 @@ class Model:
         return ["", max_new_tokens, 0.0, 1.0]
 
     def settings(self, tokens: int) -> GenerationSettings:
-        return GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens, record_token_times=True)
+        return GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens)
 
 
 # ---------------------------------------------------------------- measuring tools
@@ -201,7 +201,8 @@ def paired(a: list, b: list, op) -> list:
 class StreamSpy:
     """Replaces runner.stream in the served app: keeps each stream, forces the answer
     length (min_new_tokens = max_new_tokens), has the engine record every token's time
-    (record_token_times) and timestamps close() (= the app acting on a Stop)."""
+    (the runner was loaded with record_token_times) and timestamps close() (= the app
+    acting on a Stop)."""
 
     def __init__(self, runner: ModelRunner):
         self.runner, self.original, self.streams, self.record = runner, runner.stream, [], True
@@ -209,8 +210,7 @@ class StreamSpy:
 
     def __call__(self, messages, settings=None, **options):
         settings = settings or GenerationSettings()
-        settings = dataclasses.replace(settings, min_new_tokens=settings.max_new_tokens,
-                                       record_token_times=True)
+        settings = dataclasses.replace(settings, min_new_tokens=settings.max_new_tokens)
         stream = self.original(messages, settings, **options)
         close = stream.close
 
@@ -312,7 +312,8 @@ def _clean_worker(conn, path, device, torch_threads, compile):
     torch.set_num_threads(torch_threads)  # plain generate runs in this (main) thread
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    runner = ModelRunner.load(path, device=device, compile=compile, torch_threads=torch_threads)
+    runner = ModelRunner.load(path, device=device, compile=compile, torch_threads=torch_threads,
+                              record_token_times=True)
     conn.send("ready")
     while True:
         try:
@@ -394,7 +395,8 @@ def serve_model(m: Model, torch_threads: int) -> None:
     """The app as users run it (the model in an engine process) and, for comparison, with
     the model in the web server's process (--in-process)."""
     compile = "on" if m.runner.compile else "off"  # as resolved for this model and device
-    m.engine = EngineProcess.start(m.path, device=m.runner.device, compile=compile, torch_threads=torch_threads)
+    m.engine = EngineProcess.start(m.path, device=m.runner.device, compile=compile, torch_threads=torch_threads,
+                                   record_token_times=True)
     m.clean = CleanProcess(m.path, m.runner.device, torch_threads, compile)
     m.spy = StreamSpy(m.engine)
     m.demo, m.url = app.serve(m.engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
@@ -591,7 +593,7 @@ def fig_detokenize(ctx) -> dict:
         return out
 
     runs = interleaved({
-        "ours": lambda: costs(IncrementalTextStreamer(tokenizer, queue.Queue())),
+        "ours": lambda: costs(IncrementalTextStreamer(tokenizer, queue.Queue().put)),
         "TextIteratorStreamer": lambda: costs(TextIteratorStreamer(tokenizer, skip_prompt=True)),
     }, max(3, ctx.sizes.rounds))
     positions = [100, 1000, 4000]
@@ -1011,7 +1013,8 @@ def prepare_models(args) -> list[tuple[str, str]]:
 
 
 def load_model(name, path, image, device, compile, torch_threads) -> Model:
-    runner = ModelRunner.load(path, device=device, compile=compile, torch_threads=torch_threads)
+    runner = ModelRunner.load(path, device=device, compile=compile, torch_threads=torch_threads,
+                              record_token_times=True)
     files = [str(image)] if runner.is_vision else []
     return Model(name, path, runner, files, IMAGE_PROMPT if runner.is_vision else TEXT_PROMPT)
 

@@ -167,7 +167,7 @@ class Bench:
         return result["tokens"]
 
     def plain_per_token_work(self, tokens):
-        streamer = IncrementalTextStreamer(self.runner.tokenizer, queue.SimpleQueue())
+        streamer = IncrementalTextStreamer(self.runner.tokenizer, queue.SimpleQueue().put)
         return self.plain(tokens, streamer=streamer, stopping=StoppingCriteriaList([_StopOnEvent(threading.Event())]))
 
     def through(self, stream_fn, tokens):

@@ -54,7 +54,7 @@ def reasoning_runner(tiny_model_paths):
 def idefics3_engine_process(tiny_model_paths):
     """The idefics3 model in an engine process of its own (the app's default)."""
     from engine_process import EngineProcess
-    engine = EngineProcess.start(str(tiny_model_paths["idefics3"]), device="cpu")
+    engine = EngineProcess.start(str(tiny_model_paths["idefics3"]), device="cpu", record_token_times=True)
     yield engine
     engine.close()
 

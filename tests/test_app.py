@@ -9,7 +9,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import app
-from model_runner import GenerationSettings
+from engine_contract import GenerationSettings
 from tests.conftest import break_forward, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

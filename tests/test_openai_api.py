@@ -14,7 +14,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import app
-from model_runner import GenerationSettings
+from engine_contract import GenerationSettings
 from openai_api import create_api
 from tests.test_app import text_of
 from remote_backend import RemoteRunner
@@ -225,7 +225,7 @@ def test_remote_backend_unreachable_gives_a_clear_message(serve):
 
 
 def test_remote_backend_needs_a_model_when_the_server_is_unreachable():
-    from model_runner import ModelLoadError
+    from engine_contract import ModelLoadError
     from tests.conftest import free_port
     with pytest.raises(ModelLoadError, match="Can't reach the model server"):
         RemoteRunner(f"http://127.0.0.1:{free_port()}/v1")

@@ -16,7 +16,7 @@ import pytest
 from gradio_client import Client
 
 import app
-from conversation import served_model_name
+from engine_contract import served_model_name
 from tests.conftest import free_port, hold_generation, wait_for
 from tests.test_app import chat, error_of, message, text_of
 from tests.test_openai_api import metric

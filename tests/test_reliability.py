@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file
 
 import app
 from config import MAX_IMAGE_SIDE, MAX_IMAGES_PER_CONVERSATION, MAX_IMAGES_PER_MESSAGE
-from model_runner import ChatInputError, GenerationSettings
+from engine_contract import ChatInputError, GenerationSettings
 from tests.conftest import break_forward, wait_for
 from tests.test_app import chat, error_of, message, text_of
 
@@ -56,7 +56,7 @@ def test_bad_images_get_a_message_and_the_chat_goes_on(serve, idefics3_runner, i
 
 def test_a_huge_image_is_refused_before_its_pixels_are_decoded(images, monkeypatch):
     from PIL import Image
-    from model_runner import load_image
+    from conversation import load_image
     decoded = []
     monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(1))
     with pytest.raises(ChatInputError, match="too large"):
@@ -86,7 +86,7 @@ def test_image_caps_per_message_and_per_conversation(serve, idefics3_runner, ima
         assert not notes_of(result)
     over = chat(client, message("one more", images["red"]), max_new_tokens=8).result(timeout=60)
     assert "older image were left out" in notes_of(over) or "older images were left out" in notes_of(over)
-    from model_runner import prepare_messages
+    from conversation import prepare_messages
     seen = prepare_messages(spy.calls[-1][0], sees_images=True, model_name="m")
     assert sum(p["type"] == "image" for m in seen for p in m["content"]) == MAX_IMAGES_PER_CONVERSATION
     assert seen[-1]["content"][0]["type"] == "image", "the newest image is kept"

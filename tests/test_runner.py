@@ -7,14 +7,10 @@ import time
 import pytest
 import torch
 
-from model_runner import (
-    ChatInputError,
-    GenerationError,
-    GenerationSettings,
-    IncrementalTextStreamer,
-    load_image,
-    MAX_IMAGE_SIDE,
-)
+from config import MAX_IMAGE_SIDE
+from conversation import load_image, split_reasoning
+from engine_contract import ChatInputError, GenerationError, GenerationSettings, ModelLoadError
+from model_runner import IncrementalTextStreamer, ModelRunner
 from tests.conftest import break_forward
 
 
@@ -45,19 +41,15 @@ def test_partial_answers_grow_by_prefix(idefics3_runner, images):
 
 
 def test_multibyte_characters_never_arrive_broken(llama_runner):
-    import queue
     text = "Grüße 🤗 漢字 and ünïcödé — 🎉🚀 done"
     ids = llama_runner.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text.split()), "the tokenizer should split characters into byte tokens"
-    pieces = queue.Queue()
-    streamer = IncrementalTextStreamer(llama_runner.tokenizer, pieces)
+    received = []
+    streamer = IncrementalTextStreamer(llama_runner.tokenizer, received.append)
     streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
     for token_id in ids:
         streamer.put(torch.tensor([token_id]))
     streamer.end()
-    received = []
-    while (piece := pieces.get_nowait()) is not None and isinstance(piece, str):
-        received.append(piece)
     assert "".join(received) == text
     assert all("\ufffd" not in piece and piece for piece in received)
     assert streamer.new_tokens == len(ids)
@@ -80,9 +72,10 @@ def test_images_of_earlier_turns_stay_in_the_conversation(idefics3_runner, image
     assert follow_up(images["red"]) != follow_up(images["noise"])
 
 
-def test_closing_the_stream_stops_generation_within_two_tokens(idefics3_runner, images):
+def test_closing_the_stream_stops_generation_within_two_tokens(idefics3_runner, images, monkeypatch):
+    monkeypatch.setattr(idefics3_runner, "record_token_times", True)
     stream = idefics3_runner.stream([user("Tell a long story.", images["red"])],
-                                    GenerationSettings(max_new_tokens=2000, record_token_times=True))
+                                    GenerationSettings(max_new_tokens=2000))
     iterator = iter(stream)
     for _ in range(3):
         next(iterator)
@@ -218,7 +211,6 @@ def test_reasoning_is_split_from_the_answer(reasoning_runner, llama_runner):
     ("plain answer", (None, "plain answer", True)),
 ])
 def test_split_reasoning(text, expected):
-    from model_runner import split_reasoning
     assert split_reasoning(text) == expected
 
 
@@ -253,7 +245,6 @@ def test_compile_on_answers_the_same_with_a_static_cache(request, kind, tiny_mod
     """--compile on: a static KV cache (compiled by transformers on CUDA; here on CPU, the
     cache alone) must change nothing the user sees: same greedy answer, Stop still works.
     Idefics3 (the default model's family) takes it too: its text decoding is a Llama's."""
-    from model_runner import ModelRunner
 
     eager = request.getfixturevalue(f"{kind}_runner")
     static = ModelRunner.load(str(tiny_model_paths[kind]), device="cpu", compile="on")
@@ -268,7 +259,7 @@ def test_compile_on_answers_the_same_with_a_static_cache(request, kind, tiny_mod
 
 
 def test_compile_auto_compiles_on_cuda_only(tiny_model_paths, monkeypatch):
-    from model_runner import ModelRunner, tries_compile
+    from model_runner import tries_compile
     assert [tries_compile("auto", device) for device in ("cuda", "cpu", "mps")] == [True, False, False]
     assert tries_compile("on", "cpu") and not tries_compile("off", "cuda")
     runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu")  # the default: auto
@@ -282,7 +273,6 @@ def test_compile_auto_compiles_on_cuda_only(tiny_model_paths, monkeypatch):
 def test_a_model_that_cant_take_a_static_cache_runs_eager_or_is_refused(tiny_model_paths, monkeypatch, caplog):
     from transformers import StaticCache
 
-    from model_runner import ModelLoadError, ModelRunner
     runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="off")
     real_forward = runner.model.forward
 
@@ -329,7 +319,7 @@ def test_generation_uses_the_engines_thread_count_whatever_the_caller_set(tiny_m
     """Torch work in a new thread runs on torch's default thread count (all cores), whatever
     another thread set (though torch.get_num_threads() reports that): the generate thread
     sets its own (the cores less one, for the web server)."""
-    from model_runner import ModelRunner, default_torch_threads
+    from model_runner import default_torch_threads
     runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", torch_threads=3)
     assert ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu").torch_threads == default_torch_threads()
     seen, real_forward = [], runner.model.forward
