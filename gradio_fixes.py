@@ -1,22 +1,20 @@
-"""Measured fixes to the pinned Gradio's internals (requirements.txt pins gradio; each
-fix names what it replaces, and tests/test_app.py serves every test through them).
+"""Fixes to Gradio's internals, each measured worth its risk (README, "How it works"), and
+applied only to the Gradio version they were written for (WRITTEN_FOR, the version
+requirements.txt pins). With any other version the app runs on stock Gradio and logs one
+warning: a copied internal loop must never replace a newer one unseen.
 
-    with gradio_app_built_at_launch_only():      # ~0.45 s of start-up
+    with gradio_app_built_at_launch_only():      # Gradio's app built once, at launch
         demo = build_demo(...); demo.queue(...)  # its chat: cache_history_postprocessing(gr.Chatbot(...))
     wake_queue_on_events(demo)                   # before demo.launch()
 
-Why the chatbot: every streamed update re-sends the whole chat, and Gradio postprocesses
-every message of it again (Chatbot.postprocess builds pydantic models per message): 18 ms
-of the ~35 ms an update cost at 400 messages. The history's messages are the same
-objects on every update of a turn, so each is postprocessed once.
+The chatbot: every streamed update re-sends the whole chat, and Gradio postprocesses every
+message of it again (Chatbot.postprocess builds pydantic models per message). A turn's
+history messages are the same objects on every update, so each is postprocessed once.
 
-Why the queue fix: Gradio's queue loop (queueing.Queue.start_processing) looks for work
-by sleeping `sleep_when_free` (1 ms) and looking again, whether the app is idle or
-streaming. On the 2-core benchmark machine that cost 44 ms of CPU a second at 5 ms and
-still 10 ms/s at 50 ms, taken from the model on the other core, and a long sleep delays
-every answer's start by up to that long. Here the loop sleeps until an event is pushed
-or a job ends (an asyncio.Event), with a slow poll as a safety net: idle CPU ~6 ms/s and
-no start-up delay.
+The queue: Gradio's queue loop (queueing.Queue.start_processing) looks for work by sleeping
+`sleep_when_free` (1 ms) and looking again, idle or not, and the CPU it burns is taken from
+the model on the other core. Here it sleeps until an event is pushed or a job ends (an
+asyncio.Event), with a slow poll as a safety net.
 """
 
 from __future__ import annotations
@@ -26,10 +24,30 @@ import contextlib
 import time
 from collections import OrderedDict
 
+import logging
+
 import gradio as gr
 
+WRITTEN_FOR = "6.31.0"  # the Gradio whose internals these fixes replace
 SAFETY_POLL_S = 0.5  # the loop also looks on its own this often, in case a wake-up was missed
 CACHED_CHAT_MESSAGES = 4096  # postprocessed messages kept, across the chats streaming now
+
+log = logging.getLogger("app")
+_warned = False
+
+
+def apply_fixes() -> bool:
+    """True when the installed Gradio is the one these fixes were written for; otherwise
+    False, after one warning (per process)."""
+    global _warned
+    if gr.__version__ == WRITTEN_FOR:
+        return True
+    if not _warned:
+        _warned = True
+        log.warning("Gradio %s is installed; this app's fixes to Gradio's internals were written for "
+                    "%s, so it runs on stock Gradio (more CPU while idle and streaming).",
+                    gr.__version__, WRITTEN_FOR)
+    return False
 
 
 def cache_history_postprocessing(chatbot: gr.Chatbot) -> gr.Chatbot:
@@ -38,6 +56,8 @@ def cache_history_postprocessing(chatbot: gr.Chatbot) -> gr.Chatbot:
     update and are never changed in place; Gradio builds new models from the result and
     never changes it. New and changed messages (the answer streaming) are postprocessed
     as usual. On the instance, not a subclass: the browser knows a component by its class."""
+    if not apply_fixes():
+        return chatbot
     processed: OrderedDict[int, tuple[dict, list | None]] = OrderedDict()
     postprocess_message = chatbot._postprocess
 
@@ -68,8 +88,11 @@ def cache_history_postprocessing(chatbot: gr.Chatbot) -> gr.Chatbot:
 @contextlib.contextmanager
 def gradio_app_built_at_launch_only():
     """Gradio builds its FastAPI app (~80 routes) on leaving each Blocks and in queue(),
-    then again in launch(), whose app is the one served: the early ones cost ~0.45 s of
-    start-up here and are thrown away. Nothing reads `demo.app` before launch()."""
+    then again in launch(), whose app is the one served: the early ones are thrown away.
+    Nothing reads `demo.app` before launch()."""
+    if not apply_fixes():
+        yield
+        return
     from gradio.routes import App
 
     build = App.__dict__["create_app"]
@@ -83,6 +106,8 @@ def gradio_app_built_at_launch_only():
 def wake_queue_on_events(demo) -> None:
     """Replace the polling in demo's queue loop with a wake-up (see the module docstring).
     Call after demo.queue() and before demo.launch(), which starts the loop."""
+    if not apply_fixes():
+        return
     from gradio.queueing import run_coro_in_background, set_task_name
 
     queue = demo._queue

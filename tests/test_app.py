@@ -312,3 +312,35 @@ def test_live_figures_update_while_the_answer_streams(serve, llama_runner):
     assert f"{stream.tokens_per_second:.1f} tokens/s" in figures[-1]
     assert f"first token after {stream.time_to_first_token:.2f} s" in figures[-1]
     client.close()
+
+
+@pytest.mark.parametrize("gradio_version", ["as pinned", "another"])
+def test_gradio_fixes_apply_only_to_the_gradio_they_were_written_for(llama_runner, monkeypatch, caplog,
+                                                                     gradio_version):
+    import logging
+
+    import gradio as gr
+
+    import gradio_fixes
+    from tests.conftest import free_port
+    assert gr.__version__ == gradio_fixes.WRITTEN_FOR, "requirements.txt pins the Gradio the fixes are for"
+    if gradio_version == "another":
+        monkeypatch.setattr(gr, "__version__", "99.0.0")
+        monkeypatch.setattr(gradio_fixes, "_warned", False)
+    caplog.set_level(logging.WARNING, logger="app")
+    applied = gradio_version == "as pinned"
+    demos = [app.serve(llama_runner, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+             for _ in range(2)]  # two apps in one process: one warning at most
+    try:
+        for demo, _ in demos:
+            assert ("start_processing" in vars(demo._queue)) == applied, "the queue loop"
+            chatbot = next(block for block in demo.blocks.values() if isinstance(block, gr.Chatbot))
+            assert ("postprocess" in vars(chatbot)) == applied, "the chat's postprocessing"
+        warnings = [r for r in caplog.records if "runs on stock Gradio" in r.getMessage()]
+        assert len(warnings) == (0 if applied else 1)
+        client = Client(demos[1][1], verbose=False)
+        assert text_of(chat(client, message("still works"), max_new_tokens=5).result(timeout=60))
+        client.close()
+    finally:
+        for demo, _ in demos:
+            demo.close()
