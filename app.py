@@ -18,7 +18,6 @@ Endpoints (same server):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import mimetypes
 import os
@@ -27,17 +26,7 @@ import threading
 import time
 
 # Only light imports at the top: the UI starts serving while torch and the model load.
-from config import (
-    API_MAX_WAITING_REQUESTS,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_MODEL,
-    MAX_IMAGES_PER_MESSAGE,
-    MAX_NEW_TOKENS_LIMIT,
-    MAX_UPDATES_PER_SECOND,
-    MAX_UPLOAD_SIZE,
-    QUEUE_MAX_SIZE,
-    ZERO_GPU_DURATION_S,
-)
+import config
 from waiting_line import LineFull, WaitingLine
 
 GENERATION_CONCURRENCY_ID = "generate"  # the chat's events (submit, retry, edit, /chat)
@@ -189,7 +178,7 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
         return gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
 
     def chat_steps(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+                   max_new_tokens: int = config.settings.max_new_tokens, temperature: float = 0.0,
                    top_p: float = 1.0, on_stream=None, cancelled: threading.Event | None = None):
         title = THINKING_TITLE
         if not runner.loaded:
@@ -200,7 +189,7 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
         # Imported here, not at the top: the app serves before torch is loaded.
         from engine_contract import Cancelled, ChatInputError, GenerationError, GenerationSettings
         # Gradio re-processes the whole chat on every update: fewer updates for long chats.
-        updates_per_second = min(MAX_UPDATES_PER_SECOND, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
+        updates_per_second = min(config.settings.max_updates_per_second, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
                                       temperature=float(temperature), top_p=float(top_p),
                                       max_updates_per_second=updates_per_second)
@@ -238,10 +227,10 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
     if zero_gpu:
         import spaces
         chat_steps.__name__ = "chat"
-        return spaces.GPU(duration=ZERO_GPU_DURATION_S)(chat_steps)
+        return spaces.GPU(duration=config.settings.zero_gpu_duration_s)(chat_steps)
 
     async def chat(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+                   max_new_tokens: int = config.settings.max_new_tokens, temperature: float = 0.0,
                    top_p: float = 1.0):
         # Gradio closes a plain generator only between two steps, retrying every 50 ms while
         # a step runs; here Stop cancels the wait at once and tells the engine, which stops
@@ -346,8 +335,8 @@ def starter_examples() -> list[dict]:
 def on_zero_gpu() -> bool:
     """On a ZeroGPU Space (`spaces` importable and SPACES_ZERO_GPU set) each answer runs
     on a GPU borrowed by `@spaces.GPU`; everywhere else nothing changes."""
-    if not env_flag("SPACES_ZERO_GPU"):
-        return False
+    if os.environ.get("SPACES_ZERO_GPU", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return False  # (the platform's variable, not one of our settings)
     try:
         import spaces  # noqa: F401
     except ImportError:
@@ -355,15 +344,15 @@ def on_zero_gpu() -> bool:
     return True
 
 
-def waiting_line_for(runner, max_waiting: int = QUEUE_MAX_SIZE) -> WaitingLine:
+def waiting_line_for(runner, max_waiting: int = config.settings.queue_max_size) -> WaitingLine:
     """The one line to `runner` for the UI and the API, told when each answer ends."""
     line = WaitingLine(one_at_a_time=runner.one_at_a_time, max_waiting=max_waiting,
-                       max_waiting_per_kind={"api": API_MAX_WAITING_REQUESTS})
+                       max_waiting_per_kind={"api": config.settings.api_max_waiting_requests})
     runner.finish_listeners.append(line.stream_finished)
     return line
 
 
-def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int = config.settings.max_new_tokens):
     import gradio as gr
 
     from gradio_fixes import cache_history_postprocessing
@@ -380,7 +369,7 @@ def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: 
         header = gr.Markdown(header_markdown(runner))
         textbox = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"],
-            placeholder=f"Type a message or attach up to {MAX_IMAGES_PER_MESSAGE} images…",
+            placeholder=f"Type a message or attach up to {config.settings.max_images_per_message} images…",
             stop_btn=True, render=False)
         chat = gr.ChatInterface(
             fn=chat_fn,
@@ -392,7 +381,7 @@ def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: 
                                   {"left": "$", "right": "$", "display": False}])),
             additional_inputs=[  # render=False: ChatInterface puts them in its accordion
                 gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2, render=False),
-                gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=default_max_new_tokens, step=1,
+                gr.Slider(1, config.settings.max_new_tokens_limit, value=default_max_new_tokens, step=1,
                           label="Max new tokens", render=False),
                 gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
                           render=False),
@@ -451,81 +440,10 @@ def route_chat_events(demo, chat_fn, concurrency_limit: int | None):
 
 # ---------------------------------------------------------------- command line
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def compile_choice(value: str) -> str:
-    """--compile / COMPILE: auto, on, off (1/true/yes and 0/false/no are read as on and off)."""
-    value = value.strip().lower()
-    return {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(
-        description="Chat with a local Hugging Face model (text + images), streamed token by token. "
-                    "Every option can also be set by the environment variable shown.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=env("MODEL_ID"),
-                        help=f"hub id (downloaded once into the HF cache) or local model directory; "
-                             f"default {DEFAULT_MODEL}. With --backend openai: the served model's name "
-                             f"(default: the first one the server lists) [MODEL_ID]")
-    parser.add_argument("--backend", choices=["local", "openai"], default=env("BACKEND", "local"),
-                        help="local: run the model on this machine; openai: stream from an "
-                             "OpenAI-compatible server at --base-url (vLLM, TGI, Ollama, ...) [BACKEND]")
-    parser.add_argument("--base-url", default=env("OPENAI_BASE_URL"),
-                        help="with --backend openai: the server's URL, e.g. http://host:8000/v1 [OPENAI_BASE_URL]")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=env("DEVICE", "auto"),
-                        help="auto picks cuda > mps > cpu; cuda spreads big models over all GPUs [DEVICE]")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                        default=env("DTYPE", "auto"),
-                        help="auto: bfloat16 on capable CUDA, float16 on other GPUs, float32 on CPU [DTYPE]")
-    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
-                        help="address to bind; 0.0.0.0 to serve your network [GRADIO_SERVER_NAME]")
-    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")),
-                        help="port to serve on [GRADIO_SERVER_PORT]")
-    parser.add_argument("--share", action="store_true", default=env_flag("SHARE"),
-                        help="also create a temporary public *.gradio.live link [SHARE=1]")
-    parser.add_argument("--auth", default=env("AUTH"), metavar="USER:PASS",
-                        help="require this login for the UI [AUTH]")
-    parser.add_argument("--api-key", default=env("API_KEY"), metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' on this app's OpenAI API (/v1); "
-                             "without it /v1 is open on 127.0.0.1 only. With --backend openai it is "
-                             "also sent to the upstream server [API_KEY]")
-    parser.add_argument("--served-model-name", default=env("SERVED_MODEL_NAME"), metavar="NAME",
-                        help="the model's name in the header and on /v1 (default: the hub id, or a "
-                             "local directory's own name) [SERVED_MODEL_NAME]")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help=f"default answer length, for the UI's slider and the API "
-                             f"(1..{MAX_NEW_TOKENS_LIMIT}) [MAX_NEW_TOKENS]")
-    parser.add_argument("--trust-remote-code", action="store_true", default=env_flag("TRUST_REMOTE_CODE"),
-                        help="run Python code shipped with the model repo (only for repos you trust) "
-                             "[TRUST_REMOTE_CODE=1]")
-    parser.add_argument("--compile", nargs="?", const="on", type=compile_choice, choices=["auto", "on", "off"],
-                        default=compile_choice(env("COMPILE", "auto")),
-                        help="generate with a static KV cache and a torch.compile'd decoding step (CUDA "
-                             "graphs), compiled once while the model loads. auto: on CUDA, for models "
-                             "that can (others run as before); on: also the static cache on CPU/MPS, "
-                             "and a model that can't is refused; off [COMPILE]")
-    parser.add_argument("--torch-threads", type=int, default=int(env("TORCH_THREADS", "0")), metavar="N",
-                        help="torch threads for generating (default 0: the cores less one, for the web "
-                             "server) [TORCH_THREADS]")
-    parser.add_argument("--in-process", action="store_true", default=env_flag("IN_PROCESS"),
-                        help="run the model in the web server's process instead of a process of its own "
-                             "(slower streaming: the two then share one Python interpreter lock) [IN_PROCESS=1]")
-    parser.add_argument("--log-chats", action="store_true", default=env_flag("LOG_CHATS"),
-                        help="log every prompt and answer (off by default: they are not logged) [LOG_CHATS=1]")
-    args = parser.parse_args(argv)
-    if args.backend == "openai" and not args.base_url:
-        parser.error("--backend openai needs --base-url (e.g. http://localhost:8000/v1)")
-    if args.auth is not None and ":" not in args.auth:
-        parser.error("--auth must be USER:PASS")
-    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-        parser.error(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
-    if args.torch_threads < 0:
-        parser.error("--torch-threads must be 0 (the default: the cores less one) or more")
-    return args
+def parse_args(argv: list[str] | None = None, environ=os.environ) -> config.Settings:
+    """The settings: the environment's, then the command line's (config.SETTINGS). A bad
+    value exits with one line."""
+    return config.Settings(environ).apply_command_line(argv)
 
 
 def is_loopback(host: str) -> bool:
@@ -534,8 +452,8 @@ def is_loopback(host: str) -> bool:
 
 def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, api_key: str | None = None,
-          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, block: bool = True, quiet: bool = False,
-          on_listening=None, queue_max_size: int = QUEUE_MAX_SIZE, log_chats: bool = False):
+          max_new_tokens: int = config.settings.max_new_tokens, block: bool = True, quiet: bool = False,
+          on_listening=None, queue_max_size: int = config.settings.queue_max_size, log_chats: bool = False):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics.
     Returns (demo, local_url); with block=True only when the server stops."""
     from fastapi.responses import Response
@@ -553,7 +471,7 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     # (Gradio's own queue holds chat events only on ZeroGPU; elsewhere they wait in the line.)
     metrics = Metrics(runner, waiting=lambda: line.waiting + ui_queue_depth(demo))
     server, local_url, share_url = demo.launch(
-        server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_UPLOAD_SIZE,
+        server_name=host, server_port=port, share=share, auth=auth, max_file_size=config.settings.max_upload_size,
         max_threads=queue_max_size + GRADIO_EXTRA_THREADS, prevent_thread_lock=True, quiet=quiet)
     if share:
         if share_url:
@@ -595,40 +513,41 @@ def ui_queue_depth(demo) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    config.settings = settings = parse_args(argv)  # every module reads config.settings
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for chatty in ("httpx", "openai", "httpcore"):  # one line per request/retry otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    if args.backend == "openai":
+    if settings.backend == "openai":
         def load():
             from remote_backend import RemoteRunner
-            return RemoteRunner(args.base_url, api_key=args.api_key, model=args.model,
-                                served_name=args.served_model_name)
-        slot = ModelSlot(args.served_model_name or args.model, load, one_at_a_time=False)
+            return RemoteRunner(settings.base_url, api_key=settings.api_key, model=settings.model,
+                                served_name=settings.served_model_name)
+        slot = ModelSlot(settings.served_model_name or settings.model, load, one_at_a_time=False)
     else:
         from engine_contract import served_model_name
-        model = args.model or DEFAULT_MODEL
-        name = args.served_model_name or served_model_name(model)
+        model = settings.model or config.DEFAULT_MODEL
+        name = settings.served_model_name or served_model_name(model)
 
         def load():
             # ZeroGPU lends the GPU per answer only: no compile at load (auto), unless asked for
-            compile = "off" if on_zero_gpu() and args.compile == "auto" else args.compile
-            load_kwargs = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                               compile=compile, served_name=name, torch_threads=args.torch_threads or None)
-            if args.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
+            compile = "off" if on_zero_gpu() and settings.compile == "auto" else settings.compile
+            load_kwargs = dict(device=settings.device, dtype=settings.dtype,
+                               trust_remote_code=settings.trust_remote_code, compile=compile, served_name=name,
+                               torch_threads=settings.torch_threads or None)
+            if settings.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
                 return ModelRunner.load(model, **load_kwargs)
             from engine_process import EngineProcess
             return EngineProcess.start(model, **load_kwargs)
         slot = ModelSlot(name, load, one_at_a_time=True)
-    if args.share and not args.auth:
+    if settings.share and not settings.auth:
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
     # The UI first (importing gradio takes seconds), then the model: loading both at once
     # would only make them fight for the GIL.
-    demo, _ = serve(slot, host=args.host, port=args.port, share=args.share, auth=auth,
-                    api_key=args.api_key, max_new_tokens=args.max_new_tokens, block=False,
-                    on_listening=slot.start, log_chats=args.log_chats)
+    demo, _ = serve(slot, host=settings.host, port=settings.port, share=settings.share, auth=auth,
+                    api_key=settings.api_key, max_new_tokens=settings.max_new_tokens, block=False,
+                    on_listening=slot.start, log_chats=settings.log_chats)
     slot.ready.wait()
     if slot.error is not None:
         from engine_contract import ModelLoadError

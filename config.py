@@ -1,56 +1,218 @@
-"""Defaults and limits, in one place (the README lists them). Importing this is cheap:
-the app reads it before torch and transformers are loaded. Each value can be set by an
-environment variable of the same name (e.g. a Space variable MAX_IMAGES_PER_MESSAGE=4)."""
+"""Every setting of the app, in one table: its environment variable (a Space variable, a
+container's env), its command-line option where it has one, its default, what it does.
 
+    from config import settings
+    settings.max_image_side          # from the environment (or the default) at import
+    settings.apply_command_line()    # app.main: the command line, over the environment
+
+One object holds the values, so every module reads the same ones. Importing this is cheap
+(no torch): the web server reads it before anything else. README "Settings" is this table.
+"""
+
+from __future__ import annotations
+
+import argparse
 import os
+from dataclasses import dataclass
+from typing import Callable
 
-
-def _env(name: str, default):
-    value = os.environ.get(name)
-    return default if value in (None, "") else type(default)(value)
-
-
-# Small, ungated, Apache-2.0, Idefics3 architecture: runs natively in transformers
-# without torchvision or remote code, and answers at interactive speed on a laptop CPU.
+# Small, ungated, Apache-2.0, Idefics3 architecture: runs natively in transformers without
+# torchvision or remote code, and answers at interactive speed on a laptop CPU.
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
-# The default answer length, for the UI's slider and the API alike (--max-new-tokens).
-DEFAULT_MAX_NEW_TOKENS = _env("MAX_NEW_TOKENS", 512)
 
-# --- Images ---
-# Larger images are downscaled before the processor; above MAX_IMAGE_PIXELS an image is
-# refused from its header, before its pixels are decoded (decompression bombs).
-MAX_IMAGE_SIDE = _env("MAX_IMAGE_SIDE", 2048)
-MAX_IMAGE_PIXELS = _env("MAX_IMAGE_PIXELS", 64_000_000)
-MAX_IMAGES_PER_MESSAGE = _env("MAX_IMAGES_PER_MESSAGE", 8)
-# Older images beyond this are left out of the prompt.
-MAX_IMAGES_PER_CONVERSATION = _env("MAX_IMAGES_PER_CONVERSATION", 16)
 
-# --- Generation ---
-MAX_NEW_TOKENS_LIMIT = _env("MAX_NEW_TOKENS_LIMIT", 8192)
-# The eye can't follow more; fewer updates keep long chats cheap to stream.
-MAX_UPDATES_PER_SECOND = _env("MAX_UPDATES_PER_SECOND", 30)
-# --compile: the static KV cache holds this many tokens (prompt + answer; longer chats get a
-# bigger cache and a one-time recompile). Its memory is reserved whole, per layer.
-COMPILE_CACHE_TOKENS = _env("COMPILE_CACHE_TOKENS", 4096)
+def _flag(value: str) -> bool:
+    value = value.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not 1/true/yes/on or 0/false/no/off")
 
-# --- Serving ---
-MAX_UPLOAD_SIZE = _env("MAX_UPLOAD_SIZE", "20mb")  # Gradio refuses larger uploads (413)
-# Requests waiting for the model, UI and API together (one line, first come first served);
-# beyond: "busy, try again".
-QUEUE_MAX_SIZE = _env("QUEUE_MAX_SIZE", 64)
-ZERO_GPU_DURATION_S = _env("ZERO_GPU_DURATION_S", 120)  # GPU time asked per answer on ZeroGPU
 
-# --- OpenAI-compatible API ---
-API_MAX_MESSAGES = _env("API_MAX_MESSAGES", 512)
-API_MAX_STOP_STRINGS = _env("API_MAX_STOP_STRINGS", 4)
-API_MAX_IMAGE_BYTES = _env("API_MAX_IMAGE_BYTES", 20 * 1024 * 1024)  # one decoded data: URL
-API_MAX_WAITING_REQUESTS = _env("API_MAX_WAITING_REQUESTS", 16)      # of those in line; beyond: 503
-# A request that comes while the model loads waits this long for it, then gets a 503 with
-# Retry-After (the openai client retries twice by default).
-API_MODEL_LOAD_WAIT_S = _env("API_MODEL_LOAD_WAIT_S", 60.0)
-API_RETRY_AFTER_S = _env("API_RETRY_AFTER_S", 5)
+def _compile_choice(value: str) -> str:
+    """auto, on, off; 1/true/yes and 0/false/no read as on and off."""
+    value = value.strip().lower()
+    return {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
 
-# --- Remote backend ---
-REMOTE_CONNECT_TIMEOUT_S = _env("REMOTE_CONNECT_TIMEOUT_S", 5.0)
-# The longest silence accepted from the server (a long prefill, its own queue).
-REMOTE_READ_TIMEOUT_S = _env("REMOTE_READ_TIMEOUT_S", 300.0)
+
+@dataclass(frozen=True)
+class Setting:
+    name: str                  # settings.<name>; --<name-with-dashes> when it is an option
+    default: object
+    help: str
+    option: bool = False       # also a command-line option
+    env: str = ""              # the environment variable: NAME in capitals unless given
+    kind: Callable = None      # reads a string (default: the default's type; str)
+    choices: tuple = ()
+    metavar: str | None = None
+
+    @property
+    def variable(self) -> str:
+        return self.env or self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def read(self, text: str):
+        kind = self.kind or (_flag if isinstance(self.default, bool) else
+                             type(self.default) if self.default is not None else str)
+        try:
+            value = kind(text)
+        except ValueError:
+            if kind in (int, float):
+                raise ValueError("not a whole number" if kind is int else "not a number") from None
+            raise
+        if self.choices and value not in self.choices:
+            raise ValueError(f"not one of {', '.join(map(str, self.choices))}")
+        return value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- the model
+    Setting("model", None, f"hub id (downloaded once, with progress, into the HF cache) or local model "
+            f"directory; default {DEFAULT_MODEL}. With --backend openai: the server's model (default: "
+            f"the first one it lists)", option=True, env="MODEL_ID", metavar="ID_OR_DIR"),
+    Setting("served_model_name", None, "the model's name in the header, on /v1/models and in API answers "
+            "(default: the hub id, or a local directory's own name, never its path)", option=True,
+            metavar="NAME"),
+    Setting("backend", "local", "local: run the model on this machine; openai: stream from an "
+            "OpenAI-compatible server at --base-url (vLLM, TGI, SGLang, Ollama, ...)", option=True,
+            choices=("local", "openai")),
+    Setting("base_url", None, "with --backend openai: that server, e.g. http://gpu-box:8000/v1", option=True,
+            env="OPENAI_BASE_URL", metavar="URL"),
+    Setting("device", "auto", "auto picks cuda > mps > cpu; on CUDA the model is loaded with "
+            "device_map=auto, so a model larger than one GPU spreads over all GPUs and CPU memory",
+            option=True, choices=("auto", "cpu", "cuda", "mps")),
+    Setting("dtype", "auto", "auto: bfloat16 on CUDA GPUs that support it, float16 on other GPUs, "
+            "float32 on CPU", option=True, choices=("auto", "float32", "bfloat16", "float16")),
+    Setting("compile", "auto", "generate with a static KV cache and a torch.compile'd decoding step (CUDA "
+            "graphs), compiled in a warm-up while the model loads. auto: on CUDA, for a model whose "
+            "warm-up works so (others stay eager, the log says why); on: also on CPU/MPS (the static "
+            "cache alone, slower there), refusing a model that can't; off. --compile alone means on",
+            option=True, kind=_compile_choice, choices=("auto", "on", "off")),
+    Setting("compile_cache_tokens", 4096, "with compile: the static KV cache's size in tokens, reserved "
+            "whole; a longer answer runs with the default cache, uncompiled"),
+    Setting("torch_threads", 0, "torch threads for generating; 0: the cores this process may use, less "
+            "one for the web server", option=True, metavar="N"),
+    Setting("trust_remote_code", False, "run Python code shipped with the model repo, with your user's "
+            "rights: only for repos you trust (without it such models are refused)", option=True),
+    Setting("in_process", False, "run the model in the web server's process instead of an engine process "
+            "of its own (slower streaming; ZeroGPU Spaces always run in-process)", option=True),
+    # -- answers
+    Setting("max_new_tokens", 512, "default answer length: the slider's start, and the API's max_tokens "
+            "when a request gives none", option=True, metavar="N"),
+    Setting("max_new_tokens_limit", 8192, "the longest answer: the slider stops there, the API answers 400"),
+    Setting("max_updates_per_second", 30, "screen updates while an answer streams (coalesced); long chats "
+            "get fewer (8/s at 100 messages, 2/s at 400)"),
+    # -- images
+    Setting("max_image_side", 2048, "larger images are downscaled before the model; the chat says so once"),
+    Setting("max_image_pixels", 64_000_000, "larger images are refused from their header, before any pixel "
+            "is decoded (decompression bombs)"),
+    Setting("max_images_per_message", 8, "a message with more is refused with a message"),
+    Setting("max_images_per_conversation", 16, "the oldest images beyond it drop out of the prompt; the "
+            "chat says so"),
+    Setting("max_upload_size", "20mb", "larger uploads are refused by the server (HTTP 413)"),
+    # -- serving
+    Setting("host", "127.0.0.1", "address to bind; 0.0.0.0 serves your network (Spaces set it)",
+            option=True, env="GRADIO_SERVER_NAME"),
+    Setting("port", 7860, "port to serve on", option=True, env="GRADIO_SERVER_PORT"),
+    Setting("share", False, "also create a temporary public *.gradio.live link", option=True),
+    Setting("auth", None, "require this login for the UI", option=True, metavar="USER:PASS"),
+    Setting("log_chats", False, "log every prompt and answer (not logged otherwise)", option=True),
+    Setting("queue_max_size", 64, "requests waiting for the model, UI and API in one line; beyond it: "
+            "\"The server is busy\" in the chat, HTTP 503 server_busy on the API"),
+    Setting("zero_gpu_duration_s", 120, "on a ZeroGPU Space: GPU seconds asked for per answer"),
+    # -- the OpenAI-compatible API
+    Setting("api_key", None, "required as 'Authorization: Bearer KEY' on /v1; without it /v1 answers only "
+            "on 127.0.0.1 without --share. With --backend openai it is also sent upstream", option=True,
+            metavar="KEY"),
+    Setting("api_max_waiting_requests", 16, "API requests among those waiting; beyond: HTTP 503 server_busy"),
+    Setting("api_model_load_wait_s", 60.0, "an API request made while the model loads waits this long for "
+            "it, then gets HTTP 503 model_loading"),
+    Setting("api_retry_after_s", 5, "the Retry-After of those 503s"),
+    Setting("api_max_messages", 512, "messages in one API request; more: HTTP 400"),
+    Setting("api_max_stop_strings", 4, "stop sequences in one API request; more: HTTP 400"),
+    Setting("api_max_image_bytes", 20 * 1024 * 1024, "one decoded data: URL image; larger: HTTP 400"),
+    # -- the remote backend
+    Setting("remote_connect_timeout_s", 5.0, "--backend openai: seconds to connect to the server"),
+    Setting("remote_read_timeout_s", 300.0, "--backend openai: the longest silence accepted from the server "
+            "(a long prefill, its own queue)"),
+)
+
+
+class Settings:
+    """The values of SETTINGS, as attributes: from the environment, then the command line."""
+
+    def __init__(self, environ=os.environ):
+        self.problems: list[str] = []  # unreadable variables: reported by app.main, defaults used
+        for setting in SETTINGS:
+            text = environ.get(setting.variable, "")
+            value = setting.default
+            if text.strip():
+                try:
+                    value = setting.read(text)
+                except ValueError as error:
+                    self.problems.append(f"{setting.variable}={text!r}: {error}")
+            setattr(self, setting.name, value)
+
+    def parser(self) -> argparse.ArgumentParser:
+        """The command line: each option's default is its current value (the environment's)."""
+        parser = argparse.ArgumentParser(
+            description="Chat with a local Hugging Face model (text + images), streamed token by token. "
+                        "Each option can also be set by the environment variable in brackets; more "
+                        "settings, without options, are in README 'Settings'.")
+        for setting in SETTINGS:
+            if not setting.option:
+                continue
+            value = getattr(self, setting.name)
+            help_text = f"{setting.help} [{setting.variable}" + ("" if value is None else f"; default {value}") + "]"
+            if isinstance(setting.default, bool):
+                parser.add_argument(setting.flag, action=argparse.BooleanOptionalAction,
+                                    default=getattr(self, setting.name), help=help_text)
+            else:
+                kind = setting.kind or (str if setting.default is None else type(setting.default))
+                parser.add_argument(setting.flag, default=getattr(self, setting.name), help=help_text,
+                                    type=kind, choices=setting.choices or None, metavar=setting.metavar,
+                                    **({"nargs": "?", "const": "on"} if setting.name == "compile" else {}))
+        return parser
+
+    def apply_command_line(self, argv: list[str] | None = None) -> "Settings":
+        """Read the command line over the environment; a bad value exits with one line."""
+        parser = self.parser()
+        if self.problems:
+            parser.error("; ".join(self.problems))
+        values = parser.parse_args(argv)
+        for setting in SETTINGS:
+            if setting.option:
+                setattr(self, setting.name, getattr(values, setting.name))
+        problem = self.problem()
+        if problem:
+            parser.error(problem)
+        return self
+
+    def problem(self) -> str | None:
+        """What can't work together, in one line (None: nothing)."""
+        if self.backend == "openai" and not self.base_url:
+            return "--backend openai needs --base-url (e.g. http://localhost:8000/v1)"
+        if self.auth is not None and ":" not in self.auth:
+            return "--auth must be USER:PASS"
+        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
+            return f"--max-new-tokens must be between 1 and {self.max_new_tokens_limit}"
+        if self.torch_threads < 0:
+            return "--torch-threads must be 0 (the default: the cores less one) or more"
+        return None
+
+
+settings = Settings()
+
+
+def settings_table() -> str:
+    """SETTINGS as the README's table (tests/test_deployment.py keeps the two the same)."""
+    rows = ["| setting | option | environment variable | default | what it does |", "|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        default = "" if setting.default is None else f"`{setting.default}`"
+        option = f"`{setting.flag}`" if setting.option else ""
+        rows.append(f"| {setting.name} | {option} | `{setting.variable}` | {default} | {setting.help} |")
+    return "\n".join(rows)

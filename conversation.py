@@ -13,15 +13,10 @@ import os
 
 from PIL import Image
 
-from config import (
-    MAX_IMAGE_PIXELS,
-    MAX_IMAGE_SIDE,
-    MAX_IMAGES_PER_CONVERSATION,
-    MAX_IMAGES_PER_MESSAGE,
-)
+import config
 from engine_contract import ChatInputError
 
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL raises DecompressionBombError at 2x this
+Image.MAX_IMAGE_PIXELS = config.settings.max_image_pixels  # PIL raises DecompressionBombError at 2x this
 # What is decoded, whatever a file's name or a data: URL says: Pillow can open dozens of
 # formats, some through outside programs (EPS through Ghostscript); users send these.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -46,13 +41,13 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
         raise ChatInputError(
             f"This model ({model_name}) is text-only and can't see images. Send the message "
             f"without the image, or start the app with a vision model (--model).")
-    if len(new_images) > MAX_IMAGES_PER_MESSAGE:
+    if len(new_images) > config.settings.max_images_per_message:
         raise ChatInputError(f"Too many images in one message: {len(new_images)} "
-                             f"(the limit is {MAX_IMAGES_PER_MESSAGE}).")
+                             f"(the limit is {config.settings.max_images_per_message}).")
     # Keep the newest images up to the conversation cap; earlier ones drop out of the prompt.
     # A bad file in the new message is refused; one in the history was refused when it was
     # sent, so it is left out rather than blocking every later turn.
-    budget = MAX_IMAGES_PER_CONVERSATION if sees_images else 0
+    budget = config.settings.max_images_per_conversation if sees_images else 0
     left_out = 0
     prepared = []
     for message in reversed(messages):
@@ -76,7 +71,7 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
                     if is_new and "downscaled_from" in image.info:
                         width, height = image.info["downscaled_from"]
                         notices.append(f"An image of {width}×{height} pixels was downscaled to "
-                                       f"{image.width}×{image.height} (the limit is {MAX_IMAGE_SIDE} "
+                                       f"{image.width}×{image.height} (the limit is {config.settings.max_image_side} "
                                        f"pixels a side).")
                 elif sees_images:
                     left_out += 1
@@ -86,7 +81,7 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
             prepared.append({"role": message["role"], "content": parts[::-1]})
     prepared.reverse()
     if left_out:
-        notices.append(f"The model sees the latest {MAX_IMAGES_PER_CONVERSATION} images of this chat; "
+        notices.append(f"The model sees the latest {config.settings.max_images_per_conversation} images of this chat; "
                        f"{left_out} older image{'s' * (left_out > 1)} were left out.")
     return prepared
 
@@ -137,7 +132,7 @@ def _is_image(part: dict) -> bool:
 
 
 def load_image(source) -> Image.Image:
-    """A path or PIL image → RGB PIL image no larger than MAX_IMAGE_SIDE.
+    """A path or PIL image → RGB PIL image no larger than config.settings.max_image_side.
     Raises ChatInputError for anything that is not a readable image."""
     if isinstance(source, Image.Image):
         image = source
@@ -146,10 +141,10 @@ def load_image(source) -> Image.Image:
         name = (os.path.basename(str(source)) if is_path else "") or "The image"
         try:
             image = Image.open(source, formats=IMAGE_FORMATS)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
+            if image.width * image.height > config.settings.max_image_pixels:
                 raise ChatInputError(
                     f"{name} is too large ({image.width}×{image.height} pixels; the limit is "
-                    f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels).")
+                    f"{config.settings.max_image_pixels // 1_000_000} megapixels).")
             image.load()
         except ChatInputError:
             raise
@@ -162,9 +157,9 @@ def load_image(source) -> Image.Image:
                                  f"JPEG, WebP, GIF or BMP file).") from None
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if max(image.size) > MAX_IMAGE_SIDE:
+    if max(image.size) > config.settings.max_image_side:
         original = image.size
         image = image.copy()
-        image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+        image.thumbnail((config.settings.max_image_side, config.settings.max_image_side))
         image.info["downscaled_from"] = original
     return image

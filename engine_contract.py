@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
-from config import DEFAULT_MAX_NEW_TOKENS, MAX_UPDATES_PER_SECOND
+import config
 
 
 class ModelLoadError(Exception):
@@ -42,12 +42,13 @@ class Cancelled(Exception):
 @dataclass
 class GenerationSettings:
     """One answer's settings."""
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int = field(default_factory=lambda: config.settings.max_new_tokens)
     temperature: float = 0.0    # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # the answer ends before any of these
-    max_updates_per_second: float = MAX_UPDATES_PER_SECOND  # fewer for long chats (app.py)
+    max_updates_per_second: float = field(  # fewer for long chats (app.py)
+        default_factory=lambda: config.settings.max_updates_per_second)
     min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
 
 

@@ -38,12 +38,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from config import (
-    COMPILE_CACHE_TOKENS,
-    DEFAULT_MODEL,
-    MAX_NEW_TOKENS_LIMIT,
-    MAX_UPDATES_PER_SECOND,
-)
+import config
 from conversation import REASONING_START, alternate_roles, last_user_text, prepare_messages, split_reasoning
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
     Cancelled,
@@ -206,7 +201,7 @@ class TextStream(StreamFigures):
 
     def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
                  stop: list[str] = (), seed: int | None = None,
-                 max_updates_per_second: float = MAX_UPDATES_PER_SECOND,
+                 max_updates_per_second: float = config.settings.max_updates_per_second,
                  on_update=None, cancelled: threading.Event | None = None):
         self._updates: queue.SimpleQueue | None = None if on_update else queue.SimpleQueue()
         self._hand_out = on_update or self._updates.put
@@ -419,7 +414,7 @@ class ModelRunner:
         notify_finished(self.finish_listeners, stream)
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
+    def load(cls, model: str = config.DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, compile: str | bool = "auto",
              served_name: str | None = None, torch_threads: int | None = None,
              record_token_times: bool = False) -> "ModelRunner":
@@ -440,11 +435,11 @@ class ModelRunner:
         torch_dtype = pick_dtype(device, dtype)
         path = resolve_model_path(model, trust_remote_code)
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise ModelLoadError(f"Can't read the model config in {path}: {_first_line(e)}") from None
         # Decided from the config, not the name: is this an image-text-to-text architecture?
-        is_vision = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        is_vision = model_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
         load_kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         if device == "cuda":
             load_kwargs["device_map"] = "auto"  # spreads a large model over GPUs (and CPU)
@@ -525,8 +520,8 @@ class ModelRunner:
 
     @property
     def context_length(self) -> int | None:
-        config = self.model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        model_config = self.model.config
+        text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         return getattr(text_config, "max_position_embeddings", None)
 
     def build_inputs(self, messages: list[dict], reserve_tokens: int = 1,
@@ -589,29 +584,29 @@ class ModelRunner:
     # ------------------------------------------------------------ generation
 
     def generation_config(self, settings: GenerationSettings) -> GenerationConfig:
-        config = GenerationConfig.from_dict(self.model.generation_config.to_dict())
-        config.max_new_tokens = settings.max_new_tokens
+        generation = GenerationConfig.from_dict(self.model.generation_config.to_dict())
+        generation.max_new_tokens = settings.max_new_tokens
         if settings.min_new_tokens:
-            config.min_new_tokens = settings.min_new_tokens
+            generation.min_new_tokens = settings.min_new_tokens
         if settings.temperature and settings.temperature > 0:
-            config.do_sample = True
-            config.temperature = settings.temperature
-            config.top_p = settings.top_p
-            config.top_k = None
+            generation.do_sample = True
+            generation.temperature = settings.temperature
+            generation.top_p = settings.top_p
+            generation.top_k = None
         else:
-            config.do_sample = False
-            config.temperature = config.top_p = config.top_k = None
-        if config.pad_token_id is None:
-            config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+            generation.do_sample = False
+            generation.temperature = generation.top_p = generation.top_k = None
+        if generation.pad_token_id is None:
+            generation.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
         if self.compile:
-            config.cache_implementation = "static"
-            config.max_cache_len = self.static_cache_tokens
-        return config
+            generation.cache_implementation = "static"
+            generation.max_cache_len = self.static_cache_tokens
+        return generation
 
     @property
     def static_cache_tokens(self) -> int:
         """One cache size for every answer (a new size means a new compile), reserved whole."""
-        return min(self.context_length or COMPILE_CACHE_TOKENS, COMPILE_CACHE_TOKENS)
+        return min(self.context_length or config.settings.compile_cache_tokens, config.settings.compile_cache_tokens)
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
                on_update=None, cancelled: threading.Event | None = None) -> TextStream:
@@ -622,24 +617,24 @@ class ModelRunner:
         settings = settings or GenerationSettings()
         if cancelled is not None and cancelled.is_set():
             raise Cancelled()
-        if not 1 <= settings.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ChatInputError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
+        if not 1 <= settings.max_new_tokens <= config.settings.max_new_tokens_limit:
+            raise ChatInputError(f"max new tokens must be between 1 and {config.settings.max_new_tokens_limit}.")
         notices: list[str] = []
         limit = self.context_length
         # Room for the answer: all of max_new_tokens if possible, at least a quarter of the context.
         reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
         inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices)
-        config = self.generation_config(settings)
+        generation = self.generation_config(settings)
         prompt_tokens = inputs["input_ids"].shape[-1]
         if limit:  # the answer ends ("length") where the context is full
-            config.max_new_tokens = min(config.max_new_tokens, limit - prompt_tokens)
-        if self.compile and prompt_tokens + config.max_new_tokens > config.max_cache_len:
+            generation.max_new_tokens = min(generation.max_new_tokens, limit - prompt_tokens)
+        if self.compile and prompt_tokens + generation.max_new_tokens > generation.max_cache_len:
             log.info("This answer (%d prompt tokens + up to %d new) is longer than the static cache "
                      "(%d tokens): it runs with the default cache, not compiled.",
-                     prompt_tokens, config.max_new_tokens, config.max_cache_len)
-            config.cache_implementation = self.model.generation_config.cache_implementation
-            config.max_cache_len = None
-        stream = TextStream(self, inputs, config, stop=settings.stop, seed=settings.seed,
+                     prompt_tokens, generation.max_new_tokens, generation.max_cache_len)
+            generation.cache_implementation = self.model.generation_config.cache_implementation
+            generation.max_cache_len = None
+        stream = TextStream(self, inputs, generation, stop=settings.stop, seed=settings.seed,
                             max_updates_per_second=settings.max_updates_per_second,
                             on_update=on_update, cancelled=cancelled)
         stream.notices = notices

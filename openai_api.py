@@ -33,15 +33,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from config import (
-    API_MAX_IMAGE_BYTES as MAX_IMAGE_BYTES,
-    API_MAX_MESSAGES as MAX_MESSAGES,
-    API_MAX_STOP_STRINGS as MAX_STOP_STRINGS,
-    API_MODEL_LOAD_WAIT_S as MODEL_LOAD_WAIT_S,
-    API_RETRY_AFTER_S as RETRY_AFTER_S,
-    DEFAULT_MAX_NEW_TOKENS,
-    MAX_NEW_TOKENS_LIMIT,
-)
+import config
 from conversation import load_image
 from engine_contract import Cancelled, ChatInputError, GenerationError, GenerationSettings
 from waiting_line import LineFull, WaitingLine
@@ -84,10 +76,10 @@ class Message(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown extras are ignored, not fatal
     model: str | None = None
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[Message] = Field(min_length=1, max_length=config.settings.api_max_messages)
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    max_tokens: int | None = Field(None, ge=1, le=config.settings.max_new_tokens_limit)
+    max_completion_tokens: int | None = Field(None, ge=1, le=config.settings.max_new_tokens_limit)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -99,8 +91,8 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _few_stop_strings(cls, value):
         stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
+        if len(stops) > config.settings.api_max_stop_strings:
+            raise ValueError(f"at most {config.settings.api_max_stop_strings} stop sequences")
         return stops
 
 
@@ -149,8 +141,8 @@ def decode_image(url: str, param: str):
     if not match:
         raise APIError(400, "Images must be data: URLs with a base64 PNG, JPEG, WebP or GIF "
                             "(data:image/png;base64,...).", param=param, code="invalid_image")
-    if len(match.group(2)) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise APIError(400, f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MB.", param=param,
+    if len(match.group(2)) > config.settings.api_max_image_bytes * 4 // 3 + 4:
+        raise APIError(400, f"The image is larger than {config.settings.api_max_image_bytes // 2**20} MB.", param=param,
                        code="image_too_large")
     try:
         data = base64.b64decode(match.group(2), validate=True)
@@ -175,7 +167,7 @@ def to_settings(request: ChatCompletionRequest, default_max_tokens: int) -> Gene
 # ---------------------------------------------------------------- the app
 
 def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_without_key: bool = True,
-               default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> FastAPI:
+               default_max_tokens: int = config.settings.max_new_tokens) -> FastAPI:
     """The /v1 sub-application. Its requests wait in `line` with the chat UI's. With
     `api_key`, every call needs `Authorization: Bearer KEY`; without one it answers only
     when `open_without_key` (the server is bound to loopback)."""
@@ -221,7 +213,7 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
         if not runner.loaded and time.monotonic() > deadline:
             raise APIError(503, "The model is still loading; try again in a few seconds.",
                            type="server_error", code="model_loading",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+                           headers={"Retry-After": str(config.settings.api_retry_after_s)})
 
     async def until_loaded(deadline: float, request: Request) -> None:
         while not runner.loaded:
@@ -249,13 +241,13 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models(request: Request):
         if runner.name is None:  # a remote server's default model, until it is asked
-            await until_loaded(time.monotonic() + MODEL_LOAD_WAIT_S, request)
+            await until_loaded(time.monotonic() + config.settings.api_model_load_wait_s, request)
         return {"object": "list", "data": [
             {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}]}
 
     @api.post("/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        deadline = time.monotonic() + MODEL_LOAD_WAIT_S  # like the UI, a request made while
+        deadline = time.monotonic() + config.settings.api_model_load_wait_s  # like the UI, a request made while
         if runner.name is None:                          # the model loads waits for it
             await until_loaded(deadline, request)
         if body.model not in (None, "", runner.name):
@@ -267,7 +259,7 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
             place = line.join("api")
         except LineFull as full:
             raise APIError(503, str(full), type="server_error", code="server_busy",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                           headers={"Retry-After": str(config.settings.api_retry_after_s)}) from None
         try:
             async for _ in place.waiting(recheck_s=0.5):
                 await give_up_if_due(deadline, request)

@@ -14,7 +14,7 @@ import time
 
 import openai
 
-from config import REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S
+import config
 from conversation import alternate_roles, last_user_text, prepare_messages, split_reasoning
 from engine_contract import (
     Cancelled,
@@ -37,7 +37,7 @@ class RemoteRunner:
         self.base_url = base_url.rstrip("/")
         self.client = openai.OpenAI(
             base_url=self.base_url, api_key=api_key or "not-needed", max_retries=1,
-            timeout=openai.Timeout(REMOTE_READ_TIMEOUT_S, connect=REMOTE_CONNECT_TIMEOUT_S))
+            timeout=openai.Timeout(config.settings.remote_read_timeout_s, connect=config.settings.remote_connect_timeout_s))
         self.model = model or self._served_model()  # the server's name for it
         self.name = served_name or self.model       # this app's
         self.device = f"via {self.base_url}"

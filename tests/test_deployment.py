@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 import app
+import config
 from tests.conftest import free_port, wait_until_loaded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,7 @@ def test_space_front_matter_is_complete_and_matches_requirements():
     assert len(front["short_description"]) <= 60, "Spaces cap the short description at 60 characters"
     pinned = re.search(r"^gradio==([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
     assert front["sdk_version"] == pinned
-    assert app.DEFAULT_MODEL in front["models"]
+    assert config.DEFAULT_MODEL in front["models"]
 
 
 def test_zero_gpu_wraps_generation_only_when_the_space_says_so(monkeypatch, llama_runner):
@@ -43,7 +44,7 @@ def test_zero_gpu_wraps_generation_only_when_the_space_says_so(monkeypatch, llam
     assert wrapped == []
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     demo = app.build_demo(llama_runner)
-    assert wrapped == [("chat", app.ZERO_GPU_DURATION_S)]
+    assert wrapped == [("chat", config.settings.zero_gpu_duration_s)]
     assert any(fn.concurrency_id == app.GENERATION_CONCURRENCY_ID for fn in demo.fns.values())
 
 
@@ -73,7 +74,7 @@ def test_one_default_answer_length_for_the_ui_and_the_api(serve, llama_runner):
 
 
 def test_max_new_tokens_from_the_environment_sets_the_default_everywhere():
-    script = "import app, config; print(config.DEFAULT_MAX_NEW_TOKENS, app.parse_args([]).max_new_tokens)"
+    script = "import app, config; print(config.settings.max_new_tokens, app.parse_args([]).max_new_tokens)"
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "MAX_NEW_TOKENS": "77"}, timeout=60)
     assert result.stdout.split() == ["77", "77"], result.stderr
@@ -91,3 +92,26 @@ def test_compile_option_and_its_environment_variable(monkeypatch, tiny_model_pat
     from model_runner import ModelRunner
     compiled = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on")
     assert app.header_markdown(compiled).endswith("· cpu · float32 · compiled")
+
+
+def test_every_setting_is_in_the_readmes_one_table():
+    assert config.settings_table() in (ROOT / "README.md").read_text(), \
+        "README 'Settings' must be config.settings_table() (paste its output there)"
+
+
+def test_settings_come_from_the_environment_then_the_command_line():
+    environ = {"SHARE": "0", "MAX_NEW_TOKENS": "77", "MODEL_ID": "org/model", "GRADIO_SERVER_PORT": "8000"}
+    settings = config.Settings(environ)
+    assert (settings.share, settings.max_new_tokens, settings.model, settings.port) == (False, 77, "org/model", 8000)
+    assert settings.max_image_side == 2048, "the rest keep their defaults"
+    over = app.parse_args(["--max-new-tokens", "9", "--share"], environ)
+    assert (over.share, over.max_new_tokens, over.model) == (True, 9, "org/model")
+    assert config.Settings({"MAX_IMAGE_SIDE": "big"}).problems == ["MAX_IMAGE_SIDE='big': not a whole number"]
+
+
+def test_a_bad_setting_exits_with_one_line():
+    result = subprocess.run([sys.executable, str(ROOT / "app.py")], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "QUEUE_MAX_SIZE": "lots"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "app.py: error: QUEUE_MAX_SIZE='lots': not a whole number" and "Traceback" not in result.stderr

@@ -16,6 +16,7 @@ import pytest
 from gradio_client import Client
 
 import app
+import config
 from engine_contract import served_model_name
 from tests.conftest import free_port, hold_generation, wait_for
 from tests.test_app import chat, error_of, message, text_of
@@ -134,7 +135,7 @@ def test_stop_while_waiting_leaves_the_line(serve, llama_runner, monkeypatch):
 
 
 def test_a_full_line_says_busy_in_the_chat_and_with_a_503(serve, llama_runner, monkeypatch):
-    monkeypatch.setattr(app, "API_MAX_WAITING_REQUESTS", 1)
+    monkeypatch.setattr(config.settings, "api_max_waiting_requests", 1)
     url, spy = serve(llama_runner, queue_max_size=3)
     release = hold_generation(monkeypatch, llama_runner.model)
     running = chat(Client(url, verbose=False), message("A"), max_new_tokens=4000)
@@ -193,9 +194,8 @@ def test_the_api_waits_for_the_model_while_it_loads(serve, loading_slot):
 
 
 def test_a_long_load_gets_a_503_with_retry_after_and_the_client_retries(serve, loading_slot, monkeypatch):
-    import openai_api
-    monkeypatch.setattr(openai_api, "MODEL_LOAD_WAIT_S", 0.5)
-    monkeypatch.setattr(openai_api, "RETRY_AFTER_S", 1)
+    monkeypatch.setattr(config.settings, "api_model_load_wait_s", 0.5)
+    monkeypatch.setattr(config.settings, "api_retry_after_s", 1)
     url, _ = serve(loading_slot, on_listening=loading_slot.start)
     early = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert early.status_code == 503 and early.json()["error"]["code"] == "model_loading"

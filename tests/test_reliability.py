@@ -12,7 +12,7 @@ import torch
 from gradio_client import Client, handle_file
 
 import app
-from config import MAX_IMAGE_SIDE, MAX_IMAGES_PER_CONVERSATION, MAX_IMAGES_PER_MESSAGE
+from config import settings
 from engine_contract import ChatInputError, GenerationSettings
 from tests.conftest import break_forward, wait_for
 from tests.test_app import chat, error_of, message, text_of
@@ -68,7 +68,7 @@ def test_a_large_image_is_downscaled_and_the_user_told_once(serve, idefics3_runn
     url, spy = serve(idefics3_runner)
     client = Client(url, verbose=False)
     first = chat(client, message("look", images["wide"]), max_new_tokens=5).result(timeout=60)
-    assert f"downscaled to {MAX_IMAGE_SIDE}×" in notes_of(first) and text_of(first)
+    assert f"downscaled to {settings.max_image_side}×" in notes_of(first) and text_of(first)
     second = chat(client, message("and now?"), max_new_tokens=5).result(timeout=60)
     assert not notes_of(second), "told once, not on every later turn"
     client.close()
@@ -77,18 +77,18 @@ def test_a_large_image_is_downscaled_and_the_user_told_once(serve, idefics3_runn
 def test_image_caps_per_message_and_per_conversation(serve, idefics3_runner, images):
     url, spy = serve(idefics3_runner)
     client = Client(url, verbose=False)
-    too_many = chat(client, message("many", *[images["red"]] * (MAX_IMAGES_PER_MESSAGE + 1))).result(timeout=60)
+    too_many = chat(client, message("many", *[images["red"]] * (settings.max_images_per_message + 1))).result(timeout=60)
     assert "Too many images in one message" in error_of(too_many)
     client.reset_session()
-    for turn in range(MAX_IMAGES_PER_CONVERSATION // MAX_IMAGES_PER_MESSAGE):
-        result = chat(client, message(f"batch {turn}", *[images["noise"]] * MAX_IMAGES_PER_MESSAGE),
+    for turn in range(settings.max_images_per_conversation // settings.max_images_per_message):
+        result = chat(client, message(f"batch {turn}", *[images["noise"]] * settings.max_images_per_message),
                       max_new_tokens=8).result(timeout=60)
         assert not notes_of(result)
     over = chat(client, message("one more", images["red"]), max_new_tokens=8).result(timeout=60)
     assert "older image were left out" in notes_of(over) or "older images were left out" in notes_of(over)
     from conversation import prepare_messages
     seen = prepare_messages(spy.calls[-1][0], sees_images=True, model_name="m")
-    assert sum(p["type"] == "image" for m in seen for p in m["content"]) == MAX_IMAGES_PER_CONVERSATION
+    assert sum(p["type"] == "image" for m in seen for p in m["content"]) == settings.max_images_per_conversation
     assert seen[-1]["content"][0]["type"] == "image", "the newest image is kept"
     client.close()
 

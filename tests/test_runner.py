@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from config import MAX_IMAGE_SIDE
+from config import settings
 from conversation import load_image, split_reasoning
 from engine_contract import ChatInputError, GenerationError, GenerationSettings, ModelLoadError
 from model_runner import IncrementalTextStreamer, ModelRunner
@@ -131,8 +131,8 @@ def test_empty_message_is_refused(idefics3_runner):
 def test_large_images_are_downscaled(tmp_path):
     from PIL import Image
     path = tmp_path / "wide.png"
-    Image.new("RGB", (MAX_IMAGE_SIDE * 2, 100), "blue").save(path)
-    assert max(load_image(path).size) == MAX_IMAGE_SIDE
+    Image.new("RGB", (settings.max_image_side * 2, 100), "blue").save(path)
+    assert max(load_image(path).size) == settings.max_image_side
 
 
 def test_settings_reach_generation(llama_runner):
@@ -294,7 +294,7 @@ def test_a_model_that_cant_take_a_static_cache_runs_eager_or_is_refused(tiny_mod
 def test_an_answer_longer_than_the_static_cache_falls_back_to_the_default_cache(llama_runner, tiny_model_paths,
                                                                                monkeypatch, caplog):
     import model_runner
-    monkeypatch.setattr(model_runner, "COMPILE_CACHE_TOKENS", 64)
+    monkeypatch.setattr(settings, "compile_cache_tokens", 64)
     static = model_runner.ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on")
     assert static.static_cache_tokens == 64
     caplog.set_level("INFO", logger="engine")
