@@ -25,13 +25,30 @@ import sys
 import threading
 import time
 
-# Only light imports at the top: the UI starts serving while torch and the model load.
+import anyio
+import gradio as gr
+from fastapi.responses import Response
+
 import config
+from engine_contract import (
+    Cancelled,
+    ChatInputError,
+    GenerationError,
+    GenerationSettings,
+    ModelLoadError,
+    served_model_name,
+)
+from engine_process import EngineProcess
+from gradio_fixes import cache_history_postprocessing, gradio_app_built_at_launch_only, wake_queue_on_events
+from metrics import Metrics
+from openai_api import create_api
+from remote_backend import RemoteRunner
+from starter_examples import starter_examples
 from waiting_line import LineFull, WaitingLine
 
 GENERATION_CONCURRENCY_ID = "generate"  # the chat's events (submit, retry, edit, /chat)
 # Updates per second × messages in the chat stays under this (30/s up to 26 messages, 8/s at
-# 100, 2/s at 400): Gradio walks the whole chat on every update (~20 ms at 400 messages).
+# 100, 2/s at 400): Gradio walks the whole chat on every update (README, Performance).
 UPDATE_BUDGET_MESSAGES = 800
 # Gradio runs at most this many events at once (its thread limit); the chat's wait in the
 # app's own line, so there is room for all of them plus a few of Gradio's own.
@@ -49,7 +66,7 @@ STATS_PREFIX = "⏱ "
 log = logging.getLogger("app")
 
 
-# ---------------------------------------------------------------- Gradio history → model messages
+# ---------------------------------------------------------------- the chat: Gradio's history and the new message in, the answer's bubbles out
 
 def to_model_messages(history: list[dict], message: dict | str, system_prompt: str = "") -> list[dict]:
     """The one place where Gradio's chat (history + the new message) becomes model messages.
@@ -104,75 +121,11 @@ def _to_part(item) -> dict | None:
     return {"type": "image", "image": path}
 
 
-# ---------------------------------------------------------------- the model, loading in the background
-
-class ModelSlot:
-    """Stands in for the runner while the model loads in a background thread, so the UI
-    answers at once and shows "loading model…". Requests made meanwhile wait for it.
-    `name` is the served name when it is known before loading (None: the server's choice)."""
-
-    def __init__(self, name: str | None, load, *, one_at_a_time: bool):
-        self.requested_name = name
-        self.one_at_a_time = one_at_a_time
-        self.runner = None
-        self.error: BaseException | None = None
-        self.ready = threading.Event()
-        self.finish_listeners: list = []  # handed to the runner once it exists
-        self._load = load
-
-    def start(self) -> "ModelSlot":
-        threading.Thread(target=self._run, name="load-model", daemon=True).start()
-        return self
-
-    def _run(self):
-        try:
-            runner = self._load()
-            runner.finish_listeners.extend(self.finish_listeners)
-            self.finish_listeners = runner.finish_listeners
-            self.runner = runner
-        except BaseException as error:
-            self.error = error
-        finally:
-            self.ready.set()
-
-    @property
-    def loaded(self) -> bool:
-        return self.runner is not None
-
-    name = property(lambda self: self.runner.name if self.runner else self.requested_name)
-    device = property(lambda self: self.runner.device if self.runner else "loading model…")
-    dtype = property(lambda self: self.runner.dtype if self.runner else "")
-    is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
-    compile = property(lambda self: self.runner.compile if self.runner else False)
-    active = property(lambda self: self.runner.active if self.runner else 0)
-
-    def stream(self, messages, settings=None, cancelled: threading.Event | None = None):
-        from engine_contract import Cancelled, GenerationError
-        while not self.ready.wait(None if cancelled is None else 0.1):
-            if cancelled.is_set():
-                raise Cancelled()
-        if self.runner is None:
-            raise GenerationError(f"The model failed to load: {self.error}")
-        return self.runner.stream(messages, settings, cancelled=cancelled)
-
-
-def header_markdown(runner) -> str:
-    if not runner.loaded:
-        return f"**{runner.name or 'model'}** · ⏳ loading model…"
-    kind = "vision-language" if runner.is_vision else "text-only"
-    dtype = str(runner.dtype).removeprefix("torch.")
-    compiled = " · compiled" if runner.compile else ""
-    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}{compiled}"
-
-
-# ---------------------------------------------------------------- the chat function
-
 def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
     """The chat function ChatInterface calls. Each message waits its turn in `line` (shared
     with the API) and shows its position meanwhile. On ZeroGPU it is a plain generator under
     `@spaces.GPU` (which refuses async functions) and Gradio's own queue orders the turns;
     everywhere else an async generator drives it, so that Stop reaches the engine at once."""
-    import gradio as gr
 
     def pending(title: str):
         return gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
@@ -186,8 +139,6 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
         elif line.engine_busy:  # at the front, waiting for the answer before it to end
             title = WAITING_TITLE.format(ordinal(1))
         yield pending(title)
-        # Imported here, not at the top: the app serves before torch is loaded.
-        from engine_contract import Cancelled, ChatInputError, GenerationError, GenerationSettings
         # Gradio re-processes the whole chat on every update: fewer updates for long chats.
         updates_per_second = min(config.settings.max_updates_per_second, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
@@ -235,7 +186,6 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
         # Gradio closes a plain generator only between two steps, retrying every 50 ms while
         # a step runs; here Stop cancels the wait at once and tells the engine, which stops
         # within one token.
-        import anyio
         try:
             place = line.join("ui")
         except LineFull as full:
@@ -272,7 +222,6 @@ def ordinal(n: int) -> str:
 
 
 def error_message(text: str):
-    import gradio as gr
     return gr.ChatMessage(content=text, metadata={"title": ERROR_TITLE})
 
 
@@ -287,7 +236,6 @@ class AnswerView:
         self.thought_for: float | None = None
 
     def render(self, text: str, with_stats: bool = True) -> list:
-        import gradio as gr
         reasoning, answer, thought = self.stream.parts(text)
         bubbles = list(self.notes)
         if reasoning is not None:
@@ -316,46 +264,8 @@ def stats_line(stream) -> str:
 
 # ---------------------------------------------------------------- the UI
 
-def starter_examples() -> list[dict]:
-    """A few starter prompts; the pictures are drawn here (no downloads, nothing to ship)."""
-    from examples.starter_images import draw_starter_images
-    images = draw_starter_images()
-    return [
-        {"text": "Describe this picture in two sentences.", "files": [images["landscape"]],
-         "label": "🏞️ Describe a picture"},
-        {"text": "How many shapes are there, and what colour is each?", "files": [images["shapes"]],
-         "label": "🔺 Count the shapes"},
-        {"text": "What does this chart show? Which month is highest?", "files": [images["chart"]],
-         "label": "📊 Read a chart"},
-        {"text": "Explain Python list vs tuple, with a short code example.", "files": [],
-         "label": "🐍 Code question"},
-    ]
-
-
-def on_zero_gpu() -> bool:
-    """On a ZeroGPU Space (`spaces` importable and SPACES_ZERO_GPU set) each answer runs
-    on a GPU borrowed by `@spaces.GPU`; everywhere else nothing changes."""
-    if os.environ.get("SPACES_ZERO_GPU", "").strip().lower() not in ("1", "true", "yes", "on"):
-        return False  # (the platform's variable, not one of our settings)
-    try:
-        import spaces  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def waiting_line_for(runner, max_waiting: int = config.settings.queue_max_size) -> WaitingLine:
-    """The one line to `runner` for the UI and the API, told when each answer ends."""
-    line = WaitingLine(one_at_a_time=runner.one_at_a_time, max_waiting=max_waiting,
-                       max_waiting_per_kind={"api": config.settings.api_max_waiting_requests})
-    runner.finish_listeners.append(line.stream_finished)
-    return line
-
-
 def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int = config.settings.max_new_tokens):
-    import gradio as gr
 
-    from gradio_fixes import cache_history_postprocessing
 
     line = line or waiting_line_for(runner)
     zero_gpu = on_zero_gpu()
@@ -416,6 +326,35 @@ def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: 
     return demo
 
 
+def header_markdown(runner) -> str:
+    if not runner.loaded:
+        return f"**{runner.name or 'model'}** · ⏳ loading model…"
+    kind = "vision-language" if runner.is_vision else "text-only"
+    dtype = str(runner.dtype).removeprefix("torch.")
+    compiled = " · compiled" if runner.compile else ""
+    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}{compiled}"
+
+
+def waiting_line_for(runner, max_waiting: int = config.settings.queue_max_size) -> WaitingLine:
+    """The one line to `runner` for the UI and the API, told when each answer ends."""
+    line = WaitingLine(one_at_a_time=runner.one_at_a_time, max_waiting=max_waiting,
+                       max_waiting_per_kind={"api": config.settings.api_max_waiting_requests})
+    runner.finish_listeners.append(line.stream_finished)
+    return line
+
+
+def on_zero_gpu() -> bool:
+    """On a ZeroGPU Space (`spaces` importable and SPACES_ZERO_GPU set) each answer runs
+    on a GPU borrowed by `@spaces.GPU`; everywhere else nothing changes."""
+    if os.environ.get("SPACES_ZERO_GPU", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return False  # (the platform's variable, not one of our settings)
+    try:
+        import spaces  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def settle_pending_messages(history: list[dict]):
     """After Stop: drop empty pending indicators, mark other pending blocks done."""
     settled = []
@@ -438,17 +377,7 @@ def route_chat_events(demo, chat_fn, concurrency_limit: int | None):
             block_fn.concurrency_limit = concurrency_limit
 
 
-# ---------------------------------------------------------------- command line
-
-def parse_args(argv: list[str] | None = None, environ=os.environ) -> config.Settings:
-    """The settings: the environment's, then the command line's (config.SETTINGS). A bad
-    value exits with one line."""
-    return config.Settings(environ).apply_command_line(argv)
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
+# ---------------------------------------------------------------- serve: the UI, /v1, /healthz and /metrics on one server
 
 def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, api_key: str | None = None,
@@ -456,10 +385,7 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
           on_listening=None, queue_max_size: int = config.settings.queue_max_size, log_chats: bool = False):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics.
     Returns (demo, local_url); with block=True only when the server stops."""
-    from fastapi.responses import Response
 
-    from gradio_fixes import gradio_app_built_at_launch_only, wake_queue_on_events
-    from metrics import Metrics
 
     line = waiting_line_for(runner, queue_max_size)
     with gradio_app_built_at_launch_only():
@@ -481,7 +407,6 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
                         "the app keeps running locally at %s", local_url)
     if on_listening:
         on_listening()
-    from openai_api import create_api  # imports torch: after the UI is up
 
     api_open = api_key is None and is_loopback(host) and not share
     server.mount("/v1", create_api(runner, line, api_key=api_key, open_without_key=api_open,
@@ -500,6 +425,10 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     return demo, local_url
 
 
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
 def log_exchange(stream) -> None:
     log.info("chat: %r -> %r (%s, %d tokens)", stream.request_text, stream.text,
              stream.finish_reason, stream.new_tokens)
@@ -512,6 +441,63 @@ def ui_queue_depth(demo) -> int:
     return len(event_queue.queue) if event_queue else 0
 
 
+class ModelSlot:
+    """Stands in for the runner while the model loads in a background thread, so the UI
+    answers at once and shows "loading model…". Requests made meanwhile wait for it.
+    `name` is the served name when it is known before loading (None: the server's choice)."""
+
+    def __init__(self, name: str | None, load, *, one_at_a_time: bool):
+        self.requested_name = name
+        self.one_at_a_time = one_at_a_time
+        self.runner = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.finish_listeners: list = []  # handed to the runner once it exists
+        self._load = load
+
+    def start(self) -> "ModelSlot":
+        threading.Thread(target=self._run, name="load-model", daemon=True).start()
+        return self
+
+    def _run(self):
+        try:
+            runner = self._load()
+            runner.finish_listeners.extend(self.finish_listeners)
+            self.finish_listeners = runner.finish_listeners
+            self.runner = runner
+        except BaseException as error:
+            self.error = error
+        finally:
+            self.ready.set()
+
+    @property
+    def loaded(self) -> bool:
+        return self.runner is not None
+
+    name = property(lambda self: self.runner.name if self.runner else self.requested_name)
+    device = property(lambda self: self.runner.device if self.runner else "loading model…")
+    dtype = property(lambda self: self.runner.dtype if self.runner else "")
+    is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
+    compile = property(lambda self: self.runner.compile if self.runner else False)
+    active = property(lambda self: self.runner.active if self.runner else 0)
+
+    def stream(self, messages, settings=None, cancelled: threading.Event | None = None):
+        while not self.ready.wait(None if cancelled is None else 0.1):
+            if cancelled.is_set():
+                raise Cancelled()
+        if self.runner is None:
+            raise GenerationError(f"The model failed to load: {self.error}")
+        return self.runner.stream(messages, settings, cancelled=cancelled)
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None, environ=os.environ) -> config.Settings:
+    """The settings: the environment's, then the command line's (config.SETTINGS). A bad
+    value exits with one line."""
+    return config.Settings(environ).apply_command_line(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     config.settings = settings = parse_args(argv)  # every module reads config.settings
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -519,12 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if settings.backend == "openai":
         def load():
-            from remote_backend import RemoteRunner
             return RemoteRunner(settings.base_url, api_key=settings.api_key, model=settings.model,
                                 served_name=settings.served_model_name)
         slot = ModelSlot(settings.served_model_name or settings.model, load, one_at_a_time=False)
     else:
-        from engine_contract import served_model_name
         model = settings.model or config.DEFAULT_MODEL
         name = settings.served_model_name or served_model_name(model)
 
@@ -537,7 +521,6 @@ def main(argv: list[str] | None = None) -> int:
             if settings.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
                 return ModelRunner.load(model, **load_kwargs)
-            from engine_process import EngineProcess
             return EngineProcess.start(model, **load_kwargs)
         slot = ModelSlot(name, load, one_at_a_time=True)
     if settings.share and not settings.auth:
@@ -550,7 +533,6 @@ def main(argv: list[str] | None = None) -> int:
                     on_listening=slot.start, log_chats=settings.log_chats)
     slot.ready.wait()
     if slot.error is not None:
-        from engine_contract import ModelLoadError
         message = str(slot.error) if isinstance(slot.error, ModelLoadError) else \
             f"Can't load the model: {type(slot.error).__name__}: {slot.error}"
         print(f"error: {message}", file=sys.stderr)

@@ -364,15 +364,15 @@ class TextStream(StreamFigures):
 # ---------------------------------------------------------------- the runner
 
 def tries_compile(setting: str, device: str) -> bool:
-    """--compile auto compiles on CUDA only: elsewhere torch.compile of decoding gains nothing
-    here and the static cache alone is slower (87 vs ~140 tokens/s on bench-llama, CPU)."""
+    """--compile auto compiles on CUDA only: elsewhere torch.compile of decoding isn't used by
+    transformers, and the static cache alone is slower than the default one (README)."""
     return setting == "on" or (setting == "auto" and device == "cuda")
 
 
 def default_torch_threads() -> int:
     """Torch threads for generating: the cores this process may use, less one for the web
-    server. More threads than free cores make every thread wait for the slowest: on 2
-    cores with one busy, 2 threads decoded 2.7x slower than 1 (README, Performance)."""
+    server. More threads than free cores make every thread wait for the slowest (README,
+    Performance, has the figures)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
@@ -380,9 +380,9 @@ def default_torch_threads() -> int:
     return max(1, cores - 1)
 
 
-# Without autograd bookkeeping (inference_mode) generate was 4-18 % faster on CPU here; on
-# an H200 one run measured it slower than generate's own no_grad (55 vs 87 tokens/s), so
-# elsewhere the engine keeps what plain generate does. bench/gpu.py measures both.
+# Without autograd bookkeeping (inference_mode) generate was faster on CPU in most runs; on
+# a GPU, one run measured it slower than generate's own no_grad, so elsewhere the engine
+# keeps what plain generate does. README, Performance; bench/gpu.py measures both.
 GRAD_MODE = {"cpu": torch.inference_mode}
 
 

@@ -215,6 +215,7 @@ def test_a_deleted_conversation_stays_deleted_after_a_reload(serve, llama_runner
     answered(page, spy, lambda: send(page, "conversation to delete"))
     page.get_by_role("button", name="New chat").click()
     answered(page, spy, lambda: send(page, "conversation to keep"))
+    expect(page.get_by_text("conversation to keep")).to_have_count(2)  # in the chat and, saved, the sidebar
     sidebar = page.get_by_text("conversation to delete")
     expect(sidebar).to_have_count(1)
     sidebar.click()

@@ -1,11 +1,27 @@
-"""The pictures of the chat's starter examples, drawn with PIL (no downloads, no binary
-files in the repo). Written once into Gradio's temp directory, which it may serve."""
+"""The chat's starter examples: their prompts, and their pictures drawn with PIL (no
+downloads, no binary files in the repo), written once into Gradio's temp directory, which it
+may serve."""
 
 import os
 import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+
+def starter_examples() -> list[dict]:
+    """A picture to describe, shapes to count, a chart to read, a code question."""
+    images = draw_starter_images()
+    return [
+        {"text": "Describe this picture in two sentences.", "files": [images["landscape"]],
+         "label": "🏞️ Describe a picture"},
+        {"text": "How many shapes are there, and what colour is each?", "files": [images["shapes"]],
+         "label": "🔺 Count the shapes"},
+        {"text": "What does this chart show? Which month is highest?", "files": [images["chart"]],
+         "label": "📊 Read a chart"},
+        {"text": "Explain Python list vs tuple, with a short code example.", "files": [],
+         "label": "🐍 Code question"},
+    ]
 
 
 def draw_starter_images() -> dict[str, str]:
