@@ -23,12 +23,14 @@ other thread wakes in the engine per update.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -174,7 +176,8 @@ class EngineProcess:
         event_reader, event_writer = context.Pipe(duplex=False)
         process = context.Process(target=_engine_main, name="engine", daemon=True,
                                   args=(command_reader, event_writer, self._load_kwargs))
-        process.start()
+        with _main_module_not_imported():
+            process.start()
         command_reader.close()  # the child's ends: EOF here when the child dies
         event_writer.close()
         try:
@@ -276,6 +279,21 @@ class EngineProcess:
             process.kill()
             process.join(5)
         self._commands.close()
+
+
+@contextlib.contextmanager
+def _main_module_not_imported():
+    """A spawned child imports the parent's main script before anything else (`python
+    app.py`: Gradio and the whole web server, seconds and hundreds of MB in the engine).
+    The engine needs nothing from it: without a __file__, as for an interactive session,
+    multiprocessing leaves it out."""
+    main = sys.modules["__main__"]
+    path = main.__dict__.pop("__file__", None) if getattr(main, "__spec__", None) is None else None
+    try:
+        yield
+    finally:
+        if path is not None:
+            main.__file__ = path
 
 
 def _exit_description(code: int | None) -> str:

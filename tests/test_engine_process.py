@@ -109,6 +109,10 @@ def test_the_model_lives_only_in_an_engine_process_that_goes_away_with_the_app(t
         # /v1 and /healthz answer while the engine imports it and loads the model.
         assert "libtorch" in Path(f"/proc/{engines[0]}/maps").read_text()
         assert "libtorch" not in Path(f"/proc/{app_process.pid}/maps").read_text()
+        # Nor does the engine import the web server (app.py, Gradio: seconds, hundreds of MB);
+        # Gradio brings pandas, whose compiled parts show in a process's maps.
+        assert "/pandas/" in Path(f"/proc/{app_process.pid}/maps").read_text()
+        assert "/pandas/" not in Path(f"/proc/{engines[0]}/maps").read_text()
     finally:
         app_process.kill()  # not even a chance to clean up
         app_process.wait(10)
