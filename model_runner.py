@@ -380,9 +380,10 @@ def default_torch_threads() -> int:
     return max(1, cores - 1)
 
 
-# Without autograd bookkeeping (inference_mode) generate was faster on CPU in most runs; on
-# a GPU, one run measured it slower than generate's own no_grad, so elsewhere the engine
-# keeps what plain generate does. README, Performance; bench/gpu.py measures both.
+# Without autograd bookkeeping (inference_mode) generate was faster on CPU in most runs.
+# Elsewhere the engine keeps generate's own no_grad: on a GPU the two were equal from a
+# thread, and tensors made under inference_mode make a compiled step recompile (README,
+# Performance; bench/gpu.py measures both).
 GRAD_MODE = {"cpu": torch.inference_mode}
 
 

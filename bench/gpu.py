@@ -23,6 +23,11 @@ Also per mode: time to first text (plain, runner, engine process, app), tokens g
 after a Stop, and load + warm-up time; and the memory-bandwidth bound (weights read once per
 token at the GPU's bandwidth).
 
+Then, for the continuous batching issue: transformers' ContinuousBatchingManager on a second
+copy of the model against answers one at a time through the runner (the app without
+batching), for 1, 4 and 8 clients arriving together, greedy, --batch-tokens each: aggregate
+tokens/s and time to first token p50 / p95 (--no-batching leaves it out).
+
     python bench/gpu.py --device cpu --threads   # the engine's torch thread count, on CPU
 
 measures instead decoding (tokens/s) and a ~1,500-token prefill (ms) in a generate thread with
@@ -305,6 +310,157 @@ def measure_mode(bench: Bench, mode: str, budget: float) -> None:
         engine.close()
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure_batching(bench: Bench, budget: float) -> None:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    args, report = bench.args, bench.report
+    tokens, deadline = args.batch_tokens, time.monotonic() + budget
+    runner = ModelRunner.load(bench.path, device=args.device, compile="off", torch_threads=bench.threads)
+    prompt_ids = runner.build_inputs(bench.messages)["input_ids"][0].tolist()
+    config = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=-1,
+                              pad_token_id=runner.tokenizer.pad_token_id or 0)
+    start = perf_counter()
+    manager = runner.model.init_continuous_batching(
+        generation_config=config, continuous_batching_config=ContinuousBatchingConfig(max_memory_percent=0.5))
+    manager.start()
+
+    def batched(clients: int, length: int) -> tuple[int, list[float], float]:
+        t0 = perf_counter()
+        ids = [manager.add_request(prompt_ids, max_new_tokens=length, streaming=True) for _ in range(clients)]
+        firsts, counts = [None] * clients, [0] * clients
+
+        def read(i):
+            for output in manager.request_id_iter(ids[i]):
+                if firsts[i] is None and output.generated_tokens:
+                    firsts[i] = perf_counter() - t0
+                if output.error:
+                    raise RuntimeError(output.error)
+                counts[i] = len(output.generated_tokens)
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(clients)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        return sum(counts), [f for f in firsts if f is not None], perf_counter() - t0
+
+    def one_at_a_time(clients: int, length: int) -> tuple[int, list[float], float]:
+        t0, total, firsts = perf_counter(), 0, []
+        for _ in range(clients):
+            with runner.stream(bench.messages, bench.settings(length)) as stream:
+                first = None
+                for text in stream:
+                    if text and first is None:
+                        first = perf_counter() - t0
+            firsts.append(first if first is not None else perf_counter() - t0)
+            total += stream.new_tokens
+        return total, firsts, perf_counter() - t0
+
+    try:
+        batched(2, WARM_UP_TOKENS)
+        report.add("batching/warm_up_s", perf_counter() - start,
+                   f"batching: manager started and warmed up in {perf_counter() - start:.1f} s")
+        for clients in (1, 4, 8):
+            for name, fn in (("one at a time", one_at_a_time), ("batched", batched)):
+                made, firsts, seconds = fn(clients, tokens)
+                report.add(f"batching/{clients}/{name}",
+                           {"tokens_per_s": made / seconds, "tokens": made, "ttft_p50_ms": percentile(firsts, .5) * 1000,
+                            "ttft_p95_ms": percentile(firsts, .95) * 1000},
+                           f"batching {clients} clients {name:14} {made / seconds:8.1f} tokens/s in all, "
+                           f"TTFT p50 {percentile(firsts, .5) * 1000:6.0f} ms, p95 {percentile(firsts, .95) * 1000:6.0f} ms")
+            if time.monotonic() > deadline:
+                print("  (time budget reached)", flush=True)
+                break
+    finally:
+        manager.stop(block=True, timeout=30)
+        del manager, runner
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def probe_eager(bench: Bench) -> None:
+    """Why does eager decoding on a GPU swing between ~20 and ~90 tokens/s? Each condition
+    runs PROBE_REPEATS answers of --batch-tokens, interleaved, and prints every rate."""
+    tokens, report = bench.args.batch_tokens, bench.report
+
+    def plain(threads, grad, in_thread=False, n=tokens):
+        def run():
+            torch.set_num_threads(threads)
+            return timed(lambda: bench.plain(n, grad=grad))
+        if not in_thread:
+            return run()
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(rate=run()))
+        thread.start()
+        thread.join()
+        return result["rate"]
+
+    many = bench.threads
+
+    def runner_with(grad, n):
+        kept = bench.runner.grad_mode
+        bench.runner.grad_mode = grad
+        try:
+            return timed(lambda: bench.through(bench.runner.stream, n))
+        finally:
+            bench.runner.grad_mode = kept
+
+    def thread_set_device(n):
+        torch.cuda.set_device(0) if torch.cuda.is_available() else None
+        return timed(lambda: bench.plain(n, grad=torch.no_grad))
+
+    def in_thread(fn):
+        def run(n):
+            result = {}
+            thread = threading.Thread(target=lambda: result.update(rate=fn(n)))
+            thread.start()
+            thread.join()
+            return result["rate"]
+        return run
+
+    conditions = {
+        "main no_grad": lambda n: plain(many, torch.no_grad, n=n),
+        "main inference_mode": lambda n: plain(many, torch.inference_mode, n=n),
+        "thread no_grad": lambda n: plain(many, torch.no_grad, True, n=n),
+        "thread inference_mode": lambda n: plain(many, torch.inference_mode, True, n=n),
+        "thread no_grad set_device": in_thread(thread_set_device),
+        "runner no_grad": lambda n: runner_with(torch.no_grad, n),
+        "runner inference_mode": lambda n: runner_with(torch.inference_mode, n),
+    }
+
+    def measure(label):
+        for key, fn in conditions.items():
+            print(f"{time.time():.2f} warm {key}", flush=True)
+            fn(WARM_UP_TOKENS)
+        rates = {key: [] for key in conditions}
+        for r in range(PROBE_REPEATS):
+            names = list(conditions)
+            for key in names[r % len(names):] + names[:r % len(names)]:
+                start = time.time()
+                rates[key].append(conditions[key](tokens))
+                print(f"{start:.2f}-{time.time():.2f} {key} {rates[key][-1]:.1f}", flush=True)
+        for key, values in rates.items():
+            report.add(f"probe/{label}/{key}", values, f"probe {label:22} {key:36} "
+                       + " ".join(f"{v:6.1f}" for v in values) + " tokens/s")
+
+    import shutil
+    import subprocess
+    sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,utilization.gpu,power.draw",
+                                "--format=csv,noheader", "-lms", "250"],
+                               stdout=open(bench.args.out / "smi.csv", "w")) if shutil.which("nvidia-smi") else None
+    try:
+        measure("alone")
+    finally:
+        if sampler:
+            sampler.terminate()
+
+
+PROBE_REPEATS = 3
+
+
 def spin(stop) -> None:
     while not stop.is_set():
         pass
@@ -365,12 +521,18 @@ def main(argv=None) -> int:
     parser.add_argument("--compiled", choices=["auto", "yes", "no"], default="auto",
                         help="also measure compiled (auto: on CUDA)")
     parser.add_argument("--no-app", action="store_true", help="leave out the app over HTTP (needs gradio)")
+    parser.add_argument("--batch-tokens", type=int, help="answer length for the batching figures (default 64; --small 16)")
+    parser.add_argument("--no-batching", action="store_true", help="leave out the continuous batching figures")
+    parser.add_argument("--probe-eager", action="store_true",
+                        help="only probe eager decoding's speed: torch threads, grad mode, a thread, "
+                             "an idle engine process, the GIL switch interval; then batching")
     parser.add_argument("--threads", action="store_true",
                         help="measure only the generate thread's torch thread count (see above)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (48 if args.small else 256)
     args.rounds = args.rounds or (2 if args.small else 3)
+    args.batch_tokens = args.batch_tokens or (16 if args.small else 64)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     started = perf_counter()
@@ -390,6 +552,13 @@ def main(argv=None) -> int:
     report.add("bound", {"weights_gb": weights / 1e9, "bandwidth_gbs": bandwidth, "tokens_per_s": bound},
                f"weights {weights / 1e9:.2f} GB; memory-bandwidth bound "
                + (f"~{bound:,.0f} tokens/s at {bandwidth} GB/s" if bound else "n/a (unknown bandwidth)"))
+    if args.probe_eager:
+        probe_eager(bench)
+        if not args.no_batching:
+            torch.set_num_threads(1)
+            measure_batching(bench, 30)
+        report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s")
+        return 0
     if args.threads:
         measure_threads(bench)
         report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s")
@@ -402,6 +571,11 @@ def main(argv=None) -> int:
             measure_mode(bench, mode, args.budget / len(modes))
         except Exception as error:  # the other mode's figures still count
             report.add(f"{mode}/error", repr(error), f"{mode}: failed: {error!r}")
+    if not args.no_batching:
+        try:
+            measure_batching(bench, 60)
+        except Exception as error:
+            report.add("batching/error", repr(error), f"batching: failed: {error!r}")
     report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s; "
                f"figures in {report.path}")
     return 0
