@@ -264,7 +264,7 @@ def stats_line(stream) -> str:
 
 # ---------------------------------------------------------------- the UI
 
-def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int = config.settings.max_new_tokens):
+def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int | None = None):
 
 
     line = line or waiting_line_for(runner)
@@ -291,7 +291,8 @@ def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: 
                                   {"left": "$", "right": "$", "display": False}])),
             additional_inputs=[  # render=False: ChatInterface puts them in its accordion
                 gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2, render=False),
-                gr.Slider(1, config.settings.max_new_tokens_limit, value=default_max_new_tokens, step=1,
+                gr.Slider(1, config.settings.max_new_tokens_limit,
+                          value=default_max_new_tokens or config.settings.max_new_tokens, step=1,
                           label="Max new tokens", render=False),
                 gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
                           render=False),
@@ -332,12 +333,15 @@ def header_markdown(runner) -> str:
     kind = "vision-language" if runner.is_vision else "text-only"
     dtype = str(runner.dtype).removeprefix("torch.")
     compiled = " · compiled" if runner.compile else ""
-    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}{compiled}"
+    local = runner.device in ("cpu", "cuda", "mps")  # (a remote server batches in its own way)
+    batched = " · batched" if local and not runner.one_at_a_time else ""
+    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}{compiled}{batched}"
 
 
-def waiting_line_for(runner, max_waiting: int = config.settings.queue_max_size) -> WaitingLine:
+def waiting_line_for(runner, max_waiting: int | None = None) -> WaitingLine:
     """The one line to `runner` for the UI and the API, told when each answer ends."""
-    line = WaitingLine(one_at_a_time=runner.one_at_a_time, max_waiting=max_waiting,
+    line = WaitingLine(one_at_a_time=lambda: runner.one_at_a_time,
+                       max_waiting=max_waiting or config.settings.queue_max_size,
                        max_waiting_per_kind={"api": config.settings.api_max_waiting_requests})
     runner.finish_listeners.append(line.stream_finished)
     return line
@@ -381,12 +385,13 @@ def route_chat_events(demo, chat_fn, concurrency_limit: int | None):
 
 def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, api_key: str | None = None,
-          max_new_tokens: int = config.settings.max_new_tokens, block: bool = True, quiet: bool = False,
-          on_listening=None, queue_max_size: int = config.settings.queue_max_size, log_chats: bool = False):
+          max_new_tokens: int | None = None, block: bool = True, quiet: bool = False,
+          on_listening=None, queue_max_size: int | None = None, log_chats: bool = False):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics.
-    Returns (demo, local_url); with block=True only when the server stops."""
-
-
+    Returns (demo, local_url); with block=True only when the server stops. Left out, the
+    answer length and the line's size are the settings' (config.settings)."""
+    queue_max_size = queue_max_size or config.settings.queue_max_size
+    max_new_tokens = max_new_tokens or config.settings.max_new_tokens
     line = waiting_line_for(runner, queue_max_size)
     with gradio_app_built_at_launch_only():
         demo = build_demo(runner, line, max_new_tokens)
@@ -448,7 +453,7 @@ class ModelSlot:
 
     def __init__(self, name: str | None, load, *, one_at_a_time: bool):
         self.requested_name = name
-        self.one_at_a_time = one_at_a_time
+        self._one_at_a_time = one_at_a_time  # until the runner says
         self.runner = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
@@ -469,6 +474,10 @@ class ModelSlot:
             self.error = error
         finally:
             self.ready.set()
+
+    @property
+    def one_at_a_time(self) -> bool:
+        return self.runner.one_at_a_time if self.runner is not None else self._one_at_a_time
 
     @property
     def loaded(self) -> bool:
@@ -517,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             compile = "off" if on_zero_gpu() and settings.compile == "auto" else settings.compile
             load_kwargs = dict(device=settings.device, dtype=settings.dtype,
                                trust_remote_code=settings.trust_remote_code, compile=compile, served_name=name,
-                               torch_threads=settings.torch_threads or None)
+                               torch_threads=settings.torch_threads or None,
+                               batching="off" if on_zero_gpu() else settings.batching)
             if settings.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
                 return ModelRunner.load(model, **load_kwargs)

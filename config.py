@@ -94,6 +94,10 @@ SETTINGS: tuple[Setting, ...] = (
             option=True, kind=_compile_choice, choices=("auto", "on", "off")),
     Setting("compile_cache_tokens", 4096, "with compile: the static KV cache's size in tokens, reserved "
             "whole; a longer answer runs with the default cache, uncompiled"),
+    Setting("batching", "auto", "continuous batching: answers to several users share the model's forward "
+            "passes (transformers' ContinuousBatchingManager). auto: on for text-only models on CUDA; on: "
+            "also on CPU/MPS; off: one answer at a time. Vision models always answer one at a time",
+            option=True, choices=("auto", "on", "off")),
     Setting("torch_threads", 0, "torch threads for generating; 0: the cores this process may use, less "
             "one for the web server", option=True, metavar="N"),
     Setting("trust_remote_code", False, "run Python code shipped with the model repo, with your user's "

@@ -75,6 +75,7 @@ class Ready:
     dtype: str
     is_vision: bool
     compile: bool
+    one_at_a_time: bool   # False: continuous batching
 
 
 @dataclass
@@ -140,7 +141,6 @@ class Ended:
 class EngineProcess:
     """A ModelRunner in a child process (the engine_contract.Runner contract)."""
 
-    one_at_a_time = True
     loaded = True  # (app.ModelSlot stands in while a model loads)
 
     def __init__(self, load_kwargs: dict):
@@ -150,7 +150,8 @@ class EngineProcess:
         self._send_lock = threading.Lock()
         self._launch_lock = threading.Lock()
         self._process = self._commands = None
-        self.active = 0    # generating (0 or 1: the engine runs one answer at a time)
+        self.active = 0    # generating (0 or 1, unless the engine batches)
+        self.one_at_a_time = True  # what the engine says when it is ready
         self.finish_listeners: list = []
         self.restarts = 0
 
@@ -189,8 +190,8 @@ class EngineProcess:
         if isinstance(ready, LoadFailed):
             process.join(5)
             raise ModelLoadError(ready.message)
-        self.name, self.device, self.dtype, self.is_vision, self.compile = (
-            ready.name, ready.device, ready.dtype, ready.is_vision, ready.compile)
+        self.name, self.device, self.dtype, self.is_vision, self.compile, self.one_at_a_time = (
+            ready.name, ready.device, ready.dtype, ready.is_vision, ready.compile, ready.one_at_a_time)
         self._process, self._commands, self._streams = process, command_writer, {}
         threading.Thread(target=self._read_events, args=(event_reader, process, self._streams),
                          name="engine-events", daemon=True).start()
@@ -258,9 +259,11 @@ class EngineProcess:
                                     f"Send again to restart it.")
             if stream._started.is_set():
                 self.active -= 1
-                stream._on_end(Ended(request_id, None, str(error), "error", stream.new_tokens,
-                                     stream.first_token_at, stream.last_token_at, None, stream.closed_at,
-                                     None, None))
+                stream._on_end(Ended(
+                    request_id=request_id, text=None, error=str(error), finish_reason="error",
+                    new_tokens=stream.new_tokens, first_token_at=stream.first_token_at,
+                    last_token_at=stream.last_token_at, ended_at=None, closed_at=stream.closed_at,
+                    tokens_after_close=None, token_times=None))
                 notify_finished(self.finish_listeners, stream)
             else:
                 stream._on_refused(error)
@@ -513,7 +516,8 @@ def _engine_main(commands, events, load_kwargs: dict) -> None:
     except BaseException as error:
         events.send(LoadFailed(f"Can't load the model: {type(error).__name__}: {error}"))
         return
-    events.send(Ready(runner.name, runner.device, str(runner.dtype), runner.is_vision, runner.compile))
+    events.send(Ready(runner.name, runner.device, str(runner.dtype), runner.is_vision, runner.compile,
+                      runner.one_at_a_time))
     _EngineServer(runner, events).run(commands)
     events.close()
     # No interpreter teardown: native threads (torch, tokenizers) abort noisily in it.

@@ -225,9 +225,13 @@ class TextStream(StreamFigures):
         self.ended_at: float | None = None
         self.closed_at: float | None = None
         self._tokens_at_close = 0
+        self._begin(inputs, generation_config, seed, cancelled)
+
+    def _begin(self, inputs, generation_config, seed, cancelled) -> None:
         self._thread = threading.Thread(
             target=self._generate, args=(inputs, generation_config, seed), daemon=True,
             name="generate")
+        runner = self._runner
         runner._lock.acquire()  # one generation per model; released by the thread
         if cancelled is not None and cancelled.is_set():  # withdrawn while it waited for the engine
             runner._lock.release()
@@ -253,23 +257,28 @@ class TextStream(StreamFigures):
         except BaseException as error:  # reaches the consumer, never lost in the thread
             self.error = runner._describe_failure(error)
         finally:
-            self.ended_at = time.perf_counter()
-            if self.error is not None:
-                self.finish_reason = "error"
-            elif self._stop.is_set():
-                self.finish_reason = self._stop_reason
-            else:
-                self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
             runner.active -= 1
             runner._lock.release()
-            if self._stop_reason != "stop":
-                self.text = self._raw  # a held-back partial stop string that never completed
-            if self._throttle.last(self.text):
-                self._show(self.text)
-            if self._updates is not None:
-                self._updates.put(_END)
-            self._ended.set()
-            runner._notify_finished(self)
+            self._finish()
+
+    def _finish(self) -> None:
+        """The answer has ended: its reason, the last text shown, the consumer and the
+        listeners told."""
+        self.ended_at = time.perf_counter()
+        if self.error is not None:
+            self.finish_reason = "error"
+        elif self._stop.is_set():
+            self.finish_reason = self._stop_reason
+        else:
+            self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
+        if self._stop_reason != "stop":
+            self.text = self._raw  # a held-back partial stop string that never completed
+        if self._throttle.last(self.text):
+            self._show(self.text)
+        if self._updates is not None:
+            self._updates.put(_END)
+        self._ended.set()
+        self._runner._notify_finished(self)
 
     def _on_text(self, piece: str) -> None:
         """A new piece of text, in the generate thread."""
@@ -361,6 +370,66 @@ class TextStream(StreamFigures):
         self.close()
 
 
+class BatchedStream(TextStream):
+    """One answer in the continuous batch (batching.py): the manager generates it beside
+    the others; the batcher's thread hands over its tokens, and the text is made, cut at a
+    stop string and handed out exactly as in TextStream."""
+
+    def _begin(self, inputs, generation_config, seed, cancelled) -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled()
+        self._streamer._prompt_seen = True  # the manager sends new tokens only
+        self._seen = 0
+        self._finish_lock = threading.Lock()
+        self._request_id = None
+        self._runner.active += 1
+        try:
+            self._request_id = self._runner.batcher.add(
+                self, inputs["input_ids"][0].tolist(), generation_config, seed)
+        except BaseException:
+            self._runner.active -= 1
+            raise
+
+    def _on_output(self, output) -> None:
+        """The answer's tokens so far, from the batcher's thread."""
+        new = output.generated_tokens[self._seen:]
+        self._seen = len(output.generated_tokens)
+        if new and not self._ended.is_set():
+            self._streamer.put(torch.tensor(new))
+        if output.error:
+            self.error = GenerationError(f"Generation failed: {str(output.error).splitlines()[0]}")
+        if self._stop.is_set() and self._request_id is not None:  # a stop string, or nobody reads
+            self._runner.batcher.cancel(self._request_id)
+            self._end_once()
+        elif output.is_finished() or output.error:
+            self._end_once()
+
+    def _on_late_output(self, output) -> None:
+        """Tokens made after a cancel, until the manager took it in (tokens_after_close)."""
+        self._streamer.new_tokens += max(0, len(output.generated_tokens) - self._seen)
+        self._seen = max(self._seen, len(output.generated_tokens))
+
+    def _fail(self, error: GenerationError) -> None:
+        self.error = error
+        self._end_once()
+
+    def _end_once(self) -> None:
+        with self._finish_lock:
+            if self._ended.is_set():
+                return
+            self._runner.active -= 1
+            self._finish()
+
+    def close(self, wait: float = 10.0):
+        if self.closed_at is None and not self._ended.is_set():
+            self.closed_at, self._tokens_at_close = time.perf_counter(), self.new_tokens
+        self._stop.set()
+        if not self._ended.is_set() and self._request_id is not None:
+            self._runner.batcher.cancel(self._request_id)
+            self._end_once()
+        self._ended.wait(wait)
+
+
 # ---------------------------------------------------------------- the runner
 
 def tries_compile(setting: str, device: str) -> bool:
@@ -390,7 +459,6 @@ GRAD_MODE = {"cpu": torch.inference_mode}
 class ModelRunner:
     """A model loaded in this process (the engine_contract.Runner contract)."""
 
-    one_at_a_time = True  # one answer generates at a time; the others wait in line
     loaded = True  # (app.ModelSlot stands in while a model loads)
 
     def __init__(self, model, processor, tokenizer, *, name: str, device: str,
@@ -408,17 +476,36 @@ class ModelRunner:
         self.dtype = dtype
         self.is_vision = is_vision
         self._lock = threading.Lock()
-        self.active = 0    # generations running (0 or 1)
+        self.batcher = None  # a batching.ContinuousBatcher: answers share the forward passes
+        self.active = 0    # answers generating
         self.finish_listeners: list = []  # called with each TextStream when it ends (metrics)
 
     def _notify_finished(self, stream) -> None:
         notify_finished(self.finish_listeners, stream)
 
+    @property
+    def one_at_a_time(self) -> bool:
+        """Without batching one answer generates at a time; the others wait in line."""
+        return self.batcher is None
+
+    def start_batching(self) -> None:
+        from batching import ContinuousBatcher
+        self.batcher = ContinuousBatcher(self.model, self.tokenizer, self.device)
+        try:  # the manager's loop thread isn't a daemon: stop it before Python waits for it
+            threading._register_atexit(self.batcher.close)
+        except (AttributeError, RuntimeError):
+            pass
+
+    def close(self) -> None:
+        """Stop the batching manager's thread, if any (the model itself needs nothing)."""
+        if self.batcher is not None:
+            self.batcher.close()
+
     @classmethod
     def load(cls, model: str = config.DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, compile: str | bool = "auto",
              served_name: str | None = None, torch_threads: int | None = None,
-             record_token_times: bool = False) -> "ModelRunner":
+             record_token_times: bool = False, batching: str = "off") -> "ModelRunner":
         """Hub id or local directory → ready runner. Raises ModelLoadError (one line).
         Its name is `served_name`, by default the hub id or the directory's own name.
 
@@ -428,7 +515,8 @@ class ModelRunner:
         stays eager and logs why); "on" also on CPU/MPS (the static cache alone) and refuses
         a model that can't. The compile happens here, in a warm-up answer, not in the first
         user's. torch_threads: for generating (default_torch_threads()). record_token_times:
-        every stream keeps each token's time (benchmarks)."""
+        every stream keeps each token's time (benchmarks). batching ("auto", "on", "off"):
+        continuous batching (batching.py; auto: text-only models on CUDA); it replaces compile."""
         compile = {True: "on", False: "off"}.get(compile, compile)
         if compile not in ("auto", "on", "off"):
             raise ModelLoadError(f"--compile must be auto, on or off, not {compile!r}.")
@@ -466,7 +554,16 @@ class ModelRunner:
         runner = cls(model_obj, processor, tokenizer, name=served_name or served_model_name(model), device=device,
                      dtype=torch_dtype, is_vision=is_vision, torch_threads=torch_threads,
                      record_token_times=record_token_times)
-        if tries_compile(compile, device):
+        from batching import wants_batching
+        batched, why_not = wants_batching(batching, device, is_vision)
+        if why_not and batching == "on":
+            log.warning("--batching on: %s", why_not)
+        if batched:
+            if compile == "on":
+                log.warning("--compile on is left out with continuous batching (the manager runs its own step).")
+            runner.start_batching()
+            runner.warm_up()
+        elif tries_compile(compile, device):
             runner.compile_or_explain(forced=compile == "on")
         return runner
 
@@ -635,9 +732,9 @@ class ModelRunner:
                      prompt_tokens, generation.max_new_tokens, generation.max_cache_len)
             generation.cache_implementation = self.model.generation_config.cache_implementation
             generation.max_cache_len = None
-        stream = TextStream(self, inputs, generation, stop=settings.stop, seed=settings.seed,
-                            max_updates_per_second=settings.max_updates_per_second,
-                            on_update=on_update, cancelled=cancelled)
+        stream = (BatchedStream if self.batcher else TextStream)(
+            self, inputs, generation, stop=settings.stop, seed=settings.seed,
+            max_updates_per_second=settings.max_updates_per_second, on_update=on_update, cancelled=cancelled)
         stream.notices = notices
         stream.request_text = last_user_text(messages)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())

@@ -167,7 +167,7 @@ def to_settings(request: ChatCompletionRequest, default_max_tokens: int) -> Gene
 # ---------------------------------------------------------------- the app
 
 def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_without_key: bool = True,
-               default_max_tokens: int = config.settings.max_new_tokens) -> FastAPI:
+               default_max_tokens: int | None = None) -> FastAPI:
     """The /v1 sub-application. Its requests wait in `line` with the chat UI's. With
     `api_key`, every call needs `Authorization: Bearer KEY`; without one it answers only
     when `open_without_key` (the server is bound to loopback)."""
@@ -254,7 +254,7 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
                                 f"{runner.name!r}.", param="model", code="model_not_found")
         messages = await anyio.to_thread.run_sync(to_engine_messages, body)
-        settings = to_settings(body, default_max_tokens)
+        settings = to_settings(body, default_max_tokens or config.settings.max_new_tokens)
         try:
             place = line.join("api")
         except LineFull as full:

@@ -31,8 +31,10 @@ class LineFull(Exception):
 
 
 class WaitingLine:
-    def __init__(self, *, one_at_a_time: bool, max_waiting: int, max_waiting_per_kind: dict | None = None):
-        self.one_at_a_time = one_at_a_time
+    def __init__(self, *, one_at_a_time, max_waiting: int, max_waiting_per_kind: dict | None = None):
+        """one_at_a_time: a bool, or a function asked each time (a model that loads later
+        may batch, and then nobody waits for another's answer)."""
+        self._one_at_a_time = one_at_a_time
         self.max_waiting = max_waiting
         self.max_waiting_per_kind = max_waiting_per_kind or {}
         self._lock = threading.Lock()
@@ -52,6 +54,11 @@ class WaitingLine:
             place = Place(self, kind)
             self._waiting.append(place)
             return place
+
+    @property
+    def one_at_a_time(self) -> bool:
+        value = self._one_at_a_time
+        return bool(value() if callable(value) else value)
 
     @property
     def waiting(self) -> int:

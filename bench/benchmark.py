@@ -151,6 +151,7 @@ class Model:
     url_in: str = ""          # the app with the model in its own process (--in-process)
     demo_in: object = None
     spy_in: "StreamSpy" = None
+    engine_threads: int = 0   # the engine process's torch threads
 
     @property
     def messages(self) -> list[dict]:
@@ -395,6 +396,7 @@ def serve_model(m: Model, torch_threads: int) -> None:
     """The app as users run it (the model in an engine process) and, for comparison, with
     the model in the web server's process (--in-process)."""
     compile = "on" if m.runner.compile else "off"  # as resolved for this model and device
+    m.engine_threads = torch_threads
     m.engine = EngineProcess.start(m.path, device=m.runner.device, compile=compile, torch_threads=torch_threads,
                                    record_token_times=True)
     m.clean = CleanProcess(m.path, m.runner.device, torch_threads, compile)
@@ -755,12 +757,13 @@ def fig_long_chat(ctx) -> dict:
 def fig_concurrency(ctx) -> dict:
     """6. 1, 4 and 8 clients submit at once (separate sessions and connections):
     aggregate tokens/s = all tokens / (last completion - first join); TTFT per client
-    includes its wait in the app's one-at-a-time queue."""
+    includes its wait in the app's one-at-a-time queue. For a text-only model, the same
+    again with continuous batching (an engine process started with --batching on)."""
     m, n = ctx.main, ctx.sizes.concurrency_tokens
 
-    def clients(count):
+    def clients(count, url):
         def run():
-            results = ctx.client("concurrent", url=m.url, clients=count, text=m.text, files=m.files,
+            results = ctx.client("concurrent", url=url, clients=count, text=m.text, files=m.files,
                                  extra=m.extra(n))
             assert all(r["success"] for r in results)
             span = max(r["t_done"] for r in results) - min(r["t_join"] for r in results)
@@ -768,23 +771,40 @@ def fig_concurrency(ctx) -> dict:
                     "ttft_s": [r["t_first_text"] - r["t_join"] for r in results]}
         return run
 
-    # all the rounds, not few_rounds: a round is short (~10 s) and single rounds swing ±15 %
-    runs = interleaved({c: clients(c) for c in (1, 4, 8)}, ctx.sizes.rounds, warmup=False)
+    def measure(label, url):
+        # all the rounds, not few_rounds: a round is short (~10 s) and single rounds swing ±15 %
+        runs = interleaved({c: clients(c, url) for c in (1, 4, 8)}, ctx.sizes.rounds, warmup=label != "")
+        summary = {}
+        for count, rs in runs.items():
+            ttfts = [t for r in rs for t in r["ttft_s"]]
+            summary[count] = {"tokens_per_second": median(r["tokens_per_second"] for r in rs),
+                              "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95)}
+        ratio = median(paired([r["tokens_per_second"] for r in runs[8]],
+                              [r["tokens_per_second"] for r in runs[1]], lambda a, b: a / b))
+        line = "; ".join(f"{c}: {s['tokens_per_second']:.0f} tok/s, TTFT p50 {1000 * s['ttft_p50_s']:.0f} / "
+                         f"p95 {1000 * s['ttft_p95_s']:.0f} ms" for c, s in summary.items())
+        return {"tokens": n, "rounds": {str(k): v for k, v in runs.items()},
+                "summary": {str(k): v for k, v in summary.items()}, "ratio_8_to_1": ratio}, line
+
+    out, line = measure("", m.url)
     m.spy.streams.clear()
-    summary = {}
-    for count, rs in runs.items():
-        ttfts = [t for r in rs for t in r["ttft_s"]]
-        summary[count] = {"tokens_per_second": median(r["tokens_per_second"] for r in rs),
-                          "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95)}
-    ratio = median(paired([r["tokens_per_second"] for r in runs[8]],
-                          [r["tokens_per_second"] for r in runs[1]], lambda a, b: a / b))
-    line = "; ".join(f"{c}: {s['tokens_per_second']:.0f} tok/s, TTFT p50 {1000 * s['ttft_p50_s']:.0f} / "
-                     f"p95 {1000 * s['ttft_p95_s']:.0f} ms" for c, s in summary.items())
+    ratio = out["ratio_8_to_1"]
     ctx.check(6, "concurrency: 8-client / 1-client tok/s", m.name, ratio, ">= 1.0", ratio >= 1.0,
               f"{ratio:.3f}")
     ctx.info(6, "concurrency detail", m.name, line)
-    return {"tokens": n, "rounds": {str(k): v for k, v in runs.items()},
-            "summary": {str(k): v for k, v in summary.items()}, "ratio_8_to_1": ratio}
+    if not m.runner.is_vision:
+        engine = EngineProcess.start(m.path, device=m.runner.device, batching="on",
+                                     torch_threads=m.engine_threads)
+        demo, url = app.serve(engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+        try:
+            out["batching"], line = measure("batching", url)
+        finally:
+            demo.close()
+            engine.close()
+        ratio = out["batching"]["ratio_8_to_1"]
+        ctx.info(6, "concurrency with --batching on, 8-client / 1-client tok/s", m.name, f"{ratio:.3f}")
+        ctx.info(6, "concurrency detail, --batching on", m.name, line)
+    return out
 
 
 def fig_memory(ctx, m: Model) -> dict:

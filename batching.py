@@ -1,0 +1,197 @@
+"""Continuous batching: answers to several users share the model's forward passes, through
+transformers' ContinuousBatchingManager. Text-only models (the manager takes token ids, not
+images). ModelRunner uses it when `--batching` says so; each answer is a BatchedStream,
+which streams, stops and ends on its own like any engine_contract.Stream.
+
+    batcher = ContinuousBatcher(model, tokenizer, device)   # the manager's loop starts
+    request_id = batcher.add(stream, input_ids, generation)  # outputs go to stream._on_output
+    batcher.cancel(request_id)                               # stops at the manager's next step
+
+Per answer: max new tokens, temperature, top_p, stop strings (cut here, then cancelled) and
+min_new_tokens (EOS ignored: benchmarks) are honoured; a seed is not (one generator for
+all), so such a request is refused with ChatInputError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+
+from transformers import ContinuousBatchingConfig, GenerationConfig
+
+from engine_contract import ChatInputError, GenerationError
+
+log = logging.getLogger("engine")
+
+# Off CUDA the manager would size its KV cache from the machine's whole memory: ours holds
+# this many full-length answers instead (each at most BATCH_CPU_TOKENS_PER_ANSWER tokens),
+# within BATCH_CPU_CACHE_BYTES. On CUDA the manager sizes it from the free GPU memory.
+BATCH_CPU_ANSWERS = 8
+BATCH_CPU_TOKENS_PER_ANSWER = 8192
+BATCH_CPU_CACHE_BYTES = 4 << 30
+PAGE_SIZE = 256
+CLOSED_GRACE_S = 2.0  # a cancelled answer's late tokens still count (tokens_after_close)
+
+
+def wants_batching(setting: str, device: str, is_vision: bool) -> tuple[bool, str | None]:
+    """(batch?, why not, for the log). auto: text-only models on CUDA (on CPU the benchmark
+    measured no gain: README, Performance)."""
+    if setting == "off":
+        return False, None
+    if is_vision:
+        return False, ("continuous batching takes token ids only: a vision model answers one "
+                       "request at a time")
+    if setting == "auto" and device != "cuda":
+        return False, None
+    return True, None
+
+
+class ContinuousBatcher:
+    """One ContinuousBatchingManager for a model, and the thread that hands each output to
+    its stream. A failure of the manager's loop ends every answer in flight with that error,
+    and the next request starts a fresh manager."""
+
+    def __init__(self, model, tokenizer, device: str):
+        self.model, self.device = model, device
+        vocab = model.config.get_text_config().vocab_size
+        # Per-answer sampling needs each processor present: a greedy answer asks for
+        # top_k=1, a sampled one for the whole vocabulary.
+        self.generation = GenerationConfig(
+            do_sample=True, temperature=0.7, top_p=0.9, top_k=vocab, max_new_tokens=64,
+            eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        self.vocab = vocab
+        self._streams: dict[str, object] = {}
+        self._closing: dict[str, tuple[object, float]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._manager = None
+        self._stopped = threading.Event()
+        self._start_manager()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="batching-outputs", daemon=True)
+        self._dispatcher.start()
+
+    def _cache_config(self) -> ContinuousBatchingConfig:
+        cb = ContinuousBatchingConfig(per_request_processors=True, page_size=PAGE_SIZE)
+        if self.device != "cuda":
+            context = min(self.context_length or BATCH_CPU_TOKENS_PER_ANSWER, BATCH_CPU_TOKENS_PER_ANSWER)
+            text = self.model.config.get_text_config()
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            bytes_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * self.model.dtype.itemsize
+            cb.num_blocks = max(1, min(math.ceil(BATCH_CPU_ANSWERS * context / PAGE_SIZE),
+                                       BATCH_CPU_CACHE_BYTES // (bytes_per_token * PAGE_SIZE)))
+            cb.max_batch_tokens = max(512, min(context, cb.num_blocks * PAGE_SIZE))
+        return cb
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    def _start_manager(self) -> None:
+        self._manager = self.model.init_continuous_batching(
+            generation_config=self.generation, continuous_batching_config=self._cache_config())
+        self._manager.start()
+
+    @property
+    def capacity(self) -> int | None:
+        """Tokens the KV cache holds for one answer (prompt + new), once the loop has built it."""
+        processor = getattr(self._manager, "batch_processor", None)
+        cache = getattr(processor, "cache", None)
+        return getattr(cache, "max_tokens_read", None)
+
+    def add(self, stream, input_ids: list[int], generation: GenerationConfig, seed: int | None) -> str:
+        if seed is not None:
+            raise ChatInputError("A seed can't be honoured with continuous batching (all answers share "
+                                 "one random generator): leave it out, or start the app with --batching off.")
+        max_new = generation.max_new_tokens
+        capacity = self.capacity
+        if capacity and len(input_ids) + max_new > capacity:
+            max_new = capacity - len(input_ids)
+            if max_new < 1:
+                raise ChatInputError(f"This conversation ({len(input_ids)} tokens) is longer than the batching "
+                                     f"cache holds ({capacity} tokens). Send a shorter message.")
+        if generation.do_sample:
+            sampling = {"temperature": float(generation.temperature or 1.0), "top_p": float(generation.top_p or 1.0),
+                        "top_k": self.vocab}
+        else:
+            sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
+        if generation.min_new_tokens:
+            sampling["eos_token_id"] = -1
+        request_id = f"answer-{next(self._ids)}"
+        with self._lock:
+            if self._manager is None or not self._manager.is_running():
+                self._start_manager()
+            self._streams[request_id] = stream
+            stream.max_new_tokens = max_new
+            self._manager.add_request(input_ids, request_id=request_id, max_new_tokens=max_new,
+                                      streaming=True, **sampling)
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._closing[request_id] = (stream, time.monotonic() + CLOSED_GRACE_S)
+        if stream is not None and self._manager is not None:
+            self._manager.cancel_request(request_id)
+
+    @property
+    def active(self) -> int:
+        return len(self._streams)
+
+    def _dispatch(self) -> None:
+        while not self._stopped.is_set():
+            manager = self._manager
+            output = manager.get_result(timeout=0.05) if manager is not None else None
+            if output is None:
+                self._check_manager(manager)
+                continue
+            with self._lock:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    late = self._closing.get(output.request_id)
+                    now = time.monotonic()
+                    self._closing = {k: v for k, v in self._closing.items() if v[1] > now}
+                    if late is not None:
+                        late[0]._on_late_output(output)
+                    continue
+                if output.is_finished():
+                    del self._streams[output.request_id]
+            try:
+                stream._on_output(output)
+            except Exception as error:  # one answer's failure is that answer's only
+                log.exception("a batched answer failed to take its output")
+                self.cancel(output.request_id)
+                stream._fail(GenerationError(f"Generation failed: {type(error).__name__}: {error}"))
+
+    def _check_manager(self, manager) -> None:
+        """The manager's loop died (it logs why): end every answer in flight with its error."""
+        if manager is None:
+            return
+        error = getattr(manager.background_thread_status, "fatal_error", None)
+        if error is None:
+            return
+        with self._lock:
+            if manager is not self._manager:
+                return
+            streams, self._streams = list(self._streams.values()), {}
+            self._manager = None
+        try:
+            manager.stop(block=True, timeout=5)
+        except Exception:
+            pass
+        failure = GenerationError(f"Generation failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+        for stream in streams:
+            stream._fail(failure)
+
+    def close(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            manager, self._manager = self._manager, None
+        if manager is not None:
+            manager.stop(block=True, timeout=10)
+

@@ -1,0 +1,225 @@
+"""Continuous batching (--batching): concurrent answers share the forward passes, each one
+streams, stops and fails on its own, and the answers are the ones plain generate gives."""
+
+import gc
+import itertools
+import threading
+
+import httpx
+import openai
+import pytest
+
+import app
+from engine_contract import ChatInputError, GenerationError, GenerationSettings, Runner
+from model_runner import BatchedStream, ModelRunner
+from tests.conftest import free_port, wait_for
+
+PROMPTS = ["hello there", "tell me a story about the river", "a b c d e f g", "why is the sky blue?",
+           "one", "two words", "count to ten please", "what is a bridge"]
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def batched_runner(tiny_model_paths):
+    runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", batching="on")
+    yield runner
+    runner.close()
+
+
+def answer(runner, text: str, settings: GenerationSettings):
+    with runner.stream(chat(text), settings) as stream:
+        for _ in stream:
+            pass
+    return stream
+
+
+def answer_all_at_once(runner, texts, settings_for) -> list:
+    """Every text asked at the same moment, each read in a thread of its own."""
+    streams = [runner.stream(chat(text), settings_for(i)) for i, text in enumerate(texts)]
+    readers = [threading.Thread(target=lambda s=s: [None for _ in s]) for s in streams]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(60)
+    return streams
+
+
+def test_batched_greedy_answers_equal_plain_generate_token_for_token(batched_runner, llama_runner):
+    assert isinstance(batched_runner, Runner) and not batched_runner.one_at_a_time
+    lengths = [12, 40, 25, 33, 8, 40, 17, 29]
+    expected = [answer(llama_runner, text, GenerationSettings(max_new_tokens=n))
+                for text, n in zip(PROMPTS, lengths)]
+    peak = []
+    streams = [batched_runner.stream(chat(text), GenerationSettings(max_new_tokens=n))
+               for text, n in zip(PROMPTS, lengths)]
+    peak.append(batched_runner.active)
+    for stream in streams:
+        for _ in stream:
+            pass
+    assert all(isinstance(s, BatchedStream) for s in streams)
+    assert peak[0] == len(PROMPTS)  # all generating at once, none waiting for another
+    for got, want in zip(streams, expected):
+        assert (got.text, got.new_tokens, got.finish_reason) == (want.text, want.new_tokens, want.finish_reason)
+    assert batched_runner.active == 0
+
+
+def test_stopping_one_answer_leaves_the_others_running_to_the_end(batched_runner):
+    long = GenerationSettings(max_new_tokens=200, min_new_tokens=200)
+    stopped = batched_runner.stream(chat("stop me"), long)
+    others = [batched_runner.stream(chat(text), GenerationSettings(max_new_tokens=60, min_new_tokens=60))
+              for text in PROMPTS[:3]]
+    pieces = iter(stopped)
+    next(pieces)
+    next(pieces)
+    stopped.close()
+    assert stopped.finish_reason == "cancelled" and stopped.new_tokens < 200
+    for stream in others:
+        for _ in stream:
+            pass
+        assert (stream.finish_reason, stream.new_tokens) == ("length", 60)
+    assert stopped.tokens_after_close <= 2  # the step in flight when Stop came, at most
+
+
+def test_a_stop_string_ends_only_its_own_answer(batched_runner, llama_runner):
+    full = answer(llama_runner, PROMPTS[1], GenerationSettings(max_new_tokens=40)).text
+    stop = full[10:14]
+    streams = answer_all_at_once(batched_runner, PROMPTS[:3], lambda i: GenerationSettings(
+        max_new_tokens=40, stop=[stop] if i == 1 else []))
+    assert streams[1].finish_reason == "stop" and streams[1].text == full[:full.index(stop)]
+    assert [s.finish_reason for s in (streams[0], streams[2])] == ["length", "length"]
+
+
+def test_an_error_in_one_request_is_that_requests_only(batched_runner, monkeypatch):
+    """The manager fails one request (its own per-request error path); the others end well
+    and the next request is served."""
+    batcher = batched_runner.batcher
+    monkeypatch.setattr(batcher, "_ids", itertools.count(1000))
+    scheduler = batcher._manager.batch_processor.scheduler
+    real_add = scheduler.add_waiting_request
+
+    def add_waiting_request(state):
+        if state.request_id == "answer-1001":
+            raise RuntimeError("this one request broke")
+        return real_add(state)
+    monkeypatch.setattr(scheduler, "add_waiting_request", add_waiting_request)
+    streams = [batched_runner.stream(chat(text), GenerationSettings(max_new_tokens=30, min_new_tokens=30))
+               for text in PROMPTS[:3]]
+    results = []
+    for stream in streams:
+        try:
+            for _ in stream:
+                pass
+            results.append(stream.finish_reason)
+        except GenerationError as error:
+            results.append(str(error))
+    assert results[0] == results[2] == "length"
+    assert "this one request broke" in results[1] and streams[1].finish_reason == "error"
+    assert answer(batched_runner, "next", GenerationSettings(max_new_tokens=5)).finish_reason == "length"
+
+
+def test_a_seed_is_refused_with_a_reason(batched_runner):
+    with pytest.raises(ChatInputError, match="seed"):
+        batched_runner.stream(chat("hi"), GenerationSettings(max_new_tokens=5, seed=1))
+
+
+def test_sampling_settings_apply_per_request(batched_runner, llama_runner):
+    """A sampled answer beside greedy ones: the greedy ones stay exactly greedy."""
+    greedy = answer(llama_runner, PROMPTS[0], GenerationSettings(max_new_tokens=30)).text
+    streams = answer_all_at_once(batched_runner, [PROMPTS[0]] * 4, lambda i: GenerationSettings(
+        max_new_tokens=30, temperature=1.5 if i % 2 else 0.0, top_p=1.0))
+    assert streams[0].text == streams[2].text == greedy
+    assert streams[1].text != greedy or streams[3].text != greedy
+
+
+def test_eight_concurrent_api_streams_all_finish_and_memory_returns(batched_runner, serve):
+    import psutil  # (accelerate depends on it)
+    url, spy = serve(batched_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="none", timeout=60, max_retries=0)
+
+    def one_round():
+        results = [None] * 8
+
+        def ask(i):
+            parts = []
+            for chunk in client.chat.completions.create(
+                    model=batched_runner.name, messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=40,
+                    temperature=0, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+            results[i] = "".join(parts)
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return results
+
+    first = one_round()
+    assert all(first) and len(spy.streams) == 8
+    assert max(s.started_at for s in spy.streams) < min(s.ended_at for s in spy.streams), \
+        "the 8 answers did not generate at the same time"
+    gc.collect()
+    baseline = psutil.Process().memory_info().rss
+    for _ in range(3):
+        assert one_round() == first  # greedy: the same answers each round
+    gc.collect()
+    assert batched_runner.active == 0 and not batched_runner.batcher._streams
+    grown = psutil.Process().memory_info().rss - baseline
+    assert grown < 100 * 2**20, f"memory grew by {grown / 2**20:.0f} MB over 24 answers"
+
+
+def test_the_ui_shows_no_place_in_line_when_answers_are_batched(batched_runner, serve):
+    from gradio_client import Client
+    url, spy = serve(batched_runner)
+    assert not app.waiting_line_for(batched_runner).one_at_a_time
+    client = Client(url, verbose=False)
+    jobs = [client.submit({"text": text, "files": []}, "", 150, 0.0, 1.0, api_name="/chat")
+            for text in PROMPTS[:3]]
+    for job in jobs:
+        job.result(timeout=60)
+    assert max(s.started_at for s in spy.streams) < min(s.ended_at for s in spy.streams), \
+        "the answers did not overlap"
+    seen = [str(update) for job in jobs for update in job.outputs()]
+    assert seen and not any("in line" in text for text in seen)
+    assert "batched" in app.header_markdown(batched_runner)
+
+
+def test_batching_auto_is_off_on_cpu_and_for_vision_models(tiny_model_paths):
+    from batching import wants_batching
+    assert wants_batching("auto", "cuda", is_vision=False) == (True, None)
+    assert wants_batching("auto", "cpu", is_vision=False)[0] is False
+    batched, why = wants_batching("on", "cuda", is_vision=True)
+    assert not batched and "one request at a time" in why
+    runner = ModelRunner.load(str(tiny_model_paths["idefics3"]), device="cpu", batching="on")
+    assert runner.one_at_a_time and runner.batcher is None
+
+
+def test_the_engine_process_batches_and_says_so(tiny_model_paths):
+    from engine_process import EngineProcess
+    engine = EngineProcess.start(str(tiny_model_paths["llama"]), device="cpu", batching="on")
+    try:
+        assert isinstance(engine, Runner) and not engine.one_at_a_time
+        streams = [engine.stream(chat(text), GenerationSettings(max_new_tokens=80, min_new_tokens=80))
+                   for text in PROMPTS[:4]]
+        wait_for(lambda: engine.active == 4, 30, "the four answers generating together")
+        streams[0].close()
+        for stream in streams[1:]:
+            for _ in stream:
+                pass
+            assert (stream.finish_reason, stream.new_tokens) == ("length", 80)
+        assert streams[0].finish_reason == "cancelled"
+    finally:
+        engine.close()
+
+
+def test_the_api_refuses_a_seed_it_cannot_honour_with_a_400(batched_runner, serve):
+    url, _ = serve(batched_runner)
+    response = httpx.post(url + "v1/chat/completions", timeout=30, json={
+        "model": batched_runner.name, "messages": [{"role": "user", "content": "hi"}], "seed": 7})
+    assert response.status_code == 400 and "seed" in response.json()["error"]["message"]
+    response = httpx.post(url + "v1/chat/completions", timeout=30, json={
+        "model": batched_runner.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    assert response.status_code == 200
