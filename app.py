@@ -332,6 +332,8 @@ def header_markdown(runner) -> str:
         return f"**{runner.name or 'model'}** · ⏳ loading model…"
     kind = "vision-language" if runner.is_vision else "text-only"
     dtype = str(runner.dtype).removeprefix("torch.")
+    if runner.quantization:
+        dtype = f"{runner.quantization} (bitsandbytes, {dtype} compute)"
     compiled = " · compiled" if runner.compile else ""
     local = runner.device in ("cpu", "cuda", "mps")  # (a remote server batches in its own way)
     batched = " · batched" if local and not runner.one_at_a_time else ""
@@ -488,6 +490,7 @@ class ModelSlot:
     dtype = property(lambda self: self.runner.dtype if self.runner else "")
     is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
     compile = property(lambda self: self.runner.compile if self.runner else False)
+    quantization = property(lambda self: self.runner.quantization if self.runner else None)
     active = property(lambda self: self.runner.active if self.runner else 0)
 
     def stream(self, messages, settings=None, cancelled: threading.Event | None = None):
@@ -527,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             load_kwargs = dict(device=settings.device, dtype=settings.dtype,
                                trust_remote_code=settings.trust_remote_code, compile=compile, served_name=name,
                                torch_threads=settings.torch_threads or None,
-                               batching="off" if on_zero_gpu() else settings.batching)
+                               batching="off" if on_zero_gpu() else settings.batching,
+                               quantize=settings.quantize)
             if settings.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
                 return ModelRunner.load(model, **load_kwargs)

@@ -94,6 +94,9 @@ SETTINGS: tuple[Setting, ...] = (
             option=True, kind=_compile_choice, choices=("auto", "on", "off")),
     Setting("compile_cache_tokens", 4096, "with compile: the static KV cache's size in tokens, reserved "
             "whole; a longer answer runs with the default cache, uncompiled"),
+    Setting("quantize", None, "load the weights quantized with bitsandbytes (pip install bitsandbytes): "
+            "4bit (NF4, about a quarter of bf16's memory) or 8bit (about half); CUDA, or CPU; not MPS",
+            option=True, choices=("4bit", "8bit")),
     Setting("batching", "auto", "continuous batching: answers to several users share the model's forward "
             "passes (transformers' ContinuousBatchingManager). auto: on for text-only models on CUDA; on: "
             "also on CPU/MPS; off: one answer at a time. Vision models always answer one at a time",

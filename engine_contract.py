@@ -102,6 +102,7 @@ class Runner(Protocol):
     dtype: object
     is_vision: bool        # takes images
     compile: bool          # generates with a compiled static cache
+    quantization: str | None  # "4bit" | "8bit" (bitsandbytes weights) | None
     loaded: bool           # False only while app.ModelSlot waits for the model
     one_at_a_time: bool    # answers one request at a time (the others wait in line)
     active: int            # answers generating now

@@ -76,6 +76,7 @@ class Ready:
     is_vision: bool
     compile: bool
     one_at_a_time: bool   # False: continuous batching
+    quantization: str | None
 
 
 @dataclass
@@ -192,6 +193,7 @@ class EngineProcess:
             raise ModelLoadError(ready.message)
         self.name, self.device, self.dtype, self.is_vision, self.compile, self.one_at_a_time = (
             ready.name, ready.device, ready.dtype, ready.is_vision, ready.compile, ready.one_at_a_time)
+        self.quantization = ready.quantization
         self._process, self._commands, self._streams = process, command_writer, {}
         threading.Thread(target=self._read_events, args=(event_reader, process, self._streams),
                          name="engine-events", daemon=True).start()
@@ -517,7 +519,7 @@ def _engine_main(commands, events, load_kwargs: dict) -> None:
         events.send(LoadFailed(f"Can't load the model: {type(error).__name__}: {error}"))
         return
     events.send(Ready(runner.name, runner.device, str(runner.dtype), runner.is_vision, runner.compile,
-                      runner.one_at_a_time))
+                      runner.one_at_a_time, runner.quantization))
     _EngineServer(runner, events).run(commands)
     events.close()
     # No interpreter teardown: native threads (torch, tokenizers) abort noisily in it.

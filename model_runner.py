@@ -70,6 +70,26 @@ def pick_device(requested: str = "auto") -> str:
     return "cpu"
 
 
+def quantization_config(quantize: str, device: str, compute_dtype: torch.dtype):
+    """--quantize 4bit|8bit → transformers' BitsAndBytesConfig, or ModelLoadError (one line)
+    where it can't apply."""
+    if quantize not in ("4bit", "8bit"):
+        raise ModelLoadError(f"--quantize must be 4bit or 8bit, not {quantize!r}.")
+    if device == "mps":
+        raise ModelLoadError("--quantize: bitsandbytes does not run on Apple MPS; start without --quantize "
+                             "(or pick a smaller model).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("--quantize needs bitsandbytes, which is not installed: "
+                             "pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
     if requested != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
@@ -463,8 +483,10 @@ class ModelRunner:
 
     def __init__(self, model, processor, tokenizer, *, name: str, device: str,
                  dtype: torch.dtype, is_vision: bool, compile: bool = False,
-                 torch_threads: int | None = None, record_token_times: bool = False):
+                 torch_threads: int | None = None, record_token_times: bool = False,
+                 quantization: str | None = None):
         self.model = model
+        self.quantization = quantization  # "4bit" | "8bit" (bitsandbytes) | None
         self.record_token_times = record_token_times  # every token's time, on its stream (benchmarks)
         self.compile = compile  # static KV cache; transformers compiles decoding on CUDA
         self.torch_threads = torch_threads or default_torch_threads()
@@ -505,7 +527,8 @@ class ModelRunner:
     def load(cls, model: str = config.DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
              trust_remote_code: bool = False, compile: str | bool = "auto",
              served_name: str | None = None, torch_threads: int | None = None,
-             record_token_times: bool = False, batching: str = "off") -> "ModelRunner":
+             record_token_times: bool = False, batching: str = "off",
+             quantize: str | None = None) -> "ModelRunner":
         """Hub id or local directory → ready runner. Raises ModelLoadError (one line).
         Its name is `served_name`, by default the hub id or the directory's own name.
 
@@ -516,7 +539,8 @@ class ModelRunner:
         a model that can't. The compile happens here, in a warm-up answer, not in the first
         user's. torch_threads: for generating (default_torch_threads()). record_token_times:
         every stream keeps each token's time (benchmarks). batching ("auto", "on", "off"):
-        continuous batching (batching.py; auto: text-only models on CUDA); it replaces compile."""
+        continuous batching (batching.py; auto: text-only models on CUDA); it replaces compile.
+        quantize ("4bit", "8bit", None): bitsandbytes weights (quantization_config())."""
         compile = {True: "on", False: "off"}.get(compile, compile)
         if compile not in ("auto", "on", "off"):
             raise ModelLoadError(f"--compile must be auto, on or off, not {compile!r}.")
@@ -532,6 +556,10 @@ class ModelRunner:
         load_kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         if device == "cuda":
             load_kwargs["device_map"] = "auto"  # spreads a large model over GPUs (and CPU)
+        if quantize:
+            load_kwargs["quantization_config"] = quantization_config(quantize, device, torch_dtype)
+            if device != "cuda":  # a quantized model can't be moved with .to() afterwards
+                load_kwargs["device_map"] = {"": device}
         try:
             if is_vision:
                 processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -547,13 +575,16 @@ class ModelRunner:
         except ModelLoadError:
             raise
         except Exception as e:
+            if quantize:
+                raise ModelLoadError(f"--quantize {quantize}: {model!r} can't be loaded quantized with "
+                                     f"bitsandbytes: {_first_line(e)}") from None
             raise ModelLoadError(f"Can't load the model from {path}: {_first_line(e)}") from None
-        if device != "cuda":
+        if device != "cuda" and not quantize:
             model_obj.to(device)
         model_obj.eval()
         runner = cls(model_obj, processor, tokenizer, name=served_name or served_model_name(model), device=device,
                      dtype=torch_dtype, is_vision=is_vision, torch_threads=torch_threads,
-                     record_token_times=record_token_times)
+                     record_token_times=record_token_times, quantization=quantize)
         from batching import wants_batching
         batched, why_not = wants_batching(batching, device, is_vision)
         if why_not and batching == "on":

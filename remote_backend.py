@@ -44,6 +44,7 @@ class RemoteRunner:
         self.dtype = "set by the server"
         self.is_vision = True  # the server decides; a text-only one answers with an error
         self.compile = False   # (the server's business)
+        self.quantization = None
         self.active = 0
         self.finish_listeners: list = []
 
