@@ -23,10 +23,11 @@ Also per mode: time to first text (plain, runner, engine process, app), tokens g
 after a Stop, and load + warm-up time; and the memory-bandwidth bound (weights read once per
 token at the GPU's bandwidth).
 
-Then, for the continuous batching issue: transformers' ContinuousBatchingManager on a second
-copy of the model against answers one at a time through the runner (the app without
-batching), for 1, 4 and 8 clients arriving together, greedy, --batch-tokens each: aggregate
-tokens/s and time to first token p50 / p95 (--no-batching leaves it out).
+Then, for continuous batching: answers one at a time through the runner (the app without
+batching), transformers' ContinuousBatchingManager directly (on a second copy of the model),
+and the app's engine process started with --batching on, for 1, 4 and 8 clients arriving
+together, greedy, --batch-tokens each: aggregate tokens/s and time to first text p50 / p95
+(--no-batching leaves it out).
 
     python bench/gpu.py --device cpu --threads   # the engine's torch thread count, on CPU
 
@@ -359,22 +360,49 @@ def measure_batching(bench: Bench, budget: float) -> None:
             total += stream.new_tokens
         return total, firsts, perf_counter() - t0
 
+    engine = None
+
+    def through_the_app_engine(clients: int, length: int) -> tuple[int, list[float], float]:
+        """The app's engine process with --batching on: every answer streamed at once."""
+        t0, firsts = perf_counter(), [None] * clients
+        settings = GenerationSettings(max_new_tokens=length, min_new_tokens=length)
+        streams = [engine.stream(bench.messages, settings) for _ in range(clients)]
+
+        def read(i):
+            for text in streams[i]:
+                if text and firsts[i] is None:
+                    firsts[i] = perf_counter() - t0
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(clients)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        return sum(s.new_tokens for s in streams), [f for f in firsts if f is not None], perf_counter() - t0
+
     try:
         batched(2, WARM_UP_TOKENS)
         report.add("batching/warm_up_s", perf_counter() - start,
                    f"batching: manager started and warmed up in {perf_counter() - start:.1f} s")
+        start = perf_counter()
+        engine = EngineProcess.start(bench.path, device=args.device, batching="on", torch_threads=bench.threads)
+        report.add("batching/engine_start_s", perf_counter() - start,
+                   f"batching: engine process (--batching on) started in {perf_counter() - start:.1f} s")
+        through_the_app_engine(2, WARM_UP_TOKENS)
         for clients in (1, 4, 8):
-            for name, fn in (("one at a time", one_at_a_time), ("batched", batched)):
+            for name, fn in (("one at a time", one_at_a_time), ("batched", batched),
+                             ("engine --batching", through_the_app_engine)):
                 made, firsts, seconds = fn(clients, tokens)
                 report.add(f"batching/{clients}/{name}",
                            {"tokens_per_s": made / seconds, "tokens": made, "ttft_p50_ms": percentile(firsts, .5) * 1000,
                             "ttft_p95_ms": percentile(firsts, .95) * 1000},
-                           f"batching {clients} clients {name:14} {made / seconds:8.1f} tokens/s in all, "
+                           f"batching {clients} clients {name:17} {made / seconds:8.1f} tokens/s in all, "
                            f"TTFT p50 {percentile(firsts, .5) * 1000:6.0f} ms, p95 {percentile(firsts, .95) * 1000:6.0f} ms")
             if time.monotonic() > deadline:
                 print("  (time budget reached)", flush=True)
                 break
     finally:
+        if engine is not None:
+            engine.close()
         manager.stop(block=True, timeout=30)
         del manager, runner
         if args.device == "cuda":
@@ -573,7 +601,7 @@ def main(argv=None) -> int:
             report.add(f"{mode}/error", repr(error), f"{mode}: failed: {error!r}")
     if not args.no_batching:
         try:
-            measure_batching(bench, 60)
+            measure_batching(bench, 90)
         except Exception as error:
             report.add("batching/error", repr(error), f"batching: failed: {error!r}")
     report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s; "
