@@ -265,8 +265,7 @@ def stats_line(stream) -> str:
 # ---------------------------------------------------------------- the UI
 
 def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int | None = None):
-
-
+    """The chat UI on `runner`: its messages wait in `line` (shared with the API)."""
     line = line or waiting_line_for(runner)
     zero_gpu = on_zero_gpu()
     chat_fn = make_chat_fn(runner, line, zero_gpu=zero_gpu)
@@ -332,8 +331,10 @@ def header_markdown(runner) -> str:
         return f"**{runner.name or 'model'}** · ⏳ loading model…"
     kind = "vision-language" if runner.is_vision else "text-only"
     dtype = str(runner.dtype).removeprefix("torch.")
-    if runner.quantization:
-        dtype = f"{runner.quantization} (bitsandbytes, {dtype} compute)"
+    if runner.quantization == "4bit":
+        dtype = f"4bit (bitsandbytes NF4, {dtype} compute)"
+    elif runner.quantization:
+        dtype = f"{runner.quantization} (bitsandbytes)"
     compiled = " · compiled" if runner.compile else ""
     local = runner.device in ("cpu", "cuda", "mps")  # (a remote server batches in its own way)
     batched = " · batched" if local and not runner.one_at_a_time else ""

@@ -84,6 +84,8 @@ def quantization_config(quantize: str, device: str, compute_dtype: torch.dtype):
         raise ModelLoadError("--quantize needs bitsandbytes, which is not installed: "
                              "pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
+    # 8-bit casts its inputs to float16 and says so on every layer call, every token
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if quantize == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute_dtype)
@@ -425,8 +427,9 @@ class BatchedStream(TextStream):
             self._end_once()
 
     def _on_late_output(self, output) -> None:
-        """Tokens made after a cancel, until the manager took it in (tokens_after_close)."""
-        self._streamer.new_tokens += max(0, len(output.generated_tokens) - self._seen)
+        """Tokens made after a Stop, until the manager took the cancel in (tokens_after_close)."""
+        if self.closed_at is not None:
+            self._streamer.new_tokens += max(0, len(output.generated_tokens) - self._seen)
         self._seen = max(self._seen, len(output.generated_tokens))
 
     def _fail(self, error: GenerationError) -> None:
@@ -586,15 +589,21 @@ class ModelRunner:
                      dtype=torch_dtype, is_vision=is_vision, torch_threads=torch_threads,
                      record_token_times=record_token_times, quantization=quantize)
         from batching import wants_batching
-        batched, why_not = wants_batching(batching, device, is_vision)
+        if batching != "on" and tries_compile(compile, device):  # auto: compiled first, batched if not
+            runner.compile_or_explain(forced=compile == "on")
+        batched, why_not = wants_batching(batching, device, is_vision, compiled=runner.compile)
         if why_not and batching == "on":
             log.warning("--batching on: %s", why_not)
         if batched:
             if compile == "on":
-                log.warning("--compile on is left out with continuous batching (the manager runs its own step).")
+                log.warning("--compile on is left out with --batching on (the manager runs its own step).")
             runner.start_batching()
-            runner.warm_up()
-        elif tries_compile(compile, device):
+            try:
+                runner.warm_up()
+            except BaseException:
+                runner.close()
+                raise
+        elif batching == "on" and tries_compile(compile, device):
             runner.compile_or_explain(forced=compile == "on")
         return runner
 
@@ -766,6 +775,9 @@ class ModelRunner:
         stream = (BatchedStream if self.batcher else TextStream)(
             self, inputs, generation, stop=settings.stop, seed=settings.seed,
             max_updates_per_second=settings.max_updates_per_second, on_update=on_update, cancelled=cancelled)
+        if stream.max_new_tokens < generation.max_new_tokens:  # the batching cache cut it
+            notices.append(f"This answer can be at most {stream.max_new_tokens} tokens long: that is what "
+                           f"the batching cache holds beside this conversation.")
         stream.notices = notices
         stream.request_text = last_user_text(messages)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())

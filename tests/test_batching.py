@@ -223,3 +223,61 @@ def test_the_api_refuses_a_seed_it_cannot_honour_with_a_400(batched_runner, serv
     response = httpx.post(url + "v1/chat/completions", timeout=30, json={
         "model": batched_runner.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
     assert response.status_code == 200
+
+
+def test_when_the_batching_loop_dies_the_answers_in_flight_end_with_an_error_and_the_next_works(
+        tiny_model_paths, monkeypatch):
+    runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", batching="on")
+    try:
+        processor = runner.batcher._manager.batch_processor
+        real_prepare, calls = processor.prepare_next_batch, itertools.count()
+
+        def prepare_next_batch():
+            if next(calls) == 5:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return real_prepare()
+        monkeypatch.setattr(processor, "prepare_next_batch", prepare_next_batch)
+        streams = [runner.stream(chat(text), GenerationSettings(max_new_tokens=100, min_new_tokens=100))
+                   for text in PROMPTS[:4]]
+        for stream in streams:
+            with pytest.raises(GenerationError, match="illegal memory access"):
+                for _ in stream:
+                    pass
+            assert stream.finish_reason == "error"
+        assert runner.active == 0
+        after = answer(runner, "again", GenerationSettings(max_new_tokens=10, min_new_tokens=10))
+        assert (after.finish_reason, after.new_tokens) == ("length", 10)
+    finally:
+        runner.close()
+
+
+def test_closing_the_runner_ends_the_answers_in_flight_at_once(tiny_model_paths):
+    import time
+    runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", batching="on")
+    streams = [runner.stream(chat(text), GenerationSettings(max_new_tokens=2000, min_new_tokens=2000))
+               for text in PROMPTS[:3]]
+    next(iter(streams[0]))
+    started = time.perf_counter()
+    runner.close()
+    assert time.perf_counter() - started < 5
+    for stream in streams:
+        assert stream.join(5) and stream.finish_reason == "error" and stream.new_tokens < 2000
+    with pytest.raises(GenerationError, match="stopping"):
+        runner.stream(chat("late"), GenerationSettings(max_new_tokens=5))
+
+
+def test_an_answer_longer_than_the_cache_holds_is_cut_to_fit_with_a_note(batched_runner, monkeypatch):
+    from batching import ContinuousBatcher
+    prompt_tokens = batched_runner.build_inputs(chat(PROMPTS[1]))["input_ids"].shape[-1]
+    monkeypatch.setattr(ContinuousBatcher, "capacity", property(lambda self: prompt_tokens + 30))
+    stream = answer(batched_runner, PROMPTS[1], GenerationSettings(max_new_tokens=100, min_new_tokens=100))
+    assert (stream.new_tokens, stream.finish_reason) == (30, "length")
+    assert any("at most 30 tokens" in notice for notice in stream.notices)
+    with pytest.raises(ChatInputError, match="longer than the batching cache"):
+        batched_runner.stream(chat(PROMPTS[1] * 20), GenerationSettings(max_new_tokens=10))
+
+
+def test_batching_auto_prefers_a_compiled_model_on_cuda():
+    from batching import wants_batching
+    assert wants_batching("auto", "cuda", is_vision=False, compiled=True)[0] is False
+    assert wants_batching("on", "cuda", is_vision=False, compiled=True)[0] is True
