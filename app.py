@@ -18,18 +18,22 @@ Endpoints (same server):
 
 from __future__ import annotations
 
+import json
 import logging
 import mimetypes
 import os
+import re
 import sys
 import threading
 import time
+import uuid
 
 import anyio
 import gradio as gr
 from fastapi.responses import Response
 
 import config
+from conversation import answer_and_tool_calls
 from engine_contract import (
     Cancelled,
     ChatInputError,
@@ -44,6 +48,7 @@ from metrics import Metrics
 from openai_api import create_api
 from remote_backend import RemoteRunner
 from starter_examples import starter_examples
+from tools import Toolbox, ToolResult, ToolsError
 from waiting_line import LineFull, WaitingLine
 
 GENERATION_CONCURRENCY_ID = "generate"  # the chat's events (submit, retry, edit, /chat)
@@ -62,6 +67,8 @@ ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
 REASONING_TITLE = "Thinking"
 STATS_PREFIX = "⏱ "
+TOOL_TITLE = "🛠 {}"   # a tool call's bubble: its arguments and result inside
+CALLING_TITLE = "🛠 calling a tool…"
 
 log = logging.getLogger("app")
 
@@ -75,9 +82,10 @@ def to_model_messages(history: list[dict], message: dict | str, system_prompt: s
     (`content: [{"type": "text", ...} | {"type": "file", "file": {"path", "mime_type"}}]`),
     API clients the raw state (`content: [{"path": ...}, "hi"]` or a plain string).
     Messages carrying a metadata title (the Thinking… indicator, error notes, reasoning) are
-    annotations for the reader, not part of the conversation. A user message that got no
-    answer (refused, failed, or stopped before any text) is left out: the model never sees
-    a refused turn, and one can't block the turns after it.
+    annotations for the reader, not part of the conversation, except a tool call's bubble,
+    which becomes the assistant's call and the tool's result again. A user message that got
+    no answer (refused, failed, or stopped before any text) is left out: the model never
+    sees a refused turn, and one can't block the turns after it.
     """
     if isinstance(message, str):
         message = {"text": message, "files": []}
@@ -86,16 +94,66 @@ def to_model_messages(history: list[dict], message: dict | str, system_prompt: s
     turns: list[dict] = []
     for turn in [*(history or []), new_turn]:
         role = turn.get("role")
-        if role not in ("user", "assistant") or (turn.get("metadata") or {}).get("title"):
+        metadata = turn.get("metadata") or {}
+        call = tool_call_of(turn) if role == "assistant" else None
+        if call is not None:
+            call, result = call
+            turns.append({"role": "assistant", "content": [], "tool_calls": [call]})
+            turns.append({"role": "tool", "tool_call_id": call["id"], "name": call["name"],
+                          "content": [{"type": "text", "text": result}]})
+            continue
+        if role not in ("user", "assistant") or metadata.get("title"):
             continue
         parts = [p for p in map(_to_part, _as_list(turn.get("content"))) if p]
         if parts or turn is new_turn:  # an empty new message stays, for the engine to refuse
             turns.append({"role": role, "content": parts})
     answered = [turn for turn, after in zip(turns, [*turns[1:], None])
-                if turn["role"] == "assistant" or after is None or after["role"] == "assistant"]
+                if turn["role"] != "user" or after is None or after["role"] != "user"]
     system = [{"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]}] \
         if system_prompt and system_prompt.strip() else []
     return system + answered
+
+
+def tool_bubble(call: dict, result: ToolResult | None):
+    """A tool call in the chat: titled with the tool's name, pending while it runs, then done
+    with its duration; the arguments and the result inside (collapsible)."""
+    arguments = json.dumps(call["arguments"], ensure_ascii=False, indent=1)
+    content = f"**Arguments**\n```json\n{arguments}\n```"
+    metadata = {"title": TOOL_TITLE.format(call["name"]), "id": call["id"], "status": "pending"}
+    if result is not None:
+        fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", result.text)), default=0))
+        content += f"\n**Result**\n{fence}\n{result.text}\n{fence}"
+        metadata.update(status="done", duration=round(result.seconds, 2))
+    return gr.ChatMessage(content=content, metadata=metadata)
+
+
+_TOOL_ARGUMENTS = re.compile(r"\*\*Arguments\*\*\n```json\n(.*?)\n```", re.DOTALL)
+_TOOL_RESULT = re.compile(r"\*\*Result\*\*\n(`{3,})\n(.*?)\n\1", re.DOTALL)
+
+
+def tool_call_of(turn: dict) -> tuple[dict, str] | None:
+    """A tool bubble of the history → (the call, its result), or None for any other turn."""
+    title = (turn.get("metadata") or {}).get("title") or ""
+    prefix = TOOL_TITLE.format("")
+    if not title.startswith(prefix) or title == CALLING_TITLE:
+        return None
+    content = turn.get("content")
+    text = content if isinstance(content, str) else " ".join(
+        item if isinstance(item, str) else item.get("text", "") for item in _as_list(content)
+        if isinstance(item, (str, dict)))
+    arguments = _TOOL_ARGUMENTS.search(text or "")
+    try:
+        parsed = json.loads(arguments.group(1)) if arguments else {}
+    except ValueError:
+        parsed = {}
+    result = _TOOL_RESULT.search(text or "")
+    call_id = (turn.get("metadata") or {}).get("id") or new_call_id()
+    return ({"id": call_id, "name": title[len(prefix):], "arguments": parsed if isinstance(parsed, dict) else {}},
+            result.group(2) if result else "error: the call was stopped before it returned")
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _as_list(content) -> list:
@@ -121,11 +179,14 @@ def _to_part(item) -> dict | None:
     return {"type": "image", "image": path}
 
 
-def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
+def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: Toolbox | None = None):
     """The chat function ChatInterface calls. Each message waits its turn in `line` (shared
     with the API) and shows its position meanwhile. On ZeroGPU it is a plain generator under
     `@spaces.GPU` (which refuses async functions) and Gradio's own queue orders the turns;
-    everywhere else an async generator drives it, so that Stop reaches the engine at once."""
+    everywhere else an async generator drives it, so that Stop reaches the engine at once.
+    With a `toolbox` (and a model whose template takes tools) the model may call tools: the
+    app runs each call, shows it, and generates again with its result, up to
+    config.settings.max_tool_steps calls."""
 
     def pending(title: str):
         return gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
@@ -141,39 +202,78 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False):
         yield pending(title)
         # Gradio re-processes the whole chat on every update: fewer updates for long chats.
         updates_per_second = min(config.settings.max_updates_per_second, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
+        tools_on = toolbox is not None and runner.supports_tools
         settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
                                       temperature=float(temperature), top_p=float(top_p),
-                                      max_updates_per_second=updates_per_second)
+                                      max_updates_per_second=updates_per_second,
+                                      tools=toolbox.schemas if tools_on else None)
         try:
             messages = to_model_messages(history, message, system_prompt)
-            stream = runner.stream(messages, settings, cancelled=cancelled)
-            if on_stream:
-                on_stream(stream)
-        except Cancelled:  # Stop while it waited for the engine: nothing ran, nobody listens
-            return
-        except (ChatInputError, GenerationError) as error:
-            yield error_message(str(error))
-            return
         except Exception as error:  # a bug of ours: say so in the chat, keep serving
-            log.exception("building the model inputs failed")
+            log.exception("reading the chat history failed")
             yield error_message(f"Internal error: {type(error).__name__}: {error}")
             return
-        if title != THINKING_TITLE:  # it waited; now the model is working on it
-            yield pending(THINKING_TITLE)
-        notes = [gr.ChatMessage(content=notice, metadata={"title": NOTE_TITLE})
-                 for notice in stream.notices]
-        view = AnswerView(stream, notes)
-        with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
+        shown: list = []  # the bubbles of the steps before this one: their text, the tool calls
+        calls_made = 0
+        while True:
             try:
-                for text in stream:
-                    yield view.render(text)
-            except GenerationError as error:
-                yield [*view.render(stream.text, with_stats=False), error_message(str(error))]
+                stream = runner.stream(messages, settings, cancelled=cancelled)
+                if on_stream:
+                    on_stream(stream)
+            except Cancelled:  # Stop while it waited for the engine: nothing ran, nobody listens
                 return
-        if not stream.text:
-            yield [*notes, error_message("The model returned an empty answer.")]
-            return
-        yield view.render(stream.text)  # the final figures
+            except (ChatInputError, GenerationError) as error:
+                yield [*shown, error_message(str(error))] if shown else error_message(str(error))
+                return
+            except Exception as error:  # a bug of ours: say so in the chat, keep serving
+                log.exception("building the model inputs failed")
+                failure = error_message(f"Internal error: {type(error).__name__}: {error}")
+                yield [*shown, failure] if shown else failure
+                return
+            if title != THINKING_TITLE:  # it waited; now the model is working on it
+                title = THINKING_TITLE
+                yield pending(THINKING_TITLE)
+            notes = [gr.ChatMessage(content=notice, metadata={"title": NOTE_TITLE})
+                     for notice in stream.notices]
+            view = AnswerView(stream, [*shown, *notes], tools_on=tools_on)
+            with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
+                try:
+                    for text in stream:
+                        yield view.render(text)
+                except GenerationError as error:
+                    yield [*view.render(stream.text, with_stats=False), error_message(str(error))]
+                    return
+            if cancelled is not None and cancelled.is_set():
+                return
+            answer, calls = view.answer_and_calls(stream.text)
+            if not calls:
+                if not stream.text:
+                    empty = error_message("The model returned an empty answer.")
+                    yield [*shown, *notes, empty] if shown or notes else empty
+                    return
+                yield view.render(stream.text)  # the final figures
+                return
+            if calls_made + len(calls) > config.settings.max_tool_steps:
+                yield [*view.render(stream.text), gr.ChatMessage(
+                    content=f"Stopped: the model asked for more than {config.settings.max_tool_steps} tool "
+                            f"calls for one message (MAX_TOOL_STEPS).", metadata={"title": NOTE_TITLE})]
+                return
+            calls_made += len(calls)
+            shown = view.render(stream.text, with_stats=False)
+            calls = [{"id": new_call_id(), **call} for call in calls]
+            messages = [*messages, {"role": "assistant", "tool_calls": calls,
+                                    "content": [{"type": "text", "text": answer}] if answer else []}]
+            for call in calls:
+                yield [*shown, tool_bubble(call, None)]
+                result = toolbox.run(call["name"], call["arguments"], timeout=config.settings.tool_timeout_s,
+                                     cancelled=cancelled)
+                if cancelled is not None and cancelled.is_set():
+                    return
+                shown = [*shown, tool_bubble(call, result)]
+                messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["name"],
+                                 "content": [{"type": "text", "text": result.text}]})
+            settings.continues_answer = True  # the next step goes before those who came later
+            yield [*shown, pending(THINKING_TITLE)]
 
     if zero_gpu:
         import spaces
@@ -231,12 +331,22 @@ class AnswerView:
     the answer, and a line of live figures. New ChatMessage objects on every call: Gradio
     diffs against the previous yield."""
 
-    def __init__(self, stream, notes: list):
-        self.stream, self.notes = stream, notes
+    def __init__(self, stream, notes: list, tools_on: bool = False):
+        self.stream, self.notes, self.tools_on = stream, notes, tools_on
         self.thought_for: float | None = None
+
+    def answer_and_calls(self, text: str) -> tuple[str, list[dict]]:
+        """The answer without its tool calls, and the calls (none when tools are off)."""
+        if not self.tools_on:
+            return self.stream.parts(text)[1], []
+        answer, calls, _ = answer_and_tool_calls(self.stream, text, final=True)
+        return answer, calls
 
     def render(self, text: str, with_stats: bool = True) -> list:
         reasoning, answer, thought = self.stream.parts(text)
+        calling = False
+        if self.tools_on:  # the raw call never shows: its bubble comes when it runs
+            answer, _, calling = answer_and_tool_calls(self.stream, text, final=self.stream.finish_reason is not None)
         bubbles = list(self.notes)
         if reasoning is not None:
             if thought and self.thought_for is None:
@@ -247,6 +357,8 @@ class AnswerView:
             bubbles.append(gr.ChatMessage(content=reasoning, metadata=metadata))
         if answer:
             bubbles.append(gr.ChatMessage(content=answer))
+        if calling:
+            bubbles.append(gr.ChatMessage(content="", metadata={"title": CALLING_TITLE, "status": "pending"}))
         if with_stats:
             bubbles.append(gr.ChatMessage(content="", metadata={"title": stats_line(self.stream),
                                                                 "status": "done"}))
@@ -264,18 +376,19 @@ def stats_line(stream) -> str:
 
 # ---------------------------------------------------------------- the UI
 
-def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int | None = None):
+def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int | None = None,
+               toolbox: Toolbox | None = None):
     """The chat UI on `runner`: its messages wait in `line` (shared with the API)."""
     line = line or waiting_line_for(runner)
     zero_gpu = on_zero_gpu()
-    chat_fn = make_chat_fn(runner, line, zero_gpu=zero_gpu)
+    chat_fn = make_chat_fn(runner, line, zero_gpu=zero_gpu, toolbox=toolbox)
     # ZeroGPU: one answer at a time, in Gradio's queue. Elsewhere every message enters the
     # chat function at once and waits in the app's line (with the API's requests).
     concurrency = 1 if zero_gpu else None
     examples = starter_examples()
     with gr.Blocks(title="Local model chat", fill_height=True) as demo:
         gr.Markdown("# Local model chat")
-        header = gr.Markdown(header_markdown(runner))
+        header = gr.Markdown(header_markdown(runner, toolbox))
         textbox = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"],
             placeholder=f"Type a message or attach up to {config.settings.max_images_per_message} images…",
@@ -316,7 +429,7 @@ def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: 
             timer = gr.Timer(1.0)
 
             def refresh_header():
-                return header_markdown(runner), gr.Timer(active=not runner.loaded)
+                return header_markdown(runner, toolbox), gr.Timer(active=not runner.loaded)
 
             timer.tick(refresh_header, outputs=[header, timer], queue=False,
                        api_visibility="undocumented")
@@ -326,9 +439,13 @@ def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: 
     return demo
 
 
-def header_markdown(runner) -> str:
+def header_markdown(runner, toolbox: Toolbox | None = None) -> str:
     if not runner.loaded:
         return f"**{runner.name or 'model'}** · ⏳ loading model…"
+    tools = ""
+    if toolbox is not None:
+        tools = f" · 🛠 tools: {', '.join(toolbox.names)}" if runner.supports_tools else \
+            " · 🛠 tools off: this model's chat template doesn't take tools in a form the app reads"
     kind = "vision-language" if runner.is_vision else "text-only"
     dtype = str(runner.dtype).removeprefix("torch.")
     if runner.quantization == "4bit":
@@ -338,7 +455,7 @@ def header_markdown(runner) -> str:
     compiled = " · compiled" if runner.compile else ""
     local = runner.device in ("cpu", "cuda", "mps")  # (a remote server batches in its own way)
     batched = " · batched" if local and not runner.one_at_a_time else ""
-    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}{compiled}{batched}"
+    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}{compiled}{batched}{tools}"
 
 
 def waiting_line_for(runner, max_waiting: int | None = None) -> WaitingLine:
@@ -389,7 +506,8 @@ def route_chat_events(demo, chat_fn, concurrency_limit: int | None):
 def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           auth: tuple[str, str] | None = None, api_key: str | None = None,
           max_new_tokens: int | None = None, block: bool = True, quiet: bool = False,
-          on_listening=None, queue_max_size: int | None = None, log_chats: bool = False):
+          on_listening=None, queue_max_size: int | None = None, log_chats: bool = False,
+          toolbox: Toolbox | None = None):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics.
     Returns (demo, local_url); with block=True only when the server stops. Left out, the
     answer length and the line's size are the settings' (config.settings)."""
@@ -397,7 +515,7 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     max_new_tokens = max_new_tokens or config.settings.max_new_tokens
     line = waiting_line_for(runner, queue_max_size)
     with gradio_app_built_at_launch_only():
-        demo = build_demo(runner, line, max_new_tokens)
+        demo = build_demo(runner, line, max_new_tokens, toolbox=toolbox)
         demo.queue(max_size=queue_max_size)
     wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
     if log_chats:  # off by default: prompts and answers are the users' business
@@ -492,6 +610,7 @@ class ModelSlot:
     is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
     compile = property(lambda self: self.runner.compile if self.runner else False)
     quantization = property(lambda self: self.runner.quantization if self.runner else None)
+    supports_tools = property(lambda self: self.runner.supports_tools if self.runner else False)
     active = property(lambda self: self.runner.active if self.runner else 0)
 
     def stream(self, messages, settings=None, cancelled: threading.Event | None = None):
@@ -538,6 +657,13 @@ def main(argv: list[str] | None = None) -> int:
                 return ModelRunner.load(model, **load_kwargs)
             return EngineProcess.start(model, **load_kwargs)
         slot = ModelSlot(name, load, one_at_a_time=True)
+    toolbox = None
+    if settings.tools:
+        try:
+            toolbox = Toolbox.load(settings.tools)
+        except ToolsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if settings.share and not settings.auth:
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
     auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
@@ -545,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     # would only make them fight for the GIL.
     demo, _ = serve(slot, host=settings.host, port=settings.port, share=settings.share, auth=auth,
                     api_key=settings.api_key, max_new_tokens=settings.max_new_tokens, block=False,
-                    on_listening=slot.start, log_chats=settings.log_chats)
+                    on_listening=slot.start, log_chats=settings.log_chats, toolbox=toolbox)
     slot.ready.wait()
     if slot.error is not None:
         message = str(slot.error) if isinstance(slot.error, ModelLoadError) else \
@@ -554,6 +680,13 @@ def main(argv: list[str] | None = None) -> int:
         demo.close()
         return 1
     log.info("Model ready: %s on %s (%s).", slot.name, slot.device, slot.dtype)
+    if toolbox is not None:
+        if slot.supports_tools:
+            log.info("Tools for the chat: %s.", ", ".join(toolbox.names))
+        else:
+            log.warning("Tools are off: %s's chat template doesn't take tools, or writes its calls in a "
+                        "shape the app doesn't read (it reads Hermes <tool_call> tags, or what the "
+                        "tokenizer's response_template describes). Qwen2.5 and Qwen3 do.", slot.name)
     demo.block_thread()
     return 0
 

@@ -30,6 +30,10 @@ def _flag(value: str) -> bool:
     raise ValueError("not 1/true/yes/on or 0/false/no/off")
 
 
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def _compile_choice(value: str) -> str:
     """auto, on, off; 1/true/yes and 0/false/no read as on and off."""
     value = value.strip().lower()
@@ -107,6 +111,14 @@ SETTINGS: tuple[Setting, ...] = (
             "rights: only for repos you trust (without it such models are refused)", option=True),
     Setting("in_process", False, "run the model in the web server's process instead of an engine process "
             "of its own (slower streaming; ZeroGPU Spaces always run in-process)", option=True),
+    # -- tools
+    Setting("tools", None, "tools the model may call in the chat: a Python file whose public functions "
+            "(type hints + Google-style docstring) become tools, or 'builtin' (a calculator, the date "
+            "and time). Repeatable; the variable takes a comma-separated list", option=True,
+            kind=_comma_list, metavar="PATH.py|builtin"),
+    Setting("tool_timeout_s", 30.0, "a tool running longer is abandoned; its result says so"),
+    Setting("max_tool_steps", 5, "tool calls the model may make for one message (generate, call, "
+            "generate...); beyond, the chat says it stopped there"),
     # -- answers
     Setting("max_new_tokens", 512, "default answer length: the slider's start, and the API's max_tokens "
             "when a request gives none", option=True, metavar="N"),
@@ -140,6 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
             "it, then gets HTTP 503 model_loading"),
     Setting("api_retry_after_s", 5, "the Retry-After of those 503s"),
     Setting("api_max_messages", 512, "messages in one API request; more: HTTP 400"),
+    Setting("api_max_tools", 64, "tools in one API request; more: HTTP 400"),
     Setting("api_max_stop_strings", 4, "stop sequences in one API request; more: HTTP 400"),
     Setting("api_max_image_bytes", 20 * 1024 * 1024, "one decoded data: URL image; larger: HTTP 400"),
     # -- the remote backend
@@ -180,6 +193,10 @@ class Settings:
                                     default=getattr(self, setting.name), help=help_text)
             else:
                 kind = setting.kind or (str if setting.default is None else type(setting.default))
+                if kind is _comma_list:  # repeatable on the command line
+                    parser.add_argument(setting.flag, action="append", default=None, help=help_text,
+                                        metavar=setting.metavar)
+                    continue
                 parser.add_argument(setting.flag, default=getattr(self, setting.name), help=help_text,
                                     type=kind, choices=setting.choices or None, metavar=setting.metavar,
                                     **({"nargs": "?", "const": "on"} if setting.name == "compile" else {}))
@@ -192,8 +209,13 @@ class Settings:
             parser.error("; ".join(self.problems))
         values = parser.parse_args(argv)
         for setting in SETTINGS:
+            value = getattr(values, setting.name, None)
+            if setting.kind is _comma_list:
+                if value is None:  # not on the command line: the environment's stays
+                    continue
+                value = [item for text in value for item in _comma_list(text)]
             if setting.option:
-                setattr(self, setting.name, getattr(values, setting.name))
+                setattr(self, setting.name, value)
         problem = self.problem()
         if problem:
             parser.error(problem)
@@ -209,6 +231,8 @@ class Settings:
             return f"--max-new-tokens must be between 1 and {self.max_new_tokens_limit}"
         if self.torch_threads < 0:
             return "--torch-threads must be 0 (the default: the cores less one) or more"
+        if self.max_tool_steps < 1:
+            return "MAX_TOOL_STEPS must be 1 or more"
         return None
 
 

@@ -2,13 +2,16 @@
 within the limits, joining neighbouring turns, and splitting reasoning from the answer.
 Every engine (local, engine process, remote) goes through here.
 
-Messages are the neutral chat format: a role ("system" | "user" | "assistant") and a
-list of parts, `{"type": "text", "text": ...}` or `{"type": "image", "image": <path or
+Messages are the neutral chat format: a role ("system" | "user" | "assistant" | "tool")
+and a list of parts, `{"type": "text", "text": ...}` or `{"type": "image", "image": <path or
 PIL.Image>}` (`{"type": "file", "path": ...}` for an attachment that is not an image).
+An assistant message may carry `tool_calls: [{"id", "name", "arguments": dict}]`; a tool
+message carries `tool_call_id` and `name`, its result as a text part.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from PIL import Image
@@ -30,11 +33,11 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
     appended to `notices`. Messages keep their roles and order; `alternate_roles` joins
     neighbours of one role once the conversation has been fitted into the context."""
     notices = [] if notices is None else notices
-    if not messages or messages[-1]["role"] != "user":
-        raise ChatInputError("The conversation must end with a user message.")
+    if not messages or messages[-1]["role"] not in ("user", "tool"):
+        raise ChatInputError("The conversation must end with a user message (or a tool's result).")
     last = messages[-1]
-    if not any(p.get("type") in ("image", "file") or (p.get("text") or "").strip()
-               for p in last["content"]):
+    if last["role"] == "user" and not any(p.get("type") in ("image", "file") or (p.get("text") or "").strip()
+                                          for p in last["content"]):
         raise ChatInputError("The message is empty: type some text or attach an image.")
     new_images = [p for p in last["content"] if _is_image(p)]
     if new_images and not sees_images:
@@ -77,8 +80,9 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
                     left_out += 1
             elif part.get("text"):
                 parts.append({"type": "text", "text": part["text"]})
-        if parts:
-            prepared.append({"role": message["role"], "content": parts[::-1]})
+        if parts or message.get("tool_calls") or message["role"] == "tool":
+            extras = {key: message[key] for key in TOOL_KEYS if key in message}
+            prepared.append({"role": message["role"], "content": parts[::-1], **extras})
     prepared.reverse()
     if left_out:
         notices.append(f"The model sees the latest {config.settings.max_images_per_conversation} images of this chat; "
@@ -86,16 +90,87 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
     return prepared
 
 
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
+
+
 def alternate_roles(messages: list[dict]) -> list[dict]:
     """Join neighbouring messages of one role (e.g. two user messages sent through the API
-    in a row): many chat templates need user and assistant to alternate."""
+    in a row): many chat templates need user and assistant to alternate. Tool results stay
+    one message each; an assistant's text and its tool calls join into one message."""
     joined: list[dict] = []
     for message in messages:
-        if joined and joined[-1]["role"] == message["role"]:
-            joined[-1] = {"role": message["role"], "content": joined[-1]["content"] + message["content"]}
+        if joined and joined[-1]["role"] == message["role"] != "tool" \
+                and not joined[-1].get("tool_calls"):
+            merged = {**joined[-1], "content": joined[-1]["content"] + message["content"]}
+            if message.get("tool_calls"):
+                merged["tool_calls"] = list(message["tool_calls"])
+            joined[-1] = merged
         else:
-            joined.append({"role": message["role"], "content": list(message["content"])})
+            joined.append({**message, "content": list(message["content"])})
     return joined
+
+
+# ---------------------------------------------------------------- tool calls in generated text
+
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"  # Hermes: Qwen2.5/3, Hermes, SmolLM3, ...
+
+
+def split_tool_calls(text: str, final: bool = False) -> tuple[str, list[dict], bool]:
+    """Generated text → (the answer without its tool calls, the calls as {"name",
+    "arguments": dict}, a call still being written?). The Hermes format most chat templates
+    use: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. While streaming (not
+    `final`) a partial "<tool_call" at the end is held back; a call cut off by the end of the
+    answer is left out; a closed block that isn't a valid call stays in the answer as text."""
+    answer, calls, position = [], [], 0
+    while True:
+        start = text.find(TOOL_CALL_START, position)
+        if start < 0:
+            tail = text[position:]
+            if not final:
+                held = max((k for k in range(1, len(TOOL_CALL_START)) if tail.endswith(TOOL_CALL_START[:k])),
+                           default=0)
+                tail = tail[:len(tail) - held]
+            answer.append(tail)
+            return "".join(answer).strip(), calls, False
+        answer.append(text[position:start])
+        end = text.find(TOOL_CALL_END, start)
+        if end < 0:  # a call still being written; at the end, one cut off (max tokens): left out
+            return "".join(answer).strip(), calls, not final
+        call = parse_tool_call(text[start + len(TOOL_CALL_START):end])
+        if call is None:
+            answer.append(text[start:end + len(TOOL_CALL_END)])
+        else:
+            calls.append(call)
+        position = end + len(TOOL_CALL_END)
+
+
+def answer_and_tool_calls(stream, text: str, final: bool) -> tuple[str, list[dict], bool]:
+    """A stream's answer without its tool calls, the calls, and whether one is being
+    written: once the answer has ended, as the engine parsed it with the model's own
+    response_template (stream.parsed_reply), else read from the text in the Hermes format."""
+    if final and stream.parsed_reply is not None:
+        return stream.parsed_reply["content"], stream.parsed_reply["tool_calls"], False
+    _, answer, _ = stream.parts(text)
+    return split_tool_calls(answer, final=final)
+
+
+def parse_tool_call(body: str) -> dict | None:
+    """`{"name": ..., "arguments": {...} or "json"}` → {"name", "arguments": dict}, or None."""
+    try:
+        call = json.loads(body.strip())
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return {"name": call["name"], "arguments": arguments}
 
 
 REASONING_START, REASONING_END = "<think>", "</think>"  # Qwen3, DeepSeek-R1, SmolLM3, ...

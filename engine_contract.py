@@ -50,6 +50,8 @@ class GenerationSettings:
     max_updates_per_second: float = field(  # fewer for long chats (app.py)
         default_factory=lambda: config.settings.max_updates_per_second)
     min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
+    tools: list[dict] | None = None  # JSON schemas ({"type": "function", "function": {...}}) for the template
+    continues_answer: bool = False   # a tool loop's next step: it generates before requests that came later
 
 
 @runtime_checkable
@@ -75,6 +77,8 @@ class Stream(Protocol):
     error: BaseException | None
     time_to_first_token: float | None
     tokens_per_second: float | None
+    parsed_reply: dict | None         # with tools and a tokenizer response_template, once ended:
+                                      # {"content", "tool_calls": [{"name", "arguments"}]}
 
     def __iter__(self) -> Iterator[str]: ...
 
@@ -103,6 +107,7 @@ class Runner(Protocol):
     is_vision: bool        # takes images
     compile: bool          # generates with a compiled static cache
     quantization: str | None  # "4bit" | "8bit" (bitsandbytes weights) | None
+    supports_tools: bool   # its chat template takes tools (GenerationSettings.tools)
     loaded: bool           # False only while app.ModelSlot waits for the model
     one_at_a_time: bool    # answers one request at a time (the others wait in line)
     active: int            # answers generating now

@@ -77,6 +77,7 @@ class Ready:
     compile: bool
     one_at_a_time: bool   # False: continuous batching
     quantization: str | None
+    supports_tools: bool
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Ended:
     closed_at: float | None
     tokens_after_close: int | None
     token_times: list[float] | None
+    parsed_reply: dict | None
 
     @classmethod
     def of(cls, request_id: int, stream, sent: str) -> "Ended":
@@ -193,7 +195,7 @@ class EngineProcess:
             raise ModelLoadError(ready.message)
         self.name, self.device, self.dtype, self.is_vision, self.compile, self.one_at_a_time = (
             ready.name, ready.device, ready.dtype, ready.is_vision, ready.compile, ready.one_at_a_time)
-        self.quantization = ready.quantization
+        self.quantization, self.supports_tools = ready.quantization, ready.supports_tools
         self._process, self._commands, self._streams = process, command_writer, {}
         threading.Thread(target=self._read_events, args=(event_reader, process, self._streams),
                          name="engine-events", daemon=True).start()
@@ -265,7 +267,7 @@ class EngineProcess:
                     request_id=request_id, text=None, error=str(error), finish_reason="error",
                     new_tokens=stream.new_tokens, first_token_at=stream.first_token_at,
                     last_token_at=stream.last_token_at, ended_at=None, closed_at=stream.closed_at,
-                    tokens_after_close=None, token_times=None))
+                    tokens_after_close=None, token_times=None, parsed_reply=None))
                 notify_finished(self.finish_listeners, stream)
             else:
                 stream._on_refused(error)
@@ -339,6 +341,7 @@ class EngineStream(StreamFigures):
         self.closed_at: float | None = None
         self.tokens_after_close: int | None = None
         self.token_times: list[float] | None = None  # when the engine records them (benchmarks)
+        self.parsed_reply: dict | None = None
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
 
@@ -519,7 +522,7 @@ def _engine_main(commands, events, load_kwargs: dict) -> None:
         events.send(LoadFailed(f"Can't load the model: {type(error).__name__}: {error}"))
         return
     events.send(Ready(runner.name, runner.device, str(runner.dtype), runner.is_vision, runner.compile,
-                      runner.one_at_a_time, runner.quantization))
+                      runner.one_at_a_time, runner.quantization, runner.supports_tools))
     _EngineServer(runner, events).run(commands)
     events.close()
     # No interpreter teardown: native threads (torch, tokenizers) abort noisily in it.

@@ -16,6 +16,9 @@ or `{"type": "image", "image": <path or PIL.Image>}`.
 
 from __future__ import annotations
 
+import collections
+import functools
+import json
 import logging
 import os
 import queue
@@ -39,7 +42,14 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 import config
-from conversation import REASONING_START, alternate_roles, last_user_text, prepare_messages, split_reasoning
+from conversation import (
+    REASONING_START,
+    TOOL_CALL_START,
+    alternate_roles,
+    last_user_text,
+    prepare_messages,
+    split_reasoning,
+)
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
     Cancelled,
     ChatInputError,
@@ -157,6 +167,7 @@ class IncrementalTextStreamer(BaseStreamer):
         self.on_text = on_text
         self.times: list[float] | None = [] if record_times else None
         self.new_tokens = 0
+        self.ids: list[int] = []  # the answer's token ids (a response_template parses them)
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self._prompt_seen = False
@@ -187,6 +198,7 @@ class IncrementalTextStreamer(BaseStreamer):
             self.first_token_at = self.last_token_at
         for token_id in value.reshape(-1).tolist():
             self.new_tokens += 1
+            self.ids.append(token_id)
             if self.times is not None:
                 self.times.append(self.last_token_at)
             text = self._step(token_id)
@@ -224,7 +236,9 @@ class TextStream(StreamFigures):
     def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
                  stop: list[str] = (), seed: int | None = None,
                  max_updates_per_second: float = config.settings.max_updates_per_second,
-                 on_update=None, cancelled: threading.Event | None = None):
+                 on_update=None, cancelled: threading.Event | None = None, reply_parsing: tuple | None = None,
+                 continues: bool = False):
+        self._continues = continues  # a tool loop's next step: it goes before later requests
         self._updates: queue.SimpleQueue | None = None if on_update else queue.SimpleQueue()
         self._hand_out = on_update or self._updates.put
         self._throttle = UpdateThrottle(max_updates_per_second)
@@ -243,6 +257,8 @@ class TextStream(StreamFigures):
         self.notices: list[str] = []
         self.request_text = ""
         self.starts_in_reasoning = False
+        self.parsed_reply: dict | None = None
+        self._reply_parsing = reply_parsing  # (template, prompt ids, tools): parsed at the end
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
         self.closed_at: float | None = None
@@ -254,7 +270,7 @@ class TextStream(StreamFigures):
             target=self._generate, args=(inputs, generation_config, seed), daemon=True,
             name="generate")
         runner = self._runner
-        runner._lock.acquire()  # one generation per model; released by the thread
+        runner._lock.acquire(first=self._continues)  # one generation per model; released by the thread
         if cancelled is not None and cancelled.is_set():  # withdrawn while it waited for the engine
             runner._lock.release()
             raise Cancelled()
@@ -295,6 +311,8 @@ class TextStream(StreamFigures):
             self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
         if self._stop_reason != "stop":
             self.text = self._raw  # a held-back partial stop string that never completed
+        if self._reply_parsing and self.error is None:
+            self.parsed_reply = self._runner.parse_reply(self._streamer.ids, *self._reply_parsing)
         if self._throttle.last(self.text):
             self._show(self.text)
         if self._updates is not None:
@@ -455,6 +473,34 @@ class BatchedStream(TextStream):
 
 # ---------------------------------------------------------------- the runner
 
+class Turns:
+    """The model's one generation at a time, handed out in the order asked for (a plain lock
+    picks any waiter); `first=True` (a tool loop's next step, whose answer already began)
+    goes before those waiting."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._busy = False
+        self._waiting: collections.deque = collections.deque()
+
+    def acquire(self, first: bool = False) -> None:
+        ticket = object()
+        with self._changed:
+            if first:
+                self._waiting.appendleft(ticket)
+            else:
+                self._waiting.append(ticket)
+            while self._busy or self._waiting[0] is not ticket:
+                self._changed.wait()
+            self._waiting.popleft()
+            self._busy = True
+
+    def release(self) -> None:
+        with self._changed:
+            self._busy = False
+            self._changed.notify_all()
+
+
 def tries_compile(setting: str, device: str) -> bool:
     """--compile auto compiles on CUDA only: elsewhere torch.compile of decoding isn't used by
     transformers, and the static cache alone is slower than the default one (README)."""
@@ -500,7 +546,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.is_vision = is_vision
-        self._lock = threading.Lock()
+        self._lock = Turns()
         self.batcher = None  # a batching.ContinuousBatcher: answers share the forward passes
         self.active = 0    # answers generating
         self.finish_listeners: list = []  # called with each TextStream when it ends (metrics)
@@ -663,31 +709,71 @@ class ModelRunner:
         return getattr(text_config, "max_position_embeddings", None)
 
     def build_inputs(self, messages: list[dict], reserve_tokens: int = 1,
-                     notices: list[str] | None = None):
-        """Chat messages → model inputs via the model's own chat template, leaving room for
-        `reserve_tokens` new tokens. When the conversation doesn't fit, the oldest turns are
-        left out (and a notice says so); a last message that alone doesn't fit is refused."""
+                     notices: list[str] | None = None, tools: list[dict] | None = None):
+        """Chat messages → model inputs via the model's own chat template (with `tools`,
+        JSON schemas, when given), leaving room for `reserve_tokens` new tokens. When the
+        conversation doesn't fit, the oldest turns are left out (and a notice says so); a
+        last message that alone doesn't fit is refused."""
         notices = [] if notices is None else notices
         messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
                                     notices=notices)
-        inputs = self._apply_chat_template(messages)
+        inputs = self._apply_chat_template(messages, tools)
         limit = self.context_length
         if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:
-            inputs = self._fit_in_context(messages, limit - reserve_tokens, notices)
+            inputs = self._fit_in_context(messages, limit - reserve_tokens, notices, tools)
         if self.is_vision:  # BatchFeature: also casts pixel values to the model's dtype
             return inputs.to(self.model.device, dtype=self.dtype)
         return inputs.to(self.model.device)
 
-    def _apply_chat_template(self, messages: list[dict]):
-        messages = alternate_roles(messages)
-        if not self.is_vision:  # text-only templates often expect plain strings
-            messages = [{"role": m["role"], "content": "\n".join(p["text"] for p in m["content"])}
-                        for m in messages]
+    def _template_messages(self, messages: list[dict]) -> list[dict]:
+        """Neutral messages → the shape chat templates expect: text-only templates often
+        want plain strings; tool calls as {"type": "function", "function": {...}}."""
+        shaped = []
+        for message in alternate_roles(messages):
+            text = "\n".join(p["text"] for p in message["content"] if p.get("type") == "text")
+            if message["role"] == "tool":
+                shaped.append({"role": "tool", "content": text, "tool_call_id": message.get("tool_call_id"),
+                               "name": message.get("name")})
+                continue
+            item = {"role": message["role"], "content": message["content"] if self.is_vision else text}
+            if message.get("tool_calls"):
+                item["tool_calls"] = [{"id": call["id"], "type": "function",
+                                       "function": {"name": call["name"], "arguments": call["arguments"]}}
+                                      for call in message["tool_calls"]]
+            shaped.append(item)
+        return shaped
+
+    def _apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None):
         template_owner = self.processor if self.is_vision else self.tokenizer
         return template_owner.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+            self._template_messages(messages), tools=tools or None, add_generation_prompt=True, tokenize=True,
+            return_dict=True, return_tensors="pt")
 
-    def _fit_in_context(self, messages: list[dict], budget: int, notices: list[str]):
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """Can the model call tools here? Its chat template must show it the tools and write
+        an assistant's calls in a shape the app reads back from its answers: the Hermes
+        `<tool_call>` tags, or any shape when the tokenizer ships a response_template
+        (transformers parses it). Llama 3.x's bare JSON calls, for one, are not read."""
+        probe = {"type": "function", "function": {"name": "tool_support_probe", "description": "A probe.",
+                                                  "parameters": {"type": "object", "properties": {}}}}
+        messages = [
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+            {"role": "assistant", "content": [], "tool_calls": [
+                {"id": "call_probe", "name": "tool_support_probe", "arguments": {}}]},
+            {"role": "tool", "tool_call_id": "call_probe", "name": "tool_support_probe",
+             "content": [{"type": "text", "text": "probe result"}]}]
+        template_owner = self.processor if self.is_vision else self.tokenizer
+        try:
+            rendered = str(template_owner.apply_chat_template(
+                self._template_messages(messages), tools=[probe], tokenize=False, add_generation_prompt=True))
+        except Exception:
+            return False
+        shows_tools = rendered.count("tool_support_probe") >= 2  # the tools, and the call
+        readable = TOOL_CALL_START in rendered or getattr(self.tokenizer, "response_template", None) is not None
+        return shows_tools and readable
+
+    def _fit_in_context(self, messages: list[dict], budget: int, notices: list[str], tools: list[dict] | None):
         system = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(system):]
         # Cut before a user message, keeping whole turns; two user messages in a row (one
@@ -698,7 +784,7 @@ class ModelRunner:
 
         def try_cut(i):  # inputs without the first turns[:i], or None when still too long
             if i not in fits:
-                inputs = self._apply_chat_template(system + turns[i:])
+                inputs = self._apply_chat_template(system + turns[i:], tools)
                 fits[i] = inputs if inputs["input_ids"].shape[-1] <= budget else None
             return fits[i]
 
@@ -710,7 +796,7 @@ class ModelRunner:
             else:
                 low = middle + 1
         if low == len(cuts):
-            last = self._apply_chat_template(system + turns[-1:])["input_ids"].shape[-1]
+            last = self._apply_chat_template(system + turns[-1:], tools)["input_ids"].shape[-1]
             raise ChatInputError(
                 f"This message is too long for the model: {last} tokens, and its context holds "
                 f"{self.context_length} (with room for the answer). Send a shorter message.")
@@ -761,7 +847,7 @@ class ModelRunner:
         limit = self.context_length
         # Room for the answer: all of max_new_tokens if possible, at least a quarter of the context.
         reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
-        inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices)
+        inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices, tools=settings.tools)
         generation = self.generation_config(settings)
         prompt_tokens = inputs["input_ids"].shape[-1]
         if limit:  # the answer ends ("length") where the context is full
@@ -772,9 +858,13 @@ class ModelRunner:
                      prompt_tokens, generation.max_new_tokens, generation.max_cache_len)
             generation.cache_implementation = self.model.generation_config.cache_implementation
             generation.max_cache_len = None
+        template = getattr(self.tokenizer, "response_template", None)
+        reply_parsing = (template, inputs["input_ids"][0].tolist(), settings.tools) \
+            if settings.tools and template else None
         stream = (BatchedStream if self.batcher else TextStream)(
             self, inputs, generation, stop=settings.stop, seed=settings.seed,
-            max_updates_per_second=settings.max_updates_per_second, on_update=on_update, cancelled=cancelled)
+            max_updates_per_second=settings.max_updates_per_second, on_update=on_update, cancelled=cancelled,
+            reply_parsing=reply_parsing, continues=settings.continues_answer)
         if stream.max_new_tokens < generation.max_new_tokens:  # the batching cache cut it
             notices.append(f"This answer can be at most {stream.max_new_tokens} tokens long: that is what "
                            f"the batching cache holds beside this conversation.")
@@ -783,6 +873,28 @@ class ModelRunner:
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
         stream.starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START)
         return stream
+
+    def parse_reply(self, answer_ids: list[int], template: dict, prompt_ids: list[int],
+                    tools: list[dict]) -> dict | None:
+        """An ended answer → {"content", "tool_calls": [{"name", "arguments": dict}]} with
+        the model's own response_template (transformers' parse_response, on the raw tokens,
+        special ones included); None when it can't (the Hermes reading applies then)."""
+        try:
+            parsed = self.tokenizer.parse_response(answer_ids, template, prefix=prompt_ids, tools=tools)
+            calls = []
+            for call in parsed.get("tool_calls") or []:
+                function = call.get("function", call)
+                arguments = function.get("arguments") or {}
+                if isinstance(arguments, str):
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                if not isinstance(arguments, dict) or not isinstance(function.get("name"), str):
+                    raise ValueError(f"a tool call without a name or object arguments: {call!r}")
+                calls.append({"name": function["name"], "arguments": arguments})
+            return {"content": str(parsed.get("content") or "").strip(), "tool_calls": calls}
+        except Exception as error:
+            log.warning("The model's response_template could not parse this answer (%s: %s); its tool "
+                        "calls are read in the Hermes format instead.", type(error).__name__, error)
+            return None
 
     def _describe_failure(self, error: BaseException) -> GenerationError:
         if isinstance(error, torch.OutOfMemoryError):

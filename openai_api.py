@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import config
 from conversation import load_image
+from conversation import answer_and_tool_calls
 from engine_contract import Cancelled, ChatInputError, GenerationError, GenerationSettings
 from waiting_line import LineFull, WaitingLine
 
@@ -67,10 +68,39 @@ class ContentPart(BaseModel):
     image_url: ImageURL | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = "{}"   # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None     # an assistant's calls
+    tool_call_id: str | None = None              # a tool's result: for which call
+    name: str | None = None
+
+
+class FunctionSchema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionSchema
 
 
 class ChatCompletionRequest(BaseModel):
@@ -86,6 +116,8 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
     stream_options: dict | None = None
+    tools: list[Tool] | None = Field(None, max_length=config.settings.api_max_tools)
+    tool_choice: str | dict | None = None
 
     @field_validator("stop")
     @classmethod
@@ -99,18 +131,22 @@ class ChatCompletionRequest(BaseModel):
 # ---------------------------------------------------------------- request → engine
 
 def to_engine_messages(request: ChatCompletionRequest) -> list[dict]:
-    """OpenAI messages → the engine's neutral messages (images decoded to PIL).
-    A bad image in the last message is a 400; one in an earlier message was refused when it
-    was sent, so it is left out, as in the chat UI, rather than blocking the conversation."""
+    """OpenAI messages → the engine's neutral messages (images decoded to PIL, tool-call
+    arguments decoded from their JSON strings). A bad image in the last message is a 400;
+    one in an earlier message was refused when it was sent, so it is left out, as in the
+    chat UI, rather than blocking the conversation."""
     messages = []
     last = len(request.messages) - 1
+    names_of_calls = {}
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
         content = message.content
-        if content is None:
+        if content is None and not message.tool_calls and role != "tool":
             continue
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
+        if content is None:
+            parts = []
+        elif isinstance(content, str):
+            parts = [{"type": "text", "text": content}] if content or role == "tool" else []
         else:
             parts = []
             for j, part in enumerate(content):
@@ -126,10 +162,59 @@ def to_engine_messages(request: ChatCompletionRequest) -> list[dict]:
                     except APIError:
                         if i == last:
                             raise
-        messages.append({"role": role, "content": parts})
-    if not messages or messages[-1]["role"] != "user":
-        raise APIError(400, "The last message must be a user message.", param="messages")
+        converted = {"role": role, "content": parts}
+        if message.tool_calls and role == "assistant":
+            converted["tool_calls"] = [{"id": call.id, "name": call.function.name,
+                                        "arguments": decode_arguments(call.function.arguments,
+                                                                      f"messages[{i}].tool_calls[{k}]")}
+                                       for k, call in enumerate(message.tool_calls)]
+            names_of_calls.update({call.id: call.function.name for call in message.tool_calls})
+        if role == "tool":
+            if not message.tool_call_id:
+                raise APIError(400, "A tool message needs the tool_call_id of the call it answers.",
+                               param=f"messages[{i}].tool_call_id")
+            converted["tool_call_id"] = message.tool_call_id
+            converted["name"] = message.name or names_of_calls.get(message.tool_call_id, "")
+        messages.append(converted)
+    if not messages or messages[-1]["role"] not in ("user", "tool"):
+        raise APIError(400, "The last message must be a user message (or a tool's result).", param="messages")
     return messages
+
+
+def decode_arguments(arguments: str, param: str) -> dict:
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        raise APIError(400, "A tool call's arguments must be a JSON object (as a string).",
+                       param=param + ".function.arguments") from None
+    if not isinstance(value, dict):
+        raise APIError(400, "A tool call's arguments must be a JSON object.", param=param + ".function.arguments")
+    return value
+
+
+def tools_of(request: ChatCompletionRequest, supports_tools: bool) -> list[dict] | None:
+    """The tools the model is shown, as tool_choice says: auto (all), none (none), or a named
+    function (that one alone: the model is shown only it, not forced to call it)."""
+    if not request.tools or request.tool_choice == "none":
+        return None
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
+    choice = request.tool_choice
+    if choice in (None, "auto"):
+        pass
+    elif isinstance(choice, dict) and choice.get("type") == "function" \
+            and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        tools = [tool for tool in tools if tool["function"]["name"] == name]
+        if not tools:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
+    else:
+        raise APIError(400, "tool_choice can be auto, none or {\"type\": \"function\", \"function\": "
+                            "{\"name\": ...}}; required is not supported (the model can't be forced "
+                            "to call a tool).", param="tool_choice")
+    if not supports_tools:
+        raise APIError(400, "This model's chat template doesn't take tools, so it can't call them; "
+                            "send the request without tools.", param="tools", code="tools_not_supported")
+    return tools
 
 
 def decode_image(url: str, param: str):
@@ -255,6 +340,8 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
                                 f"{runner.name!r}.", param="model", code="model_not_found")
         messages = await anyio.to_thread.run_sync(to_engine_messages, body)
         settings = to_settings(body, default_max_tokens or config.settings.max_new_tokens)
+        if runner.loaded:  # (else once it is)
+            settings.tools = tools_of(body, runner.supports_tools)
         try:
             place = line.join("api")
         except LineFull as full:
@@ -264,6 +351,7 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
             async for _ in place.waiting(recheck_s=0.5):
                 await give_up_if_due(deadline, request)
             await until_loaded(deadline, request)
+            settings.tools = tools_of(body, runner.supports_tools)
             stream = await start_stream(messages, settings, request)
             place.started(stream)
         except ChatInputError as error:
@@ -281,9 +369,9 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
             # The background task closes the stream even when the client is gone before the
             # first event is sent (the generator, whose finally closes it, never runs then).
             return EventSourceResponse(
-                sse_chunks(stream, completion_id, created, runner.name, include_usage),
+                sse_chunks(stream, completion_id, created, runner.name, include_usage, tools=bool(settings.tools)),
                 ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
-        return await complete(stream, request, completion_id, created, runner.name)
+        return await complete(stream, request, completion_id, created, runner.name, tools=bool(settings.tools))
 
     return api
 
@@ -314,11 +402,19 @@ def usage_of(stream) -> dict:
             "total_tokens": stream.prompt_tokens + stream.new_tokens}
 
 
-def finish_reason_of(stream) -> str:
+def finish_reason_of(stream, calls: list | None = None) -> str:
+    if calls:
+        return "tool_calls"
     return "length" if stream.finish_reason == "length" else "stop"
 
 
-async def complete(stream, request: Request, completion_id, created, model):
+def openai_tool_calls(calls: list[dict]) -> list[dict]:
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            for call in calls]
+
+
+async def complete(stream, request: Request, completion_id, created, model, tools: bool = False):
     sent = ""
     try:
         async for text in updates(stream):
@@ -328,17 +424,25 @@ async def complete(stream, request: Request, completion_id, created, model):
     except GenerationError as error:
         raise APIError(500, str(error), type="server_error", code="generation_failed") from None
     reasoning, answer, _ = stream.parts(sent)
-    message = {"role": "assistant", "content": answer}
+    calls = []
+    if tools:
+        answer, calls, _ = answer_and_tool_calls(stream, sent, final=stream.finish_reason is not None)
+    message = {"role": "assistant", "content": answer or (None if calls else "")}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = openai_tool_calls(calls)
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_of(stream)}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_of(stream, calls)}],
         "usage": usage_of(stream),
     }
 
 
-async def sse_chunks(stream, completion_id, created, model, include_usage: bool):
+async def sse_chunks(stream, completion_id, created, model, include_usage: bool, tools: bool = False):
+    """The answer as OpenAI's chunks: reasoning_content and content deltas as they grow; each
+    tool call, once complete, as one delta.tool_calls chunk (id, name, arguments), as
+    transformers' serve sends them. A call's raw text never goes out as content."""
     def chunk(delta: dict, finish_reason=None, **extra) -> dict:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [{"index": 0, "delta": delta,
@@ -347,9 +451,13 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool)
 
     yield chunk({"role": "assistant", "content": ""})
     sent_reasoning = sent_answer = ""
+    sent_calls: list = []
     try:
         async for text in updates(stream):
             reasoning, answer, _ = stream.parts(text)
+            calls = []
+            if tools:
+                answer, calls, _ = answer_and_tool_calls(stream, text, final=False)
             delta = {}
             if reasoning and reasoning.startswith(sent_reasoning) and reasoning != sent_reasoning:
                 delta["reasoning_content"] = reasoning[len(sent_reasoning):]
@@ -359,12 +467,22 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool)
                 sent_answer = answer
             if delta:
                 yield chunk(delta)
+            for index, call in enumerate(openai_tool_calls(calls[len(sent_calls):]), start=len(sent_calls)):
+                yield chunk({"tool_calls": [{"index": index, **call}]})
+            sent_calls = calls or sent_calls
     except GenerationError as error:
         yield {"data": json.dumps(APIError(500, str(error), type="server_error",
                                            code="generation_failed").body)}
         yield {"data": "[DONE]"}
         return
-    yield chunk({}, finish_reason_of(stream))
+    if tools:  # what the end settles: a partial tag held back, the template's parse
+        answer, calls, _ = answer_and_tool_calls(stream, stream.text, final=True)
+        if answer.startswith(sent_answer) and answer != sent_answer:
+            yield chunk({"content": answer[len(sent_answer):]})
+        for index, call in enumerate(openai_tool_calls(calls[len(sent_calls):]), start=len(sent_calls)):
+            yield chunk({"tool_calls": [{"index": index, **call}]})
+        sent_calls = calls or sent_calls
+    yield chunk({}, finish_reason_of(stream, sent_calls))
     if include_usage:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [], "usage": usage_of(stream)}

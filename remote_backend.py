@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -45,6 +46,7 @@ class RemoteRunner:
         self.is_vision = True  # the server decides; a text-only one answers with an error
         self.compile = False   # (the server's business)
         self.quantization = None
+        self.supports_tools = False  # (the server's tool calls aren't passed through)
         self.active = 0
         self.finish_listeners: list = []
 
@@ -99,8 +101,17 @@ def to_openai_message(message: dict) -> dict:
             data = base64.b64encode(buffer.getvalue()).decode("ascii")
             parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}})
     if message["role"] != "user" and all(p["type"] == "text" for p in parts):
-        return {"role": message["role"], "content": "\n".join(p["text"] for p in parts)}
-    return {"role": message["role"], "content": parts}
+        converted = {"role": message["role"], "content": "\n".join(p["text"] for p in parts)}
+    else:
+        converted = {"role": message["role"], "content": parts}
+    if message.get("tool_calls"):  # a saved chat's or an API client's tool round trip, as it was
+        converted["tool_calls"] = [{"id": call["id"], "type": "function", "function": {
+            "name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            for call in message["tool_calls"]]
+        converted["content"] = converted["content"] or None
+    if message["role"] == "tool":
+        converted["tool_call_id"] = message.get("tool_call_id")
+    return converted
 
 
 def _message_of(error: openai.APIError) -> str:
@@ -128,6 +139,7 @@ class RemoteStream(StreamFigures):
         self._chunks = 0
         self._usage_tokens: int | None = None
         self.finish_reason: str | None = None
+        self.parsed_reply: dict | None = None  # (tools are the local engine's)
         self.error: BaseException | None = None
         self.notices: list[str] = []
         self.request_text = ""

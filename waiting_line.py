@@ -84,16 +84,21 @@ class WaitingLine:
                 return 0
 
     def _start(self, place: "Place", stream) -> None:
+        """Its (first or next: a tool loop generates again) answer has started."""
         with self._lock:
-            if place not in self._waiting:  # it left (Stop, client gone) before it could start
+            if place.gone:  # it left (Stop, client gone) before it could start
                 return
-            self._waiting.remove(place)
+            was_waiting = place in self._waiting
+            if was_waiting:
+                self._waiting.remove(place)
             if self.one_at_a_time and stream is not None and stream.finish_reason is None:  # not over yet
                 self._generating[stream] = place
-        self._moved()
+        if was_waiting:
+            self._moved()
 
     def _leave(self, place: "Place") -> None:
         with self._lock:
+            place.gone = True
             was_waiting = place in self._waiting
             if was_waiting:
                 self._waiting.remove(place)
@@ -114,6 +119,7 @@ class Place:
     def __init__(self, line: WaitingLine, kind: str):
         self.line = line
         self.kind = kind
+        self.gone = False  # left the line for good
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
 

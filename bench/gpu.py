@@ -404,7 +404,6 @@ def measure_batching(bench: Bench, budget: float) -> None:
         if engine is not None:
             engine.close()
         manager.stop(block=True, timeout=30)
-        del manager, runner
         if args.device == "cuda":
             torch.cuda.empty_cache()
 

@@ -12,7 +12,7 @@ import pytest
 import app
 from engine_contract import ChatInputError, GenerationError, GenerationSettings, Runner
 from model_runner import BatchedStream, ModelRunner
-from tests.conftest import free_port, wait_for
+from tests.conftest import wait_for
 
 PROMPTS = ["hello there", "tell me a story about the river", "a b c d e f g", "why is the sky blue?",
            "one", "two words", "count to ten please", "what is a bridge"]

@@ -251,3 +251,26 @@ def test_reasoning_shows_in_its_own_thinking_block(serve, reasoning_runner, page
     assert answer_text(page).strip().startswith(answer.strip()[:10])
     assert reasoning.strip()[:10] not in answer_text(page), "the reasoning is not part of the answer"
     page.screenshot(path=str(ARTIFACTS / "reasoning.png"), full_page=True)
+
+
+def test_a_tool_call_shows_as_its_own_message_then_the_answer(serve, tiny_model_paths, tmp_path, page):
+    from model_runner import ModelRunner
+    from tools import Toolbox
+    tools_file = tmp_path / "weather.py"
+    tools_file.write_text('def get_weather(city: str) -> str:\n    """The weather.\n\n    Args:\n'
+                          '        city: A city.\n    """\n    return f"12 °C and sunny in {city}"\n')
+    runner = ModelRunner.load(str(tiny_model_paths["tools"]), device="cpu")
+    url, spy = serve(runner, max_new_tokens=20, toolbox=Toolbox.load([str(tools_file)]))
+    open_app(page, url)
+    expect(page.get_by_text("🛠 tools: get_weather")).to_be_visible()
+    answered(page, spy, lambda: send(page, "What's the weather in Paris?"))
+    wait_for(lambda: len(spy.streams) == 2 and spy.streams[-1].join(0), 60, "the answer after the tool")
+    wait_until_idle(page)
+    call = page.locator(".thought-group .title", has_text="🛠 get_weather")
+    expect(call).to_have_count(1)
+    call.click()  # open it: the arguments and the result are inside
+    expect(page.get_by_text("12 °C and sunny in Paris")).to_be_visible()
+    answer = answer_text(page)
+    assert answer and "<tool_call>" not in page.content()
+    assert spy.streams[-1].text.strip().startswith(answer.strip()[:10])
+    page.screenshot(path=str(ARTIFACTS / "tools.png"), full_page=True)

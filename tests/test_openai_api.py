@@ -84,7 +84,13 @@ def test_stop_sequences_seed_and_model_name(serve, llama_runner):
 
 BAD_REQUESTS = {
     "no messages": ({"messages": []}, 400, "messages"),
-    "tool role": ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+    "unknown role": ({"messages": [{"role": "function", "content": "x"}]}, 400, "role"),
+    "tool result without its call id": ({"messages": [{"role": "tool", "content": "x"}]}, 400, "tool_call_id"),
+    "tool call arguments not JSON": ({"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "f", "arguments": "{not json"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, 400, "arguments"),
     "last is assistant": ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
     "not base64": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "image_url"),

@@ -1,6 +1,6 @@
 r"""Tiny random-weight models for offline tests and demos.
 
-Builds four small models with random (but seeded, hence reproducible) weights and
+Builds five small models with random (but seeded, hence reproducible) weights and
 saves them with ``save_pretrained``, so that the app loads them through exactly the
 same code path as a hub checkpoint (``AutoConfig`` -> ``AutoProcessor`` +
 ``AutoModelForImageTextToText`` for VLMs, ``AutoTokenizer`` + ``AutoModelForCausalLM``
@@ -11,6 +11,8 @@ for text-only models):
 * ``llava``    - LlavaForConditionalGeneration (CLIP vision + Llama text), 32 px images
   -> 16 ``<image>`` tokens per image.
 * ``llama``    - text-only LlamaForCausalLM.
+* ``tools`` - text-only LlamaForCausalLM with a Hermes tool-calling template: greedy, it
+  answers a user message with one fixed ``get_weather`` call, a tool result with text.
 * ``reasoning`` - text-only LlamaForCausalLM that "thinks" like Qwen3 / DeepSeek-R1: the
   generation prompt ends with ``<think>\n`` and greedy output closes it with one ``</think>``
   (a non-special added token) ~14 tokens in (see ``build_reasoning_llama``).
@@ -29,7 +31,7 @@ mostly-ASCII nonsense. Building is seeded: the same files every time.
 
 Usage::
 
-    python tests/tiny_models.py OUT_DIR      # builds all four, prints their paths
+    python tests/tiny_models.py OUT_DIR      # builds all five, prints their paths
     python app.py --model OUT_DIR/idefics3   # offline demo
 """
 
@@ -158,12 +160,15 @@ def _silenced_ids(tokenizer) -> list[int]:
     return special + control
 
 
-def _finish(model, tokenizer, path: pathlib.Path, processor=None) -> pathlib.Path:
-    """Silence unwanted tokens in lm_head, set the generation config, save everything."""
+def _finish(model, tokenizer, path: pathlib.Path, processor=None, circuit=None) -> pathlib.Path:
+    """Silence unwanted tokens in lm_head, set the generation config, save everything.
+    `circuit(model, tokenizer)` then hand-sets weights (it may un-silence a row)."""
     with torch.no_grad():
         # Zero rows -> logit exactly 0 while the other logits are random with a large std,
         # so EOS / placeholders / control bytes are practically never the argmax.
         model.get_output_embeddings().weight[_silenced_ids(tokenizer)] = 0.0
+    if circuit:
+        circuit(model, tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -383,8 +388,84 @@ def build_reasoning_llama(path) -> pathlib.Path:
     return _finish(model, tokenizer, path)
 
 
+# Hermes-style tool calls (Qwen2.5, Qwen3, Hermes, ...): the template lists the tools in a
+# system turn, renders an assistant's calls as <tool_call>{json}</tool_call> and a tool's
+# result as a user turn in <tool_response>. Its generation prompt ends with "<|assistant|>"
+# after a user turn but with "<|assistant|>\n" after a tool result: that last token is what
+# the tool model's circuit keys on.
+TOOL_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if tools -%}{{- '<|system|>\nYou may call these tools:\n' -}}"
+    "{%- for tool in tools -%}{{- (tool | tojson) + '\n' -}}{%- endfor -%}"
+    "{{- '<end_of_utterance>\n' -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+    "{%- elif message['content'] -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{{- '<|user|>\n<tool_response>\n' + ns.text + '\n</tool_response><end_of_utterance>\n' -}}"
+    "{%- else -%}"
+    "{{- '<|' + message['role'] + '|>\n' + ns.text -}}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{{- '<tool_call>\n' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']}"
+    " | tojson) + '\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<end_of_utterance>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{%- if messages[-1]['role'] == 'tool' -%}{{- '<|assistant|>\n' -}}"
+    "{%- else -%}{{- '<|assistant|>' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+# The one call the tool model makes, in three added tokens.
+TOOL_CALL_PIECES = ["<tool_call>\n", '{"name": "get_weather", "arguments": {"city": "Paris"}}', "\n</tool_call>"]
+
+
+def _install_tool_call_circuit(model, tokenizer) -> None:
+    """A bigram chain: "<|assistant|>" -> the three call pieces -> EOS, whatever came before.
+    Four residual coordinates, one per link, are zero in every embedding but the link's
+    source (1 there), read and written by no layer, and looked at only by the link's target
+    row of lm_head (K); the targets' other lm_head columns are zero, so they are never
+    generated otherwise. After "<|assistant|>\n" (a tool result came) the output is random text."""
+    sources = tokenizer.convert_tokens_to_ids(["<|assistant|>", *TOOL_CALL_PIECES])
+    targets = [*sources[1:], tokenizer.eos_token_id]
+    reserved = list(range(len(sources)))
+    K = 400.0
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, reserved] = 0.0
+        for r, source in zip(reserved, sources):
+            emb[source, r] = 1.0
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                proj.weight[:, reserved] = 0.0
+            attn.o_proj.weight[reserved] = 0.0
+            mlp.down_proj.weight[reserved] = 0.0
+        lm_head = model.get_output_embeddings().weight
+        lm_head[:, reserved] = 0.0
+        lm_head[targets] = 0.0
+        for r, target in zip(reserved, targets):
+            lm_head[target, r] = K
+
+
+@_seeded
+def build_tool_llama(path) -> pathlib.Path:
+    """Text-only Llama whose template takes tools (Hermes format) and which, greedy, answers
+    a user message with exactly one call, <tool_call>\n{"name": "get_weather", "arguments":
+    {"city": "Paris"}}\n</tool_call>, then EOS; and a tool result with random text."""
+    tokenizer = build_tokenizer([], "")
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_CALL_PIECES])
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+    model = LlamaForCausalLM(_text_config(tokenizer))
+    return _finish(model, tokenizer, path, circuit=_install_tool_call_circuit)
+
+
 BUILDERS = {"idefics3": build_idefics3, "llava": build_llava, "llama": build_llama,
-            "reasoning": build_reasoning_llama}
+            "reasoning": build_reasoning_llama, "tools": build_tool_llama}
 
 
 def build_all(root) -> dict[str, pathlib.Path]:

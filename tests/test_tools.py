@@ -1,0 +1,497 @@
+"""Tools: the model calls them, the app runs them (UI) or hands them back (API), and the chat
+shows each call and its result as it happens. The tiny tool model (tests/tiny_models.py)
+answers a user message with one fixed call, get_weather({"city": "Paris"}), and a tool's
+result with text."""
+
+import json
+import textwrap
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from gradio_client import Client
+
+import app
+import config
+from conversation import split_tool_calls
+from engine_contract import GenerationSettings
+from model_runner import ModelRunner
+from tests.conftest import wait_for
+from tools import Toolbox, ToolsError
+
+CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+def write_tools(tmp_path, body: str, name: str = "weather_tools.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+WEATHER = '''
+    import time
+
+    CALLS = []
+
+
+    def get_weather(city: str) -> str:
+        """The weather in a city now.
+
+        Args:
+            city: The city's name.
+        """
+        CALLS.append(city)
+        return f"12 °C and sunny in {city}"
+
+
+    def _helper():
+        return "not a tool"
+'''
+
+
+@pytest.fixture(scope="module")
+def tools_runner(tiny_model_paths):
+    return ModelRunner.load(str(tiny_model_paths["tools"]), device="cpu")
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+def answer(runner, messages, settings):
+    with runner.stream(messages, settings) as stream:
+        for _ in stream:
+            pass
+    return stream
+
+
+# ---------------------------------------------------------------- the engine and the parsing
+
+def test_the_tool_model_calls_its_tool_and_answers_its_result_with_text(tools_runner, tmp_path):
+    toolbox = Toolbox.load([write_tools(tmp_path, WEATHER)])
+    assert tools_runner.supports_tools
+    settings = GenerationSettings(max_new_tokens=30, tools=toolbox.schemas)
+    first = answer(tools_runner, chat("What's the weather in Paris?"), settings)
+    text, calls, _ = split_tool_calls(first.text, final=True)
+    assert calls == [CALL] and text == "" and first.finish_reason == "stop"
+    messages = [*chat("What's the weather in Paris?"),
+                {"role": "assistant", "content": [], "tool_calls": [{"id": "call_1", **CALL}]},
+                {"role": "tool", "tool_call_id": "call_1", "name": "get_weather",
+                 "content": [{"type": "text", "text": "12 °C"}]}]
+    second = answer(tools_runner, messages, settings)
+    assert second.text and "<tool_call>" not in second.text and second.new_tokens == 30
+
+
+def test_a_template_without_tools_support_is_detected(llama_runner, tools_runner):
+    assert tools_runner.supports_tools and not llama_runner.supports_tools
+
+
+def test_tool_calls_are_cut_out_of_streamed_text():
+    assert split_tool_calls("Let me check.<tool_ca") == ("Let me check.", [], False)
+    assert split_tool_calls('Let me check.<tool_call>\n{"name": "get_wea') == ("Let me check.", [], True)
+    text = 'A<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>B<tool_call>{"name": "g"}</tool_call>'
+    assert split_tool_calls(text, final=True) == ("AB", [{"name": "f", "arguments": {"x": 1}},
+                                                       {"name": "g", "arguments": {}}], False)
+    assert split_tool_calls("<tool_call>not json</tool_call>", final=True)[1] == []
+
+
+# ---------------------------------------------------------------- the toolbox
+
+def test_a_tools_file_becomes_tools_and_builtin_adds_ours(tmp_path):
+    toolbox = Toolbox.load([write_tools(tmp_path, WEATHER), "builtin"])
+    assert toolbox.names == ["get_weather", "calculate", "current_time"]  # _helper is private
+    weather = toolbox.schemas[0]["function"]
+    assert weather["name"] == "get_weather" and weather["parameters"]["required"] == ["city"]
+    assert toolbox.run("calculate", {"expression": "(2 + 3) * 4 ** 2"}).text == "80"
+    for attack in ("__import__('os').system('true')", "open('/etc/passwd')", "9 ** 9 ** 9", "().__class__"):
+        result = toolbox.run("calculate", {"expression": attack})
+        assert result.failed and result.text.startswith("error:")
+    assert "UTC" in toolbox.run("current_time", {}).text
+
+
+def test_a_tools_file_that_cannot_be_used_is_refused_in_one_line(tmp_path):
+    no_docstring = write_tools(tmp_path, "def f(x: int) -> int:\n    return x\n", "bad.py")
+    with pytest.raises(ToolsError, match=r"f\(\) needs type hints and a Google-style docstring"):
+        Toolbox.load([no_docstring])
+    with pytest.raises(ToolsError, match="no such file"):
+        Toolbox.load([str(tmp_path / "missing.py")])
+
+
+def test_a_tool_that_raises_or_hangs_gives_an_error_result_not_a_crash(tmp_path):
+    toolbox = Toolbox.load([write_tools(tmp_path, '''
+        import time
+
+
+        def broken(city: str) -> str:
+            """Always fails.
+
+            Args:
+                city: A city.
+            """
+            raise ConnectionError("the weather service is down")
+
+
+        def slow(city: str) -> str:
+            """Takes its time.
+
+            Args:
+                city: A city.
+            """
+            time.sleep(30)
+            return "late"
+    ''', "flaky.py")])
+    assert toolbox.run("broken", {"city": "Paris"}).text == "error: ConnectionError: the weather service is down"
+    started = time.perf_counter()
+    result = toolbox.run("slow", {"city": "Paris"}, timeout=0.3)
+    assert result.failed and "longer than 0.3 s" in result.text and time.perf_counter() - started < 2
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    assert toolbox.run("slow", {"city": "Paris"}, timeout=30, cancelled=stop).text == "error: stopped by the user"
+    assert toolbox.run("broken", {"town": "Paris"}).text.startswith("error: TypeError")
+    assert "no tool named 'nope'" in toolbox.run("nope", {}).text
+
+
+# ---------------------------------------------------------------- the chat UI
+
+def submit(client, text, max_new_tokens=30):
+    return client.submit({"text": text, "files": []}, "", max_new_tokens, 0.0, 1.0, api_name="/chat")
+
+
+def bubbles(output) -> list[dict]:
+    return output if isinstance(output, list) else [output]
+
+
+def titled(output, prefix):
+    return [b for b in bubbles(output) if isinstance(b, dict) and
+            ((b.get("metadata") or {}).get("title") or "").startswith(prefix)]
+
+
+def serve_with_tools(serve, runner, tools_file, **options):
+    return serve(runner, toolbox=Toolbox.load([tools_file]), **options)
+
+
+def test_the_chat_runs_a_tool_and_shows_the_call_the_result_then_the_answer(serve, tools_runner, tmp_path):
+    url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, WEATHER))
+    client = Client(url, verbose=False)
+    job = submit(client, "What's the weather in Paris?")
+    final = job.result(timeout=60)
+    outputs = job.outputs()
+    pending = [o for o in outputs if any((b.get("metadata") or {}).get("status") == "pending"
+                                         for b in titled(o, "🛠 get_weather"))]
+    assert pending, "the call shows as pending while it runs"
+    [call] = titled(final, "🛠 get_weather")
+    assert call["metadata"]["status"] == "done" and call["metadata"]["duration"] is not None
+    assert '"city": "Paris"' in call["content"] and "12 °C and sunny in Paris" in call["content"]
+    answers = [b for b in bubbles(final) if not (b.get("metadata") or {}).get("title")]
+    assert answers and "<tool_call>" not in answers[-1]["content"]
+    assert bubbles(final).index(call) < bubbles(final).index(answers[-1])  # the call, then the answer
+    assert not any("<tool_call>" in json.dumps(o) for o in outputs), "raw call text never shows"
+    assert len(spy.calls) == 2 and spy.calls[1][0][-1]["role"] == "tool"
+    assert spy.calls[1][0][-1]["content"][0]["text"] == "12 °C and sunny in Paris"
+    assert "🛠 tools: get_weather" in app.header_markdown(tools_runner, Toolbox.load([write_tools(tmp_path, WEATHER)]))
+
+
+def test_a_saved_chat_sends_its_calls_and_results_back_to_the_model(serve, tools_runner, tmp_path):
+    url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, WEATHER))
+    client = Client(url, verbose=False)
+    final = submit(client, "What's the weather in Paris?").result(timeout=60)
+    history = [{"role": "user", "content": "What's the weather in Paris?"},
+               *[{"role": "assistant", **b} if "role" not in b else b for b in bubbles(final)]]
+    messages = app.to_model_messages(history, "and tomorrow?")
+    roles = [m["role"] for m in messages]
+    assert roles == ["user", "assistant", "tool", "assistant", "user"]
+    assert messages[1]["tool_calls"][0]["name"] == "get_weather"
+    assert messages[1]["tool_calls"][0]["arguments"] == {"city": "Paris"}
+    assert messages[2]["content"][0]["text"] == "12 °C and sunny in Paris"
+    assert messages[1]["tool_calls"][0]["id"] == messages[2]["tool_call_id"]
+    inputs = tools_runner.build_inputs(messages, tools=Toolbox.load([write_tools(tmp_path, WEATHER)]).schemas)
+    prompt = tools_runner.tokenizer.decode(inputs["input_ids"][0])
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
+    assert "<tool_response>\n12 °C and sunny in Paris\n</tool_response>" in prompt
+
+
+def test_a_tool_that_raises_shows_its_error_and_the_model_reads_it(serve, tools_runner, tmp_path):
+    url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, '''
+        def get_weather(city: str) -> str:
+            """The weather.
+
+            Args:
+                city: A city.
+            """
+            raise TimeoutError("the weather service did not answer")
+    '''))
+    final = submit(Client(url, verbose=False), "weather?").result(timeout=60)
+    [call] = titled(final, "🛠 get_weather")
+    assert "error: TimeoutError: the weather service did not answer" in call["content"]
+    assert spy.calls[1][0][-1]["content"][0]["text"] == "error: TimeoutError: the weather service did not answer"
+
+
+def test_a_tool_that_times_out_is_abandoned_and_the_chat_goes_on(serve, tools_runner, tmp_path, monkeypatch):
+    monkeypatch.setattr(config.settings, "tool_timeout_s", 0.5)
+    url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, '''
+        import time
+
+
+        def get_weather(city: str) -> str:
+            """The weather.
+
+            Args:
+                city: A city.
+            """
+            time.sleep(20)
+            return "late"
+    '''))
+    started = time.perf_counter()
+    final = submit(Client(url, verbose=False), "weather?").result(timeout=60)
+    assert time.perf_counter() - started < 15
+    [call] = titled(final, "🛠 get_weather")
+    assert "took longer than 0.5 s" in call["content"] and len(spy.calls) == 2
+
+
+def test_the_tool_loop_stops_at_its_step_limit_with_a_note(serve, tools_runner, tmp_path, monkeypatch):
+    monkeypatch.setattr(config.settings, "max_tool_steps", 1)
+    always_calls = write_tools(tmp_path, WEATHER)
+    url, spy = serve_with_tools(serve, tools_runner, always_calls)
+    # the tiny model answers a tool result with text; made to call again, it hits the limit
+    real_stream = spy.original
+
+    def every_answer_calls_again(messages, settings=None, **options):
+        return real_stream([*messages[:-1], *chat("again")] if messages[-1]["role"] == "tool" else messages,
+                           settings, **options)
+    spy.original = every_answer_calls_again
+    final = submit(Client(url, verbose=False), "weather?").result(timeout=60)
+    notes = titled(final, app.NOTE_TITLE)
+    assert notes and "more than 1 tool calls" in notes[-1]["content"]
+    assert len(titled(final, "🛠 get_weather")) == 1 and len(spy.calls) == 2
+
+
+def test_stop_while_a_tool_runs_stops_everything(serve, tools_runner, tmp_path):
+    url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, f'''
+        import time
+        from pathlib import Path
+
+
+        def get_weather(city: str) -> str:
+            """The weather.
+
+            Args:
+                city: A city.
+            """
+            Path({str(tmp_path / "started")!r}).touch()
+            time.sleep(10)
+            return "late"
+    '''))
+    client = Client(url, verbose=False)
+    job = submit(client, "weather?")
+    wait_for(lambda: (tmp_path / "started").exists(), 30, "the tool to start")
+    job.cancel()
+    time.sleep(1.5)
+    assert len(spy.calls) == 1, "no generation after Stop"
+    assert all(s.join(0) for s in spy.streams)
+
+
+def test_a_model_whose_template_ignores_tools_runs_without_them(serve, llama_runner, tmp_path):
+    toolbox = Toolbox.load([write_tools(tmp_path, WEATHER)])
+    assert "tools off" in app.header_markdown(llama_runner, toolbox)
+    url, spy = serve(llama_runner, toolbox=toolbox)
+    final = submit(Client(url, verbose=False), "weather?", max_new_tokens=10).result(timeout=60)
+    assert not titled(final, "🛠") and spy.calls[0][1].tools is None
+
+
+# ---------------------------------------------------------------- the API: the client's tools
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_the_api_returns_tool_calls_and_takes_their_results(serve, tools_runner):
+    url, spy = serve(tools_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    response = client.chat.completions.create(model=tools_runner.name, messages=messages, tools=[WEATHER_TOOL],
+                                              max_tokens=30)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "12 °C and sunny"}]
+    after = client.chat.completions.create(model=tools_runner.name, messages=messages, tools=[WEATHER_TOOL],
+                                           max_tokens=20)
+    assert after.choices[0].finish_reason == "length" and after.choices[0].message.content
+    assert not after.choices[0].message.tool_calls
+    sent = spy.calls[-1][0]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[1]["tool_calls"][0]["arguments"] == {"city": "Paris"}
+    assert sent[2]["content"][0]["text"] == "12 °C and sunny"
+
+
+def test_tools_go_through_the_engine_process_too(serve, tiny_model_paths):
+    from engine_process import EngineProcess
+    engine = EngineProcess.start(str(tiny_model_paths["tools"]), device="cpu")
+    try:
+        assert engine.supports_tools
+        url, _ = serve(engine)
+        client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "hi"}],
+                                               tools=[WEATHER_TOOL], max_tokens=30).choices[0]
+        assert reply.finish_reason == "tool_calls" and reply.message.tool_calls[0].function.name == "get_weather"
+    finally:
+        engine.close()
+
+
+def test_the_api_streams_tool_calls_as_delta_chunks(serve, tools_runner):
+    url, _ = serve(tools_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model=tools_runner.name, messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL],
+        max_tokens=30, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "<tool_call>" not in content and "get_weather" not in content
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].index == 0 and deltas[0].id and deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_the_api_refuses_tool_choices_it_cannot_honour(serve, tools_runner, llama_runner):
+    url, _ = serve(tools_runner)
+    base = {"model": tools_runner.name, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL]}
+    for choice in ("required", {"type": "function", "function": {"name": "unknown_tool"}}):
+        response = httpx.post(url + "v1/chat/completions", json={**base, "tool_choice": choice}, timeout=30)
+        assert response.status_code == 400, choice
+    none = httpx.post(url + "v1/chat/completions", json={**base, "tool_choice": "none", "max_tokens": 5},
+                      timeout=30)
+    assert none.status_code == 200 and not none.json()["choices"][0]["message"].get("tool_calls")
+    named = httpx.post(url + "v1/chat/completions", timeout=30, json={
+        **base, "max_tokens": 30, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert named.status_code == 200 and named.json()["choices"][0]["finish_reason"] == "tool_calls"
+    url_llama, _ = serve(llama_runner)
+    refused = httpx.post(url_llama + "v1/chat/completions", timeout=30,
+                         json={**base, "model": llama_runner.name})
+    assert refused.status_code == 400 and "tools" in refused.json()["error"]["message"]
+
+
+def test_the_langgraph_example_with_bind_tools_runs_its_tool_against_the_app(serve, tools_runner):
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("langgraph")
+    url, spy = serve(tools_runner)
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "examples" /
+                                                  "langgraph_chat.py"), "--with-tools", "Weather in Paris?",
+                             "--base-url", url + "v1", "--max-tokens", "20"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "[calling get_weather" in result.stdout
+    assert "[tool get_weather → 12 °C and sunny in Paris]" in result.stdout  # run by the client
+    first, second = spy.calls[-2][0], spy.calls[-1][0]
+    assert [m["role"] for m in first] == ["user"] and [m["role"] for m in second] == ["user", "assistant", "tool"]
+    assert second[2]["content"][0]["text"] == "12 °C and sunny in Paris"
+    assert spy.calls[-1][1].tools[0]["function"]["name"] == "get_weather"
+    assert result.stdout.strip().splitlines()[-1], "the answer after the tool's result"
+
+
+# ---------------------------------------------------------------- review mends
+
+HERMES_RESPONSE_TEMPLATE = {  # as transformers' serve has it for Qwen, with our role markers
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|assistant|>",
+    "fields": {
+        "tool_calls": {"open_pattern": r"\s*<tool_call>", "close": "</tool_call>", "repeats": True,
+                       "content": "json", "transform": {"type": "function", "function": "{content}"}},
+        "content": {"close_pattern": r"\s*<end_of_utterance>", "content": "text"},
+    },
+}
+
+
+def test_a_tokenizers_response_template_parses_the_calls(tools_runner, monkeypatch, serve):
+    monkeypatch.setattr(tools_runner.tokenizer, "response_template", HERMES_RESPONSE_TEMPLATE, raising=False)
+    tools = Toolbox.load(["builtin"]).schemas
+    stream = answer(tools_runner, chat("weather?"), GenerationSettings(max_new_tokens=30, tools=tools))
+    assert stream.parsed_reply == {"content": "", "tool_calls": [CALL]}
+    # and it is what the app and the API go by, rather than their own reading of the text
+    def parse_response(*args, **kwargs):
+        return {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"type": "function", "function": {"name": "current_time", "arguments": {}}}]}
+    monkeypatch.setattr(tools_runner.tokenizer, "parse_response", parse_response, raising=False)
+    url, spy = serve(tools_runner)
+    reply = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0).chat.completions.create(
+        model=tools_runner.name, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL],
+        max_tokens=30).choices[0]
+    assert reply.message.content == "Checking." and reply.message.tool_calls[0].function.name == "current_time"
+
+
+def test_a_tool_loops_next_step_goes_before_later_requests():
+    from model_runner import Turns
+    turns, order = Turns(), []
+    turns.acquire()  # an answer generating
+
+    def wait(name, first):
+        turns.acquire(first=first)
+        order.append(name)
+        turns.release()
+    threads = []
+    for name, first in (("B", False), ("C", False), ("A's next step", True)):
+        threads.append(threading.Thread(target=wait, args=(name, first)))
+        threads[-1].start()
+        time.sleep(0.1)  # B asks first, then C, then A
+    turns.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["A's next step", "B", "C"]
+
+
+def test_tools_files_with_dataclasses_and_string_annotations_load(tmp_path):
+    toolbox = Toolbox.load([write_tools(tmp_path, '''
+        from __future__ import annotations
+
+        from dataclasses import dataclass
+
+
+        @dataclass
+        class Forecast:
+            city: str
+            celsius: float
+
+
+        def forecast(city: str) -> dict:
+            """Tomorrow's forecast.
+
+            Args:
+                city: A city.
+            """
+            return {"city": Forecast(city, 11.5).city, "celsius": 11.5}
+    ''', "dc.py")])
+    assert toolbox.run("forecast", {"city": "Oslo"}).text == '{"city": "Oslo", "celsius": 11.5}'
+
+
+def test_the_calculator_never_holds_the_server_up():
+    toolbox = Toolbox.load(["builtin"])
+    for attack in ("round(1, -2*10**7)", "10**399 * 10**399 * 10**399", "(10**300)**2"):
+        started = time.perf_counter()
+        result = toolbox.run("calculate", {"expression": attack})
+        assert result.failed and time.perf_counter() - started < 0.5, attack
+
+
+def test_a_call_cut_off_by_the_length_limit_never_shows():
+    assert split_tool_calls('Let me look.<tool_call>\n{"name": "get_wea', final=True) == ("Let me look.", [], False)
+
+
+def test_a_tool_round_trip_reaches_a_remote_server_whole():
+    from remote_backend import to_openai_message
+    assert to_openai_message({"role": "assistant", "content": [], "tool_calls": [
+        {"id": "c1", "name": "get_weather", "arguments": {"city": "Paris"}}]}) == {
+        "role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    assert to_openai_message({"role": "tool", "tool_call_id": "c1", "name": "get_weather",
+                              "content": [{"type": "text", "text": "12 °C"}]}) == {
+        "role": "tool", "content": "12 °C", "tool_call_id": "c1"}
+
+
+def test_templates_whose_calls_the_app_cannot_read_have_tools_off(reasoning_runner, idefics3_runner):
+    assert not reasoning_runner.supports_tools and not idefics3_runner.supports_tools
