@@ -4,6 +4,7 @@ Launch:
     python app.py                                   # default model (SmolVLM-256M-Instruct)
     python app.py --model HuggingFaceTB/SmolVLM-500M-Instruct --device cuda
     python app.py --model ./my-local-model --share --auth me:secret
+    python app.py --model Qwen/Qwen2.5-1.5B-Instruct --tools my_tools.py --tools builtin
     python app.py --help                            # every option and its environment variable
 
 Endpoints (same server):
