@@ -131,17 +131,22 @@ def split_tool_calls(text: str, final: bool = False) -> tuple[str, list[dict], b
                            default=0)
                 tail = tail[:len(tail) - held]
             answer.append(tail)
-            return "".join(answer).strip(), calls, False
+            return _joined(answer), calls, False
         answer.append(text[position:start])
         end = text.find(TOOL_CALL_END, start)
         if end < 0:  # a call still being written; at the end, one cut off (max tokens): left out
-            return "".join(answer).strip(), calls, not final
+            return _joined(answer), calls, not final
         call = parse_tool_call(text[start + len(TOOL_CALL_START):end])
         if call is None:
             answer.append(text[start:end + len(TOOL_CALL_END)])
         else:
             calls.append(call)
         position = end + len(TOOL_CALL_END)
+
+
+def _joined(pieces: list[str]) -> str:
+    """The text around the calls that were cut out, a paragraph each."""
+    return "\n\n".join(piece.strip() for piece in pieces if piece.strip())
 
 
 def answer_and_tool_calls(stream, text: str, final: bool) -> tuple[str, list[dict], bool]:

@@ -89,10 +89,12 @@ def test_a_template_without_tools_support_is_detected(llama_runner, tools_runner
 
 
 def test_tool_calls_are_cut_out_of_streamed_text():
+    assert split_tool_calls('Let me check. <tool_call>{"name": "f"}</tool_call> It is 12 °C.', final=True)[0] == \
+        "Let me check.\n\nIt is 12 °C."
     assert split_tool_calls("Let me check.<tool_ca") == ("Let me check.", [], False)
     assert split_tool_calls('Let me check.<tool_call>\n{"name": "get_wea') == ("Let me check.", [], True)
     text = 'A<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>B<tool_call>{"name": "g"}</tool_call>'
-    assert split_tool_calls(text, final=True) == ("AB", [{"name": "f", "arguments": {"x": 1}},
+    assert split_tool_calls(text, final=True) == ("A\n\nB", [{"name": "f", "arguments": {"x": 1}},
                                                        {"name": "g", "arguments": {}}], False)
     assert split_tool_calls("<tool_call>not json</tool_call>", final=True)[1] == []
 
