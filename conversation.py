@@ -119,8 +119,10 @@ def split_tool_calls(text: str, final: bool = False) -> tuple[str, list[dict], b
     """Generated text → (the answer without its tool calls, the calls as {"name",
     "arguments": dict}, a call still being written?). The Hermes format most chat templates
     use: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. While streaming (not
-    `final`) a partial "<tool_call" at the end is held back; a call cut off by the end of the
-    answer is left out; a closed block that isn't a valid call stays in the answer as text."""
+    `final`) a partial "<tool_call" at the end is held back and every tagged block hidden; a
+    call cut off by the end of the answer is left out; at the end, a closed block that isn't
+    a valid call stays in the answer as text (the engine's response_template parse, where
+    there is one, reads such formats: answer_and_tool_calls)."""
     answer, calls, position = [], [], 0
     while True:
         start = text.find(TOOL_CALL_START, position)
@@ -137,10 +139,10 @@ def split_tool_calls(text: str, final: bool = False) -> tuple[str, list[dict], b
         if end < 0:  # a call still being written; at the end, one cut off (max tokens): left out
             return _joined(answer), calls, not final
         call = parse_tool_call(text[start + len(TOOL_CALL_START):end])
-        if call is None:
-            answer.append(text[start:end + len(TOOL_CALL_END)])
-        else:
+        if call is not None:
             calls.append(call)
+        elif final:  # not JSON (another format inside the tags): shown once the answer ends
+            answer.append(text[start:end + len(TOOL_CALL_END)])
         position = end + len(TOOL_CALL_END)
 
 

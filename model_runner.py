@@ -770,8 +770,24 @@ class ModelRunner:
         except Exception:
             return False
         shows_tools = rendered.count("tool_support_probe") >= 2  # the tools, and the call
-        readable = TOOL_CALL_START in rendered or getattr(self.tokenizer, "response_template", None) is not None
-        return shows_tools and readable
+        return shows_tools and (TOOL_CALL_START in rendered or self.response_template is not None)
+
+    @functools.cached_property
+    def response_template(self) -> dict | None:
+        """How this model's answers are parsed into content and tool calls: the tokenizer's
+        own response_template, else the one transformers' serve keeps for its model type
+        (Qwen2/2.5/3/3.5, Gemma 4), else None (the Hermes reading)."""
+        template = getattr(self.tokenizer, "response_template", None)
+        if template is not None:
+            return template
+        try:  # (imports transformers' server, ~2 s: only for a model that needs it)
+            from transformers.cli.serving.utils import get_response_template
+        except Exception:
+            return None
+        try:
+            return get_response_template(self.tokenizer, self.model)
+        except Exception:
+            return None
 
     def _fit_in_context(self, messages: list[dict], budget: int, notices: list[str], tools: list[dict] | None):
         system = messages[:1] if messages[0]["role"] == "system" else []
@@ -858,9 +874,8 @@ class ModelRunner:
                      prompt_tokens, generation.max_new_tokens, generation.max_cache_len)
             generation.cache_implementation = self.model.generation_config.cache_implementation
             generation.max_cache_len = None
-        template = getattr(self.tokenizer, "response_template", None)
-        reply_parsing = (template, inputs["input_ids"][0].tolist(), settings.tools) \
-            if settings.tools and template else None
+        template = self.response_template if settings.tools else None
+        reply_parsing = (template, inputs["input_ids"][0].tolist(), settings.tools) if template else None
         stream = (BatchedStream if self.batcher else TextStream)(
             self, inputs, generation, stop=settings.stop, seed=settings.seed,
             max_updates_per_second=settings.max_updates_per_second, on_update=on_update, cancelled=cancelled,

@@ -412,7 +412,7 @@ HERMES_RESPONSE_TEMPLATE = {  # as transformers' serve has it for Qwen, with our
 
 
 def test_a_tokenizers_response_template_parses_the_calls(tools_runner, monkeypatch, serve):
-    monkeypatch.setattr(tools_runner.tokenizer, "response_template", HERMES_RESPONSE_TEMPLATE, raising=False)
+    monkeypatch.setattr(tools_runner, "response_template", HERMES_RESPONSE_TEMPLATE, raising=False)
     tools = Toolbox.load(["builtin"]).schemas
     stream = answer(tools_runner, chat("weather?"), GenerationSettings(max_new_tokens=30, tools=tools))
     assert stream.parsed_reply == {"content": "", "tool_calls": [CALL]}
@@ -497,3 +497,23 @@ def test_a_tool_round_trip_reaches_a_remote_server_whole():
 
 def test_templates_whose_calls_the_app_cannot_read_have_tools_off(reasoning_runner, idefics3_runner):
     assert not reasoning_runner.supports_tools and not idefics3_runner.supports_tools
+
+
+def test_models_of_a_known_type_get_transformers_response_template(tools_runner, monkeypatch):
+    """Qwen 3.5 writes <tool_call><function=…> inside the Hermes tags: transformers' serve keeps
+    a response_template for it (and Qwen2/2.5/3, Gemma 4), and so does the engine."""
+    assert tools_runner.response_template is None  # a Llama without one: the Hermes reading
+    runner = ModelRunner(tools_runner.model, None, tools_runner.tokenizer, name="q", device="cpu",
+                         dtype=tools_runner.dtype, is_vision=False)
+    monkeypatch.setattr(tools_runner.model.config, "model_type", "qwen3_5")
+    template = runner.response_template
+    assert template and "tool_calls" in template["fields"]
+    qwen35 = '<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>'
+    assert split_tool_calls("Checking." + qwen35) == ("Checking.", [], False), "hidden while it streams"
+    assert split_tool_calls("Checking." + qwen35, final=True)[0].endswith("</tool_call>"), "kept if unread"
+    parsed = tokenizer_parse(tools_runner.tokenizer, template, "Checking." + qwen35)
+    assert parsed["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+def tokenizer_parse(tokenizer, template, text):
+    return tokenizer.parse_response(text, template, prefix="")
