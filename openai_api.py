@@ -449,40 +449,38 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool,
                                              "finish_reason": finish_reason}], **extra}
         return {"data": json.dumps(body, ensure_ascii=False)}
 
+    sent = {"reasoning_content": "", "content": "", "tool_calls": []}
+
+    def news(reasoning: str | None, answer: str, calls: list) -> list[dict]:
+        """The chunks for what is new since the last ones: text deltas, then complete calls."""
+        delta = {}
+        for key, now in (("reasoning_content", reasoning or ""), ("content", answer)):
+            if now.startswith(sent[key]) and now != sent[key]:
+                delta[key], sent[key] = now[len(sent[key]):], now
+        done = len(sent["tool_calls"])
+        new_calls = [chunk({"tool_calls": [{"index": index, **call}]})
+                     for index, call in enumerate(openai_tool_calls(calls[done:]), start=done)]
+        sent["tool_calls"] = calls or sent["tool_calls"]
+        return ([chunk(delta)] if delta else []) + new_calls
+
     yield chunk({"role": "assistant", "content": ""})
-    sent_reasoning = sent_answer = ""
-    sent_calls: list = []
     try:
         async for text in updates(stream):
             reasoning, answer, _ = stream.parts(text)
             calls = []
             if tools:
                 answer, calls, _ = answer_and_tool_calls(stream, text, final=False)
-            delta = {}
-            if reasoning and reasoning.startswith(sent_reasoning) and reasoning != sent_reasoning:
-                delta["reasoning_content"] = reasoning[len(sent_reasoning):]
-                sent_reasoning = reasoning
-            if answer.startswith(sent_answer) and answer != sent_answer:
-                delta["content"] = answer[len(sent_answer):]
-                sent_answer = answer
-            if delta:
-                yield chunk(delta)
-            for index, call in enumerate(openai_tool_calls(calls[len(sent_calls):]), start=len(sent_calls)):
-                yield chunk({"tool_calls": [{"index": index, **call}]})
-            sent_calls = calls or sent_calls
+            for item in news(reasoning, answer, calls):
+                yield item
     except GenerationError as error:
         yield {"data": json.dumps(APIError(500, str(error), type="server_error",
                                            code="generation_failed").body)}
         yield {"data": "[DONE]"}
         return
     if tools:  # what the end settles: a partial tag held back, the template's parse
-        answer, calls, _ = answer_and_tool_calls(stream, stream.text, final=True)
-        if answer.startswith(sent_answer) and answer != sent_answer:
-            yield chunk({"content": answer[len(sent_answer):]})
-        for index, call in enumerate(openai_tool_calls(calls[len(sent_calls):]), start=len(sent_calls)):
-            yield chunk({"tool_calls": [{"index": index, **call}]})
-        sent_calls = calls or sent_calls
-    yield chunk({}, finish_reason_of(stream, sent_calls))
+        for item in news(None, *answer_and_tool_calls(stream, stream.text, final=True)[:2]):
+            yield item
+    yield chunk({}, finish_reason_of(stream, sent["tool_calls"]))
     if include_usage:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [], "usage": usage_of(stream)}
