@@ -3,7 +3,7 @@ transformers' ContinuousBatchingManager. Text-only models (the manager takes tok
 images). ModelRunner uses it when `--batching` says so; each answer is a BatchedStream,
 which streams, stops and ends on its own like any engine_contract.Stream.
 
-    batcher = ContinuousBatcher(model, tokenizer, device)   # the manager's loop starts
+    batcher = ContinuousBatcher(model, tokenizer, device, context_length)   # the manager's loop starts
     request_id = batcher.add(stream, input_ids, generation)  # outputs go to stream._on_output
     batcher.cancel(request_id)                               # stops at the manager's next step
 
@@ -57,8 +57,8 @@ class ContinuousBatcher:
     its stream. A failure of the manager's loop ends every answer in flight with that error,
     and the next request starts a fresh manager."""
 
-    def __init__(self, model, tokenizer, device: str):
-        self.model, self.device = model, device
+    def __init__(self, model, tokenizer, device: str, context_length: int | None):
+        self.model, self.device, self.context_length = model, device, context_length
         vocab = model.config.get_text_config().vocab_size
         # The model's own generation config (repetition penalty, EOS ids, ...), sampling on:
         # per-answer sampling needs each processor present; a greedy answer asks for top_k=1,
@@ -93,10 +93,6 @@ class ContinuousBatcher:
                                        BATCH_CPU_CACHE_BYTES // (bytes_per_token * PAGE_SIZE)))
             cb.max_batch_tokens = max(512, min(context, cb.num_blocks * PAGE_SIZE))
         return cb
-
-    @property
-    def context_length(self) -> int | None:
-        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
 
     def _start_manager(self) -> None:
         self._manager = self.model.init_continuous_batching(

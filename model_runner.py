@@ -190,13 +190,18 @@ class IncrementalTextStreamer(BaseStreamer):
         return None
 
     def put(self, value):
-        if not self._prompt_seen:  # generate() first sends the prompt ids
+        """generate()'s streamer call: the prompt's ids first, then each new token's."""
+        if not self._prompt_seen:
             self._prompt_seen = True
             return
+        self.add(value.reshape(-1).tolist())
+
+    def add(self, token_ids: list[int]) -> None:
+        """New tokens of the answer (continuous batching hands them over as a list)."""
         self.last_token_at = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = self.last_token_at
-        for token_id in value.reshape(-1).tolist():
+        for token_id in token_ids:
             self.new_tokens += 1
             self.ids.append(token_id)
             if self.times is not None:
@@ -418,7 +423,6 @@ class BatchedStream(TextStream):
     def _begin(self, inputs, generation_config, seed, cancelled) -> None:
         if cancelled is not None and cancelled.is_set():
             raise Cancelled()
-        self._streamer._prompt_seen = True  # the manager sends new tokens only
         self._seen = 0
         self._finish_lock = threading.Lock()
         self._request_id = None
@@ -435,7 +439,7 @@ class BatchedStream(TextStream):
         new = output.generated_tokens[self._seen:]
         self._seen = len(output.generated_tokens)
         if new and not self._ended.is_set():
-            self._streamer.put(torch.tensor(new))
+            self._streamer.add(new)
         if output.error:
             self.error = GenerationError(f"Generation failed: {str(output.error).splitlines()[0]}")
         if self._stop.is_set() and self._request_id is not None:  # a stop string, or nobody reads
@@ -561,7 +565,7 @@ class ModelRunner:
 
     def start_batching(self) -> None:
         from batching import ContinuousBatcher
-        self.batcher = ContinuousBatcher(self.model, self.tokenizer, self.device)
+        self.batcher = ContinuousBatcher(self.model, self.tokenizer, self.device, self.context_length)
         try:  # the manager's loop thread isn't a daemon: stop it before Python waits for it
             threading._register_atexit(self.batcher.close)
         except (AttributeError, RuntimeError):
