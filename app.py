@@ -224,12 +224,11 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: 
             except Cancelled:  # Stop while it waited for the engine: nothing ran, nobody listens
                 return
             except (ChatInputError, GenerationError) as error:
-                yield [*shown, error_message(str(error))] if shown else error_message(str(error))
+                yield after(shown, error_message(str(error)))
                 return
             except Exception as error:  # a bug of ours: say so in the chat, keep serving
                 log.exception("building the model inputs failed")
-                failure = error_message(f"Internal error: {type(error).__name__}: {error}")
-                yield [*shown, failure] if shown else failure
+                yield after(shown, error_message(f"Internal error: {type(error).__name__}: {error}"))
                 return
             if title != THINKING_TITLE:  # it waited; now the model is working on it
                 title = THINKING_TITLE
@@ -249,8 +248,7 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: 
             answer, calls = view.answer_and_calls(stream.text)
             if not calls:
                 if not stream.text:
-                    empty = error_message("The model returned an empty answer.")
-                    yield [*shown, *notes, empty] if shown or notes else empty
+                    yield after([*shown, *notes], error_message("The model returned an empty answer."))
                     return
                 yield view.render(stream.text)  # the final figures
                 return
@@ -320,6 +318,12 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: 
 def ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
+
+
+def after(bubbles: list, last):
+    """`last` after the bubbles already shown (alone when there are none, as a chat
+    function's one message)."""
+    return [*bubbles, last] if bubbles else last
 
 
 def error_message(text: str):

@@ -521,8 +521,9 @@ def _engine_main(commands, events, load_kwargs: dict) -> None:
     except BaseException as error:
         events.send(LoadFailed(f"Can't load the model: {type(error).__name__}: {error}"))
         return
-    events.send(Ready(runner.name, runner.device, str(runner.dtype), runner.is_vision, runner.compile,
-                      runner.one_at_a_time, runner.quantization, runner.supports_tools))
+    events.send(Ready(name=runner.name, device=runner.device, dtype=str(runner.dtype), is_vision=runner.is_vision,
+                      compile=runner.compile, one_at_a_time=runner.one_at_a_time,
+                      quantization=runner.quantization, supports_tools=runner.supports_tools))
     _EngineServer(runner, events).run(commands)
     events.close()
     # No interpreter teardown: native threads (torch, tokenizers) abort noisily in it.
