@@ -19,29 +19,35 @@ Endpoints (same server):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import threading
 import mimetypes
 import os
 import re
 import sys
-import threading
 import time
-import uuid
 
 import anyio
 import gradio as gr
 from fastapi.responses import Response
 
 import config
-from conversation import answer_and_tool_calls
+from config import Settings
 from engine_contract import (
     Cancelled,
     ChatInputError,
+    DescribedByInfo,
     GenerationError,
     GenerationSettings,
     ModelLoadError,
+    Reply,
+    RunnerInfo,
+    Signal,
+    ToolCall,
     served_model_name,
+    wait_for_either,
 )
 from engine_process import EngineProcess
 from gradio_fixes import cache_history_postprocessing, gradio_app_built_at_launch_only, wake_queue_on_events
@@ -100,7 +106,7 @@ def to_model_messages(history: list[dict], message: dict | str, system_prompt: s
         if call is not None:
             call, result = call
             turns.append({"role": "assistant", "content": [], "tool_calls": [call]})
-            turns.append({"role": "tool", "tool_call_id": call["id"], "name": call["name"],
+            turns.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
                           "content": [{"type": "text", "text": result}]})
             continue
         if role not in ("user", "assistant") or metadata.get("title"):
@@ -115,12 +121,12 @@ def to_model_messages(history: list[dict], message: dict | str, system_prompt: s
     return system + answered
 
 
-def tool_bubble(call: dict, result: ToolResult | None):
+def tool_bubble(call: ToolCall, result: ToolResult | None):
     """A tool call in the chat: titled with the tool's name, pending while it runs, then done
     with its duration; the arguments and the result inside (collapsible)."""
-    arguments = json.dumps(call["arguments"], ensure_ascii=False, indent=1)
+    arguments = json.dumps(call.arguments, ensure_ascii=False, indent=1)
     content = f"**Arguments**\n```json\n{arguments}\n```"
-    metadata = {"title": TOOL_TITLE.format(call["name"]), "id": call["id"], "status": "pending"}
+    metadata = {"title": TOOL_TITLE.format(call.name), "id": call.id, "status": "pending"}
     if result is not None:
         fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", result.text)), default=0))
         content += f"\n**Result**\n{fence}\n{result.text}\n{fence}"
@@ -132,7 +138,7 @@ _TOOL_ARGUMENTS = re.compile(r"\*\*Arguments\*\*\n```json\n(.*?)\n```", re.DOTAL
 _TOOL_RESULT = re.compile(r"\*\*Result\*\*\n(`{3,})\n(.*?)\n\1", re.DOTALL)
 
 
-def tool_call_of(turn: dict) -> tuple[dict, str] | None:
+def tool_call_of(turn: dict) -> tuple[ToolCall, str] | None:
     """A tool bubble of the history → (the call, its result), or None for any other turn."""
     title = (turn.get("metadata") or {}).get("title") or ""
     prefix = TOOL_TITLE.format("")
@@ -148,13 +154,10 @@ def tool_call_of(turn: dict) -> tuple[dict, str] | None:
     except ValueError:
         parsed = {}
     result = _TOOL_RESULT.search(text or "")
-    call_id = (turn.get("metadata") or {}).get("id") or new_call_id()
-    return ({"id": call_id, "name": title[len(prefix):], "arguments": parsed if isinstance(parsed, dict) else {}},
+    call = ToolCall(title[len(prefix):], parsed if isinstance(parsed, dict) else {})
+    call_id = (turn.get("metadata") or {}).get("id")
+    return (ToolCall(call.name, call.arguments, call_id) if call_id else call,
             result.group(2) if result else "error: the call was stopped before it returned")
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _as_list(content) -> list:
@@ -180,21 +183,22 @@ def _to_part(item) -> dict | None:
     return {"type": "image", "image": path}
 
 
-def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: Toolbox | None = None):
+def make_chat_fn(runner, line: WaitingLine, settings: Settings, *, zero_gpu: bool = False,
+                 toolbox: Toolbox | None = None):
     """The chat function ChatInterface calls. Each message waits its turn in `line` (shared
     with the API) and shows its position meanwhile. On ZeroGPU it is a plain generator under
     `@spaces.GPU` (which refuses async functions) and Gradio's own queue orders the turns;
     everywhere else an async generator drives it, so that Stop reaches the engine at once.
     With a `toolbox` (and a model whose template takes tools) the model may call tools: the
     app runs each call, shows it, and generates again with its result, up to
-    config.settings.max_tool_steps calls."""
+    settings.max_tool_steps calls."""
 
     def pending(title: str):
         return gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
 
     def chat_steps(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                   max_new_tokens: int = config.settings.max_new_tokens, temperature: float = 0.0,
-                   top_p: float = 1.0, on_stream=None, cancelled: threading.Event | None = None):
+                   max_new_tokens: int = settings.max_new_tokens, temperature: float = 0.0,
+                   top_p: float = 1.0, on_stream=None, cancelled: Signal | None = None):
         title = THINKING_TITLE
         if not runner.loaded:
             title = LOADING_TITLE
@@ -202,12 +206,12 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: 
             title = WAITING_TITLE.format(ordinal(1))
         yield pending(title)
         # Gradio re-processes the whole chat on every update: fewer updates for long chats.
-        updates_per_second = min(config.settings.max_updates_per_second, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
+        updates_per_second = min(settings.max_updates_per_second, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
         tools_on = toolbox is not None and runner.supports_tools
-        settings = GenerationSettings(max_new_tokens=int(max_new_tokens),
-                                      temperature=float(temperature), top_p=float(top_p),
-                                      max_updates_per_second=updates_per_second,
-                                      tools=toolbox.schemas if tools_on else None)
+        generation = GenerationSettings(max_new_tokens=int(max_new_tokens),
+                                        temperature=float(temperature), top_p=float(top_p),
+                                        max_updates_per_second=updates_per_second,
+                                        tools=toolbox.schemas if tools_on else None)
         try:
             messages = to_model_messages(history, message, system_prompt)
         except Exception as error:  # a bug of ours: say so in the chat, keep serving
@@ -218,7 +222,7 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: 
         calls_made = 0
         while True:
             try:
-                stream = runner.stream(messages, settings, cancelled=cancelled)
+                stream = runner.stream(messages, generation, cancelled=cancelled)
                 if on_stream:
                     on_stream(stream)
             except Cancelled:  # Stop while it waited for the engine: nothing ran, nobody listens
@@ -235,52 +239,52 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: 
                 yield pending(THINKING_TITLE)
             notes = [gr.ChatMessage(content=notice, metadata={"title": NOTE_TITLE})
                      for notice in stream.notices]
-            view = AnswerView(stream, [*shown, *notes], tools_on=tools_on)
+            view = AnswerView(stream, [*shown, *notes])
             with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
                 try:
-                    for text in stream:
-                        yield view.render(text)
+                    for reply in stream:
+                        yield view.render(reply)
                 except GenerationError as error:
-                    yield [*view.render(stream.text, with_stats=False), error_message(str(error))]
+                    yield [*view.render(stream.reply, with_stats=False), error_message(str(error))]
                     return
             if cancelled is not None and cancelled.is_set():
                 return
-            answer, calls = view.answer_and_calls(stream.text)
-            if not calls:
-                if not stream.text:
+            reply = stream.reply
+            if not reply.tool_calls:
+                if not reply.answer and reply.reasoning is None:
                     yield after([*shown, *notes], error_message("The model returned an empty answer."))
                     return
-                yield view.render(stream.text)  # the final figures
+                yield view.render(reply)  # the final figures
                 return
-            if calls_made + len(calls) > config.settings.max_tool_steps:
-                yield [*view.render(stream.text), gr.ChatMessage(
-                    content=f"Stopped: the model asked for more than {config.settings.max_tool_steps} tool "
+            calls = reply.tool_calls
+            if calls_made + len(calls) > settings.max_tool_steps:
+                yield [*view.render(reply), gr.ChatMessage(
+                    content=f"Stopped: the model asked for more than {settings.max_tool_steps} tool "
                             f"calls for one message (MAX_TOOL_STEPS).", metadata={"title": NOTE_TITLE})]
                 return
             calls_made += len(calls)
-            shown = view.render(stream.text, with_stats=False)
-            calls = [{"id": new_call_id(), **call} for call in calls]
-            messages = [*messages, {"role": "assistant", "tool_calls": calls,
-                                    "content": [{"type": "text", "text": answer}] if answer else []}]
+            shown = view.render(reply, with_stats=False)
+            messages = [*messages, {"role": "assistant", "tool_calls": list(calls),
+                                    "content": [{"type": "text", "text": reply.answer}] if reply.answer else []}]
             for call in calls:
                 yield [*shown, tool_bubble(call, None)]
-                result = toolbox.run(call["name"], call["arguments"], timeout=config.settings.tool_timeout_s,
+                result = toolbox.run(call.name, call.arguments, timeout=settings.tool_timeout_s,
                                      cancelled=cancelled)
                 if cancelled is not None and cancelled.is_set():
                     return
                 shown = [*shown, tool_bubble(call, result)]
-                messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["name"],
+                messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
                                  "content": [{"type": "text", "text": result.text}]})
-            settings.continues_answer = True  # the next step goes before those who came later
+            generation.continues_answer = True  # the next step goes before those who came later
             yield [*shown, pending(THINKING_TITLE)]
 
     if zero_gpu:
         import spaces
         chat_steps.__name__ = "chat"
-        return spaces.GPU(duration=config.settings.zero_gpu_duration_s)(chat_steps)
+        return spaces.GPU(duration=settings.zero_gpu_duration_s)(chat_steps)
 
     async def chat(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                   max_new_tokens: int = config.settings.max_new_tokens, temperature: float = 0.0,
+                   max_new_tokens: int = settings.max_new_tokens, temperature: float = 0.0,
                    top_p: float = 1.0):
         # Gradio closes a plain generator only between two steps, retrying every 50 ms while
         # a step runs; here Stop cancels the wait at once and tells the engine, which stops
@@ -290,13 +294,10 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: 
         except LineFull as full:
             yield error_message(str(full))
             return
-        streams, gone = [], threading.Event()
+        gone = Signal()  # Stop, a closed tab: it withdraws the request, or stops its answer
 
         def on_stream(stream):
-            streams.append(stream)
             place.started(stream)
-            if gone.is_set():  # Stop came just as it started
-                stream.close(wait=0)
 
         try:
             async for position in place.waiting():
@@ -309,8 +310,6 @@ def make_chat_fn(runner, line: WaitingLine, *, zero_gpu: bool = False, toolbox: 
         finally:
             gone.set()
             place.leave()
-            for stream in streams:
-                stream.close(wait=0)
 
     return chat
 
@@ -331,38 +330,27 @@ def error_message(text: str):
 
 
 class AnswerView:
-    """Turns the text generated so far into chat bubbles: notes, the reasoning in a
-    collapsible "Thinking" block (spinning while it streams, then done with its duration),
-    the answer, and a line of live figures. New ChatMessage objects on every call: Gradio
-    diffs against the previous yield."""
+    """Renders a reply as chat bubbles: notes, the reasoning in a collapsible "Thinking" block
+    (spinning while it streams, then done with its duration), the answer, a tool call being
+    written (its bubble comes when it runs; the raw call never shows), and a line of live
+    figures. New ChatMessage objects on every call: Gradio diffs against the previous yield."""
 
-    def __init__(self, stream, notes: list, tools_on: bool = False):
-        self.stream, self.notes, self.tools_on = stream, notes, tools_on
+    def __init__(self, stream, notes: list):
+        self.stream, self.notes = stream, notes
         self.thought_for: float | None = None
 
-    def answer_and_calls(self, text: str) -> tuple[str, list[dict]]:
-        """The answer without its tool calls, and the calls (none when tools are off)."""
-        if not self.tools_on:
-            return self.stream.parts(text)[1], []
-        answer, calls, _ = answer_and_tool_calls(self.stream, text, final=True)
-        return answer, calls
-
-    def render(self, text: str, with_stats: bool = True) -> list:
-        reasoning, answer, thought = self.stream.parts(text)
-        calling = False
-        if self.tools_on:  # the raw call never shows: its bubble comes when it runs
-            answer, _, calling = answer_and_tool_calls(self.stream, text, final=self.stream.finish_reason is not None)
+    def render(self, reply: Reply, with_stats: bool = True) -> list:
         bubbles = list(self.notes)
-        if reasoning is not None:
-            if thought and self.thought_for is None:
+        if reply.reasoning is not None:
+            if reply.reasoning_done and self.thought_for is None:
                 self.thought_for = time.perf_counter() - self.stream.started_at
-            metadata = {"title": REASONING_TITLE, "status": "done" if thought else "pending"}
-            if thought:
+            metadata = {"title": REASONING_TITLE, "status": "done" if reply.reasoning_done else "pending"}
+            if reply.reasoning_done:
                 metadata["duration"] = round(self.thought_for, 1)
-            bubbles.append(gr.ChatMessage(content=reasoning, metadata=metadata))
-        if answer:
-            bubbles.append(gr.ChatMessage(content=answer))
-        if calling:
+            bubbles.append(gr.ChatMessage(content=reply.reasoning, metadata=metadata))
+        if reply.answer:
+            bubbles.append(gr.ChatMessage(content=reply.answer))
+        if reply.calling:
             bubbles.append(gr.ChatMessage(content="", metadata={"title": CALLING_TITLE, "status": "pending"}))
         if with_stats:
             bubbles.append(gr.ChatMessage(content="", metadata={"title": stats_line(self.stream),
@@ -381,12 +369,13 @@ def stats_line(stream) -> str:
 
 # ---------------------------------------------------------------- the UI
 
-def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: int | None = None,
+def build_demo(runner, line: WaitingLine | None = None, settings: Settings | None = None,
                toolbox: Toolbox | None = None):
     """The chat UI on `runner`: its messages wait in `line` (shared with the API)."""
-    line = line or waiting_line_for(runner)
+    settings = settings or Settings()
+    line = line or waiting_line_for(runner, settings)
     zero_gpu = on_zero_gpu()
-    chat_fn = make_chat_fn(runner, line, zero_gpu=zero_gpu, toolbox=toolbox)
+    chat_fn = make_chat_fn(runner, line, settings, zero_gpu=zero_gpu, toolbox=toolbox)
     # ZeroGPU: one answer at a time, in Gradio's queue. Elsewhere every message enters the
     # chat function at once and waits in the app's line (with the API's requests).
     concurrency = 1 if zero_gpu else None
@@ -396,7 +385,7 @@ def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: 
         header = gr.Markdown(header_markdown(runner, toolbox))
         textbox = gr.MultimodalTextbox(
             file_types=["image"], file_count="multiple", sources=["upload"],
-            placeholder=f"Type a message or attach up to {config.settings.max_images_per_message} images…",
+            placeholder=f"Type a message or attach up to {settings.max_images_per_message} images…",
             stop_btn=True, render=False)
         chat = gr.ChatInterface(
             fn=chat_fn,
@@ -408,8 +397,7 @@ def build_demo(runner, line: WaitingLine | None = None, default_max_new_tokens: 
                                   {"left": "$", "right": "$", "display": False}])),
             additional_inputs=[  # render=False: ChatInterface puts them in its accordion
                 gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2, render=False),
-                gr.Slider(1, config.settings.max_new_tokens_limit,
-                          value=default_max_new_tokens or config.settings.max_new_tokens, step=1,
+                gr.Slider(1, settings.max_new_tokens_limit, value=settings.max_new_tokens, step=1,
                           label="Max new tokens", render=False),
                 gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
                           render=False),
@@ -451,23 +439,24 @@ def header_markdown(runner, toolbox: Toolbox | None = None) -> str:
     if toolbox is not None:
         tools = f" · 🛠 tools: {', '.join(toolbox.names)}" if runner.supports_tools else \
             " · 🛠 tools off: this model's chat template doesn't take tools in a form the app reads"
-    kind = "vision-language" if runner.is_vision else "text-only"
-    dtype = str(runner.dtype).removeprefix("torch.")
-    if runner.quantization == "4bit":
+    info = runner.info
+    kind = "vision-language" if info.is_vision else "text-only"
+    dtype = info.dtype
+    if info.quantization == "4bit":
         dtype = f"4bit (bitsandbytes NF4, {dtype} compute)"
-    elif runner.quantization:
-        dtype = f"{runner.quantization} (bitsandbytes)"
-    compiled = " · compiled" if runner.compile else ""
-    local = runner.device in ("cpu", "cuda", "mps")  # (a remote server batches in its own way)
-    batched = " · batched" if local and not runner.one_at_a_time else ""
-    return f"**{runner.name}** · {kind} · {runner.device} · {dtype}{compiled}{batched}{tools}"
+    elif info.quantization:
+        dtype = f"{info.quantization} (bitsandbytes)"
+    compiled = " · compiled" if info.compile else ""
+    local = info.device in ("cpu", "cuda", "mps")  # (a remote server batches in its own way)
+    batched = " · batched" if local and info.batching else ""
+    return f"**{info.name}** · {kind} · {info.device} · {dtype}{compiled}{batched}{tools}"
 
 
-def waiting_line_for(runner, max_waiting: int | None = None) -> WaitingLine:
+def waiting_line_for(runner, settings: Settings | None = None) -> WaitingLine:
     """The one line to `runner` for the UI and the API, told when each answer ends."""
-    line = WaitingLine(one_at_a_time=lambda: runner.one_at_a_time,
-                       max_waiting=max_waiting or config.settings.queue_max_size,
-                       max_waiting_per_kind={"api": config.settings.api_max_waiting_requests})
+    settings = settings or Settings()
+    line = WaitingLine(one_at_a_time=lambda: runner.one_at_a_time, max_waiting=settings.queue_max_size,
+                       max_waiting_per_kind={"api": settings.api_max_waiting_requests})
     runner.finish_listeners.append(line.stream_finished)
     return line
 
@@ -508,29 +497,28 @@ def route_chat_events(demo, chat_fn, concurrency_limit: int | None):
 
 # ---------------------------------------------------------------- serve: the UI, /v1, /healthz and /metrics on one server
 
-def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
-          auth: tuple[str, str] | None = None, api_key: str | None = None,
-          max_new_tokens: int | None = None, block: bool = True, quiet: bool = False,
-          on_listening=None, queue_max_size: int | None = None, log_chats: bool = False,
-          toolbox: Toolbox | None = None):
-    """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics.
-    Returns (demo, local_url); with block=True only when the server stops. Left out, the
-    answer length and the line's size are the settings' (config.settings)."""
-    queue_max_size = queue_max_size or config.settings.queue_max_size
-    max_new_tokens = max_new_tokens or config.settings.max_new_tokens
-    line = waiting_line_for(runner, queue_max_size)
+def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet: bool = False,
+          on_listening=None, toolbox: Toolbox | None = None, **overrides):
+    """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics, as
+    `settings` say (host, port, share, auth, api_key, max_new_tokens, queue_max_size,
+    log_chats, ...; `overrides` replace single ones). Returns (demo, local_url); with
+    block=True only when the server stops."""
+    settings = (settings or Settings()).replace(**overrides)
+    line = waiting_line_for(runner, settings)
     with gradio_app_built_at_launch_only():
-        demo = build_demo(runner, line, max_new_tokens, toolbox=toolbox)
-        demo.queue(max_size=queue_max_size)
+        demo = build_demo(runner, line, settings, toolbox=toolbox)
+        demo.queue(max_size=settings.queue_max_size)
     wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
-    if log_chats:  # off by default: prompts and answers are the users' business
+    if settings.log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
     # (Gradio's own queue holds chat events only on ZeroGPU; elsewhere they wait in the line.)
     metrics = Metrics(runner, waiting=lambda: line.waiting + ui_queue_depth(demo))
+    auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
     server, local_url, share_url = demo.launch(
-        server_name=host, server_port=port, share=share, auth=auth, max_file_size=config.settings.max_upload_size,
-        max_threads=queue_max_size + GRADIO_EXTRA_THREADS, prevent_thread_lock=True, quiet=quiet)
-    if share:
+        server_name=settings.host, server_port=settings.port, share=settings.share, auth=auth,
+        max_file_size=settings.max_upload_size, max_threads=settings.queue_max_size + GRADIO_EXTRA_THREADS,
+        prevent_thread_lock=True, quiet=quiet)
+    if settings.share:
         if share_url:
             log.info("Public link (valid 1 week, while this app runs): %s", share_url)
         else:
@@ -539,16 +527,15 @@ def serve(runner, *, host: str = "127.0.0.1", port: int | None = 7860, share: bo
     if on_listening:
         on_listening()
 
-    api_open = api_key is None and is_loopback(host) and not share
-    server.mount("/v1", create_api(runner, line, api_key=api_key, open_without_key=api_open,
-                                   default_max_tokens=max_new_tokens))
+    api_open = settings.api_key is None and is_loopback(settings.host) and not settings.share
+    server.mount("/v1", create_api(runner, line, settings, open_without_key=api_open))
     server.add_api_route("/healthz", lambda: {
         "status": "ok" if runner.loaded else "loading", "model": runner.name,
-        "device": runner.device, "dtype": str(runner.dtype).removeprefix("torch."),
-        "loaded": runner.loaded}, methods=["GET"])
+        "device": runner.info.device, "dtype": runner.info.dtype, "loaded": runner.loaded,
+        "runner": dataclasses.asdict(runner.info)}, methods=["GET"])
     server.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=metrics.content_type),
                          methods=["GET"])
-    if api_key is None and not api_open:
+    if settings.api_key is None and not api_open:
         log.warning("The OpenAI API (/v1) is off: the server is reachable from the network; "
                     "start with --api-key KEY to turn it on.")
     if block:
@@ -572,17 +559,16 @@ def ui_queue_depth(demo) -> int:
     return len(event_queue.queue) if event_queue else 0
 
 
-class ModelSlot:
+class ModelSlot(DescribedByInfo):
     """Stands in for the runner while the model loads in a background thread, so the UI
     answers at once and shows "loading model…". Requests made meanwhile wait for it.
     `name` is the served name when it is known before loading (None: the server's choice)."""
 
     def __init__(self, name: str | None, load, *, one_at_a_time: bool):
-        self.requested_name = name
-        self._one_at_a_time = one_at_a_time  # until the runner says
+        self._loading = RunnerInfo(name=name, device="loading model…", batching=not one_at_a_time, loaded=False)
         self.runner = None
         self.error: BaseException | None = None
-        self.ready = threading.Event()
+        self.ready = Signal()
         self.finish_listeners: list = []  # handed to the runner once it exists
         self._load = load
 
@@ -602,26 +588,17 @@ class ModelSlot:
             self.ready.set()
 
     @property
-    def one_at_a_time(self) -> bool:
-        return self.runner.one_at_a_time if self.runner is not None else self._one_at_a_time
+    def info(self) -> RunnerInfo:
+        return self.runner.info if self.runner is not None else self._loading
 
     @property
-    def loaded(self) -> bool:
-        return self.runner is not None
+    def active(self) -> int:
+        return self.runner.active if self.runner else 0
 
-    name = property(lambda self: self.runner.name if self.runner else self.requested_name)
-    device = property(lambda self: self.runner.device if self.runner else "loading model…")
-    dtype = property(lambda self: self.runner.dtype if self.runner else "")
-    is_vision = property(lambda self: self.runner.is_vision if self.runner else True)
-    compile = property(lambda self: self.runner.compile if self.runner else False)
-    quantization = property(lambda self: self.runner.quantization if self.runner else None)
-    supports_tools = property(lambda self: self.runner.supports_tools if self.runner else False)
-    active = property(lambda self: self.runner.active if self.runner else 0)
-
-    def stream(self, messages, settings=None, cancelled: threading.Event | None = None):
-        while not self.ready.wait(None if cancelled is None else 0.1):
-            if cancelled.is_set():
-                raise Cancelled()
+    def stream(self, messages, settings=None, cancelled: Signal | None = None):
+        wait_for_either(self.ready, cancelled)
+        if not self.ready.is_set():
+            raise Cancelled()
         if self.runner is None:
             raise GenerationError(f"The model failed to load: {self.error}")
         return self.runner.stream(messages, settings, cancelled=cancelled)
@@ -629,39 +606,28 @@ class ModelSlot:
 
 # ---------------------------------------------------------------- main
 
-def parse_args(argv: list[str] | None = None, environ=os.environ) -> config.Settings:
-    """The settings: the environment's, then the command line's (config.SETTINGS). A bad
-    value exits with one line."""
-    return config.Settings(environ).apply_command_line(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    config.settings = settings = parse_args(argv)  # every module reads config.settings
+    settings = config.read_settings(argv)  # resolved once, then handed to everything
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for chatty in ("httpx", "openai", "httpcore"):  # one line per request/retry otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if settings.backend == "openai":
-        def load():
-            return RemoteRunner(settings.base_url, api_key=settings.api_key, model=settings.model,
-                                served_name=settings.served_model_name)
-        slot = ModelSlot(settings.served_model_name or settings.model, load, one_at_a_time=False)
+        slot = ModelSlot(settings.served_model_name or settings.model,
+                         lambda: RemoteRunner(settings.base_url, settings), one_at_a_time=False)
     else:
         model = settings.model or config.DEFAULT_MODEL
-        name = settings.served_model_name or served_model_name(model)
+        if on_zero_gpu():  # the GPU is lent per answer: no compile at load (auto), no batching
+            settings = settings.replace(compile="off" if settings.compile == "auto" else settings.compile,
+                                        batching="off")
+        settings = settings.replace(model=model, served_model_name=settings.served_model_name or
+                                    served_model_name(model))
 
         def load():
-            # ZeroGPU lends the GPU per answer only: no compile at load (auto), unless asked for
-            compile = "off" if on_zero_gpu() and settings.compile == "auto" else settings.compile
-            load_kwargs = dict(device=settings.device, dtype=settings.dtype,
-                               trust_remote_code=settings.trust_remote_code, compile=compile, served_name=name,
-                               torch_threads=settings.torch_threads or None,
-                               batching="off" if on_zero_gpu() else settings.batching,
-                               quantize=settings.quantize)
             if settings.in_process or on_zero_gpu():  # ZeroGPU runs the chat fn in its own GPU worker
                 from model_runner import ModelRunner
-                return ModelRunner.load(model, **load_kwargs)
-            return EngineProcess.start(model, **load_kwargs)
-        slot = ModelSlot(name, load, one_at_a_time=True)
+                return ModelRunner.load(settings=settings)
+            return EngineProcess.start(settings=settings)
+        slot = ModelSlot(settings.served_model_name, load, one_at_a_time=True)
     toolbox = None
     if settings.tools:
         try:
@@ -671,12 +637,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if settings.share and not settings.auth:
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
-    auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
     # The UI first (importing gradio takes seconds), then the model: loading both at once
     # would only make them fight for the GIL.
-    demo, _ = serve(slot, host=settings.host, port=settings.port, share=settings.share, auth=auth,
-                    api_key=settings.api_key, max_new_tokens=settings.max_new_tokens, block=False,
-                    on_listening=slot.start, log_chats=settings.log_chats, toolbox=toolbox)
+    demo, _ = serve(slot, settings, block=False, on_listening=slot.start, toolbox=toolbox)
     slot.ready.wait()
     if slot.error is not None:
         message = str(slot.error) if isinstance(slot.error, ModelLoadError) else \

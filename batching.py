@@ -4,8 +4,9 @@ images). ModelRunner uses it when `--batching` says so; each answer is a Batched
 which streams, stops and ends on its own like any engine_contract.Stream.
 
     batcher = ContinuousBatcher(model, tokenizer, device, context_length)   # the manager's loop starts
-    request_id = batcher.add(stream, input_ids, generation)  # outputs go to stream._on_output
-    batcher.cancel(request_id)                               # stops at the manager's next step
+    max_new = batcher.admit(prompt_tokens, max_new_tokens, seed)    # what the cache holds for it
+    request_id = batcher.add(stream, input_ids, generation, seed)   # outputs go to stream._on_output
+    batcher.cancel(request_id)                                      # stops at the manager's next step
 
 Per answer: max new tokens, temperature, top_p, stop strings (cut here, then cancelled) and
 min_new_tokens (EOS ignored: benchmarks) are honoured; a seed is not (one generator for
@@ -22,7 +23,8 @@ import time
 
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from engine_contract import ChatInputError, GenerationError
+import transformers_internals
+from engine_contract import ChatInputError, ContextTooLong, GenerationError
 
 log = logging.getLogger("engine")
 
@@ -44,6 +46,9 @@ def wants_batching(setting: str, device: str, is_vision: bool, compiled: bool = 
     alone a third of the speed."""
     if setting == "off":
         return False, None
+    if not transformers_internals.can_deliver_in_loop():
+        return False, (f"continuous batching is used with transformers {transformers_internals.WRITTEN_FOR} "
+                       f"only (it leans on its internals): answers go one at a time")
     if is_vision:
         return False, ("continuous batching takes token ids only: a vision model answers one "
                        "request at a time")
@@ -53,9 +58,10 @@ def wants_batching(setting: str, device: str, is_vision: bool, compiled: bool = 
 
 
 class ContinuousBatcher:
-    """One ContinuousBatchingManager for a model, and the thread that hands each output to
-    its stream. A failure of the manager's loop ends every answer in flight with that error,
-    and the next request starts a fresh manager."""
+    """One ContinuousBatchingManager for a model. The manager's own thread generates every
+    answer and hands each output straight to its stream (transformers_internals.deliver_in_loop):
+    no thread of ours around it, no polling. A failure of the manager's loop ends every
+    answer in flight with that error, and the next request starts a fresh manager."""
 
     def __init__(self, model, tokenizer, device: str, context_length: int | None):
         self.model, self.device, self.context_length = model, device, context_length
@@ -71,15 +77,13 @@ class ContinuousBatcher:
                 else tokenizer.eos_token_id
         self.vocab = vocab
         self._streams: dict[str, object] = {}
-        self._closing: dict[str, tuple[object, float]] = {}  # cancelled: late tokens still count
+        self._closing: dict[str, float] = {}  # cancelled: late tokens still count until then
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._manager = None
         self._capacity: int | None = None
-        self._stopped = threading.Event()
+        self._stopped = False
         self._start_manager()
-        self._dispatcher = threading.Thread(target=self._dispatch, name="batching-outputs", daemon=True)
-        self._dispatcher.start()
 
     def _cache_config(self) -> ContinuousBatchingConfig:
         cb = ContinuousBatchingConfig(per_request_processors=True, page_size=PAGE_SIZE)
@@ -103,24 +107,26 @@ class ContinuousBatcher:
     def capacity(self) -> int | None:
         """Tokens the KV cache holds for one answer (prompt + new), known once the loop has
         built the cache (the warm-up does); kept across a restart of the manager."""
-        processor = getattr(self._manager, "batch_processor", None)
-        cache = getattr(processor, "cache", None)
-        self._capacity = getattr(cache, "max_tokens_read", None) or self._capacity
+        self._capacity = transformers_internals.batch_capacity(self._manager) or self._capacity
         return self._capacity
 
-    def add(self, stream, input_ids: list[int], generation: GenerationConfig, seed: int | None) -> str:
-        """Queue one answer; its outputs go to stream._on_output. max_new_tokens is cut to
-        what the cache holds (stream.max_new_tokens says how many)."""
+    def admit(self, prompt_tokens: int, max_new_tokens: int, seed: int | None) -> int:
+        """How many new tokens an answer may have beside this prompt (what the cache holds),
+        or ChatInputError when it can't be batched."""
         if seed is not None:
             raise ChatInputError("A seed can't be honoured with continuous batching (all answers share "
                                  "one random generator): leave it out, or start the app with --batching off.")
-        max_new = generation.max_new_tokens
         capacity = self.capacity
-        if capacity and len(input_ids) + max_new > capacity:
-            max_new = capacity - len(input_ids)
-            if max_new < 1:
-                raise ChatInputError(f"This conversation ({len(input_ids)} tokens) is longer than the batching "
+        if capacity and prompt_tokens + max_new_tokens > capacity:
+            if capacity - prompt_tokens < 1:
+                raise ContextTooLong(f"This conversation ({prompt_tokens} tokens) is longer than the batching "
                                      f"cache holds ({capacity} tokens). Send a shorter message.")
+            return capacity - prompt_tokens
+        return max_new_tokens
+
+    def add(self, stream, input_ids: list[int], generation: GenerationConfig, seed: int | None) -> str:
+        """Queue one answer (admitted); its outputs go to stream._on_output, in the manager's
+        thread."""
         if generation.do_sample:
             sampling = {"temperature": float(generation.temperature or 1.0), "top_p": float(generation.top_p or 1.0),
                         "top_k": self.vocab}
@@ -131,34 +137,69 @@ class ContinuousBatcher:
         request_id = f"answer-{next(self._ids)}"
         orphans = []
         with self._lock:
-            if self._stopped.is_set():
+            if self._stopped:
                 raise GenerationError("The server is stopping.")
             if self._manager is None or not self._manager.is_running():
-                orphans = self._take_streams()  # a dead loop's answers: they get no more outputs
-                self._start_manager()
+                orphans = self._restart_manager()
             self._streams[request_id] = stream
-            stream.max_new_tokens = max_new
-            self._manager.add_request(input_ids, request_id=request_id, max_new_tokens=max_new,
+            transformers_internals.deliver_in_loop(self._manager, request_id, self._deliverer(request_id))
+            self._forget_closed()
+            self._manager.add_request(input_ids, request_id=request_id, max_new_tokens=generation.max_new_tokens,
                                       streaming=True, **sampling)
         self._fail(orphans, GenerationError("Generation failed: the batching loop stopped; send again."))
         return request_id
 
+    def _deliverer(self, request_id: str):
+        def deliver(output) -> None:  # in the manager's thread: never let an error reach its loop
+            with self._lock:
+                stream = self._streams.get(request_id)
+                if stream is None and request_id not in self._closing:
+                    return
+                if output.is_finished() or output.error:
+                    self._streams.pop(request_id, None)
+                    self._closing.pop(request_id, None)
+                    transformers_internals.stop_delivering(self._manager, request_id)
+            if stream is None:
+                return
+            try:
+                stream._on_output(output)
+            except Exception as error:  # one answer's failure is that answer's only
+                log.exception("a batched answer failed to take its output")
+                self.cancel(request_id)
+                stream._fail(GenerationError(f"Generation failed: {type(error).__name__}: {error}"))
+        return deliver
+
     def cancel(self, request_id: str) -> None:
+        """Stop an answer at the manager's next step; tokens it makes until then still count
+        (tokens_after_close) for CLOSED_GRACE_S."""
         with self._lock:
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                self._closing[request_id] = (stream, time.monotonic() + CLOSED_GRACE_S)
+            stream = self._streams.get(request_id)
+            if stream is None or request_id in self._closing:
+                return
+            self._closing[request_id] = time.monotonic() + CLOSED_GRACE_S
             manager = self._manager
-        if stream is not None and manager is not None:
+        if manager is not None:
             manager.cancel_request(request_id)
+
+    def _forget_closed(self) -> None:
+        """(Under the lock) cancelled answers past their grace: no output comes for them."""
+        now = time.monotonic()
+        for request_id in [rid for rid, until in self._closing.items() if until < now]:
+            del self._closing[request_id]
+            self._streams.pop(request_id, None)
+            transformers_internals.stop_delivering(self._manager, request_id)
 
     @property
     def active(self) -> int:
-        return len(self._streams)
+        return len(self._streams) - len(self._closing)
 
-    def _take_streams(self) -> list:
-        """(Under the lock) every answer in flight, now out of the table."""
-        streams, self._streams = list(self._streams.values()), {}
+    def _restart_manager(self) -> list:
+        """(Under the lock) a dead loop's answers, which get no more outputs, and a fresh loop."""
+        error = transformers_internals.batch_fatal_error(self._manager) if self._manager is not None else None
+        if error is not None:
+            log.error("The batching loop stopped (%s: %s); starting a new one.", type(error).__name__, error)
+        streams, self._streams, self._closing = list(self._streams.values()), {}, {}
+        self._start_manager()
         return streams
 
     @staticmethod
@@ -166,59 +207,12 @@ class ContinuousBatcher:
         for stream in streams:
             stream._fail(error)
 
-    def _dispatch(self) -> None:
-        while not self._stopped.is_set():
-            manager = self._manager
-            if manager is None:
-                self._stopped.wait(0.05)
-                continue
-            output = manager.get_result(timeout=0.05)
-            if self._closing:
-                now = time.monotonic()
-                with self._lock:
-                    self._closing = {k: v for k, v in self._closing.items() if v[1] > now}
-            if output is None:
-                self._check_manager(manager)
-                continue
-            with self._lock:
-                stream = self._streams.get(output.request_id)
-                if stream is None:
-                    late = self._closing.get(output.request_id)
-                    if late is not None:
-                        late[0]._on_late_output(output)
-                    continue
-                if output.is_finished():
-                    del self._streams[output.request_id]
-            try:
-                stream._on_output(output)
-            except Exception as error:  # one answer's failure is that answer's only
-                log.exception("a batched answer failed to take its output")
-                self.cancel(output.request_id)
-                stream._fail(GenerationError(f"Generation failed: {type(error).__name__}: {error}"))
-
-    def _check_manager(self, manager) -> None:
-        """The manager's loop died (it logs why): end every answer in flight with its error."""
-        error = getattr(manager.background_thread_status, "fatal_error", None)
-        if error is None and manager.is_running():
-            return
-        with self._lock:
-            if manager is not self._manager:
-                return
-            streams = self._take_streams()
-            self._manager = None
-        try:
-            manager.stop(block=True, timeout=5, hard_stop=True)
-        except Exception:
-            pass
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}" if error else "the batching loop stopped"
-        self._fail(streams, GenerationError(f"Generation failed: {reason}; send again."))
-
     def close(self) -> None:
         """Stop at once: answers in flight end with an error saying so."""
-        self._stopped.set()
         with self._lock:
+            self._stopped = True
             manager, self._manager = self._manager, None
-            streams = self._take_streams()
+            streams, self._streams = list(self._streams.values()), {}
         if manager is not None:
             try:
                 manager.stop(block=True, timeout=5, hard_stop=True)

@@ -1,17 +1,19 @@
 """Every setting of the app, in one table: its environment variable (a Space variable, a
 container's env), its command-line option where it has one, its default, what it does.
 
-    from config import settings
-    settings.max_image_side          # from the environment (or the default) at import
-    settings.apply_command_line()    # app.main: the command line, over the environment
+    settings = config.read_settings()     # app.main, once: the environment, then the command line
+    settings.max_image_side               # a frozen dataclass, handed to whatever needs it
+    config.Settings()                     # the defaults (tests, library use)
 
-One object holds the values, so every module reads the same ones. Importing this is cheap
-(no torch): the web server reads it before anything else. README "Settings" is this table.
+No module reads settings at import or keeps them in a global: main resolves them once and
+passes the one object on (to the engine process too). Importing this is cheap (no torch).
+README "Settings" is this table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -30,8 +32,8 @@ def _flag(value: str) -> bool:
     raise ValueError("not 1/true/yes/on or 0/false/no/off")
 
 
-def _comma_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _compile_choice(value: str) -> str:
@@ -162,81 +164,95 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-class Settings:
-    """The values of SETTINGS, as attributes: from the environment, then the command line."""
+def _settings_class():
+    """The values of SETTINGS as one frozen dataclass: `Settings()` holds the defaults."""
+    fields = [(s.name, object, dataclasses.field(default=s.default)) for s in SETTINGS]
+    return dataclasses.make_dataclass("Settings", fields, frozen=True, namespace={
+        "__doc__": "Every setting's value (config.SETTINGS), frozen: built once by read_settings() "
+                   "and handed to whatever needs it. Settings() holds the defaults.",
+        "problem": _problem, "replace": lambda self, **changes: dataclasses.replace(self, **changes),
+        "__module__": __name__})
 
-    def __init__(self, environ=os.environ):
-        self.problems: list[str] = []  # unreadable variables: reported by app.main, defaults used
-        for setting in SETTINGS:
-            text = environ.get(setting.variable, "")
-            value = setting.default
-            if text.strip():
-                try:
-                    value = setting.read(text)
-                except ValueError as error:
-                    self.problems.append(f"{setting.variable}={text!r}: {error}")
-            setattr(self, setting.name, value)
 
-    def parser(self) -> argparse.ArgumentParser:
-        """The command line: each option's default is its current value (the environment's)."""
-        parser = argparse.ArgumentParser(
-            description="Chat with a local Hugging Face model (text + images), streamed token by token. "
-                        "Each option can also be set by the environment variable in brackets; more "
-                        "settings, without options, are in README 'Settings'.")
-        for setting in SETTINGS:
-            if not setting.option:
+def _problem(settings) -> str | None:
+    """What can't work together, in one line (None: nothing)."""
+    if settings.backend == "openai" and not settings.base_url:
+        return "--backend openai needs --base-url (e.g. http://localhost:8000/v1)"
+    if settings.auth is not None and ":" not in settings.auth:
+        return "--auth must be USER:PASS"
+    if not 1 <= settings.max_new_tokens <= settings.max_new_tokens_limit:
+        return f"--max-new-tokens must be between 1 and {settings.max_new_tokens_limit}"
+    if settings.torch_threads < 0:
+        return "--torch-threads must be 0 (the default: the cores less one) or more"
+    if settings.max_tool_steps < 1:
+        return "MAX_TOOL_STEPS must be 1 or more"
+    return None
+
+
+Settings = _settings_class()
+
+
+def from_environment(environ=os.environ) -> tuple[Settings, list[str]]:
+    """The environment's values over the defaults, and the variables that could not be read
+    (their defaults are used)."""
+    values, problems = {}, []
+    for setting in SETTINGS:
+        text = environ.get(setting.variable, "")
+        if text.strip():
+            try:
+                values[setting.name] = setting.read(text)
+            except ValueError as error:
+                problems.append(f"{setting.variable}={text!r}: {error}")
+    return Settings(**values), problems
+
+
+def parser(defaults: Settings) -> argparse.ArgumentParser:
+    """The command line: each option's default is its value in `defaults` (the environment's)."""
+    parser = argparse.ArgumentParser(
+        description="Chat with a local Hugging Face model (text + images), streamed token by token. "
+                    "Each option can also be set by the environment variable in brackets; more "
+                    "settings, without options, are in README 'Settings'.")
+    for setting in SETTINGS:
+        if not setting.option:
+            continue
+        value = getattr(defaults, setting.name)
+        help_text = f"{setting.help} [{setting.variable}" + ("" if value is None else f"; default {value}") + "]"
+        if isinstance(setting.default, bool):
+            parser.add_argument(setting.flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
+            continue
+        kind = setting.kind or (str if setting.default is None else type(setting.default))
+        if kind is _comma_list:  # repeatable on the command line
+            parser.add_argument(setting.flag, action="append", default=None, help=help_text, metavar=setting.metavar)
+            continue
+        parser.add_argument(setting.flag, default=value, help=help_text, type=kind, choices=setting.choices or None,
+                            metavar=setting.metavar,
+                            **({"nargs": "?", "const": "on"} if setting.name == "compile" else {}))
+    return parser
+
+
+def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings:
+    """The app's settings, resolved once: the environment's, then the command line's over them.
+    A bad value exits with one line (argparse's error)."""
+    from_env, problems = from_environment(environ)
+    command_line = parser(from_env)
+    if problems:
+        command_line.error("; ".join(problems))
+    values = command_line.parse_args(argv)
+    changes = {}
+    for setting in SETTINGS:
+        if not setting.option:
+            continue
+        value = getattr(values, setting.name, None)
+        if setting.kind is _comma_list:
+            if value is None:  # not on the command line: the environment's stays
                 continue
-            value = getattr(self, setting.name)
-            help_text = f"{setting.help} [{setting.variable}" + ("" if value is None else f"; default {value}") + "]"
-            if isinstance(setting.default, bool):
-                parser.add_argument(setting.flag, action=argparse.BooleanOptionalAction,
-                                    default=getattr(self, setting.name), help=help_text)
-            else:
-                kind = setting.kind or (str if setting.default is None else type(setting.default))
-                if kind is _comma_list:  # repeatable on the command line
-                    parser.add_argument(setting.flag, action="append", default=None, help=help_text,
-                                        metavar=setting.metavar)
-                    continue
-                parser.add_argument(setting.flag, default=getattr(self, setting.name), help=help_text,
-                                    type=kind, choices=setting.choices or None, metavar=setting.metavar,
-                                    **({"nargs": "?", "const": "on"} if setting.name == "compile" else {}))
-        return parser
-
-    def apply_command_line(self, argv: list[str] | None = None) -> "Settings":
-        """Read the command line over the environment; a bad value exits with one line."""
-        parser = self.parser()
-        if self.problems:
-            parser.error("; ".join(self.problems))
-        values = parser.parse_args(argv)
-        for setting in SETTINGS:
-            value = getattr(values, setting.name, None)
-            if setting.kind is _comma_list:
-                if value is None:  # not on the command line: the environment's stays
-                    continue
-                value = [item for text in value for item in _comma_list(text)]
-            if setting.option:
-                setattr(self, setting.name, value)
-        problem = self.problem()
-        if problem:
-            parser.error(problem)
-        return self
-
-    def problem(self) -> str | None:
-        """What can't work together, in one line (None: nothing)."""
-        if self.backend == "openai" and not self.base_url:
-            return "--backend openai needs --base-url (e.g. http://localhost:8000/v1)"
-        if self.auth is not None and ":" not in self.auth:
-            return "--auth must be USER:PASS"
-        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
-            return f"--max-new-tokens must be between 1 and {self.max_new_tokens_limit}"
-        if self.torch_threads < 0:
-            return "--torch-threads must be 0 (the default: the cores less one) or more"
-        if self.max_tool_steps < 1:
-            return "MAX_TOOL_STEPS must be 1 or more"
-        return None
-
-
-settings = Settings()
+            value = tuple(item for text in value for item in _comma_list(text))
+        changes[setting.name] = value
+    settings = from_env.replace(**changes)
+    problem = settings.problem()
+    if problem:
+        command_line.error(problem)
+    return settings
 
 
 def settings_table() -> str:

@@ -16,16 +16,14 @@ import os
 
 from PIL import Image
 
-import config
-from engine_contract import ChatInputError
-
-Image.MAX_IMAGE_PIXELS = config.settings.max_image_pixels  # PIL raises DecompressionBombError at 2x this
+from config import Settings
+from engine_contract import ChatInputError, ImageRefused, Reply, ToolCall
 # What is decoded, whatever a file's name or a data: URL says: Pillow can open dozens of
 # formats, some through outside programs (EPS through Ghostscript); users send these.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
-def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str,
+def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str, settings: Settings,
                      notices: list[str] | None = None) -> list[dict]:
     """Validate a conversation and load its images (as RGB PIL images, within the limits).
     Raises ChatInputError for what can't be sent: every engine goes through here. What the
@@ -41,16 +39,16 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
         raise ChatInputError("The message is empty: type some text or attach an image.")
     new_images = [p for p in last["content"] if _is_image(p)]
     if new_images and not sees_images:
-        raise ChatInputError(
+        raise ImageRefused(
             f"This model ({model_name}) is text-only and can't see images. Send the message "
             f"without the image, or start the app with a vision model (--model).")
-    if len(new_images) > config.settings.max_images_per_message:
-        raise ChatInputError(f"Too many images in one message: {len(new_images)} "
-                             f"(the limit is {config.settings.max_images_per_message}).")
+    if len(new_images) > settings.max_images_per_message:
+        raise ImageRefused(f"Too many images in one message: {len(new_images)} "
+                           f"(the limit is {settings.max_images_per_message}).")
     # Keep the newest images up to the conversation cap; earlier ones drop out of the prompt.
     # A bad file in the new message is refused; one in the history was refused when it was
     # sent, so it is left out rather than blocking every later turn.
-    budget = config.settings.max_images_per_conversation if sees_images else 0
+    budget = settings.max_images_per_conversation if sees_images else 0
     left_out = 0
     prepared = []
     for message in reversed(messages):
@@ -59,12 +57,12 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
         for part in reversed(message["content"]):
             if part.get("type") == "file":
                 if is_new:
-                    raise ChatInputError(f"{os.path.basename(part['path'])} is not an image; "
-                                         f"only image files can be attached.")
+                    raise ImageRefused(f"{os.path.basename(part['path'])} is not an image; "
+                                       f"only image files can be attached.")
             elif _is_image(part):
                 if budget > 0:
                     try:
-                        image = load_image(part["image"])
+                        image = load_image(part["image"], settings)
                     except ChatInputError:
                         if is_new:
                             raise
@@ -74,7 +72,7 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
                     if is_new and "downscaled_from" in image.info:
                         width, height = image.info["downscaled_from"]
                         notices.append(f"An image of {width}×{height} pixels was downscaled to "
-                                       f"{image.width}×{image.height} (the limit is {config.settings.max_image_side} "
+                                       f"{image.width}×{image.height} (the limit is {settings.max_image_side} "
                                        f"pixels a side).")
                 elif sees_images:
                     left_out += 1
@@ -85,7 +83,7 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
             prepared.append({"role": message["role"], "content": parts[::-1], **extras})
     prepared.reverse()
     if left_out:
-        notices.append(f"The model sees the latest {config.settings.max_images_per_conversation} images of this chat; "
+        notices.append(f"The model sees the latest {settings.max_images_per_conversation} images of this chat; "
                        f"{left_out} older image{'s' * (left_out > 1)} were left out.")
     return prepared
 
@@ -122,7 +120,7 @@ def split_tool_calls(text: str, final: bool = False) -> tuple[str, list[dict], b
     `final`) a partial "<tool_call" at the end is held back and every tagged block hidden; a
     call cut off by the end of the answer is left out; at the end, a closed block that isn't
     a valid call stays in the answer as text (the engine's response_template parse, where
-    there is one, reads such formats: answer_and_tool_calls)."""
+    there is one, reads such formats: ReplyParser)."""
     answer, calls, position = [], [], 0
     while True:
         start = text.find(TOOL_CALL_START, position)
@@ -149,16 +147,6 @@ def split_tool_calls(text: str, final: bool = False) -> tuple[str, list[dict], b
 def _joined(pieces: list[str]) -> str:
     """The text around the calls that were cut out, a paragraph each."""
     return "\n\n".join(piece.strip() for piece in pieces if piece.strip())
-
-
-def answer_and_tool_calls(stream, text: str, final: bool) -> tuple[str, list[dict], bool]:
-    """A stream's answer without its tool calls, the calls, and whether one is being
-    written: once the answer has ended, as the engine parsed it with the model's own
-    response_template (stream.parsed_reply), else read from the text in the Hermes format."""
-    if final and stream.parsed_reply is not None:
-        return stream.parsed_reply["content"], stream.parsed_reply["tool_calls"], False
-    _, answer, _ = stream.parts(text)
-    return split_tool_calls(answer, final=final)
 
 
 def parse_tool_call(body: str) -> dict | None:
@@ -205,6 +193,38 @@ def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str |
     return text[:end].strip(), text[end + len(REASONING_END):].lstrip(), True
 
 
+class ReplyParser:
+    """Generated text → Reply: the one place an answer is split into reasoning, answer and
+    tool calls (in the engine, as it generates; consumers only render the parts). A call
+    keeps its id from the update where it is first complete to the end."""
+
+    def __init__(self, starts_in_reasoning: bool = False, tools: bool = False):
+        self.starts_in_reasoning, self.tools = starts_in_reasoning, tools
+        self._calls: list[ToolCall] = []
+
+    def parse(self, text: str, final: bool = False, parsed: dict | None = None) -> Reply:
+        """`parsed`: at the end, the model's own response_template reading of the answer
+        ({"content", "tool_calls": [{"name", "arguments"}]}), which replaces the Hermes one."""
+        reasoning, answer, reasoning_done = split_reasoning(text, self.starts_in_reasoning)
+        calls, calling = [], False
+        if parsed is not None:
+            answer, calls = parsed["content"], parsed["tool_calls"]
+        elif self.tools:
+            answer, calls, calling = split_tool_calls(answer, final=final)
+        return Reply(answer=answer, reasoning=reasoning, reasoning_done=reasoning_done or final,
+                     tool_calls=self._with_ids(calls), calling=calling)
+
+    def _with_ids(self, calls: list[dict]) -> tuple[ToolCall, ...]:
+        kept = []
+        for i, call in enumerate(calls):
+            known = self._calls[i] if i < len(self._calls) else None
+            if known is None or (known.name, known.arguments) != (call["name"], call["arguments"]):
+                known = ToolCall(call["name"], call["arguments"])
+            kept.append(known)
+        self._calls = kept
+        return tuple(kept)
+
+
 def last_user_text(messages: list[dict]) -> str:
     return " ".join(p.get("text", "") for p in messages[-1]["content"] if p.get("type") == "text")
 
@@ -213,9 +233,9 @@ def _is_image(part: dict) -> bool:
     return part.get("type") == "image"
 
 
-def load_image(source) -> Image.Image:
-    """A path or PIL image → RGB PIL image no larger than config.settings.max_image_side.
-    Raises ChatInputError for anything that is not a readable image."""
+def load_image(source, settings: Settings) -> Image.Image:
+    """A path or PIL image → RGB PIL image no larger than settings.max_image_side. Raises
+    ImageRefused for anything that is not a readable image."""
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -223,25 +243,25 @@ def load_image(source) -> Image.Image:
         name = (os.path.basename(str(source)) if is_path else "") or "The image"
         try:
             image = Image.open(source, formats=IMAGE_FORMATS)
-            if image.width * image.height > config.settings.max_image_pixels:
-                raise ChatInputError(
+            if image.width * image.height > settings.max_image_pixels:
+                raise ImageRefused(
                     f"{name} is too large ({image.width}×{image.height} pixels; the limit is "
-                    f"{config.settings.max_image_pixels // 1_000_000} megapixels).")
+                    f"{settings.max_image_pixels // 1_000_000} megapixels).")
             image.load()
         except ChatInputError:
             raise
         except Image.DecompressionBombError:
-            raise ChatInputError(f"{name} has too many pixels to open safely.") from None
+            raise ImageRefused(f"{name} has too many pixels to open safely.") from None
         except FileNotFoundError:
-            raise ChatInputError(f"{name} could not be found (was the upload removed?).") from None
+            raise ImageRefused(f"{name} could not be found (was the upload removed?).") from None
         except Exception:
-            raise ChatInputError(f"{name} is not a readable image (corrupt, truncated, or not a PNG, "
+            raise ImageRefused(f"{name} is not a readable image (corrupt, truncated, or not a PNG, "
                                  f"JPEG, WebP, GIF or BMP file).") from None
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if max(image.size) > config.settings.max_image_side:
+    if max(image.size) > settings.max_image_side:
         original = image.size
         image = image.copy()
-        image.thumbnail((config.settings.max_image_side, config.settings.max_image_side))
+        image.thumbnail((settings.max_image_side, settings.max_image_side))
         image.info["downscaled_from"] = original
     return image

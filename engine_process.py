@@ -7,43 +7,47 @@ on every streamed update; in one process each update would stall generation that
 serving when the engine dies (a crash, an OOM kill): the answer in flight ends with an
 error, and the next request starts a fresh engine.
 
-    runner = EngineProcess.start("HuggingFaceTB/SmolVLM-256M-Instruct", device="auto")
+    runner = EngineProcess.start(settings)          # config.Settings: what it loads, and how
     with runner.stream(messages, settings) as stream:   # the engine_contract.Runner contract
-        for text in stream:
+        for reply in stream:
             ...
 
 Protocol: the dataclasses below, pickled over two one-way pipes.
     web server -> engine   Generate · Cancel · Exit
     engine -> web server   Ready | LoadFailed, then per request
                            Started | Refused, Text..., Ended
-The engine's TextStream coalesces the text (UpdateThrottle) and its generate thread sends
-each update itself: at most max_updates_per_second messages a second per answer, and no
-other thread wakes in the engine per update.
+In the engine, the process's main thread is the generation loop (model_runner.GenerationLoop):
+it loads the model, warms it up, and builds and generates every answer; one more thread
+reads the commands pipe and hands requests in. The generating thread sends each due update
+itself (the reply's changes: engine_contract.Reply.changes_since), at most
+max_updates_per_second messages a second per answer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import itertools
 import logging
 import multiprocessing
 import os
-import queue
 import sys
 import threading
-import time
 from dataclasses import dataclass
 
-from conversation import last_user_text, split_reasoning
+from config import Settings
+from conversation import last_user_text
 from engine_contract import (
+    ERRORS,
     Cancelled,
-    ChatInputError,
     GenerationError,
     GenerationSettings,
+    DescribedByInfo,
     ModelLoadError,
-    StreamFigures,
-    notify_finished,
+    Reply,
+    RunnerInfo,
+    Signal,
+    StreamBase,
 )
 
 log = logging.getLogger("engine")
@@ -70,14 +74,7 @@ class Exit:
 
 @dataclass
 class Ready:
-    name: str
-    device: str
-    dtype: str
-    is_vision: bool
-    compile: bool
-    one_at_a_time: bool   # False: continuous batching
-    quantization: str | None
-    supports_tools: bool
+    info: RunnerInfo
 
 
 @dataclass
@@ -90,7 +87,6 @@ class Started:
     request_id: int
     notices: list[str]
     prompt_tokens: int
-    starts_in_reasoning: bool
     max_new_tokens: int
     started_at: float
 
@@ -98,28 +94,24 @@ class Started:
 @dataclass
 class Refused:
     request_id: int
-    error: str        # "input" | "generation" | "cancelled" (the key of REFUSALS)
+    error: str        # the error's class name (engine_contract.ERRORS)
     message: str
-
-
-REFUSALS = {"input": ChatInputError, "generation": GenerationError, "cancelled": Cancelled}
 
 
 @dataclass
 class Text:
     request_id: int
-    offset: int        # the piece replaces the text from here (it only grows, normally)
-    piece: str
+    changes: dict      # Reply.changes_since the last Text
     new_tokens: int
     first_token_at: float | None
 
 
 @dataclass
 class Ended:
-    """The end of an answer: its figures, as the engine's TextStream has them. These
-    fields are what EngineStream takes over at the end."""
+    """The end of an answer: its last changes and its figures, as the engine's stream has
+    them. The fields after `error` are what EngineStream takes over at the end."""
     request_id: int
-    text: str | None   # None: as last sent
+    changes: dict
     error: str | None
     finish_reason: str
     new_tokens: int
@@ -129,40 +121,45 @@ class Ended:
     closed_at: float | None
     tokens_after_close: int | None
     token_times: list[float] | None
-    parsed_reply: dict | None
+    generated_on: int | None
+
+    FIGURES = ("new_tokens", "first_token_at", "last_token_at", "ended_at", "closed_at", "tokens_after_close",
+               "token_times", "generated_on")
 
     @classmethod
-    def of(cls, request_id: int, stream, sent: str) -> "Ended":
-        figures = {f.name: getattr(stream, f.name) for f in dataclasses.fields(cls)
-                   if f.name not in ("request_id", "text", "error")}
-        return cls(request_id, stream.text if stream.text != sent else None,
-                   str(stream.error) if stream.error else None, **figures)
+    def of(cls, request_id: int, stream, sent: Reply) -> "Ended":
+        return cls(request_id, stream.reply.changes_since(sent), str(stream.error) if stream.error else None,
+                   stream.finish_reason, **{name: getattr(stream, name) for name in cls.FIGURES})
 
 
 # ---------------------------------------------------------------- the web server's side
 
-class EngineProcess:
+class EngineProcess(DescribedByInfo):
     """A ModelRunner in a child process (the engine_contract.Runner contract)."""
 
-    loaded = True  # (app.ModelSlot stands in while a model loads)
-
-    def __init__(self, load_kwargs: dict):
-        self._load_kwargs = load_kwargs
+    def __init__(self, settings: Settings, record_token_times: bool = False):
+        self.settings = settings
+        self._record_token_times = record_token_times
         self._streams: dict[int, EngineStream] = {}  # this launch's answers in flight
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._launch_lock = threading.Lock()
         self._process = self._commands = None
+        self.info = RunnerInfo(name=None, device="")
         self.active = 0    # generating (0 or 1, unless the engine batches)
-        self.one_at_a_time = True  # what the engine says when it is ready
         self.finish_listeners: list = []
         self.restarts = 0
 
     @classmethod
-    def start(cls, model: str, **load_kwargs) -> "EngineProcess":
-        """Start the engine and load the model there (ModelRunner.load's arguments).
+    def start(cls, model: str | None = None, settings: Settings | None = None, *, record_token_times: bool = False,
+              **overrides) -> "EngineProcess":
+        """Start the engine and load the model there, as `settings` say (ModelRunner.load's
+        arguments). The engine runs with exactly these settings: it reads no environment.
         Raises ModelLoadError (one line)."""
-        engine = cls({"model": model, **load_kwargs})
+        settings = (settings or Settings()).replace(**overrides)
+        if model:
+            settings = settings.replace(model=model)
+        engine = cls(settings, record_token_times)
         engine._launch()
         return engine
 
@@ -179,7 +176,7 @@ class EngineProcess:
         command_reader, command_writer = context.Pipe(duplex=False)
         event_reader, event_writer = context.Pipe(duplex=False)
         process = context.Process(target=_engine_main, name="engine", daemon=True,
-                                  args=(command_reader, event_writer, self._load_kwargs))
+                                  args=(command_reader, event_writer, self.settings, self._record_token_times))
         with _main_module_not_imported():
             process.start()
         command_reader.close()  # the child's ends: EOF here when the child dies
@@ -193,9 +190,7 @@ class EngineProcess:
         if isinstance(ready, LoadFailed):
             process.join(5)
             raise ModelLoadError(ready.message)
-        self.name, self.device, self.dtype, self.is_vision, self.compile, self.one_at_a_time = (
-            ready.name, ready.device, ready.dtype, ready.is_vision, ready.compile, ready.one_at_a_time)
-        self.quantization, self.supports_tools = ready.quantization, ready.supports_tools
+        self.info = ready.info
         self._process, self._commands, self._streams = process, command_writer, {}
         threading.Thread(target=self._read_events, args=(event_reader, process, self._streams),
                          name="engine-events", daemon=True).start()
@@ -205,11 +200,12 @@ class EngineProcess:
             self._commands.send(message)
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               cancelled: threading.Event | None = None) -> "EngineStream":
+               cancelled: Signal | None = None) -> "EngineStream":
         """Start generating; raises ChatInputError for a conversation the model can't take.
-        Blocks while another answer is generating, like ModelRunner.stream; `cancelled` set
-        meanwhile withdraws the request in the engine before it starts (Cancelled)."""
-        settings = settings or GenerationSettings()
+        Blocks until the engine starts it (after the answers before it), like
+        ModelRunner.stream; `cancelled` set meanwhile withdraws the request in the engine
+        before it starts (Cancelled), and set later stops it."""
+        settings = settings or GenerationSettings(max_new_tokens=self.settings.max_new_tokens)
         if cancelled is not None and cancelled.is_set():
             raise Cancelled()
         with self._launch_lock:
@@ -222,13 +218,14 @@ class EngineProcess:
                 self.restarts += 1
             stream = EngineStream(self, next(self._ids), settings, last_user_text(messages))
             self._streams[stream.id] = stream
+        if cancelled is not None:
+            cancelled.on_set(lambda: stream.close(wait=0))
         try:
             self._send(Generate(stream.id, messages, settings))
         except (OSError, ValueError):  # it died just now
             self._streams.pop(stream.id, None)
             raise GenerationError("The model process stopped; send again to restart it.") from None
-        stream._wait_started(cancelled)
-        return stream
+        return stream._wait_started()
 
     def _read_events(self, events, process, streams: dict) -> None:
         """The one thread that receives from one engine process; it updates its streams."""
@@ -247,12 +244,11 @@ class EngineProcess:
                 stream._on_started(event)
             elif isinstance(event, Refused):
                 streams.pop(event.request_id, None)
-                stream._on_refused(REFUSALS.get(event.error, GenerationError)(event.message))
+                stream._on_refused(ERRORS.get(event.error, GenerationError)(event.message))
             elif isinstance(event, Ended):
                 streams.pop(event.request_id, None)
                 self.active -= 1
-                stream._on_end(event)
-                notify_finished(self.finish_listeners, stream)
+                stream._on_ended(event)
         process.join(5)
         reason = _exit_description(process.exitcode)
         if process is self._process:  # not closed on purpose
@@ -263,12 +259,7 @@ class EngineProcess:
                                     f"Send again to restart it.")
             if stream._started.is_set():
                 self.active -= 1
-                stream._on_end(Ended(
-                    request_id=request_id, text=None, error=str(error), finish_reason="error",
-                    new_tokens=stream.new_tokens, first_token_at=stream.first_token_at,
-                    last_token_at=stream.last_token_at, ended_at=None, closed_at=stream.closed_at,
-                    tokens_after_close=None, token_times=None, parsed_reply=None))
-                notify_finished(self.finish_listeners, stream)
+                stream._end("error", error)
             else:
                 stream._on_refused(error)
 
@@ -314,199 +305,128 @@ def _exit_description(code: int | None) -> str:
     return f"exit code {code}"
 
 
-class EngineStream(StreamFigures):
-    """An answer generating in the engine process (the engine_contract.Stream contract):
-    iterate for the growing answer, close() to stop it (within one token)."""
+class EngineStream(StreamBase):
+    """An answer generating in the engine process (a StreamBase): iterate for the growing
+    reply, close() to stop it (within one token). The engine coalesces the updates; every
+    one that arrives is handed on."""
 
-    def __init__(self, engine: EngineProcess, request_id: int, settings: GenerationSettings,
-                 request_text: str):
+    def __init__(self, engine: EngineProcess, request_id: int, settings: GenerationSettings, request_text: str):
+        super().__init__(max_new_tokens=settings.max_new_tokens, max_updates_per_second=float("inf"),
+                         listeners=engine.finish_listeners, request_text=request_text)
         self._engine = engine
         self.id = request_id
-        self._updates: queue.SimpleQueue = queue.SimpleQueue()  # wake-ups for the reader
         self._started = threading.Event()
-        self._finished = threading.Event()
         self._refusal: BaseException | None = None
         self._cancel_sent = False
-        self.max_new_tokens = settings.max_new_tokens
-        self.request_text = request_text
-        self.text = ""
-        self.notices: list[str] = []
-        self.starts_in_reasoning = False
-        self.prompt_tokens = 0
-        self.new_tokens = 0
-        self.started_at = time.perf_counter()  # replaced by the engine's (same clock)
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.ended_at: float | None = None
-        self.closed_at: float | None = None
-        self.tokens_after_close: int | None = None
-        self.token_times: list[float] | None = None  # when the engine records them (benchmarks)
-        self.parsed_reply: dict | None = None
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
 
     # -- called by the engine's reader thread
     def _on_started(self, started: Started) -> None:
         self.notices, self.prompt_tokens = started.notices, started.prompt_tokens
-        self.starts_in_reasoning, self.max_new_tokens = started.starts_in_reasoning, started.max_new_tokens
-        self.started_at = started.started_at
+        self.max_new_tokens, self.started_at = started.max_new_tokens, started.started_at
         self._started.set()
 
     def _on_refused(self, error: BaseException) -> None:
         self._refusal = error
-        self._finished.set()
         self._started.set()
 
     def _on_text(self, text: Text) -> None:
-        self.text = self.text[:text.offset] + text.piece
         self.new_tokens, self.first_token_at = text.new_tokens, text.first_token_at
-        self._updates.put(True)
+        self._update(self.reply.with_changes(text.changes))
 
-    def _on_end(self, ended: Ended) -> None:
-        for field in dataclasses.fields(Ended):
-            if field.name not in ("request_id", "text", "error"):
-                setattr(self, field.name, getattr(ended, field.name))
-        if ended.text is not None:
-            self.text = ended.text
-        self.ended_at = self.ended_at or time.perf_counter()
-        if ended.error:
-            self.error = GenerationError(ended.error)
-        self._finished.set()
-        self._updates.put(True)
+    def _on_ended(self, ended: Ended) -> None:
+        for name in Ended.FIGURES:
+            setattr(self, name, getattr(ended, name))
+        self.reply = self.reply.with_changes(ended.changes)
+        self._end(ended.finish_reason, GenerationError(ended.error) if ended.error else None)
 
-    # -- the reader's side
-    def _wait_started(self, cancelled: threading.Event | None) -> None:
-        while not self._started.wait(None if cancelled is None else 0.05):
-            if cancelled.is_set():
-                self.close(wait=0)  # the engine drops it unstarted: refused as "cancelled"
+    # -- the caller's side
+    def _wait_started(self) -> "EngineStream":
+        self._started.wait()  # Started or Refused (a Cancel is answered with Refused: Cancelled)
         if self._refusal is not None:
             raise self._refusal
-
-    def __iter__(self):
-        shown = ""
-        while True:
-            self._updates.get()
-            while not self._updates.empty():  # everything that has arrived: one update for all
-                self._updates.get()
-            finished = self._finished.is_set()
-            if self.text != shown:
-                shown = self.text
-                yield shown
-            if finished:
-                if self.error is not None:
-                    raise self.error
-                return
-
-    def parts(self, text: str | None = None) -> tuple[str | None, str, bool]:
-        return split_reasoning(self.text if text is None else text, self.starts_in_reasoning)
-
-    def close(self, wait: float = 10.0) -> None:
-        if not self._finished.is_set() and not self._cancel_sent:
-            self._cancel_sent = True
-            try:
-                self._engine._send(Cancel(self.id))
-            except (OSError, ValueError, AttributeError):
-                pass  # the engine is gone: the reader ends this stream
-        self._finished.wait(wait)
-
-    def join(self, timeout: float | None = None) -> bool:
-        return self._finished.wait(timeout)
-
-    def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def _request_stop(self) -> None:
+        if self._cancel_sent:
+            return
+        self._cancel_sent = True
+        try:
+            self._engine._send(Cancel(self.id))
+        except (OSError, ValueError, AttributeError):
+            pass  # the engine is gone: the reader ends this stream
 
 
 # ---------------------------------------------------------------- the engine process
 
-@dataclass
-class _Request:
-    cancelled: threading.Event   # set by a Cancel before it started: it never does
-    stream: object = None        # its TextStream, once generating
-
-
 class _EngineServer:
-    """Runs in the engine process: one thread per request waits for the model and streams
-    it; every request is in one table until its answer has ended."""
+    """Runs in the engine process: this thread reads the commands and hands requests to the
+    runner's generation loop (the process's main thread); the loop's thread sends each
+    request's Started, Text and Ended. Every request is in one table until it has ended."""
 
     def __init__(self, runner, events):
         self.runner, self.events = runner, events
-        self.requests: dict[int, _Request] = {}
+        self.jobs: dict = {}
         self.lock = threading.Lock()  # for the table and the events pipe
 
     def send(self, message) -> None:
         with self.lock:
             self.events.send(message)
 
-    def run(self, commands) -> None:
+    def read_commands(self, commands) -> None:
         while True:
             try:
                 command = commands.recv()
             except (EOFError, OSError):  # the web server is gone
                 break
             if isinstance(command, Generate):
-                request = _Request(threading.Event())
-                with self.lock:
-                    self.requests[command.request_id] = request
-                threading.Thread(target=self.answer, args=(command, request), daemon=True,
-                                 name=f"request-{command.request_id}").start()
+                self.accept(command)
             elif isinstance(command, Cancel):
                 with self.lock:
-                    request = self.requests.get(command.request_id)
-                if request is not None:
-                    request.cancelled.set()
-                    if request.stream is not None:
-                        request.stream.close(wait=0)
+                    job = self.jobs.get(command.request_id)
+                if job is not None:
+                    job.withdraw()
             elif isinstance(command, Exit):
                 break
         with self.lock:
-            running = [r.stream for r in self.requests.values() if r.stream is not None]
-        for stream in running:
-            stream.close(wait=5)
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            job.withdraw()
+        self.runner.loop.stop()
 
-    def answer(self, command: Generate, request: _Request) -> None:
-        request_id, started, sent = command.request_id, threading.Event(), ""
+    def accept(self, command: Generate) -> None:
+        """A request into the table and to the generation loop; its stream's updates and its
+        end go back over the pipe from the generating thread."""
+        from model_runner import Job
+        request_id, sent = command.request_id, Reply()
+        job = Job(command.messages, command.settings, on_decided=functools.partial(self.decided, request_id))
 
-        def on_update(text: str) -> None:  # in the generate thread
+        def on_update(reply: Reply) -> None:
             nonlocal sent
-            started.wait()
-            offset = len(sent) if text.startswith(sent) else 0
-            self.send(Text(request_id, offset, text[offset:], stream.new_tokens, stream.first_token_at))
-            sent = text
+            self.send(Text(request_id, reply.changes_since(sent), job.stream.new_tokens, job.stream.first_token_at))
+            sent = reply
 
-        try:  # waits while another answer generates
-            stream = self.runner.stream(command.messages, command.settings, on_update=on_update,
-                                        cancelled=request.cancelled)
-        except Exception as error:
+        def on_end(stream) -> None:
             with self.lock:
-                self.requests.pop(request_id, None)
-            if isinstance(error, Cancelled):
-                self.send(Refused(request_id, "cancelled", "Withdrawn before it started."))
-            elif isinstance(error, (ChatInputError, GenerationError)):
-                self.send(Refused(request_id, "input" if isinstance(error, ChatInputError) else "generation",
-                                  str(error)))
-            else:  # a bug of ours: say so, keep serving
-                log.exception("building the model inputs failed")
-                self.send(Refused(request_id, "generation", f"Internal error: {type(error).__name__}: {error}"))
+                self.jobs.pop(request_id, None)
+                self.events.send(Ended.of(request_id, stream, sent))
+
+        job.on_update, job.on_end = on_update, on_end
+        with self.lock:
+            self.jobs[request_id] = job
+        self.runner.submit(job)
+
+    def decided(self, request_id: int, job) -> None:
+        """The loop started the request, or refused it (or it was withdrawn first)."""
+        if job.refusal is not None:
+            with self.lock:
+                self.jobs.pop(request_id, None)
+                self.events.send(Refused(request_id, type(job.refusal).__name__, str(job.refusal)))
             return
-        with self.lock:
-            request.stream = stream
-        if request.cancelled.is_set():  # the cancel came just as it started
-            stream.close(wait=0)
-        try:
-            self.send(Started(request_id, stream.notices, stream.prompt_tokens, stream.starts_in_reasoning,
-                              stream.max_new_tokens, stream.started_at))
-        finally:
-            started.set()  # on a broken pipe, on_update fails too, and that stops generation
-        stream.join()
-        with self.lock:
-            self.requests.pop(request_id, None)
-        self.send(Ended.of(request_id, stream, sent))
+        stream = job.stream
+        self.send(Started(request_id, stream.notices, stream.prompt_tokens, stream.max_new_tokens, stream.started_at))
 
 
-def _engine_main(commands, events, load_kwargs: dict) -> None:
+def _engine_main(commands, events, settings: Settings, record_token_times: bool) -> None:
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the web server's; we end with it (EOF)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -514,17 +434,20 @@ def _engine_main(commands, events, load_kwargs: dict) -> None:
         import tqdm  # its default lock is a multiprocessing semaphore, reported as leaked at exit
         tqdm.tqdm.set_lock(threading.RLock())
         from model_runner import ModelRunner
-        runner = ModelRunner.load(**load_kwargs)
+        # This (main) thread is the generation loop: the warm-up runs here, then every answer.
+        runner = ModelRunner.load(settings=settings, record_token_times=record_token_times, loop_thread=False)
     except ModelLoadError as error:
         events.send(LoadFailed(str(error)))
         return
     except BaseException as error:
         events.send(LoadFailed(f"Can't load the model: {type(error).__name__}: {error}"))
         return
-    events.send(Ready(name=runner.name, device=runner.device, dtype=str(runner.dtype), is_vision=runner.is_vision,
-                      compile=runner.compile, one_at_a_time=runner.one_at_a_time,
-                      quantization=runner.quantization, supports_tools=runner.supports_tools))
-    _EngineServer(runner, events).run(commands)
+    server = _EngineServer(runner, events)
+    server.send(Ready(runner.info))
+    threading.Thread(target=server.read_commands, args=(commands,), name="engine-commands", daemon=True).start()
+    runner.loop.run()
+    if runner.batcher is not None:
+        runner.batcher.close()
     events.close()
     # No interpreter teardown: native threads (torch, tokenizers) abort noisily in it.
     os._exit(0)

@@ -5,19 +5,27 @@ answer token by token, and stop when asked. No Gradio in here.
     messages = [{"role": "user", "content": [{"type": "image", "image": "cat.png"},
                                              {"type": "text", "text": "What is this?"}]}]
     with runner.stream(messages, GenerationSettings(max_new_tokens=200)) as stream:
-        for text in stream:          # the answer so far, growing
-            print(text)
+        for reply in stream:         # the reply so far: reasoning, answer, tool calls
+            print(reply.answer)
     stream.new_tokens, stream.finish_reason, stream.time_to_first_token
 
+One generation loop per model (`GenerationLoop`): every answer, and the warm-up that
+compiles, is built and generated on one long-lived thread, taking requests in arrival
+order (a tool loop's next step first). In the engine process that thread is the process's
+main thread; here, one thread of its own. Callers only hand a request in and wait for its
+stream (`Job`); Stop sets an event a stopping criterion reads, so generation ends within a
+token. The generating thread makes the reply's parts (conversation.ReplyParser) and hands
+each due update out itself.
+
 Messages are the neutral chat format the UI and any API adapter build: a role
-("system" | "user" | "assistant") and a list of parts, `{"type": "text", "text": ...}`
+("system" | "user" | "assistant" | "tool") and a list of parts, `{"type": "text", "text": ...}`
 or `{"type": "image", "image": <path or PIL.Image>}`.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
+import itertools
 import json
 import logging
 import os
@@ -41,24 +49,27 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-import config
+import transformers_internals
+from config import DEFAULT_MODEL, Settings
 from conversation import (
     REASONING_START,
     TOOL_CALL_START,
+    ReplyParser,
     alternate_roles,
     last_user_text,
     prepare_messages,
-    split_reasoning,
 )
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
     Cancelled,
     ChatInputError,
+    ContextTooLong,
     GenerationError,
     GenerationSettings,
     ModelLoadError,
-    StreamFigures,
-    UpdateThrottle,
-    notify_finished,
+    RunnerInfo,
+    Signal,
+    StreamBase,
+    ToolCall,
     served_model_name,
 )
 
@@ -150,26 +161,22 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+
 # ---------------------------------------------------------------- streaming pieces
 
-_END = object()
-
-
 class IncrementalTextStreamer(BaseStreamer):
-    """Hands generated text to `on_text` as tokens arrive.
+    """Hands generated text to `on_text` as tokens arrive, and counts them on `figures` (the
+    stream: new_tokens, first_token_at, last_token_at, token_times when it keeps them).
 
     Each token is decoded once, incrementally and UTF-8-safely (a character split over
     several byte tokens comes out whole, when complete), unlike TextIteratorStreamer,
     which re-decodes the whole line on every token. Empty pieces are never handed out.
     """
 
-    def __init__(self, tokenizer, on_text, record_times: bool = False):
+    def __init__(self, tokenizer, on_text, figures=None):
         self.on_text = on_text
-        self.times: list[float] | None = [] if record_times else None
-        self.new_tokens = 0
+        self.figures = figures if figures is not None else _Figures()
         self.ids: list[int] = []  # the answer's token ids (a response_template parses them)
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
         self._prompt_seen = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
@@ -198,20 +205,26 @@ class IncrementalTextStreamer(BaseStreamer):
 
     def add(self, token_ids: list[int]) -> None:
         """New tokens of the answer (continuous batching hands them over as a list)."""
-        self.last_token_at = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = self.last_token_at
+        figures = self.figures
+        figures.last_token_at = now = time.perf_counter()
+        if figures.first_token_at is None:
+            figures.first_token_at = now
         for token_id in token_ids:
-            self.new_tokens += 1
+            figures.new_tokens += 1
             self.ids.append(token_id)
-            if self.times is not None:
-                self.times.append(self.last_token_at)
+            if figures.token_times is not None:
+                figures.token_times.append(now)
             text = self._step(token_id)
             if text:
                 self.on_text(text)
 
     def end(self):
         pass
+
+
+class _Figures:
+    """Where a streamer used alone (benchmarks) counts its tokens."""
+    new_tokens, first_token_at, last_token_at, token_times = 0, None, None, None
 
 
 class _StopOnEvent(StoppingCriteria):
@@ -230,114 +243,78 @@ class _StopOnEvent(StoppingCriteria):
         return self._answers[key][self.event.is_set()]
 
 
-class TextStream(StreamFigures):
-    """One answer generating in this process (the engine_contract.Stream contract).
+class TextStream(StreamBase):
+    """One answer of a model in this process (a StreamBase). `run()` generates it, on the
+    generation loop's thread; that thread turns tokens into text, cuts it at a stop string,
+    makes the reply's parts and hands the reply out when an update is due: to `on_update`
+    (the engine process sends it on), or else to the iterator. No other thread wakes per
+    token, so the one that generates has the interpreter to itself."""
 
-    The generate thread itself turns tokens into text, cuts it at a stop string, and hands
-    the text out when an update is due (UpdateThrottle): to `on_update` (the engine process
-    sends it on), or else to the iterator, which sleeps until then. No other thread wakes
-    per token, so the one that generates has the interpreter to itself."""
-
-    def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig,
-                 stop: list[str] = (), seed: int | None = None,
-                 max_updates_per_second: float = config.settings.max_updates_per_second,
-                 on_update=None, cancelled: threading.Event | None = None, reply_parsing: tuple | None = None,
-                 continues: bool = False):
-        self._continues = continues  # a tool loop's next step: it goes before later requests
-        self._updates: queue.SimpleQueue | None = None if on_update else queue.SimpleQueue()
-        self._hand_out = on_update or self._updates.put
-        self._throttle = UpdateThrottle(max_updates_per_second)
-        self._stop = threading.Event()
-        self._ended = threading.Event()  # the generate thread is done
-        self._stop_reason = "cancelled"
-        self._stop_strings = [s for s in stop if s]
-        self._streamer = IncrementalTextStreamer(runner.tokenizer, self._on_text, runner.record_token_times)
+    def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig, *,
+                 settings: GenerationSettings, parser: ReplyParser, reply_parsing: tuple | None = None,
+                 on_update=None, on_end=None, request_text: str = "", notices: list[str] = ()):
+        super().__init__(max_new_tokens=generation_config.max_new_tokens,
+                         max_updates_per_second=settings.max_updates_per_second,
+                         listeners=runner.finish_listeners, on_update=on_update, on_end=on_end,
+                         request_text=request_text)
+        self.notices = list(notices)
+        self.token_times = [] if runner.record_token_times else None
         self._runner = runner
-        self._raw = ""
-        self.max_new_tokens = generation_config.max_new_tokens
-        self.prompt_tokens = int(inputs["input_ids"].shape[-1])
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self.notices: list[str] = []
-        self.request_text = ""
-        self.starts_in_reasoning = False
-        self.parsed_reply: dict | None = None
+        self._inputs, self._generation_config, self._seed = inputs, generation_config, settings.seed
+        self._stop = threading.Event()
+        self._stop_reason = "cancelled"
+        self._stop_strings = [s for s in settings.stop if s]
+        self._streamer = IncrementalTextStreamer(runner.tokenizer, self._on_text, figures=self)
+        self._parser = parser
         self._reply_parsing = reply_parsing  # (template, prompt ids, tools): parsed at the end
-        self.started_at = time.perf_counter()
-        self.ended_at: float | None = None
-        self.closed_at: float | None = None
-        self._tokens_at_close = 0
-        self._begin(inputs, generation_config, seed, cancelled)
+        self._raw = ""
+        self._visible = ""
+        self.prompt_tokens = int(inputs["input_ids"].shape[-1])
 
-    def _begin(self, inputs, generation_config, seed, cancelled) -> None:
-        self._thread = threading.Thread(
-            target=self._generate, args=(inputs, generation_config, seed), daemon=True,
-            name="generate")
-        runner = self._runner
-        runner._lock.acquire(first=self._continues)  # one generation per model; released by the thread
-        if cancelled is not None and cancelled.is_set():  # withdrawn while it waited for the engine
-            runner._lock.release()
-            raise Cancelled()
-        try:
-            self._thread.start()
-        except BaseException:
-            runner._lock.release()
-            raise
-
-    def _generate(self, inputs, generation_config, seed):
+    def run(self) -> None:
+        """Generate the whole answer, here (the generation loop's thread)."""
         runner = self._runner
         runner.active += 1
+        self.generated_on = threading.get_native_id()
+        error = None
         try:
-            # Torch work in a new thread runs on torch's default thread count: set ours here.
-            torch.set_num_threads(runner.torch_threads)
-            if seed is not None:  # under the lock: no other generation draws from the RNG
-                torch.manual_seed(seed)
+            if self._seed is not None:  # one answer at a time: no other draws from the RNG
+                torch.manual_seed(self._seed)
             with runner.grad_mode():
                 runner.model.generate(
-                    **inputs, generation_config=generation_config, streamer=self._streamer,
+                    **self._inputs, generation_config=self._generation_config, streamer=self._streamer,
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]))
-        except BaseException as error:  # reaches the consumer, never lost in the thread
-            self.error = runner._describe_failure(error)
+        except BaseException as failure:  # reaches the consumer, never lost in the loop
+            error = runner.describe_failure(failure)
         finally:
             runner.active -= 1
-            runner._lock.release()
-            self._finish()
+            self._inputs = None
+            self._finish(error)
 
-    def _finish(self) -> None:
-        """The answer has ended: its reason, the last text shown, the consumer and the
-        listeners told."""
-        self.ended_at = time.perf_counter()
-        if self.error is not None:
-            self.finish_reason = "error"
+    def _finish(self, error: BaseException | None) -> None:
+        """The answer has ended: its reason, its final reply (the response_template's reading
+        where there is one), everyone told."""
+        if error is not None:
+            reason = "error"
         elif self._stop.is_set():
-            self.finish_reason = self._stop_reason
+            reason = self._stop_reason
         else:
-            self.finish_reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
+            reason = "length" if self.new_tokens >= self.max_new_tokens else "stop"
         if self._stop_reason != "stop":
-            self.text = self._raw  # a held-back partial stop string that never completed
-        if self._reply_parsing and self.error is None:
-            self.parsed_reply = self._runner.parse_reply(self._streamer.ids, *self._reply_parsing)
-        if self._throttle.last(self.text):
-            self._show(self.text)
-        if self._updates is not None:
-            self._updates.put(_END)
-        self._ended.set()
-        self._runner._notify_finished(self)
+            self._visible = self._raw  # a held-back partial stop string that never completed
+        parsed = None
+        if self._reply_parsing and error is None:
+            parsed = self._runner.parse_reply(self._streamer.ids, *self._reply_parsing)
+        self.reply = self._parser.parse(self._visible, final=True, parsed=parsed)
+        self._end(reason, error)
 
     def _on_text(self, piece: str) -> None:
-        """A new piece of text, in the generate thread."""
+        """A new piece of text, in the generating thread."""
         if self._stop_reason == "stop":  # cut at a stop string: what follows is not shown
             return
         self._add(piece)
-        if self._throttle.due(self.text):
-            self._show(self.text)
-
-    def _show(self, text: str) -> None:
-        try:
-            self._hand_out(text)
-        except Exception:  # nobody to hand it to any more: stop generating
-            self._stop.set()
+        if self._throttle.may_show():
+            self._update(self._parser.parse(self._visible))
 
     def _add(self, piece: str):
         """Append generated text; the visible text never shows a stop string, nor the
@@ -345,164 +322,199 @@ class TextStream(StreamFigures):
         searched_from = max(0, len(self._raw) - max(map(len, self._stop_strings), default=0))
         self._raw += piece
         if not self._stop_strings:
-            self.text = self._raw
+            self._visible = self._raw
             return
         for stop in self._stop_strings:
             at = self._raw.find(stop, searched_from)
             if at >= 0:
-                self._raw = self.text = self._raw[:at]
+                self._raw = self._visible = self._raw[:at]
                 self._stop_reason = "stop"
                 self._stop.set()
                 return
         held = max((k for stop in self._stop_strings for k in range(1, len(stop))
                     if self._raw.endswith(stop[:k])), default=0)
-        self.text = self._raw[:len(self._raw) - held]
+        self._visible = self._raw[:len(self._raw) - held]
 
-    @property
-    def new_tokens(self) -> int:
-        return self._streamer.new_tokens
-
-    @property
-    def first_token_at(self) -> float | None:
-        return self._streamer.first_token_at
-
-    @property
-    def last_token_at(self) -> float | None:
-        return self._streamer.last_token_at
-
-    @property
-    def token_times(self) -> list[float] | None:
-        """With runner.record_token_times (benchmarks): perf_counter() of every token."""
-        return self._streamer.times
-
-    @property
-    def tokens_after_close(self) -> int | None:
-        return None if self.closed_at is None else self.new_tokens - self._tokens_at_close
-
-    def __iter__(self):
-        """The answer so far, each time the generate thread hands it out; a reader that
-        falls behind gets the latest text, not every one in between."""
-        if self._updates is None:
-            raise TypeError("this stream's updates go to its on_update")
-        ended = False
-        while not ended:
-            items = [self._updates.get()]
-            while not self._updates.empty():
-                items.append(self._updates.get())
-            ended = items[-1] is _END
-            texts = [item for item in items if item is not _END]
-            if texts:
-                yield texts[-1]
-        if self.error is not None:
-            raise self.error
-
-    def parts(self, text: str | None = None) -> tuple[str | None, str, bool]:
-        return split_reasoning(self.text if text is None else text, self.starts_in_reasoning)
-
-    def close(self, wait: float = 10.0):
-        if self.closed_at is None and not self._ended.is_set():
-            self.closed_at, self._tokens_at_close = time.perf_counter(), self.new_tokens
+    def _request_stop(self) -> None:
         self._stop.set()
-        self._thread.join(wait)
-
-    def join(self, timeout: float | None = None) -> bool:
-        return self._ended.wait(timeout)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class BatchedStream(TextStream):
-    """One answer in the continuous batch (batching.py): the manager generates it beside
-    the others; the batcher's thread hands over its tokens, and the text is made, cut at a
-    stop string and handed out exactly as in TextStream."""
+    """One answer in the continuous batch (batching.py): the manager's own thread generates
+    it beside the others and hands over its tokens; the text is made, cut at a stop string
+    and handed out exactly as in TextStream."""
 
-    def _begin(self, inputs, generation_config, seed, cancelled) -> None:
-        if cancelled is not None and cancelled.is_set():
-            raise Cancelled()
+    def run(self) -> None:
+        """Hand the answer to the manager (it generates in its own thread); returns at once."""
         self._seen = 0
         self._finish_lock = threading.Lock()
         self._request_id = None
         self._runner.active += 1
         try:
             self._request_id = self._runner.batcher.add(
-                self, inputs["input_ids"][0].tolist(), generation_config, seed)
+                self, self._inputs["input_ids"][0].tolist(), self._generation_config, self._seed)
         except BaseException:
             self._runner.active -= 1
             raise
+        finally:
+            self._inputs = None
 
     def _on_output(self, output) -> None:
-        """The answer's tokens so far, from the batcher's thread."""
+        """The answer's tokens so far, in the manager's thread."""
+        self.generated_on = threading.get_native_id()
         new = output.generated_tokens[self._seen:]
         self._seen = len(output.generated_tokens)
-        if new and not self._ended.is_set():
+        if self._ended.is_set():
+            if self.closed_at is not None:  # made after a Stop, before the manager took the cancel in
+                self.new_tokens += len(new)
+            return
+        if new:
             self._streamer.add(new)
         if output.error:
-            self.error = GenerationError(f"Generation failed: {str(output.error).splitlines()[0]}")
-        if self._stop.is_set() and self._request_id is not None:  # a stop string, or nobody reads
+            self._end_batched(GenerationError(f"Generation failed: {str(output.error).splitlines()[0]}"))
+        elif self._stop.is_set():  # a stop string, or nobody reads
             self._runner.batcher.cancel(self._request_id)
-            self._end_once()
-        elif output.is_finished() or output.error:
-            self._end_once()
-
-    def _on_late_output(self, output) -> None:
-        """Tokens made after a Stop, until the manager took the cancel in (tokens_after_close)."""
-        if self.closed_at is not None:
-            self._streamer.new_tokens += max(0, len(output.generated_tokens) - self._seen)
-        self._seen = max(self._seen, len(output.generated_tokens))
+            self._end_batched(None)
+        elif output.is_finished():
+            self._end_batched(None)
 
     def _fail(self, error: GenerationError) -> None:
-        self.error = error
-        self._end_once()
+        self._end_batched(error)
 
-    def _end_once(self) -> None:
-        with self._finish_lock:
+    def _end_batched(self, error: GenerationError | None) -> None:
+        with self._finish_lock:  # the manager's thread and a Stop may both end it
             if self._ended.is_set():
                 return
             self._runner.active -= 1
-            self._finish()
+            self._finish(error)
 
-    def close(self, wait: float = 10.0):
-        if self.closed_at is None and not self._ended.is_set():
-            self.closed_at, self._tokens_at_close = time.perf_counter(), self.new_tokens
+    def _request_stop(self) -> None:
         self._stop.set()
-        if not self._ended.is_set() and self._request_id is not None:
+        if self._request_id is not None:
             self._runner.batcher.cancel(self._request_id)
-            self._end_once()
-        self._ended.wait(wait)
+            self._end_batched(None)
+
+# ---------------------------------------------------------------- the generation loop
+
+class Job:
+    """A request on its way to the generation loop. The caller waits for its stream or its
+    refusal: `result()`, or `on_decided(job)` (the engine process). `withdraw()` (Stop, a
+    client gone) drops it unstarted, or stops its answer within a token."""
+
+    def __init__(self, messages: list[dict], settings: GenerationSettings, *, on_update=None, on_end=None,
+                 on_decided=None):
+        self.messages, self.settings = messages, settings
+        self.first = settings.continues_answer  # a tool loop's next step: before later requests
+        self.on_update, self.on_end, self._on_decided = on_update, on_end, on_decided
+        self.stream: TextStream | None = None
+        self.refusal: BaseException | None = None
+        self._state = "waiting"  # waiting -> taken (by the loop) | withdrawn
+        self._stop_asked = False
+        self._lock = threading.Lock()
+        self._decided = threading.Event()
+
+    def withdraw(self) -> None:
+        """Any thread: drop it if the loop has not taken it, else stop its answer."""
+        with self._lock:
+            self._stop_asked = True
+            if self._state == "waiting":
+                self._state = "withdrawn"
+                self.refusal = Cancelled()
+            stream = self.stream
+        if self.refusal is not None:
+            self._decide()
+        elif stream is not None:
+            stream.close(wait=0)
+
+    def take(self) -> bool:
+        """The loop's: False when it was withdrawn while it waited."""
+        with self._lock:
+            if self._state != "waiting":
+                return False
+            self._state = "taken"
+            return True
+
+    def refuse(self, error: BaseException) -> None:
+        self.refusal = error
+        self._decide()
+
+    def start(self, stream: "TextStream") -> bool:
+        """Its stream is ready to generate: False (refused as withdrawn) when a Stop came
+        while its inputs were built."""
+        with self._lock:
+            withdrawn = self._stop_asked
+            if not withdrawn:
+                self.stream = stream
+        if withdrawn:
+            self.refuse(Cancelled())
+            return False
+        self._decide()
+        return True
+
+    def _decide(self) -> None:
+        self._decided.set()
+        if self._on_decided is not None:
+            self._on_decided(self)
+
+    def result(self) -> "TextStream":
+        """Wait until the loop starts it (its stream) or refuses it (raised)."""
+        self._decided.wait()
+        if self.refusal is not None:
+            raise self.refusal
+        return self.stream
 
 
-# ---------------------------------------------------------------- the runner
+class GenerationLoop:
+    """The one long-lived thread that builds and generates every answer of a model, in
+    arrival order (a tool loop's next step first). `own_thread`: a thread of its own, started
+    with the runner (and again in a forked process: ZeroGPU's worker); else whoever calls
+    `run()` is the loop (the engine process's main thread)."""
 
-class Turns:
-    """The model's one generation at a time, handed out in the order asked for (a plain lock
-    picks any waiter); `first=True` (a tool loop's next step, whose answer already began)
-    goes before those waiting."""
+    def __init__(self, serve, torch_threads: int, own_thread: bool = True):
+        self._serve, self._torch_threads, self.own_thread = serve, torch_threads, own_thread
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self._pid: int | None = None
+        if own_thread:
+            self._ensure_thread()
+        else:  # the thread that made it will run it
+            self.thread, self._pid = threading.current_thread(), os.getpid()
 
-    def __init__(self):
-        self._changed = threading.Condition()
-        self._busy = False
-        self._waiting: collections.deque = collections.deque()
+    @property
+    def native_id(self) -> int | None:
+        return self.thread.native_id if self.thread is not None else None
 
-    def acquire(self, first: bool = False) -> None:
-        ticket = object()
-        with self._changed:
-            if first:
-                self._waiting.appendleft(ticket)
-            else:
-                self._waiting.append(ticket)
-            while self._busy or self._waiting[0] is not ticket:
-                self._changed.wait()
-            self._waiting.popleft()
-            self._busy = True
+    def submit(self, job: Job) -> None:
+        if self.own_thread:
+            self._ensure_thread()
+        self._jobs.put((0 if job.first else 1, next(self._order), job))
 
-    def release(self) -> None:
-        with self._changed:
-            self._busy = False
-            self._changed.notify_all()
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self.thread is not None and self.thread.is_alive() and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()  # (threads don't survive a fork: ZeroGPU's worker starts its own)
+            self.thread = threading.Thread(target=self.run, name="generation-loop", daemon=True)
+            self.thread.start()
+            while self.thread.native_id is None:  # (set as the thread starts)
+                time.sleep(0)
+
+    def run(self, until_idle: bool = False) -> None:
+        """Serve jobs on this thread until stop() (or, `until_idle`, until none is waiting)."""
+        # Torch work in a thread runs on torch's default thread count: set ours here.
+        torch.set_num_threads(self._torch_threads)
+        while True:
+            if until_idle and self._jobs.empty():
+                return
+            _, _, job = self._jobs.get()
+            if job is None:
+                return
+            self._serve(job)
+
+    def stop(self) -> None:
+        self._jobs.put((-1, next(self._order), None))
 
 
 def tries_compile(setting: str, device: str) -> bool:
@@ -529,20 +541,21 @@ def default_torch_threads() -> int:
 GRAD_MODE = {"cpu": torch.inference_mode}
 
 
+# ---------------------------------------------------------------- the runner
+
 class ModelRunner:
     """A model loaded in this process (the engine_contract.Runner contract)."""
 
     loaded = True  # (app.ModelSlot stands in while a model loads)
 
-    def __init__(self, model, processor, tokenizer, *, name: str, device: str,
-                 dtype: torch.dtype, is_vision: bool, compile: bool = False,
-                 torch_threads: int | None = None, record_token_times: bool = False,
-                 quantization: str | None = None):
+    def __init__(self, model, processor, tokenizer, *, settings: Settings, name: str, device: str,
+                 dtype: torch.dtype, is_vision: bool, record_token_times: bool = False, loop_thread: bool = True):
         self.model = model
-        self.quantization = quantization  # "4bit" | "8bit" (bitsandbytes) | None
+        self.settings = settings
+        self.quantization = settings.quantize  # "4bit" | "8bit" (bitsandbytes) | None
         self.record_token_times = record_token_times  # every token's time, on its stream (benchmarks)
-        self.compile = compile  # static KV cache; transformers compiles decoding on CUDA
-        self.torch_threads = torch_threads or default_torch_threads()
+        self.compile = False  # static KV cache; transformers compiles decoding on CUDA
+        self.torch_threads = settings.torch_threads or default_torch_threads()
         self.grad_mode = GRAD_MODE.get(device, torch.no_grad)
         self.processor = processor      # None for text-only models
         self.tokenizer = tokenizer
@@ -550,13 +563,18 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.is_vision = is_vision
-        self._lock = Turns()
         self.batcher = None  # a batching.ContinuousBatcher: answers share the forward passes
         self.active = 0    # answers generating
-        self.finish_listeners: list = []  # called with each TextStream when it ends (metrics)
+        self.finish_listeners: list = []  # called with each stream when it ends (metrics)
+        self.warmed_up_on: int | None = None  # the native id of the thread that ran the warm-up
+        self.loop = GenerationLoop(self._serve, self.torch_threads, own_thread=loop_thread)
 
-    def _notify_finished(self, stream) -> None:
-        notify_finished(self.finish_listeners, stream)
+    @property
+    def info(self) -> RunnerInfo:
+        return RunnerInfo(name=self.name, device=self.device, dtype=str(self.dtype).removeprefix("torch."),
+                          is_vision=self.is_vision, compile=self.compile, quantization=self.quantization,
+                          batching=self.batcher is not None, supports_tools=self.supports_tools,
+                          torch_threads=self.torch_threads, loop_thread=self.loop.native_id)
 
     @property
     def one_at_a_time(self) -> bool:
@@ -572,33 +590,42 @@ class ModelRunner:
             pass
 
     def close(self) -> None:
-        """Stop the batching manager's thread, if any (the model itself needs nothing)."""
+        """Stop the generation loop and the batching manager's thread, if any."""
         if self.batcher is not None:
             self.batcher.close()
+        self.loop.stop()
 
     @classmethod
-    def load(cls, model: str = config.DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-             trust_remote_code: bool = False, compile: str | bool = "auto",
-             served_name: str | None = None, torch_threads: int | None = None,
-             record_token_times: bool = False, batching: str = "off",
-             quantize: str | None = None) -> "ModelRunner":
+    def load(cls, model: str | None = None, settings: Settings | None = None, *, record_token_times: bool = False,
+             loop_thread: bool = True, **overrides) -> "ModelRunner":
         """Hub id or local directory → ready runner. Raises ModelLoadError (one line).
-        Its name is `served_name`, by default the hub id or the directory's own name.
+
+        `settings` (config.Settings; default: the defaults) says how: device, dtype, compile,
+        batching, quantize, torch_threads, trust_remote_code, served_model_name; `overrides`
+        replace single ones (`device="cpu"`). Its name is served_model_name, by default the
+        hub id or the directory's own name.
 
         compile ("auto", "on", "off"): generate with a static KV cache, which transformers
         pairs with torch.compile of the decoding step ("reduce-overhead": CUDA graphs) on
         CUDA. "auto" does so on CUDA only, and only if the model generates that way (else it
         stays eager and logs why); "on" also on CPU/MPS (the static cache alone) and refuses
-        a model that can't. The compile happens here, in a warm-up answer, not in the first
-        user's. torch_threads: for generating (default_torch_threads()). record_token_times:
-        every stream keeps each token's time (benchmarks). batching ("auto", "on", "off"):
-        continuous batching (batching.py; auto: text-only models on CUDA); it replaces compile.
-        quantize ("4bit", "8bit", None): bitsandbytes weights (quantization_config())."""
-        compile = {True: "on", False: "off"}.get(compile, compile)
+        a model that can't. The compile happens here, in a warm-up answer on the generation
+        loop's thread, not in the first user's. batching ("auto", "on", "off"): continuous
+        batching (batching.py; auto: text-only models on CUDA); it replaces compile.
+        quantize ("4bit", "8bit", None): bitsandbytes weights (quantization_config()).
+        record_token_times: every stream keeps each token's time (benchmarks). loop_thread:
+        False when the caller's thread is to be the generation loop (it calls `loop.run()`)."""
+        settings = (settings or Settings()).replace(**overrides)
+        if model:
+            settings = settings.replace(model=model)
+        model = settings.model or DEFAULT_MODEL
+        compile = {True: "on", False: "off"}.get(settings.compile, settings.compile)
         if compile not in ("auto", "on", "off"):
             raise ModelLoadError(f"--compile must be auto, on or off, not {compile!r}.")
-        device = pick_device(device)
-        torch_dtype = pick_dtype(device, dtype)
+        settings = settings.replace(compile=compile)
+        trust_remote_code, quantize = settings.trust_remote_code, settings.quantize
+        device = pick_device(settings.device)
+        torch_dtype = pick_dtype(device, settings.dtype)
         path = resolve_model_path(model, trust_remote_code)
         try:
             model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -635,28 +662,32 @@ class ModelRunner:
         if device != "cuda" and not quantize:
             model_obj.to(device)
         model_obj.eval()
-        runner = cls(model_obj, processor, tokenizer, name=served_name or served_model_name(model), device=device,
-                     dtype=torch_dtype, is_vision=is_vision, torch_threads=torch_threads,
-                     record_token_times=record_token_times, quantization=quantize)
+        runner = cls(model_obj, processor, tokenizer, settings=settings,
+                     name=settings.served_model_name or served_model_name(model), device=device,
+                     dtype=torch_dtype, is_vision=is_vision, record_token_times=record_token_times,
+                     loop_thread=loop_thread)
+        try:
+            runner._prepare(compile, settings.batching)
+        except BaseException:
+            runner.close()
+            raise
+        return runner
+
+    def _prepare(self, compile: str, batching: str) -> None:
+        """Compile, or start batching, as the settings say (warming up either)."""
         from batching import wants_batching
-        if batching != "on" and tries_compile(compile, device):  # auto: compiled first, batched if not
-            runner.compile_or_explain(forced=compile == "on")
-        batched, why_not = wants_batching(batching, device, is_vision, compiled=runner.compile)
+        if batching != "on" and tries_compile(compile, self.device):  # auto: compiled first, batched if not
+            self.compile_or_explain(forced=compile == "on")
+        batched, why_not = wants_batching(batching, self.device, self.is_vision, compiled=self.compile)
         if why_not and batching == "on":
             log.warning("--batching on: %s", why_not)
         if batched:
             if compile == "on":
                 log.warning("--compile on is left out with --batching on (the manager runs its own step).")
-            runner.start_batching()
-            try:
-                runner.warm_up()
-            except BaseException:
-                runner.close()
-                raise
-        elif batching == "on" and tries_compile(compile, device):
-            runner.compile_or_explain(forced=compile == "on")
-        return runner
-
+            self.start_batching()
+            self.warm_up()
+        elif batching == "on" and tries_compile(compile, self.device):
+            self.compile_or_explain(forced=compile == "on")
     def compile_or_explain(self, forced: bool) -> None:
         """Switch to the static cache (compiled on CUDA) and warm it up; a model that can't
         generate so is refused when `forced`, else it stays eager and the log says why."""
@@ -674,7 +705,7 @@ class ModelRunner:
         if self.device != "cuda":
             log.warning("--compile on: torch.compile runs on CUDA only; on %s only the static KV cache "
                         "is used, which is usually slower than the default cache.", self.device)
-        elif not hasattr(self.model, "_compiled_call"):
+        elif not transformers_internals.is_compiled(self.model):
             # transformers did not compile (a model offloaded to CPU, quantized, ...): a static
             # cache alone is slower than the default one
             if forced:
@@ -688,21 +719,133 @@ class ModelRunner:
     def _uncompile(self) -> None:
         """Back to the default cache, and what a failed compile left behind goes."""
         self.compile = False
-        self.model.__dict__.pop("_compiled_call", None)
+        transformers_internals.forget_compiled(self.model)
         torch._dynamo.reset()
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
     def warm_up(self) -> None:
-        """One short answer, so that one-time work (with --compile on CUDA: compiling and
-        capturing the decoding step, tens of seconds) happens before the first user's."""
+        """One short answer on the generation loop's thread, so that one-time work (with
+        --compile on CUDA: compiling and capturing the decoding step, tens of seconds) happens
+        before the first user's."""
         messages = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
+        job = Job(messages, GenerationSettings(max_new_tokens=8, min_new_tokens=8))
+        self.submit(job)
+        if not self.loop.own_thread:  # this thread is the loop: serve it here
+            self.loop.run(until_idle=True)
         try:
-            with self.stream(messages, GenerationSettings(max_new_tokens=8, min_new_tokens=8)) as stream:
+            with job.result() as stream:
                 for _ in stream:
                     pass
         except (ChatInputError, GenerationError) as error:
             raise ModelLoadError(f"The model loaded but can't generate: {error}") from None
+        self.warmed_up_on = stream.generated_on
+
+    # ------------------------------------------------------------ answers
+
+    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
+               cancelled: Signal | None = None, on_update=None) -> TextStream:
+        """Start an answer: hand it to the generation loop and wait until the loop starts it.
+        Raises ChatInputError for a conversation the model can't take; `cancelled` set while
+        it waits (Stop, the client gone) withdraws it before anything runs (Cancelled), and
+        set later stops it. With on_update, the replies go to it from the generating thread."""
+        job = Job(messages, settings or GenerationSettings(max_new_tokens=self.settings.max_new_tokens),
+                  on_update=on_update)
+        if cancelled is not None:
+            if cancelled.is_set():
+                raise Cancelled()
+            cancelled.on_set(job.withdraw)
+        self.submit(job)
+        return job.result()
+
+    def submit(self, job: Job) -> None:
+        """Hand a request to the generation loop; `job` says when it starts or is refused."""
+        limit = self.settings.max_new_tokens_limit
+        if not 1 <= job.settings.max_new_tokens <= limit:
+            job.refuse(ChatInputError(f"max new tokens must be between 1 and {limit}."))
+            return
+        self.loop.submit(job)
+
+    def _serve(self, job: Job) -> None:
+        """The generation loop's work for one request: its inputs, then its answer, here."""
+        if not job.take():
+            return  # withdrawn while it waited: already refused
+        try:
+            stream = self._open(job)
+        except (ChatInputError, GenerationError) as error:
+            job.refuse(error)
+            return
+        except Exception as error:  # a bug of ours: say so, keep serving
+            log.exception("building the model inputs failed")
+            job.refuse(GenerationError(f"Internal error: {type(error).__name__}: {error}"))
+            return
+        if job.start(stream):
+            stream.run()
+
+    def _open(self, job: Job) -> TextStream:
+        """A request's stream, ready to run: its inputs built within the context, its
+        generation config, how its reply is parsed."""
+        settings = job.settings
+        notices: list[str] = []
+        limit = self.context_length
+        # Room for the answer: all of max_new_tokens if possible, at least a quarter of the context.
+        reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
+        inputs = self.build_inputs(job.messages, reserve_tokens=reserve, notices=notices, tools=settings.tools)
+        generation = self.generation_config(settings)
+        prompt_tokens = inputs["input_ids"].shape[-1]
+        if limit:  # the answer ends ("length") where the context is full
+            generation.max_new_tokens = min(generation.max_new_tokens, limit - prompt_tokens)
+        if self.batcher is not None:  # what the batching cache holds beside this conversation
+            allowed = self.batcher.admit(prompt_tokens, generation.max_new_tokens, settings.seed)
+            if allowed < generation.max_new_tokens:
+                notices.append(f"This answer can be at most {allowed} tokens long: that is what the batching "
+                               f"cache holds beside this conversation.")
+                generation.max_new_tokens = allowed
+        if self.compile and prompt_tokens + generation.max_new_tokens > generation.max_cache_len:
+            log.info("This answer (%d prompt tokens + up to %d new) is longer than the static cache "
+                     "(%d tokens): it runs with the default cache, not compiled.",
+                     prompt_tokens, generation.max_new_tokens, generation.max_cache_len)
+            generation.cache_implementation = self.model.generation_config.cache_implementation
+            generation.max_cache_len = None
+        template = self.response_template if settings.tools else None
+        reply_parsing = (template, inputs["input_ids"][0].tolist(), settings.tools) if template else None
+        prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
+        parser = ReplyParser(starts_in_reasoning=prompt_tail.rstrip().endswith(REASONING_START),
+                             tools=bool(settings.tools))
+        return (BatchedStream if self.batcher else TextStream)(
+            self, inputs, generation, settings=settings, parser=parser, reply_parsing=reply_parsing,
+            on_update=job.on_update, on_end=job.on_end, request_text=last_user_text(job.messages),
+            notices=notices)
+
+    def parse_reply(self, answer_ids: list[int], template: dict, prompt_ids: list[int],
+                    tools: list[dict]) -> dict | None:
+        """An ended answer → {"content", "tool_calls": [{"name", "arguments": dict}]} with
+        the model's own response_template (transformers' parse_response, on the raw tokens,
+        special ones included); None when it can't (the Hermes reading applies then)."""
+        try:
+            parsed = self.tokenizer.parse_response(answer_ids, template, prefix=prompt_ids, tools=tools)
+            calls = []
+            for call in parsed.get("tool_calls") or []:
+                function = call.get("function", call)
+                arguments = function.get("arguments") or {}
+                if isinstance(arguments, str):
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                if not isinstance(arguments, dict) or not isinstance(function.get("name"), str):
+                    raise ValueError(f"a tool call without a name or object arguments: {call!r}")
+                calls.append({"name": function["name"], "arguments": arguments})
+            return {"content": str(parsed.get("content") or "").strip(), "tool_calls": calls}
+        except Exception as error:
+            log.warning("The model's response_template could not parse this answer (%s: %s); its tool "
+                        "calls are read in the Hermes format instead.", type(error).__name__, error)
+            return None
+
+    def describe_failure(self, error: BaseException) -> GenerationError:
+        if isinstance(error, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return GenerationError("The GPU ran out of memory for this request. Try a shorter "
+                                   "conversation, fewer images or fewer new tokens.")
+        return GenerationError(f"Generation failed: {type(error).__name__}: {_first_line(error)}")
 
     # ------------------------------------------------------------ inputs
 
@@ -720,7 +863,7 @@ class ModelRunner:
         last message that alone doesn't fit is refused."""
         notices = [] if notices is None else notices
         messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
-                                    notices=notices)
+                                    settings=self.settings, notices=notices)
         inputs = self._apply_chat_template(messages, tools)
         limit = self.context_length
         if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:
@@ -731,7 +874,7 @@ class ModelRunner:
 
     def _template_messages(self, messages: list[dict]) -> list[dict]:
         """Neutral messages → the shape chat templates expect: text-only templates often
-        want plain strings; tool calls as {"type": "function", "function": {...}}."""
+        want plain strings; tool calls in OpenAI's shape with their arguments as a dict."""
         shaped = []
         for message in alternate_roles(messages):
             text = "\n".join(p["text"] for p in message["content"] if p.get("type") == "text")
@@ -741,9 +884,7 @@ class ModelRunner:
                 continue
             item = {"role": message["role"], "content": message["content"] if self.is_vision else text}
             if message.get("tool_calls"):
-                item["tool_calls"] = [{"id": call["id"], "type": "function",
-                                       "function": {"name": call["name"], "arguments": call["arguments"]}}
-                                      for call in message["tool_calls"]]
+                item["tool_calls"] = [call.openai(arguments_as_json=False) for call in message["tool_calls"]]
             shaped.append(item)
         return shaped
 
@@ -763,8 +904,7 @@ class ModelRunner:
                                                   "parameters": {"type": "object", "properties": {}}}}
         messages = [
             {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
-            {"role": "assistant", "content": [], "tool_calls": [
-                {"id": "call_probe", "name": "tool_support_probe", "arguments": {}}]},
+            {"role": "assistant", "content": [], "tool_calls": [ToolCall("tool_support_probe", {}, "call_probe")]},
             {"role": "tool", "tool_call_id": "call_probe", "name": "tool_support_probe",
              "content": [{"type": "text", "text": "probe result"}]}]
         template_owner = self.processor if self.is_vision else self.tokenizer
@@ -784,14 +924,7 @@ class ModelRunner:
         template = getattr(self.tokenizer, "response_template", None)
         if template is not None:
             return template
-        try:  # (imports transformers' server, ~2 s: only for a model that needs it)
-            from transformers.cli.serving.utils import get_response_template
-        except Exception:
-            return None
-        try:
-            return get_response_template(self.tokenizer, self.model)
-        except Exception:
-            return None
+        return transformers_internals.serve_response_template(self.tokenizer, self.model)
 
     def _fit_in_context(self, messages: list[dict], budget: int, notices: list[str], tools: list[dict] | None):
         system = messages[:1] if messages[0]["role"] == "system" else []
@@ -817,7 +950,7 @@ class ModelRunner:
                 low = middle + 1
         if low == len(cuts):
             last = self._apply_chat_template(system + turns[-1:], tools)["input_ids"].shape[-1]
-            raise ChatInputError(
+            raise ContextTooLong(
                 f"This message is too long for the model: {last} tokens, and its context holds "
                 f"{self.context_length} (with room for the answer). Send a shorter message.")
         dropped = cuts[low]
@@ -850,75 +983,5 @@ class ModelRunner:
     @property
     def static_cache_tokens(self) -> int:
         """One cache size for every answer (a new size means a new compile), reserved whole."""
-        return min(self.context_length or config.settings.compile_cache_tokens, config.settings.compile_cache_tokens)
-
-    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               on_update=None, cancelled: threading.Event | None = None) -> TextStream:
-        """Start generating; raises ChatInputError for a conversation the model can't take.
-        Waits while another answer generates; `cancelled` set meanwhile (Stop, the client
-        gone) withdraws the request before anything runs (Cancelled). With on_update, the
-        text is handed to it from the generate thread (see TextStream)."""
-        settings = settings or GenerationSettings()
-        if cancelled is not None and cancelled.is_set():
-            raise Cancelled()
-        if not 1 <= settings.max_new_tokens <= config.settings.max_new_tokens_limit:
-            raise ChatInputError(f"max new tokens must be between 1 and {config.settings.max_new_tokens_limit}.")
-        notices: list[str] = []
-        limit = self.context_length
-        # Room for the answer: all of max_new_tokens if possible, at least a quarter of the context.
-        reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
-        inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices, tools=settings.tools)
-        generation = self.generation_config(settings)
-        prompt_tokens = inputs["input_ids"].shape[-1]
-        if limit:  # the answer ends ("length") where the context is full
-            generation.max_new_tokens = min(generation.max_new_tokens, limit - prompt_tokens)
-        if self.compile and prompt_tokens + generation.max_new_tokens > generation.max_cache_len:
-            log.info("This answer (%d prompt tokens + up to %d new) is longer than the static cache "
-                     "(%d tokens): it runs with the default cache, not compiled.",
-                     prompt_tokens, generation.max_new_tokens, generation.max_cache_len)
-            generation.cache_implementation = self.model.generation_config.cache_implementation
-            generation.max_cache_len = None
-        template = self.response_template if settings.tools else None
-        reply_parsing = (template, inputs["input_ids"][0].tolist(), settings.tools) if template else None
-        stream = (BatchedStream if self.batcher else TextStream)(
-            self, inputs, generation, stop=settings.stop, seed=settings.seed,
-            max_updates_per_second=settings.max_updates_per_second, on_update=on_update, cancelled=cancelled,
-            reply_parsing=reply_parsing, continues=settings.continues_answer)
-        if stream.max_new_tokens < generation.max_new_tokens:  # the batching cache cut it
-            notices.append(f"This answer can be at most {stream.max_new_tokens} tokens long: that is what "
-                           f"the batching cache holds beside this conversation.")
-        stream.notices = notices
-        stream.request_text = last_user_text(messages)
-        prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
-        stream.starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START)
-        return stream
-
-    def parse_reply(self, answer_ids: list[int], template: dict, prompt_ids: list[int],
-                    tools: list[dict]) -> dict | None:
-        """An ended answer → {"content", "tool_calls": [{"name", "arguments": dict}]} with
-        the model's own response_template (transformers' parse_response, on the raw tokens,
-        special ones included); None when it can't (the Hermes reading applies then)."""
-        try:
-            parsed = self.tokenizer.parse_response(answer_ids, template, prefix=prompt_ids, tools=tools)
-            calls = []
-            for call in parsed.get("tool_calls") or []:
-                function = call.get("function", call)
-                arguments = function.get("arguments") or {}
-                if isinstance(arguments, str):
-                    arguments = json.loads(arguments) if arguments.strip() else {}
-                if not isinstance(arguments, dict) or not isinstance(function.get("name"), str):
-                    raise ValueError(f"a tool call without a name or object arguments: {call!r}")
-                calls.append({"name": function["name"], "arguments": arguments})
-            return {"content": str(parsed.get("content") or "").strip(), "tool_calls": calls}
-        except Exception as error:
-            log.warning("The model's response_template could not parse this answer (%s: %s); its tool "
-                        "calls are read in the Hermes format instead.", type(error).__name__, error)
-            return None
-
-    def _describe_failure(self, error: BaseException) -> GenerationError:
-        if isinstance(error, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return GenerationError("The GPU ran out of memory for this request. Try a shorter "
-                                   "conversation, fewer images or fewer new tokens.")
-        return GenerationError(f"Generation failed: {type(error).__name__}: {_first_line(error)}")
+        limit = self.settings.compile_cache_tokens
+        return min(self.context_length or limit, limit)

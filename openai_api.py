@@ -19,7 +19,6 @@ import functools
 import io
 import json
 import re
-import threading
 import time
 import uuid
 from typing import Literal
@@ -33,10 +32,19 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import config
+from config import Settings
 from conversation import load_image
-from conversation import answer_and_tool_calls
-from engine_contract import Cancelled, ChatInputError, GenerationError, GenerationSettings
+from engine_contract import (
+    Cancelled,
+    ChatInputError,
+    ContextTooLong,
+    GenerationError,
+    GenerationSettings,
+    ImageRefused,
+    Reply,
+    Signal,
+    ToolCall,
+)
 from waiting_line import LineFull, WaitingLine
 
 DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", re.DOTALL)
@@ -48,10 +56,6 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.headers = status, headers
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request waited in line."""
 
 
 # ---------------------------------------------------------------- request schema
@@ -74,7 +78,7 @@ class FunctionCall(BaseModel):
     arguments: str = "{}"   # a JSON object, as a string (OpenAI's shape)
 
 
-class ToolCall(BaseModel):
+class RequestToolCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: str
     type: Literal["function"] = "function"
@@ -85,7 +89,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
-    tool_calls: list[ToolCall] | None = None     # an assistant's calls
+    tool_calls: list[RequestToolCall] | None = None     # an assistant's calls
     tool_call_id: str | None = None              # a tool's result: for which call
     name: str | None = None
 
@@ -106,31 +110,40 @@ class Tool(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown extras are ignored, not fatal
     model: str | None = None
-    messages: list[Message] = Field(min_length=1, max_length=config.settings.api_max_messages)
+    messages: list[Message] = Field(min_length=1)
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=config.settings.max_new_tokens_limit)
-    max_completion_tokens: int | None = Field(None, ge=1, le=config.settings.max_new_tokens_limit)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
     stream_options: dict | None = None
-    tools: list[Tool] | None = Field(None, max_length=config.settings.api_max_tools)
+    tools: list[Tool] | None = None
     tool_choice: str | dict | None = None
 
     @field_validator("stop")
     @classmethod
-    def _few_stop_strings(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > config.settings.api_max_stop_strings:
-            raise ValueError(f"at most {config.settings.api_max_stop_strings} stop sequences")
-        return stops
+    def _as_list(cls, value):
+        return [value] if isinstance(value, str) else (value or [])
+
+
+def check_limits(request: ChatCompletionRequest, settings: Settings) -> None:
+    """The server's limits on a request (config.Settings): a 400 naming the field."""
+    limits = [("messages", len(request.messages), settings.api_max_messages, "messages"),
+              ("max_tokens", request.max_tokens, settings.max_new_tokens_limit, "tokens"),
+              ("max_completion_tokens", request.max_completion_tokens, settings.max_new_tokens_limit, "tokens"),
+              ("tools", len(request.tools or ()), settings.api_max_tools, "tools"),
+              ("stop", len(request.stop or ()), settings.api_max_stop_strings, "stop sequences")]
+    for param, value, limit, what in limits:
+        if value is not None and value > limit:
+            raise APIError(400, f"{param}: at most {limit} {what}", param=param)
 
 
 # ---------------------------------------------------------------- request → engine
 
-def to_engine_messages(request: ChatCompletionRequest) -> list[dict]:
+def to_engine_messages(request: ChatCompletionRequest, settings: Settings) -> list[dict]:
     """OpenAI messages → the engine's neutral messages (images decoded to PIL, tool-call
     arguments decoded from their JSON strings). A bad image in the last message is a 400;
     one in an earlier message was refused when it was sent, so it is left out, as in the
@@ -158,16 +171,15 @@ def to_engine_messages(request: ChatCompletionRequest) -> list[dict]:
                 else:
                     try:
                         parts.append({"type": "image", "image": decode_image(part.image_url.url,
-                                                                              param + ".image_url")})
+                                                                              param + ".image_url", settings)})
                     except APIError:
                         if i == last:
                             raise
         converted = {"role": role, "content": parts}
         if message.tool_calls and role == "assistant":
-            converted["tool_calls"] = [{"id": call.id, "name": call.function.name,
-                                        "arguments": decode_arguments(call.function.arguments,
-                                                                      f"messages[{i}].tool_calls[{k}]")}
-                                       for k, call in enumerate(message.tool_calls)]
+            converted["tool_calls"] = [ToolCall(call.function.name, decode_arguments(
+                call.function.arguments, f"messages[{i}].tool_calls[{k}]"), call.id)
+                for k, call in enumerate(message.tool_calls)]
             names_of_calls.update({call.id: call.function.name for call in message.tool_calls})
         if role == "tool":
             if not message.tool_call_id:
@@ -217,7 +229,7 @@ def tools_of(request: ChatCompletionRequest, supports_tools: bool) -> list[dict]
     return tools
 
 
-def decode_image(url: str, param: str):
+def decode_image(url: str, param: str, settings: Settings):
     if url.startswith(("http://", "https://")):
         raise APIError(400, "Image URLs are not fetched by this server; send the image inline "
                             "as a data: URL (data:image/png;base64,...).", param=param,
@@ -226,8 +238,8 @@ def decode_image(url: str, param: str):
     if not match:
         raise APIError(400, "Images must be data: URLs with a base64 PNG, JPEG, WebP or GIF "
                             "(data:image/png;base64,...).", param=param, code="invalid_image")
-    if len(match.group(2)) > config.settings.api_max_image_bytes * 4 // 3 + 4:
-        raise APIError(400, f"The image is larger than {config.settings.api_max_image_bytes // 2**20} MB.", param=param,
+    if len(match.group(2)) > settings.api_max_image_bytes * 4 // 3 + 4:
+        raise APIError(400, f"The image is larger than {settings.api_max_image_bytes // 2**20} MB.", param=param,
                        code="image_too_large")
     try:
         data = base64.b64decode(match.group(2), validate=True)
@@ -235,14 +247,14 @@ def decode_image(url: str, param: str):
         raise APIError(400, "The image's base64 data is invalid.", param=param,
                        code="invalid_image") from None
     try:
-        return load_image(io.BytesIO(data))
+        return load_image(io.BytesIO(data), settings)
     except ChatInputError as error:
         raise APIError(400, str(error), param=param, code="invalid_image") from None
 
 
-def to_settings(request: ChatCompletionRequest, default_max_tokens: int) -> GenerationSettings:
+def to_settings(request: ChatCompletionRequest, settings: Settings) -> GenerationSettings:
     return GenerationSettings(
-        max_new_tokens=request.max_completion_tokens or request.max_tokens or default_max_tokens,
+        max_new_tokens=request.max_completion_tokens or request.max_tokens or settings.max_new_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's default
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
@@ -251,15 +263,38 @@ def to_settings(request: ChatCompletionRequest, default_max_tokens: int) -> Gene
 
 # ---------------------------------------------------------------- the app
 
-def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_without_key: bool = True,
-               default_max_tokens: int | None = None) -> FastAPI:
+# What each of the engine's errors is on the API: status, type, code.
+ERROR_CODES = [
+    (Cancelled, (499, "invalid_request_error", "client_gone")),
+    (ContextTooLong, (400, "invalid_request_error", "context_length_exceeded")),
+    (ImageRefused, (400, "invalid_request_error", "invalid_image")),
+    (ChatInputError, (400, "invalid_request_error", None)),
+    (GenerationError, (500, "server_error", "generation_failed")),
+]
+
+
+def api_error(error: Exception) -> APIError:
+    """An engine error as the API's answer: by its type, never its message."""
+    for kind, (status, type_, code) in ERROR_CODES:
+        if isinstance(error, kind):
+            return APIError(status, str(error), type=type_, code=code,
+                            param="messages" if status == 400 else None)
+    raise error
+
+
+def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, open_without_key: bool = True) -> FastAPI:
     """The /v1 sub-application. Its requests wait in `line` with the chat UI's. With
-    `api_key`, every call needs `Authorization: Bearer KEY`; without one it answers only
-    when `open_without_key` (the server is bound to loopback)."""
+    settings.api_key, every call needs `Authorization: Bearer KEY`; without one it answers
+    only when `open_without_key` (the server is bound to loopback)."""
+    settings = settings or Settings()
+    api_key = settings.api_key
+    retry_after = {"Retry-After": str(settings.api_retry_after_s)}
     api = FastAPI(title="OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 
     @api.exception_handler(APIError)
     async def _api_error(request, error: APIError):
+        if error.status == 499:
+            return Response(status_code=499)  # the client is gone: nobody reads it
         return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
     @api.exception_handler(RequestValidationError)
@@ -276,10 +311,6 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
         return JSONResponse(APIError(error.status_code, str(error.detail), type=kind).body,
                             status_code=error.status_code)
 
-    @api.exception_handler(ClientGone)
-    async def _gone(request, error: ClientGone):
-        return Response(status_code=499)  # nobody reads it
-
     def authorize(request: Request):
         if api_key is None:
             if not open_without_key:
@@ -290,108 +321,138 @@ def create_api(runner, line: WaitingLine, *, api_key: str | None = None, open_wi
             raise APIError(401, "Invalid or missing API key (Authorization: Bearer KEY).",
                            code="invalid_api_key")
 
-    async def give_up_if_due(deadline: float, request: Request) -> None:
-        """A waiting request ends when its client has left, or with a 503 (and Retry-After)
-        when the model is still loading past its deadline."""
-        if await request.is_disconnected():
-            raise ClientGone()
-        if not runner.loaded and time.monotonic() > deadline:
-            raise APIError(503, "The model is still loading; try again in a few seconds.",
-                           type="server_error", code="model_loading",
-                           headers={"Retry-After": str(config.settings.api_retry_after_s)})
-
-    async def until_loaded(deadline: float, request: Request) -> None:
-        while not runner.loaded:
-            await give_up_if_due(deadline, request)
-            await anyio.sleep(0.1)
-
-    async def start_stream(messages: list[dict], settings: GenerationSettings, request: Request):
-        """runner.stream in a worker thread, where it waits while the answer before it ends.
-        A client that leaves meanwhile withdraws the request: it leaves the line at once,
-        and the engine drops it unstarted when its turn comes."""
-        withdrawn = threading.Event()
-        starting = asyncio.ensure_future(anyio.to_thread.run_sync(
-            functools.partial(runner.stream, messages, settings, cancelled=withdrawn)))
-        while not starting.done():
-            await asyncio.wait({starting}, timeout=0.25)
-            if not starting.done() and await request.is_disconnected():
-                withdrawn.set()
-                starting.add_done_callback(close_if_started)
-                raise ClientGone()
+    async def model_loaded(deadline: float, gone: Signal) -> None:
+        """Until the model is loaded; a 503 (and Retry-After) past the deadline."""
+        if runner.loaded:
+            return
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        forget = [signal.on_set(lambda: loop.call_soon_threadsafe(ready.set)) for signal in (runner.ready, gone)]
         try:
-            return starting.result()
-        except Cancelled:
-            raise ClientGone() from None
+            await asyncio.wait_for(ready.wait(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise APIError(503, "The model is still loading; try again in a few seconds.", type="server_error",
+                           code="model_loading", headers=retry_after) from None
+        finally:
+            for undo in forget:
+                undo()
+        if gone.is_set():
+            raise APIError(499, "The client is gone.")
+
+    async def wait_for_turn(place, gone: Signal, deadline: float) -> None:
+        """Until the request may start (its place at the front, the model loaded), or its
+        client has left (499)."""
+        async def turn():
+            async for _ in place.waiting():
+                pass
+        waiting = asyncio.ensure_future(turn())
+        left = asyncio.get_running_loop().create_future()
+        gone.on_set(lambda: left.get_loop().call_soon_threadsafe(_settle, left))
+        try:
+            await asyncio.wait({waiting, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            left.cancel()
+        if gone.is_set():
+            raise APIError(499, "The client is gone.")
+        await model_loaded(deadline, gone)
+
+    async def start_stream(messages: list[dict], settings: GenerationSettings, gone: Signal):
+        """runner.stream in a worker thread, where it waits while the answer before it ends.
+        A client that leaves meanwhile withdraws the request (`gone`): it leaves the line at
+        once, and the engine drops it unstarted when its turn comes."""
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(runner.stream, messages, settings, cancelled=gone), abandon_on_cancel=True)
+        except (ChatInputError, GenerationError, Cancelled) as error:
+            raise api_error(error) from None
 
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models(request: Request):
         if runner.name is None:  # a remote server's default model, until it is asked
-            await until_loaded(time.monotonic() + config.settings.api_model_load_wait_s, request)
+            async with watching_disconnect(request) as gone:
+                await model_loaded(time.monotonic() + settings.api_model_load_wait_s, gone)
         return {"object": "list", "data": [
             {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}]}
 
     @api.post("/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        deadline = time.monotonic() + config.settings.api_model_load_wait_s  # like the UI, a request made while
-        if runner.name is None:                          # the model loads waits for it
-            await until_loaded(deadline, request)
-        if body.model not in (None, "", runner.name):
-            raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
-                                f"{runner.name!r}.", param="model", code="model_not_found")
-        messages = await anyio.to_thread.run_sync(to_engine_messages, body)
-        settings = to_settings(body, default_max_tokens or config.settings.max_new_tokens)
-        if runner.loaded:  # (else once it is)
-            settings.tools = tools_of(body, runner.supports_tools)
-        try:
-            place = line.join("api")
-        except LineFull as full:
-            raise APIError(503, str(full), type="server_error", code="server_busy",
-                           headers={"Retry-After": str(config.settings.api_retry_after_s)}) from None
-        try:
-            async for _ in place.waiting(recheck_s=0.5):
-                await give_up_if_due(deadline, request)
-            await until_loaded(deadline, request)
-            settings.tools = tools_of(body, runner.supports_tools)
-            stream = await start_stream(messages, settings, request)
-            place.started(stream)
-        except ChatInputError as error:
-            code = "context_length_exceeded" if "too long" in str(error) else None
-            raise APIError(400, str(error), param="messages", code=code) from None
-        except GenerationError as error:
-            raise APIError(500, str(error), type="server_error", code="generation_failed") from None
-        finally:
-            if place.position:  # it never started: out of the line
-                place.leave()
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            # The background task closes the stream even when the client is gone before the
-            # first event is sent (the generator, whose finally closes it, never runs then).
-            return EventSourceResponse(
-                sse_chunks(stream, completion_id, created, runner.name, include_usage, tools=bool(settings.tools)),
-                ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
-        return await complete(stream, request, completion_id, created, runner.name, tools=bool(settings.tools))
+        check_limits(body, settings)
+        deadline = time.monotonic() + settings.api_model_load_wait_s  # like the UI, a request made while
+        async with watching_disconnect(request) as gone:                 # the model loads waits for it
+            if runner.name is None:
+                await model_loaded(deadline, gone)
+            if body.model not in (None, "", runner.name):
+                raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
+                                    f"{runner.name!r}.", param="model", code="model_not_found")
+            messages = await anyio.to_thread.run_sync(to_engine_messages, body, settings)
+            generation = to_settings(body, settings)
+            if runner.loaded:  # (else once it is)
+                generation.tools = tools_of(body, runner.supports_tools)
+            try:
+                place = line.join("api")
+            except LineFull as full:
+                raise APIError(503, str(full), type="server_error", code="server_busy", headers=retry_after) from None
+            try:
+                await wait_for_turn(place, gone, deadline)
+                generation.tools = tools_of(body, runner.supports_tools)
+                stream = await start_stream(messages, generation, gone)
+                place.started(stream)
+            finally:
+                if place.position:  # it never started: out of the line
+                    place.leave()
+            completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+            created = int(time.time())
+            if not body.stream:
+                return await complete(stream, completion_id, created, runner.name)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        # The background task closes the stream even when the client is gone before the
+        # first event is sent (the generator, whose finally closes it, never runs then).
+        return EventSourceResponse(
+            sse_chunks(stream, completion_id, created, runner.name, include_usage),
+            ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
 
     return api
 
 
-def close_if_started(starting: asyncio.Future) -> None:
-    """For a withdrawn request's runner.stream call: the stream, if it started after all."""
-    if not starting.cancelled() and starting.exception() is None:
-        starting.result().close(wait=0)
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class watching_disconnect:
+    """`async with watching_disconnect(request) as gone:` — `gone` (a Signal) is set when the
+    client disconnects: the one place a client's leaving is noticed, by awaiting the ASGI
+    disconnect message (no polling). A started answer that `gone` was handed to stops then."""
+
+    def __init__(self, request: Request):
+        self.request, self.gone = request, Signal()
+
+    async def __aenter__(self) -> Signal:
+        self._task = asyncio.ensure_future(self._watch())
+        return self.gone
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.gone.set()
+                return
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
 
 
 async def updates(stream):
-    """The stream's growing text, pulled from its thread without blocking the event loop.
+    """The stream's growing reply, pulled from its thread without blocking the event loop.
     Closing this generator (client gone, task cancelled) stops generation."""
     iterator = iter(stream)
     try:
         while True:  # a cancel (client gone) doesn't wait for the next piece of text
-            text = await anyio.to_thread.run_sync(next, iterator, None, abandon_on_cancel=True)
-            if text is None:
+            reply = await anyio.to_thread.run_sync(next, iterator, None, abandon_on_cancel=True)
+            if reply is None:
                 return
-            yield text
+            yield reply
     finally:
         with anyio.CancelScope(shield=True):  # runs even when the client is gone
             await anyio.to_thread.run_sync(stream.close)
@@ -402,44 +463,33 @@ def usage_of(stream) -> dict:
             "total_tokens": stream.prompt_tokens + stream.new_tokens}
 
 
-def finish_reason_of(stream, calls: list | None = None) -> str:
-    if calls:
+def finish_reason_of(stream, reply: Reply) -> str:
+    if reply.tool_calls:
         return "tool_calls"
     return "length" if stream.finish_reason == "length" else "stop"
 
 
-def openai_tool_calls(calls: list[dict]) -> list[dict]:
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
-            for call in calls]
-
-
-async def complete(stream, request: Request, completion_id, created, model, tools: bool = False):
-    sent = ""
+async def complete(stream, completion_id, created, model):
+    """The whole answer as one chat.completion (the client's leaving stops it: `gone`)."""
     try:
-        async for text in updates(stream):
-            sent = text
-            if await request.is_disconnected():
-                break
+        async for _ in updates(stream):
+            pass
     except GenerationError as error:
-        raise APIError(500, str(error), type="server_error", code="generation_failed") from None
-    reasoning, answer, _ = stream.parts(sent)
-    calls = []
-    if tools:
-        answer, calls, _ = answer_and_tool_calls(stream, sent, final=stream.finish_reason is not None)
-    message = {"role": "assistant", "content": answer or (None if calls else "")}
-    if reasoning is not None:
-        message["reasoning_content"] = reasoning
-    if calls:
-        message["tool_calls"] = openai_tool_calls(calls)
+        raise api_error(error) from None
+    reply = stream.reply
+    message = {"role": "assistant", "content": reply.answer or (None if reply.tool_calls else "")}
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
+    if reply.tool_calls:
+        message["tool_calls"] = [call.openai() for call in reply.tool_calls]
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_of(stream, calls)}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_of(stream, reply)}],
         "usage": usage_of(stream),
     }
 
 
-async def sse_chunks(stream, completion_id, created, model, include_usage: bool, tools: bool = False):
+async def sse_chunks(stream, completion_id, created, model, include_usage: bool):
     """The answer as OpenAI's chunks: reasoning_content and content deltas as they grow; each
     tool call, once complete, as one delta.tool_calls chunk (id, name, arguments), as
     transformers' serve sends them. A call's raw text never goes out as content."""
@@ -449,38 +499,31 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool,
                                              "finish_reason": finish_reason}], **extra}
         return {"data": json.dumps(body, ensure_ascii=False)}
 
-    sent = {"reasoning_content": "", "content": "", "tool_calls": []}
+    sent = {"reasoning": "", "answer": "", "tool_calls": 0}
 
-    def news(reasoning: str | None, answer: str, calls: list) -> list[dict]:
+    def news(reply: Reply) -> list[dict]:
         """The chunks for what is new since the last ones: text deltas, then complete calls."""
         delta = {}
-        for key, now in (("reasoning_content", reasoning or ""), ("content", answer)):
-            if now.startswith(sent[key]) and now != sent[key]:
-                delta[key], sent[key] = now[len(sent[key]):], now
-        done = len(sent["tool_calls"])
-        new_calls = [chunk({"tool_calls": [{"index": index, **call}]})
-                     for index, call in enumerate(openai_tool_calls(calls[done:]), start=done)]
-        sent["tool_calls"] = calls or sent["tool_calls"]
+        for key, name in (("reasoning_content", "reasoning"), ("content", "answer")):
+            now = getattr(reply, name) or ""
+            if now.startswith(sent[name]) and now != sent[name]:
+                delta[key], sent[name] = now[len(sent[name]):], now
+        done = sent["tool_calls"]
+        new_calls = [chunk({"tool_calls": [{"index": index, **call.openai()}]})
+                     for index, call in enumerate(reply.tool_calls[done:], start=done)]
+        sent["tool_calls"] = max(done, len(reply.tool_calls))
         return ([chunk(delta)] if delta else []) + new_calls
 
     yield chunk({"role": "assistant", "content": ""})
     try:
-        async for text in updates(stream):
-            reasoning, answer, _ = stream.parts(text)
-            calls = []
-            if tools:
-                answer, calls, _ = answer_and_tool_calls(stream, text, final=False)
-            for item in news(reasoning, answer, calls):
+        async for reply in updates(stream):
+            for item in news(reply):
                 yield item
     except GenerationError as error:
-        yield {"data": json.dumps(APIError(500, str(error), type="server_error",
-                                           code="generation_failed").body)}
+        yield {"data": json.dumps(api_error(error).body)}
         yield {"data": "[DONE]"}
         return
-    if tools:  # what the end settles: a partial tag held back, the template's parse
-        for item in news(None, *answer_and_tool_calls(stream, stream.text, final=True)[:2]):
-            yield item
-    yield chunk({}, finish_reason_of(stream, sent["tool_calls"]))
+    yield chunk({}, finish_reason_of(stream, stream.reply))
     if include_usage:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": [], "usage": usage_of(stream)}

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from transformers.utils import get_json_schema
 
+from engine_contract import Signal, wait_for_either
+
 MAX_RESULT_CHARS = 4000  # a longer result is cut: it goes into the model's context
 MAX_ABANDONED_CALLS = 8  # tools that outlived their time limit and still run; beyond: refused
 CALCULATOR_MAX_EXPONENT = 1000
@@ -76,7 +78,7 @@ class Toolbox:
         return list(self.functions)
 
     def run(self, name: str, arguments: dict, timeout: float = 30.0,
-            cancelled: threading.Event | None = None) -> ToolResult:
+            cancelled: Signal | None = None) -> ToolResult:
         """Call a tool in a thread of its own. Stop (`cancelled`) or the time limit stop the
         waiting; a tool's own thread can't be killed, so one that hangs is abandoned."""
         started = time.perf_counter()
@@ -96,17 +98,18 @@ class Toolbox:
                 outcome["value"] = function(**arguments)
             except BaseException as error:  # the model reads it; the app goes on
                 outcome["error"] = error
+            finally:
+                returned.set()
+        returned = Signal()
         thread = threading.Thread(target=call, name=f"tool-{name}", daemon=True)
         thread.start()
-        deadline = started + timeout
-        while thread.is_alive() and time.perf_counter() < deadline:
-            if cancelled is not None and cancelled.is_set():
-                with self._abandoned_lock:
-                    self._abandoned.append(thread)
-                return ToolResult("error: stopped by the user", time.perf_counter() - started, True)
-            thread.join(0.05)
+        wait_for_either(returned, cancelled, timeout)  # no polling: whichever comes first
+        if not returned.is_set() and cancelled is not None and cancelled.is_set():
+            with self._abandoned_lock:
+                self._abandoned.append(thread)
+            return ToolResult("error: stopped by the user", time.perf_counter() - started, True)
         seconds = time.perf_counter() - started
-        if thread.is_alive():
+        if not returned.is_set():
             with self._abandoned_lock:
                 self._abandoned.append(thread)
             return ToolResult(f"error: {name} took longer than {timeout:g} s and was abandoned", seconds, True)
