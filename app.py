@@ -42,7 +42,6 @@ from engine_contract import (
     GenerationError,
     GenerationSettings,
     ModelLoadError,
-    Reply,
     RunnerInfo,
     Signal,
     ToolCall,
@@ -339,7 +338,7 @@ class AnswerView:
         self.stream, self.notes = stream, notes
         self.thought_for: float | None = None
 
-    def render(self, reply: Reply, with_stats: bool = True) -> list:
+    def render(self, reply, with_stats: bool = True) -> list:
         bubbles = list(self.notes)
         if reply.reasoning is not None:
             if reply.reasoning_done and self.thought_for is None:

@@ -77,7 +77,7 @@ class ContinuousBatcher:
                 else tokenizer.eos_token_id
         self.vocab = vocab
         self._streams: dict[str, object] = {}
-        self._closing: dict[str, float] = {}  # cancelled: late tokens still count until then
+        self._closing: dict[str, tuple] = {}  # cancelled: (stream, until): late tokens still count
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._manager = None
@@ -152,13 +152,12 @@ class ContinuousBatcher:
     def _deliverer(self, request_id: str):
         def deliver(output) -> None:  # in the manager's thread: never let an error reach its loop
             with self._lock:
-                stream = self._streams.get(request_id)
-                if stream is None and request_id not in self._closing:
-                    return
+                stream = self._streams.get(request_id) or self._closing.get(request_id, (None,))[0]
                 if output.is_finished() or output.error:
                     self._streams.pop(request_id, None)
                     self._closing.pop(request_id, None)
                     transformers_internals.stop_delivering(self._manager, request_id)
+                self._forget_closed()
             if stream is None:
                 return
             try:
@@ -173,25 +172,26 @@ class ContinuousBatcher:
         """Stop an answer at the manager's next step; tokens it makes until then still count
         (tokens_after_close) for CLOSED_GRACE_S."""
         with self._lock:
-            stream = self._streams.get(request_id)
-            if stream is None or request_id in self._closing:
+            stream = self._streams.pop(request_id, None)
+            if stream is None:
                 return
-            self._closing[request_id] = time.monotonic() + CLOSED_GRACE_S
+            self._closing[request_id] = (stream, time.monotonic() + CLOSED_GRACE_S)
+            self._forget_closed()
             manager = self._manager
         if manager is not None:
             manager.cancel_request(request_id)
 
     def _forget_closed(self) -> None:
-        """(Under the lock) cancelled answers past their grace: no output comes for them."""
+        """(Under the lock) cancelled answers past their grace: no output comes for them. (A
+        few may wait here, on an idle server, until the next request or output.)"""
         now = time.monotonic()
-        for request_id in [rid for rid, until in self._closing.items() if until < now]:
+        for request_id in [rid for rid, (_, until) in self._closing.items() if until < now]:
             del self._closing[request_id]
-            self._streams.pop(request_id, None)
             transformers_internals.stop_delivering(self._manager, request_id)
 
     @property
     def active(self) -> int:
-        return len(self._streams) - len(self._closing)
+        return len(self._streams)
 
     def _restart_manager(self) -> list:
         """(Under the lock) a dead loop's answers, which get no more outputs, and a fresh loop."""

@@ -274,7 +274,6 @@ class TextStream(StreamBase):
     def run(self) -> None:
         """Generate the whole answer, here (the generation loop's thread)."""
         runner = self._runner
-        runner.active += 1
         self.generated_on = threading.get_native_id()
         error = None
         try:
@@ -349,13 +348,11 @@ class BatchedStream(TextStream):
         self._seen = 0
         self._finish_lock = threading.Lock()
         self._request_id = None
-        self._runner.active += 1
         try:
             self._request_id = self._runner.batcher.add(
                 self, self._inputs["input_ids"][0].tolist(), self._generation_config, self._seed)
-        except BaseException:
-            self._runner.active -= 1
-            raise
+        except Exception as error:  # (the server is stopping): this answer ends, the loop goes on
+            self._end_batched(error if isinstance(error, GenerationError) else self._runner.describe_failure(error))
         finally:
             self._inputs = None
 
@@ -475,6 +472,7 @@ class GenerationLoop:
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._lock = threading.Lock()
+        self.closed = False
         self.thread: threading.Thread | None = None
         self._pid: int | None = None
         if own_thread:
@@ -487,6 +485,10 @@ class GenerationLoop:
         return self.thread.native_id if self.thread is not None else None
 
     def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.closed:
+                job.refuse(GenerationError("The server is stopping."))
+                return
         if self.own_thread:
             self._ensure_thread()
         self._jobs.put((0 if job.first else 1, next(self._order), job))
@@ -497,24 +499,37 @@ class GenerationLoop:
                 return
             self._pid = os.getpid()  # (threads don't survive a fork: ZeroGPU's worker starts its own)
             self.thread = threading.Thread(target=self.run, name="generation-loop", daemon=True)
-            self.thread.start()
-            while self.thread.native_id is None:  # (set as the thread starts)
-                time.sleep(0)
+            self.thread.start()  # (returns once the thread runs: its native_id is known)
 
     def run(self, until_idle: bool = False) -> None:
         """Serve jobs on this thread until stop() (or, `until_idle`, until none is waiting)."""
-        # Torch work in a thread runs on torch's default thread count: set ours here.
-        torch.set_num_threads(self._torch_threads)
         while True:
             if until_idle and self._jobs.empty():
                 return
             _, _, job = self._jobs.get()
             if job is None:
+                self._refuse_waiting()
                 return
-            self._serve(job)
+            # Torch work in a thread runs on torch's default thread count, and another thread
+            # may change that count later: set ours for every answer (cheap).
+            torch.set_num_threads(self._torch_threads)
+            try:
+                self._serve(job)
+            except Exception:  # a bug of ours: that request's, never the loop's end
+                log.exception("the generation loop failed to serve a request")
 
     def stop(self) -> None:
+        """The loop ends after the request it is serving; those waiting, and any submitted
+        from now on, are refused."""
+        with self._lock:
+            self.closed = True
         self._jobs.put((-1, next(self._order), None))
+
+    def _refuse_waiting(self) -> None:
+        while not self._jobs.empty():
+            _, _, job = self._jobs.get()
+            if job is not None and job.take():
+                job.refuse(GenerationError("The server is stopping."))
 
 
 def tries_compile(setting: str, device: str) -> bool:
@@ -779,8 +794,11 @@ class ModelRunner:
             log.exception("building the model inputs failed")
             job.refuse(GenerationError(f"Internal error: {type(error).__name__}: {error}"))
             return
+        self.active += 1  # (counted before the caller hears it started; the stream's end uncounts it)
         if job.start(stream):
             stream.run()
+        else:
+            self.active -= 1
 
     def _open(self, job: Job) -> TextStream:
         """A request's stream, ready to run: its inputs built within the context, its

@@ -22,6 +22,7 @@ that works on any other version (the log says once which one is used).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import transformers
@@ -29,20 +30,17 @@ import transformers
 log = logging.getLogger("engine")
 
 WRITTEN_FOR = "5.23.0"
-_warned = False
 
 
+@functools.cache  # (asked per answer: the warning comes once)
 def fenced() -> bool:
     """True when the installed transformers is the one these internals were read from."""
-    global _warned
-    if transformers.__version__ == WRITTEN_FOR:
-        return True
-    if not _warned:
-        _warned = True
+    matches = transformers.__version__ == WRITTEN_FOR
+    if not matches:
         log.warning("transformers %s is not the %s this app was written for: its internals are left alone "
                     "(compile is trusted, Qwen/Gemma tool calls read as Hermes, continuous batching off).",
                     transformers.__version__, WRITTEN_FOR)
-    return False
+    return matches
 
 
 def is_compiled(model) -> bool:

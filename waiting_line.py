@@ -1,9 +1,9 @@
 """One line to the model, first come first served, for the chat UI and the /v1 API alike.
 
 A local model generates one answer at a time. Every request (a UI message, an API call)
-takes a place in this line when it arrives. The place at the front is let through: it
-builds its inputs while the current answer finishes and starts the moment the engine is
-free. The others wait and know their position ("2nd in line"). A place leaves the line
+takes a place in this line when it arrives. The place at the front is let through to the
+engine, whose generation loop starts it the moment the current answer has ended. The
+others wait and know their position ("2nd in line"). A place leaves the line
 when its generation starts; it no longer counts as generating once its answer has ended
 (or its request is gone).
 

@@ -12,10 +12,12 @@ torch.compile of the decoding step, CUDA only), each against plain generate in t
 
     plain                 model.generate under no_grad, as users call it: the baseline
     plain inference_mode  the same under torch.inference_mode
-    plain in a thread     the same, called from a background thread (the engine generates so)
+    plain in a thread     the same, called from a background thread (the runner generates so)
     plain + per-token     with the engine's streamer and Stop criterion (the engine's per-token work)
-    runner                ModelRunner.stream in this process (app.py --in-process)
-    engine process        EngineProcess.stream (the app's default)
+    runner                ModelRunner.stream in this process (app.py --in-process): generated on
+                          the runner's long-lived generation loop thread
+    engine process        EngineProcess.stream (the app's default): generated on the engine
+                          process's main thread (its generation loop)
     app over HTTP         app.serve on the engine process, read by bench/sse_client.py in a
                           process of its own (raw SSE, no gradio_client)
 
@@ -228,8 +230,8 @@ def ttft_plain(bench: Bench) -> float:
 def ttft_stream(bench: Bench, stream_fn) -> float:
     start = perf_counter()
     with stream_fn(bench.messages, bench.settings(WARM_UP_TOKENS)) as stream:
-        for text in stream:
-            if text:
+        for reply in stream:  # the first reply with text
+            if reply.answer or reply.reasoning:
                 return perf_counter() - start
     return perf_counter() - start
 
@@ -353,8 +355,8 @@ def measure_batching(bench: Bench, budget: float) -> None:
         for _ in range(clients):
             with runner.stream(bench.messages, bench.settings(length)) as stream:
                 first = None
-                for text in stream:
-                    if text and first is None:
+                for reply in stream:
+                    if (reply.answer or reply.reasoning) and first is None:
                         first = perf_counter() - t0
             firsts.append(first if first is not None else perf_counter() - t0)
             total += stream.new_tokens
@@ -369,8 +371,8 @@ def measure_batching(bench: Bench, budget: float) -> None:
         streams = [engine.stream(bench.messages, settings) for _ in range(clients)]
 
         def read(i):
-            for text in streams[i]:
-                if text and firsts[i] is None:
+            for reply in streams[i]:
+                if (reply.answer or reply.reasoning) and firsts[i] is None:
                     firsts[i] = perf_counter() - t0
         readers = [threading.Thread(target=read, args=(i,)) for i in range(clients)]
         for reader in readers:

@@ -53,7 +53,7 @@ def test_streams_an_answer_about_an_uploaded_image(serve, idefics3_engine, image
     assert [p["type"] for p in sent[-1]["content"]] == ["image", "text"]
     with spy.original(sent, GenerationSettings(max_new_tokens=200)) as s:
         *_, direct = s
-    assert texts[-1] == direct and len(direct) > 20
+    assert texts[-1] == direct.answer and len(direct.answer) > 20
     client.close()
 
 
@@ -169,8 +169,11 @@ def test_both_history_shapes_become_the_same_model_messages(tmp_path):
 
 
 def run_app(*args, timeout=120):
+    from tests.conftest import free_port
+    # a free port: the UI starts before the model loads, and 7860 may be another app's
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(free_port())}
     return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          text=True, timeout=timeout, env=env)
 
 
 def test_help_documents_every_option():

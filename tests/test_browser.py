@@ -245,7 +245,8 @@ def test_reasoning_shows_in_its_own_thinking_block(serve, reasoning_runner, page
     url, spy = serve(reasoning_runner, max_new_tokens=80)
     open_app(page, url)
     stream = answered(page, spy, lambda: send(page, "What is 2+2?"))
-    reasoning, answer, done = stream.parts()
+    reply = stream.reply
+    reasoning, answer, done = reply.reasoning, reply.answer, reply.reasoning_done
     assert done and reasoning and answer
     expect(page.locator(".thought-group .title", has_text=app.REASONING_TITLE).first).to_be_visible()
     assert answer_text(page).strip().startswith(answer.strip()[:10])

@@ -1,13 +1,12 @@
 """Every runner and every stream the app can use satisfies the engine's contract
 (engine_contract.Runner / Stream) in full: the UI, the API and the line rely on nothing else."""
 
-import threading
 import typing
 
 import pytest
 
 import app
-from engine_contract import GenerationSettings, Runner, Stream
+from engine_contract import Cancelled, GenerationSettings, Reply, Runner, Signal, Stream
 from remote_backend import RemoteRunner
 
 
@@ -46,17 +45,17 @@ def test_every_runner_and_its_streams_fulfil_the_contract(runner):
     assert {type(runner.one_at_a_time), type(runner.loaded), type(runner.compile)} == {bool}
     with runner.stream(ask(), GenerationSettings(max_new_tokens=5)) as stream:
         assert_fulfils(stream, Stream)
-        texts = list(stream)
-    assert texts and texts[-1] == stream.text and stream.join(5)
+        replies = list(stream)
+    assert replies and all(isinstance(reply, Reply) for reply in replies)
+    assert replies[-1] == stream.reply and replies[-1].answer == stream.text and stream.join(5)
     assert stream.finish_reason in ("length", "stop") and stream.ended_at is not None
     assert stream.tokens_per_second is None or stream.tokens_per_second > 0
     stopped = runner.stream(ask("go on"), GenerationSettings(max_new_tokens=500, min_new_tokens=500))
     next(iter(stopped))
     stopped.close()
     assert stopped.join(10) and stopped.finish_reason == "cancelled" and stopped.tokens_after_close is not None
-    withdrawn = threading.Event()
+    withdrawn = Signal()
     withdrawn.set()
-    from engine_contract import Cancelled
     with pytest.raises(Cancelled):
         runner.stream(ask(), cancelled=withdrawn)
 

@@ -44,7 +44,7 @@ def test_zero_gpu_wraps_generation_only_when_the_space_says_so(monkeypatch, llam
     assert wrapped == []
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     demo = app.build_demo(llama_runner)
-    assert wrapped == [("chat", config.settings.zero_gpu_duration_s)]
+    assert wrapped == [("chat", config.Settings().zero_gpu_duration_s)]
     assert any(fn.concurrency_id == app.GENERATION_CONCURRENCY_ID for fn in demo.fns.values())
 
 
@@ -74,21 +74,28 @@ def test_one_default_answer_length_for_the_ui_and_the_api(serve, llama_runner):
 
 
 def test_max_new_tokens_from_the_environment_sets_the_default_everywhere():
-    script = "import app, config; print(config.settings.max_new_tokens, app.parse_args([]).max_new_tokens)"
+    # what app.main resolves (config.read_settings: the environment, then the command line),
+    # the environment's own reading, and the UI built with it (the slider's start)
+    script = ("import gradio as gr, app, config\n"
+              "settings = config.read_settings([])\n"
+              "demo = app.build_demo(app.ModelSlot('m', lambda: None, one_at_a_time=True), settings=settings)\n"
+              "slider = next(b for b in demo.blocks.values()\n"
+              "              if isinstance(b, gr.Slider) and b.label == 'Max new tokens')\n"
+              "print(settings.max_new_tokens, config.from_environment()[0].max_new_tokens, slider.value)")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "MAX_NEW_TOKENS": "77"}, timeout=60)
-    assert result.stdout.split() == ["77", "77"], result.stderr
+    assert result.stdout.split() == ["77", "77", "77"], result.stderr
 
 
 def test_compile_option_and_its_environment_variable(monkeypatch, tiny_model_paths):
     monkeypatch.delenv("COMPILE", raising=False)
-    assert app.parse_args([]).compile == "auto"
-    assert app.parse_args(["--compile"]).compile == "on"
-    assert app.parse_args(["--compile", "off"]).compile == "off"
+    assert config.read_settings([]).compile == "auto"
+    assert config.read_settings(["--compile"]).compile == "on"
+    assert config.read_settings(["--compile", "off"]).compile == "off"
     monkeypatch.setenv("COMPILE", "1")
-    assert app.parse_args([]).compile == "on"
+    assert config.read_settings([]).compile == "on"
     monkeypatch.setenv("COMPILE", "off")
-    assert app.parse_args([]).compile == "off"
+    assert config.read_settings([]).compile == "off"
     from model_runner import ModelRunner
     compiled = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on")
     assert app.header_markdown(compiled).endswith("· cpu · float32 · compiled")
@@ -101,12 +108,13 @@ def test_every_setting_is_in_the_readmes_one_table():
 
 def test_settings_come_from_the_environment_then_the_command_line():
     environ = {"SHARE": "0", "MAX_NEW_TOKENS": "77", "MODEL_ID": "org/model", "GRADIO_SERVER_PORT": "8000"}
-    settings = config.Settings(environ)
+    settings, problems = config.from_environment(environ)
     assert (settings.share, settings.max_new_tokens, settings.model, settings.port) == (False, 77, "org/model", 8000)
-    assert settings.max_image_side == 2048, "the rest keep their defaults"
-    over = app.parse_args(["--max-new-tokens", "9", "--share"], environ)
+    assert settings.max_image_side == 2048 and not problems, "the rest keep their defaults"
+    assert config.read_settings([], environ) == settings
+    over = config.read_settings(["--max-new-tokens", "9", "--share"], environ)
     assert (over.share, over.max_new_tokens, over.model) == (True, 9, "org/model")
-    assert config.Settings({"MAX_IMAGE_SIDE": "big"}).problems == ["MAX_IMAGE_SIDE='big': not a whole number"]
+    assert config.from_environment({"MAX_IMAGE_SIDE": "big"})[1] == ["MAX_IMAGE_SIDE='big': not a whole number"]
 
 
 def test_a_bad_setting_exits_with_one_line():

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from engine_process import EngineProcess
-from engine_contract import Cancelled, ChatInputError, GenerationError, GenerationSettings, ModelLoadError
+from engine_contract import (Cancelled, GenerationError, GenerationSettings, ImageRefused, ModelLoadError, Reply,
+                             Signal)
 from tests.conftest import free_port, wait_for, wait_until_loaded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +30,16 @@ def test_answers_exactly_like_the_engine_in_this_process(idefics3_engine_process
         updates = list(remote)
     with idefics3_runner.stream(messages, settings) as local:
         *_, expected = local
-    assert updates[-1] == expected == remote.text and len(expected) > 20
+    assert updates[-1] == expected == remote.reply and expected.answer == remote.text and len(expected.answer) > 20
     for before, after in zip(updates, updates[1:]):
-        assert after.startswith(before), "the answer only grows"
+        assert after.answer.startswith(before.answer), "the answer only grows"
     assert remote.new_tokens == local.new_tokens == 60 and remote.finish_reason == "length"
     assert remote.prompt_tokens == local.prompt_tokens
     assert 0 < remote.time_to_first_token < 5 and remote.tokens_per_second > 0
     assert idefics3_engine_process.is_vision and idefics3_engine_process.active == 0
+    # there, the engine process's main thread generates every answer; here, the runner's loop thread
+    assert remote.generated_on == idefics3_engine_process.pid == idefics3_engine_process.info.loop_thread
+    assert local.generated_on == idefics3_runner.loop.native_id
 
 
 def test_stop_reaches_the_engine_within_one_token(idefics3_engine_process):
@@ -55,7 +59,7 @@ def test_stop_reaches_the_engine_within_one_token(idefics3_engine_process):
 
 
 def test_the_engines_refusal_reaches_the_caller_and_it_keeps_serving(idefics3_engine_process, images):
-    with pytest.raises(ChatInputError, match="notes.png is not a readable image"):
+    with pytest.raises(ImageRefused, match="notes.png is not a readable image"):
         idefics3_engine_process.stream(ask("What is this?", images["fake"]))
     with idefics3_engine_process.stream(ask("And this?", images["red"]), GenerationSettings(max_new_tokens=5)) as s:
         list(s)
@@ -77,12 +81,12 @@ def test_a_killed_engine_ends_the_answer_with_a_message_and_the_next_request_res
     engine = EngineProcess.start(str(tiny_model_paths["llama"]), device="cpu")
     try:
         stream = engine.stream(ask("Tell me a story."), GenerationSettings(max_new_tokens=4000, min_new_tokens=4000))
-        shown = ""
+        shown = Reply()
         with pytest.raises(GenerationError, match="model process stopped .*killed by SIGKILL"):
             for shown in stream:
-                if shown:
+                if shown.answer:
                     os.kill(engine.pid, signal.SIGKILL)  # what the out-of-memory killer does
-        assert shown and stream.text.startswith(shown), "the answer so far is kept"
+        assert shown.answer and stream.text.startswith(shown.answer), "the answer so far is kept"
         assert stream.finish_reason == "error" and engine.active == 0
         with engine.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
             list(after)
@@ -143,7 +147,7 @@ def test_a_request_withdrawn_while_it_waits_for_the_engine_never_runs(idefics3_e
     engine.finish_listeners.append(started.append)
     try:
         running = engine.stream(ask("A long answer."), GenerationSettings(max_new_tokens=4000, min_new_tokens=4000))
-        withdrawn, outcome = threading.Event(), {}
+        withdrawn, outcome = Signal(), {}
 
         def wait_behind():
             try:

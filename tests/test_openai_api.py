@@ -2,6 +2,7 @@
 official `openai` client (and raw HTTP for the bad requests)."""
 
 import base64
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import app
+from config import Settings
 from engine_contract import GenerationSettings
 from openai_api import create_api
 from tests.test_app import text_of
@@ -61,8 +63,12 @@ def test_models_and_health(serve, llama_runner):
     client = openai.OpenAI(base_url=url + "v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [llama_runner.name]
     health = httpx.get(url + "healthz").json()
+    runner = health.pop("runner")
     assert health == {"status": "ok", "model": llama_runner.name, "device": "cpu", "dtype": "float32",
                       "loaded": True}
+    assert runner == dataclasses.asdict(llama_runner.info)
+    assert (runner["name"], runner["device"], runner["dtype"], runner["loaded"]) == \
+        (llama_runner.name, "cpu", "float32", True)
 
 
 def test_stop_sequences_seed_and_model_name(serve, llama_runner):
@@ -160,7 +166,7 @@ def test_api_key_is_required_when_set(serve, llama_runner):
 
 def test_api_is_off_on_a_network_address_without_a_key(llama_runner):
     from fastapi.testclient import TestClient
-    api = TestClient(create_api(llama_runner, app.waiting_line_for(llama_runner), api_key=None,
+    api = TestClient(create_api(llama_runner, app.waiting_line_for(llama_runner), Settings(api_key=None),
                                 open_without_key=False))
     response = api.get("/models")
     assert response.status_code == 401 and response.json()["error"]["code"] == "api_disabled"
@@ -208,7 +214,7 @@ def test_remote_backend_streams_from_another_instance(serve, idefics3_runner, im
     assert [p["type"] for p in sent[-1]["content"]] == ["image", "text"], "the image went upstream"
     with back_spy.original(sent, GenerationSettings(max_new_tokens=120)) as direct:
         *_, expected = direct
-    assert texts[-1] == expected
+    assert texts[-1] == expected.answer
 
     # Stop on the front instance stops generation on the back one
     job = client.submit({"text": "Go on forever.", "files": []}, "", 2000, 0.0, 1.0, api_name="/chat")
@@ -222,7 +228,7 @@ def test_remote_backend_streams_from_another_instance(serve, idefics3_runner, im
 
 def test_remote_backend_unreachable_gives_a_clear_message(serve):
     from tests.conftest import free_port
-    url, _ = serve(RemoteRunner(f"http://127.0.0.1:{free_port()}/v1", model="some-model"))
+    url, _ = serve(RemoteRunner(f"http://127.0.0.1:{free_port()}/v1", Settings(model="some-model")))
     client = Client(url, verbose=False)
     result = client.submit({"text": "hello", "files": []}, "", 20, 0.0, 1.0, api_name="/chat").result(timeout=60)
     assert result["metadata"]["title"] == app.ERROR_TITLE
@@ -313,7 +319,7 @@ def test_remote_backend_honours_the_update_rate_it_is_given(serve, llama_runner)
         with remote.stream(messages, GenerationSettings(max_new_tokens=1200, max_updates_per_second=rate)) as stream:
             updates = list(stream)
         elapsed = time.perf_counter() - started
-        assert updates[-1] == stream.text and stream.new_tokens == 1200
+        assert updates[-1] == stream.reply and updates[-1].answer == stream.text and stream.new_tokens == 1200
         assert len(updates) <= rate * elapsed + 2, f"{len(updates)} updates in {elapsed:.1f} s at {rate}/s"
         counts[rate] = len(updates)
     assert counts[30] > 2 * counts[3]

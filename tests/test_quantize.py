@@ -60,8 +60,9 @@ def test_where_quantization_cannot_apply_the_app_says_why_in_one_line(tiny_model
 
 
 def test_quantize_is_a_setting_with_its_variable(monkeypatch):
-    settings = app.parse_args(["--quantize", "4bit"], environ={})
+    import config
+    settings = config.read_settings(["--quantize", "4bit"], environ={})
     assert settings.quantize == "4bit"
-    assert app.parse_args([], environ={"QUANTIZE": "8bit"}).quantize == "8bit"
+    assert config.read_settings([], environ={"QUANTIZE": "8bit"}).quantize == "8bit"
     with pytest.raises(SystemExit):
-        app.parse_args(["--quantize", "3bit"], environ={})
+        config.read_settings(["--quantize", "3bit"], environ={})

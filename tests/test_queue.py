@@ -135,8 +135,7 @@ def test_stop_while_waiting_leaves_the_line(serve, llama_runner, monkeypatch):
 
 
 def test_a_full_line_says_busy_in_the_chat_and_with_a_503(serve, llama_runner, monkeypatch):
-    monkeypatch.setattr(config.settings, "api_max_waiting_requests", 1)
-    url, spy = serve(llama_runner, queue_max_size=3)
+    url, spy = serve(llama_runner, queue_max_size=3, api_max_waiting_requests=1)
     release = hold_generation(monkeypatch, llama_runner.model)
     running = chat(Client(url, verbose=False), message("A"), max_new_tokens=4000)
     wait_for(lambda: spy.streams, 30, "A to generate")
@@ -193,10 +192,8 @@ def test_the_api_waits_for_the_model_while_it_loads(serve, loading_slot):
     assert results["asked while loading"]
 
 
-def test_a_long_load_gets_a_503_with_retry_after_and_the_client_retries(serve, loading_slot, monkeypatch):
-    monkeypatch.setattr(config.settings, "api_model_load_wait_s", 0.5)
-    monkeypatch.setattr(config.settings, "api_retry_after_s", 1)
-    url, _ = serve(loading_slot, on_listening=loading_slot.start)
+def test_a_long_load_gets_a_503_with_retry_after_and_the_client_retries(serve, loading_slot):
+    url, _ = serve(loading_slot, on_listening=loading_slot.start, api_model_load_wait_s=0.5, api_retry_after_s=1)
     early = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert early.status_code == 503 and early.json()["error"]["code"] == "model_loading"
     assert early.headers["retry-after"] == "1"
@@ -248,7 +245,7 @@ def test_served_names():
     assert served_model_name("HuggingFaceTB/SmolVLM-256M-Instruct") == "HuggingFaceTB/SmolVLM-256M-Instruct"
     assert served_model_name(str(ROOT / "tests")) == "tests"
     assert served_model_name("./models/my-vlm/") == "my-vlm"
-    assert app.parse_args(["--served-model-name", "bot"]).served_model_name == "bot"
+    assert config.read_settings(["--served-model-name", "bot"], environ={}).served_model_name == "bot"
 
 
 # ---------------------------------------------------------------- the line itself

@@ -12,7 +12,7 @@ import torch
 from gradio_client import Client, handle_file
 
 import app
-from config import settings
+from config import Settings
 from engine_contract import ChatInputError, GenerationSettings
 from tests.conftest import break_forward, wait_for
 from tests.test_app import chat, error_of, message, text_of
@@ -29,8 +29,13 @@ def user(text, *images):
             [{"type": "text", "text": text}]}
 
 
-def generate_threads():
-    return [t for t in threading.enumerate() if t.name == "generate"]
+settings = Settings()  # what serve() runs with when a test passes no overrides
+
+
+def generating(runner, spy) -> list:
+    """The answers still generating: those the app started that have not ended, and any the
+    runner counts as active (its generation loop thread lives on; what must end is the answer)."""
+    return [s for s in spy.streams if s.ended_at is None] + [runner] * runner.active
 
 
 # ---------------------------------------------------------------- bad input, UI path
@@ -60,7 +65,7 @@ def test_a_huge_image_is_refused_before_its_pixels_are_decoded(images, monkeypat
     decoded = []
     monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(1))
     with pytest.raises(ChatInputError, match="too large"):
-        load_image(images["bomb"])
+        load_image(images["bomb"], settings)
     assert not decoded
 
 
@@ -87,7 +92,7 @@ def test_image_caps_per_message_and_per_conversation(serve, idefics3_runner, ima
     over = chat(client, message("one more", images["red"]), max_new_tokens=8).result(timeout=60)
     assert "older image were left out" in notes_of(over) or "older images were left out" in notes_of(over)
     from conversation import prepare_messages
-    seen = prepare_messages(spy.calls[-1][0], sees_images=True, model_name="m")
+    seen = prepare_messages(spy.calls[-1][0], sees_images=True, model_name="m", settings=settings)
     assert sum(p["type"] == "image" for m in seen for p in m["content"]) == settings.max_images_per_conversation
     assert seen[-1]["content"][0]["type"] == "image", "the newest image is kept"
     client.close()
@@ -196,7 +201,7 @@ def test_rapid_stop_and_resubmit_leaves_no_orphans_and_no_mixed_answers(serve, l
         t.start()
     for t in users:
         t.join(120)
-    wait_for(lambda: not generate_threads(), 5, "no generation to outlive its request")
+    wait_for(lambda: not generating(llama_runner, spy), 5, "no generation to outlive its request")
     for name, received in results.items():
         stream = next(s for s in spy.streams if s.request_text == f"{name} final")
         assert received == stream.text and stream.finish_reason == "length", f"{name} got someone else's answer"
@@ -249,7 +254,7 @@ def test_many_clients_stopping_and_vanishing(serve, idefics3_runner, images):
     warmup, _ = run_clients(1)  # pools and caches reach their working size first
     for t in warmup:
         t.join(300)
-    wait_for(lambda: not generate_threads(), 10, "the warm-up's generations to end")
+    wait_for(lambda: not generating(idefics3_runner, spy), 10, "the warm-up's generations to end")
     threads_before, rss_before = threading.active_count(), rss_mb()
 
     started = time.time()
@@ -270,7 +275,7 @@ def test_many_clients_stopping_and_vanishing(serve, idefics3_runner, images):
     for marker, _, received, _ in completed:
         stream = next(s for s in spy.streams if s.request_text == marker)
         assert received == stream.text and stream.finish_reason == "length", f"{marker}: incomplete or mixed up"
-    wait_for(lambda: not generate_threads(), 10, "every generation to end")
+    wait_for(lambda: not generating(idefics3_runner, spy), 10, "every generation to end")
     for marker, outcome, _, _ in report:
         if outcome != "completed":
             stream = next(s for s in spy.streams if s.request_text == marker)
@@ -304,7 +309,7 @@ def test_the_file_route_serves_nothing_outside_gradios_dirs(serve, llama_runner,
 
 
 def test_auth_protects_the_ui(serve, llama_runner):
-    url, _ = serve(llama_runner, auth=("ann", "pa55"))
+    url, _ = serve(llama_runner, auth="ann:pa55")
     with pytest.raises(Exception):
         Client(url, verbose=False)
     client = Client(url, auth=("ann", "pa55"), verbose=False)

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from config import settings
+from config import Settings
 from conversation import load_image, split_reasoning
-from engine_contract import ChatInputError, GenerationError, GenerationSettings, ModelLoadError
+from engine_contract import ChatInputError, GenerationError, GenerationSettings, ImageRefused, ModelLoadError, Reply
 from model_runner import IncrementalTextStreamer, ModelRunner
 from tests.conftest import break_forward
 
@@ -24,15 +24,17 @@ def assistant(text):
 
 
 def answer(runner, messages, max_new_tokens=24, **settings):
+    """The answer's text, as the last update showed it."""
     with runner.stream(messages, GenerationSettings(max_new_tokens=max_new_tokens, **settings)) as s:
         *_, final = s
-    return final
+    assert final == s.reply
+    return final.answer
 
 
 def test_partial_answers_grow_by_prefix(idefics3_runner, images):
     with idefics3_runner.stream([user("Describe this.", images["red"])],
                                 GenerationSettings(max_new_tokens=120)) as stream:
-        partials = list(stream)
+        partials = [reply.answer for reply in stream]
     assert len(partials) >= 2, "the answer should arrive in several updates"
     for before, after in zip(partials, partials[1:]):
         assert after.startswith(before) and len(after) > len(before)
@@ -52,7 +54,7 @@ def test_multibyte_characters_never_arrive_broken(llama_runner):
     streamer.end()
     assert "".join(received) == text
     assert all("\ufffd" not in piece and piece for piece in received)
-    assert streamer.new_tokens == len(ids)
+    assert streamer.figures.new_tokens == len(ids)
 
 
 @pytest.mark.parametrize("runner_name", ["idefics3_runner", "llava_runner"])
@@ -81,7 +83,9 @@ def test_closing_the_stream_stops_generation_within_two_tokens(idefics3_runner, 
         next(iterator)
     tokens_at_close = stream.new_tokens
     stream.close()
-    assert not stream._thread.is_alive(), "the generate thread must have ended"
+    assert stream.join(0) and idefics3_runner.active == 0, "generation must have ended"
+    assert stream.generated_on == idefics3_runner.loop.native_id and idefics3_runner.loop.thread.is_alive(), \
+        "the generation loop's thread generated it and lives on for the next answer"
     assert stream.new_tokens - tokens_at_close <= 2
     assert stream.new_tokens < 2000 and stream.finish_reason == "cancelled"
     # the engine's own bookkeeping of it (the benchmark and the engine process read it)
@@ -109,7 +113,7 @@ def test_out_of_memory_gets_a_readable_message(llama_runner, monkeypatch):
 
 
 def test_text_only_model_refuses_images_clearly(llama_runner, images):
-    with pytest.raises(ChatInputError, match="text-only and can't see images"):
+    with pytest.raises(ImageRefused, match="text-only and can't see images"):
         llama_runner.stream([user("What is this?", images["red"])])
     # text still gets an answer, and images of earlier (refused) turns don't block it
     assert answer(llama_runner, [user("What is this?", images["red"]), user("Just say hi.")])
@@ -117,7 +121,7 @@ def test_text_only_model_refuses_images_clearly(llama_runner, images):
 
 @pytest.mark.parametrize("bad", ["fake", "truncated"])
 def test_unreadable_images_are_refused_with_a_message(idefics3_runner, images, bad):
-    with pytest.raises(ChatInputError, match="not a readable image"):
+    with pytest.raises(ImageRefused, match="not a readable image"):
         idefics3_runner.stream([user("look", images[bad])])
     # an unreadable image in an earlier turn doesn't block later turns
     assert answer(idefics3_runner, [user("look", images[bad]), user("hello?")], max_new_tokens=3)
@@ -131,8 +135,10 @@ def test_empty_message_is_refused(idefics3_runner):
 def test_large_images_are_downscaled(tmp_path):
     from PIL import Image
     path = tmp_path / "wide.png"
+    settings = Settings()
     Image.new("RGB", (settings.max_image_side * 2, 100), "blue").save(path)
-    assert max(load_image(path).size) == settings.max_image_side
+    assert max(load_image(path, settings).size) == settings.max_image_side
+    assert max(load_image(path, settings.replace(max_image_side=50)).size) == 50
 
 
 def test_settings_reach_generation(llama_runner):
@@ -184,23 +190,31 @@ def test_stop_strings_end_the_answer_before_them(llama_runner):
     full = answer(llama_runner, [user("write")], max_new_tokens=60)
     stop = full[20:24]
     with llama_runner.stream([user("write")], GenerationSettings(max_new_tokens=60, stop=[stop])) as s:
-        partials = list(s)
+        partials = [reply.answer for reply in s]
     assert partials[-1] == full[:full.find(stop)]
     assert all(stop not in p for p in partials)
     assert s.finish_reason == "stop" and s.new_tokens < 60
 
 
 def test_reasoning_is_split_from_the_answer(reasoning_runner, llama_runner):
+    prompt = reasoning_runner.build_inputs([user("What is 2+2?")])["input_ids"][0]
+    assert reasoning_runner.tokenizer.decode(prompt).rstrip().endswith("<think>"), \
+        "the template opens <think> in the prompt: the answer starts inside the reasoning"
     with reasoning_runner.stream([user("What is 2+2?")], GenerationSettings(max_new_tokens=60)) as s:
         partials = list(s)
-    assert s.starts_in_reasoning, "the template opened <think> in the prompt"
-    reasoning, answer, done = s.parts()
-    assert done and reasoning and answer and "</think>" not in answer + reasoning
-    early = [s.parts(p) for p in partials if "</think>" not in p]
-    assert all(a == "" and not d for _, a, d in early), "before </think> everything is reasoning"
+    final = s.reply
+    assert partials[-1] == final
+    assert final.reasoning_done and final.reasoning and final.answer
+    assert "</think>" not in final.answer + final.reasoning and "<think>" not in final.answer + final.reasoning
+    assert all(p.reasoning is not None for p in partials), "the reasoning is never taken for the answer"
+    early = [p for p in partials if not p.reasoning_done]
+    assert all(p.answer == "" for p in early), "before </think> everything is reasoning"
+    done_from = [p.reasoning_done for p in partials]
+    assert done_from == sorted(done_from), "once the reasoning is done it stays done"
     with llama_runner.stream([user("hi")], GenerationSettings(max_new_tokens=20)) as plain:
-        *_, text = plain
-    assert plain.parts() == (None, text, True), "models without reasoning are unaffected"
+        *_, last = plain
+    assert last == Reply(answer=plain.text, reasoning=None, reasoning_done=True) and plain.text, \
+        "models without reasoning are unaffected"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -216,15 +230,16 @@ def test_split_reasoning(text, expected):
 
 def test_the_generate_thread_can_hand_out_the_updates_itself(llama_runner):
     """on_update (how the engine process streams): same answer, same coalescing, stop
-    strings hidden, one final update; and such a stream can't also be iterated."""
+    strings hidden, one final update; and such a stream can't also be iterated. The updates
+    come from the runner's one generation loop thread, the same for every answer."""
     full = answer(llama_runner, [user("write")], max_new_tokens=200)
     stop = full[120:124]
     for stop_strings, expected in (([], full), ([stop], full[:full.find(stop)])):
         updates, threads = [], set()
 
-        def on_update(text):
-            updates.append((time.perf_counter(), text))
-            threads.add(threading.current_thread().name)
+        def on_update(reply):
+            updates.append((time.perf_counter(), reply.answer))
+            threads.add((threading.current_thread().name, threading.get_native_id()))
 
         settings = GenerationSettings(max_new_tokens=200, stop=stop_strings, max_updates_per_second=20)
         stream = llama_runner.stream([user("write")], settings, on_update=on_update)
@@ -237,7 +252,9 @@ def test_the_generate_thread_can_hand_out_the_updates_itself(llama_runner):
         assert all(stop not in t for t in texts) if stop_strings else len(texts) >= 2
         gaps = [b - a for (a, _), (b, _) in zip(updates, updates[1:-1])]
         assert all(gap >= 1 / 20 - 0.005 for gap in gaps), "at most 20 updates a second"
-        assert threads == {"generate"}, "no other thread is woken per update"
+        loop_thread = llama_runner.loop.native_id
+        assert threads == {("generation-loop", loop_thread)}, "no other thread is woken per update"
+        assert stream.generated_on == loop_thread == llama_runner.info.loop_thread
 
 
 @pytest.mark.parametrize("kind", ["llama", "idefics3"])
@@ -294,8 +311,8 @@ def test_a_model_that_cant_take_a_static_cache_runs_eager_or_is_refused(tiny_mod
 def test_an_answer_longer_than_the_static_cache_falls_back_to_the_default_cache(llama_runner, tiny_model_paths,
                                                                                monkeypatch, caplog):
     import model_runner
-    monkeypatch.setattr(settings, "compile_cache_tokens", 64)
-    static = model_runner.ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on")
+    static = model_runner.ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", compile="on",
+                                           compile_cache_tokens=64)
     assert static.static_cache_tokens == 64
     caplog.set_level("INFO", logger="engine")
     caches, real_generate = [], static.model.generate

@@ -14,14 +14,19 @@ import pytest
 from gradio_client import Client
 
 import app
-import config
+from config import Settings
 from conversation import split_tool_calls
-from engine_contract import GenerationSettings
+from engine_contract import GenerationSettings, Signal, ToolCall
 from model_runner import ModelRunner
 from tests.conftest import wait_for
 from tools import Toolbox, ToolsError
 
 CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+def as_dicts(calls) -> list[dict]:
+    """ToolCalls → {"name", "arguments"} (their ids are made fresh for each answer)."""
+    return [{"name": call.name, "arguments": call.arguments} for call in calls]
 
 
 def write_tools(tmp_path, body: str, name: str = "weather_tools.py") -> str:
@@ -74,10 +79,11 @@ def test_the_tool_model_calls_its_tool_and_answers_its_result_with_text(tools_ru
     assert tools_runner.supports_tools
     settings = GenerationSettings(max_new_tokens=30, tools=toolbox.schemas)
     first = answer(tools_runner, chat("What's the weather in Paris?"), settings)
-    text, calls, _ = split_tool_calls(first.text, final=True)
-    assert calls == [CALL] and text == "" and first.finish_reason == "stop"
+    assert as_dicts(first.reply.tool_calls) == [CALL] and first.reply.tool_calls[0].id
+    assert first.reply.answer == first.text == "" and first.finish_reason == "stop"
+    assert not first.reply.calling
     messages = [*chat("What's the weather in Paris?"),
-                {"role": "assistant", "content": [], "tool_calls": [{"id": "call_1", **CALL}]},
+                {"role": "assistant", "content": [], "tool_calls": [ToolCall(**CALL, id="call_1")]},
                 {"role": "tool", "tool_call_id": "call_1", "name": "get_weather",
                  "content": [{"type": "text", "text": "12 °C"}]}]
     second = answer(tools_runner, messages, settings)
@@ -148,7 +154,7 @@ def test_a_tool_that_raises_or_hangs_gives_an_error_result_not_a_crash(tmp_path)
     started = time.perf_counter()
     result = toolbox.run("slow", {"city": "Paris"}, timeout=0.3)
     assert result.failed and "longer than 0.3 s" in result.text and time.perf_counter() - started < 2
-    stop = threading.Event()
+    stop = Signal()
     threading.Timer(0.2, stop.set).start()
     assert toolbox.run("slow", {"city": "Paris"}, timeout=30, cancelled=stop).text == "error: stopped by the user"
     assert toolbox.run("broken", {"town": "Paris"}).text.startswith("error: TypeError")
@@ -204,10 +210,10 @@ def test_a_saved_chat_sends_its_calls_and_results_back_to_the_model(serve, tools
     messages = app.to_model_messages(history, "and tomorrow?")
     roles = [m["role"] for m in messages]
     assert roles == ["user", "assistant", "tool", "assistant", "user"]
-    assert messages[1]["tool_calls"][0]["name"] == "get_weather"
-    assert messages[1]["tool_calls"][0]["arguments"] == {"city": "Paris"}
+    assert messages[1]["tool_calls"][0].name == "get_weather"
+    assert messages[1]["tool_calls"][0].arguments == {"city": "Paris"}
     assert messages[2]["content"][0]["text"] == "12 °C and sunny in Paris"
-    assert messages[1]["tool_calls"][0]["id"] == messages[2]["tool_call_id"]
+    assert messages[1]["tool_calls"][0].id == messages[2]["tool_call_id"]
     inputs = tools_runner.build_inputs(messages, tools=Toolbox.load([write_tools(tmp_path, WEATHER)]).schemas)
     prompt = tools_runner.tokenizer.decode(inputs["input_ids"][0])
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
@@ -230,8 +236,7 @@ def test_a_tool_that_raises_shows_its_error_and_the_model_reads_it(serve, tools_
     assert spy.calls[1][0][-1]["content"][0]["text"] == "error: TimeoutError: the weather service did not answer"
 
 
-def test_a_tool_that_times_out_is_abandoned_and_the_chat_goes_on(serve, tools_runner, tmp_path, monkeypatch):
-    monkeypatch.setattr(config.settings, "tool_timeout_s", 0.5)
+def test_a_tool_that_times_out_is_abandoned_and_the_chat_goes_on(serve, tools_runner, tmp_path):
     url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, '''
         import time
 
@@ -244,7 +249,7 @@ def test_a_tool_that_times_out_is_abandoned_and_the_chat_goes_on(serve, tools_ru
             """
             time.sleep(20)
             return "late"
-    '''))
+    '''), tool_timeout_s=0.5)
     started = time.perf_counter()
     final = submit(Client(url, verbose=False), "weather?").result(timeout=60)
     assert time.perf_counter() - started < 15
@@ -252,10 +257,9 @@ def test_a_tool_that_times_out_is_abandoned_and_the_chat_goes_on(serve, tools_ru
     assert "took longer than 0.5 s" in call["content"] and len(spy.calls) == 2
 
 
-def test_the_tool_loop_stops_at_its_step_limit_with_a_note(serve, tools_runner, tmp_path, monkeypatch):
-    monkeypatch.setattr(config.settings, "max_tool_steps", 1)
+def test_the_tool_loop_stops_at_its_step_limit_with_a_note(serve, tools_runner, tmp_path):
     always_calls = write_tools(tmp_path, WEATHER)
-    url, spy = serve_with_tools(serve, tools_runner, always_calls)
+    url, spy = serve_with_tools(serve, tools_runner, always_calls, max_tool_steps=1)
     # the tiny model answers a tool result with text; made to call again, it hits the limit
     real_stream = spy.original
 
@@ -328,7 +332,8 @@ def test_the_api_returns_tool_calls_and_takes_their_results(serve, tools_runner)
     assert not after.choices[0].message.tool_calls
     sent = spy.calls[-1][0]
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
-    assert sent[1]["tool_calls"][0]["arguments"] == {"city": "Paris"}
+    assert sent[1]["tool_calls"][0].arguments == {"city": "Paris"}
+    assert sent[1]["tool_calls"][0].id == call.id == sent[2]["tool_call_id"]
     assert sent[2]["content"][0]["text"] == "12 °C and sunny"
 
 
@@ -413,9 +418,16 @@ HERMES_RESPONSE_TEMPLATE = {  # as transformers' serve has it for Qwen, with our
 
 def test_a_tokenizers_response_template_parses_the_calls(tools_runner, monkeypatch, serve):
     monkeypatch.setattr(tools_runner, "response_template", HERMES_RESPONSE_TEMPLATE, raising=False)
+    parsed, real_parse_reply = [], tools_runner.parse_reply
+
+    def parse_reply(*args, **kwargs):
+        parsed.append(real_parse_reply(*args, **kwargs))
+        return parsed[-1]
+    monkeypatch.setattr(tools_runner, "parse_reply", parse_reply)
     tools = Toolbox.load(["builtin"]).schemas
     stream = answer(tools_runner, chat("weather?"), GenerationSettings(max_new_tokens=30, tools=tools))
-    assert stream.parsed_reply == {"content": "", "tool_calls": [CALL]}
+    assert parsed == [{"content": "", "tool_calls": [CALL]}], "the template's reading, at the end"
+    assert stream.reply.answer == "" and as_dicts(stream.reply.tool_calls) == [CALL]
     # and it is what the app and the API go by, rather than their own reading of the text
     def parse_response(*args, **kwargs):
         return {"role": "assistant", "content": "Checking.", "tool_calls": [
@@ -429,23 +441,32 @@ def test_a_tokenizers_response_template_parses_the_calls(tools_runner, monkeypat
 
 
 def test_a_tool_loops_next_step_goes_before_later_requests():
-    from model_runner import Turns
-    turns, order = Turns(), []
-    turns.acquire()  # an answer generating
+    import torch
 
-    def wait(name, first):
-        turns.acquire(first=first)
-        order.append(name)
-        turns.release()
-    threads = []
-    for name, first in (("B", False), ("C", False), ("A's next step", True)):
-        threads.append(threading.Thread(target=wait, args=(name, first)))
-        threads[-1].start()
-        time.sleep(0.1)  # B asks first, then C, then A
-    turns.release()
-    for thread in threads:
-        thread.join(5)
-    assert order == ["A's next step", "B", "C"]
+    from model_runner import GenerationLoop, Job
+    order, generating, release = [], threading.Event(), threading.Event()
+    names = {}
+
+    def serve(job):  # the loop's work for one request: here, noting the order
+        order.append(names[job])
+        if names[job] == "A":  # an answer generating while the others arrive
+            generating.set()
+            release.wait(10)
+
+    loop = GenerationLoop(serve, torch.get_num_threads())
+    try:
+        for name, first in (("A", False), ("B", False), ("C", False), ("A's next step", True)):
+            job = Job(chat(name), GenerationSettings(continues_answer=first))
+            names[job] = name
+            loop.submit(job)
+            if name == "A":
+                assert generating.wait(10)  # B asks first, then C, then A's next step
+        release.set()
+        wait_for(lambda: len(order) == 4, 10, "every request served")
+    finally:
+        release.set()
+        loop.stop()
+    assert order == ["A", "A's next step", "B", "C"]
 
 
 def test_tools_files_with_dataclasses_and_string_annotations_load(tmp_path):
@@ -487,7 +508,7 @@ def test_a_call_cut_off_by_the_length_limit_never_shows():
 def test_a_tool_round_trip_reaches_a_remote_server_whole():
     from remote_backend import to_openai_message
     assert to_openai_message({"role": "assistant", "content": [], "tool_calls": [
-        {"id": "c1", "name": "get_weather", "arguments": {"city": "Paris"}}]}) == {
+        ToolCall("get_weather", {"city": "Paris"}, "c1")]}) == {
         "role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
             "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
     assert to_openai_message({"role": "tool", "tool_call_id": "c1", "name": "get_weather",
@@ -503,8 +524,8 @@ def test_models_of_a_known_type_get_transformers_response_template(tools_runner,
     """Qwen 3.5 writes <tool_call><function=…> inside the Hermes tags: transformers' serve keeps
     a response_template for it (and Qwen2/2.5/3, Gemma 4), and so does the engine."""
     assert tools_runner.response_template is None  # a Llama without one: the Hermes reading
-    runner = ModelRunner(tools_runner.model, None, tools_runner.tokenizer, name="q", device="cpu",
-                         dtype=tools_runner.dtype, is_vision=False)
+    runner = ModelRunner(tools_runner.model, None, tools_runner.tokenizer, settings=Settings(), name="q",
+                         device="cpu", dtype=tools_runner.dtype, is_vision=False, loop_thread=False)
     monkeypatch.setattr(tools_runner.model.config, "model_type", "qwen3_5")
     template = runner.response_template
     assert template and "tool_calls" in template["fields"]
