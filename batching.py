@@ -142,11 +142,18 @@ class ContinuousBatcher:
             if self._manager is None or not self._manager.is_running():
                 orphans = self._restart_manager()
             self._streams[request_id] = stream
+            stream._request_id = request_id  # (before its first output can come)
             transformers_internals.deliver_in_loop(self._manager, request_id, self._deliverer(request_id))
             self._forget_closed()
-            self._manager.add_request(input_ids, request_id=request_id, max_new_tokens=generation.max_new_tokens,
-                                      streaming=True, **sampling)
+            taken = self._manager.add_request(input_ids, request_id=request_id, streaming=True,
+                                              max_new_tokens=generation.max_new_tokens, **sampling)
+            if taken is None:  # the manager is stopping (it logged why): it dropped the request
+                self._streams.pop(request_id, None)
+                transformers_internals.stop_delivering(self._manager, request_id)
+                self._manager = None  # the next request starts a fresh one
         self._fail(orphans, GenerationError("Generation failed: the batching loop stopped; send again."))
+        if taken is None:
+            raise GenerationError("Generation failed: the batching loop was stopping; send again.")
         return request_id
 
     def _deliverer(self, request_id: str):

@@ -241,6 +241,8 @@ def load_image(source, settings: Settings) -> Image.Image:
     else:
         is_path = isinstance(source, (str, os.PathLike))
         name = (os.path.basename(str(source)) if is_path else "") or "The image"
+        # PIL refuses past its own bomb limit (2x Image.MAX_IMAGE_PIXELS): never below ours.
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_image_pixels)
         try:
             image = Image.open(source, formats=IMAGE_FORMATS)
             if image.width * image.height > settings.max_image_pixels:

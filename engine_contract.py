@@ -15,6 +15,7 @@ app's default), remote_backend.RemoteRunner (an OpenAI-compatible server), app.M
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 from config import Settings
+
+log = logging.getLogger("engine")
 
 # ---------------------------------------------------------------- errors
 
@@ -75,8 +78,11 @@ class Signal:
                 return
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
+        for callback in callbacks:  # each on its own: one failing doesn't skip the others
+            try:
+                callback()
+            except Exception:
+                log.exception("a Signal's callback failed")
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -324,7 +330,7 @@ class StreamBase:
         self._updates: queue.SimpleQueue | None = None if on_update else queue.SimpleQueue()
         self._hand_out = on_update or self._updates.put
         self._ended = threading.Event()
-        self._end_lock = threading.Lock()
+        self._end_lock = threading.RLock()  # an update and the end never interleave
 
     @property
     def text(self) -> str:
@@ -350,13 +356,20 @@ class StreamBase:
 
     # -- the producer's side
     def _update(self, reply: Reply, final: bool = False) -> None:
-        """The reply has grown: hand it out if an update is due (always at the end)."""
-        self.reply = reply
-        if self._throttle.last(reply) if final else self._throttle.due(reply):
+        """The reply has grown: hand it out if an update is due (always at the end; never
+        after it, whatever thread comes late)."""
+        with self._end_lock:
+            if self._ended.is_set():
+                return
+            self.reply = reply
+            if not (self._throttle.last(reply) if final else self._throttle.due(reply)):
+                return
             try:
                 self._hand_out(reply)
+                return
             except Exception:  # nobody to hand it to any more: stop generating
-                self._request_stop()
+                pass
+        self._request_stop()
 
     def _end(self, finish_reason: str, error: BaseException | None = None) -> bool:
         """The answer has ended (once; False when it already had): its reason, the last
@@ -387,10 +400,11 @@ class StreamBase:
             items = [self._updates.get()]
             while not self._updates.empty():  # everything that has arrived: one update for all
                 items.append(self._updates.get())
-            replies = [item for item in items if item is not _ENDED]
+            ended = _ENDED in items
+            replies = items[:items.index(_ENDED)] if ended else items
             if replies:
                 yield replies[-1]
-            if items[-1] is _ENDED:
+            if ended:
                 break
         if self.error is not None:
             raise self.error

@@ -218,13 +218,13 @@ class EngineProcess(DescribedByInfo):
                 self.restarts += 1
             stream = EngineStream(self, next(self._ids), settings, last_user_text(messages))
             self._streams[stream.id] = stream
-        if cancelled is not None:
-            cancelled.on_set(lambda: stream.close(wait=0))
         try:
             self._send(Generate(stream.id, messages, settings))
         except (OSError, ValueError):  # it died just now
             self._streams.pop(stream.id, None)
             raise GenerationError("The model process stopped; send again to restart it.") from None
+        if cancelled is not None:  # (after Generate: the engine gets its Cancel after it)
+            cancelled.on_set(lambda: stream.close(wait=0))
         return stream._wait_started()
 
     def _read_events(self, events, process, streams: dict) -> None:
@@ -369,29 +369,41 @@ class _EngineServer:
         self.lock = threading.Lock()  # for the table and the events pipe
 
     def send(self, message) -> None:
+        """To the web server; once it is gone, nothing (the loop ends as the commands end)."""
         with self.lock:
-            self.events.send(message)
+            try:
+                self.events.send(message)
+            except (OSError, ValueError):
+                pass
 
     def read_commands(self, commands) -> None:
-        while True:
-            try:
-                command = commands.recv()
-            except (EOFError, OSError):  # the web server is gone
-                break
-            if isinstance(command, Generate):
-                self.accept(command)
-            elif isinstance(command, Cancel):
-                with self.lock:
-                    job = self.jobs.get(command.request_id)
-                if job is not None:
-                    job.withdraw()
-            elif isinstance(command, Exit):
-                break
-        with self.lock:
-            jobs = list(self.jobs.values())
-        for job in jobs:
-            job.withdraw()
-        self.runner.loop.stop()
+        try:
+            while True:
+                try:
+                    command = commands.recv()
+                except (EOFError, OSError):  # the web server is gone
+                    break
+                if isinstance(command, Exit):
+                    break
+                try:
+                    self.take(command)
+                except Exception:  # a bug of ours: that command's, never the reader's end
+                    log.exception("the engine failed to take a command")
+            with self.lock:
+                jobs = list(self.jobs.values())
+            for job in jobs:
+                job.withdraw()
+        finally:
+            self.runner.loop.stop()  # the main thread ends its answer, then the process
+
+    def take(self, command) -> None:
+        if isinstance(command, Generate):
+            self.accept(command)
+        elif isinstance(command, Cancel):
+            with self.lock:
+                job = self.jobs.get(command.request_id)
+            if job is not None:
+                job.withdraw()
 
     def accept(self, command: Generate) -> None:
         """A request into the table and to the generation loop; its stream's updates and its
@@ -408,7 +420,7 @@ class _EngineServer:
         def on_end(stream) -> None:
             with self.lock:
                 self.jobs.pop(request_id, None)
-                self.events.send(Ended.of(request_id, stream, sent))
+            self.send(Ended.of(request_id, stream, sent))
 
         job.on_update, job.on_end = on_update, on_end
         with self.lock:
@@ -420,7 +432,7 @@ class _EngineServer:
         if job.refusal is not None:
             with self.lock:
                 self.jobs.pop(request_id, None)
-                self.events.send(Refused(request_id, type(job.refusal).__name__, str(job.refusal)))
+            self.send(Refused(request_id, type(job.refusal).__name__, str(job.refusal)))
             return
         stream = job.stream
         self.send(Started(request_id, stream.notices, stream.prompt_tokens, stream.max_new_tokens, stream.started_at))

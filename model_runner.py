@@ -288,7 +288,14 @@ class TextStream(StreamBase):
         finally:
             runner.active -= 1
             self._inputs = None
+            self._finish_safely(error)
+
+    def _finish_safely(self, error: BaseException | None) -> None:
+        try:
             self._finish(error)
+        except Exception as failure:  # a bug of ours in the end's parsing: the reader still hears the end
+            log.exception("ending an answer failed")
+            self._end("error", GenerationError(f"Internal error: {type(failure).__name__}: {failure}"))
 
     def _finish(self, error: BaseException | None) -> None:
         """The answer has ended: its reason, its final reply (the response_template's reading
@@ -341,13 +348,22 @@ class TextStream(StreamBase):
 class BatchedStream(TextStream):
     """One answer in the continuous batch (batching.py): the manager's own thread generates
     it beside the others and hands over its tokens; the text is made, cut at a stop string
-    and handed out exactly as in TextStream."""
+    and handed out exactly as in TextStream. Its outputs and a Stop (from any thread) take
+    one lock: the end comes once, and nothing after it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._seen = 0
+        self._lock = threading.RLock()
+        self._finishing = False
+        self._request_id: str | None = None  # (batcher.add sets it before the first output can come)
 
     def run(self) -> None:
         """Hand the answer to the manager (it generates in its own thread); returns at once."""
-        self._seen = 0
-        self._finish_lock = threading.Lock()
-        self._request_id = None
+        if self._stop.is_set():  # stopped before it was handed over
+            self._inputs = None
+            self._end_batched(None)
+            return
         try:
             self._request_id = self._runner.batcher.add(
                 self, self._inputs["input_ids"][0].tolist(), self._generation_config, self._seed)
@@ -358,38 +374,42 @@ class BatchedStream(TextStream):
 
     def _on_output(self, output) -> None:
         """The answer's tokens so far, in the manager's thread."""
-        self.generated_on = threading.get_native_id()
-        new = output.generated_tokens[self._seen:]
-        self._seen = len(output.generated_tokens)
-        if self._ended.is_set():
-            if self.closed_at is not None:  # made after a Stop, before the manager took the cancel in
-                self.new_tokens += len(new)
-            return
-        if new:
-            self._streamer.add(new)
-        if output.error:
-            self._end_batched(GenerationError(f"Generation failed: {str(output.error).splitlines()[0]}"))
-        elif self._stop.is_set():  # a stop string, or nobody reads
-            self._runner.batcher.cancel(self._request_id)
-            self._end_batched(None)
-        elif output.is_finished():
-            self._end_batched(None)
+        with self._lock:
+            self.generated_on = threading.get_native_id()
+            new = output.generated_tokens[self._seen:]
+            self._seen = len(output.generated_tokens)
+            if self._ended.is_set() or self._finishing:
+                if self.closed_at is not None:  # made after a Stop, before the manager took the cancel in
+                    self.new_tokens += len(new)
+                if self._stop.is_set():  # (a Stop just as it was handed over)
+                    self._runner.batcher.cancel(self._request_id)
+                return
+            if new:
+                self._streamer.add(new)
+            if output.error:
+                self._end_batched(GenerationError(f"Generation failed: {str(output.error).splitlines()[0]}"))
+            elif self._stop.is_set():  # a stop string, or nobody reads
+                self._runner.batcher.cancel(self._request_id)
+                self._end_batched(None)
+            elif output.is_finished():
+                self._end_batched(None)
 
     def _fail(self, error: GenerationError) -> None:
         self._end_batched(error)
 
     def _end_batched(self, error: GenerationError | None) -> None:
-        with self._finish_lock:  # the manager's thread and a Stop may both end it
-            if self._ended.is_set():
+        with self._lock:  # the manager's thread and a Stop may both end it; once
+            if self._ended.is_set() or self._finishing:
                 return
+            self._finishing = True
             self._runner.active -= 1
-            self._finish(error)
+            self._finish_safely(error)
 
     def _request_stop(self) -> None:
         self._stop.set()
         if self._request_id is not None:
             self._runner.batcher.cancel(self._request_id)
-            self._end_batched(None)
+        self._end_batched(None)
 
 # ---------------------------------------------------------------- the generation loop
 
@@ -414,11 +434,12 @@ class Job:
         """Any thread: drop it if the loop has not taken it, else stop its answer."""
         with self._lock:
             self._stop_asked = True
-            if self._state == "waiting":
+            dropped = self._state == "waiting"
+            if dropped:
                 self._state = "withdrawn"
                 self.refusal = Cancelled()
             stream = self.stream
-        if self.refusal is not None:
+        if dropped:
             self._decide()
         elif stream is not None:
             stream.close(wait=0)
@@ -485,17 +506,17 @@ class GenerationLoop:
         return self.thread.native_id if self.thread is not None else None
 
     def submit(self, job: Job) -> None:
-        with self._lock:
-            if self.closed:
-                job.refuse(GenerationError("The server is stopping."))
-                return
         if self.own_thread:
             self._ensure_thread()
-        self._jobs.put((0 if job.first else 1, next(self._order), job))
+        with self._lock:  # (not between stop() and its marker)
+            if not self.closed:
+                self._jobs.put((0 if job.first else 1, next(self._order), job))
+                return
+        job.refuse(GenerationError("The server is stopping."))
 
     def _ensure_thread(self) -> None:
         with self._lock:
-            if self.thread is not None and self.thread.is_alive() and self._pid == os.getpid():
+            if self.closed or self.thread is not None and self.thread.is_alive() and self._pid == os.getpid():
                 return
             self._pid = os.getpid()  # (threads don't survive a fork: ZeroGPU's worker starts its own)
             self.thread = threading.Thread(target=self.run, name="generation-loop", daemon=True)

@@ -439,8 +439,10 @@ class watching_disconnect:
                 self.gone.set()
                 return
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, error_type, *exc) -> None:
         self._task.cancel()
+        if error_type is not None:  # the request failed or was cancelled: what it started stops
+            self.gone.set()
 
 
 async def updates(stream):

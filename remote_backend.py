@@ -185,8 +185,11 @@ class RemoteStream(StreamBase):
             yield latest
 
     def _fail(self, error: GenerationError) -> None:
-        self._finish("error", error)
-        raise error from None
+        """A broken stream: the answer ends with the error (raised), unless it had ended
+        already (Stop closed the connection under the reader)."""
+        if self._end(error=error, finish_reason="error"):
+            self._runner.active -= 1
+            raise error from None
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         if self._end(reason, error):

@@ -12,7 +12,7 @@ import pytest
 import app
 from engine_contract import ChatInputError, GenerationError, GenerationSettings, Runner
 from model_runner import BatchedStream, ModelRunner
-from tests.conftest import wait_for
+from tests.conftest import hold_generation, wait_for
 
 PROMPTS = ["hello there", "tell me a story about the river", "a b c d e f g", "why is the sky blue?",
            "one", "two words", "count to ten please", "what is a bridge"]
@@ -47,19 +47,22 @@ def answer_all_at_once(runner, texts, settings_for) -> list:
     return streams
 
 
-def test_batched_greedy_answers_equal_plain_generate_token_for_token(batched_runner, llama_runner):
+def test_batched_greedy_answers_equal_plain_generate_token_for_token(batched_runner, llama_runner, monkeypatch):
     assert isinstance(batched_runner, Runner) and not batched_runner.one_at_a_time
     lengths = [12, 40, 25, 33, 8, 40, 17, 29]
     expected = [answer(llama_runner, text, GenerationSettings(max_new_tokens=n))
                 for text, n in zip(PROMPTS, lengths)]
-    streams = [batched_runner.stream(chat(text), GenerationSettings(max_new_tokens=n))
-               for text, n in zip(PROMPTS, lengths)]
+    release = hold_generation(monkeypatch, batched_runner.model, after_calls=0)  # the model waits...
+    try:
+        streams = [batched_runner.stream(chat(text), GenerationSettings(max_new_tokens=n))
+                   for text, n in zip(PROMPTS, lengths)]
+        assert batched_runner.active == len(PROMPTS), "all started at once, none waiting for another"
+    finally:
+        release.set()  # ...until all are in
     for stream in streams:
         for _ in stream:
             pass
     assert all(isinstance(s, BatchedStream) for s in streams)
-    assert max(s.started_at for s in streams) < min(s.ended_at for s in streams), \
-        "all generating at once, none waiting for another"
     for got, want in zip(streams, expected):
         assert (got.text, got.new_tokens, got.finish_reason) == (want.text, want.new_tokens, want.finish_reason)
     assert batched_runner.active == 0

@@ -232,3 +232,72 @@ def test_with_another_transformers_the_internals_are_left_alone_and_the_app_stil
         assert stream.new_tokens == 5
     finally:
         runner.close()
+
+
+def test_the_engine_goes_away_with_the_app_even_while_a_request_waits_in_it(tmp_path):
+    """The web server killed (kill -9, the OOM killer) while one answer generates and the next
+    waits in the engine's queue: the engine ends that answer and exits, holding no memory."""
+    from tests.tiny_models import build_bench_llama
+    model = build_bench_llama(tmp_path / "bench-llama")
+    port = free_port()
+    app_process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(model), "--port", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = None
+    try:
+        assert wait_until_loaded(port, app_process)
+        engine = int(httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["runner"]["loop_thread"])
+
+        def ask_long():
+            try:
+                httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+                    "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000})
+            except httpx.HTTPError:
+                pass  # the server is killed under it
+        for _ in range(2):
+            threading.Thread(target=ask_long, daemon=True).start()
+        wait_for(lambda: _metric(port, "chat_active_generations") == 1 and _metric(port, "chat_queue_depth") == 1,
+                 20, "one answer generating, the next at the front of the line (asking the engine)")
+        time.sleep(0.5)
+    finally:
+        app_process.kill()  # not even a chance to clean up
+        app_process.wait(10)
+    assert engine is not None
+    deadline = time.time() + 15
+    while Path(f"/proc/{engine}").exists() and _state(engine) != "Z" and time.time() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{engine}").exists() or _state(engine) == "Z", "the engine must not outlive the app"
+
+
+def _metric(port: int, name: str) -> float:
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return float(metrics.split(f"\n{name} ")[1].split()[0])
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_a_late_update_after_the_end_never_hangs_the_reader():
+    """(A batched answer: the manager's thread may hand over tokens while a Stop ends it.)"""
+    from engine_contract import StreamBase
+    stream = StreamBase(max_new_tokens=10, max_updates_per_second=float("inf"))
+    stream._request_stop = lambda: None
+    stream._update(Reply(answer="a"))
+    stream._end("cancelled")
+    stream._update(Reply(answer="a late piece"))
+    replies = []
+    reader = threading.Thread(target=lambda: replies.extend(stream))
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive() and replies == [Reply(answer="a")] and stream.reply == Reply(answer="a")
+
+
+def test_a_failing_callback_does_not_keep_the_others_from_hearing_a_signal():
+    signal, heard = Signal(), []
+    signal.on_set(lambda: 1 / 0)
+    signal.on_set(lambda: heard.append("withdrawn"))
+    signal.set()
+    assert heard == ["withdrawn"]
