@@ -13,7 +13,7 @@ Endpoints (same server):
                        system_prompt, max_new_tokens, temperature, top_p, api_name="/chat")
                        streams the growing answer; job.cancel() stops generation.
     /v1/chat/completions, /v1/models   OpenAI-compatible API (see openai_api.py)
-    /healthz           model, device, loaded
+    /healthz           model, device, loaded, and the runner record (engine_contract.RunnerInfo)
     /metrics           Prometheus metrics
 """
 
