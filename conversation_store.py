@@ -1,0 +1,392 @@
+"""Conversations kept on the server (issue 21): one SQLite database (WAL) and an images folder
+in a data directory, per user. No Gradio, no torch.
+
+    store = ConversationStore(Path("~/.local/share/local-model-chat").expanduser())
+    chat_id = store.create("ann")                              # an unguessable id
+    store.append("ann", chat_id, [user_message, assistant_message])   # one finished turn, committed
+    store.messages("ann", chat_id)     # the app's neutral messages, images as files in the store
+    store.conversations("ann", search="cat")   # newest first, titled by the first message
+    store.rename(...) · store.delete(...) · store.export_json(...) · store.export_markdown(...)
+    store.import_json("ann", exported)
+
+A conversation is stored as the app's neutral messages (conversation.py): text parts, images
+(files named by their content's SHA-256, so a picture sent twice is stored once), an
+assistant's reasoning and tool calls, a tool's result and duration, an answer's figures.
+Every call names the user; a conversation of another user is NotFound, exactly like one that
+does not exist. A database this version can't read (corrupt, or written by a newer one) is
+one StoreError line and is left as it is, never wiped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from engine_contract import ToolCall
+
+SCHEMA_VERSION = 1
+EXPORT_FORMAT = "local-model-chat/conversation"
+MAX_CONVERSATIONS_PER_USER = 1000
+MAX_BYTES_PER_USER = 1 << 30       # messages and images, each image counted once per user
+TITLE_CHARS = 80
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+
+_SCHEMA = """
+CREATE TABLE conversations (
+    id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    title TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX conversations_by_user ON conversations (user, updated DESC);
+CREATE TABLE messages (
+    conversation TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (conversation, position)
+);
+CREATE TABLE images (
+    conversation TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL,
+    suffix TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (conversation, sha256)
+);
+CREATE INDEX images_by_hash ON images (sha256);
+"""
+
+
+class StoreError(Exception):
+    """The store can't do this; the message is one line for the user or the log."""
+
+
+class NotFound(StoreError):
+    """No such conversation for this user (whether it doesn't exist or is someone else's)."""
+
+
+class LimitReached(StoreError):
+    """The user's conversations or bytes are at the server's limit."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    id: str
+    title: str
+    created: float
+    updated: float
+
+
+class ConversationStore:
+    def __init__(self, directory: Path, *, max_conversations: int = MAX_CONVERSATIONS_PER_USER,
+                 max_bytes: int = MAX_BYTES_PER_USER):
+        self.directory = Path(directory)
+        self.images = self.directory / "images"
+        self.path = self.directory / "chats.sqlite3"
+        self.max_conversations, self.max_bytes = max_conversations, max_bytes
+        try:
+            self.images.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"Can't use {self.directory} for saved chats: {error.strerror or error}.") from None
+        self._lock = threading.Lock()  # one connection, shared by the server's threads
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        unreadable = (f"{self.path} is not a chat database this app can read; it was left as it is. Move it "
+                      f"away (or point --data-dir elsewhere) to start with no saved chats")
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash of the app loses nothing committed)
+            db.execute("PRAGMA foreign_keys=ON")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{unreadable} ({error}).") from None
+        if version > SCHEMA_VERSION:
+            db.close()
+            raise StoreError(f"{self.path} was written by a newer version of this app (schema {version}; this "
+                             f"one reads {SCHEMA_VERSION}); it was left as it is. Upgrade the app, or point "
+                             f"--data-dir elsewhere.")
+        if version == 0:
+            if tables:
+                db.close()
+                raise StoreError(f"{unreadable} (it holds other tables: {', '.join(sorted(tables))}).")
+            db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")  # (whole or not at all)
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------ conversations
+
+    def create(self, user: str, title: str = "") -> str:
+        with self._lock:
+            count = self._db.execute("SELECT COUNT(*) FROM conversations WHERE user=?", (user,)).fetchone()[0]
+            if count >= self.max_conversations:
+                raise LimitReached(f"You have {count} saved conversations, the most this server keeps for one "
+                                   f"user: delete some to save new ones.")
+            conversation_id = secrets.token_urlsafe(18)
+            now = time.time()
+            self._db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)",
+                             (conversation_id, user, title.strip()[:TITLE_CHARS], now, now))
+        return conversation_id
+
+    def conversations(self, user: str, search: str = "") -> list[Summary]:
+        """The user's conversations, newest first; `search` matches titles and message text
+        (case-insensitive)."""
+        query = "SELECT id, title, created, updated FROM conversations WHERE user=?"
+        values: list = [user]
+        if search.strip():
+            pattern = "%" + search.strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            query += (" AND (lower(title) LIKE ? ESCAPE '\\' OR id IN (SELECT conversation FROM messages WHERE "
+                      "lower(json_extract(body, '$.text')) LIKE ? ESCAPE '\\'))")
+            values += [pattern, pattern]
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY updated DESC", values).fetchall()
+        return [Summary(*row) for row in rows]
+
+    def _owned(self, user: str, conversation_id: str) -> None:
+        """(Under the lock) NotFound unless it is this user's."""
+        row = self._db.execute("SELECT user FROM conversations WHERE id=?", (conversation_id,)).fetchone()
+        if row is None or not secrets.compare_digest(row[0].encode(), user.encode()):
+            raise NotFound("This conversation does not exist (or is not yours).")
+
+    def rename(self, user: str, conversation_id: str, title: str) -> None:
+        with self._lock:
+            self._owned(user, conversation_id)
+            self._db.execute("UPDATE conversations SET title=? WHERE id=?", (title.strip()[:TITLE_CHARS], conversation_id))
+
+    def delete(self, user: str, conversation_id: str) -> None:
+        """The conversation and its images (those no other conversation uses)."""
+        with self._lock:
+            self._owned(user, conversation_id)
+            hashes = [row[0] for row in self._db.execute(
+                "SELECT sha256 || suffix FROM images WHERE conversation=?", (conversation_id,))]
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute("DELETE FROM conversations WHERE id=?", (conversation_id,))
+            for name in hashes:
+                if self._db.execute("SELECT 1 FROM images WHERE sha256 || suffix=?", (name,)).fetchone() is None:
+                    (self._image_path(name)).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ messages
+
+    def append(self, user: str, conversation_id: str, messages: list[dict]) -> None:
+        """Messages at the end of the conversation, in one transaction (a finished turn is
+        there, whole, once this returns). The first user message's text titles a conversation
+        that has no title yet."""
+        stored = [self._to_stored(message) for message in messages]
+        bodies = [json.dumps(body, ensure_ascii=False) for body, _ in stored]
+        images = {image["sha256"]: image for _, found in stored for image in found}
+        with self._lock:
+            self._owned(user, conversation_id)
+            new_bytes = sum(map(len, bodies)) + sum(
+                image["bytes"] for image in images.values() if not self._user_has_image(user, image["sha256"]))
+            if self._usage(user) + new_bytes > self.max_bytes:
+                raise LimitReached(f"Your saved conversations hold {self._usage(user) // 2**20} MB, the most this "
+                                   f"server keeps for one user is {self.max_bytes // 2**20} MB: delete some to "
+                                   f"save new ones.")
+            for image in images.values():
+                self._write_image(image)
+            with self._db:
+                self._db.execute("BEGIN")
+                start = self._db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation=?",
+                                         (conversation_id,)).fetchone()[0]
+                self._db.executemany("INSERT INTO messages VALUES (?, ?, ?)",
+                                     [(conversation_id, start + i, body) for i, body in enumerate(bodies)])
+                self._db.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)",
+                                     [(conversation_id, image["sha256"], image["suffix"], image["bytes"])
+                                      for image in images.values()])
+                title = next((body["text"] for body, _ in stored if body["role"] == "user" and body["text"]), "")
+                self._db.execute("UPDATE conversations SET updated=?, title=CASE WHEN title='' THEN ? ELSE title END "
+                                 "WHERE id=?", (time.time(), " ".join(title.split())[:TITLE_CHARS], conversation_id))
+
+    def messages(self, user: str, conversation_id: str) -> list[dict]:
+        """The conversation as the app's neutral messages: images as paths of files in the
+        store, tool calls as ToolCall; an assistant's reasoning, a tool's duration and an
+        answer's figures as the keys "reasoning", "duration", "figures"."""
+        with self._lock:
+            self._owned(user, conversation_id)
+            rows = self._db.execute("SELECT body FROM messages WHERE conversation=? ORDER BY position",
+                                    (conversation_id,)).fetchall()
+        return [self._from_stored(json.loads(body)) for (body,) in rows]
+
+    def usage(self, user: str) -> tuple[int, int]:
+        """(conversations, bytes) the user keeps here."""
+        with self._lock:
+            count = self._db.execute("SELECT COUNT(*) FROM conversations WHERE user=?", (user,)).fetchone()[0]
+            return count, self._usage(user)
+
+    def _usage(self, user: str) -> int:
+        text = self._db.execute("SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages JOIN conversations "
+                                "ON conversation=id WHERE user=?", (user,)).fetchone()[0]
+        pictures = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM (SELECT DISTINCT sha256, bytes FROM images "
+                                    "JOIN conversations ON conversation=id WHERE user=?)", (user,)).fetchone()[0]
+        return text + pictures
+
+    def _user_has_image(self, user: str, sha256: str) -> bool:
+        return self._db.execute("SELECT 1 FROM images JOIN conversations ON conversation=id WHERE user=? AND "
+                                "sha256=?", (user, sha256)).fetchone() is not None
+
+    # ------------------------------------------------------------ the stored shape
+
+    def _to_stored(self, message: dict) -> tuple[dict, list[dict]]:
+        """A neutral message → (its JSON body, the images it holds: sha256, suffix, bytes, data)."""
+        parts, images = [], []
+        for part in message.get("content") or []:
+            if part.get("type") == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            elif part.get("type") == "image":
+                image = _image_bytes(part["image"])
+                images.append(image)
+                parts.append({"type": "image", "sha256": image["sha256"], "suffix": image["suffix"]})
+        body = {"role": message["role"], "content": parts,
+                "text": " ".join(p["text"] for p in parts if p["type"] == "text")}  # (searched)
+        for key in ("reasoning", "tool_call_id", "name", "duration", "figures"):
+            if message.get(key) is not None:
+                body[key] = message[key]
+        if message.get("tool_calls"):
+            body["tool_calls"] = [{"id": call.id, "name": call.name, "arguments": call.arguments}
+                                  for call in message["tool_calls"]]
+        return body, images
+
+    def _from_stored(self, body: dict) -> dict:
+        content = []
+        for part in body["content"]:
+            if part["type"] == "image":
+                content.append({"type": "image", "image": str(self._image_path(part["sha256"] + part["suffix"]))})
+            else:
+                content.append(part)
+        message = {"role": body["role"], "content": content}
+        for key in ("reasoning", "tool_call_id", "name", "duration", "figures"):
+            if key in body:
+                message[key] = body[key]
+        if body.get("tool_calls"):
+            message["tool_calls"] = [ToolCall(call["name"], call["arguments"], call["id"])
+                                     for call in body["tool_calls"]]
+        return message
+
+    def _image_path(self, name: str) -> Path:
+        return self.images / name[:2] / name
+
+    def _write_image(self, image: dict) -> None:
+        path = self._image_path(image["sha256"] + image["suffix"])
+        if path.exists():
+            return
+        path.parent.mkdir(exist_ok=True)
+        partial = path.with_name(path.name + f".{os.getpid()}.part")
+        partial.write_bytes(image["data"])
+        os.replace(partial, path)  # (never a half-written picture under its name)
+
+    # ------------------------------------------------------------ export, import
+
+    def export_json(self, user: str, conversation_id: str) -> dict:
+        """One conversation, whole: its messages with their images embedded (base64)."""
+        with self._lock:
+            self._owned(user, conversation_id)
+            title, created = self._db.execute("SELECT title, created FROM conversations WHERE id=?",
+                                              (conversation_id,)).fetchone()
+            rows = self._db.execute("SELECT body FROM messages WHERE conversation=? ORDER BY position",
+                                    (conversation_id,)).fetchall()
+        messages = []
+        for (body,) in rows:
+            body = json.loads(body)
+            body.pop("text", None)
+            for part in body["content"]:
+                if part["type"] == "image":
+                    data = self._image_path(part.pop("sha256") + part.pop("suffix")).read_bytes()
+                    part["data"] = base64.b64encode(data).decode("ascii")
+            messages.append(body)
+        return {"format": EXPORT_FORMAT, "version": SCHEMA_VERSION, "title": title, "created": created,
+                "messages": messages}
+
+    def export_markdown(self, user: str, conversation_id: str) -> str:
+        """One conversation to read: each message under its role, reasoning folded, tool calls
+        and results as code, images as placeholders (the JSON export carries them)."""
+        exported = self.export_json(user, conversation_id)
+        lines = [f"# {exported['title'] or 'Conversation'}", ""]
+        for message in exported["messages"]:
+            lines.append(f"**{message['role']}**" + (f" ({message['name']})" if message.get("name") else "") + ":")
+            lines.append("")
+            if message.get("reasoning"):
+                lines += ["<details><summary>Thinking</summary>", "", message["reasoning"], "", "</details>", ""]
+            for part in message["content"]:
+                lines += [part["text"] if part["type"] == "text" else "*(an image)*", ""]
+            for call in message.get("tool_calls") or []:
+                lines += [f"Tool call `{call['name']}`:", "```json",
+                          json.dumps(call["arguments"], ensure_ascii=False, indent=1), "```", ""]
+        return "\n".join(lines)
+
+    def import_json(self, user: str, exported: dict) -> str:
+        """A JSON export as a new conversation of `user`; StoreError for anything else."""
+        if not isinstance(exported, dict) or exported.get("format") != EXPORT_FORMAT:
+            raise StoreError("This file is not a conversation exported by this app.")
+        if not isinstance(exported.get("version"), int) or exported["version"] > SCHEMA_VERSION:
+            raise StoreError("This conversation was exported by a newer version of this app.")
+        messages = []
+        try:
+            for body in exported["messages"]:
+                content = []
+                for part in body["content"]:
+                    if part["type"] == "image":
+                        content.append({"type": "image", "image": _decoded_image(part["data"])})
+                    else:
+                        content.append({"type": "text", "text": str(part["text"])})
+                message = {"role": body["role"], "content": content}
+                if body["role"] not in ("system", "user", "assistant", "tool"):
+                    raise ValueError(f"a message's role is {body['role']!r}")
+                for key in ("reasoning", "tool_call_id", "name", "duration", "figures"):
+                    if key in body:
+                        message[key] = body[key]
+                if body.get("tool_calls"):
+                    message["tool_calls"] = [ToolCall(str(c["name"]), dict(c["arguments"]), str(c["id"]))
+                                             for c in body["tool_calls"]]
+                messages.append(message)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise StoreError(f"This conversation file is damaged ({type(error).__name__}: {error}).") from None
+        conversation_id = self.create(user, str(exported.get("title") or ""))
+        try:
+            self.append(user, conversation_id, messages)
+        except BaseException:
+            self.delete(user, conversation_id)
+            raise
+        return conversation_id
+
+
+def _image_bytes(source) -> dict:
+    """An image part's picture as stored: its file's (or imported) bytes as they are; a PIL
+    image as PNG."""
+    if isinstance(source, Image.Image):
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        data, suffix = buffer.getvalue(), ".png"
+    else:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            suffix = IMAGE_FORMATS.get(image.format, ".png")
+    return {"sha256": hashlib.sha256(data).hexdigest(), "suffix": suffix, "bytes": len(data), "data": data}
+
+
+def _decoded_image(data: str) -> bytes:
+    """An exported image's bytes, checked to be a picture of a kind the app reads."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS)) as image:
+            image.load()
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"an image is not readable: {error}") from None
+    return raw

@@ -1,0 +1,211 @@
+"""The conversation store (issue 21's first part: the store itself, not yet wired into the UI):
+conversations kept on the server per user, structured, across restarts, never wiped."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conversation_store import ConversationStore, LimitReached, NotFound, StoreError
+from engine_contract import ToolCall
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def user(text, *images):
+    return {"role": "user", "content": [*({"type": "image", "image": str(p)} for p in images),
+                                        {"type": "text", "text": text}]}
+
+
+def assistant(text, **extra):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}] if text else [], **extra}
+
+
+def a_tool_round(images):
+    call = ToolCall("get_weather", {"city": "Paris"}, "call_1")
+    return [user("What is in this picture, and the weather in Paris?", images["red"]),
+            assistant("", tool_calls=[call], reasoning="I should look it up."),
+            {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "duration": 0.25,
+             "content": [{"type": "text", "text": "sunny, 21 °C"}]},
+            assistant("A red square; Paris is sunny.", figures={"new_tokens": 9, "tokens_per_second": 40.0})]
+
+
+def test_a_conversation_survives_a_restart_with_its_images_and_tool_calls(tmp_path, images):
+    store = ConversationStore(tmp_path)
+    chat = store.create("ann")
+    turn = a_tool_round(images)
+    store.append("ann", chat, turn)
+    store.close()
+    reopened = ConversationStore(tmp_path)  # (the app restarted)
+    [summary] = reopened.conversations("ann")
+    assert summary.id == chat and summary.title == "What is in this picture, and the weather in Paris?"
+    messages = reopened.messages("ann", chat)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    stored_image = Path(messages[0]["content"][0]["image"])
+    assert stored_image.is_relative_to(tmp_path) and stored_image.read_bytes() == images["red"].read_bytes()
+    assert messages[1]["tool_calls"] == [ToolCall("get_weather", {"city": "Paris"}, "call_1")]
+    assert messages[1]["reasoning"] == "I should look it up." and messages[2]["duration"] == 0.25
+    assert messages[3]["figures"]["new_tokens"] == 9
+
+
+def test_a_saved_conversation_gives_the_model_exactly_the_prompt_it_gave_the_first_time(tmp_path, images,
+                                                                                        idefics3_runner):
+    first = [user("Describe this.", images["red"]), assistant("A red square."), user("And this one?", images["noise"])]
+    store = ConversationStore(tmp_path)
+    chat = store.create("ann")
+    store.append("ann", chat, first)
+    again = store.messages("ann", chat)
+    original, restored = idefics3_runner.build_inputs(first), idefics3_runner.build_inputs(again)
+    assert original["input_ids"].tolist() == restored["input_ids"].tolist()
+    assert (original["pixel_values"] == restored["pixel_values"]).all(), "the same pictures, to the pixel"
+
+
+def test_a_picture_sent_twice_is_stored_once_and_deleting_keeps_what_others_use(tmp_path, images):
+    store = ConversationStore(tmp_path)
+    one, two = store.create("ann"), store.create("ann")
+    store.append("ann", one, [user("first", images["red"])])
+    store.append("ann", two, [user("second", images["red"]), user("third", images["noise"])])
+    files = lambda: sorted(p.name for p in (tmp_path / "images").rglob("*") if p.is_file())  # noqa: E731
+    assert len(files()) == 2, "the red picture is kept once"
+    store.delete("ann", two)
+    assert len(files()) == 1, "the noise picture went with its conversation; the red one is still used"
+    store.delete("ann", one)
+    assert files() == [] and store.conversations("ann") == []
+
+
+def test_nobody_opens_another_users_conversation(tmp_path, images):
+    store = ConversationStore(tmp_path)
+    anns = store.create("ann")
+    store.append("ann", anns, [user("ann's secret", images["red"])])
+    assert store.conversations("bob") == [] and store.conversations("bob", search="secret") == []
+    for attempt in (lambda: store.messages("bob", anns), lambda: store.rename("bob", anns, "mine"),
+                    lambda: store.delete("bob", anns), lambda: store.append("bob", anns, [user("hi")]),
+                    lambda: store.export_json("bob", anns)):
+        with pytest.raises(NotFound, match="does not exist"):
+            attempt()
+    with pytest.raises(NotFound):  # guessing ids: the same answer as someone else's
+        store.messages("bob", "not-a-real-id")
+    assert len(anns) >= 24, "ids are long random tokens, not counters"
+    assert store.messages("ann", anns)[0]["content"][1]["text"] == "ann's secret"
+
+
+def test_the_list_is_newest_first_searchable_and_renamable(tmp_path):
+    store = ConversationStore(tmp_path)
+    cats, dogs = store.create("ann"), store.create("ann")
+    store.append("ann", cats, [user("Tell me about cats"), assistant("Cats purr.")])
+    store.append("ann", dogs, [user("Tell me about dogs"), assistant("Dogs bark 100% of the time.")])
+    assert [s.id for s in store.conversations("ann")] == [dogs, cats]
+    store.append("ann", cats, [user("And kittens?")])
+    assert [s.id for s in store.conversations("ann")] == [cats, dogs], "the one just used comes first"
+    assert [s.id for s in store.conversations("ann", search="PURR")] == [cats], "answers are searched too"
+    assert [s.id for s in store.conversations("ann", search="100%")] == [dogs], "a % is text, not a wildcard"
+    store.rename("ann", dogs, "  Dogs  ")
+    assert [s.title for s in store.conversations("ann", search="dogs")] == ["Dogs"]
+
+
+def test_export_and_import_round_trip(tmp_path, images):
+    store = ConversationStore(tmp_path / "one")
+    chat = store.create("ann")
+    store.append("ann", chat, a_tool_round(images))
+    exported = json.loads(json.dumps(store.export_json("ann", chat)))  # (through a file)
+    markdown = store.export_markdown("ann", chat)
+    assert "What is in this picture" in markdown and "get_weather" in markdown and "sunny" in markdown
+    other = ConversationStore(tmp_path / "two")
+    imported = other.import_json("bob", exported)
+    assert [m["role"] for m in other.messages("bob", imported)] == ["user", "assistant", "tool", "assistant"]
+    assert other.export_json("bob", imported)["messages"] == exported["messages"], "the same conversation"
+    picture = Path(other.messages("bob", imported)[0]["content"][0]["image"])
+    assert picture.read_bytes() == images["red"].read_bytes(), "the picture, byte for byte"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda e: {"format": "something else"}, "not a conversation exported by this app"),
+    (lambda e: {**e, "version": 99}, "newer version"),
+    (lambda e: {**e, "messages": [{"role": "user", "content": [{"type": "image", "data": "bm90IGFuIGltYWdl"}]}]},
+     "damaged.*not readable"),
+    (lambda e: {**e, "messages": [{"role": "wizard", "content": []}]}, "damaged"),
+])
+def test_a_bad_import_is_refused_and_leaves_nothing(tmp_path, images, damage, message):
+    store = ConversationStore(tmp_path)
+    chat = store.create("ann")
+    store.append("ann", chat, [user("hi", images["red"])])
+    with pytest.raises(StoreError, match=message):
+        store.import_json("ann", damage(store.export_json("ann", chat)))
+    assert [s.id for s in store.conversations("ann")] == [chat]
+
+
+def test_limits_per_user_are_told(tmp_path, images):
+    store = ConversationStore(tmp_path, max_conversations=2, max_bytes=2000)
+    first = store.create("ann")
+    store.create("ann")
+    with pytest.raises(LimitReached, match="2 saved conversations"):
+        store.create("ann")
+    store.create("bob")  # (another user's own count)
+    with pytest.raises(LimitReached, match="delete some"):
+        store.append("ann", first, [user("a picture", images["noise"])])  # larger than 2,000 bytes
+    assert store.messages("ann", first) == [], "nothing half-saved"
+
+
+def test_a_corrupt_or_newer_database_is_one_clear_line_and_is_kept(tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "chats.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="not a chat database this app can read; it was left as it is"):
+        ConversationStore(corrupt)
+    assert (corrupt / "chats.sqlite3").read_bytes() == b"this is not a database" * 100
+    newer = tmp_path / "newer"
+    ConversationStore(newer).close()
+    with sqlite3.connect(newer / "chats.sqlite3") as db:
+        db.execute("PRAGMA user_version=7")
+    with pytest.raises(StoreError, match="newer version of this app.*left as it is"):
+        ConversationStore(newer)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with sqlite3.connect(foreign / "chats.sqlite3") as db:
+        db.execute("CREATE TABLE accounts (id)")
+    with pytest.raises(StoreError, match="other tables: accounts"):
+        ConversationStore(foreign)
+
+
+def test_a_killed_app_loses_nothing_that_was_saved(tmp_path):
+    """SIGKILL right after a turn was saved (WAL, not checkpointed): it is all there after."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from conversation_store import ConversationStore
+        store = ConversationStore({str(tmp_path)!r})
+        chat = store.create("ann")
+        for i in range(20):
+            store.append("ann", chat, [{{"role": "user", "content": [{{"type": "text", "text": f"turn {{i}}"}}]}}])
+        print(chat, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL
+    chat = result.stdout.strip()
+    messages = ConversationStore(tmp_path).messages("ann", chat)
+    assert [m["content"][0]["text"] for m in messages] == [f"turn {i}" for i in range(20)]
+    assert os.path.exists(tmp_path / "chats.sqlite3")
+
+
+def test_an_unwritable_data_directory_is_one_clear_line(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    with pytest.raises(StoreError, match="Can't use .* for saved chats"):
+        ConversationStore(blocked / "chats")
+
+
+def test_pil_images_are_stored_as_png(tmp_path):
+    store = ConversationStore(tmp_path)
+    chat = store.create("ann")
+    store.append("ann", chat, [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (4, 4))},
+                                                            {"type": "text", "text": "drawn"}]}])
+    path = Path(store.messages("ann", chat)[0]["content"][0]["image"])
+    assert path.suffix == ".png" and Image.open(path).size == (4, 4)
