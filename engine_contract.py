@@ -118,6 +118,19 @@ def wait_for_either(first: Signal, second: Signal | None, timeout: float | None 
             undo()
 
 
+class ActiveCount:
+    """Answers generating now: counted up and down from several threads (the loop, a batch
+    manager's, a Stop), so under a lock (a bare += can lose an update)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, change: int) -> None:
+        with self._lock:
+            self.value += change
+
+
 # ---------------------------------------------------------------- a reply, parsed once
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ from conversation import (
     prepare_messages,
 )
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
+    ActiveCount,
     Cancelled,
     ChatInputError,
     ContextTooLong,
@@ -286,7 +287,7 @@ class TextStream(StreamBase):
         except BaseException as failure:  # reaches the consumer, never lost in the loop
             error = runner.describe_failure(failure)
         finally:
-            runner.active -= 1
+            runner.counted.add(-1)
             self._inputs = None
             self._finish_safely(error)
 
@@ -402,7 +403,7 @@ class BatchedStream(TextStream):
             if self._ended.is_set() or self._finishing:
                 return
             self._finishing = True
-            self._runner.active -= 1
+            self._runner.counted.add(-1)
             self._finish_safely(error)
 
     def _request_stop(self) -> None:
@@ -600,7 +601,7 @@ class ModelRunner:
         self.dtype = dtype
         self.is_vision = is_vision
         self.batcher = None  # a batching.ContinuousBatcher: answers share the forward passes
-        self.active = 0    # answers generating
+        self.counted = ActiveCount()  # answers generating (self.active)
         self.finish_listeners: list = []  # called with each stream when it ends (metrics)
         self.warmed_up_on: int | None = None  # the native id of the thread that ran the warm-up
         self.loop = GenerationLoop(self._serve, self.torch_threads, own_thread=loop_thread)
@@ -616,6 +617,10 @@ class ModelRunner:
     def one_at_a_time(self) -> bool:
         """Without batching one answer generates at a time; the others wait in line."""
         return self.batcher is None
+
+    @property
+    def active(self) -> int:
+        return self.counted.value
 
     def start_batching(self) -> None:
         from batching import ContinuousBatcher
@@ -815,11 +820,11 @@ class ModelRunner:
             log.exception("building the model inputs failed")
             job.refuse(GenerationError(f"Internal error: {type(error).__name__}: {error}"))
             return
-        self.active += 1  # (counted before the caller hears it started; the stream's end uncounts it)
+        self.counted.add(1)  # (counted before the caller hears it started; the stream's end uncounts it)
         if job.start(stream):
             stream.run()
         else:
-            self.active -= 1
+            self.counted.add(-1)
 
     def _open(self, job: Job) -> TextStream:
         """A request's stream, ready to run: its inputs built within the context, its

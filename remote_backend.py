@@ -16,6 +16,7 @@ import openai
 from config import Settings
 from conversation import alternate_roles, last_user_text, prepare_messages
 from engine_contract import (
+    ActiveCount,
     Cancelled,
     ChatInputError,
     ContextTooLong,
@@ -44,8 +45,12 @@ class RemoteRunner(DescribedByInfo):
         # error), tool calls aren't passed through, it batches in its own way.
         self.info = RunnerInfo(name=settings.served_model_name or self.model, device=f"via {self.base_url}",
                                dtype="set by the server", batching=True)
-        self.active = 0
+        self.counted = ActiveCount()
         self.finish_listeners: list = []
+
+    @property
+    def active(self) -> int:
+        return self.counted.value
 
     def _served_model(self) -> str:
         try:
@@ -146,7 +151,7 @@ class RemoteStream(StreamBase):
             raise GenerationError(f"Can't reach the model server at {runner.base_url}.") from None
         except openai.APIStatusError as error:
             raise _refusal_of(error) from None
-        runner.active += 1
+        runner.counted.add(1)
 
     def __iter__(self):
         try:
@@ -188,12 +193,12 @@ class RemoteStream(StreamBase):
         """A broken stream: the answer ends with the error (raised), unless it had ended
         already (Stop closed the connection under the reader)."""
         if self._end(error=error, finish_reason="error"):
-            self._runner.active -= 1
+            self._runner.counted.add(-1)
             raise error from None
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         if self._end(reason, error):
-            self._runner.active -= 1
+            self._runner.counted.add(-1)
 
     def _request_stop(self) -> None:
         """Close the HTTP stream: the server stops generating when its client leaves."""
