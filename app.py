@@ -153,9 +153,10 @@ def tool_call_of(turn: dict) -> tuple[ToolCall, str] | None:
     except ValueError:
         parsed = {}
     result = _TOOL_RESULT.search(text or "")
-    call = ToolCall(title[len(prefix):], parsed if isinstance(parsed, dict) else {})
     call_id = (turn.get("metadata") or {}).get("id")
-    return (ToolCall(call.name, call.arguments, call_id) if call_id else call,
+    call = ToolCall(title[len(prefix):], parsed if isinstance(parsed, dict) else {},
+                    **({"id": call_id} if call_id else {}))
+    return (call,
             result.group(2) if result else "error: the call was stopped before it returned")
 
 

@@ -46,7 +46,7 @@ def wants_batching(setting: str, device: str, is_vision: bool, compiled: bool = 
     alone a third of the speed."""
     if setting == "off":
         return False, None
-    if not transformers_internals.can_deliver_in_loop():
+    if not transformers_internals.fenced():  # (deliver_in_loop has no fallback)
         return False, (f"continuous batching is used with transformers {transformers_internals.WRITTEN_FOR} "
                        f"only (it leans on its internals): answers go one at a time")
     if is_vision:
@@ -191,6 +191,8 @@ class ContinuousBatcher:
     def _forget_closed(self) -> None:
         """(Under the lock) cancelled answers past their grace: no output comes for them. (A
         few may wait here, on an idle server, until the next request or output.)"""
+        if not self._closing:  # (the usual case, on every output of every answer)
+            return
         now = time.monotonic()
         for request_id in [rid for rid, (_, until) in self._closing.items() if until < now]:
             del self._closing[request_id]

@@ -196,8 +196,9 @@ class ConversationStore:
             self._owned(user, conversation_id)
             new_bytes = sum(map(len, bodies)) + sum(
                 image["bytes"] for image in images.values() if not self._user_has_image(user, image["sha256"]))
-            if self._usage(user) + new_bytes > self.max_bytes:
-                raise LimitReached(f"Your saved conversations hold {self._usage(user) // 2**20} MB, the most this "
+            used = self._usage(user)
+            if used + new_bytes > self.max_bytes:
+                raise LimitReached(f"Your saved conversations hold {used // 2**20} MB, the most this "
                                    f"server keeps for one user is {self.max_bytes // 2**20} MB: delete some to "
                                    f"save new ones.")
             for image in images.values():

@@ -7,7 +7,7 @@ on every streamed update; in one process each update would stall generation that
 serving when the engine dies (a crash, an OOM kill): the answer in flight ends with an
 error, and the next request starts a fresh engine.
 
-    runner = EngineProcess.start(settings)          # config.Settings: what it loads, and how
+    runner = EngineProcess.start(settings=settings)   # config.Settings: what it loads, and how
     with runner.stream(messages, settings) as stream:   # the engine_contract.Runner contract
         for reply in stream:
             ...

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import io
 import json
@@ -420,29 +421,26 @@ def _settle(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-class watching_disconnect:
+@contextlib.asynccontextmanager
+async def watching_disconnect(request: Request):
     """`async with watching_disconnect(request) as gone:` — `gone` (a Signal) is set when the
     client disconnects: the one place a client's leaving is noticed, by awaiting the ASGI
     disconnect message (no polling). A started answer that `gone` was handed to stops then."""
+    gone = Signal()
 
-    def __init__(self, request: Request):
-        self.request, self.gone = request, Signal()
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
 
-    async def __aenter__(self) -> Signal:
-        self._task = asyncio.ensure_future(self._watch())
-        return self.gone
-
-    async def _watch(self) -> None:
-        while True:
-            message = await self.request.receive()
-            if message["type"] == "http.disconnect":
-                self.gone.set()
-                return
-
-    async def __aexit__(self, error_type, *exc) -> None:
-        self._task.cancel()
-        if error_type is not None:  # the request failed or was cancelled: what it started stops
-            self.gone.set()
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield gone
+    except BaseException:  # the request failed or was cancelled: what it started stops
+        gone.set()
+        raise
+    finally:
+        watcher.cancel()
 
 
 async def updates(stream):

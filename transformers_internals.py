@@ -16,8 +16,8 @@ that works on any other version (the log says once which one is used).
   in `is_running()`).
 - `deliver_in_loop(manager, request_id, callback)`: the manager's own thread hands each of
   a request's outputs to `callback` (its `output_router.result_handlers`, with a "loop" that
-  calls at once instead of an asyncio loop): no thread of ours around it. Fallback: False,
-  and continuous batching stays off (`batching.wants_batching` says why).
+  calls at once instead of an asyncio loop): no thread of ours around it. Fallback: none, so
+  continuous batching stays off unless `fenced()` (`batching.wants_batching` says why).
 """
 
 from __future__ import annotations
@@ -81,10 +81,6 @@ class _CallAtOnce:
     @staticmethod
     def call_soon_threadsafe(callback, *args):
         callback(*args)
-
-
-def can_deliver_in_loop() -> bool:
-    return fenced()
 
 
 def deliver_in_loop(manager, request_id: str, callback) -> None:
