@@ -19,22 +19,32 @@ Endpoints (same server):
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import logging
-import threading
 import mimetypes
 import os
 import re
+import secrets
+import shutil
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 import gradio as gr
 from fastapi.responses import Response
 
 import config
+import users
 from config import Settings
+from conversation import for_the_model
+from conversation_store import ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
     Cancelled,
     ChatInputError,
@@ -54,10 +64,11 @@ from metrics import Metrics
 from openai_api import create_api
 from remote_backend import RemoteRunner
 from starter_examples import starter_examples
-from tools import Toolbox, ToolResult, ToolsError
+from tools import Toolbox, ToolsError
+from users import BrowserIds
 from waiting_line import LineFull, WaitingLine
 
-GENERATION_CONCURRENCY_ID = "generate"  # the chat's events (submit, retry, edit, /chat)
+GENERATION_CONCURRENCY_ID = "generate"  # the chat's answering events (submit, retry, edit, example, /chat)
 # Updates per second × messages in the chat stays under this (30/s up to 26 messages, 8/s at
 # 100, 2/s at 400): Gradio walks the whole chat on every update (README, Performance).
 UPDATE_BUDGET_MESSAGES = 800
@@ -65,6 +76,14 @@ UPDATE_BUDGET_MESSAGES = 800
 # app's own line, so there is room for all of them plus a few of Gradio's own.
 GRADIO_EXTRA_THREADS = 8
 DEFAULT_SYSTEM_PROMPT = ""
+SIDEBAR_MIN_WIDTH = 768  # px: a narrower window (a phone) starts with the chat list folded away
+STOP_SAVE_WAIT_S = 5.0   # a turn's end redraws the chat once its answer is saved, or after this long
+CSS = """
+#chat-list .wrap { flex-direction: column; gap: 2px; }
+#chat-list label { width: 100%; }
+#chat-list label span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#where-chats-live { font-size: 0.8em; opacity: 0.8; }
+"""
 
 THINKING_TITLE = "Thinking…"
 LOADING_TITLE = "Loading the model…"
@@ -79,146 +98,36 @@ CALLING_TITLE = "🛠 calling a tool…"
 log = logging.getLogger("app")
 
 
-# ---------------------------------------------------------------- the chat: Gradio's history and the new message in, the answer's bubbles out
+# ---------------------------------------------------------------- the answer: model messages in, the answer as the chat keeps it out
 
-def to_model_messages(history: list[dict], message: dict | str, system_prompt: str = "") -> list[dict]:
-    """The one place where Gradio's chat (history + the new message) becomes model messages.
-
-    History comes in two shapes: the browser sends normalised blocks
-    (`content: [{"type": "text", ...} | {"type": "file", "file": {"path", "mime_type"}}]`),
-    API clients the raw state (`content: [{"path": ...}, "hi"]` or a plain string).
-    Messages carrying a metadata title (the Thinking… indicator, error notes, reasoning) are
-    annotations for the reader, not part of the conversation, except a tool call's bubble,
-    which becomes the assistant's call and the tool's result again. A user message that got
-    no answer (refused, failed, or stopped before any text) is left out: the model never
-    sees a refused turn, and one can't block the turns after it.
-    """
-    if isinstance(message, str):
-        message = {"text": message, "files": []}
-    files = [{"path": f} if isinstance(f, str) else f for f in message.get("files") or []]
-    new_turn = {"role": "user", "content": [*files, message.get("text") or ""]}
-    turns: list[dict] = []
-    for turn in [*(history or []), new_turn]:
-        role = turn.get("role")
-        metadata = turn.get("metadata") or {}
-        call = tool_call_of(turn) if role == "assistant" else None
-        if call is not None:
-            call, result = call
-            turns.append({"role": "assistant", "content": [], "tool_calls": [call]})
-            turns.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
-                          "content": [{"type": "text", "text": result}]})
-            continue
-        if role not in ("user", "assistant") or metadata.get("title"):
-            continue
-        parts = [p for p in map(_to_part, _as_list(turn.get("content"))) if p]
-        if parts or turn is new_turn:  # an empty new message stays, for the engine to refuse
-            turns.append({"role": role, "content": parts})
-    answered = [turn for turn, after in zip(turns, [*turns[1:], None])
-                if turn["role"] != "user" or after is None or after["role"] != "user"]
-    system = [{"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]}] \
-        if system_prompt and system_prompt.strip() else []
-    return system + answered
+class Progress(NamedTuple):
+    """An answer so far: its messages as the chat keeps them (conversation.for_the_model's
+    input: an assistant message per step with its text, reasoning, tool calls, notes, error
+    and figures; a tool message per call with its result and duration), and the title of a
+    spinner to show after them (waiting in line, loading, thinking, calling a tool), if any."""
+    messages: list
+    pending: str | None = None
 
 
-def tool_bubble(call: ToolCall, result: ToolResult | None):
-    """A tool call in the chat: titled with the tool's name, pending while it runs, then done
-    with its duration; the arguments and the result inside (collapsible)."""
-    arguments = json.dumps(call.arguments, ensure_ascii=False, indent=1)
-    content = f"**Arguments**\n```json\n{arguments}\n```"
-    metadata = {"title": TOOL_TITLE.format(call.name), "id": call.id, "status": "pending"}
-    if result is not None:
-        fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", result.text)), default=0))
-        content += f"\n**Result**\n{fence}\n{result.text}\n{fence}"
-        metadata.update(status="done", duration=round(result.seconds, 2))
-    return gr.ChatMessage(content=content, metadata=metadata)
+def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = None, zero_gpu: bool = False,
+                      toolbox: Toolbox | None = None):
+    """`answer_steps(messages, generation, cancelled, on_stream)`: a generator of Progress
+    that answers `messages` (model messages) on `runner`. With a `toolbox` (and a model whose
+    template takes tools) the model may call tools: each call runs, and the model generates
+    again with its result, up to settings.max_tool_steps calls. On ZeroGPU it runs under
+    `@spaces.GPU`, which borrows the GPU per answer and takes plain generators only."""
 
-
-_TOOL_ARGUMENTS = re.compile(r"\*\*Arguments\*\*\n```json\n(.*?)\n```", re.DOTALL)
-_TOOL_RESULT = re.compile(r"\*\*Result\*\*\n(`{3,})\n(.*?)\n\1", re.DOTALL)
-
-
-def tool_call_of(turn: dict) -> tuple[ToolCall, str] | None:
-    """A tool bubble of the history → (the call, its result), or None for any other turn."""
-    title = (turn.get("metadata") or {}).get("title") or ""
-    prefix = TOOL_TITLE.format("")
-    if not title.startswith(prefix) or title == CALLING_TITLE:
-        return None
-    content = turn.get("content")
-    text = content if isinstance(content, str) else " ".join(
-        item if isinstance(item, str) else item.get("text", "") for item in _as_list(content)
-        if isinstance(item, (str, dict)))
-    arguments = _TOOL_ARGUMENTS.search(text or "")
-    try:
-        parsed = json.loads(arguments.group(1)) if arguments else {}
-    except ValueError:
-        parsed = {}
-    result = _TOOL_RESULT.search(text or "")
-    call_id = (turn.get("metadata") or {}).get("id")
-    call = ToolCall(title[len(prefix):], parsed if isinstance(parsed, dict) else {},
-                    **({"id": call_id} if call_id else {}))
-    return (call,
-            result.group(2) if result else "error: the call was stopped before it returned")
-
-
-def _as_list(content) -> list:
-    if content is None:
-        return []
-    return content if isinstance(content, list) else [content]
-
-
-def _to_part(item) -> dict | None:
-    if isinstance(item, str):
-        return {"type": "text", "text": item} if item.strip() else None
-    if not isinstance(item, dict):
-        return None
-    if item.get("type") == "text":
-        return {"type": "text", "text": item["text"]} if item.get("text", "").strip() else None
-    file = item.get("file") if item.get("type") == "file" else item
-    path = (file or {}).get("path")
-    if not path:
-        return None
-    mime = (file.get("mime_type") or mimetypes.guess_type(path)[0] or "")
-    if mime and not mime.startswith("image/"):
-        return {"type": "file", "path": path}  # the engine refuses it with a clear message
-    return {"type": "image", "image": path}
-
-
-def make_chat_fn(runner, line: WaitingLine, settings: Settings, *, zero_gpu: bool = False,
-                 toolbox: Toolbox | None = None):
-    """The chat function ChatInterface calls. Each message waits its turn in `line` (shared
-    with the API) and shows its position meanwhile. On ZeroGPU it is a plain generator under
-    `@spaces.GPU` (which refuses async functions) and Gradio's own queue orders the turns;
-    everywhere else an async generator drives it, so that Stop reaches the engine at once.
-    With a `toolbox` (and a model whose template takes tools) the model may call tools: the
-    app runs each call, shows it, and generates again with its result, up to
-    settings.max_tool_steps calls."""
-
-    def pending(title: str):
-        return gr.ChatMessage(content="", metadata={"title": title, "status": "pending"})
-
-    def chat_steps(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                   max_new_tokens: int = settings.max_new_tokens, temperature: float = 0.0,
-                   top_p: float = 1.0, on_stream=None, cancelled: Signal | None = None):
+    def answer_steps(messages: list[dict], generation: GenerationSettings, cancelled: Signal | None = None,
+                     on_stream=None):
         title = THINKING_TITLE
         if not runner.loaded:
             title = LOADING_TITLE
-        elif line.engine_busy:  # at the front, waiting for the answer before it to end
+        elif line is not None and line.engine_busy:  # at the front, waiting for the answer before it to end
             title = WAITING_TITLE.format(ordinal(1))
-        yield pending(title)
-        # Gradio re-processes the whole chat on every update: fewer updates for long chats.
-        updates_per_second = min(settings.max_updates_per_second, UPDATE_BUDGET_MESSAGES / max(1, len(history)))
-        tools_on = toolbox is not None and runner.supports_tools
-        generation = GenerationSettings(max_new_tokens=int(max_new_tokens),
-                                        temperature=float(temperature), top_p=float(top_p),
-                                        max_updates_per_second=updates_per_second,
-                                        tools=toolbox.schemas if tools_on else None)
-        try:
-            messages = to_model_messages(history, message, system_prompt)
-        except Exception as error:  # a bug of ours: say so in the chat, keep serving
-            log.exception("reading the chat history failed")
-            yield error_message(f"Internal error: {type(error).__name__}: {error}")
-            return
-        shown: list = []  # the bubbles of the steps before this one: their text, the tool calls
+        yield Progress([], title)
+        if toolbox is not None and runner.supports_tools:
+            generation = dataclasses.replace(generation, tools=toolbox.schemas)
+        done: list[dict] = []  # the steps before this one: their text, the tool calls and results
         calls_made = 0
         while True:
             try:
@@ -228,134 +137,109 @@ def make_chat_fn(runner, line: WaitingLine, settings: Settings, *, zero_gpu: boo
             except Cancelled:  # Stop while it waited for the engine: nothing ran, nobody listens
                 return
             except (ChatInputError, GenerationError) as error:
-                yield after(shown, error_message(str(error)))
+                yield Progress([*done, failed(str(error))])
                 return
             except Exception as error:  # a bug of ours: say so in the chat, keep serving
                 log.exception("building the model inputs failed")
-                yield after(shown, error_message(f"Internal error: {type(error).__name__}: {error}"))
+                yield Progress([*done, failed(f"Internal error: {type(error).__name__}: {error}")])
                 return
             if title != THINKING_TITLE:  # it waited; now the model is working on it
                 title = THINKING_TITLE
-                yield pending(THINKING_TITLE)
-            notes = [gr.ChatMessage(content=notice, metadata={"title": NOTE_TITLE})
-                     for notice in stream.notices]
-            view = AnswerView(stream, [*shown, *notes])
+                yield Progress(done, THINKING_TITLE)
+            step = AnswerStep(stream)
             with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
                 try:
                     for reply in stream:
-                        yield view.render(reply)
+                        yield Progress([*done, step.message(reply)], CALLING_TITLE if reply.calling else None)
                 except GenerationError as error:
-                    yield [*view.render(stream.reply, with_stats=False), error_message(str(error))]
+                    yield Progress([*done, {**step.message(stream.reply, figures=False), "error": str(error)}])
                     return
             if cancelled is not None and cancelled.is_set():
                 return
             reply = stream.reply
             if not reply.tool_calls:
                 if not reply.answer and reply.reasoning is None:
-                    yield after([*shown, *notes], error_message("The model returned an empty answer."))
-                    return
-                yield view.render(reply)  # the final figures
+                    yield Progress([*done, {**step.message(reply, figures=False),
+                                            "error": "The model returned an empty answer."}])
+                else:
+                    yield Progress([*done, step.message(reply)])  # the final figures
                 return
             calls = reply.tool_calls
             if calls_made + len(calls) > settings.max_tool_steps:
-                yield [*view.render(reply), gr.ChatMessage(
-                    content=f"Stopped: the model asked for more than {settings.max_tool_steps} tool "
-                            f"calls for one message (MAX_TOOL_STEPS).", metadata={"title": NOTE_TITLE})]
+                stopped = {**step.message(reply, figures=False), "tool_calls": None,
+                           "notes": [*step.notes, f"Stopped: the model asked for more than {settings.max_tool_steps} "
+                                                  f"tool calls for one message (MAX_TOOL_STEPS)."]}
+                yield Progress([*done, stopped])
                 return
             calls_made += len(calls)
-            shown = view.render(reply, with_stats=False)
-            messages = [*messages, {"role": "assistant", "tool_calls": list(calls),
-                                    "content": [{"type": "text", "text": reply.answer}] if reply.answer else []}]
+            done = [*done, step.message(reply, figures=False)]
+            messages = [*messages, *for_the_model(done[-1:])]
             for call in calls:
-                yield [*shown, tool_bubble(call, None)]
-                result = toolbox.run(call.name, call.arguments, timeout=settings.tool_timeout_s,
-                                     cancelled=cancelled)
+                yield Progress(done)  # the call's bubble, pending
+                result = toolbox.run(call.name, call.arguments, timeout=settings.tool_timeout_s, cancelled=cancelled)
                 if cancelled is not None and cancelled.is_set():
                     return
-                shown = [*shown, tool_bubble(call, result)]
-                messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
-                                 "content": [{"type": "text", "text": result.text}]})
-            generation.continues_answer = True  # the next step goes before those who came later
-            yield [*shown, pending(THINKING_TITLE)]
+                done = [*done, {"role": "tool", "tool_call_id": call.id, "name": call.name,
+                                "content": [{"type": "text", "text": result.text}],
+                                "duration": round(result.seconds, 2)}]
+                messages = [*messages, *for_the_model(done[-1:])]
+            generation = dataclasses.replace(generation, continues_answer=True)  # before those who came later
+            yield Progress(done, THINKING_TITLE)
 
     if zero_gpu:
         import spaces
-        chat_steps.__name__ = "chat"
-        return spaces.GPU(duration=settings.zero_gpu_duration_s)(chat_steps)
+        return spaces.GPU(duration=settings.zero_gpu_duration_s)(answer_steps)
+    return answer_steps
 
-    async def chat(message: dict, history: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                   max_new_tokens: int = settings.max_new_tokens, temperature: float = 0.0,
-                   top_p: float = 1.0):
-        # Gradio closes a plain generator only between two steps, retrying every 50 ms while
-        # a step runs; here Stop cancels the wait at once and tells the engine, which stops
-        # within one token.
-        try:
-            place = line.join("ui")
-        except LineFull as full:
-            yield error_message(str(full))
-            return
-        gone = Signal()  # Stop, a closed tab: it withdraws the request, or stops its answer
 
-        def on_stream(stream):
-            place.started(stream)
+class AnswerStep:
+    """One generation's reply as the assistant message the chat keeps: its notes (an image
+    downscaled...), the reasoning and how long it took, the answer, the tool calls, the live
+    figures. The reasoning's time is taken when the reply says it ended."""
 
-        try:
-            async for position in place.waiting():
-                yield pending(WAITING_TITLE.format(ordinal(position)))
-            steps = chat_steps(message, history, system_prompt, max_new_tokens, temperature, top_p,
-                               on_stream=on_stream, cancelled=gone)
-            while (update := await anyio.to_thread.run_sync(next, steps, None,
-                                                            abandon_on_cancel=True)) is not None:
-                yield update
-        finally:
-            gone.set()
-            place.leave()
+    def __init__(self, stream):
+        self.stream, self.notes = stream, list(stream.notices)
+        self.thought_for: float | None = None
 
-    return chat
+    def message(self, reply, figures: bool = True) -> dict:
+        message = {"role": "assistant", "content": [{"type": "text", "text": reply.answer}] if reply.answer else []}
+        if self.notes:
+            message["notes"] = list(self.notes)
+        if reply.reasoning is not None:
+            message["reasoning"] = reply.reasoning
+            if reply.reasoning_done:
+                if self.thought_for is None:
+                    self.thought_for = time.perf_counter() - self.stream.started_at
+                message["reasoning_seconds"] = round(self.thought_for, 1)
+        if reply.tool_calls:
+            message["tool_calls"] = list(reply.tool_calls)
+        if figures:
+            message["figures"] = stats_line(self.stream)
+        return message
+
+
+def failed(error: str) -> dict:
+    """An answer that is only an error (the model never sees it: for_the_model leaves it out)."""
+    return {"role": "assistant", "content": [], "error": error}
+
+
+def settled(answer: list[dict]) -> list[dict]:
+    """An answer as it is kept when it was stopped: each tool call without a result gets one
+    that says so (a template needs a result for every call)."""
+    answered = {message.get("tool_call_id") for message in answer if message["role"] == "tool"}
+    kept = []
+    for message in answer:
+        kept.append(message)
+        for call in message.get("tool_calls") or ():
+            if call.id not in answered:
+                kept.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": [
+                    {"type": "text", "text": "error: the call was stopped before it returned"}]})
+    return kept
 
 
 def ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
-
-
-def after(bubbles: list, last):
-    """`last` after the bubbles already shown (alone when there are none, as a chat
-    function's one message)."""
-    return [*bubbles, last] if bubbles else last
-
-
-def error_message(text: str):
-    return gr.ChatMessage(content=text, metadata={"title": ERROR_TITLE})
-
-
-class AnswerView:
-    """Renders a reply as chat bubbles: notes, the reasoning in a collapsible "Thinking" block
-    (spinning while it streams, then done with its duration), the answer, a tool call being
-    written (its bubble comes when it runs; the raw call never shows), and a line of live
-    figures. New ChatMessage objects on every call: Gradio diffs against the previous yield."""
-
-    def __init__(self, stream, notes: list):
-        self.stream, self.notes = stream, notes
-        self.thought_for: float | None = None
-
-    def render(self, reply, with_stats: bool = True) -> list:
-        bubbles = list(self.notes)
-        if reply.reasoning is not None:
-            if reply.reasoning_done and self.thought_for is None:
-                self.thought_for = time.perf_counter() - self.stream.started_at
-            metadata = {"title": REASONING_TITLE, "status": "done" if reply.reasoning_done else "pending"}
-            if reply.reasoning_done:
-                metadata["duration"] = round(self.thought_for, 1)
-            bubbles.append(gr.ChatMessage(content=reply.reasoning, metadata=metadata))
-        if reply.answer:
-            bubbles.append(gr.ChatMessage(content=reply.answer))
-        if reply.calling:
-            bubbles.append(gr.ChatMessage(content="", metadata={"title": CALLING_TITLE, "status": "pending"}))
-        if with_stats:
-            bubbles.append(gr.ChatMessage(content="", metadata={"title": stats_line(self.stream),
-                                                                "status": "done"}))
-        return bubbles
 
 
 def stats_line(stream) -> str:
@@ -367,68 +251,545 @@ def stats_line(stream) -> str:
     return STATS_PREFIX + " · ".join(figures)
 
 
-# ---------------------------------------------------------------- the UI
+# ---------------------------------------------------------------- what the chat shows: kept messages → bubbles
+
+def chat_bubbles(messages: list[dict], *, live: bool = False) -> list[dict]:
+    """The one place where messages as the chat keeps them become the chat's bubbles (Gradio
+    message dicts), for a saved conversation and for an answer streaming (`live`: its
+    unfinished reasoning and tool calls spin). A user message: its images, then its text.
+    An answer: notes, the reasoning in a collapsible "Thinking" block, the text, each tool
+    call as its own "🛠 name" block (arguments and result inside), an error, the figures."""
+    results = {message.get("tool_call_id"): message for message in messages if message["role"] == "tool"}
+    bubbles: list[dict] = []
+    for message in messages:
+        if message["role"] == "user":
+            content = [{"path": part["image"]} for part in message["content"] if part["type"] == "image"]
+            text = text_of(message)
+            bubbles.append({"role": "user", "content": [*content, text] if text or not content else content})
+        elif message["role"] == "assistant":
+            for note in message.get("notes") or ():
+                bubbles.append(bubble(note, title=NOTE_TITLE))
+            if message.get("reasoning") is not None:
+                seconds = message.get("reasoning_seconds")
+                thinking = live and seconds is None
+                bubbles.append(bubble(message["reasoning"], title=REASONING_TITLE,
+                                      status="pending" if thinking else "done", duration=seconds))
+            if text_of(message):
+                bubbles.append({"role": "assistant", "content": text_of(message), "metadata": {}})
+            for call in message.get("tool_calls") or ():
+                bubbles.append(tool_bubble(call, results.get(call.id)))
+            if message.get("error"):
+                bubbles.append(bubble(message["error"], title=ERROR_TITLE))
+            if message.get("figures"):
+                bubbles.append(bubble("", title=message["figures"], status="done"))
+    return bubbles
+
+
+def bubble(content: str, *, title: str, status: str | None = None, duration: float | None = None) -> dict:
+    metadata = {"title": title}
+    if status:
+        metadata["status"] = status
+    if duration is not None:
+        metadata["duration"] = duration
+    return {"role": "assistant", "content": content, "metadata": metadata}
+
+
+def pending(title: str | None) -> list[dict]:
+    return [bubble("", title=title, status="pending")] if title else []
+
+
+def text_of(message: dict) -> str:
+    return "".join(part["text"] for part in message.get("content") or () if part["type"] == "text")
+
+
+def tool_bubble(call: ToolCall, result: dict | None) -> dict:
+    """A tool call: titled with the tool's name, pending while it runs, then done with its
+    duration; the arguments and the result inside (collapsible)."""
+    arguments = json.dumps(call.arguments, ensure_ascii=False, indent=1)
+    content = f"**Arguments**\n```json\n{arguments}\n```"
+    metadata = {"title": TOOL_TITLE.format(call.name), "id": call.id, "status": "pending"}
+    if result is not None:
+        text = text_of(result)
+        fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+        content += f"\n**Result**\n{fence}\n{text}\n{fence}"
+        metadata["status"] = "done"
+        if result.get("duration") is not None:
+            metadata["duration"] = result["duration"]
+    return {"role": "assistant", "content": content, "metadata": metadata}
+
+
+def user_message(message: dict | str | None) -> dict:
+    """The textbox's value ({"text", "files"}) as a neutral user message: images, then the text.
+    A file that is not an image stays a "file" part, which the engine refuses with a message."""
+    if isinstance(message, str) or message is None:
+        message = {"text": message or "", "files": []}
+    content = []
+    for file in message.get("files") or []:
+        path = file.get("path") if isinstance(file, dict) else file
+        mime = (file.get("mime_type") if isinstance(file, dict) else None) or mimetypes.guess_type(path)[0] or ""
+        content.append({"type": "image", "image": path} if mime.startswith("image/") or not mime
+                       else {"type": "file", "path": path})
+    text = message.get("text") or ""
+    return {"role": "user", "content": [*content, *([{"type": "text", "text": text}] if text.strip() or not content else [])]}
+
+
+# ---------------------------------------------------------------- the chat in the browser, kept in the store
+
+class OneTurnAtATime:
+    """Per conversation: a turn (its message saved, answered, the answer saved) ends before the
+    next turn, an undo, or Stop's redraw reads or changes the conversation. Waiting takes no
+    event-loop time (a worker thread waits on the turn's Signal)."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._busy: dict[str, Signal] = {}
+
+    async def acquire(self, key: str, timeout: float | None = None) -> bool:
+        """True once the conversation is this caller's; False after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._guard:
+                busy = self._busy.get(key)
+                if busy is None:
+                    self._busy[key] = Signal()
+                    return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            await anyio.to_thread.run_sync(busy.wait, left)
+
+    def release(self, key: str) -> None:
+        with self._guard:
+            busy = self._busy.pop(key, None)
+        if busy is not None:
+            busy.set()
+
+    @contextlib.asynccontextmanager
+    async def held(self, key: str, timeout: float | None = None):
+        acquired = await self.acquire(key, timeout)
+        try:
+            yield
+        finally:
+            if acquired:
+                self.release(key)
+
+
+class Chats:
+    """The chat's events, on the conversations kept in `store` for the user of each session.
+
+    A session's user (users.py) and open conversation are gr.State, which only the server
+    sets; every read and write of the store names the user, and another user's conversation
+    is NotFound, so no request (however crafted) reaches it. A turn: begin_* (at once:
+    create the conversation if new, show the message, the textbox turns into Stop) → respond
+    (save the message, answer from the store, save the answer: when Stop ends it, what was
+    shown) → end_turn (the list, the textbox back)."""
+
+    def __init__(self, runner, line: WaitingLine, settings: Settings, store: ConversationStore, where: str,
+                 browser_ids: BrowserIds, *, toolbox: Toolbox | None = None, hf_oauth: bool = False):
+        self.runner, self.line, self.settings, self.store, self.where = runner, line, settings, store, where
+        self.browser_ids, self.hf_oauth = browser_ids, hf_oauth
+        self.zero_gpu = on_zero_gpu()
+        self.answer_steps = make_answer_steps(runner, settings, line=line, zero_gpu=self.zero_gpu, toolbox=toolbox)
+        self.turns = OneTurnAtATime()
+        self.examples = starter_examples()
+        self.scratch = Path(tempfile.mkdtemp(prefix="chat-undo-"))  # images an undo puts back in the textbox
+        atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
+
+    # -- who, and which conversations
+
+    def start_session(self, kept, request: gr.Request, hf_user: str | None = None):
+        """Page load: who this is (a login, an HF account, else this browser's signed id, drawn
+        now if it brought none), their list, and the conversation that was open here."""
+        kept = kept if isinstance(kept, dict) else {}
+        browser_id = self.browser_ids.check(kept.get("id"))
+        if browser_id is None:
+            kept = {"id": self.browser_ids.issue()}
+            browser_id = self.browser_ids.check(kept["id"])
+        user = users.user_key(login=getattr(request, "username", None), hf_user=hf_user, browser_id=browser_id)
+        conversation, shown = None, []
+        if kept.get("open"):
+            try:
+                shown = chat_bubbles(self.store.messages(user, kept["open"]))
+                conversation = kept["open"]
+            except StoreError:
+                kept = {"id": kept["id"]}
+        return user, conversation, kept, shown, self.chat_list(user, conversation)
+
+    def start_session_with_hf(self, kept, request: gr.Request, profile: gr.OAuthProfile | None):
+        return self.start_session(kept, request, hf_user=profile.username if profile else None)
+
+    def chat_list(self, user, selected=None, search: str = ""):
+        chats = self.store.conversations(user, search) if user else []
+        choices = [(summary.title or "(untitled)", summary.id) for summary in chats]
+        label = f"{len(choices)} chat{'s' * (len(choices) != 1)}" + (f" matching “{search.strip()}”" if search.strip() else "")
+        return gr.Radio(choices=choices, value=selected if any(c[1] == selected for c in choices) else None,
+                        label=label)
+
+    def new_chat(self, user, kept, search):
+        return None, [], None, {**(kept or {}), "open": None}, self.chat_list(user, None, search), \
+            gr.Textbox(value="", interactive=False), gr.File(value=None, visible=False)
+
+    def open_chat(self, chosen, user, kept, search):
+        """A conversation from the list (only the user's own: another id is NotFound)."""
+        try:
+            shown = chat_bubbles(self.store.messages(user, chosen))
+            title = self.store.title(user, chosen)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        return chosen, shown, None, {**(kept or {}), "open": chosen}, self.chat_list(user, chosen, search), \
+            gr.Textbox(value=title, interactive=True), gr.File(value=None, visible=False)
+
+    def rename(self, title, conversation, user, search):
+        if conversation and title.strip():
+            try:
+                self.store.rename(user, conversation, title)
+            except StoreError as error:
+                raise gr.Error(str(error)) from None
+        return self.chat_list(user, conversation, search)
+
+    def delete(self, conversation, user, kept, search):
+        if not conversation:  # (none open, or the user said no)
+            return (gr.skip(),) * 7
+        try:
+            self.store.delete(user, conversation)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        return self.new_chat(user, kept, search)
+
+    def export(self, conversation, user):
+        """The open conversation as Markdown and JSON (images embedded), to download."""
+        if not conversation:
+            raise gr.Error("Open a saved chat to export it.")
+        try:
+            exported = self.store.export_json(user, conversation)
+            markdown = self.store.export_markdown(user, conversation)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        folder = Path(tempfile.mkdtemp(prefix="chat-export-"))
+        name = re.sub(r"[^\w-]+", "-", exported["title"] or "chat").strip("-")[:60] or "chat"
+        (folder / f"{name}.md").write_text(markdown, encoding="utf-8")
+        (folder / f"{name}.json").write_text(json.dumps(exported, ensure_ascii=False), encoding="utf-8")
+        return gr.File(value=[str(folder / f"{name}.md"), str(folder / f"{name}.json")], visible=True)
+
+    def import_chat(self, file, user, kept, search):
+        """A JSON export, as a new conversation of this user, opened."""
+        try:
+            path = file if isinstance(file, str) else file.name
+            if Path(path).stat().st_size > self.settings.max_saved_bytes_per_user:
+                raise StoreError("This file is larger than what the server keeps for one user.")
+            exported = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise gr.Error("This file is not a conversation exported by this app (not JSON).") from None
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        try:
+            conversation = self.store.import_json(user, exported)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        return self.open_chat(conversation, user, kept, search)
+
+    # -- a turn
+
+    def begin_turn(self, message, conversation, user, kept, search):
+        """Enter in the textbox: the message shows at once, the textbox turns into Stop."""
+        if not (message or {}).get("text", "").strip() and not (message or {}).get("files"):
+            return gr.skip(), gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip()  # (nothing to answer)
+        return self._begin(user_message(message), None, conversation, user, kept, search)
+
+    def begin_example(self, selected: gr.SelectData, conversation, user, kept, search):
+        """A starter example, by its index (never a path the request names)."""
+        example = self.examples[selected.index]
+        return self._begin(user_message(example), None, conversation, user, kept, search)
+
+    async def begin_retry(self, conversation, user, kept, search):
+        """Retry: the last message again, its answer dropped."""
+        async with self.turns.held(conversation):
+            stored = self._stored(user, conversation)
+            last = max(i for i, message in enumerate(stored) if message["role"] == "user")
+            return self._begin(stored[last], last, conversation, user, kept, search, stored[:last])
+
+    async def begin_edit(self, edited: gr.EditData, conversation, user, kept, search):
+        """An edited message: the conversation again from there, with the new text (and the
+        message's images)."""
+        async with self.turns.held(conversation):
+            stored = self._stored(user, conversation)
+            index = self._message_of_bubble(stored, edited.index)
+            if index is None or stored[index]["role"] != "user":
+                raise gr.Error("Only your own messages can be edited.")
+            text = edited.value if isinstance(edited.value, str) else " ".join(
+                item if isinstance(item, str) else item.get("text", "") for item in edited.value or []
+                if isinstance(item, (str, dict)))
+            images = [part for part in stored[index]["content"] if part["type"] == "image"]
+            message = {"role": "user", "content": [*images, *([{"type": "text", "text": text}] if text.strip() else [])]}
+            return self._begin(message, index, conversation, user, kept, search, stored[:index])
+
+    async def undo(self, conversation, user):
+        """Undo: the last message and its answer go; its text and images are back in the textbox."""
+        async with self.turns.held(conversation):
+            stored = self._stored(user, conversation)
+            last = max(i for i, message in enumerate(stored) if message["role"] == "user")
+            files = []
+            for part in stored[last]["content"]:
+                if part["type"] == "image":  # (the store may delete its file with the message)
+                    copy = self.scratch / secrets.token_hex(8) / Path(part["image"]).name
+                    copy.parent.mkdir()
+                    shutil.copyfile(part["image"], copy)
+                    files.append(str(copy))
+            try:
+                self.store.append(user, conversation, [], keep=last)
+            except StoreError as error:
+                raise gr.Error(str(error)) from None
+            return chat_bubbles(stored[:last]), gr.MultimodalTextbox(value={"text": text_of(stored[last]),
+                                                                           "files": files})
+
+    def _stored(self, user, conversation) -> list[dict]:
+        try:
+            stored = self.store.messages(user, conversation) if conversation else []
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        if not any(message["role"] == "user" for message in stored):
+            raise gr.Error("There is no message to do that with.")
+        return stored
+
+    @staticmethod
+    def _message_of_bubble(stored: list[dict], index) -> int | None:
+        """The stored message that chat_bubbles drew as bubble `index`."""
+        index = index[0] if isinstance(index, (list, tuple)) else index
+        drawn = 0
+        for position, message in enumerate(stored):
+            drawn += len(chat_bubbles([message]))
+            if index < drawn:
+                return position
+        return None
+
+    def _begin(self, message, keep, conversation, user, kept, search, before=None):
+        """(conversation, chatbot, turn, kept, list, textbox, title) for a turn that starts now."""
+        title = gr.skip()
+        if conversation is None:
+            if user is None:
+                raise gr.Error("The page is still starting: send it again in a moment.")
+            try:
+                conversation = self.store.create(user, text_of(message) or "🖼 an image")
+            except StoreError as error:
+                raise gr.Error(str(error)) from None
+            before = []
+            title = gr.Textbox(value=self.store.title(user, conversation), interactive=True)
+        if before is None:
+            before = self.store.messages(user, conversation)
+        shown = [*chat_bubbles(before), *chat_bubbles([message]), *pending(THINKING_TITLE)]
+        turn = {"message": message, "keep": keep}
+        return (conversation, shown, turn, {**(kept or {}), "open": conversation},
+                self.chat_list(user, conversation, search),
+                gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True), title)
+
+    async def respond(self, turn, conversation, user, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                      max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0):
+        """The turn: its message saved, then the answer streamed from the saved conversation,
+        then saved (stopped: what was shown)."""
+        if not turn or not conversation:
+            return
+        answer, saved = [], False
+        await self.turns.acquire(conversation)
+        try:
+            try:
+                self.store.append(user, conversation, [turn["message"]], keep=turn["keep"])
+                stored = self.store.messages(user, conversation)
+            except StoreError as error:
+                before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
+                yield [*chat_bubbles(before), *chat_bubbles([turn["message"]]), bubble(str(error), title=ERROR_TITLE)]
+                return
+            shown = chat_bubbles(stored)
+            generation = self.generation_settings(len(shown), max_new_tokens, temperature, top_p)
+            async with contextlib.aclosing(self.answer(for_the_model(stored, system_prompt), generation)) as steps:
+                async for progress in steps:
+                    answer = progress.messages
+                    yield [*shown, *chat_bubbles(answer, live=True), *pending(progress.pending)]
+            saved = True
+            if answer:
+                try:
+                    self.store.append(user, conversation, settled(answer))
+                except StoreError as error:
+                    yield [*shown, *chat_bubbles(answer), bubble(f"This answer was not saved: {error}", title=ERROR_TITLE)]
+        finally:
+            if answer and not saved:  # stopped: keep what was shown
+                try:
+                    self.store.append(user, conversation, settled(answer))
+                except StoreError as error:
+                    log.warning("a stopped answer was not saved: %s", error)
+            self.turns.release(conversation)
+
+    async def end_turn(self, conversation, user, search):
+        """After a turn, answered or stopped: the chat drawn from the store (once the answer is
+        saved: a Stop's reaches the store when Gradio has cancelled the turn), the list, the
+        textbox back."""
+        shown = gr.skip()
+        if conversation:
+            async with self.turns.held(conversation, STOP_SAVE_WAIT_S):
+                try:
+                    shown = chat_bubbles(self.store.messages(user, conversation))
+                except StoreError:
+                    pass
+        return shown, self.chat_list(user, conversation, search), \
+            gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True)
+
+    # -- answering, for the browser and for /chat
+
+    def generation_settings(self, messages_shown: int, max_new_tokens, temperature, top_p) -> GenerationSettings:
+        # Gradio re-processes the whole chat on every update: fewer updates for long chats.
+        updates_per_second = min(self.settings.max_updates_per_second,
+                                 UPDATE_BUDGET_MESSAGES / max(1, messages_shown))
+        return GenerationSettings(max_new_tokens=int(max_new_tokens or self.settings.max_new_tokens),
+                                  temperature=float(temperature), top_p=float(top_p),
+                                  max_updates_per_second=updates_per_second)
+
+    async def answer(self, messages: list[dict], generation: GenerationSettings):
+        """Progress of the answer to `messages`. It waits its turn in the line (shared with
+        the API), showing its place; on ZeroGPU Gradio's own queue orders the answers. Stop
+        cancels the wait at once and tells the engine, which stops within one token."""
+        place = None
+        if not self.zero_gpu:
+            try:
+                place = self.line.join("ui")
+            except LineFull as full:
+                yield Progress([failed(str(full))])
+                return
+        gone = Signal()  # Stop, a closed tab: it withdraws the request, or stops its answer
+        try:
+            if place is not None:
+                async for position in place.waiting():
+                    yield Progress([], WAITING_TITLE.format(ordinal(position)))
+            # (ZeroGPU runs the steps in a worker process of its own: nothing to call back there)
+            steps = self.answer_steps(messages, generation) if self.zero_gpu else \
+                self.answer_steps(messages, generation, gone, place.started)
+            while (progress := await anyio.to_thread.run_sync(next, steps, None, abandon_on_cancel=True)) is not None:
+                yield progress
+        finally:
+            gone.set()
+            if place is not None:
+                place.leave()
+
+    async def api_chat(self, message, history, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                       max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0):
+        """/chat (gradio_client): the growing answer's bubbles. Its conversation is the API
+        session's own (a State, in the kept form, tool calls and all), not saved in the store."""
+        history = list(history or [])
+        asked = user_message(message)
+        answer = []
+        generation = self.generation_settings(len(history), max_new_tokens, temperature, top_p)
+        async with contextlib.aclosing(self.answer(for_the_model([*history, asked], system_prompt),
+                                                   generation)) as steps:
+            async for progress in steps:
+                answer = progress.messages
+                response = [*chat_bubbles(answer, live=True), *pending(progress.pending)]
+                yield response[0] if len(response) == 1 else response, [*history, asked, *settled(answer)]
+
 
 def build_demo(runner, line: WaitingLine | None = None, settings: Settings | None = None,
-               toolbox: Toolbox | None = None):
-    """The chat UI on `runner`: its messages wait in `line` (shared with the API)."""
+               toolbox: Toolbox | None = None, store: ConversationStore | None = None, where: str = ""):
+    """The chat UI on `runner`: its messages wait in `line` (shared with the API); its
+    conversations are kept in `store` (default: a temporary one, gone when the app stops)."""
     settings = settings or Settings()
     line = line or waiting_line_for(runner, settings)
-    zero_gpu = on_zero_gpu()
-    chat_fn = make_chat_fn(runner, line, settings, zero_gpu=zero_gpu, toolbox=toolbox)
+    if store is None:
+        store, where = open_store(settings.replace(save=False))
+    hf_oauth = users.oauth_on_space()
+    chats = Chats(runner, line, settings, store, where, BrowserIds.kept_in(store.directory), toolbox=toolbox,
+                  hf_oauth=hf_oauth)
     # ZeroGPU: one answer at a time, in Gradio's queue. Elsewhere every message enters the
     # chat function at once and waits in the app's line (with the API's requests).
-    concurrency = 1 if zero_gpu else None
-    examples = starter_examples()
+    concurrency = 1 if chats.zero_gpu else None
     with gr.Blocks(title="Local model chat", fill_height=True) as demo:
+        user, conversation, turn = gr.State(None), gr.State(None), gr.State(None)
+        api_history = gr.State([])
+        kept = gr.BrowserState({}, storage_key="local-model-chat", secret=chats.browser_ids.storage_secret)
+        with gr.Sidebar(label="Chats", open=False, elem_id="chats") as sidebar:
+            new_chat = gr.Button("➕ New chat", variant="primary")
+            if hf_oauth:
+                gr.LoginButton()
+            search = gr.Textbox(placeholder="🔍 Search chats", show_label=False, container=False, max_lines=1)
+            chat_list = gr.Radio(choices=[], label="Chats", elem_id="chat-list")
+            with gr.Accordion("This chat", open=False):
+                title = gr.Textbox(label="Title", max_lines=1, interactive=False)
+                with gr.Row():
+                    rename = gr.Button("Rename", size="sm")
+                    export = gr.Button("Export", size="sm")
+                    delete = gr.Button("🗑 Delete", size="sm", variant="stop")
+                exported = gr.File(label="Markdown and JSON", file_count="multiple", visible=False)
+            import_chat = gr.UploadButton("Import a chat (JSON)", file_types=[".json"], size="sm")
+            gr.Markdown(where, elem_id="where-chats-live")
         gr.Markdown("# Local model chat")
         header = gr.Markdown(header_markdown(runner, toolbox))
+        chatbot = cache_history_postprocessing(gr.Chatbot(
+            label="Chat", height="65vh", editable="user", elem_id="chat",
+            examples=[{"text": e["text"], "files": e["files"], "display_text": e["label"]} for e in chats.examples],
+            latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
+                              {"left": "$", "right": "$", "display": False}]))
         textbox = gr.MultimodalTextbox(
-            file_types=["image"], file_count="multiple", sources=["upload"],
+            file_types=["image"], file_count="multiple", sources=["upload"], show_label=False, elem_id="chat-input",
             placeholder=f"Type a message or attach up to {settings.max_images_per_message} images…",
-            stop_btn=True, render=False)
-        chat = gr.ChatInterface(
-            fn=chat_fn,
-            multimodal=True,
-            textbox=textbox,
-            chatbot=cache_history_postprocessing(gr.Chatbot(
-                height="65vh", label="Chat",
-                latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
-                                  {"left": "$", "right": "$", "display": False}])),
-            additional_inputs=[  # render=False: ChatInterface puts them in its accordion
-                gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2, render=False),
-                gr.Slider(1, settings.max_new_tokens_limit, value=settings.max_new_tokens, step=1,
-                          label="Max new tokens", render=False),
-                gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
-                          render=False),
-                gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", render=False),
-            ],
-            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
-            examples=[[example] for example in examples],
-            example_labels=[example["label"] for example in examples],
-            run_examples_on_click=True,
-            cache_examples=False,
-            save_history=True,
-            editable=True,
-            api_name="chat",
-            concurrency_limit=concurrency,
-            fill_height=True,
-        )
-        # Runs beside ChatInterface's own cancel: a Stop before the first token would
-        # otherwise leave the "Thinking…" spinner turning forever.
-        chat.textbox.stop(settle_pending_messages, [chat.chatbot], [chat.chatbot, chat.chatbot_state],
-                          queue=False, api_visibility="undocumented")
+            submit_btn=True, stop_btn=False)
+        with gr.Accordion("Settings", open=False):
+            system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2)
+            max_new_tokens = gr.Slider(1, settings.max_new_tokens_limit, value=settings.max_new_tokens, step=1,
+                                       label="Max new tokens")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+        api_response = gr.JSON(visible=False)
+        api_button = gr.Button(visible=False)
+        window_width = gr.Number(visible=False)
+
+        hidden = {"api_visibility": "undocumented"}
+        quick = {"queue": False, **hidden}
+        begun = [conversation, chatbot, turn, kept, chat_list, textbox, title]
+        answer_inputs = [turn, conversation, user, system_prompt, max_new_tokens, temperature, top_p]
+        opened = [conversation, chatbot, turn, kept, chat_list, title, exported]
+        answering = []
+        for begin in (textbox.submit(chats.begin_turn, [textbox, conversation, user, kept, search], begun, **quick),
+                      chatbot.example_select(chats.begin_example, [conversation, user, kept, search], begun, **quick),
+                      chatbot.retry(chats.begin_retry, [conversation, user, kept, search], begun, **quick),
+                      chatbot.edit(chats.begin_edit, [conversation, user, kept, search], begun, **quick)):
+            respond = begin.success(chats.respond, answer_inputs, [chatbot], concurrency_limit=concurrency,
+                                    concurrency_id=GENERATION_CONCURRENCY_ID, show_progress="hidden", **hidden)
+            respond.then(chats.end_turn, [conversation, user, search], [chatbot, chat_list, textbox], **quick)
+            answering.append(respond)
+        textbox.stop(None, cancels=answering, **quick)  # (the turn's end_turn redraws the chat)
+        chatbot.undo(chats.undo, [conversation, user], [chatbot, textbox], **quick)
+        for action in (new_chat.click, chatbot.clear):  # (the chat's trash icon starts a new one; Delete deletes)
+            action(chats.new_chat, [user, kept, search], opened, cancels=answering, **quick) \
+                .then(lambda: gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True), None,
+                      [textbox], **quick)
+        chat_list.input(chats.open_chat, [chat_list, user, kept, search], opened, cancels=answering, **quick) \
+            .then(lambda: gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True), None,
+                  [textbox], **quick)
+        search.change(lambda user_key, chosen, text: chats.chat_list(user_key, chosen, text),
+                      [user, conversation, search], [chat_list], **quick)
+        gr.on([rename.click, title.submit], chats.rename, [title, conversation, user, search], [chat_list], **quick)
+        export.click(chats.export, [conversation, user], [exported], **quick)
+        delete.click(chats.delete, [conversation, user, kept, search], opened, cancels=answering,
+                     js="(c, u, k, s) => confirm('Delete this chat? This cannot be undone.') ? [c, u, k, s] : [null, u, k, s]",
+                     **quick)
+        import_chat.upload(chats.import_chat, [import_chat, user, kept, search], opened, **quick)
+
+        # /chat for gradio_client: (message, system_prompt, max_new_tokens, temperature, top_p)
+        api_button.click(chats.api_chat, [textbox, api_history, system_prompt, max_new_tokens, temperature, top_p],
+                         [api_response, api_history], api_name="chat", concurrency_limit=concurrency,
+                         concurrency_id=GENERATION_CONCURRENCY_ID, postprocess=False)
+
+        start = chats.start_session_with_hf if hf_oauth else chats.start_session
+        demo.load(start, [kept], [user, conversation, kept, chatbot, chat_list], **quick)
+        # The list beside the chat on a wide screen; on a phone folded behind its button, so
+        # the chat starts at the top of the screen.
+        demo.load(lambda width: gr.Sidebar(open=bool(width and width > SIDEBAR_MIN_WIDTH)), [window_width], [sidebar],
+                  js="() => [window.innerWidth]", **quick)
         if not runner.loaded:  # refresh the header until the model is ready
             timer = gr.Timer(1.0)
 
             def refresh_header():
                 return header_markdown(runner, toolbox), gr.Timer(active=not runner.loaded)
 
-            timer.tick(refresh_header, outputs=[header, timer], queue=False,
-                       api_visibility="undocumented")
-            demo.load(refresh_header, outputs=[header, timer], queue=False,
-                      api_visibility="undocumented")
-    route_chat_events(demo, chat_fn, concurrency)
+            timer.tick(refresh_header, outputs=[header, timer], **quick)
+            demo.load(refresh_header, outputs=[header, timer], **quick)
+    demo.chats = chats
     return demo
 
 
@@ -473,49 +834,30 @@ def on_zero_gpu() -> bool:
     return True
 
 
-def settle_pending_messages(history: list[dict]):
-    """After Stop: drop empty pending indicators, mark other pending blocks done."""
-    settled = []
-    for msg in history or []:
-        metadata = msg.get("metadata") or {}
-        if metadata.get("status") == "pending":
-            if not any(p for p in map(_to_part, _as_list(msg.get("content"))) if p):
-                continue
-            msg = {**msg, "metadata": {**metadata, "status": "done"}}
-        settled.append(msg)
-    return settled, settled
-
-
-def route_chat_events(demo, chat_fn, concurrency_limit: int | None):
-    """ChatInterface gives its browser events (submit, retry, edit, examples) and its API
-    event separate Gradio queues; give them one, with `concurrency_limit` (None: no limit)."""
-    for block_fn in demo.fns.values():
-        if getattr(block_fn.fn, "__wrapped__", None) is chat_fn:
-            block_fn.concurrency_id = GENERATION_CONCURRENCY_ID
-            block_fn.concurrency_limit = concurrency_limit
-
-
 # ---------------------------------------------------------------- serve: the UI, /v1, /healthz and /metrics on one server
 
 def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet: bool = False,
           on_listening=None, toolbox: Toolbox | None = None, **overrides):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics, as
     `settings` say (host, port, share, auth, api_key, max_new_tokens, queue_max_size,
-    log_chats, ...; `overrides` replace single ones). Returns (demo, local_url); with
-    block=True only when the server stops."""
+    log_chats, data_dir, save, ...; `overrides` replace single ones). Returns (demo,
+    local_url); with block=True only when the server stops. Raises StoreError when the
+    saved chats can't be opened, ValueError for a login that can't be read."""
     settings = (settings or Settings()).replace(**overrides)
+    logins = users.read_logins(settings.auth, settings.auth_file)
+    store, where = open_store(settings)
     line = waiting_line_for(runner, settings)
     with gradio_app_built_at_launch_only():
-        demo = build_demo(runner, line, settings, toolbox=toolbox)
+        demo = build_demo(runner, line, settings, toolbox=toolbox, store=store, where=where)
         demo.queue(max_size=settings.queue_max_size)
     wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
     if settings.log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
     # (Gradio's own queue holds chat events only on ZeroGPU; elsewhere they wait in the line.)
     metrics = Metrics(runner, waiting=lambda: line.waiting + ui_queue_depth(demo))
-    auth = tuple(settings.auth.split(":", 1)) if settings.auth else None
     server, local_url, share_url = demo.launch(
-        server_name=settings.host, server_port=settings.port, share=settings.share, auth=auth,
+        server_name=settings.host, server_port=settings.port, share=settings.share,
+        auth=list(logins.items()) or None, allowed_paths=[str(store.images)], css=CSS,
         max_file_size=settings.max_upload_size, max_threads=settings.queue_max_size + GRADIO_EXTRA_THREADS,
         prevent_thread_lock=True, quiet=quiet)
     if settings.share:
@@ -628,6 +970,11 @@ def main(argv: list[str] | None = None) -> int:
                 return ModelRunner.load(settings=settings)
             return EngineProcess.start(settings=settings)
         slot = ModelSlot(settings.served_model_name, load, one_at_a_time=True)
+    try:
+        users.read_logins(settings.auth, settings.auth_file)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     toolbox = None
     if settings.tools:
         try:
@@ -635,11 +982,15 @@ def main(argv: list[str] | None = None) -> int:
         except ToolsError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    if settings.share and not settings.auth:
+    if settings.share and not (settings.auth or settings.auth_file):
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
     # The UI first (importing gradio takes seconds), then the model: loading both at once
     # would only make them fight for the GIL.
-    demo, _ = serve(slot, settings, block=False, on_listening=slot.start, toolbox=toolbox)
+    try:
+        demo, _ = serve(slot, settings, block=False, on_listening=slot.start, toolbox=toolbox)
+    except StoreError as error:  # (a corrupt or newer database: one line, the file kept)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     slot.ready.wait()
     if slot.error is not None:
         message = str(slot.error) if isinstance(slot.error, ModelLoadError) else \
@@ -648,6 +999,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.close()
         return 1
     log.info("Model ready: %s on %s (%s).", slot.name, slot.device, slot.dtype)
+    log.info("%s", demo.chats.where)
     if toolbox is not None:
         if slot.supports_tools:
             log.info("Tools for the chat: %s.", ", ".join(toolbox.names))

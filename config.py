@@ -140,7 +140,20 @@ SETTINGS: tuple[Setting, ...] = (
             option=True, env="GRADIO_SERVER_NAME"),
     Setting("port", 7860, "port to serve on", option=True, env="GRADIO_SERVER_PORT"),
     Setting("share", False, "also create a temporary public *.gradio.live link", option=True),
-    Setting("auth", None, "require this login for the UI", option=True, metavar="USER:PASS"),
+    Setting("auth", None, "require a login for the UI: USER:PASS, repeatable (the variable takes a "
+            "comma-separated list); each user sees only their own saved chats", option=True, kind=_comma_list,
+            metavar="USER:PASS"),
+    Setting("auth_file", None, "logins for the UI from a file: one USER:PASS per line (# comments), beside "
+            "any --auth", option=True, metavar="PATH"),
+    # -- saved chats
+    Setting("save", True, "keep chats on the server, per user, across restarts (--no-save: only until the "
+            "app stops)", option=True, env="SAVE_CHATS"),
+    Setting("data_dir", None, "where saved chats live (a SQLite database and the images); default the OS's "
+            "per-user data folder, on a Space its persistent storage /data (else a temporary folder)",
+            option=True, metavar="DIR"),
+    Setting("max_saved_chats_per_user", 1000, "saved conversations one user may keep; beyond, the chat says "
+            "to delete some"),
+    Setting("max_saved_bytes_per_user", 1 << 30, "bytes of saved messages and images one user may keep"),
     Setting("log_chats", False, "log every prompt and answer (not logged otherwise)", option=True),
     Setting("queue_max_size", 64, "requests waiting for the model, UI and API in one line; beyond it: "
             "\"The server is busy\" in the chat, HTTP 503 server_busy on the API"),
@@ -178,7 +191,7 @@ def _problem(settings) -> str | None:
     """What can't work together, in one line (None: nothing)."""
     if settings.backend == "openai" and not settings.base_url:
         return "--backend openai needs --base-url (e.g. http://localhost:8000/v1)"
-    if settings.auth is not None and ":" not in settings.auth:
+    if any(":" not in login or login.startswith(":") for login in settings.auth or ()):
         return "--auth must be USER:PASS"
     if not 1 <= settings.max_new_tokens <= settings.max_new_tokens_limit:
         return f"--max-new-tokens must be between 1 and {settings.max_new_tokens_limit}"

@@ -89,6 +89,29 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
 
 
 TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
+MODEL_KEYS = ("role", "content", *TOOL_KEYS)  # what a stored message gives the model; the rest is for the reader
+
+
+def for_the_model(conversation: list[dict], system_prompt: str = "") -> list[dict]:
+    """The one place where a conversation as the chat keeps it (neutral messages that also
+    carry what the reader saw: reasoning, notes, errors, durations, figures) becomes the
+    messages the model is sent. Only MODEL_KEYS go; an assistant message with neither text
+    nor tool calls (an error, a note) is left out, and so is a user message that got no
+    answer (refused, failed, or stopped before any text): the model never sees a refused
+    turn, and one can't block the turns after it. The last message stays whatever it is."""
+    kept = []
+    for message in conversation:
+        message = {key: message[key] for key in MODEL_KEYS if key in message}
+        message["content"] = [part for part in message.get("content") or []
+                              if part.get("type") != "text" or part.get("text", "").strip()]
+        if message["role"] == "assistant" and not message["content"] and not message.get("tool_calls"):
+            continue
+        kept.append(message)
+    answered = [message for message, after in zip(kept, [*kept[1:], None])
+                if message["role"] != "user" or after is None or after["role"] != "user"]
+    system = [{"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]}] \
+        if system_prompt and system_prompt.strip() else []
+    return system + answered
 
 
 def alternate_roles(messages: list[dict]) -> list[dict]:

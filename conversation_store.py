@@ -19,6 +19,7 @@ one StoreError line and is left as it is, never wiped.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import hashlib
@@ -26,22 +27,31 @@ import io
 import json
 import os
 import secrets
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import platformdirs
 from PIL import Image
 
 from engine_contract import ToolCall
 
+APP_FOLDER = "local-model-chat"  # the per-user data folder's name, and on a Space under /data
+SPACE_STORAGE = Path("/data")    # a Space's persistent storage, when one is attached
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "local-model-chat/conversation"
 MAX_CONVERSATIONS_PER_USER = 1000
 MAX_BYTES_PER_USER = 1 << 30       # messages and images, each image counted once per user
 TITLE_CHARS = 80
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+# What a message keeps beside its role and content: for the model (a tool call's id and name),
+# and for the reader (the reasoning and how long it took, a tool's duration, the answer's
+# figures, notes and an error shown with it).
+EXTRA_KEYS = ("reasoning", "reasoning_seconds", "tool_call_id", "name", "duration", "figures", "notes", "error")
 
 _SCHEMA = """
 CREATE TABLE conversations (
@@ -179,16 +189,15 @@ class ConversationStore:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.execute("DELETE FROM conversations WHERE id=?", (conversation_id,))
-            for name in hashes:
-                if self._db.execute("SELECT 1 FROM images WHERE sha256 || suffix=?", (name,)).fetchone() is None:
-                    (self._image_path(name)).unlink(missing_ok=True)
+            self._delete_image_files(set(hashes))
 
     # ------------------------------------------------------------ messages
 
-    def append(self, user: str, conversation_id: str, messages: list[dict]) -> None:
+    def append(self, user: str, conversation_id: str, messages: list[dict], *, keep: int | None = None) -> None:
         """Messages at the end of the conversation, in one transaction (a finished turn is
-        there, whole, once this returns). The first user message's text titles a conversation
-        that has no title yet."""
+        there, whole, once this returns). With `keep`, only the first `keep` messages stay
+        before them (a retry, an edit, an undo): the images no message uses any more go too.
+        The first user message's text titles a conversation that has no title yet."""
         stored = [self._to_stored(message) for message in messages]
         bodies = [json.dumps(body, ensure_ascii=False) for body, _ in stored]
         images = {image["sha256"]: image for _, found in stored for image in found}
@@ -197,14 +206,19 @@ class ConversationStore:
             new_bytes = sum(map(len, bodies)) + sum(
                 image["bytes"] for image in images.values() if not self._user_has_image(user, image["sha256"]))
             used = self._usage(user)
-            if used + new_bytes > self.max_bytes:
+            if new_bytes and used + new_bytes > self.max_bytes:
                 raise LimitReached(f"Your saved conversations hold {used // 2**20} MB, the most this "
                                    f"server keeps for one user is {self.max_bytes // 2**20} MB: delete some to "
                                    f"save new ones.")
             for image in images.values():
                 self._write_image(image)
+            dropped: set[str] = set()
             with self._db:
                 self._db.execute("BEGIN")
+                if keep is not None:
+                    self._db.execute("DELETE FROM messages WHERE conversation=? AND position>=?",
+                                     (conversation_id, keep))
+                    dropped = self._forget_unused_images(conversation_id)
                 start = self._db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation=?",
                                          (conversation_id,)).fetchone()[0]
                 self._db.executemany("INSERT INTO messages VALUES (?, ?, ?)",
@@ -215,6 +229,30 @@ class ConversationStore:
                 title = next((body["text"] for body, _ in stored if body["role"] == "user" and body["text"]), "")
                 self._db.execute("UPDATE conversations SET updated=?, title=CASE WHEN title='' THEN ? ELSE title END "
                                  "WHERE id=?", (time.time(), " ".join(title.split())[:TITLE_CHARS], conversation_id))
+            self._delete_image_files(dropped - {image["sha256"] + image["suffix"] for image in images.values()})
+
+    def _forget_unused_images(self, conversation_id: str) -> set[str]:
+        """(In a transaction) Drop the conversation's image rows its messages no longer use;
+        returns their file names."""
+        used = {part["sha256"] + part["suffix"]
+                for (body,) in self._db.execute("SELECT body FROM messages WHERE conversation=?", (conversation_id,))
+                for part in json.loads(body)["content"] if part["type"] == "image"}
+        rows = self._db.execute("SELECT sha256, suffix FROM images WHERE conversation=?", (conversation_id,)).fetchall()
+        unused = {sha + suffix for sha, suffix in rows if sha + suffix not in used}
+        self._db.executemany("DELETE FROM images WHERE conversation=? AND sha256 || suffix=?",
+                             [(conversation_id, name) for name in unused])
+        return unused
+
+    def _delete_image_files(self, names: set[str]) -> None:
+        """(Under the lock) The files of these images, unless a conversation still uses them."""
+        for name in names:
+            if self._db.execute("SELECT 1 FROM images WHERE sha256 || suffix=?", (name,)).fetchone() is None:
+                self._image_path(name).unlink(missing_ok=True)
+
+    def title(self, user: str, conversation_id: str) -> str:
+        with self._lock:
+            self._owned(user, conversation_id)
+            return self._db.execute("SELECT title FROM conversations WHERE id=?", (conversation_id,)).fetchone()[0]
 
     def messages(self, user: str, conversation_id: str) -> list[dict]:
         """The conversation as the app's neutral messages: images as paths of files in the
@@ -255,9 +293,11 @@ class ConversationStore:
                 image = _image_bytes(part["image"])
                 images.append(image)
                 parts.append({"type": "image", "sha256": image["sha256"], "suffix": image["suffix"]})
+            else:
+                raise StoreError(f"A message part of type {part.get('type')!r} can't be saved (text and images can).")
         body = {"role": message["role"], "content": parts,
                 "text": " ".join(p["text"] for p in parts if p["type"] == "text")}  # (searched)
-        for key in ("reasoning", "tool_call_id", "name", "duration", "figures"):
+        for key in EXTRA_KEYS:
             if message.get(key) is not None:
                 body[key] = message[key]
         if message.get("tool_calls"):
@@ -273,7 +313,7 @@ class ConversationStore:
             else:
                 content.append(part)
         message = {"role": body["role"], "content": content}
-        for key in ("reasoning", "tool_call_id", "name", "duration", "figures"):
+        for key in EXTRA_KEYS:
             if key in body:
                 message[key] = body[key]
         if body.get("tool_calls"):
@@ -350,7 +390,7 @@ class ConversationStore:
                 message = {"role": body["role"], "content": content}
                 if body["role"] not in ("system", "user", "assistant", "tool"):
                     raise ValueError(f"a message's role is {body['role']!r}")
-                for key in ("reasoning", "tool_call_id", "name", "duration", "figures"):
+                for key in EXTRA_KEYS:
                     if key in body:
                         message[key] = body[key]
                 if body.get("tool_calls"):
@@ -376,9 +416,12 @@ def _image_bytes(source) -> dict:
         source.save(buffer, format="PNG")
         data, suffix = buffer.getvalue(), ".png"
     else:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            suffix = IMAGE_FORMATS.get(image.format, ".png")
+        try:
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as image:
+                suffix = IMAGE_FORMATS[image.format]
+        except (OSError, Image.DecompressionBombError) as error:
+            raise StoreError(f"An image can't be saved: it is not a picture this app reads ({error}).") from None
     return {"sha256": hashlib.sha256(data).hexdigest(), "suffix": suffix, "bytes": len(data), "data": data}
 
 
@@ -391,3 +434,41 @@ def _decoded_image(data: str) -> bytes:
     except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"an image is not readable: {error}") from None
     return raw
+
+
+def open_store(settings, environ=os.environ) -> tuple[ConversationStore, str]:
+    """The store the app keeps its chats in, as `settings` say (data_dir, save, the limits),
+    and one line saying where they live for the log and the page. StoreError when the
+    directory or its database can't be used.
+
+    - --no-save: a temporary folder, removed when the app stops.
+    - --data-dir DIR: there.
+    - On a Space: its persistent storage (/data) when attached, else a temporary folder.
+    - Elsewhere: the OS's per-user data folder (~/.local/share/local-model-chat on Linux,
+      ~/Library/Application Support/local-model-chat on macOS, %LOCALAPPDATA% on Windows).
+    """
+    if not settings.save:
+        directory, where = _temporary_directory(), "Chats are not saved (--no-save): they last until the app stops."
+    elif settings.data_dir:
+        directory = Path(settings.data_dir).expanduser()
+        where = f"Chats are saved on this server in {directory}."
+    elif environ.get("SPACE_ID"):
+        if SPACE_STORAGE.is_dir() and os.access(SPACE_STORAGE, os.W_OK):
+            directory = SPACE_STORAGE / APP_FOLDER
+            where = f"Chats are saved in this Space's persistent storage ({directory})."
+        else:
+            directory = _temporary_directory()
+            where = ("This Space has no persistent storage: chats last until it restarts (attach storage in the "
+                     "Space's settings to keep them).")
+    else:
+        directory = Path(platformdirs.user_data_dir(APP_FOLDER, appauthor=False))
+        where = f"Chats are saved on this server in {directory}."
+    store = ConversationStore(directory, max_conversations=settings.max_saved_chats_per_user,
+                              max_bytes=settings.max_saved_bytes_per_user)
+    return store, where
+
+
+def _temporary_directory() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="chats-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory

@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="gradio-test-"))
+os.environ.setdefault("DATA_DIR", tempfile.mkdtemp(prefix="chats-test-"))  # apps started as programs keep chats here
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -183,6 +184,7 @@ def serve(monkeypatch):
     demos = []
 
     def start(runner, **options):
+        options.setdefault("data_dir", tempfile.mkdtemp(prefix="chats-"))  # each test's own saved chats
         spy = StreamSpy(runner)
         monkeypatch.setattr(runner, "stream", spy)
         demo, url = app.serve(runner, host="127.0.0.1", port=free_port(), block=False, quiet=True,

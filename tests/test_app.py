@@ -143,31 +143,6 @@ def test_every_chat_event_waits_in_the_apps_line_not_in_gradios(idefics3_runner)
     assert all(fn.concurrency_limit is None for fn in chat_events)
 
 
-def test_both_history_shapes_become_the_same_model_messages(tmp_path):
-    browser = [
-        {"role": "user", "metadata": None, "options": None, "content": [
-            {"type": "file", "file": {"path": "/up/cat.png", "mime_type": "image/png"}},
-            {"type": "text", "text": "What is this?"}]},
-        {"role": "assistant", "metadata": {"title": app.THINKING_TITLE}, "content": [{"type": "text", "text": ""}]},
-        {"role": "assistant", "metadata": None, "content": [{"type": "text", "text": "A cat."}]},
-    ]
-    api = [
-        {"role": "user", "content": [{"path": "/up/cat.png"}, "What is this?"]},
-        {"role": "assistant", "content": "A cat."},
-    ]
-    expected = [
-        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "image", "image": "/up/cat.png"},
-                                     {"type": "text", "text": "What is this?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-        {"role": "user", "content": [{"type": "image", "image": "/up/dog.jpg"},
-                                     {"type": "text", "text": "And this?"}]},
-    ]
-    new = {"text": "And this?", "files": ["/up/dog.jpg"]}
-    assert app.to_model_messages(browser, new, "Be brief.") == expected
-    assert app.to_model_messages(api, new, "Be brief.") == expected
-
-
 def run_app(*args, timeout=120):
     from tests.conftest import free_port
     # a free port: the UI starts before the model loads, and 7860 may be another app's
@@ -196,18 +171,6 @@ def test_an_unreachable_model_exits_with_one_clear_line(model, expected):
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_stop_before_the_first_token_leaves_no_spinner_behind():
-    thinking = {"role": "assistant", "content": [{"type": "text", "text": ""}],
-                "metadata": {"title": app.THINKING_TITLE, "status": "pending"}}
-    reasoning = {"role": "assistant", "content": [{"type": "text", "text": "Let me see"}],
-                 "metadata": {"title": "Thinking", "status": "pending"}}
-    asked = {"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None}
-    settled, state = app.settle_pending_messages([asked, thinking])
-    assert settled == state == [asked]
-    settled, _ = app.settle_pending_messages([asked, reasoning])
-    assert settled[-1]["metadata"]["status"] == "done" and settled[-1]["content"] == reasoning["content"]
 
 
 def test_a_broken_model_directory_exits_with_one_clear_line(tiny_model_paths, tmp_path):

@@ -57,9 +57,9 @@ def open_app(page, url):
 
 def send(page, text, *files):
     if files:
-        page.set_input_files("input[type=file]", [str(f) for f in files])
+        page.set_input_files("#chat-input input[type=file]", [str(f) for f in files])
         expect(page.locator(".thumbnail-item, .thumbnails img").first).to_be_visible(timeout=10_000)
-    page.locator("textarea").first.fill(text)
+    page.locator("#chat-input textarea").fill(text)
     page.keyboard.press("Enter")
 
 
@@ -209,26 +209,101 @@ def test_retry_and_saved_conversations_survive_a_reload(serve, idefics3_runner, 
     assert history[0]["content"][0]["type"] == "image", "and its image still reaches the model"
 
 
-def test_a_deleted_conversation_stays_deleted_after_a_reload(serve, llama_runner, page):
+def test_delete_from_the_list_and_it_stays_deleted(serve, llama_runner, page):
     url, spy = serve(llama_runner, max_new_tokens=5)
     open_app(page, url)
     answered(page, spy, lambda: send(page, "conversation to delete"))
-    # saved (in the chat and the sidebar) before a new chat starts: under load (CI) the save
-    # can come after the page is idle, and a new chat then starts from an unsaved one
-    expect(page.get_by_text("conversation to delete")).to_have_count(2)
     page.get_by_role("button", name="New chat").click()
     answered(page, spy, lambda: send(page, "conversation to keep"))
-    expect(page.get_by_text("conversation to keep")).to_have_count(2)  # in the chat and, saved, the sidebar
-    sidebar = page.get_by_text("conversation to delete")
-    expect(sidebar).to_have_count(1)
-    sidebar.click()
+    chats = page.locator("#chat-list")
+    expect(chats.get_by_text("conversation to delete")).to_have_count(1)
+    chats.get_by_text("conversation to delete").click()
     expect(page.locator(".user-row").get_by_text("conversation to delete")).to_be_visible()
-    page.locator("button[aria-label=Clear]").click()
-    expect(page.get_by_text("conversation to delete")).to_have_count(0)
+    page.get_by_text("This chat").click()
+    page.once("dialog", lambda dialog: dialog.accept())  # "Delete this chat?"
+    page.get_by_role("button", name="🗑 Delete").click()
+    expect(chats.get_by_text("conversation to delete")).to_have_count(0)
+    expect(page.locator(".user-row")).to_have_count(0)
     page.reload()
-    page.wait_for_selector("textarea")
-    expect(page.get_by_text("conversation to keep")).to_have_count(1)
+    page.wait_for_selector("#chat-input textarea")
+    expect(chats.get_by_text("conversation to keep")).to_have_count(1)
     expect(page.get_by_text("conversation to delete")).to_have_count(0)
+
+
+def test_new_chat_mid_answer_keeps_the_conversation_before_it(serve, llama_runner, page):
+    """New chat while the answer streams: the answer stops, and the conversation (the message
+    and what was shown of the answer) is in the list, whole."""
+    url, spy = serve(llama_runner, max_new_tokens=300)
+    open_app(page, url)
+    with pytest.MonkeyPatch.context() as patch:
+        release = hold_generation(patch, llama_runner.model, after_calls=20)
+        send(page, "a message I must not lose")
+        wait_for(lambda: answer_text(page), 30, "the answer to start")
+        page.get_by_role("button", name="New chat").click()
+        stream = spy.streams[-1]
+        wait_for(lambda: stream.closed_at is not None, 10, "New chat to stop the answer")
+        release.set()
+    expect(page.locator(".user-row")).to_have_count(0)
+    chats = page.locator("#chat-list")
+    expect(chats.get_by_text("a message I must not lose")).to_have_count(1)
+    chats.get_by_text("a message I must not lose").click()
+    expect(page.locator(".user-row").get_by_text("a message I must not lose")).to_be_visible()
+    assert answer_text(page), "what was shown of the answer is kept"
+
+
+def test_a_conversation_and_its_image_survive_a_restart_of_the_app(idefics3_runner, images, page, tmp_path):
+    """Chat with an image, stop the app, start it again on the same data directory: the same
+    browser finds the conversation in the list, its image and answer, and goes on with it."""
+    from tests.conftest import StreamSpy, free_port
+    port, data = free_port(), tmp_path / "data"
+    spy = StreamSpy(idefics3_runner)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(idefics3_runner, "stream", spy)
+        demo, url = app.serve(idefics3_runner, host="127.0.0.1", port=port, block=False, quiet=True,
+                              data_dir=str(data), max_new_tokens=12)
+        try:
+            open_app(page, url)
+            answered(page, spy, lambda: send(page, "What colour is this?", images["red"]))
+            first_answer = spy.streams[-1].text
+            page.get_by_role("button", name="New chat").click()
+        finally:
+            demo.close()
+        demo, url = app.serve(idefics3_runner, host="127.0.0.1", port=port, block=False, quiet=True,
+                              data_dir=str(data), max_new_tokens=12)
+        try:
+            page.reload()
+            page.wait_for_selector("#chat-input textarea")
+            chats = page.locator("#chat-list")
+            expect(chats.get_by_text("What colour is this?")).to_have_count(1)
+            chats.get_by_text("What colour is this?").click()
+            expect(page.locator(".user-row img").first).to_be_visible()
+            assert answer_text(page).strip()[:8] == first_answer.strip()[:8]
+            answered(page, spy, lambda: send(page, "And now?"))
+            sent = spy.calls[-1][0]
+            assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+            assert sent[0]["content"][0]["type"] == "image", "the saved image reaches the model again"
+            page.screenshot(path=str(ARTIFACTS / "saved-chats.png"), full_page=True)
+        finally:
+            demo.close()
+
+
+def test_on_a_phone_the_list_folds_away_and_the_chat_starts_at_the_top(serve, llama_runner, browser):
+    url, spy = serve(llama_runner, max_new_tokens=5)
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    phone = context.new_page()
+    try:
+        open_app(phone, url)
+        answered(phone, spy, lambda: send(phone, "hello from a phone"))
+        time.sleep(0.5)
+        assert not phone.locator("#chat-list").is_visible() or \
+            phone.locator("#chat-list").bounding_box()["x"] + phone.locator("#chat-list").bounding_box()["width"] <= 0, \
+            "the list is folded away"
+        assert phone.locator("#chat").bounding_box()["y"] < 300, "the chat starts near the top of the screen"
+        phone.get_by_role("button", name="Toggle Sidebar").click()
+        expect(phone.locator("#chat-list").get_by_text("hello from a phone")).to_be_in_viewport()
+        phone.screenshot(path=str(ARTIFACTS / "phone-list.png"))
+    finally:
+        context.close()
 
 
 def test_a_starter_example_runs_with_its_picture(serve, idefics3_runner, page):

@@ -13,6 +13,7 @@ import pytest
 from gradio_client import Client
 
 import app
+from conversation import for_the_model
 from tests.conftest import break_forward, wait_for
 from tests.test_app import chat, error_of, message, text_of
 from tests.test_reliability import long_text
@@ -159,21 +160,25 @@ def test_an_api_stream_stopped_before_any_text_leaves_the_conversation_usable(se
 
 
 def test_what_the_model_sees_of_a_chat_with_refused_turns():
-    """The rule in one place (app.to_model_messages): a user message without an answer is
-    left out, with its error note; answered turns (even a partial answer before an error)
-    stay."""
-    error = {"role": "assistant", "content": "This message is too long…",
-             "metadata": {"title": app.ERROR_TITLE}}
-    history = [
-        {"role": "user", "content": "one"}, {"role": "assistant", "content": "answer one"},
-        {"role": "user", "content": "refused"}, error,
-        {"role": "user", "content": "stopped"},  # Stop before any text: no reply at all
-        {"role": "user", "content": "failed midway"}, {"role": "assistant", "content": "half an ans"},
-        {**error, "content": "Generation failed: device lost"},
-        {"role": "user", "content": "thought only"},
-        {"role": "assistant", "content": "hmm", "metadata": {"title": app.REASONING_TITLE, "status": "done"}},
+    """The rule in one place (conversation.for_the_model): a user message without an answer
+    is left out, with its error; answered turns (even a partial answer before an error)
+    stay; what only the reader saw (reasoning, notes, figures, errors) never reaches the model."""
+    def text(t):
+        return [{"type": "text", "text": t}]
+    kept = [
+        {"role": "user", "content": text("one")},
+        {"role": "assistant", "content": text("answer one"), "reasoning": "hmm", "reasoning_seconds": 1.0,
+         "figures": "⏱ 3 tokens", "notes": ["an image was downscaled"]},
+        {"role": "user", "content": text("refused")}, {"role": "assistant", "content": [], "error": "too long"},
+        {"role": "user", "content": text("stopped")},  # Stop before any text: no reply at all
+        {"role": "user", "content": text("failed midway")},
+        {"role": "assistant", "content": text("half an ans"), "error": "Generation failed: device lost"},
+        {"role": "user", "content": text("thought only")},
+        {"role": "assistant", "content": [], "reasoning": "hmm"},
+        {"role": "user", "content": text("next")},
     ]
-    seen = app.to_model_messages(history, {"text": "next", "files": []})
+    seen = for_the_model(kept, "Be brief.")
     assert [(m["role"], m["content"][0]["text"]) for m in seen] == [
-        ("user", "one"), ("assistant", "answer one"), ("user", "failed midway"),
+        ("system", "Be brief."), ("user", "one"), ("assistant", "answer one"), ("user", "failed midway"),
         ("assistant", "half an ans"), ("user", "next")]
+    assert all(set(m) <= {"role", "content"} for m in seen), "only what the model reads"

@@ -201,15 +201,15 @@ def test_the_chat_runs_a_tool_and_shows_the_call_the_result_then_the_answer(serv
     assert "🛠 tools: get_weather" in app.header_markdown(tools_runner, Toolbox.load([write_tools(tmp_path, WEATHER)]))
 
 
-def test_a_saved_chat_sends_its_calls_and_results_back_to_the_model(serve, tools_runner, tmp_path):
+def test_the_next_message_sends_the_calls_and_results_back_to_the_model(serve, tools_runner, tmp_path):
+    """/chat keeps its session's conversation as the chat keeps it, tool calls and results
+    included (no text parsed back): the next message's prompt holds them, as the model wrote them."""
     url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, WEATHER))
     client = Client(url, verbose=False)
-    final = submit(client, "What's the weather in Paris?").result(timeout=60)
-    history = [{"role": "user", "content": "What's the weather in Paris?"},
-               *[{"role": "assistant", **b} if "role" not in b else b for b in bubbles(final)]]
-    messages = app.to_model_messages(history, "and tomorrow?")
-    roles = [m["role"] for m in messages]
-    assert roles == ["user", "assistant", "tool", "assistant", "user"]
+    submit(client, "What's the weather in Paris?").result(timeout=60)
+    submit(client, "and tomorrow?").result(timeout=60)
+    messages = spy.calls[-1][0]
+    assert [m["role"] for m in messages][:5] == ["user", "assistant", "tool", "assistant", "user"]
     assert messages[1]["tool_calls"][0].name == "get_weather"
     assert messages[1]["tool_calls"][0].arguments == {"city": "Paris"}
     assert messages[2]["content"][0]["text"] == "12 °C and sunny in Paris"
@@ -218,6 +218,7 @@ def test_a_saved_chat_sends_its_calls_and_results_back_to_the_model(serve, tools
     prompt = tools_runner.tokenizer.decode(inputs["input_ids"][0])
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
     assert "<tool_response>\n12 °C and sunny in Paris\n</tool_response>" in prompt
+    client.close()
 
 
 def test_a_tool_that_raises_shows_its_error_and_the_model_reads_it(serve, tools_runner, tmp_path):
