@@ -8,10 +8,12 @@ Launch:
     python app.py --help                            # every option and its environment variable
 
 Endpoints (same server):
-    /                  the chat UI
+    /                  the chat UI; its conversations are kept on the server, per user
+                       (conversation_store.py, users.py; --data-dir, --no-save)
     /chat (Gradio API) gradio_client: Client(url).submit({"text": ..., "files": [handle_file(p)]},
                        system_prompt, max_new_tokens, temperature, top_p, api_name="/chat")
-                       streams the growing answer; job.cancel() stops generation.
+                       streams the growing answer; job.cancel() stops generation. Its
+                       conversation is the client session's own, not saved.
     /v1/chat/completions, /v1/models   OpenAI-compatible API (see openai_api.py)
     /healthz           model, device, loaded, and the runner record (engine_contract.RunnerInfo)
     /metrics           Prometheus metrics
@@ -391,6 +393,7 @@ class Chats:
         self.zero_gpu = on_zero_gpu()
         self.answer_steps = make_answer_steps(runner, settings, line=line, zero_gpu=self.zero_gpu, toolbox=toolbox)
         self.turns = OneTurnAtATime()
+        self.answered: set[str] = set()  # conversations whose last turn ran to its end (not stopped)
         self.examples = starter_examples()
         self.scratch = Path(tempfile.mkdtemp(prefix="chat-undo-"))  # images an undo puts back in the textbox
         atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
@@ -588,6 +591,7 @@ class Chats:
         then saved (stopped: what was shown)."""
         if not turn or not conversation:
             return
+        self.answered.discard(conversation)
         answer, saved = [], False
         await self.turns.acquire(conversation)
         try:
@@ -597,6 +601,7 @@ class Chats:
             except StoreError as error:
                 before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
                 yield [*chat_bubbles(before), *chat_bubbles([turn["message"]]), bubble(str(error), title=ERROR_TITLE)]
+                self.answered.add(conversation)
                 return
             shown = chat_bubbles(stored)
             generation = self.generation_settings(len(shown), max_new_tokens, temperature, top_p)
@@ -610,6 +615,7 @@ class Chats:
                     self.store.append(user, conversation, settled(answer))
                 except StoreError as error:
                     yield [*shown, *chat_bubbles(answer), bubble(f"This answer was not saved: {error}", title=ERROR_TITLE)]
+            self.answered.add(conversation)
         finally:
             if answer and not saved:  # stopped: keep what was shown
                 try:
@@ -619,11 +625,11 @@ class Chats:
             self.turns.release(conversation)
 
     async def end_turn(self, conversation, user, search):
-        """After a turn, answered or stopped: the chat drawn from the store (once the answer is
-        saved: a Stop's reaches the store when Gradio has cancelled the turn), the list, the
-        textbox back."""
+        """After a turn: the list, the textbox back, and, when it was stopped, the chat drawn
+        from the store once the stopped answer is saved (no spinner left turning; a Stop's save
+        comes when Gradio has cancelled the turn, after Stop's own event)."""
         shown = gr.skip()
-        if conversation:
+        if conversation and conversation not in self.answered:
             async with self.turns.held(conversation, STOP_SAVE_WAIT_S):
                 try:
                     shown = chat_bubbles(self.store.messages(user, conversation))
@@ -789,7 +795,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
 
             timer.tick(refresh_header, outputs=[header, timer], **quick)
             demo.load(refresh_header, outputs=[header, timer], **quick)
-    demo.chats = chats
+    demo.chats, chats.demo = chats, demo  # (tests reach the events and the store through them)
     return demo
 
 

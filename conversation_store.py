@@ -118,10 +118,7 @@ class ConversationStore:
                       f"away (or point --data-dir elsewhere) to start with no saved chats")
         try:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash of the app loses nothing committed)
-            db.execute("PRAGMA foreign_keys=ON")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            version = db.execute("PRAGMA user_version").fetchone()[0]  # (read before anything is written)
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as error:
             raise StoreError(f"{unreadable} ({error}).") from None
@@ -135,6 +132,9 @@ class ConversationStore:
                 db.close()
                 raise StoreError(f"{unreadable} (it holds other tables: {', '.join(sorted(tables))}).")
             db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")  # (whole or not at all)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash of the app loses nothing committed)
+        db.execute("PRAGMA foreign_keys=ON")
         return db
 
     def close(self) -> None:

@@ -27,6 +27,8 @@ ID_BYTES = 18
 def read_logins(auth: tuple[str, ...] | None, auth_file: str | None) -> dict[str, str]:
     """USER -> PASS from --auth (each USER:PASS) and --auth-file (one per line, # comments).
     ValueError, one line, for a login that can't be read."""
+    if isinstance(auth, str):  # (one login, as a library caller may give it)
+        auth = (auth,)
     entries = [("--auth", login) for login in auth or ()]
     if auth_file:
         try:

@@ -96,6 +96,8 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import app  # noqa: E402
+import users  # noqa: E402
+from conversation import for_the_model  # noqa: E402
 from engine_process import EngineProcess  # noqa: E402
 from model_runner import GenerationSettings, IncrementalTextStreamer, ModelRunner, default_torch_threads  # noqa: E402
 
@@ -404,9 +406,9 @@ def serve_model(m: Model, torch_threads: int) -> None:
                                    record_token_times=True)
     m.clean = CleanProcess(m.path, m.runner.device, torch_threads, compile)
     m.spy = StreamSpy(m.engine)
-    m.demo, m.url = app.serve(m.engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+    m.demo, m.url = app.serve(m.engine, host="127.0.0.1", port=free_port(), block=False, quiet=True, save=False)
     m.spy_in = StreamSpy(m.runner)
-    m.demo_in, m.url_in = app.serve(m.runner, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+    m.demo_in, m.url_in = app.serve(m.runner, host="127.0.0.1", port=free_port(), block=False, quiet=True, save=False)
 
 
 def stop_serving(m: Model) -> None:
@@ -684,8 +686,8 @@ def fig_stop(ctx) -> dict:
 
 
 def browser_history(messages: int) -> list[dict]:
-    """A chat as the browser's chatbot holds it (normalised message blocks). Short
-    messages: the prompt stays ~3k tokens, so the model's own cost grows less."""
+    """A chat as the app keeps it (neutral messages). Short messages: the prompt stays ~3k
+    tokens, so the model's own cost grows less."""
     turns = []
     for _ in range(messages // 2):
         turns.append({"role": "user", "content": [{"type": "text", "text": "Hi!"}]})
@@ -694,11 +696,11 @@ def browser_history(messages: int) -> list[dict]:
 
 
 def fig_long_chat(ctx) -> dict:
-    """5. Server CPU per generated token, empty history vs a long one. The history is
-    loaded into the session's chatbot_state through ChatInterface's own chatbot -> state
-    sync event (the non-queued event the browser fires after every turn), then one turn
-    runs through the /chat API (answer = a string; history in State) or through the
-    browser's event (answer = the whole chatbot, postprocessed and diffed per update).
+    """5. Server CPU per generated token, empty history vs a long one, in the browser's
+    event (answer = the whole chatbot, postprocessed and diffed per update). The long
+    history is a saved conversation (a fresh copy per turn, so its length stays), opened
+    by the page load as a reload of the browser that keeps it would; then one turn runs.
+    (The /chat API's history is its session's own, built turn by turn: not preloaded here.)
     CPU is user+system time of the web server process (this one: Gradio, HTTP, the chat
     fn) and of the engine process (the model), read by the client process (psutil) when
     the first text arrives and when the event completes, divided by the tokens generated
@@ -707,13 +709,21 @@ def fig_long_chat(ctx) -> dict:
     growth is the model attending over a longer prompt, shown beside it."""
     m, n = ctx.main, ctx.sizes.chat_tokens
     history = browser_history(ctx.sizes.history_messages)
-    prompt_tokens = {k: int(m.runner.build_inputs(app.to_model_messages(h, {"text": m.text, "files": m.files}))
-                            ["input_ids"].shape[-1]) for k, h in (("empty", []), ("long", history))}
+    asked = app.user_message({"text": m.text, "files": m.files})
+    prompt_tokens = {k: int(m.runner.build_inputs(for_the_model([*h, asked]))["input_ids"].shape[-1])
+                     for k, h in (("empty", []), ("long", history))}
+    chats = m.demo.chats
+    token = chats.browser_ids.issue()
+    user = users.user_key(browser_id=chats.browser_ids.check(token))
 
     def app_turn(hist, browser):
         def run():
+            kept = {"id": token}
+            if hist:
+                kept["open"] = chats.store.create(user, "a long chat")
+                chats.store.append(user, kept["open"], hist)
             r = ctx.client("chat", url=m.url, text=m.text, files=m.files, extra=m.extra(n),
-                           history=hist, browser=browser, cpu_pids=[os.getpid(), m.engine.pid])
+                           kept=kept, browser=browser, cpu_pids=[os.getpid(), m.engine.pid])
             stream = m.spy.last()
             assert r["success"] and stream.new_tokens == n, r.get("error")
             tokens = sum(t > r["t_first_text"] for t in token_times(stream))
@@ -726,7 +736,6 @@ def fig_long_chat(ctx) -> dict:
 
     variants, updates = {}, {}
     for key, hist in (("empty", []), ("long", history)):
-        variants[f"api {key}"] = app_turn(hist, browser=False)
         variants[f"browser {key}"] = app_turn(hist, browser=True)
     runs = interleaved(variants, ctx.sizes.few_rounds, warmup=False)
     ms = {f"{k} {part}": 1000 * median(r[part] for r in v) for k, v in runs.items()
@@ -734,7 +743,7 @@ def fig_long_chat(ctx) -> dict:
     out = {"history_messages": len(history), "prompt_tokens": prompt_tokens, "tokens": n,
            "cpu_seconds_per_token": runs, "median_ms_per_token": ms,
            "updates_per_token": {k: median(updates[v]) for k, v in variants.items()}}
-    for path in ("api", "browser"):
+    for path in ("browser",):
         ratios = {part: median(paired([r[part] for r in runs[f"{path} long"]],
                                       [r[part] for r in runs[f"{path} empty"]], lambda a, b: a / b))
                   for part in ("web", "engine", "total")}
@@ -799,7 +808,7 @@ def fig_concurrency(ctx) -> dict:
     if not m.runner.is_vision:
         engine = EngineProcess.start(m.path, device=m.runner.device, batching="on",
                                      torch_threads=m.engine_threads)
-        demo, url = app.serve(engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+        demo, url = app.serve(engine, host="127.0.0.1", port=free_port(), block=False, quiet=True, save=False)
         try:
             out["batching"], line = measure("batching", url)
         finally:

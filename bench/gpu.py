@@ -280,7 +280,7 @@ def measure_mode(bench: Bench, mode: str, budget: float) -> None:
         if not args.no_app:
             import app
             spy = StreamSpy(engine)  # forces min_new_tokens = max_new_tokens for the app's answers
-            demo, url = app.serve(engine, host="127.0.0.1", port=free_port(), block=False, quiet=True)
+            demo, url = app.serve(engine, host="127.0.0.1", port=free_port(), block=False, quiet=True, save=False)
             client = ClientProcess()
 
             def app_answer(tokens):

@@ -47,8 +47,14 @@ def dependency(url: str, api_name: str) -> dict:
 
 
 def chat_events(url: str) -> dict[str, int]:
-    """fn indices of a ChatInterface: the API endpoint /chat, the browser's generation
-    event, the browser's textbox -> saved_input step, and the chatbot -> chatbot_state sync."""
+    """fn indices of the chat's events. The app's: the API endpoint /chat, and the browser's
+    page load (start_session), textbox submit (begin_turn) and answer (respond). A plain
+    ChatInterface's (the benchmark's floor): /chat, the browser's generation event, the
+    textbox -> saved_input step, and the chatbot -> chatbot_state sync."""
+    names = {dep.get("api_name") for dep in config(url)["dependencies"]}
+    if "_submit_fn" not in names:
+        return {"api": dependency(url, "chat")["id"], "start": dependency(url, "start_session")["id"],
+                "begin": dependency(url, "begin_turn")["id"], "browser": dependency(url, "respond")["id"]}
     browser = dependency(url, "_submit_fn")
     saved_input, chatbot_state = browser["inputs"][:2]
     chatbot = browser["outputs"][1]
@@ -203,14 +209,24 @@ def _message(session: Session, text: str, files: list[str]) -> dict:
     return {"text": text, "files": [session.upload(p) for p in files]}
 
 
-def chat(url, text, files=(), extra=(), *, history=None, browser=False,
+def chat(url, text, files=(), extra=(), *, history=None, browser=False, kept=None,
          cancel_after_updates=None, cpu_pids=None, http=None) -> dict:
     """One chat turn in a new session, through the /chat API (default) or the browser's
-    generation event (browser=True). history: preloaded into the session's
-    chatbot_state through ChatInterface's own chatbot -> state sync event."""
+    generation event (browser=True). The app's browser events: the page load with `kept`
+    (what the browser keeps: its signed id, and the saved conversation open, whose history
+    the turn continues), the textbox submit, the answer. A plain ChatInterface's: history
+    preloaded into the session's chatbot_state through its own chatbot -> state sync event."""
     session = Session(url, http)
     events = chat_events(url)
     message = _message(session, text, list(files))
+    if "start" in events:
+        if not browser:
+            return session.submit(events["api"], [message, None, *extra],
+                                  cancel_after_updates=cancel_after_updates, cpu_pids=cpu_pids)
+        user, conversation, kept, _, _ = session.predict(events["start"], [kept or {}])
+        session.predict(events["begin"], [message, None, None, kept, ""])
+        return session.submit(events["browser"], [None, None, None, *extra], answer_output=0,
+                              cancel_after_updates=cancel_after_updates, cpu_pids=cpu_pids)
     if history is not None:
         session.predict(events["sync"], [history])
     if browser:

@@ -190,6 +190,7 @@ def serve(monkeypatch):
         demo, url = app.serve(runner, host="127.0.0.1", port=free_port(), block=False, quiet=True,
                               **options)
         demos.append(demo)
+        spy.chats = demo.chats  # the chat's events and its store
         return url, spy
 
     yield start

@@ -88,6 +88,13 @@ def figures_shown(page) -> str:
     return line.last.inner_text() if line.count() else ""
 
 
+def saved_texts(spy) -> list[tuple[str, str]]:
+    """(role, text) of each message of the one conversation saved in this test's store."""
+    store = spy.chats.store
+    ((user, conversation),) = store._db.execute("SELECT user, id FROM conversations").fetchall()
+    return [(m["role"], app.text_of(m)) for m in store.messages(user, conversation)]
+
+
 def test_header_upload_streaming_and_stop(serve, idefics3_runner, images, page):
     url, spy = serve(idefics3_runner, max_new_tokens=300)
     open_app(page, url)
@@ -120,7 +127,11 @@ def test_header_upload_streaming_and_stop(serve, idefics3_runner, images, page):
         release.set()
         assert stream.join(10) and stream.finish_reason == "cancelled" and stream.tokens_after_close <= 1
     stopped_at = answer_text(page)
-    assert stopped_at and stream.text.strip().startswith(stopped_at.strip()[:10]), "the stopped answer stays"
+    assert stopped_at and " ".join(stream.text.split()).startswith(" ".join(stopped_at.split())[:10]), \
+        "the stopped answer stays"
+    role, saved = saved_texts(spy)[-1]
+    assert role == "assistant" and saved and stream.text.startswith(saved), "the stopped answer is saved"
+    assert " ".join(saved.split()) == " ".join(stopped_at.split()), "as it was shown"
     answered(page, spy, lambda: send(page, "Short answer please."))
     assert answer_text(page) and answer_text(page) != stopped_at
 

@@ -23,8 +23,11 @@ def test_space_front_matter_is_complete_and_matches_requirements():
         assert front.get(key), f"front matter lacks {key}"
     assert front["sdk"] == "gradio" and (ROOT / front["app_file"]).exists()
     assert len(front["short_description"]) <= 60, "Spaces cap the short description at 60 characters"
-    pinned = re.search(r"^gradio==([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    requirements = (ROOT / "requirements.txt").read_text()
+    pinned = re.search(r"^gradio(?:\[[\w,]+\])?==([\d.]+)", requirements, re.M).group(1)
     assert front["sdk_version"] == pinned
+    if front.get("hf_oauth"):  # "Sign in with Hugging Face" needs Gradio's oauth extra on the Space
+        assert re.search(r"^gradio\[oauth\]==", requirements, re.M)
     assert config.DEFAULT_MODEL in front["models"]
 
 
@@ -44,7 +47,7 @@ def test_zero_gpu_wraps_generation_only_when_the_space_says_so(monkeypatch, llam
     assert wrapped == []
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     demo = app.build_demo(llama_runner)
-    assert wrapped == [("chat", config.Settings().zero_gpu_duration_s)]
+    assert wrapped == [("answer_steps", config.Settings().zero_gpu_duration_s)]
     assert any(fn.concurrency_id == app.GENERATION_CONCURRENCY_ID for fn in demo.fns.values())
 
 

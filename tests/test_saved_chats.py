@@ -1,0 +1,341 @@
+"""Conversations kept by the server (issue 21), driven through the chat's own events as a
+browser sends them (gradio_client, by event index): per user, crafted requests included;
+the prompt of a saved conversation; export → import; limits; a killed app; bad databases;
+where the chats live. The browser's side is in test_browser.py."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from gradio_client import Client
+
+import app
+import users
+from config import Settings
+from conversation import for_the_model
+from conversation_store import ConversationStore, open_store
+from tests.conftest import free_port, wait_for, wait_until_loaded
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def event(chats, name: str) -> int:
+    """The index of the chat's event that runs Chats.<name> (what a browser's request names)."""
+    demo = chats.demo
+    method = getattr(chats, name)
+    return next(index for index, fn in demo.fns.items() if fn.fn == method)
+
+
+class Browser:
+    """One browser's session with the chat, speaking its events as the page does."""
+
+    def __init__(self, url, chats, auth=None, kept=None):
+        self.client, self.chats = Client(url, auth=auth, verbose=False), chats
+        self.kept, self.conversation_list, self.shown = self.start(kept or {})
+
+    def call(self, name, *args):
+        return self.client.predict(*args, fn_index=event(self.chats, name))
+
+    def start(self, kept):
+        kept, shown, chat_list = self.call("start_session", kept)
+        return kept, chat_list, shown
+
+    def send(self, text, max_new_tokens=8):
+        """A message and its whole answer: (what the chat showed at the end, the list)."""
+        self.call("begin_turn", {"text": text, "files": []}, self.kept, "")
+        shown = self.client.predict("", max_new_tokens, 0.0, 1.0, fn_index=event(self.chats, "respond"))
+        _, chat_list, _ = self.call("end_turn", "")
+        return shown, chat_list
+
+    def close(self):
+        self.client.close()
+
+
+def titles(chat_list) -> list[str]:
+    return [choice[0] for choice in chat_list["choices"]]
+
+
+def test_two_users_see_only_their_own_chats_even_with_crafted_requests(serve, llama_runner):
+    url, spy = serve(llama_runner, auth=("ann:pa55", "bob:b0b"))
+    ann = Browser(url, spy.chats, auth=("ann", "pa55"))
+    shown, chat_list = ann.send("ann's private question")
+    assert titles(chat_list) == ["ann's private question"]
+    ann_chat = chat_list["value"]
+    assert any("ann's private question" in json.dumps(bubble) for bubble in shown)
+
+    bob = Browser(url, spy.chats, auth=("bob", "b0b"))
+    assert titles(bob.conversation_list) == [], "bob's list is his own"
+    # replaying ann's id in bob's session: refused (by the list, which holds only bob's; the
+    # store would say it does not exist)
+    with pytest.raises(Exception, match="not in the list of choices|does not exist"):
+        bob.call("open_chat", ann_chat, bob.kept, "")
+    replayed = Browser(url, spy.chats, auth=("bob", "b0b"), kept={**bob.kept, "open": ann_chat})
+    assert replayed.shown == [] and "open" not in replayed.kept, "a page load can't open it either"
+    with pytest.raises(Exception, match="Open a saved chat"):
+        bob.call("export")  # (no chat of his open: nothing to export)
+    _, bob_list = bob.send("bob's question")
+    assert titles(bob_list) == ["bob's question"]
+    assert [s.title for s in spy.chats.store.conversations("login:ann")] == ["ann's private question"]
+    assert spy.chats.store.messages("login:ann", ann_chat)[0]["content"][0]["text"] == "ann's private question"
+    ann.close(), bob.close(), replayed.close()
+
+
+def test_a_browser_keeps_its_id_and_a_forged_one_is_replaced(serve, llama_runner):
+    url, spy = serve(llama_runner)
+    first = Browser(url, spy.chats)
+    _, chat_list = first.send("kept by this browser")
+    again = Browser(url, spy.chats, kept={"id": first.kept["id"]})  # the same browser, a new page
+    assert titles(again.conversation_list) == ["kept by this browser"]
+    for forged in ("anyone", first.kept["id"].split(".")[0] + ".0000", {"id": None}):
+        stranger = Browser(url, spy.chats, kept={"id": forged} if isinstance(forged, str) else forged)
+        assert titles(stranger.conversation_list) == [] and stranger.kept["id"] != first.kept["id"]
+        stranger.close()
+    reopened = Browser(url, spy.chats, kept={"id": first.kept["id"], "open": chat_list["value"]})
+    assert any("kept by this browser" in json.dumps(bubble) for bubble in reopened.shown), \
+        "a reload reopens the chat that was open"
+    first.close(), again.close(), reopened.close()
+
+
+def test_keys_come_from_the_strongest_identity():
+    ids = users.BrowserIds(b"secret")
+    token = ids.issue()
+    assert ids.check(token) and users.BrowserIds(b"other").check(token) is None
+    assert users.user_key(login="ann", hf_user="ann-hf", browser_id="b") == "login:ann"
+    assert users.user_key(hf_user="ann-hf", browser_id="b") == "hf:ann-hf"
+    assert users.user_key(browser_id="b") == "browser:b"
+    assert users.oauth_on_space({"SPACE_ID": "me/chat", "OAUTH_CLIENT_ID": "x"})
+    assert not users.oauth_on_space({"SPACE_ID": "me/chat"})
+
+
+def test_signed_in_with_hugging_face_the_chats_follow_the_account(llama_runner):
+    chats = app.build_demo(llama_runner).chats
+    conversation = chats.store.create("hf:ann")
+    chats.store.append("hf:ann", conversation, [{"role": "user", "content": [{"type": "text", "text": "from hf"}]}])
+    page = SimpleNamespace(username=None)
+    user, *_, chat_list = chats.start_session_with_hf({}, page, SimpleNamespace(username="ann"))
+    assert user == "hf:ann" and chat_list.constructor_args["choices"] == [("from hf", conversation)]
+    user, *_ = chats.start_session_with_hf({}, page, None)  # not signed in: this browser
+    assert user.startswith("browser:")
+
+
+def test_logins_from_the_options_and_a_file(tmp_path):
+    logins = tmp_path / "logins.txt"
+    logins.write_text("# the team\nann:pa55\n\nbob:with:colons\n")
+    assert users.read_logins(("cy:x",), str(logins)) == {"cy": "x", "ann": "pa55", "bob": "with:colons"}
+    logins.write_text("ann\n")
+    with pytest.raises(ValueError, match="line 1: a login is USER:PASS"):
+        users.read_logins((), str(logins))
+    with pytest.raises(ValueError, match="no-such-file"):
+        users.read_logins((), str(tmp_path / "no-such-file"))
+
+
+def test_a_saved_conversation_gives_the_model_the_same_prompt_again(serve, tiny_model_paths, tmp_path):
+    """A turn with a tool call, saved; the next turn is built from the store: the model sees
+    the first turn exactly as it did while it was answering it (call, result and all)."""
+    from model_runner import ModelRunner
+    from tests.test_tools import WEATHER, write_tools
+    from tools import Toolbox
+    runner = ModelRunner.load(str(tiny_model_paths["tools"]), device="cpu")
+    toolbox = Toolbox.load([write_tools(tmp_path, WEATHER)])
+    url, spy = serve(runner, toolbox=toolbox, max_new_tokens=20)
+    browser = Browser(url, spy.chats)
+    browser.send("What's the weather in Paris?", max_new_tokens=20)
+    assert len(spy.calls) == 2, "a call, then the answer with its result"
+    answering = spy.calls[-1][0]  # what the model read to write the final answer
+    before = len(spy.calls)
+    browser.send("And tomorrow?", max_new_tokens=20)
+    later = spy.calls[before][0]  # the next turn's first generation
+    assert [m["role"] for m in later] == ["user", "assistant", "tool", "assistant", "user"]
+
+    def prompt(messages):
+        inputs = runner.build_inputs(messages, tools=toolbox.schemas)
+        return runner.tokenizer.decode(inputs["input_ids"][0])
+    assert prompt(later[:3]) == prompt(answering), "the same prompt from the saved conversation"
+    assert "<tool_response>\n12 °C and sunny in Paris\n</tool_response>" in prompt(later)
+    browser.close()
+
+
+def test_retry_and_undo_change_the_saved_conversation_too(serve, llama_runner):
+    url, spy = serve(llama_runner)
+    browser = Browser(url, spy.chats)
+    browser.send("first")
+    _, chat_list = browser.send("second")
+    conversation = chat_list["value"]
+    store = spy.chats.store
+
+    def saved():
+        return [(m["role"], app.text_of(m)) for m in store.messages(browser.kept and _user(spy), conversation)]
+    assert [role for role, _ in saved()] == ["user", "assistant", "user", "assistant"]
+    browser.call("begin_retry", browser.kept, "")
+    browser.client.predict("", 8, 0.7, 1.0, fn_index=event(spy.chats, "respond"))
+    assert [role for role, _ in saved()] == ["user", "assistant", "user", "assistant"], "retry replaces the answer"
+    _, textbox = browser.call("undo")
+    assert textbox["value"]["text"] == "second"
+    assert saved() == saved()[:2] and len(saved()) == 2, "undo takes the message and its answer out"
+    browser.close()
+
+
+def _user(spy) -> str:
+    (user,) = {row[0] for row in spy.chats.store._db.execute("SELECT user FROM conversations")}
+    return user
+
+
+def test_export_then_import_gives_the_same_conversation(serve, idefics3_runner, images):
+    url, spy = serve(idefics3_runner)
+    browser = Browser(url, spy.chats)
+    from gradio_client import handle_file
+    browser.call("begin_turn", {"text": "What is this?", "files": [handle_file(str(images["red"]))]}, browser.kept, "")
+    browser.client.predict("", 8, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+    exported = browser.call("export")
+    paths = {Path(item["value"] if isinstance(item, dict) else item).suffix: item for item in exported["value"]} \
+        if isinstance(exported, dict) else {Path(p).suffix: p for p in exported}
+    markdown = Path(paths[".md"]).read_text()
+    assert "# What is this?" in markdown and "*(an image)*" in markdown
+    original = json.loads(Path(paths[".json"]).read_text())
+    assert original["messages"][0]["content"][0]["data"], "the image is inside the JSON"
+    from gradio_client import handle_file as file
+    shown, _, chat_list, *_ = browser.call("import_chat", file(paths[".json"]), browser.kept, "")
+    conversation = chat_list["value"]
+    user = _user(spy)
+    assert len(spy.chats.store.conversations(user)) == 2
+    assert spy.chats.store.export_json(user, conversation)["messages"] == original["messages"]
+    assert any(b.get("role") == "user" and "What is this?" in json.dumps(b) for b in shown)
+    bad = Path(paths[".json"]).with_name("not-a-chat.json")
+    bad.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(Exception, match="not a conversation exported by this app"):
+        browser.call("import_chat", file(str(bad)), browser.kept, "")
+    browser.close()
+
+
+def test_limits_per_user_are_told_when_reached(serve, llama_runner):
+    url, spy = serve(llama_runner, max_saved_chats_per_user=1, max_saved_bytes_per_user=3000)
+    browser = Browser(url, spy.chats)
+    browser.send("one")
+    browser.call("new_chat", browser.kept, "")
+    with pytest.raises(Exception, match="1 saved conversations, the most this server keeps"):
+        browser.call("begin_turn", {"text": "two", "files": []}, browser.kept, "")
+    conversation = spy.chats.store.conversations(_user(spy))[0].id
+    browser.call("open_chat", conversation, browser.kept, "")
+    shown, _ = browser.send("x" * 4000)
+    assert "the most this server keeps for one user" in json.dumps(shown)
+
+
+def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
+    """SIGKILL mid-answer: the finished turn before it is whole, and the message being
+    answered is kept; the app starts again on the same data and lists it."""
+    from tests.tiny_models import build_bench_llama
+    model = build_bench_llama(tmp_path / "bench-llama")
+    data, port = tmp_path / "data", free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port), "DATA_DIR": str(data)}
+    command = [sys.executable, str(ROOT / "app.py"), "--model", str(model), "--device", "cpu"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_until_loaded(port, process), "the app did not start"
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        indexes = _event_indexes_of_running_app(client)
+        kept, _, _ = client.predict({}, fn_index=indexes["start_session"])
+        client.predict({"text": "a finished turn", "files": []}, kept, "", fn_index=indexes["begin_turn"])
+        client.predict("", 5, 0.0, 1.0, fn_index=indexes["respond"])
+        client.predict("", fn_index=indexes["end_turn"])
+        client.predict({"text": "tell me a very long story", "files": []}, kept, "", fn_index=indexes["begin_turn"])
+        job = client.submit("", 4000, 0.0, 1.0, fn_index=indexes["respond"])
+        wait_for(lambda: len(job.outputs()) >= 3, 60, "the answer to stream")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    store = ConversationStore(data)
+    (user,) = {row[0] for row in store._db.execute("SELECT user FROM conversations")}
+    (summary,) = store.conversations(user)
+    saved = store.messages(user, summary.id)
+    assert [(m["role"], app.text_of(m)) for m in saved][:3] == [
+        ("user", "a finished turn"), ("assistant", app.text_of(saved[1])), ("user", "tell me a very long story")]
+    assert app.text_of(saved[1]) and len(saved) == 3, "the finished turn is whole; only the answer being written is lost"
+
+
+def _event_indexes_of_running_app(client) -> dict[str, int]:
+    """The Chats events of an app in another process, by their function names in its config."""
+    names = {}
+    for index, dependency in enumerate(client.config["dependencies"]):
+        fn = dependency.get("fn_name") or dependency.get("api_name")
+        names.setdefault(fn, dependency.get("id", index))
+    return names
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("corrupt", "is not a chat database this app can read"),
+    ("newer", "was written by a newer version of this app"),
+    ("foreign", "it holds other tables"),
+])
+def test_a_database_it_cannot_read_is_one_line_at_start_and_kept(tmp_path, damage, expected):
+    data = tmp_path / "data"
+    data.mkdir()
+    database = data / "chats.sqlite3"
+    if damage == "corrupt":
+        database.write_bytes(b"this is not sqlite" * 100)
+    else:
+        db = sqlite3.connect(database)
+        db.execute("CREATE TABLE notes (x)" if damage == "foreign" else "PRAGMA user_version=99")
+        db.commit(), db.close()
+    before = database.read_bytes()
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--data-dir", str(data), "--model", "x"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(free_port())})
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert database.read_bytes() == before, "never a silent wipe"
+
+
+def test_where_the_chats_live(tmp_path, monkeypatch):
+    import conversation_store
+    store, where = open_store(Settings(data_dir=str(tmp_path / "mine")), environ={})
+    assert store.directory == tmp_path / "mine" and str(store.directory) in where
+    store, where = open_store(Settings(save=False), environ={})
+    assert "not saved" in where and store.directory != tmp_path
+    monkeypatch.setattr(conversation_store, "SPACE_STORAGE", tmp_path / "data")
+    store, where = open_store(Settings(), environ={"SPACE_ID": "me/chat"})
+    assert "until it restarts" in where, "a Space without storage says so"
+    (tmp_path / "data").mkdir()
+    store, where = open_store(Settings(), environ={"SPACE_ID": "me/chat"})
+    assert store.directory == tmp_path / "data" / "local-model-chat" and "persistent storage" in where
+    asked = []
+    monkeypatch.setattr(conversation_store.platformdirs, "user_data_dir",
+                        lambda name, appauthor: asked.append((name, appauthor)) or str(tmp_path / "os-folder"))
+    store, _ = open_store(Settings(), environ={})
+    assert asked == [("local-model-chat", False)] and store.directory == tmp_path / "os-folder", \
+        "elsewhere: the OS's per-user data folder"
+
+
+def test_rename_and_search_the_list(serve, llama_runner):
+    url, spy = serve(llama_runner)
+    browser = Browser(url, spy.chats)
+    browser.send("a question about cats")
+    browser.call("new_chat", browser.kept, "")
+    _, chat_list = browser.send("something else entirely")
+    assert titles(chat_list) == ["something else entirely", "a question about cats"], "newest first"
+    found = browser.call("rename", "Feline matters", "")  # the open chat: the second one
+    assert titles(found) == ["Feline matters", "a question about cats"]
+    assert titles(browser.call("rename", "Feline matters", "cats")) == ["a question about cats"], \
+        "search looks at titles and text"
+    assert titles(browser.call("rename", "Feline matters", "Feline")) == ["Feline matters"]
+    browser.close()
+
+
+def test_the_apis_keep_nothing_in_the_saved_chats(serve, llama_runner):
+    import httpx
+    url, spy = serve(llama_runner)
+    response = httpx.post(url + "v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5})
+    assert response.status_code == 200
+    client = Client(url, verbose=False)
+    client.submit({"text": "hello", "files": []}, "", 5, 0.0, 1.0, api_name="/chat").result(timeout=60)
+    assert spy.chats.store._db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 0
+    client.close()
