@@ -21,6 +21,7 @@ Endpoints (same server):
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import dataclasses
@@ -80,6 +81,7 @@ GRADIO_EXTRA_THREADS = 8
 DEFAULT_SYSTEM_PROMPT = ""
 SIDEBAR_MIN_WIDTH = 768  # px: a narrower window (a phone) starts with the chat list folded away
 STOP_SAVE_WAIT_S = 5.0   # a turn's end redraws the chat once its answer is saved, or after this long
+BUSY_WAIT_S = 2.0        # a new turn waits this long for the one before (a Stop being saved), then is refused
 CSS = """
 #chat-list .wrap { flex-direction: column; gap: 2px; }
 #chat-list label { width: 100%; }
@@ -229,13 +231,15 @@ def settled(answer: list[dict]) -> list[dict]:
     """An answer as it is kept when it was stopped: each tool call without a result gets one
     that says so (a template needs a result for every call)."""
     answered = {message.get("tool_call_id") for message in answer if message["role"] == "tool"}
-    kept = []
-    for message in answer:
-        kept.append(message)
-        for call in message.get("tool_calls") or ():
-            if call.id not in answered:
-                kept.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": [
-                    {"type": "text", "text": "error: the call was stopped before it returned"}]})
+    kept, missing = [], []
+    for message in [*answer, None]:
+        if missing and (message is None or message["role"] != "tool"):  # after the results there are
+            kept += [{"role": "tool", "tool_call_id": call.id, "name": call.name, "content": [
+                {"type": "text", "text": "error: the call was stopped before it returned"}]} for call in missing]
+            missing = []
+        if message is not None:
+            kept.append(message)
+            missing += [call for call in message.get("tool_calls") or () if call.id not in answered]
     return kept
 
 
@@ -339,30 +343,29 @@ def user_message(message: dict | str | None) -> dict:
 
 class OneTurnAtATime:
     """Per conversation: a turn (its message saved, answered, the answer saved) ends before the
-    next turn, an undo, or Stop's redraw reads or changes the conversation. Waiting takes no
-    event-loop time (a worker thread waits on the turn's Signal)."""
+    next turn, an undo, or a redraw reads or changes the conversation. Every holder is an event
+    of the web server's event loop, which is where this is used: waiting costs no thread."""
 
     def __init__(self):
-        self._guard = threading.Lock()
-        self._busy: dict[str, Signal] = {}
+        self._busy: dict[str, asyncio.Event] = {}
+
+    def busy(self, key: str) -> bool:
+        return key in self._busy
 
     async def acquire(self, key: str, timeout: float | None = None) -> bool:
         """True once the conversation is this caller's; False after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._guard:
-                busy = self._busy.get(key)
-                if busy is None:
-                    self._busy[key] = Signal()
-                    return True
+        while (busy := self._busy.get(key)) is not None:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            await anyio.to_thread.run_sync(busy.wait, left)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(busy.wait(), left)
+        self._busy[key] = asyncio.Event()
+        return True
 
     def release(self, key: str) -> None:
-        with self._guard:
-            busy = self._busy.pop(key, None)
+        busy = self._busy.pop(key, None)
         if busy is not None:
             busy.set()
 
@@ -370,7 +373,7 @@ class OneTurnAtATime:
     async def held(self, key: str, timeout: float | None = None):
         acquired = await self.acquire(key, timeout)
         try:
-            yield
+            yield acquired
         finally:
             if acquired:
                 self.release(key)
@@ -410,7 +413,7 @@ class Chats:
             browser_id = self.browser_ids.check(kept["id"])
         user = users.user_key(login=getattr(request, "username", None), hf_user=hf_user, browser_id=browser_id)
         conversation, shown = None, []
-        if kept.get("open"):
+        if isinstance(kept.get("open"), str):
             try:
                 shown = chat_bubbles(self.store.messages(user, kept["open"]))
                 conversation = kept["open"]
@@ -451,7 +454,7 @@ class Chats:
         return self.chat_list(user, conversation, search)
 
     def delete(self, conversation, user, kept, search):
-        if not conversation:  # (none open, or the user said no)
+        if not conversation:
             return (gr.skip(),) * 7
         try:
             self.store.delete(user, conversation)
@@ -493,41 +496,44 @@ class Chats:
 
     # -- a turn
 
-    def begin_turn(self, message, conversation, user, kept, search):
+    async def begin_turn(self, message, conversation, user, kept, search):
         """Enter in the textbox: the message shows at once, the textbox turns into Stop."""
         if not (message or {}).get("text", "").strip() and not (message or {}).get("files"):
             return gr.skip(), gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip()  # (nothing to answer)
+        await self._wait_for_the_turn_before(conversation)
         return self._begin(user_message(message), None, conversation, user, kept, search)
 
-    def begin_example(self, selected: gr.SelectData, conversation, user, kept, search):
+    async def begin_example(self, selected: gr.SelectData, conversation, user, kept, search):
         """A starter example, by its index (never a path the request names)."""
         example = self.examples[selected.index]
+        await self._wait_for_the_turn_before(conversation)
         return self._begin(user_message(example), None, conversation, user, kept, search)
 
     async def begin_retry(self, conversation, user, kept, search):
         """Retry: the last message again, its answer dropped."""
-        async with self.turns.held(conversation):
-            stored = self._stored(user, conversation)
-            last = max(i for i, message in enumerate(stored) if message["role"] == "user")
-            return self._begin(stored[last], last, conversation, user, kept, search, stored[:last])
+        await self._wait_for_the_turn_before(conversation)
+        stored = self._stored(user, conversation)
+        last = max(i for i, message in enumerate(stored) if message["role"] == "user")
+        return self._begin(stored[last], last, conversation, user, kept, search, stored[:last], len(stored))
 
     async def begin_edit(self, edited: gr.EditData, conversation, user, kept, search):
         """An edited message: the conversation again from there, with the new text (and the
         message's images)."""
-        async with self.turns.held(conversation):
-            stored = self._stored(user, conversation)
-            index = self._message_of_bubble(stored, edited.index)
-            if index is None or stored[index]["role"] != "user":
-                raise gr.Error("Only your own messages can be edited.")
-            text = edited.value if isinstance(edited.value, str) else " ".join(
-                item if isinstance(item, str) else item.get("text", "") for item in edited.value or []
-                if isinstance(item, (str, dict)))
-            images = [part for part in stored[index]["content"] if part["type"] == "image"]
-            message = {"role": "user", "content": [*images, *([{"type": "text", "text": text}] if text.strip() else [])]}
-            return self._begin(message, index, conversation, user, kept, search, stored[:index])
+        await self._wait_for_the_turn_before(conversation)
+        stored = self._stored(user, conversation)
+        index = self._message_of_bubble(stored, edited.index)
+        if index is None or stored[index]["role"] != "user":
+            raise gr.Error("Only your own messages can be edited.")
+        text = edited.value if isinstance(edited.value, str) else " ".join(
+            item if isinstance(item, str) else item.get("text", "") for item in edited.value or []
+            if isinstance(item, (str, dict)))
+        images = [part for part in stored[index]["content"] if part["type"] == "image"]
+        message = {"role": "user", "content": [*images, *([{"type": "text", "text": text}] if text.strip() else [])]}
+        return self._begin(message, index, conversation, user, kept, search, stored[:index], len(stored))
 
     async def undo(self, conversation, user):
         """Undo: the last message and its answer go; its text and images are back in the textbox."""
+        await self._wait_for_the_turn_before(conversation)
         async with self.turns.held(conversation):
             stored = self._stored(user, conversation)
             last = max(i for i, message in enumerate(stored) if message["role"] == "user")
@@ -544,6 +550,14 @@ class Chats:
                 raise gr.Error(str(error)) from None
             return chat_bubbles(stored[:last]), gr.MultimodalTextbox(value={"text": text_of(stored[last]),
                                                                            "files": files})
+
+    async def _wait_for_the_turn_before(self, conversation) -> None:
+        """A conversation answers one turn at a time: a new one (a second Enter, another tab)
+        waits briefly for the one before (a Stop's answer being saved), else is refused."""
+        if conversation and self.turns.busy(conversation):
+            async with self.turns.held(conversation, BUSY_WAIT_S) as free:
+                if not free:
+                    raise gr.Error("Wait for the answer to end (or Stop it) before sending another message.")
 
     def _stored(self, user, conversation) -> list[dict]:
         try:
@@ -565,22 +579,24 @@ class Chats:
                 return position
         return None
 
-    def _begin(self, message, keep, conversation, user, kept, search, before=None):
-        """(conversation, chatbot, turn, kept, list, textbox, title) for a turn that starts now."""
+    def _begin(self, message, keep, conversation, user, kept, search, before=None, length=None):
+        """(conversation, chatbot, turn, kept, list, textbox, title) for a turn that starts now:
+        `message` after the first `keep` messages (all: None) of a conversation that has
+        `length` messages now (checked again when the turn saves)."""
+        if user is None:
+            raise gr.Error("This page has lost its session (idle too long, or the server restarted): reload it.")
         title = gr.skip()
-        if conversation is None:
-            if user is None:
-                raise gr.Error("The page is still starting: send it again in a moment.")
-            try:
+        try:
+            if conversation is None:
                 conversation = self.store.create(user, text_of(message) or "🖼 an image")
-            except StoreError as error:
-                raise gr.Error(str(error)) from None
-            before = []
-            title = gr.Textbox(value=self.store.title(user, conversation), interactive=True)
-        if before is None:
-            before = self.store.messages(user, conversation)
+                before = []
+                title = gr.Textbox(value=self.store.title(user, conversation), interactive=True)
+            if before is None:
+                before = self.store.messages(user, conversation)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
         shown = [*chat_bubbles(before), *chat_bubbles([message]), *pending(THINKING_TITLE)]
-        turn = {"message": message, "keep": keep}
+        turn = {"message": message, "keep": keep, "length": length}
         return (conversation, shown, turn, {**(kept or {}), "open": conversation},
                 self.chat_list(user, conversation, search),
                 gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True), title)
@@ -596,7 +612,8 @@ class Chats:
         await self.turns.acquire(conversation)
         try:
             try:
-                self.store.append(user, conversation, [turn["message"]], keep=turn["keep"])
+                self.store.append(user, conversation, [turn["message"]], keep=turn["keep"],
+                                  expected_length=turn.get("length"))
                 stored = self.store.messages(user, conversation)
             except StoreError as error:
                 before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
@@ -617,12 +634,13 @@ class Chats:
                     yield [*shown, *chat_bubbles(answer), bubble(f"This answer was not saved: {error}", title=ERROR_TITLE)]
             self.answered.add(conversation)
         finally:
-            if answer and not saved:  # stopped: keep what was shown
-                try:
+            try:
+                if answer and not saved:  # stopped: keep what was shown
                     self.store.append(user, conversation, settled(answer))
-                except StoreError as error:
-                    log.warning("a stopped answer was not saved: %s", error)
-            self.turns.release(conversation)
+            except Exception as error:  # (a StoreError, or a bug of ours: the lock is released all the same)
+                log.warning("a stopped answer was not saved: %s", error)
+            finally:
+                self.turns.release(conversation)
 
     async def end_turn(self, conversation, user, search):
         """After a turn: the list, the textbox back, and, when it was stopped, the chat drawn
@@ -720,6 +738,10 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
                     rename = gr.Button("Rename", size="sm")
                     export = gr.Button("Export", size="sm")
                     delete = gr.Button("🗑 Delete", size="sm", variant="stop")
+                with gr.Row(visible=False) as confirm_delete:
+                    gr.Markdown("Delete this chat? It can't be undone.")
+                    really_delete = gr.Button("Delete it", size="sm", variant="stop")
+                    keep_it = gr.Button("Keep it", size="sm")
                 exported = gr.File(label="Markdown and JSON", file_count="multiple", visible=False)
             import_chat = gr.UploadButton("Import a chat (JSON)", file_types=[".json"], size="sm")
             gr.Markdown(where, elem_id="where-chats-live")
@@ -771,10 +793,12 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
                       [user, conversation, search], [chat_list], **quick)
         gr.on([rename.click, title.submit], chats.rename, [title, conversation, user, search], [chat_list], **quick)
         export.click(chats.export, [conversation, user], [exported], **quick)
-        delete.click(chats.delete, [conversation, user, kept, search], opened, cancels=answering,
-                     js="(c, u, k, s) => confirm('Delete this chat? This cannot be undone.') ? [c, u, k, s] : [null, u, k, s]",
-                     **quick)
-        import_chat.upload(chats.import_chat, [import_chat, user, kept, search], opened, **quick)
+        delete.click(lambda: gr.Row(visible=True), None, [confirm_delete], **quick)
+        keep_it.click(lambda: gr.Row(visible=False), None, [confirm_delete], **quick)
+        really_delete.click(chats.delete, [conversation, user, kept, search], opened, cancels=answering, **quick) \
+            .then(lambda: (gr.Row(visible=False), gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True)),
+                  None, [confirm_delete, textbox], **quick)
+        import_chat.upload(chats.import_chat, [import_chat, user, kept, search], opened, cancels=answering, **quick)
 
         # /chat for gradio_client: (message, system_prompt, max_new_tokens, temperature, top_p)
         api_button.click(chats.api_chat, [textbox, api_history, system_prompt, max_new_tokens, temperature, top_p],
@@ -1005,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.close()
         return 1
     log.info("Model ready: %s on %s (%s).", slot.name, slot.device, slot.dtype)
-    log.info("%s", demo.chats.where)
+    log.info("%s (%s)", demo.chats.where, demo.chats.store.directory)
     if toolbox is not None:
         if slot.supports_tools:
             log.info("Tools for the chat: %s.", ", ".join(toolbox.names))

@@ -10,7 +10,9 @@ in a data directory, per user. No Gradio, no torch.
     store.import_json("ann", exported)
 
 A conversation is stored as the app's neutral messages (conversation.py): text parts, images
-(files named by their content's SHA-256, so a picture sent twice is stored once), an
+(files named by a keyed hash of their content, HMAC-SHA-256 with a key kept beside the
+database: a picture sent twice is stored once, and nobody can tell from a picture they hold
+whether the server has it), an
 assistant's reasoning and tool calls, a tool's result and duration, an answer's figures.
 Every call names the user; a conversation of another user is NotFound, exactly like one that
 does not exist. A database this version can't read (corrupt, or written by a newer one) is
@@ -22,7 +24,9 @@ from __future__ import annotations
 import atexit
 import base64
 import binascii
+import contextlib
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -46,6 +50,9 @@ SCHEMA_VERSION = 1
 EXPORT_FORMAT = "local-model-chat/conversation"
 MAX_CONVERSATIONS_PER_USER = 1000
 MAX_BYTES_PER_USER = 1 << 30       # messages and images, each image counted once per user
+MIN_FREE_DISK_BYTES = 512 << 20    # below this free on the data directory's disk, nothing more is saved
+IMAGE_KEY_FILE = "images.key"      # the key image files are named with (HMAC), beside the database
+MAX_IMPORTED_IMAGE_PIXELS = 64_000_000
 TITLE_CHARS = 80
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 # What a message keeps beside its role and content: for the model (a tool call's id and name),
@@ -70,12 +77,12 @@ CREATE TABLE messages (
 );
 CREATE TABLE images (
     conversation TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-    sha256 TEXT NOT NULL,
+    digest TEXT NOT NULL,
     suffix TEXT NOT NULL,
     bytes INTEGER NOT NULL,
-    PRIMARY KEY (conversation, sha256)
+    PRIMARY KEY (conversation, digest)
 );
-CREATE INDEX images_by_hash ON images (sha256);
+CREATE INDEX images_by_hash ON images (digest);
 """
 
 
@@ -112,12 +119,18 @@ class ConversationStore:
             raise StoreError(f"Can't use {self.directory} for saved chats: {error.strerror or error}.") from None
         self._lock = threading.Lock()  # one connection, shared by the server's threads
         self._db = self._open()
+        try:
+            self._image_key = kept_secret(self.directory / IMAGE_KEY_FILE)
+        except OSError as error:
+            raise StoreError(f"Can't use {self.directory} for saved chats: {error.strerror or error}.") from None
 
     def _open(self) -> sqlite3.Connection:
         unreadable = (f"{self.path} is not a chat database this app can read; it was left as it is. Move it "
                       f"away (or point --data-dir elsewhere) to start with no saved chats")
         try:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.create_function("casefold", 1, lambda text: text.casefold() if isinstance(text, str) else text,
+                               deterministic=True)  # (SQLite's lower() folds ASCII only)
             version = db.execute("PRAGMA user_version").fetchone()[0]  # (read before anything is written)
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as error:
@@ -137,14 +150,24 @@ class ConversationStore:
         db.execute("PRAGMA foreign_keys=ON")
         return db
 
-    def close(self) -> None:
+    @contextlib.contextmanager
+    def _locked(self):
+        """The connection, for this thread alone; the database's and the disk's failures (full,
+        locked, damaged) as one StoreError line."""
         with self._lock:
+            try:
+                yield
+            except (sqlite3.Error, OSError) as error:
+                raise StoreError(f"The saved chats could not be read or written: {error}.") from None
+
+    def close(self) -> None:
+        with self._locked():
             self._db.close()
 
     # ------------------------------------------------------------ conversations
 
     def create(self, user: str, title: str = "") -> str:
-        with self._lock:
+        with self._locked():
             count = self._db.execute("SELECT COUNT(*) FROM conversations WHERE user=?", (user,)).fetchone()[0]
             if count >= self.max_conversations:
                 raise LimitReached(f"You have {count} saved conversations, the most this server keeps for one "
@@ -161,11 +184,11 @@ class ConversationStore:
         query = "SELECT id, title, created, updated FROM conversations WHERE user=?"
         values: list = [user]
         if search.strip():
-            pattern = "%" + search.strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            query += (" AND (lower(title) LIKE ? ESCAPE '\\' OR id IN (SELECT conversation FROM messages WHERE "
-                      "lower(json_extract(body, '$.text')) LIKE ? ESCAPE '\\'))")
+            pattern = "%" + search.strip().casefold().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            query += (" AND (casefold(title) LIKE ? ESCAPE '\\' OR id IN (SELECT conversation FROM messages WHERE "
+                      "casefold(json_extract(body, '$.text')) LIKE ? ESCAPE '\\'))")
             values += [pattern, pattern]
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(query + " ORDER BY updated DESC", values).fetchall()
         return [Summary(*row) for row in rows]
 
@@ -176,16 +199,16 @@ class ConversationStore:
             raise NotFound("This conversation does not exist (or is not yours).")
 
     def rename(self, user: str, conversation_id: str, title: str) -> None:
-        with self._lock:
+        with self._locked():
             self._owned(user, conversation_id)
             self._db.execute("UPDATE conversations SET title=? WHERE id=?", (title.strip()[:TITLE_CHARS], conversation_id))
 
     def delete(self, user: str, conversation_id: str) -> None:
         """The conversation and its images (those no other conversation uses)."""
-        with self._lock:
+        with self._locked():
             self._owned(user, conversation_id)
             hashes = [row[0] for row in self._db.execute(
-                "SELECT sha256 || suffix FROM images WHERE conversation=?", (conversation_id,))]
+                "SELECT digest || suffix FROM images WHERE conversation=?", (conversation_id,))]
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.execute("DELETE FROM conversations WHERE id=?", (conversation_id,))
@@ -193,18 +216,26 @@ class ConversationStore:
 
     # ------------------------------------------------------------ messages
 
-    def append(self, user: str, conversation_id: str, messages: list[dict], *, keep: int | None = None) -> None:
+    def append(self, user: str, conversation_id: str, messages: list[dict], *, keep: int | None = None,
+               expected_length: int | None = None) -> None:
         """Messages at the end of the conversation, in one transaction (a finished turn is
         there, whole, once this returns). With `keep`, only the first `keep` messages stay
         before them (a retry, an edit, an undo): the images no message uses any more go too.
-        The first user message's text titles a conversation that has no title yet."""
+        With `expected_length`, a StoreError unless the conversation still has that many
+        messages (it was changed since, e.g. in another tab). The first user message's text
+        titles a conversation that has no title yet."""
         stored = [self._to_stored(message) for message in messages]
         bodies = [json.dumps(body, ensure_ascii=False) for body, _ in stored]
-        images = {image["sha256"]: image for _, found in stored for image in found}
-        with self._lock:
+        images = {image["digest"]: image for _, found in stored for image in found}
+        with self._locked():
             self._owned(user, conversation_id)
+            if expected_length is not None and expected_length != self._db.execute(
+                    "SELECT COUNT(*) FROM messages WHERE conversation=?", (conversation_id,)).fetchone()[0]:
+                raise StoreError("This chat was changed meanwhile (in another tab?): open it again to see it as it is.")
+            if bodies and shutil.disk_usage(self.directory).free < MIN_FREE_DISK_BYTES:
+                raise LimitReached("The server's disk is nearly full: chats can't be saved until space is freed.")
             new_bytes = sum(map(len, bodies)) + sum(
-                image["bytes"] for image in images.values() if not self._user_has_image(user, image["sha256"]))
+                image["bytes"] for image in images.values() if not self._user_has_image(user, image["digest"]))
             used = self._usage(user)
             if new_bytes and used + new_bytes > self.max_bytes:
                 raise LimitReached(f"Your saved conversations hold {used // 2**20} MB, the most this "
@@ -224,33 +255,33 @@ class ConversationStore:
                 self._db.executemany("INSERT INTO messages VALUES (?, ?, ?)",
                                      [(conversation_id, start + i, body) for i, body in enumerate(bodies)])
                 self._db.executemany("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)",
-                                     [(conversation_id, image["sha256"], image["suffix"], image["bytes"])
+                                     [(conversation_id, image["digest"], image["suffix"], image["bytes"])
                                       for image in images.values()])
                 title = next((body["text"] for body, _ in stored if body["role"] == "user" and body["text"]), "")
                 self._db.execute("UPDATE conversations SET updated=?, title=CASE WHEN title='' THEN ? ELSE title END "
                                  "WHERE id=?", (time.time(), " ".join(title.split())[:TITLE_CHARS], conversation_id))
-            self._delete_image_files(dropped - {image["sha256"] + image["suffix"] for image in images.values()})
+            self._delete_image_files(dropped - {image["digest"] + image["suffix"] for image in images.values()})
 
     def _forget_unused_images(self, conversation_id: str) -> set[str]:
         """(In a transaction) Drop the conversation's image rows its messages no longer use;
         returns their file names."""
-        used = {part["sha256"] + part["suffix"]
+        used = {part["digest"] + part["suffix"]
                 for (body,) in self._db.execute("SELECT body FROM messages WHERE conversation=?", (conversation_id,))
                 for part in json.loads(body)["content"] if part["type"] == "image"}
-        rows = self._db.execute("SELECT sha256, suffix FROM images WHERE conversation=?", (conversation_id,)).fetchall()
+        rows = self._db.execute("SELECT digest, suffix FROM images WHERE conversation=?", (conversation_id,)).fetchall()
         unused = {sha + suffix for sha, suffix in rows if sha + suffix not in used}
-        self._db.executemany("DELETE FROM images WHERE conversation=? AND sha256 || suffix=?",
+        self._db.executemany("DELETE FROM images WHERE conversation=? AND digest || suffix=?",
                              [(conversation_id, name) for name in unused])
         return unused
 
     def _delete_image_files(self, names: set[str]) -> None:
         """(Under the lock) The files of these images, unless a conversation still uses them."""
         for name in names:
-            if self._db.execute("SELECT 1 FROM images WHERE sha256 || suffix=?", (name,)).fetchone() is None:
+            if self._db.execute("SELECT 1 FROM images WHERE digest || suffix=?", (name,)).fetchone() is None:
                 self._image_path(name).unlink(missing_ok=True)
 
     def title(self, user: str, conversation_id: str) -> str:
-        with self._lock:
+        with self._locked():
             self._owned(user, conversation_id)
             return self._db.execute("SELECT title FROM conversations WHERE id=?", (conversation_id,)).fetchone()[0]
 
@@ -258,7 +289,7 @@ class ConversationStore:
         """The conversation as the app's neutral messages: images as paths of files in the
         store, tool calls as ToolCall; an assistant's reasoning, a tool's duration and an
         answer's figures as the keys "reasoning", "duration", "figures"."""
-        with self._lock:
+        with self._locked():
             self._owned(user, conversation_id)
             rows = self._db.execute("SELECT body FROM messages WHERE conversation=? ORDER BY position",
                                     (conversation_id,)).fetchall()
@@ -266,33 +297,33 @@ class ConversationStore:
 
     def usage(self, user: str) -> tuple[int, int]:
         """(conversations, bytes) the user keeps here."""
-        with self._lock:
+        with self._locked():
             count = self._db.execute("SELECT COUNT(*) FROM conversations WHERE user=?", (user,)).fetchone()[0]
             return count, self._usage(user)
 
     def _usage(self, user: str) -> int:
         text = self._db.execute("SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages JOIN conversations "
                                 "ON conversation=id WHERE user=?", (user,)).fetchone()[0]
-        pictures = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM (SELECT DISTINCT sha256, bytes FROM images "
+        pictures = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM (SELECT DISTINCT digest, bytes FROM images "
                                     "JOIN conversations ON conversation=id WHERE user=?)", (user,)).fetchone()[0]
         return text + pictures
 
-    def _user_has_image(self, user: str, sha256: str) -> bool:
+    def _user_has_image(self, user: str, digest: str) -> bool:
         return self._db.execute("SELECT 1 FROM images JOIN conversations ON conversation=id WHERE user=? AND "
-                                "sha256=?", (user, sha256)).fetchone() is not None
+                                "digest=?", (user, digest)).fetchone() is not None
 
     # ------------------------------------------------------------ the stored shape
 
     def _to_stored(self, message: dict) -> tuple[dict, list[dict]]:
-        """A neutral message → (its JSON body, the images it holds: sha256, suffix, bytes, data)."""
+        """A neutral message → (its JSON body, the images it holds: digest, suffix, bytes, data)."""
         parts, images = [], []
         for part in message.get("content") or []:
             if part.get("type") == "text":
                 parts.append({"type": "text", "text": part["text"]})
             elif part.get("type") == "image":
-                image = _image_bytes(part["image"])
+                image = _image_bytes(part["image"], self._image_key)
                 images.append(image)
-                parts.append({"type": "image", "sha256": image["sha256"], "suffix": image["suffix"]})
+                parts.append({"type": "image", "digest": image["digest"], "suffix": image["suffix"]})
             else:
                 raise StoreError(f"A message part of type {part.get('type')!r} can't be saved (text and images can).")
         body = {"role": message["role"], "content": parts,
@@ -309,7 +340,7 @@ class ConversationStore:
         content = []
         for part in body["content"]:
             if part["type"] == "image":
-                content.append({"type": "image", "image": str(self._image_path(part["sha256"] + part["suffix"]))})
+                content.append({"type": "image", "image": str(self._image_path(part["digest"] + part["suffix"]))})
             else:
                 content.append(part)
         message = {"role": body["role"], "content": content}
@@ -325,7 +356,7 @@ class ConversationStore:
         return self.images / name[:2] / name
 
     def _write_image(self, image: dict) -> None:
-        path = self._image_path(image["sha256"] + image["suffix"])
+        path = self._image_path(image["digest"] + image["suffix"])
         if path.exists():
             return
         path.parent.mkdir(exist_ok=True)
@@ -337,7 +368,7 @@ class ConversationStore:
 
     def export_json(self, user: str, conversation_id: str) -> dict:
         """One conversation, whole: its messages with their images embedded (base64)."""
-        with self._lock:
+        with self._locked():
             self._owned(user, conversation_id)
             title, created = self._db.execute("SELECT title, created FROM conversations WHERE id=?",
                                               (conversation_id,)).fetchone()
@@ -349,7 +380,7 @@ class ConversationStore:
             body.pop("text", None)
             for part in body["content"]:
                 if part["type"] == "image":
-                    data = self._image_path(part.pop("sha256") + part.pop("suffix")).read_bytes()
+                    data = self._image_path(part.pop("digest") + part.pop("suffix")).read_bytes()
                     part["data"] = base64.b64encode(data).decode("ascii")
             messages.append(body)
         return {"format": EXPORT_FORMAT, "version": SCHEMA_VERSION, "title": title, "created": created,
@@ -408,7 +439,21 @@ class ConversationStore:
         return conversation_id
 
 
-def _image_bytes(source) -> dict:
+def kept_secret(path: Path) -> bytes:
+    """A random 32-byte secret kept in `path`: drawn on first use, readable by this user only."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        secret = secrets.token_bytes(32)
+        partial = path.with_name(path.name + f".{os.getpid()}.part")
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(secret)
+        os.replace(partial, path)
+        return secret
+
+
+def _image_bytes(source, key: bytes) -> dict:
     """An image part's picture as stored: its file's (or imported) bytes as they are; a PIL
     image as PNG."""
     if isinstance(source, Image.Image):
@@ -422,7 +467,7 @@ def _image_bytes(source) -> dict:
                 suffix = IMAGE_FORMATS[image.format]
         except (OSError, Image.DecompressionBombError) as error:
             raise StoreError(f"An image can't be saved: it is not a picture this app reads ({error}).") from None
-    return {"sha256": hashlib.sha256(data).hexdigest(), "suffix": suffix, "bytes": len(data), "data": data}
+    return {"digest": hmac.new(key, data, hashlib.sha256).hexdigest(), "suffix": suffix, "bytes": len(data), "data": data}
 
 
 def _decoded_image(data: str) -> bytes:
@@ -430,15 +475,18 @@ def _decoded_image(data: str) -> bytes:
     try:
         raw = base64.b64decode(data, validate=True)
         with Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS)) as image:
-            image.load()
-    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as error:
+            if image.width * image.height > MAX_IMPORTED_IMAGE_PIXELS:
+                raise ValueError(f"{image.width}×{image.height} pixels is more than this app takes")
+            image.verify()  # (the file's structure, without decoding every pixel)
+    except (binascii.Error, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"an image is not readable: {error}") from None
     return raw
 
 
 def open_store(settings, environ=os.environ) -> tuple[ConversationStore, str]:
     """The store the app keeps its chats in, as `settings` say (data_dir, save, the limits),
-    and one line saying where they live for the log and the page. StoreError when the
+    and one line saying how they are kept, for the page (the log adds the directory; the
+    page never shows a path). StoreError when the
     directory or its database can't be used.
 
     - --no-save: a temporary folder, removed when the app stops.
@@ -451,18 +499,18 @@ def open_store(settings, environ=os.environ) -> tuple[ConversationStore, str]:
         directory, where = _temporary_directory(), "Chats are not saved (--no-save): they last until the app stops."
     elif settings.data_dir:
         directory = Path(settings.data_dir).expanduser()
-        where = f"Chats are saved on this server in {directory}."
+        where = "Chats are saved on this server."
     elif environ.get("SPACE_ID"):
         if SPACE_STORAGE.is_dir() and os.access(SPACE_STORAGE, os.W_OK):
             directory = SPACE_STORAGE / APP_FOLDER
-            where = f"Chats are saved in this Space's persistent storage ({directory})."
+            where = "Chats are saved in this Space's persistent storage."
         else:
             directory = _temporary_directory()
             where = ("This Space has no persistent storage: chats last until it restarts (attach storage in the "
                      "Space's settings to keep them).")
     else:
         directory = Path(platformdirs.user_data_dir(APP_FOLDER, appauthor=False))
-        where = f"Chats are saved on this server in {directory}."
+        where = "Chats are saved on this server."
     store = ConversationStore(directory, max_conversations=settings.max_saved_chats_per_user,
                               max_bytes=settings.max_saved_bytes_per_user)
     return store, where

@@ -20,6 +20,8 @@ import os
 import secrets
 from pathlib import Path
 
+from conversation_store import kept_secret
+
 SECRET_FILE = "browser-ids.secret"  # in the data directory, beside the chats
 ID_BYTES = 18
 
@@ -60,17 +62,7 @@ class BrowserIds:
     @classmethod
     def kept_in(cls, directory: Path) -> "BrowserIds":
         """With the secret kept in `directory` (drawn on first use, readable by this user only)."""
-        path = Path(directory) / SECRET_FILE
-        try:
-            secret = path.read_bytes()
-        except FileNotFoundError:
-            secret = secrets.token_bytes(32)
-            partial = path.with_name(path.name + f".{os.getpid()}.part")
-            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(secret)
-            os.replace(partial, path)
-        return cls(secret)
+        return cls(kept_secret(Path(directory) / SECRET_FILE))
 
     def _signature(self, browser_id: str) -> str:
         return hmac.new(self._secret, browser_id.encode(), hashlib.sha256).hexdigest()[:32]
@@ -80,8 +72,9 @@ class BrowserIds:
         return f"{browser_id}.{self._signature(browser_id)}"
 
     def check(self, token) -> str | None:
-        """The id in a token this server issued; None for anything else."""
-        if not isinstance(token, str) or token.count(".") != 1:
+        """The id in a token this server issued; None for anything else (whatever a browser
+        kept: not a string, not ASCII, not signed here)."""
+        if not isinstance(token, str) or not token.isascii() or token.count(".") != 1:
             return None
         browser_id, signature = token.split(".")
         return browser_id if hmac.compare_digest(signature, self._signature(browser_id)) else None

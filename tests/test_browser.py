@@ -231,8 +231,12 @@ def test_delete_from_the_list_and_it_stays_deleted(serve, llama_runner, page):
     chats.get_by_text("conversation to delete").click()
     expect(page.locator(".user-row").get_by_text("conversation to delete")).to_be_visible()
     page.get_by_text("This chat").click()
-    page.once("dialog", lambda dialog: dialog.accept())  # "Delete this chat?"
     page.get_by_role("button", name="🗑 Delete").click()
+    page.get_by_role("button", name="Keep it").click()  # asked first: no, keep it
+    expect(chats.get_by_text("conversation to delete")).to_have_count(1)
+    expect(page.locator(".user-row").get_by_text("conversation to delete")).to_be_visible()
+    page.get_by_role("button", name="🗑 Delete").click()
+    page.get_by_role("button", name="Delete it").click()
     expect(chats.get_by_text("conversation to delete")).to_have_count(0)
     expect(page.locator(".user-row")).to_have_count(0)
     page.reload()

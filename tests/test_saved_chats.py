@@ -92,7 +92,7 @@ def test_a_browser_keeps_its_id_and_a_forged_one_is_replaced(serve, llama_runner
     _, chat_list = first.send("kept by this browser")
     again = Browser(url, spy.chats, kept={"id": first.kept["id"]})  # the same browser, a new page
     assert titles(again.conversation_list) == ["kept by this browser"]
-    for forged in ("anyone", first.kept["id"].split(".")[0] + ".0000", {"id": None}):
+    for forged in ("anyone", first.kept["id"].split(".")[0] + ".0000", "x.é", {"id": None}, {"id": 7, "open": []}):
         stranger = Browser(url, spy.chats, kept={"id": forged} if isinstance(forged, str) else forged)
         assert titles(stranger.conversation_list) == [] and stranger.kept["id"] != first.kept["id"]
         stranger.close()
@@ -122,6 +122,24 @@ def test_signed_in_with_hugging_face_the_chats_follow_the_account(llama_runner):
     assert user == "hf:ann" and chat_list.constructor_args["choices"] == [("from hf", conversation)]
     user, *_ = chats.start_session_with_hf({}, page, None)  # not signed in: this browser
     assert user.startswith("browser:")
+
+
+
+def test_on_a_space_with_hf_oauth_the_page_offers_sign_in(llama_runner, monkeypatch):
+    import gradio as gr
+    monkeypatch.setenv("SYSTEM", "spaces")  # (what a Space sets, with these)
+    monkeypatch.setenv("SPACE_ID", "me/chat")
+    monkeypatch.setenv("OAUTH_CLIENT_ID", "client")
+    import gradio.oauth  # (which reads what the Space sets at import)
+    for name, value in (("OAUTH_CLIENT_ID", "client"), ("OAUTH_CLIENT_SECRET", "secret"), ("OAUTH_SCOPES", "openid"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):
+        monkeypatch.setattr(gradio.oauth, name, value)
+    demo = app.build_demo(llama_runner)
+    assert any(isinstance(block, gr.LoginButton) for block in demo.blocks.values())
+    assert any(fn.fn == demo.chats.start_session_with_hf for fn in demo.fns.values()), \
+        "the page load asks who signed in"
+    monkeypatch.delenv("OAUTH_CLIENT_ID")
+    assert not any(isinstance(block, gr.LoginButton) for block in app.build_demo(llama_runner).blocks.values())
 
 
 def test_logins_from_the_options_and_a_file(tmp_path):
@@ -170,14 +188,18 @@ def test_retry_and_undo_change_the_saved_conversation_too(serve, llama_runner):
     store = spy.chats.store
 
     def saved():
-        return [(m["role"], app.text_of(m)) for m in store.messages(browser.kept and _user(spy), conversation)]
-    assert [role for role, _ in saved()] == ["user", "assistant", "user", "assistant"]
+        return [(m["role"], app.text_of(m)) for m in store.messages(_user(spy), conversation)]
+    first_answer, second_answer = saved()[1][1], saved()[3][1]
+    assert saved() == [("user", "first"), ("assistant", first_answer), ("user", "second"), ("assistant", second_answer)]
     browser.call("begin_retry", browser.kept, "")
-    browser.client.predict("", 8, 0.7, 1.0, fn_index=event(spy.chats, "respond"))
-    assert [role for role, _ in saved()] == ["user", "assistant", "user", "assistant"], "retry replaces the answer"
+    retried = browser.client.predict("", 8, 1.5, 1.0, fn_index=event(spy.chats, "respond"))
+    new_answer = next(b["content"] for b in reversed(retried) if b["role"] == "assistant" and not b["metadata"])
+    assert spy.streams[-1].text.startswith(new_answer[0]["text"] if isinstance(new_answer, list) else new_answer)
+    assert saved() == [("user", "first"), ("assistant", first_answer), ("user", "second"),
+                       ("assistant", spy.streams[-1].text)], "retry replaces the answer with the new one"
     _, textbox = browser.call("undo")
     assert textbox["value"]["text"] == "second"
-    assert saved() == saved()[:2] and len(saved()) == 2, "undo takes the message and its answer out"
+    assert saved() == [("user", "first"), ("assistant", first_answer)], "undo takes the message and its answer out"
     browser.close()
 
 
@@ -297,7 +319,8 @@ def test_a_database_it_cannot_read_is_one_line_at_start_and_kept(tmp_path, damag
 def test_where_the_chats_live(tmp_path, monkeypatch):
     import conversation_store
     store, where = open_store(Settings(data_dir=str(tmp_path / "mine")), environ={})
-    assert store.directory == tmp_path / "mine" and str(store.directory) in where
+    assert store.directory == tmp_path / "mine" and "saved on this server" in where
+    assert str(tmp_path) not in where, "the page never shows the server's paths"
     store, where = open_store(Settings(save=False), environ={})
     assert "not saved" in where and store.directory != tmp_path
     monkeypatch.setattr(conversation_store, "SPACE_STORAGE", tmp_path / "data")
@@ -339,3 +362,55 @@ def test_the_apis_keep_nothing_in_the_saved_chats(serve, llama_runner):
     client.submit({"text": "hello", "files": []}, "", 5, 0.0, 1.0, api_name="/chat").result(timeout=60)
     assert spy.chats.store._db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 0
     client.close()
+
+
+def test_one_turn_at_a_time_in_a_conversation(serve, llama_runner):
+    """A second message while the answer streams (a second Enter, another tab) is refused
+    with a message, not queued behind it, and the first answer is saved whole."""
+    from tests.conftest import hold_generation
+    url, spy = serve(llama_runner, max_new_tokens=60)
+    browser = Browser(url, spy.chats)
+    with pytest.MonkeyPatch.context() as patch:
+        release = hold_generation(patch, llama_runner.model, after_calls=5)
+        browser.call("begin_turn", {"text": "first", "files": []}, browser.kept, "")
+        job = browser.client.submit("", 60, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+        wait_for(lambda: spy.streams, 30, "the answer to start")
+        with pytest.raises(Exception, match="Wait for the answer to end"):
+            browser.call("begin_turn", {"text": "second", "files": []}, browser.kept, "")
+        release.set()
+        job.result(timeout=60)
+    conversation = spy.chats.store.conversations(_user(spy))[0].id
+    assert [(m["role"], app.text_of(m)) for m in spy.chats.store.messages(_user(spy), conversation)] == [
+        ("user", "first"), ("assistant", spy.streams[-1].text)]
+    browser.send("second")
+    browser.close()
+
+
+def test_a_stopped_tool_step_keeps_each_result_after_its_call():
+    from engine_contract import ToolCall
+    first, second = ToolCall("a", {}, "call-1"), ToolCall("b", {}, "call-2")
+    answer = [{"role": "assistant", "content": [], "tool_calls": [first, second]},
+              {"role": "tool", "tool_call_id": "call-1", "name": "a", "content": [{"type": "text", "text": "1"}]}]
+    kept = app.settled(answer)
+    assert [(m["role"], m.get("tool_call_id")) for m in kept] == [
+        ("assistant", None), ("tool", "call-1"), ("tool", "call-2")], "results in the order of the calls"
+    assert "stopped before it returned" in app.text_of(kept[-1])
+
+
+def test_image_files_do_not_tell_which_pictures_the_server_has(tmp_path, images):
+    import hashlib
+    store = ConversationStore(tmp_path / "data")
+    conversation = store.create("ann")
+    store.append("ann", conversation, [{"role": "user", "content": [{"type": "image", "image": str(images["red"])}]}])
+    (stored,) = [path for path in (tmp_path / "data" / "images").rglob("*") if path.is_file()]
+    assert hashlib.sha256(images["red"].read_bytes()).hexdigest() not in stored.name, \
+        "named by a keyed hash: holding the picture does not give its URL"
+    assert ConversationStore(tmp_path / "data").messages("ann", conversation)[0]["content"][0]["image"] == str(stored)
+
+
+def test_search_folds_case_beyond_ascii(tmp_path):
+    store = ConversationStore(tmp_path / "data")
+    conversation = store.create("ann")
+    store.append("ann", conversation, [{"role": "user", "content": [{"type": "text", "text": "Über den Sommer"}]}])
+    assert [c.id for c in store.conversations("ann", "über")] == [conversation]
+    assert [c.id for c in store.conversations("ann", "SOMMER")] == [conversation]
