@@ -135,6 +135,19 @@ def hold_generation(patch, model, after_calls: int = 3):
     return release
 
 
+def slow_generation(patch, model, seconds_per_token: float = 0.01):
+    """Make each forward of the model take at least `seconds_per_token`: an answer that
+    streams at a pace a browser can watch, however fast the machine (or loaded the CI)."""
+    real_forward = model.forward
+
+    @functools.wraps(real_forward)
+    def forward(*args, **kwargs):
+        time.sleep(seconds_per_token)
+        return real_forward(*args, **kwargs)
+
+    patch.setattr(model, "forward", forward)
+
+
 def wait_for(condition, timeout: float = 30, what: str = "a condition", interval: float = 0.02):
     """Poll `condition` until it returns something true (returned) or fail the test after
     `timeout` seconds: a test waits on what it needs, never on a fixed sleep, never forever."""

@@ -18,7 +18,7 @@ if not Path(CHROMIUM).exists():
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 import app  # noqa: E402
-from tests.conftest import hold_generation, wait_for  # noqa: E402
+from tests.conftest import hold_generation, slow_generation, wait_for  # noqa: E402
 
 # The answer bubble of the last assistant turn: not the blocks with a title (Thinking,
 # figures, notes), whose content shows while they are open.
@@ -101,15 +101,17 @@ def test_header_upload_streaming_and_stop(serve, idefics3_runner, images, page):
     expect(page.get_by_text(idefics3_runner.name).first).to_be_visible()
     expect(page.get_by_text("vision-language · cpu · float32")).to_be_visible()
 
-    send(page, "What is in this picture?", images["red"])
     seen, deadline = [], time.time() + 60
-    while time.time() < deadline:
-        text = answer_text(page)
-        if text and (not seen or text != seen[-1]):
-            seen.append(text)
-        if page.locator("button.submit-button").is_visible() and seen:
-            break
-        time.sleep(0.01)
+    with pytest.MonkeyPatch.context() as patch:
+        slow_generation(patch, idefics3_runner.model)  # (a pace the page can be watched at, under any load)
+        send(page, "What is in this picture?", images["red"])
+        while time.time() < deadline:
+            text = answer_text(page)
+            if text and (not seen or text != seen[-1]):
+                seen.append(text)
+            if page.locator("button.submit-button").is_visible() and seen:
+                break
+            time.sleep(0.01)
     assert len(seen) >= 3, f"the answer should grow in place, saw {len(seen)} states"
     assert all(b.startswith(a[:20]) for a, b in zip(seen, seen[1:]))
     expect(page.locator(".user-row img").first).to_be_visible()
