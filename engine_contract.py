@@ -207,6 +207,12 @@ class GenerationSettings:
     min_new_tokens: int | None = None  # forces the length (benchmarks, tests)
     tools: list[dict] | None = None  # JSON schemas ({"type": "function", "function": {...}}) for the template
     continues_answer: bool = False   # a tool loop's next step: it generates before requests that came later
+    response_format: dict | None = None  # OpenAI's: json_object / json_schema constrain the answer (decoding.py)
+    tool_call_required: bool = False     # the answer must be calls of `tools` (tool_choice required / named)
+    presence_penalty: float = 0.0    # OpenAI's penalties on tokens already in the answer (decoding.Penalties)
+    logprobs: int | None = None      # each token's log probability and this many top alternatives (None: off)
+    raw_prompt: bool = False         # the one user message's text is continued as it is, without the chat template
+    frequency_penalty: float = 0.0
 
 
 # ---------------------------------------------------------------- runners
@@ -322,6 +328,7 @@ class StreamBase:
                  on_end: Callable[["StreamBase"], None] | None = None, request_text: str = ""):
         self.reply = Reply()
         self.notices: list[str] = []
+        self.logprobs: list[dict] = []  # with settings.logprobs: one entry per token, OpenAI's shape
         self.request_text = request_text
         self.max_new_tokens = max_new_tokens
         self.prompt_tokens = 0

@@ -33,7 +33,7 @@ import multiprocessing
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from config import Settings
 from conversation import last_user_text
@@ -104,6 +104,7 @@ class Text:
     changes: dict      # Reply.changes_since the last Text
     new_tokens: int
     first_token_at: float | None
+    logprobs: list = field(default_factory=list)  # the stream's logprobs entries since the last Text
 
 
 @dataclass
@@ -122,14 +123,16 @@ class Ended:
     tokens_after_close: int | None
     token_times: list[float] | None
     generated_on: int | None
+    logprobs: list = field(default_factory=list)  # the entries not sent yet
 
     FIGURES = ("new_tokens", "first_token_at", "last_token_at", "ended_at", "closed_at", "tokens_after_close",
                "token_times", "generated_on")
 
     @classmethod
-    def of(cls, request_id: int, stream, sent: Reply) -> "Ended":
+    def of(cls, request_id: int, stream, sent: Reply, logprobs_sent: int = 0) -> "Ended":
         return cls(request_id, stream.reply.changes_since(sent), str(stream.error) if stream.error else None,
-                   stream.finish_reason, **{name: getattr(stream, name) for name in cls.FIGURES})
+                   stream.finish_reason, **{name: getattr(stream, name) for name in cls.FIGURES},
+                   logprobs=stream.logprobs[logprobs_sent:])
 
 
 # ---------------------------------------------------------------- the web server's side
@@ -330,10 +333,12 @@ class EngineStream(StreamBase):
         self._started.set()
 
     def _on_text(self, text: Text) -> None:
+        self.logprobs.extend(text.logprobs)
         self.new_tokens, self.first_token_at = text.new_tokens, text.first_token_at
         self._update(self.reply.with_changes(text.changes))
 
     def _on_ended(self, ended: Ended) -> None:
+        self.logprobs.extend(ended.logprobs)
         for name in Ended.FIGURES:
             setattr(self, name, getattr(ended, name))
         self.reply = self.reply.with_changes(ended.changes)
@@ -409,18 +414,20 @@ class _EngineServer:
         """A request into the table and to the generation loop; its stream's updates and its
         end go back over the pipe from the generating thread."""
         from model_runner import Job
-        request_id, sent = command.request_id, Reply()
+        request_id, sent, logprobs_sent = command.request_id, Reply(), 0
         job = Job(command.messages, command.settings, on_decided=functools.partial(self.decided, request_id))
 
         def on_update(reply: Reply) -> None:
-            nonlocal sent
-            self.send(Text(request_id, reply.changes_since(sent), job.stream.new_tokens, job.stream.first_token_at))
-            sent = reply
+            nonlocal sent, logprobs_sent
+            logprobs = job.stream.logprobs[logprobs_sent:]
+            self.send(Text(request_id, reply.changes_since(sent), job.stream.new_tokens, job.stream.first_token_at,
+                           logprobs))
+            sent, logprobs_sent = reply, logprobs_sent + len(logprobs)
 
         def on_end(stream) -> None:
             with self.lock:
                 self.jobs.pop(request_id, None)
-            self.send(Ended.of(request_id, stream, sent))
+            self.send(Ended.of(request_id, stream, sent, logprobs_sent))
 
         job.on_update, job.on_end = on_update, on_end
         with self.lock:

@@ -43,6 +43,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -50,8 +51,11 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 import transformers_internals
+from decoding import GrammarConstraint, LogprobsRecorder, Penalties, grammar_tokenizer
+from structured_output import grammar_for
 from config import DEFAULT_MODEL, Settings
 from conversation import (
+    REASONING_END,
     REASONING_START,
     TOOL_CALL_START,
     ReplyParser,
@@ -178,6 +182,7 @@ class IncrementalTextStreamer(BaseStreamer):
         self.on_text = on_text
         self.figures = figures if figures is not None else _Figures()
         self.ids: list[int] = []  # the answer's token ids (a response_template parses them)
+        self.on_token = None      # called with each new token's id (logprobs)
         self._prompt_seen = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
@@ -213,6 +218,8 @@ class IncrementalTextStreamer(BaseStreamer):
         for token_id in token_ids:
             figures.new_tokens += 1
             self.ids.append(token_id)
+            if self.on_token is not None:
+                self.on_token(token_id)
             if figures.token_times is not None:
                 figures.token_times.append(now)
             text = self._step(token_id)
@@ -253,7 +260,8 @@ class TextStream(StreamBase):
 
     def __init__(self, runner: "ModelRunner", inputs, generation_config: GenerationConfig, *,
                  settings: GenerationSettings, parser: ReplyParser, reply_parsing: tuple | None = None,
-                 on_update=None, on_end=None, request_text: str = "", notices: list[str] = ()):
+                 on_update=None, on_end=None, request_text: str = "", notices: list[str] = (),
+                 logits_processors=()):
         super().__init__(max_new_tokens=generation_config.max_new_tokens,
                          max_updates_per_second=settings.max_updates_per_second,
                          listeners=runner.finish_listeners, on_update=on_update, on_end=on_end,
@@ -271,6 +279,11 @@ class TextStream(StreamBase):
         self._raw = ""
         self._visible = ""
         self.prompt_tokens = int(inputs["input_ids"].shape[-1])
+        self._logits_processors = LogitsProcessorList(logits_processors)
+        for processor in logits_processors:
+            if isinstance(processor, LogprobsRecorder):  # its entries are this stream's, token by token
+                processor.out = self.logprobs
+                self._streamer.on_token = processor.take
 
     def run(self) -> None:
         """Generate the whole answer, here (the generation loop's thread)."""
@@ -283,6 +296,7 @@ class TextStream(StreamBase):
             with runner.grad_mode():
                 runner.model.generate(
                     **self._inputs, generation_config=self._generation_config, streamer=self._streamer,
+                    logits_processor=self._logits_processors,
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]))
         except BaseException as failure:  # reaches the consumer, never lost in the loop
             error = runner.describe_failure(failure)
@@ -834,7 +848,14 @@ class ModelRunner:
         limit = self.context_length
         # Room for the answer: all of max_new_tokens if possible, at least a quarter of the context.
         reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
-        inputs = self.build_inputs(job.messages, reserve_tokens=reserve, notices=notices, tools=settings.tools)
+        if settings.raw_prompt:  # (a legacy completion: the text as it is, no template)
+            text = "".join(part["text"] for part in job.messages[-1]["content"] if part["type"] == "text")
+            inputs = self.tokenizer(text, return_tensors="pt").to(self.model.device)
+            if limit and inputs["input_ids"].shape[-1] + reserve > limit:
+                raise ContextTooLong(f"This prompt ({inputs['input_ids'].shape[-1]} tokens) leaves no room for the "
+                                     f"answer in the model's {limit}-token context.")
+        else:
+            inputs = self.build_inputs(job.messages, reserve_tokens=reserve, notices=notices, tools=settings.tools)
         generation = self.generation_config(settings)
         prompt_tokens = inputs["input_ids"].shape[-1]
         if limit:  # the answer ends ("length") where the context is full
@@ -851,15 +872,71 @@ class ModelRunner:
                      prompt_tokens, generation.max_new_tokens, generation.max_cache_len)
             generation.cache_implementation = self.model.generation_config.cache_implementation
             generation.max_cache_len = None
+        constraint = self.grammar_constraint(settings, generation) \
+            if settings.response_format or settings.tool_call_required else None
+        if self.batcher is not None and (settings.presence_penalty or settings.frequency_penalty
+                                         or settings.logprobs is not None):
+            raise ChatInputError("presence_penalty, frequency_penalty and logprobs apply to one answer at a time: "
+                                 "this server batches answers (--batching); start it with --batching off.")
+        recorder = LogprobsRecorder(settings.logprobs, generation, self.describe_token) \
+            if settings.logprobs is not None else None
         template = self.response_template if settings.tools else None
         reply_parsing = (template, inputs["input_ids"][0].tolist(), settings.tools) if template else None
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
-        parser = ReplyParser(starts_in_reasoning=prompt_tail.rstrip().endswith(REASONING_START),
-                             tools=bool(settings.tools))
+        starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START) and not settings.raw_prompt
+        if constraint is not None and starts_in_reasoning:  # structured: the JSON, no reasoning first
+            inputs = self.close_reasoning(inputs)
+            starts_in_reasoning = False
+        parser = ReplyParser(starts_in_reasoning=starts_in_reasoning, tools=bool(settings.tools))
         return (BatchedStream if self.batcher else TextStream)(
             self, inputs, generation, settings=settings, parser=parser, reply_parsing=reply_parsing,
             on_update=job.on_update, on_end=job.on_end, request_text=last_user_text(job.messages),
-            notices=notices)
+            notices=notices, logits_processors=[processor for processor in (
+                constraint, Penalties(settings.presence_penalty, settings.frequency_penalty)
+                if settings.presence_penalty or settings.frequency_penalty else None, recorder)
+                if processor is not None])
+
+    def close_reasoning(self, inputs):
+        """The inputs with the reasoning block the template opened closed at once (as templates
+        do when thinking is turned off)."""
+        closing = self.tokenizer.encode(REASONING_END + "\n\n", add_special_tokens=False)
+        ids = torch.tensor([closing], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
+        inputs = dict(inputs)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], dim=-1)
+        if "attention_mask" in inputs:
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(ids)], dim=-1)
+        return inputs
+
+    def describe_token(self, token_id: int) -> tuple[str, bytes]:
+        """A token as logprobs show it: its text, and that text's UTF-8 bytes."""
+        cache = self.__dict__.setdefault("_token_descriptions", {})
+        if token_id not in cache:
+            text = self.tokenizer.decode([token_id])
+            cache[token_id] = (text, text.encode("utf-8"))
+        return cache[token_id]
+
+    def grammar_constraint(self, settings: GenerationSettings, generation: GenerationConfig):
+        """The logits processor that keeps this answer to the response_format's JSON, or to
+        calls of the tools (required: only to calls); None: free text."""
+        if settings.tools and self.response_template is not None:
+            raise ChatInputError("This model writes its tool calls in its own format, which the app can't "
+                                 "constrain: send tools without response_format or a required tool_choice.")
+        try:
+            grammar = grammar_for(settings.response_format, settings.tools, settings.tool_call_required)
+        except ValueError as error:
+            raise ChatInputError(f"This response_format can't be followed: {error}") from None
+        if grammar is None:
+            return None
+        if self.batcher is not None:  # (the batch manager takes no per-request logits processors)
+            raise ChatInputError("Structured outputs (response_format json) run one answer at a time: "
+                                 "this server batches answers (--batching); start it with --batching off.")
+        eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        vocabulary = self.model.get_output_embeddings().weight.shape[0]
+        try:
+            return GrammarConstraint(grammar, grammar_tokenizer(self.tokenizer, eos_ids, vocabulary))
+        except ValueError as error:
+            raise ChatInputError(f"This response_format can't be followed: {error}") from None
 
     def parse_reply(self, answer_ids: list[int], template: dict, prompt_ids: list[int],
                     tools: list[dict]) -> dict | None:

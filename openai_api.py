@@ -2,12 +2,17 @@
 
     POST /v1/chat/completions   stream: true → Server-Sent Events (chat.completion.chunk),
                                 stream: false → one chat.completion with usage
+    POST /v1/responses          the Responses API, stateless (responses_api.py)
+    POST /v1/completions        legacy: a prompt continued as it is, no chat template
     GET  /v1/models             the loaded model
 
 Images come as `image_url` content parts holding `data:` URLs (base64 PNG/JPEG/WebP);
-http(s) URLs are refused, so the server never fetches arbitrary addresses. Errors use
-OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx for every
-bad request. A client that disconnects stops its generation within one token.
+http(s) URLs are refused, so the server never fetches arbitrary addresses. Every request
+field is honoured (response_format and a required tool_choice by constrained decoding:
+structured_output.py), refused with a 400 that names it (REFUSED, and any unknown field),
+or, for bookkeeping fields only, accepted and ignored (IGNORED). Errors use OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with a 4xx for every bad request. A
+client that disconnects stops its generation within one token.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import responses_api
 from config import Settings
 from conversation import load_image
+from structured_output import grammar_for, instruction_for
 from engine_contract import (
     Cancelled,
     ChatInputError,
@@ -109,7 +116,10 @@ class Tool(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown extras are ignored, not fatal
+    """Every field of OpenAI's request is here: honoured, refused with a 400 that names it
+    (REFUSED), or accepted and ignored (the bookkeeping ones, IGNORED). A field OpenAI
+    doesn't have is a 400 too: nothing is silently dropped."""
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
@@ -119,15 +129,124 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = None
     stream_options: dict | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # refused unless empty (REFUSED)
+    logit_bias: dict | None = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+    prediction: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    # bookkeeping: accepted, ignored (IGNORED)
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @field_validator("stop")
     @classmethod
     def _as_list(cls, value):
         return [value] if isinstance(value, str) else (value or [])
+
+
+# A request's fields this server can't honour: each is a 400 naming it, and why.
+REFUSED = {
+    "n": "only one answer per request (n = 1)",
+    "logit_bias": "token biases are not applied by this server",
+    "audio": "this server answers in text only",
+    "modalities": "this server answers in text only (modalities: [\"text\"])",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "the model's reasoning can't be set per request here",
+    "verbosity": "verbosity can't be set per request here",
+    "web_search_options": "this server does not search the web",
+    "functions": "the deprecated functions field is not supported: send tools",
+    "function_call": "the deprecated function_call field is not supported: send tool_choice",
+}
+# Accepted and ignored: they change nothing in an answer (README, "OpenAI-compatible API").
+IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
+    """A 400 naming the first field set to something this server would not do."""
+    harmless = {"n": 1, "modalities": ["text"], "logit_bias": {}}
+    for field, why in REFUSED.items():
+        value = getattr(request, field)
+        if value is not None and value != harmless.get(field, object()):
+            raise APIError(400, f"{field}: {why}.", param=field, code="unsupported_parameter")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs: true.", param="top_logprobs")
+    if request.response_format is not None:
+        kind = request.response_format.get("type")
+        if kind not in RESPONSE_FORMATS:
+            raise APIError(400, f"response_format.type: one of {', '.join(RESPONSE_FORMATS)}.",
+                           param="response_format")
+        if kind == "json_schema" and not isinstance((request.response_format.get("json_schema") or {})
+                                                    .get("schema"), dict):
+            raise APIError(400, "response_format.json_schema.schema: a JSON schema (an object) is needed.",
+                           param="response_format")
+        try:
+            grammar_for(request.response_format, [tool.model_dump() for tool in request.tools or ()])
+        except ValueError as error:
+            raise APIError(400, f"response_format: this JSON schema can't be followed: {error}",
+                           param="response_format", code="invalid_json_schema") from None
+    if request.tools and (request.tool_choice == "required" or isinstance(request.tool_choice, dict)):
+        try:
+            grammar_for(None, [tool.model_dump() for tool in request.tools], require_call=True)
+        except ValueError as error:
+            raise APIError(400, f"tools: a tool's parameters can't be followed: {error}",
+                           param="tools", code="invalid_json_schema") from None
+
+
+class CompletionRequest(BaseModel):
+    """The legacy completions API: a prompt continued as it is (no chat template)."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # (OpenAI's default for this API)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    n: int | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+    logit_bias: dict | None = None
+    user: str | None = None
+
+    def as_chat(self) -> ChatCompletionRequest:
+        """The same request as a chat request of one user message (answered raw: to_settings)."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "prompt: one prompt per request.", param="prompt")
+        refused = {"best_of": (1, "only one answer per request"), "echo": (False, "the prompt is not echoed"),
+                   "suffix": ("", "insertion (suffix) is not supported"),
+                   "logprobs": (None, "log probabilities are returned on /v1/chat/completions only")}
+        for field, (harmless, why) in refused.items():
+            if getattr(self, field) not in (None, harmless):
+                raise APIError(400, f"{field}: {why}.", param=field, code="unsupported_parameter")
+        fields = self.model_dump(exclude={"prompt", "best_of", "echo", "suffix", "logprobs"}, exclude_none=True)
+        return ChatCompletionRequest(**fields, messages=[{"role": "user", "content": prompts[0]}])
 
 
 def check_limits(request: ChatCompletionRequest, settings: Settings) -> None:
@@ -194,6 +313,14 @@ def to_engine_messages(request: ChatCompletionRequest, settings: Settings) -> li
     return messages
 
 
+def with_instruction(messages: list[dict], instruction: str) -> list[dict]:
+    """The messages with `instruction` at the end of the system message (one made if none)."""
+    line = {"type": "text", "text": instruction}
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": [*messages[0]["content"], line]}, *messages[1:]]
+    return [{"role": "system", "content": [line]}, *messages]
+
+
 def decode_arguments(arguments: str, param: str) -> dict:
     try:
         value = json.loads(arguments or "{}")
@@ -206,13 +333,14 @@ def decode_arguments(arguments: str, param: str) -> dict:
 
 
 def tools_of(request: ChatCompletionRequest, supports_tools: bool) -> list[dict] | None:
-    """The tools the model is shown, as tool_choice says: auto (all), none (none), or a named
-    function (that one alone: the model is shown only it, not forced to call it)."""
+    """The tools the model is shown, as tool_choice says: auto (all), none (none), required
+    (all, and it must call one), or a named function (that one alone, and it must call it;
+    the must is kept by constrained decoding: to_settings)."""
     if not request.tools or request.tool_choice == "none":
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
     choice = request.tool_choice
-    if choice in (None, "auto"):
+    if choice in (None, "auto", "required"):
         pass
     elif isinstance(choice, dict) and choice.get("type") == "function" \
             and isinstance(choice.get("function"), dict):
@@ -221,9 +349,8 @@ def tools_of(request: ChatCompletionRequest, supports_tools: bool) -> list[dict]
         if not tools:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
     else:
-        raise APIError(400, "tool_choice can be auto, none or {\"type\": \"function\", \"function\": "
-                            "{\"name\": ...}}; required is not supported (the model can't be forced "
-                            "to call a tool).", param="tool_choice")
+        raise APIError(400, "tool_choice can be auto, none, required or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}.", param="tool_choice")
     if not supports_tools:
         raise APIError(400, "This model's chat template doesn't take tools, so it can't call them; "
                             "send the request without tools.", param="tools", code="tools_not_supported")
@@ -254,12 +381,19 @@ def decode_image(url: str, param: str, settings: Settings):
 
 
 def to_settings(request: ChatCompletionRequest, settings: Settings) -> GenerationSettings:
+    constrained = request.response_format and request.response_format.get("type") != "text"
     return GenerationSettings(
         max_new_tokens=request.max_completion_tokens or request.max_tokens or settings.max_new_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's default
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
-        stop=request.stop or [])
+        stop=request.stop or [],
+        response_format=request.response_format if constrained else None,
+        tool_call_required=bool(request.tools) and (request.tool_choice == "required"
+                                                    or isinstance(request.tool_choice, dict)),
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None)
 
 
 # ---------------------------------------------------------------- the app
@@ -303,8 +437,12 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         first = error.errors()[0]
         param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
                         for p in first.get("loc", ()) if p != "body").lstrip(".") or None
-        message = f"{param}: {first.get('msg')}" if param else first.get("msg", "Invalid request")
-        return JSONResponse(APIError(400, message, param=param).body, status_code=400)
+        what = first.get("msg", "Invalid request")
+        if first.get("type") == "extra_forbidden":
+            what = "this server does not know this field (README, \"OpenAI-compatible API\", lists them)"
+        message = f"{param}: {what}" if param else what
+        code = "unknown_parameter" if first.get("type") == "extra_forbidden" else None
+        return JSONResponse(APIError(400, message, param=param, code=code).body, status_code=400)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request, error: StarletteHTTPException):
@@ -376,41 +514,101 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         return {"object": "list", "data": [
             {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}]}
 
+    async def begin(body: ChatCompletionRequest, gone: Signal, deadline: float, raw_prompt: bool = False):
+        """The answer to a checked request, started: it waited its turn in the line (a 503 when
+        full) and for the model; its settings as the request says."""
+        if runner.name is None:
+            await model_loaded(deadline, gone)
+        if body.model not in (None, "", runner.name):
+            raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
+                                f"{runner.name!r}.", param="model", code="model_not_found")
+        messages = await anyio.to_thread.run_sync(to_engine_messages, body, settings)
+        generation = to_settings(body, settings)
+        generation.raw_prompt = raw_prompt
+        if generation.response_format:
+            messages = with_instruction(messages, instruction_for(generation.response_format))
+        if runner.loaded:  # (else once it is)
+            generation.tools = tools_of(body, runner.supports_tools)
+        try:
+            place = line.join("api")
+        except LineFull as full:
+            raise APIError(503, str(full), type="server_error", code="server_busy", headers=retry_after) from None
+        try:
+            await wait_for_turn(place, gone, deadline)
+            generation.tools = tools_of(body, runner.supports_tools)
+            stream = await start_stream(messages, generation, gone)
+            place.started(stream)
+        finally:
+            if place.position:  # it never started: out of the line
+                place.leave()
+        return stream
+
     @api.post("/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_limits(body, settings)
+        refuse_what_is_not_honoured(body)
         deadline = time.monotonic() + settings.api_model_load_wait_s  # like the UI, a request made while
         async with watching_disconnect(request) as gone:                 # the model loads waits for it
-            if runner.name is None:
-                await model_loaded(deadline, gone)
-            if body.model not in (None, "", runner.name):
-                raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
-                                    f"{runner.name!r}.", param="model", code="model_not_found")
-            messages = await anyio.to_thread.run_sync(to_engine_messages, body, settings)
-            generation = to_settings(body, settings)
-            if runner.loaded:  # (else once it is)
-                generation.tools = tools_of(body, runner.supports_tools)
-            try:
-                place = line.join("api")
-            except LineFull as full:
-                raise APIError(503, str(full), type="server_error", code="server_busy", headers=retry_after) from None
-            try:
-                await wait_for_turn(place, gone, deadline)
-                generation.tools = tools_of(body, runner.supports_tools)
-                stream = await start_stream(messages, generation, gone)
-                place.started(stream)
-            finally:
-                if place.position:  # it never started: out of the line
-                    place.leave()
+            stream = await begin(body, gone, deadline)
             completion_id = f"chatcmpl-{uuid.uuid4().hex}"
             created = int(time.time())
+            most_calls = 1 if body.parallel_tool_calls is False else None
             if not body.stream:
-                return await complete(stream, completion_id, created, runner.name)
+                return await complete(stream, completion_id, created, runner.name, most_calls, bool(body.logprobs))
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         # The background task closes the stream even when the client is gone before the
         # first event is sent (the generator, whose finally closes it, never runs then).
         return EventSourceResponse(
-            sse_chunks(stream, completion_id, created, runner.name, include_usage),
+            sse_chunks(stream, completion_id, created, runner.name, include_usage, most_calls, bool(body.logprobs)),
+            ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
+
+    @api.post("/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request):
+        """Legacy completions: the prompt continued as it is, no chat template (older tools)."""
+        chat = body.as_chat()
+        check_limits(chat, settings)
+        refuse_what_is_not_honoured(chat)
+        deadline = time.monotonic() + settings.api_model_load_wait_s
+        async with watching_disconnect(request) as gone:
+            stream = await begin(chat, gone, deadline, raw_prompt=True)
+            completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+            if not body.stream:
+                try:
+                    async for _ in updates(stream):
+                        pass
+                except GenerationError as error:
+                    raise api_error(error) from None
+                return {"id": completion_id, "object": "text_completion", "created": created, "model": runner.name,
+                        "choices": [{"index": 0, "text": stream.reply.answer, "logprobs": None,
+                                     "finish_reason": finish_reason_of(stream, stream.reply)}],
+                        "usage": usage_of(stream)}
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return EventSourceResponse(text_chunks(stream, completion_id, created, runner.name, include_usage),
+                                   ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
+
+    @api.post("/responses", dependencies=[Depends(authorize)])
+    async def responses(body: responses_api.ResponsesRequest, request: Request):
+        """The Responses API: the same answer, told as a response (responses_api.py)."""
+        try:
+            chat = ChatCompletionRequest.model_validate(responses_api.to_chat_request(body))
+        except responses_api.RequestProblem as problem:
+            raise APIError(400, str(problem), param=problem.param) from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise APIError(400, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg')}") from None
+        check_limits(chat, settings)
+        refuse_what_is_not_honoured(chat)
+        deadline = time.monotonic() + settings.api_model_load_wait_s
+        most_calls = 1 if chat.parallel_tool_calls is False else None
+        async with watching_disconnect(request) as gone:
+            stream = await begin(chat, gone, deadline)
+            if not body.stream:
+                try:
+                    return await responses_api.complete(stream, updates, body, runner.name, most_calls)
+                except GenerationError as error:
+                    raise api_error(error) from None
+        return EventSourceResponse(
+            responses_api.events(stream, updates, body, runner.name, most_calls, api_error),
             ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
 
     return api
@@ -458,6 +656,30 @@ async def updates(stream):
             await anyio.to_thread.run_sync(stream.close)
 
 
+async def text_chunks(stream, completion_id, created, model, include_usage: bool):
+    """A legacy completion's stream: text_completion chunks of the growing text, then [DONE]."""
+    def chunk(text: str, finish_reason=None) -> dict:
+        return {"data": json.dumps({"id": completion_id, "object": "text_completion", "created": created,
+                                    "model": model, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                                 "finish_reason": finish_reason}]},
+                                   ensure_ascii=False)}
+    sent = ""
+    try:
+        async for reply in updates(stream):
+            if reply.answer.startswith(sent) and reply.answer != sent:
+                yield chunk(reply.answer[len(sent):])
+                sent = reply.answer
+    except GenerationError as error:
+        yield {"data": json.dumps(api_error(error).body)}
+        yield {"data": "[DONE]"}
+        return
+    yield chunk("", finish_reason_of(stream, stream.reply))
+    if include_usage:
+        yield {"data": json.dumps({"id": completion_id, "object": "text_completion", "created": created,
+                                   "model": model, "choices": [], "usage": usage_of(stream)})}
+    yield {"data": "[DONE]"}
+
+
 def usage_of(stream) -> dict:
     return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.new_tokens,
             "total_tokens": stream.prompt_tokens + stream.new_tokens}
@@ -469,37 +691,45 @@ def finish_reason_of(stream, reply: Reply) -> str:
     return "length" if stream.finish_reason == "length" else "stop"
 
 
-async def complete(stream, completion_id, created, model):
-    """The whole answer as one chat.completion (the client's leaving stops it: `gone`)."""
+async def complete(stream, completion_id, created, model, most_calls: int | None = None, logprobs: bool = False):
+    """The whole answer as one chat.completion (the client's leaving stops it: `gone`); with
+    `most_calls`, only that many of its tool calls (parallel_tool_calls: false); with
+    `logprobs`, each token's (choices[0].logprobs.content)."""
     try:
         async for _ in updates(stream):
             pass
     except GenerationError as error:
         raise api_error(error) from None
     reply = stream.reply
-    message = {"role": "assistant", "content": reply.answer or (None if reply.tool_calls else "")}
+    calls = reply.tool_calls[:most_calls]
+    message = {"role": "assistant", "content": reply.answer or (None if calls else "")}
     if reply.reasoning is not None:
         message["reasoning_content"] = reply.reasoning
-    if reply.tool_calls:
-        message["tool_calls"] = [call.openai() for call in reply.tool_calls]
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason_of(stream, reply)}],
-        "usage": usage_of(stream),
-    }
+    if calls:
+        message["tool_calls"] = [call.openai() for call in calls]
+    choice = {"index": 0, "message": message, "finish_reason": finish_reason_of(stream, reply)}
+    if logprobs:
+        choice["logprobs"] = {"content": list(stream.logprobs), "refusal": None}
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [choice], "usage": usage_of(stream)}
 
 
-async def sse_chunks(stream, completion_id, created, model, include_usage: bool):
+async def sse_chunks(stream, completion_id, created, model, include_usage: bool, most_calls: int | None = None,
+                     logprobs: bool = False):
     """The answer as OpenAI's chunks: reasoning_content and content deltas as they grow; each
     tool call, once complete, as one delta.tool_calls chunk (id, name, arguments), as
     transformers' serve sends them. A call's raw text never goes out as content."""
+    sent = {"reasoning": "", "answer": "", "tool_calls": 0, "logprobs": 0}
+
     def chunk(delta: dict, finish_reason=None, **extra) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        if logprobs and (delta or finish_reason):  # the tokens' entries since the last chunk
+            choice["logprobs"] = {"content": stream.logprobs[sent["logprobs"]:len(stream.logprobs)], "refusal": None}
+            sent["logprobs"] += len(choice["logprobs"]["content"])
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [{"index": 0, "delta": delta,
-                                             "finish_reason": finish_reason}], **extra}
+                "model": model, "choices": [choice], **extra}
         return {"data": json.dumps(body, ensure_ascii=False)}
 
-    sent = {"reasoning": "", "answer": "", "tool_calls": 0}
 
     def news(reply: Reply) -> list[dict]:
         """The chunks for what is new since the last ones: text deltas, then complete calls."""
@@ -508,10 +738,10 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool)
             now = getattr(reply, name) or ""
             if now.startswith(sent[name]) and now != sent[name]:
                 delta[key], sent[name] = now[len(sent[name]):], now
-        done = sent["tool_calls"]
+        done, calls = sent["tool_calls"], reply.tool_calls[:most_calls]
         new_calls = [chunk({"tool_calls": [{"index": index, **call.openai()}]})
-                     for index, call in enumerate(reply.tool_calls[done:], start=done)]
-        sent["tool_calls"] = max(done, len(reply.tool_calls))
+                     for index, call in enumerate(calls[done:], start=done)]
+        sent["tool_calls"] = max(done, len(calls))
         return ([chunk(delta)] if delta else []) + new_calls
 
     yield chunk({"role": "assistant", "content": ""})

@@ -71,6 +71,12 @@ class RemoteRunner(DescribedByInfo):
         settings = settings or GenerationSettings(max_new_tokens=self.settings.max_new_tokens)
         if cancelled is not None and cancelled.is_set():
             raise Cancelled()
+        if settings.raw_prompt:
+            raise ChatInputError("Legacy completions are not passed through to the model server (--backend "
+                                 "openai): ask that server directly.")
+        if settings.logprobs is not None:
+            raise ChatInputError("logprobs are not passed through from the model server (--backend openai): "
+                                 "ask that server directly.")
         notices: list[str] = []
         prepared = alternate_roles(prepare_messages(messages, sees_images=True, model_name=self.name,
                                                     settings=self.settings, notices=notices))
@@ -83,6 +89,11 @@ class RemoteRunner(DescribedByInfo):
             request["seed"] = settings.seed
         if settings.stop:
             request["stop"] = settings.stop
+        if settings.response_format:  # (the server constrains it in its own way)
+            request["response_format"] = settings.response_format
+        for penalty in ("presence_penalty", "frequency_penalty"):
+            if getattr(settings, penalty):
+                request[penalty] = getattr(settings, penalty)
         stream = RemoteStream(self, request, settings.max_updates_per_second, last_user_text(messages))
         stream.notices = notices
         if cancelled is not None:

@@ -72,6 +72,20 @@ def long_answer_engine_process(tmp_path_factory):
     engine.close()
 
 
+@pytest.fixture(scope="session")
+def llama_engine_process(tiny_model_paths):
+    from engine_process import EngineProcess
+    engine = EngineProcess.start(str(tiny_model_paths["llama"]), device="cpu")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(params=["in-process", "engine-process"])
+def llama_engine_or_runner(request):
+    """The tiny Llama in this process and in an engine process of its own."""
+    return request.getfixturevalue("llama_runner" if request.param == "in-process" else "llama_engine_process")
+
+
 @pytest.fixture(params=["in-process", "engine-process"])
 def idefics3_engine(request):
     """The idefics3 model both ways the app runs it: in the web server's process and in

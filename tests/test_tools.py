@@ -369,14 +369,20 @@ def test_the_api_streams_tool_calls_as_delta_chunks(serve, tools_runner):
 def test_the_api_refuses_tool_choices_it_cannot_honour(serve, tools_runner, llama_runner):
     url, _ = serve(tools_runner)
     base = {"model": tools_runner.name, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL]}
-    for choice in ("required", {"type": "function", "function": {"name": "unknown_tool"}}):
+    for choice in ("anything", {"type": "function", "function": {"name": "unknown_tool"}}):
         response = httpx.post(url + "v1/chat/completions", json={**base, "tool_choice": choice}, timeout=30)
-        assert response.status_code == 400, choice
+        assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice", choice
+    bounded = {"type": "function", "function": {**WEATHER_TOOL["function"], "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
+    required = httpx.post(url + "v1/chat/completions", timeout=30, json={  # (kept by constrained decoding:
+        **base, "tools": [bounded], "tool_choice": "required", "max_tokens": 200})  # test_structured_outputs.py)
+    assert required.status_code == 200 and required.json()["choices"][0]["finish_reason"] == "tool_calls"
     none = httpx.post(url + "v1/chat/completions", json={**base, "tool_choice": "none", "max_tokens": 5},
                       timeout=30)
     assert none.status_code == 200 and not none.json()["choices"][0]["message"].get("tool_calls")
     named = httpx.post(url + "v1/chat/completions", timeout=30, json={
-        **base, "max_tokens": 30, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+        **base, "tools": [bounded], "max_tokens": 200,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
     assert named.status_code == 200 and named.json()["choices"][0]["finish_reason"] == "tool_calls"
     url_llama, _ = serve(llama_runner)
     refused = httpx.post(url_llama + "v1/chat/completions", timeout=30,

@@ -1,0 +1,304 @@
+"""OpenAI's Responses API (`POST /v1/responses`) on the engine that answers
+/v1/chat/completions: a request is translated into a chat completion request (its input items
+into chat messages, its function tools into chat tools, `text.format` into a response_format),
+checked and answered exactly as one (the same line, the same refusals, constrained decoding),
+and the answer is told as Responses output items (reasoning, message, function_call) and, when
+streamed, as its typed events (response.created ... response.output_text.delta ...
+response.completed). Stateless: nothing is stored, so `previous_response_id` is a 400.
+
+The openai SDK's `client.responses.create(...)` and `client.responses.stream(...)` work
+against it (tests/test_openai_keeps_its_word.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict
+
+from engine_contract import GenerationError, Reply
+
+# Fields this server can't honour: a 400 naming each (the bookkeeping ones are IGNORED).
+REFUSED = {
+    "previous_response_id": "this server keeps no responses: send the whole conversation as input",
+    "conversation": "this server keeps no conversations: send the whole conversation as input",
+    "background": "responses run in the foreground only",
+    "prompt": "stored prompt templates are not supported",
+    "reasoning": "the model's reasoning can't be set per request here",
+    "top_logprobs": "log probabilities are returned on /v1/chat/completions only",
+    "max_tool_calls": "the number of tool calls can't be capped per request here",
+    "include": "no extra output can be included",
+}
+IGNORED = ("store", "metadata", "user", "service_tier", "prompt_cache_key", "safety_identifier", "truncation")
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    input: str | list[dict]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict | None = None
+    # refused when set (REFUSED)
+    previous_response_id: str | None = None
+    conversation: str | dict | None = None
+    background: bool | None = None
+    prompt: dict | None = None
+    reasoning: dict | None = None
+    top_logprobs: int | None = None
+    max_tool_calls: int | None = None
+    include: list | None = None
+    # bookkeeping: accepted, ignored (IGNORED)
+    store: bool | None = None
+    metadata: dict | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    truncation: str | None = None
+
+
+class RequestProblem(ValueError):
+    """A request this server can't answer: (param, message), for a 400."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def to_chat_request(body: ResponsesRequest) -> dict:
+    """The request as /v1/chat/completions' body (a dict for its model): RequestProblem for
+    what can't be."""
+    harmless = {"background": False, "include": [], "reasoning": {}}
+    for field, why in REFUSED.items():
+        value = getattr(body, field)
+        if value is not None and value != harmless.get(field, object()):
+            raise RequestProblem(field, f"{field}: {why}.")
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    for index, item in enumerate(items):
+        messages += _chat_messages(item, f"input[{index}]")
+    chat = {"model": body.model, "messages": messages, "stream": False}
+    for ours, theirs in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"),
+                         ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls")):
+        if getattr(body, ours) is not None:
+            chat[theirs] = getattr(body, ours)
+    if body.tools:
+        chat["tools"] = [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(body.tools)]
+    if body.tool_choice is not None:
+        choice = body.tool_choice
+        if isinstance(choice, dict):
+            if choice.get("type") != "function" or not choice.get("name"):
+                raise RequestProblem("tool_choice", "tool_choice: auto, none, required or "
+                                                    "{\"type\": \"function\", \"name\": ...}.")
+            choice = {"type": "function", "function": {"name": choice["name"]}}
+        chat["tool_choice"] = choice
+    form = (body.text or {}).get("format")
+    if form:
+        if form.get("type") == "json_schema":
+            chat["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": form.get("name") or "answer", "schema": form.get("schema"), "strict": form.get("strict")}}
+        else:
+            chat["response_format"] = {"type": form.get("type")}
+    return chat
+
+
+def _chat_messages(item: dict, param: str) -> list[dict]:
+    kind = item.get("type", "message")
+    if kind == "message":
+        role, content = item.get("role"), item.get("content")
+        if isinstance(content, str):
+            return [{"role": role, "content": content}]
+        parts = []
+        for j, part in enumerate(content or []):
+            if part.get("type") in ("input_text", "output_text", "text"):
+                parts.append({"type": "text", "text": part.get("text", "")})
+            elif part.get("type") == "input_image":
+                url = part.get("image_url")
+                if not isinstance(url, str):
+                    raise RequestProblem(f"{param}.content[{j}]", "input_image: an image_url (a data: URL) is needed "
+                                                                  "(file_id is not supported).")
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                raise RequestProblem(f"{param}.content[{j}]", f"A content part of type {part.get('type')!r} is not "
+                                                              f"supported (input_text, input_image).")
+        if role == "assistant":  # (its text, as chat messages take it)
+            return [{"role": role, "content": "".join(p.get("text", "") for p in parts)}]
+        return [{"role": role, "content": parts}]
+    if kind == "function_call":
+        return [{"role": "assistant", "content": None, "tool_calls": [{
+            "id": item.get("call_id"), "type": "function",
+            "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}]}]
+    if kind == "function_call_output":
+        output = item.get("output")
+        return [{"role": "tool", "tool_call_id": item.get("call_id"),
+                 "content": output if isinstance(output, str) else json.dumps(output)}]
+    if kind == "reasoning":
+        return []  # (the model's earlier reasoning is not sent back, as in the chat)
+    raise RequestProblem(param, f"An input item of type {kind!r} is not supported (message, function_call, "
+                                f"function_call_output, reasoning).")
+
+
+def _chat_tool(tool: dict, param: str) -> dict:
+    if tool.get("type") != "function":
+        raise RequestProblem(param, f"Tools of type {tool.get('type')!r} are not supported here: function tools "
+                                    f"only (the client runs them).")
+    function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
+    return {"type": "function", "function": function}
+
+
+# ---------------------------------------------------------------- the answer as a response
+
+def output_items(reply: Reply, ids: dict, most_calls: int | None = None) -> list[dict]:
+    """The reply's parts as output items: reasoning, the message, each function call. `ids`
+    keeps each item's id, the same in every event and the final response."""
+    items = []
+    if reply.reasoning is not None:
+        items.append({"type": "reasoning", "id": ids.setdefault("reasoning", f"rs_{uuid.uuid4().hex}"),
+                      "summary": [], "content": [{"type": "reasoning_text", "text": reply.reasoning}]})
+    if reply.answer or not reply.tool_calls:
+        items.append({"type": "message", "id": ids.setdefault("message", f"msg_{uuid.uuid4().hex}"),
+                      "status": "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": reply.answer, "annotations": []}]})
+    for call in reply.tool_calls[:most_calls]:
+        items.append({"type": "function_call", "id": ids.setdefault(call.id, f"fc_{uuid.uuid4().hex}"),
+                      "call_id": call.id, "name": call.name,
+                      "arguments": json.dumps(call.arguments, ensure_ascii=False), "status": "completed"})
+    return items
+
+
+def response_object(body: ResponsesRequest, response_id: str, created: int, model: str, *, status: str,
+                    output: list[dict], stream=None, chat: dict | None = None) -> dict:
+    incomplete = status == "incomplete"
+    usage = None
+    if stream is not None and status != "in_progress":
+        usage = {"input_tokens": stream.prompt_tokens or 0, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": stream.new_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": (stream.prompt_tokens or 0) + stream.new_tokens}
+    return {
+        "id": response_id, "object": "response", "created_at": created, "status": status, "model": model,
+        "output": output, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+        "temperature": body.temperature if body.temperature is not None else 1.0,
+        "top_p": body.top_p if body.top_p is not None else 1.0,
+        "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
+        "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
+        "reasoning": None, "store": False, "text": body.text or {"format": {"type": "text"}},
+        "truncation": "disabled", "metadata": body.metadata or {}, "usage": usage, "user": body.user,
+    }
+
+
+def final_status(stream) -> str:
+    return "incomplete" if stream.finish_reason == "length" and not stream.reply.tool_calls else "completed"
+
+
+async def complete(stream, updates, body: ResponsesRequest, model: str, most_calls: int | None) -> dict:
+    async for _ in updates(stream):
+        pass
+    response_id, created = f"resp_{uuid.uuid4().hex}", int(time.time())
+    return response_object(body, response_id, created, model, status=final_status(stream),
+                           output=output_items(stream.reply, {}, most_calls), stream=stream)
+
+
+async def events(stream, updates, body: ResponsesRequest, model: str, most_calls: int | None, on_error):
+    """The answer as the Responses API's typed stream events (SSE `event:` + `data:`)."""
+    response_id, created, ids = f"resp_{uuid.uuid4().hex}", int(time.time()), {}
+    sequence = iter(range(1 << 30))
+
+    def event(kind: str, **data) -> dict:
+        return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": next(sequence), **data},
+                                                  ensure_ascii=False)}
+
+    def snapshot(status, output):
+        return response_object(body, response_id, created, model, status=status, output=output, stream=stream)
+
+    yield event("response.created", response=snapshot("in_progress", []))
+    yield event("response.in_progress", response=snapshot("in_progress", []))
+    opened: list[str] = []  # the kinds of item opened so far, in output order: "reasoning", "message"
+    sent = {"reasoning": "", "message": ""}
+    calls_sent = 0
+
+    def open_item(kind: str, reply: Reply):
+        index = len(opened)
+        opened.append(kind)
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": ids.setdefault("reasoning", f"rs_{uuid.uuid4().hex}"), "summary": [],
+                    "content": []}
+            return [event("response.output_item.added", output_index=index, item=item),
+                    event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                          part={"type": "reasoning_text", "text": ""})]
+        item = {"type": "message", "id": ids.setdefault("message", f"msg_{uuid.uuid4().hex}"), "status": "in_progress",
+                "role": "assistant", "content": []}
+        return [event("response.output_item.added", output_index=index, item=item),
+                event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                      part={"type": "output_text", "text": "", "annotations": []})]
+
+    def close_item(kind: str, reply: Reply):
+        index = opened.index(kind)
+        item = next(i for i in output_items(reply, ids) if i["type"] == kind)
+        text = sent[kind]
+        delta_done = "response.reasoning_text.done" if kind == "reasoning" else "response.output_text.done"
+        part = {"type": "reasoning_text", "text": text} if kind == "reasoning" else \
+            {"type": "output_text", "text": text, "annotations": []}
+        return [event(delta_done, item_id=item["id"], output_index=index, content_index=0, text=text),
+                event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part),
+                event("response.output_item.done", output_index=index, item=item)]
+
+    def news(reply: Reply) -> list[dict]:
+        nonlocal calls_sent
+        out = []
+        for kind, now in (("reasoning", reply.reasoning), ("message", reply.answer)):
+            now = now or ""
+            if now and kind not in opened:
+                if kind == "message" and "reasoning" in opened and not reply.reasoning_done:
+                    continue
+                out += open_item(kind, reply)
+            if kind in opened and now.startswith(sent[kind]) and now != sent[kind]:
+                delta_kind = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+                out.append(event(delta_kind, item_id=ids[kind], output_index=opened.index(kind), content_index=0,
+                                 delta=now[len(sent[kind]):]))
+                sent[kind] = now
+        for call in reply.tool_calls[calls_sent:most_calls]:
+            index = len(opened) + calls_sent
+            item = next(i for i in output_items(reply, ids, most_calls) if i.get("call_id") == call.id)
+            out += [event("response.output_item.added", output_index=index, item={**item, "arguments": "",
+                                                                                    "status": "in_progress"}),
+                    event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                          delta=item["arguments"]),
+                    event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                          arguments=item["arguments"], name=item["name"]),
+                    event("response.output_item.done", output_index=index, item=item)]
+            calls_sent += 1
+        return out
+
+    try:
+        async for reply in updates(stream):
+            for item in news(reply):
+                yield item
+    except GenerationError as error:
+        yield event("error", code="generation_failed", message=str(error), param=None)
+        yield event("response.failed", response={**snapshot("failed", output_items(stream.reply, ids, most_calls)),
+                                                 "error": {"code": "server_error", "message": str(error)}})
+        return
+    reply = stream.reply
+    for item in news(reply):
+        yield item
+    if not opened and not reply.tool_calls:  # (an empty answer is an empty message)
+        for item in open_item("message", reply):
+            yield item
+    for kind in list(opened):
+        for item in close_item(kind, reply):
+            yield item
+    output = output_items(reply, ids, most_calls)
+    status = final_status(stream)
+    yield event("response.completed" if status == "completed" else "response.incomplete",
+                response=snapshot(status, output))

@@ -1,0 +1,106 @@
+"""Structured outputs, the request's side (no torch: the web server validates with it): the
+JSON schema an OpenAI response_format asks for, its llguidance grammar (a schema the grammar
+engine can't follow is a ValueError saying why: the API's 400), and the line that shows the
+schema to the model. The engine keeps the answer to the grammar (decoding.GrammarConstraint).
+
+    grammar_for({"type": "json_schema", "json_schema": {"schema": {...}}})   # None for "text"
+"""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+
+# How the model is told (besides being constrained): a system line with the schema.
+SCHEMA_INSTRUCTION = "Answer with JSON only, a value that matches this JSON schema:\n{schema}"
+ANY_OBJECT = {"type": "object"}
+MAX_CALLS = 4  # tool calls in one constrained answer (a weak model would otherwise call until its tokens run out)
+SAFE_INTEGERS = (-(2 ** 53 - 1), 2 ** 53 - 1)  # JavaScript's safe integers: what every JSON reader keeps exact
+# JSON as OpenAI writes it: ", " and ": " between items, no other whitespace. (The grammar's
+# default lets the model put any whitespace anywhere, and a weak model spends its tokens so.)
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def schema_of(response_format: dict) -> dict | None:
+    """The JSON schema a response_format asks for (json_object: any object); None for text."""
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return ANY_OBJECT
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else ANY_OBJECT
+    return None
+
+
+def grammar_for(response_format: dict | None, tools: list[dict] | None = None,
+                require_call: bool = False) -> str | None:
+    """The llguidance grammar of a response_format (None: free text). With `tools` (OpenAI
+    function schemas), the model may instead call them, written as Hermes tool calls
+    (<tool_call>{"name", "arguments"}</tool_call>, what conversation.ReplyParser reads);
+    with `require_call`, it must (tool_choice "required" or a named function). ValueError
+    saying why a schema can't be followed (an unknown type, a regex with look-around, ...)."""
+    schema = schema_of(response_format or {})
+    if schema is None and not (tools and require_call):
+        return None
+    schema = bounded_integers(schema)
+    try:
+        if not tools:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT_JSON)
+        else:
+            call = {"anyOf": [  # each tool's name with its own parameters
+                {"type": "object", "additionalProperties": False, "required": ["name", "arguments"], "properties": {
+                    "name": {"const": tool["function"]["name"]},
+                    "arguments": closed(bounded_integers(tool["function"].get("parameters") or {"type": "object"}))}}
+                for tool in tools]}
+            grammar = llguidance.LLMatcher.grammar_from_lark("\n".join([
+                "start: calls" if require_call else "start: answer | calls",
+                f"answer: %json {json.dumps({**(schema or ANY_OBJECT), 'x-guidance': COMPACT_JSON})}",
+                f"calls: call{{1,{MAX_CALLS}}}",
+                f'call: "<tool_call>\\n" %json {json.dumps({**call, "x-guidance": COMPACT_JSON})} "\\n</tool_call>" "\\n"?',
+            ]))
+    except Exception as error:  # (the library's own error types)
+        raise ValueError(str(error)) from None
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(" ".join(problem.split()))  # (one line: it is an API error's message)
+    return grammar
+
+
+def bounded_integers(schema):
+    """The schema with every integer that has no bound given JavaScript's safe-integer bounds
+    (±2^53-1, what every JSON reader keeps exact): a model can't then write digits until its
+    tokens run out."""
+    if isinstance(schema, list):
+        return [bounded_integers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: bounded_integers(value) for key, value in schema.items()}
+    kinds = schema.get("type")
+    if kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds):
+        if "minimum" not in schema and "exclusiveMinimum" not in schema:
+            bounded["minimum"] = SAFE_INTEGERS[0]
+        if "maximum" not in schema and "exclusiveMaximum" not in schema:
+            bounded["maximum"] = SAFE_INTEGERS[1]
+    return bounded
+
+
+def closed(schema):
+    """The schema with objects that list their properties taking only those (unless it says
+    otherwise): a call's arguments are the tool's parameters, not whatever else a weak model
+    would go on inventing."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {key: closed(value) for key, value in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        result["additionalProperties"] = False
+    return result
+
+
+def instruction_for(response_format: dict) -> str | None:
+    schema = schema_of(response_format)
+    return None if schema is None else SCHEMA_INSTRUCTION.format(schema=json.dumps(schema, ensure_ascii=False))
+
+
