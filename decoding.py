@@ -19,6 +19,12 @@ import llguidance.torch
 import torch
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
+# llguidance's kernel that applies a bitmask, without the torch.compile it is wrapped in:
+# compiling needs a C++ compiler on a CPU host (a slim container has none) and a first-call
+# compile on any device; eager, it is a few vector operations per step.
+_apply_bitmask = getattr(llguidance.torch.apply_token_bitmask_inplace_kernel, "_torchdynamo_orig_callable",
+                         llguidance.torch.apply_token_bitmask_inplace_kernel)
+
 
 @functools.lru_cache(maxsize=4)
 def grammar_tokenizer(tokenizer, eos_ids: tuple[int, ...], vocabulary: int) -> llguidance.LLTokenizer:
@@ -47,7 +53,10 @@ class GrammarConstraint(LogitsProcessor):
             self.matcher.consume_token(int(input_ids[0, -1]))
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask)
         mask = self.bitmask.to(scores.device, non_blocking=True)
-        llguidance.torch.apply_token_bitmask_inplace(scores, mask)
+        allowed = 32 * mask.shape[1]  # (as llguidance.torch.apply_token_bitmask_inplace does)
+        if scores.shape[1] > allowed:
+            scores[:, allowed:] = float("-inf")
+        _apply_bitmask(scores[:, :allowed], mask)
         return scores
 
 
@@ -77,8 +86,9 @@ class LogprobsRecorder(LogitsProcessor):
     generate applies next (greedy: the plain distribution). Changes no score. The streamer
     hands it each drawn token (`take`); the entries (OpenAI's shape) go to `out`."""
 
-    def __init__(self, top: int, generation_config, describe):
+    def __init__(self, top: int, generation_config, describe, end_ids=()):
         self.top, self.describe = top, describe  # describe(token_id) -> (text, bytes)
+        self.end_ids = set(end_ids)  # (an end-of-answer token is not part of the answer: no entry)
         self.warpers = []
         if generation_config.do_sample:
             if generation_config.temperature and generation_config.temperature != 1.0:
@@ -99,12 +109,14 @@ class LogprobsRecorder(LogitsProcessor):
         if self._row is None:
             return
         row, self._row = self._row, None
+        if token_id in self.end_ids:
+            return
         entry = self.entry(token_id, float(row[token_id]))
-        if self.top:
+        entry["top_logprobs"] = []
+        if self.top:  # (alternatives the grammar or top-p ruled out are not alternatives)
             values, ids = row.topk(self.top)
-            entry["top_logprobs"] = [self.entry(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
-        else:
-            entry["top_logprobs"] = []
+            entry["top_logprobs"] = [self.entry(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist())
+                                     if v > float("-inf")]
         self.out.append(entry)
 
     def entry(self, token_id: int, logprob: float) -> dict:

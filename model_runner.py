@@ -57,6 +57,7 @@ from config import DEFAULT_MODEL, Settings
 from conversation import (
     REASONING_END,
     REASONING_START,
+    TOOL_CALL_END,
     TOOL_CALL_START,
     ReplyParser,
     alternate_roles,
@@ -848,6 +849,9 @@ class ModelRunner:
         limit = self.context_length
         # Room for the answer: all of max_new_tokens if possible, at least a quarter of the context.
         reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
+        structured = bool(settings.response_format or settings.tool_call_required)
+        if structured and settings.min_new_tokens:  # (the grammar's end would be forbidden: nothing left)
+            raise ChatInputError("min_new_tokens can't be combined with a structured output.")
         if settings.raw_prompt:  # (a legacy completion: the text as it is, no template)
             text = "".join(part["text"] for part in job.messages[-1]["content"] if part["type"] == "text")
             inputs = self.tokenizer(text, return_tensors="pt").to(self.model.device)
@@ -856,6 +860,11 @@ class ModelRunner:
                                      f"answer in the model's {limit}-token context.")
         else:
             inputs = self.build_inputs(job.messages, reserve_tokens=reserve, notices=notices, tools=settings.tools)
+        prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
+        starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START) and not settings.raw_prompt
+        if structured and starts_in_reasoning:  # structured: the JSON, no reasoning first
+            inputs = self.close_reasoning(inputs)
+            starts_in_reasoning = False
         generation = self.generation_config(settings)
         prompt_tokens = inputs["input_ids"].shape[-1]
         if limit:  # the answer ends ("length") where the context is full
@@ -878,15 +887,10 @@ class ModelRunner:
                                          or settings.logprobs is not None):
             raise ChatInputError("presence_penalty, frequency_penalty and logprobs apply to one answer at a time: "
                                  "this server batches answers (--batching); start it with --batching off.")
-        recorder = LogprobsRecorder(settings.logprobs, generation, self.describe_token) \
+        recorder = LogprobsRecorder(settings.logprobs, generation, self.describe_token, self.end_ids(generation)) \
             if settings.logprobs is not None else None
         template = self.response_template if settings.tools else None
         reply_parsing = (template, inputs["input_ids"][0].tolist(), settings.tools) if template else None
-        prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
-        starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START) and not settings.raw_prompt
-        if constraint is not None and starts_in_reasoning:  # structured: the JSON, no reasoning first
-            inputs = self.close_reasoning(inputs)
-            starts_in_reasoning = False
         parser = ReplyParser(starts_in_reasoning=starts_in_reasoning, tools=bool(settings.tools))
         return (BatchedStream if self.batcher else TextStream)(
             self, inputs, generation, settings=settings, parser=parser, reply_parsing=reply_parsing,
@@ -901,11 +905,18 @@ class ModelRunner:
         do when thinking is turned off)."""
         closing = self.tokenizer.encode(REASONING_END + "\n\n", add_special_tokens=False)
         ids = torch.tensor([closing], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
-        inputs = dict(inputs)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], dim=-1)
-        if "attention_mask" in inputs:
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(ids)], dim=-1)
-        return inputs
+        length = inputs["input_ids"].shape[-1]
+        longer = dict(inputs)
+        for key, value in inputs.items():  # every per-token input grows with it
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[-1] == length:
+                fill = ids if key == "input_ids" else torch.ones_like(ids) if key == "attention_mask" \
+                    else torch.zeros_like(ids)
+                longer[key] = torch.cat([value, fill.to(value.dtype)], dim=-1)
+        return longer
+
+    def end_ids(self, generation: GenerationConfig) -> tuple[int, ...]:
+        eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
 
     def describe_token(self, token_id: int) -> tuple[str, bytes]:
         """A token as logprobs show it: its text, and that text's UTF-8 bytes."""
@@ -921,8 +932,12 @@ class ModelRunner:
         if settings.tools and self.response_template is not None:
             raise ChatInputError("This model writes its tool calls in its own format, which the app can't "
                                  "constrain: send tools without response_format or a required tool_choice.")
+        marks = [self.tokenizer.convert_tokens_to_ids(mark) for mark in (TOOL_CALL_START, TOOL_CALL_END)]
+        unknown = self.tokenizer.unk_token_id
+        call_marks = tuple(f"<[{mark}]>" for mark in marks) \
+            if all(isinstance(mark, int) and mark != unknown for mark in marks) else None  # (its own tokens)
         try:
-            grammar = grammar_for(settings.response_format, settings.tools, settings.tool_call_required)
+            grammar = grammar_for(settings.response_format, settings.tools, settings.tool_call_required, call_marks)
         except ValueError as error:
             raise ChatInputError(f"This response_format can't be followed: {error}") from None
         if grammar is None:
@@ -930,11 +945,14 @@ class ModelRunner:
         if self.batcher is not None:  # (the batch manager takes no per-request logits processors)
             raise ChatInputError("Structured outputs (response_format json) run one answer at a time: "
                                  "this server batches answers (--batching); start it with --batching off.")
-        eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        eos_ids = self.end_ids(generation)
         vocabulary = self.model.get_output_embeddings().weight.shape[0]
         try:
-            return GrammarConstraint(grammar, grammar_tokenizer(self.tokenizer, eos_ids, vocabulary))
+            tokens = grammar_tokenizer(self.tokenizer, eos_ids, vocabulary)
+        except Exception as error:  # (the model's side, not the request's)
+            raise GenerationError(f"This model's tokenizer can't be used for structured outputs: {error}") from None
+        try:
+            return GrammarConstraint(grammar, tokens)
         except ValueError as error:
             raise ChatInputError(f"This response_format can't be followed: {error}") from None
 

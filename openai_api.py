@@ -546,7 +546,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
     @api.post("/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_limits(body, settings)
-        refuse_what_is_not_honoured(body)
+        await anyio.to_thread.run_sync(refuse_what_is_not_honoured, body)  # (it compiles the grammar)
         deadline = time.monotonic() + settings.api_model_load_wait_s  # like the UI, a request made while
         async with watching_disconnect(request) as gone:                 # the model loads waits for it
             stream = await begin(body, gone, deadline)
@@ -597,7 +597,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             first = error.errors()[0]
             raise APIError(400, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg')}") from None
         check_limits(chat, settings)
-        refuse_what_is_not_honoured(chat)
+        await anyio.to_thread.run_sync(refuse_what_is_not_honoured, chat)
         deadline = time.monotonic() + settings.api_model_load_wait_s
         most_calls = 1 if chat.parallel_tool_calls is False else None
         async with watching_disconnect(request) as gone:

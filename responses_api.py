@@ -101,6 +101,9 @@ def to_chat_request(body: ResponsesRequest) -> dict:
                                                     "{\"type\": \"function\", \"name\": ...}.")
             choice = {"type": "function", "function": {"name": choice["name"]}}
         chat["tool_choice"] = choice
+    for key, value in (body.text or {}).items():
+        if key != "format" and value is not None:
+            raise RequestProblem(f"text.{key}", f"text.{key}: can't be set per request here (text.format can).")
     form = (body.text or {}).get("format")
     if form:
         if form.get("type") == "json_schema":
@@ -180,7 +183,7 @@ def response_object(body: ResponsesRequest, response_id: str, created: int, mode
     incomplete = status == "incomplete"
     usage = None
     if stream is not None and status != "in_progress":
-        usage = {"input_tokens": stream.prompt_tokens or 0, "input_tokens_details": {"cached_tokens": 0},
+        usage = {"input_tokens": stream.prompt_tokens or 0, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                  "output_tokens": stream.new_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": (stream.prompt_tokens or 0) + stream.new_tokens}
     return {
@@ -210,95 +213,120 @@ async def complete(stream, updates, body: ResponsesRequest, model: str, most_cal
 
 
 async def events(stream, updates, body: ResponsesRequest, model: str, most_calls: int | None, on_error):
-    """The answer as the Responses API's typed stream events (SSE `event:` + `data:`)."""
-    response_id, created, ids = f"resp_{uuid.uuid4().hex}", int(time.time()), {}
+    """The answer as the Responses API's typed stream events (SSE `event:` + `data:`). Items
+    are numbered as they open (reasoning, then the message, with each tool call where it
+    comes); the reasoning closes before the message opens; the final response lists the
+    items as they were sent."""
+    response_id, created = f"resp_{uuid.uuid4().hex}", int(time.time())
     sequence = iter(range(1 << 30))
+    items: list[dict] = []   # as sent: {"index", "item"}; a text item also "open" and "text"
+    by_kind: dict[str, dict] = {}
 
     def event(kind: str, **data) -> dict:
         return {"event": kind, "data": json.dumps({"type": kind, "sequence_number": next(sequence), **data},
                                                   ensure_ascii=False)}
 
-    def snapshot(status, output):
-        return response_object(body, response_id, created, model, status=status, output=output, stream=stream)
+    def snapshot(status):
+        return response_object(body, response_id, created, model, status=status, stream=stream,
+                               output=[final_item(entry) for entry in items])
 
-    yield event("response.created", response=snapshot("in_progress", []))
-    yield event("response.in_progress", response=snapshot("in_progress", []))
-    opened: list[str] = []  # the kinds of item opened so far, in output order: "reasoning", "message"
-    sent = {"reasoning": "", "message": ""}
-    calls_sent = 0
+    def final_item(entry: dict) -> dict:
+        item = entry["item"]
+        if item["type"] == "reasoning":
+            return {**item, "content": [{"type": "reasoning_text", "text": entry["text"]}]}
+        if item["type"] == "message":
+            return {**item, "status": "completed",
+                    "content": [{"type": "output_text", "text": entry["text"], "annotations": []}]}
+        return item
 
-    def open_item(kind: str, reply: Reply):
-        index = len(opened)
-        opened.append(kind)
-        if kind == "reasoning":
-            item = {"type": "reasoning", "id": ids.setdefault("reasoning", f"rs_{uuid.uuid4().hex}"), "summary": [],
-                    "content": []}
-            return [event("response.output_item.added", output_index=index, item=item),
-                    event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
-                          part={"type": "reasoning_text", "text": ""})]
-        item = {"type": "message", "id": ids.setdefault("message", f"msg_{uuid.uuid4().hex}"), "status": "in_progress",
-                "role": "assistant", "content": []}
-        return [event("response.output_item.added", output_index=index, item=item),
-                event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
-                      part={"type": "output_text", "text": "", "annotations": []})]
+    def open_text(kind: str) -> list[dict]:
+        prefix = "rs" if kind == "reasoning" else "msg"
+        item = {"type": kind, "id": f"{prefix}_{uuid.uuid4().hex}"}
+        item.update({"summary": [], "content": []} if kind == "reasoning" else
+                    {"status": "in_progress", "role": "assistant", "content": []})
+        entry = {"index": len(items), "item": item, "open": True, "text": ""}
+        items.append(entry)
+        by_kind[kind] = entry
+        part = {"type": "reasoning_text", "text": ""} if kind == "reasoning" else \
+            {"type": "output_text", "text": "", "annotations": []}
+        return [event("response.output_item.added", output_index=entry["index"], item=item),
+                event("response.content_part.added", item_id=item["id"], output_index=entry["index"],
+                      content_index=0, part=part)]
 
-    def close_item(kind: str, reply: Reply):
-        index = opened.index(kind)
-        item = next(i for i in output_items(reply, ids) if i["type"] == kind)
-        text = sent[kind]
-        delta_done = "response.reasoning_text.done" if kind == "reasoning" else "response.output_text.done"
+    def grow(kind: str, now: str) -> list[dict]:
+        entry = by_kind[kind]
+        if not now.startswith(entry["text"]) or now == entry["text"]:
+            return []  # (a text that changed at the end stays as it was sent)
+        delta, entry["text"] = now[len(entry["text"]):], now
+        name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        extra = {} if kind == "reasoning" else {"logprobs": []}
+        return [event(name, item_id=entry["item"]["id"], output_index=entry["index"], content_index=0, delta=delta,
+                      **extra)]
+
+    def close_text(kind: str) -> list[dict]:
+        entry = by_kind[kind]
+        if not entry["open"]:
+            return []
+        entry["open"] = False
+        item, index, text = entry["item"], entry["index"], entry["text"]
+        done = "response.reasoning_text.done" if kind == "reasoning" else "response.output_text.done"
         part = {"type": "reasoning_text", "text": text} if kind == "reasoning" else \
             {"type": "output_text", "text": text, "annotations": []}
-        return [event(delta_done, item_id=item["id"], output_index=index, content_index=0, text=text),
-                event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part),
-                event("response.output_item.done", output_index=index, item=item)]
+        extra = {} if kind == "reasoning" else {"logprobs": []}
+        return [event(done, item_id=item["id"], output_index=index, content_index=0, text=text, **extra),
+                event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                      part=part),
+                event("response.output_item.done", output_index=index, item=final_item(entry))]
 
     def news(reply: Reply) -> list[dict]:
-        nonlocal calls_sent
         out = []
-        for kind, now in (("reasoning", reply.reasoning), ("message", reply.answer)):
-            now = now or ""
-            if now and kind not in opened:
-                if kind == "message" and "reasoning" in opened and not reply.reasoning_done:
-                    continue
-                out += open_item(kind, reply)
-            if kind in opened and now.startswith(sent[kind]) and now != sent[kind]:
-                delta_kind = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-                out.append(event(delta_kind, item_id=ids[kind], output_index=opened.index(kind), content_index=0,
-                                 delta=now[len(sent[kind]):]))
-                sent[kind] = now
-        for call in reply.tool_calls[calls_sent:most_calls]:
-            index = len(opened) + calls_sent
-            item = next(i for i in output_items(reply, ids, most_calls) if i.get("call_id") == call.id)
-            out += [event("response.output_item.added", output_index=index, item={**item, "arguments": "",
-                                                                                    "status": "in_progress"}),
+        if reply.reasoning:
+            if "reasoning" not in by_kind:
+                out += open_text("reasoning")
+            out += grow("reasoning", reply.reasoning)
+        if reply.answer and (reply.reasoning is None or reply.reasoning_done):
+            if "reasoning" in by_kind:
+                out += close_text("reasoning")
+            if "message" not in by_kind:
+                out += open_text("message")
+            out += grow("message", reply.answer)
+        sent_calls = {entry["item"].get("call_id") for entry in items}
+        for call in reply.tool_calls[:most_calls]:
+            if call.id in sent_calls:
+                continue
+            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
+                    "arguments": json.dumps(call.arguments, ensure_ascii=False), "status": "completed"}
+            index = len(items)
+            items.append({"index": index, "item": item})
+            out += [event("response.output_item.added", output_index=index,
+                          item={**item, "arguments": "", "status": "in_progress"}),
                     event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
                           delta=item["arguments"]),
                     event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                           arguments=item["arguments"], name=item["name"]),
                     event("response.output_item.done", output_index=index, item=item)]
-            calls_sent += 1
         return out
 
+    yield event("response.created", response=snapshot("in_progress"))
+    yield event("response.in_progress", response=snapshot("in_progress"))
     try:
         async for reply in updates(stream):
             for item in news(reply):
                 yield item
     except GenerationError as error:
         yield event("error", code="generation_failed", message=str(error), param=None)
-        yield event("response.failed", response={**snapshot("failed", output_items(stream.reply, ids, most_calls)),
+        yield event("response.failed", response={**snapshot("failed"),
                                                  "error": {"code": "server_error", "message": str(error)}})
         return
     reply = stream.reply
     for item in news(reply):
         yield item
-    if not opened and not reply.tool_calls:  # (an empty answer is an empty message)
-        for item in open_item("message", reply):
+    if not items:  # (an empty answer is an empty message)
+        for item in open_text("message"):
             yield item
-    for kind in list(opened):
-        for item in close_item(kind, reply):
-            yield item
-    output = output_items(reply, ids, most_calls)
+    for kind in ("reasoning", "message"):
+        if kind in by_kind:
+            for item in close_text(kind):
+                yield item
     status = final_status(stream)
-    yield event("response.completed" if status == "completed" else "response.incomplete",
-                response=snapshot(status, output))
+    yield event("response.completed" if status == "completed" else "response.incomplete", response=snapshot(status))

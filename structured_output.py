@@ -34,11 +34,13 @@ def schema_of(response_format: dict) -> dict | None:
 
 
 def grammar_for(response_format: dict | None, tools: list[dict] | None = None,
-                require_call: bool = False) -> str | None:
+                require_call: bool = False, call_marks: tuple[str, str] | None = None) -> str | None:
     """The llguidance grammar of a response_format (None: free text). With `tools` (OpenAI
     function schemas), the model may instead call them, written as Hermes tool calls
     (<tool_call>{"name", "arguments"}</tool_call>, what conversation.ReplyParser reads);
-    with `require_call`, it must (tool_choice "required" or a named function). ValueError
+    with `require_call`, it must (tool_choice "required" or a named function). `call_marks`:
+    the model's own tokens for the tags, as llguidance token references ("<[151657]>"), so
+    that it writes them as it learnt to (the text tags otherwise). ValueError
     saying why a schema can't be followed (an unknown type, a regex with look-around, ...)."""
     schema = schema_of(response_format or {})
     if schema is None and not (tools and require_call):
@@ -48,6 +50,7 @@ def grammar_for(response_format: dict | None, tools: list[dict] | None = None,
         if not tools:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT_JSON)
         else:
+            start, end = call_marks or ('"<tool_call>"', '"</tool_call>"')
             call = {"anyOf": [  # each tool's name with its own parameters
                 {"type": "object", "additionalProperties": False, "required": ["name", "arguments"], "properties": {
                     "name": {"const": tool["function"]["name"]},
@@ -57,7 +60,7 @@ def grammar_for(response_format: dict | None, tools: list[dict] | None = None,
                 "start: calls" if require_call else "start: answer | calls",
                 f"answer: %json {json.dumps({**(schema or ANY_OBJECT), 'x-guidance': COMPACT_JSON})}",
                 f"calls: call{{1,{MAX_CALLS}}}",
-                f'call: "<tool_call>\\n" %json {json.dumps({**call, "x-guidance": COMPACT_JSON})} "\\n</tool_call>" "\\n"?',
+                f'call: {start} "\\n" %json {json.dumps({**call, "x-guidance": COMPACT_JSON})} "\\n" {end} "\\n"?',
             ]))
     except Exception as error:  # (the library's own error types)
         raise ValueError(str(error)) from None

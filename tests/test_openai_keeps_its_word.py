@@ -221,6 +221,10 @@ def test_logprobs_of_each_token_streamed_or_not(serve, llama_engine_or_runner):
     assert "".join(entry.token for entry in streamed).replace("\ufffd", "")[:5] == text.replace("\ufffd", "")[:5]
     # sampled through top-p: a drawn token was inside the nucleus, so its probability is not 0
     assert all(entry.logprob > -9999 for entry in streamed)
+    # the distribution the token was drawn from: nearly certain at a low temperature, unlike greedy's plain one
+    cold = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                          temperature=0.05, seed=1, logprobs=True).choices[0].logprobs.content
+    assert sum(entry.logprob for entry in cold) / 12 > -0.5 > sum(entry.logprob for entry in entries) / 12
     plain = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
     assert plain.choices[0].logprobs is None, "only when asked"
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
@@ -315,3 +319,45 @@ def test_structured_outputs_in_the_engine_process_too(serve, llama_engine_proces
         text = "".join(chunk.choices[0].delta.content or "" for chunk in answer if chunk.choices) if stream \
             else answer.choices[0].message.content
         jsonschema.validate(json.loads(text), WEATHER)
+
+
+def test_responses_events_stay_consistent_around_reasoning_and_calls():
+    """Reasoning, then text, a tool call, more text, and a final parse that drops the text: the
+    SDK's own stream accumulator takes every event (unique output indexes, closed items)."""
+    import asyncio
+
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    import responses_api
+    call = ToolCall("get_weather", {"city": "Paris"}, "call-1")
+    replies = [Reply(reasoning="Let me", reasoning_done=False),
+               Reply(reasoning="Let me think.", reasoning_done=True, answer="Sure"),
+               Reply(reasoning="Let me think.", reasoning_done=True, answer="Sure", tool_calls=(call,)),
+               Reply(reasoning="Let me think.", reasoning_done=True, answer="Sure, here", tool_calls=(call,))]
+
+    class Stream:
+        reply = Reply(reasoning="Let me think.", reasoning_done=True, answer="", tool_calls=(call,))
+        finish_reason, prompt_tokens, new_tokens = "stop", 5, 9
+
+    async def updates(stream):
+        for reply in replies:
+            yield reply
+
+    async def collect():
+        body = responses_api.ResponsesRequest(input="hi")
+        return [json.loads(item["data"]) async for item in
+                responses_api.events(Stream(), updates, body, "m", None, None)]
+    raw = asyncio.run(collect())
+    state, adapter = ResponseStreamState(input_tools=[], text_format=openai.NOT_GIVEN), TypeAdapter(ResponseStreamEvent)
+    for data in raw:
+        state.handle_event(adapter.validate_python(data))
+    final = raw[-1]["response"]
+    assert raw[-1]["type"] == "response.completed"
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message", "function_call"]
+    added = [data["output_index"] for data in raw if data["type"] == "response.output_item.added"]
+    assert added == [0, 1, 2], "each item its own index, in the order sent"
+    assert final["output"][1]["content"][0]["text"] == "Sure, here", "the text as it was sent"
+    done = [data["output_index"] for data in raw if data["type"] == "response.output_item.done"]
+    assert sorted(done) == [0, 1, 2]

@@ -375,7 +375,7 @@ def test_the_api_refuses_tool_choices_it_cannot_honour(serve, tools_runner, llam
     bounded = {"type": "function", "function": {**WEATHER_TOOL["function"], "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
     required = httpx.post(url + "v1/chat/completions", timeout=30, json={  # (kept by constrained decoding:
-        **base, "tools": [bounded], "tool_choice": "required", "max_tokens": 200})  # test_structured_outputs.py)
+        **base, "tools": [bounded], "tool_choice": "required", "max_tokens": 200})  # test_openai_keeps_its_word.py)
     assert required.status_code == 200 and required.json()["choices"][0]["finish_reason"] == "tool_calls"
     none = httpx.post(url + "v1/chat/completions", json={**base, "tool_choice": "none", "max_tokens": 5},
                       timeout=30)
