@@ -1029,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.close()
         return 1
     log.info("Model ready: %s on %s (%s).", slot.name, slot.device, slot.dtype)
-    log.info("%s (%s)", demo.chats.where, demo.chats.store.directory)
+    log.info("%s Data directory: %s", demo.chats.where, demo.chats.store.directory)
     if toolbox is not None:
         if slot.supports_tools:
             log.info("Tools for the chat: %s.", ", ".join(toolbox.names))

@@ -1,0 +1,175 @@
+"""Documents as text for the model (issue 23, first part: the reader; the chat and /v1 do not
+use it yet): PDF (pypdf), DOCX (python-docx) and text files (txt, md, csv, json, source
+code), read within limits and marked with the file's name (and page numbers for a PDF).
+What a file is comes from its content, never its name. No torch, no Gradio.
+
+    document = read_document(data, "report.pdf")    # DocumentError: one line for the user
+    document.text          # "[report.pdf, page 1]\\n...\\n\\n[report.pdf, page 2]\\n..."
+    document.notes         # what the reader should know ("no text layer: a scan?")
+    text, kept = document.within(chars)   # cut to fit what is left of the context; kept: a fraction
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass, field
+
+MAX_DOCUMENT_BYTES = 20 * 1024 * 1024   # a larger file is refused before it is parsed
+MAX_PDF_PAGES = 500                     # a PDF with more pages is refused (say which pages to send)
+MAX_DOCUMENT_CHARS = 2_000_000          # text beyond this is not extracted (the context is smaller anyway)
+MAX_DOCX_UNPACKED_BYTES = 200 * 1024 * 1024  # a DOCX that unpacks to more is a zip bomb
+MAX_DOCX_RATIO = 200                    # ... as is one member compressed more than this
+TEXT_KINDS = ("txt", "md", "markdown", "csv", "tsv", "json", "jsonl", "yaml", "yml", "toml", "xml", "html", "htm",
+              "log", "ini", "cfg", "py", "js", "ts", "tsx", "jsx", "java", "c", "h", "cpp", "hpp", "cc", "rs", "go",
+              "rb", "php", "sh", "bash", "sql", "swift", "kt", "scala", "r", "m", "tex", "rst", "css", "scss")
+
+
+class DocumentError(ValueError):
+    """A document this app can't read: one line saying why, for the chat or a 400."""
+
+
+@dataclass
+class Document:
+    name: str
+    kind: str            # "pdf" | "docx" | "text"
+    text: str            # the whole text, marked with the name (and pages)
+    pages: int = 0       # a PDF's pages
+    notes: list[str] = field(default_factory=list)
+
+    def within(self, chars: int) -> tuple[str, float]:
+        """The text cut to `chars` characters (at a line end when there is one nearby), and the
+        fraction of it kept."""
+        if len(self.text) <= chars:
+            return self.text, 1.0
+        cut = self.text.rfind("\n", 0, chars)
+        cut = cut if cut > chars * 0.9 else chars
+        return self.text[:cut] + f"\n[{self.name}: cut here, {cut * 100 // len(self.text)}% kept]", \
+            cut / len(self.text)
+
+
+def kind_of(data: bytes, name: str) -> str:
+    """What the content is: pdf, docx or text; DocumentError for anything else, and for a
+    file whose content is not what its name says."""
+    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if data.startswith(b"%PDF-"):
+        kind = "pdf"
+    elif data.startswith(b"PK\x03\x04") and _zip_member(data, "word/document.xml"):
+        kind = "docx"
+    elif _text_of(data) is not None:
+        kind = "text"
+    else:
+        raise DocumentError(f"{name} is not a document this app reads (PDF, DOCX or a text file).")
+    expected = {"pdf": "pdf", "docx": "docx"}.get(suffix, "text" if suffix in TEXT_KINDS else None)
+    if expected is not None and expected != kind:
+        said = {"pdf": "a PDF", "docx": "a DOCX", "text": "text"}
+        raise DocumentError(f"{name} is not what its name says: its content is {said[kind]}, not {said[expected]}.")
+    return kind
+
+
+def read_document(data: bytes, name: str) -> Document:
+    """A document's text, marked with its name, within the limits above."""
+    if not data:
+        raise DocumentError(f"{name} is empty.")
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise DocumentError(f"{name} is {len(data) / 2**20:.0f} MB; the most this app reads is "
+                            f"{MAX_DOCUMENT_BYTES // 2**20} MB.")
+    kind = kind_of(data, name)
+    if kind == "pdf":
+        return _read_pdf(data, name)
+    if kind == "docx":
+        return _read_docx(data, name)
+    text = _text_of(data)
+    notes = []
+    if len(text) > MAX_DOCUMENT_CHARS:
+        text, notes = text[:MAX_DOCUMENT_CHARS], [f"Only the first {MAX_DOCUMENT_CHARS:,} characters of {name} "
+                                                  f"were read."]
+    return Document(name, "text", f"[{name}]\n{text}", notes=notes)
+
+
+def _read_pdf(data: bytes, name: str) -> Document:
+    import pypdf
+    from pypdf.errors import PdfReadError
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise DocumentError(f"{name} is encrypted (password-protected): save it without a password and send it again.")
+        pages = len(reader.pages)
+        if pages > MAX_PDF_PAGES:
+            raise DocumentError(f"{name} has {pages:,} pages; the most this app reads is {MAX_PDF_PAGES}: send "
+                                f"the pages you need as a smaller PDF.")
+        texts, total, read = [], 0, 0
+        for number, page in enumerate(reader.pages, 1):
+            text = (page.extract_text() or "").strip()
+            read = number
+            if text:
+                texts.append(f"[{name}, page {number}]\n{text}")
+                total += len(text)
+            if total > MAX_DOCUMENT_CHARS:
+                break
+    except DocumentError:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError) as error:
+        raise DocumentError(f"{name} is not a readable PDF ({type(error).__name__}: {str(error)[:120]}).") from None
+    except Exception as error:  # (pypdf's own failures on damaged files, e.g. its dependency's errors)
+        raise DocumentError(f"{name} is not a readable PDF ({type(error).__name__}).") from None
+    notes = []
+    if read < pages:
+        notes.append(f"Only the first {read} of {pages} pages of {name} were read ({MAX_DOCUMENT_CHARS:,} characters).")
+    if not texts:
+        notes.append(f"{name} has no text layer (a scan?): the model gets no text from it.")
+    return Document(name, "pdf", "\n\n".join(texts), pages=pages, notes=notes)
+
+
+def _read_docx(data: bytes, name: str) -> Document:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+            unpacked = sum(member.file_size for member in members)
+            ratio = max((member.file_size / max(1, member.compress_size) for member in members), default=0)
+    except zipfile.BadZipFile:
+        raise DocumentError(f"{name} is not a readable DOCX (a damaged archive).") from None
+    if unpacked > MAX_DOCX_UNPACKED_BYTES or ratio > MAX_DOCX_RATIO:
+        raise DocumentError(f"{name} unpacks to {unpacked / 2**20:.0f} MB (compressed {ratio:.0f}×): refused as a "
+                            f"possible zip bomb.")
+    import docx
+    try:
+        document = docx.Document(io.BytesIO(data))
+        blocks = [paragraph.text for paragraph in document.paragraphs if paragraph.text.strip()]
+        for table in document.tables:
+            blocks += [" | ".join(cell.text.strip() for cell in row.cells) for row in table.rows]
+    except Exception as error:  # (python-docx raises several kinds on damaged files)
+        raise DocumentError(f"{name} is not a readable DOCX ({type(error).__name__}).") from None
+    text = "\n".join(blocks)
+    notes = []
+    if len(text) > MAX_DOCUMENT_CHARS:
+        text, notes = text[:MAX_DOCUMENT_CHARS], [f"Only the first {MAX_DOCUMENT_CHARS:,} characters of {name} "
+                                                  f"were read."]
+    if not text.strip():
+        notes.append(f"{name} has no text.")
+    return Document(name, "docx", f"[{name}]\n{text}", notes=notes)
+
+
+def _zip_member(data: bytes, member: str) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return member in archive.namelist()
+    except zipfile.BadZipFile:
+        return False
+
+
+def _text_of(data: bytes) -> str | None:
+    """The bytes as text (UTF-8, or UTF-16 with its byte-order mark), None when they are not:
+    a NUL or a control character other than tab, newline, carriage return or form feed."""
+    for bom, encoding in ((b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"), (b"\xef\xbb\xbf", "utf-8-sig")):
+        if data.startswith(bom):
+            break
+    else:
+        encoding = "utf-8"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        return None
+    if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text[:100_000]):
+        return None
+    return text
