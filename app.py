@@ -341,6 +341,16 @@ def user_message(message: dict | str | None) -> dict:
 
 # ---------------------------------------------------------------- the chat in the browser, kept in the store
 
+def idle_textbox():
+    """The textbox between turns: Submit shown, Stop hidden (a turn swaps them: Chats._begin)."""
+    return gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True)
+
+
+def last_user_message(stored: list[dict]) -> int:
+    """The position of a conversation's last user message (retry and undo start there)."""
+    return max(i for i, message in enumerate(stored) if message["role"] == "user")
+
+
 class OneTurnAtATime:
     """Per conversation: a turn (its message saved, answered, the answer saved) ends before the
     next turn, an undo, or a redraw reads or changes the conversation. Every holder is an event
@@ -513,7 +523,7 @@ class Chats:
         """Retry: the last message again, its answer dropped."""
         await self._wait_for_the_turn_before(conversation)
         stored = self._stored(user, conversation)
-        last = max(i for i, message in enumerate(stored) if message["role"] == "user")
+        last = last_user_message(stored)
         return self._begin(stored[last], last, conversation, user, kept, search, stored[:last], len(stored))
 
     async def begin_edit(self, edited: gr.EditData, conversation, user, kept, search):
@@ -536,7 +546,7 @@ class Chats:
         await self._wait_for_the_turn_before(conversation)
         async with self.turns.held(conversation):
             stored = self._stored(user, conversation)
-            last = max(i for i, message in enumerate(stored) if message["role"] == "user")
+            last = last_user_message(stored)
             files = []
             for part in stored[last]["content"]:
                 if part["type"] == "image":  # (the store may delete its file with the message)
@@ -654,7 +664,7 @@ class Chats:
                 except StoreError:
                     pass
         return shown, self.chat_list(user, conversation, search), \
-            gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True)
+            idle_textbox()
 
     # -- answering, for the browser and for /chat
 
@@ -784,10 +794,10 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         chatbot.undo(chats.undo, [conversation, user], [chatbot, textbox], **quick)
         for action in (new_chat.click, chatbot.clear):  # (the chat's trash icon starts a new one; Delete deletes)
             action(chats.new_chat, [user, kept, search], opened, cancels=answering, **quick) \
-                .then(lambda: gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True), None,
+                .then(idle_textbox, None,
                       [textbox], **quick)
         chat_list.input(chats.open_chat, [chat_list, user, kept, search], opened, cancels=answering, **quick) \
-            .then(lambda: gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True), None,
+            .then(idle_textbox, None,
                   [textbox], **quick)
         search.change(lambda user_key, chosen, text: chats.chat_list(user_key, chosen, text),
                       [user, conversation, search], [chat_list], **quick)
@@ -796,7 +806,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         delete.click(lambda: gr.Row(visible=True), None, [confirm_delete], **quick)
         keep_it.click(lambda: gr.Row(visible=False), None, [confirm_delete], **quick)
         really_delete.click(chats.delete, [conversation, user, kept, search], opened, cancels=answering, **quick) \
-            .then(lambda: (gr.Row(visible=False), gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True)),
+            .then(lambda: (gr.Row(visible=False), idle_textbox()),
                   None, [confirm_delete, textbox], **quick)
         import_chat.upload(chats.import_chat, [import_chat, user, kept, search], opened, cancels=answering, **quick)
 

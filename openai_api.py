@@ -183,13 +183,12 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
     """A 400 naming the first field set to something this server would not do."""
-    harmless = {"n": 1, "modalities": ["text"], "logit_bias": {}}
-    for field, why in REFUSED.items():
-        value = getattr(request, field)
-        if value is not None and value != harmless.get(field, object()):
-            raise APIError(400, f"{field}: {why}.", param=field, code="unsupported_parameter")
+    field = responses_api.refused_field(request, REFUSED, {"n": 1, "modalities": ["text"], "logit_bias": {}})
+    if field:
+        raise APIError(400, f"{field}: {REFUSED[field]}.", param=field, code="unsupported_parameter")
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true.", param="top_logprobs")
+    tools = [tool.model_dump() for tool in request.tools or ()]
     if request.response_format is not None:
         kind = request.response_format.get("type")
         if kind not in RESPONSE_FORMATS:
@@ -200,16 +199,26 @@ def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
             raise APIError(400, "response_format.json_schema.schema: a JSON schema (an object) is needed.",
                            param="response_format")
         try:
-            grammar_for(request.response_format, [tool.model_dump() for tool in request.tools or ()])
+            grammar_for(request.response_format, tools)
         except ValueError as error:
             raise APIError(400, f"response_format: this JSON schema can't be followed: {error}",
                            param="response_format", code="invalid_json_schema") from None
-    if request.tools and (request.tool_choice == "required" or isinstance(request.tool_choice, dict)):
+    if requires_a_call(request):
         try:
-            grammar_for(None, [tool.model_dump() for tool in request.tools], require_call=True)
+            grammar_for(None, tools, require_call=True)
         except ValueError as error:
             raise APIError(400, f"tools: a tool's parameters can't be followed: {error}",
                            param="tools", code="invalid_json_schema") from None
+
+
+def requires_a_call(request: ChatCompletionRequest) -> bool:
+    """tool_choice "required" or a named function: the answer must call (constrained decoding)."""
+    return bool(request.tools) and (request.tool_choice == "required" or isinstance(request.tool_choice, dict))
+
+
+COMPLETIONS_REFUSED = {"best_of": "only one answer per request", "echo": "the prompt is not echoed",
+                       "suffix": "insertion (suffix) is not supported",
+                       "logprobs": "log probabilities are returned on /v1/chat/completions only"}
 
 
 class CompletionRequest(BaseModel):
@@ -239,13 +248,10 @@ class CompletionRequest(BaseModel):
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
             raise APIError(400, "prompt: one prompt per request.", param="prompt")
-        refused = {"best_of": (1, "only one answer per request"), "echo": (False, "the prompt is not echoed"),
-                   "suffix": ("", "insertion (suffix) is not supported"),
-                   "logprobs": (None, "log probabilities are returned on /v1/chat/completions only")}
-        for field, (harmless, why) in refused.items():
-            if getattr(self, field) not in (None, harmless):
-                raise APIError(400, f"{field}: {why}.", param=field, code="unsupported_parameter")
-        fields = self.model_dump(exclude={"prompt", "best_of", "echo", "suffix", "logprobs"}, exclude_none=True)
+        field = responses_api.refused_field(self, COMPLETIONS_REFUSED, {"best_of": 1, "echo": False, "suffix": ""})
+        if field:
+            raise APIError(400, f"{field}: {COMPLETIONS_REFUSED[field]}.", param=field, code="unsupported_parameter")
+        fields = self.model_dump(exclude={"prompt", *COMPLETIONS_REFUSED}, exclude_none=True)
         return ChatCompletionRequest(**fields, messages=[{"role": "user", "content": prompts[0]}])
 
 
@@ -389,8 +395,7 @@ def to_settings(request: ChatCompletionRequest, settings: Settings) -> Generatio
         seed=request.seed,
         stop=request.stop or [],
         response_format=request.response_format if constrained else None,
-        tool_call_required=bool(request.tools) and (request.tool_choice == "required"
-                                                    or isinstance(request.tool_choice, dict)),
+        tool_call_required=requires_a_call(request),
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None)
@@ -608,7 +613,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
                 except GenerationError as error:
                     raise api_error(error) from None
         return EventSourceResponse(
-            responses_api.events(stream, updates, body, runner.name, most_calls, api_error),
+            responses_api.events(stream, updates, body, runner.name, most_calls),
             ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
 
     return api

@@ -74,14 +74,22 @@ class RequestProblem(ValueError):
         self.param = param
 
 
+def refused_field(request: BaseModel, refused: dict[str, str], harmless: dict | None = None) -> str | None:
+    """The first field of `refused` that a request sets (to something other than None or its
+    `harmless` value), for every API here: what a 400 names."""
+    for field in refused:
+        value = getattr(request, field)
+        if value is not None and value != (harmless or {}).get(field, object()):
+            return field
+    return None
+
+
 def to_chat_request(body: ResponsesRequest) -> dict:
     """The request as /v1/chat/completions' body (a dict for its model): RequestProblem for
     what can't be."""
-    harmless = {"background": False, "include": [], "reasoning": {}}
-    for field, why in REFUSED.items():
-        value = getattr(body, field)
-        if value is not None and value != harmless.get(field, object()):
-            raise RequestProblem(field, f"{field}: {why}.")
+    field = refused_field(body, REFUSED, {"background": False, "include": [], "reasoning": {}})
+    if field:
+        raise RequestProblem(field, f"{field}: {REFUSED[field]}.")
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for index, item in enumerate(items):
@@ -160,19 +168,19 @@ def _chat_tool(tool: dict, param: str) -> dict:
 
 # ---------------------------------------------------------------- the answer as a response
 
-def output_items(reply: Reply, ids: dict, most_calls: int | None = None) -> list[dict]:
-    """The reply's parts as output items: reasoning, the message, each function call. `ids`
-    keeps each item's id, the same in every event and the final response."""
+def output_items(reply: Reply, most_calls: int | None = None) -> list[dict]:
+    """A whole reply's parts as output items: reasoning, the message, each function call.
+    (A streamed one is told item by item by `events`.)"""
     items = []
     if reply.reasoning is not None:
-        items.append({"type": "reasoning", "id": ids.setdefault("reasoning", f"rs_{uuid.uuid4().hex}"),
+        items.append({"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}",
                       "summary": [], "content": [{"type": "reasoning_text", "text": reply.reasoning}]})
     if reply.answer or not reply.tool_calls:
-        items.append({"type": "message", "id": ids.setdefault("message", f"msg_{uuid.uuid4().hex}"),
+        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}",
                       "status": "completed", "role": "assistant",
                       "content": [{"type": "output_text", "text": reply.answer, "annotations": []}]})
     for call in reply.tool_calls[:most_calls]:
-        items.append({"type": "function_call", "id": ids.setdefault(call.id, f"fc_{uuid.uuid4().hex}"),
+        items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}",
                       "call_id": call.id, "name": call.name,
                       "arguments": json.dumps(call.arguments, ensure_ascii=False), "status": "completed"})
     return items
@@ -209,10 +217,10 @@ async def complete(stream, updates, body: ResponsesRequest, model: str, most_cal
         pass
     response_id, created = f"resp_{uuid.uuid4().hex}", int(time.time())
     return response_object(body, response_id, created, model, status=final_status(stream),
-                           output=output_items(stream.reply, {}, most_calls), stream=stream)
+                           output=output_items(stream.reply, most_calls), stream=stream)
 
 
-async def events(stream, updates, body: ResponsesRequest, model: str, most_calls: int | None, on_error):
+async def events(stream, updates, body: ResponsesRequest, model: str, most_calls: int | None):
     """The answer as the Responses API's typed stream events (SSE `event:` + `data:`). Items
     are numbered as they open (reasoning, then the message, with each tool call where it
     comes); the reasoning closes before the message opens; the final response lists the

@@ -348,7 +348,7 @@ def test_responses_events_stay_consistent_around_reasoning_and_calls():
     async def collect():
         body = responses_api.ResponsesRequest(input="hi")
         return [json.loads(item["data"]) async for item in
-                responses_api.events(Stream(), updates, body, "m", None, None)]
+                responses_api.events(Stream(), updates, body, "m", None)]
     raw = asyncio.run(collect())
     state, adapter = ResponseStreamState(input_tools=[], text_format=openai.NOT_GIVEN), TypeAdapter(ResponseStreamEvent)
     for data in raw:
