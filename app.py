@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 import gradio as gr
@@ -46,7 +46,8 @@ from fastapi.responses import Response
 import config
 import users
 from config import Settings
-from conversation import for_the_model
+from attachments import UPLOAD_TYPES, attachment_part, needs_transcript
+from conversation import ATTACHED, for_the_model
 from conversation_store import ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
     Cancelled,
@@ -71,6 +72,9 @@ from tools import Toolbox, ToolsError
 from users import BrowserIds
 from waiting_line import LineFull, WaitingLine
 
+if TYPE_CHECKING:
+    from speech import Speech  # (imported when --asr-model is given: it brings torch into this process)
+
 GENERATION_CONCURRENCY_ID = "generate"  # the chat's answering events (submit, retry, edit, example, /chat)
 # Updates per second × messages in the chat stays under this (30/s up to 26 messages, 8/s at
 # 100, 2/s at 400): Gradio walks the whole chat on every update (README, Performance).
@@ -90,6 +94,7 @@ CSS = """
 """
 
 THINKING_TITLE = "Thinking…"
+TRANSCRIBING_TITLE = "🎤 Writing out the audio…"
 LOADING_TITLE = "Loading the model…"
 WAITING_TITLE = "⏳ {} in line for the model"
 ERROR_TITLE = "⚠️ Error"
@@ -269,8 +274,9 @@ def chat_bubbles(messages: list[dict], *, live: bool = False) -> list[dict]:
     bubbles: list[dict] = []
     for message in messages:
         if message["role"] == "user":
-            content = [{"path": part["image"]} for part in message["content"] if part["type"] == "image"]
-            text = text_of(message)
+            content = [file_bubble(part) for part in message["content"] if part["type"] in ATTACHED]
+            text = "\n\n".join([*(f"🎤 {part['transcript']}" for part in message["content"]
+                                   if part.get("transcript")), *([text_of(message)] if text_of(message) else [])])
             bubbles.append({"role": "user", "content": [*content, text] if text or not content else content})
         elif message["role"] == "assistant":
             for note in message.get("notes") or ():
@@ -291,6 +297,16 @@ def chat_bubbles(messages: list[dict], *, live: bool = False) -> list[dict]:
     return bubbles
 
 
+def file_bubble(part: dict) -> dict:
+    """An attachment as the chat shows it: a picture, a player for audio and video, a chip
+    with its name for a document (never its text)."""
+    if part["type"] == "image":
+        return {"path": part["image"]}
+    path = part.get(part["type"]) or part.get("path")
+    return {"file": {"path": path, "orig_name": part.get("name") or Path(path).name,
+                     "mime_type": mimetypes.guess_type(part.get("name") or path)[0] or "application/octet-stream"}}
+
+
 def bubble(content: str, *, title: str, status: str | None = None, duration: float | None = None) -> dict:
     metadata = {"title": title}
     if status:
@@ -302,6 +318,15 @@ def bubble(content: str, *, title: str, status: str | None = None, duration: flo
 
 def pending(title: str | None) -> list[dict]:
     return [bubble("", title=title, status="pending")] if title else []
+
+
+def title_of(message: dict) -> str:
+    """A new conversation's title: its first message's text, else what it carries."""
+    if text_of(message).strip():
+        return text_of(message)
+    icons = {"image": "🖼", "document": "📄", "audio": "🎤", "video": "🎬", "file": "📎"}
+    return " ".join(f"{icons[part['type']]} {part.get('name') or 'an image'}" for part in message["content"]
+                    if part["type"] in icons)
 
 
 def text_of(message: dict) -> str:
@@ -325,16 +350,20 @@ def tool_bubble(call: ToolCall, result: dict | None) -> dict:
 
 
 def user_message(message: dict | str | None) -> dict:
-    """The textbox's value ({"text", "files"}) as a neutral user message: images, then the text.
-    A file that is not an image stays a "file" part, which the engine refuses with a message."""
+    """The textbox's value ({"text", "files"}) as a neutral user message: its files (each an
+    image, document, audio or video part, by its content: attachments.py), then the text. A
+    file this app doesn't read stays a "file" part carrying why ("refused"): the turn says so
+    and saves the rest of the message."""
     if isinstance(message, str) or message is None:
         message = {"text": message or "", "files": []}
     content = []
     for file in message.get("files") or []:
         path = file.get("path") if isinstance(file, dict) else file
-        mime = (file.get("mime_type") if isinstance(file, dict) else None) or mimetypes.guess_type(path)[0] or ""
-        content.append({"type": "image", "image": path} if mime.startswith("image/") or not mime
-                       else {"type": "file", "path": path})
+        name = (file.get("orig_name") if isinstance(file, dict) else None) or Path(path).name
+        try:
+            content.append(attachment_part(path, name))
+        except ChatInputError as error:
+            content.append({"type": "file", "path": path, "name": name, "refused": str(error)})
     text = message.get("text") or ""
     return {"role": "user", "content": [*content, *([{"type": "text", "text": text}] if text.strip() or not content else [])]}
 
@@ -344,6 +373,18 @@ def user_message(message: dict | str | None) -> dict:
 def idle_textbox():
     """The textbox between turns: Submit shown, Stop hidden (a turn swaps them: Chats._begin)."""
     return gr.MultimodalTextbox(submit_btn=True, stop_btn=False, interactive=True)
+
+
+def without_refused_files(message: dict) -> tuple[dict, str | None]:
+    """A message without the files this app doesn't read, and why they were refused (None:
+    none were). What remains is saved; a message that was only such files keeps their names."""
+    refused = [part for part in message["content"] if part["type"] == "file"]
+    if not refused:
+        return message, None
+    kept = [part for part in message["content"] if part["type"] != "file"] or [
+        {"type": "text", "text": " ".join(f"📎 {part['name']}" for part in refused)}]
+    return {**message, "content": kept}, " ".join(part.get("refused") or f"{part['name']} can't be read."
+                                                  for part in refused)
 
 
 def last_user_message(stored: list[dict]) -> int:
@@ -400,8 +441,10 @@ class Chats:
     shown) → end_turn (the list, the textbox back)."""
 
     def __init__(self, runner, line: WaitingLine, settings: Settings, store: ConversationStore, where: str,
-                 browser_ids: BrowserIds, *, toolbox: Toolbox | None = None, hf_oauth: bool = False):
+                 browser_ids: BrowserIds, *, toolbox: Toolbox | None = None, hf_oauth: bool = False,
+                 speech: Speech | None = None):
         self.runner, self.line, self.settings, self.store, self.where = runner, line, settings, store, where
+        self.speech = speech  # --asr-model: audio written out for a model that can't listen
         self.browser_ids, self.hf_oauth = browser_ids, hf_oauth
         self.zero_gpu = on_zero_gpu()
         self.answer_steps = make_answer_steps(runner, settings, line=line, zero_gpu=self.zero_gpu, toolbox=toolbox)
@@ -537,8 +580,8 @@ class Chats:
         text = edited.value if isinstance(edited.value, str) else " ".join(
             item if isinstance(item, str) else item.get("text", "") for item in edited.value or []
             if isinstance(item, (str, dict)))
-        images = [part for part in stored[index]["content"] if part["type"] == "image"]
-        message = {"role": "user", "content": [*images, *([{"type": "text", "text": text}] if text.strip() else [])]}
+        files = [part for part in stored[index]["content"] if part["type"] in ATTACHED]
+        message = {"role": "user", "content": [*files, *([{"type": "text", "text": text}] if text.strip() else [])]}
         return self._begin(message, index, conversation, user, kept, search, stored[:index], len(stored))
 
     async def undo(self, conversation, user):
@@ -549,10 +592,11 @@ class Chats:
             last = last_user_message(stored)
             files = []
             for part in stored[last]["content"]:
-                if part["type"] == "image":  # (the store may delete its file with the message)
-                    copy = self.scratch / secrets.token_hex(8) / Path(part["image"]).name
+                if part["type"] in ATTACHED:  # (the store may delete its file with the message)
+                    source = Path(part[part["type"]])
+                    copy = self.scratch / secrets.token_hex(8) / (Path(part.get("name") or "").name or source.name)
                     copy.parent.mkdir()
-                    shutil.copyfile(part["image"], copy)
+                    shutil.copyfile(source, copy)
                     files.append(str(copy))
             try:
                 self.store.append(user, conversation, [], keep=last)
@@ -598,7 +642,7 @@ class Chats:
         title = gr.skip()
         try:
             if conversation is None:
-                conversation = self.store.create(user, text_of(message) or "🖼 an image")
+                conversation = self.store.create(user, title_of(message))
                 before = []
                 title = gr.Textbox(value=self.store.title(user, conversation), interactive=True)
             if before is None:
@@ -621,16 +665,27 @@ class Chats:
         answer, saved = [], False
         await self.turns.acquire(conversation)
         try:
+            message, refusal = without_refused_files(turn["message"])
+            if refusal is None and needs_transcript(message, self.runner.info):
+                yield [*chat_bubbles(self.store.messages(user, conversation)[:turn["keep"]]),
+                       *chat_bubbles([message]), *pending(TRANSCRIBING_TITLE)]
+                message, refusal = await self.transcribed(message)
             try:
-                self.store.append(user, conversation, [turn["message"]], keep=turn["keep"],
+                self.store.append(user, conversation, [message], keep=turn["keep"],
                                   expected_length=turn.get("length"))
+                if refusal is not None:
+                    self.store.append(user, conversation, [failed(refusal)])
                 stored = self.store.messages(user, conversation)
             except StoreError as error:
                 before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
-                yield [*chat_bubbles(before), *chat_bubbles([turn["message"]]), bubble(str(error), title=ERROR_TITLE)]
+                yield [*chat_bubbles(before), *chat_bubbles([message]), bubble(str(error), title=ERROR_TITLE)]
                 self.answered.add(conversation)
                 return
             shown = chat_bubbles(stored)
+            if refusal is not None:
+                yield shown
+                self.answered.add(conversation)
+                return
             generation = self.generation_settings(len(shown), max_new_tokens, temperature, top_p)
             async with contextlib.aclosing(self.answer(for_the_model(stored, system_prompt), generation)) as steps:
                 async for progress in steps:
@@ -651,6 +706,21 @@ class Chats:
                 log.warning("a stopped answer was not saved: %s", error)
             finally:
                 self.turns.release(conversation)
+
+    async def transcribed(self, message: dict) -> tuple[dict, str | None]:
+        """The message with its audio written out (--asr-model) for a model that can't listen,
+        or why it couldn't be (without --asr-model the engine refuses the audio, saying how)."""
+        if self.speech is None:
+            return message, None
+        needing, content = needs_transcript(message, self.runner.info), []
+        for part in message["content"]:
+            if any(part is other for other in needing):
+                try:
+                    part = {**part, "transcript": await self.speech.transcribe(part)}
+                except ChatInputError as error:
+                    return message, str(error)
+            content.append(part)
+        return {**message, "content": content}, None
 
     async def end_turn(self, conversation, user, search):
         """After a turn: the list, the textbox back, and, when it was stopped, the chat drawn
@@ -719,16 +789,18 @@ class Chats:
 
 
 def build_demo(runner, line: WaitingLine | None = None, settings: Settings | None = None,
-               toolbox: Toolbox | None = None, store: ConversationStore | None = None, where: str = ""):
+               toolbox: Toolbox | None = None, store: ConversationStore | None = None, where: str = "",
+               speech: Speech | None = None):
     """The chat UI on `runner`: its messages wait in `line` (shared with the API); its
-    conversations are kept in `store` (default: a temporary one, gone when the app stops)."""
+    conversations are kept in `store` (default: a temporary one, gone when the app stops);
+    `speech` (--asr-model) writes out audio for a model that can't listen."""
     settings = settings or Settings()
     line = line or waiting_line_for(runner, settings)
     if store is None:
         store, where = open_store(settings.replace(save=False))
     hf_oauth = users.oauth_on_space()
     chats = Chats(runner, line, settings, store, where, BrowserIds.kept_in(store.directory), toolbox=toolbox,
-                  hf_oauth=hf_oauth)
+                  hf_oauth=hf_oauth, speech=speech)
     # ZeroGPU: one answer at a time, in Gradio's queue. Elsewhere every message enters the
     # chat function at once and waits in the app's line (with the API's requests).
     concurrency = 1 if chats.zero_gpu else None
@@ -756,15 +828,15 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
             import_chat = gr.UploadButton("Import a chat (JSON)", file_types=[".json"], size="sm")
             gr.Markdown(where, elem_id="where-chats-live")
         gr.Markdown("# Local model chat")
-        header = gr.Markdown(header_markdown(runner, toolbox))
+        header = gr.Markdown(header_markdown(runner, toolbox, speech))
         chatbot = cache_history_postprocessing(gr.Chatbot(
             label="Chat", height="65vh", editable="user", elem_id="chat",
             examples=[{"text": e["text"], "files": e["files"], "display_text": e["label"]} for e in chats.examples],
             latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                               {"left": "$", "right": "$", "display": False}]))
         textbox = gr.MultimodalTextbox(
-            file_types=["image"], file_count="multiple", sources=["upload"], show_label=False, elem_id="chat-input",
-            placeholder=f"Type a message or attach up to {settings.max_images_per_message} images…",
+            file_types=UPLOAD_TYPES, file_count="multiple", sources=["upload", "microphone"], show_label=False,
+            elem_id="chat-input", placeholder="Type a message; attach images, documents, audio or video, or record…",
             submit_btn=True, stop_btn=False)
         with gr.Accordion("Settings", open=False):
             system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2)
@@ -825,7 +897,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
             timer = gr.Timer(1.0)
 
             def refresh_header():
-                return header_markdown(runner, toolbox), gr.Timer(active=not runner.loaded)
+                return header_markdown(runner, toolbox, speech), gr.Timer(active=not runner.loaded)
 
             timer.tick(refresh_header, outputs=[header, timer], **quick)
             demo.load(refresh_header, outputs=[header, timer], **quick)
@@ -833,7 +905,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
     return demo
 
 
-def header_markdown(runner, toolbox: Toolbox | None = None) -> str:
+def header_markdown(runner, toolbox: Toolbox | None = None, speech: Speech | None = None) -> str:
     if not runner.loaded:
         return f"**{runner.name or 'model'}** · ⏳ loading model…"
     tools = ""
@@ -842,6 +914,8 @@ def header_markdown(runner, toolbox: Toolbox | None = None) -> str:
             " · 🛠 tools off: this model's chat template doesn't take tools in a form the app reads"
     info = runner.info
     kind = "vision-language" if info.is_vision else "text-only"
+    kind += " · hears audio" if info.hears_audio else ""
+    kind += " · watches video" if info.sees_video else ""
     dtype = info.dtype
     if info.quantization == "4bit":
         dtype = f"4bit (bitsandbytes NF4, {dtype} compute)"
@@ -850,7 +924,8 @@ def header_markdown(runner, toolbox: Toolbox | None = None) -> str:
     compiled = " · compiled" if info.compile else ""
     local = info.device in ("cpu", "cuda", "mps")  # (a remote server batches in its own way)
     batched = " · batched" if local and info.batching else ""
-    return f"**{info.name}** · {kind} · {info.device} · {dtype}{compiled}{batched}{tools}"
+    speech = f" · 🎤 speech written out by {speech.model}" if speech is not None and not info.hears_audio else ""
+    return f"**{info.name}** · {kind} · {info.device} · {dtype}{compiled}{batched}{tools}{speech}"
 
 
 def waiting_line_for(runner, settings: Settings | None = None) -> WaitingLine:
@@ -887,8 +962,12 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
     logins = users.read_logins(settings.auth, settings.auth_file)
     store, where = open_store(settings)
     line = waiting_line_for(runner, settings)
+    speech = None
+    if settings.asr_model:
+        from speech import Speech
+        speech = Speech.start(settings.asr_model, settings.device)
     with gradio_app_built_at_launch_only():
-        demo = build_demo(runner, line, settings, toolbox=toolbox, store=store, where=where)
+        demo = build_demo(runner, line, settings, toolbox=toolbox, store=store, where=where, speech=speech)
         demo.queue(max_size=settings.queue_max_size)
     wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
     if settings.log_chats:  # off by default: prompts and answers are the users' business
@@ -910,7 +989,7 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
         on_listening()
 
     api_open = settings.api_key is None and is_loopback(settings.host) and not settings.share
-    server.mount("/v1", create_api(runner, line, settings, open_without_key=api_open))
+    server.mount("/v1", create_api(runner, line, settings, open_without_key=api_open, speech=speech))
     server.add_api_route("/healthz", lambda: {
         "status": "ok" if runner.loaded else "loading", "model": runner.name,
         "device": runner.info.device, "dtype": runner.info.dtype, "loaded": runner.loaded,

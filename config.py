@@ -127,14 +127,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_new_tokens_limit", 8192, "the longest answer: the slider stops there, the API answers 400"),
     Setting("max_updates_per_second", 30, "screen updates while an answer streams (coalesced); long chats "
             "get fewer (8/s at 100 messages, 2/s at 400)"),
-    # -- images
+    # -- images, documents, audio, video
     Setting("max_image_side", 2048, "larger images are downscaled before the model; the chat says so once"),
     Setting("max_image_pixels", 64_000_000, "larger images are refused from their header, before any pixel "
             "is decoded (decompression bombs)"),
     Setting("max_images_per_message", 8, "a message with more is refused with a message"),
     Setting("max_images_per_conversation", 16, "the oldest images beyond it drop out of the prompt; the "
             "chat says so"),
-    Setting("max_upload_size", "20mb", "larger uploads are refused by the server (HTTP 413)"),
+    Setting("video_frames", 8, "frames of a video a model is shown, spread evenly, each with its time stamp "
+                               "(within max_images_per_message for an image model)"),
+    Setting("asr_model", None, "a speech-recognition model (hub id or directory, e.g. "
+                               "openai/whisper-large-v3-turbo): audio sent to a model that can't listen is written "
+                               "out first, and the chat shows the transcript as the user's words", option=True,
+            metavar="ID_OR_DIR"),
+    Setting("max_upload_size", "100mb", "larger uploads are refused by the server (HTTP 413)"),
     # -- serving
     Setting("host", "127.0.0.1", "address to bind; 0.0.0.0 serves your network (Spaces set it)",
             option=True, env="GRADIO_SERVER_NAME"),

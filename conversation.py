@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from PIL import Image
 
+import attachments
+import media
 from config import Settings
 from engine_contract import ChatInputError, ImageRefused, Reply, ToolCall
 # What is decoded, whatever a file's name or a data: URL says: Pillow can open dozens of
@@ -24,68 +27,160 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str, settings: Settings,
-                     notices: list[str] | None = None) -> list[dict]:
-    """Validate a conversation and load its images (as RGB PIL images, within the limits).
-    Raises ChatInputError for what can't be sent: every engine goes through here. What the
-    user should know about the new message (an image downscaled, old images left out) is
-    appended to `notices`. Messages keep their roles and order; `alternate_roles` joins
-    neighbours of one role once the conversation has been fitted into the context."""
+                     notices: list[str] | None = None, audio_rate: int | None = None,
+                     sees_video: bool = False) -> list[dict]:
+    """Validate a conversation and read what its messages carry, within the limits: images
+    (as RGB PIL images), documents (as text parts marked {"document": name}, which the
+    engine may cut to fit its context; a scan's pages as images), audio (samples at
+    `audio_rate`, for a model that hears; else the transcript it carries) and video (frames:
+    natively with `sees_video`, else as images with their time stamps). Raises
+    ChatInputError for what can't be sent: every engine goes through here. What the user
+    should know about the new message (an image downscaled, a document without text, old
+    images left out) is appended to `notices`. Messages keep their roles and order;
+    `alternate_roles` joins neighbours of one role once the conversation has been fitted into
+    the context."""
     notices = [] if notices is None else notices
     if not messages or messages[-1]["role"] not in ("user", "tool"):
         raise ChatInputError("The conversation must end with a user message (or a tool's result).")
     last = messages[-1]
-    if last["role"] == "user" and not any(p.get("type") in ("image", "file") or (p.get("text") or "").strip()
+    if last["role"] == "user" and not any(p.get("type") in ATTACHED or (p.get("text") or "").strip()
                                           for p in last["content"]):
-        raise ChatInputError("The message is empty: type some text or attach an image.")
-    new_images = [p for p in last["content"] if _is_image(p)]
-    if new_images and not sees_images:
-        raise ImageRefused(
-            f"This model ({model_name}) is text-only and can't see images. Send the message "
-            f"without the image, or start the app with a vision model (--model).")
-    if len(new_images) > settings.max_images_per_message:
-        raise ImageRefused(f"Too many images in one message: {len(new_images)} "
-                           f"(the limit is {settings.max_images_per_message}).")
-    # Keep the newest images up to the conversation cap; earlier ones drop out of the prompt.
-    # A bad file in the new message is refused; one in the history was refused when it was
-    # sent, so it is left out rather than blocking every later turn.
-    budget = settings.max_images_per_conversation if sees_images else 0
-    left_out = 0
+        raise ChatInputError("The message is empty: type some text or attach a file.")
+    _refuse_what_the_model_cannot_take(last, sees_images=sees_images, model_name=model_name, settings=settings,
+                                       audio_rate=audio_rate, sees_video=sees_video)
+    # Keep the newest images (and audio clips) up to the conversation's caps; earlier ones
+    # drop out of the prompt. A bad file in the new message is refused; one in the history
+    # was refused when it was sent, so it is left out rather than blocking every later turn.
+    budget = Budget(images=settings.max_images_per_conversation if sees_images else 0,
+                    audio=MAX_AUDIO_PER_CONVERSATION if audio_rate else 0)
     prepared = []
     for message in reversed(messages):
         is_new = message is last
+        room = settings.max_images_per_message - sum(p.get("type") == "image" for p in message["content"])
         parts = []
-        for part in reversed(message["content"]):
-            if part.get("type") == "file":
+        for part in message["content"]:
+            try:
+                parts += _prepared_part(part, budget, room, settings=settings, sees_images=sees_images,
+                                        audio_rate=audio_rate, sees_video=sees_video,
+                                        notices=notices if is_new else [])
+            except ChatInputError:
                 if is_new:
-                    raise ImageRefused(f"{os.path.basename(part['path'])} is not an image; "
-                                       f"only image files can be attached.")
-            elif _is_image(part):
-                if budget > 0:
-                    try:
-                        image = load_image(part["image"], settings)
-                    except ChatInputError:
-                        if is_new:
-                            raise
-                        continue
-                    parts.append({"type": "image", "image": image})
-                    budget -= 1
-                    if is_new and "downscaled_from" in image.info:
-                        width, height = image.info["downscaled_from"]
-                        notices.append(f"An image of {width}×{height} pixels was downscaled to "
-                                       f"{image.width}×{image.height} (the limit is {settings.max_image_side} "
-                                       f"pixels a side).")
-                elif sees_images:
-                    left_out += 1
-            elif part.get("text"):
-                parts.append({"type": "text", "text": part["text"]})
+                    raise
         if parts or message.get("tool_calls") or message["role"] == "tool":
             extras = {key: message[key] for key in TOOL_KEYS if key in message}
-            prepared.append({"role": message["role"], "content": parts[::-1], **extras})
+            prepared.append({"role": message["role"], "content": parts, **extras})
     prepared.reverse()
-    if left_out:
+    if budget.images_left_out:
         notices.append(f"The model sees the latest {settings.max_images_per_conversation} images of this chat; "
-                       f"{left_out} older image{'s' * (left_out > 1)} were left out.")
+                       f"{budget.images_left_out} older image{'s' * (budget.images_left_out > 1)} were left out.")
+    if budget.audio_left_out:
+        notices.append(f"The model hears the latest {MAX_AUDIO_PER_CONVERSATION} audio clips of this chat; "
+                       f"{budget.audio_left_out} older one{'s' * (budget.audio_left_out > 1)} were left out.")
     return prepared
+
+
+ATTACHED = ("image", "document", "audio", "video", "file")  # a part that is a file sent with the message
+MAX_AUDIO_PER_CONVERSATION = 4  # audio clips a model that hears is given, the newest first
+AUDIO_CLIP_SECONDS = 30  # longer audio goes in parts: audio encoders (Whisper's) hear 30 s at a time
+LISTENING_MODELS = "Qwen2-Audio, Gemma 3n, Gemma 4 E2B/E4B or Phi-4-multimodal"
+
+
+@dataclass
+class Budget:
+    """What is left of a conversation's images and audio clips, counted from the newest
+    message back (the parts of one message are taken in order, within it)."""
+    images: int
+    audio: int
+    images_left_out: int = 0
+    audio_left_out: int = 0
+
+    def take_images(self, wanted: int, sees_images: bool) -> int:
+        taken = max(0, min(wanted, self.images))
+        self.images -= taken
+        if sees_images:
+            self.images_left_out += wanted - taken
+        return taken
+
+
+def _refuse_what_the_model_cannot_take(message: dict, *, sees_images: bool, model_name: str, settings: Settings,
+                                       audio_rate: int | None, sees_video: bool) -> None:
+    """The new message's attachments this model can't be given: a clear line for each kind."""
+    kinds = [part.get("type") for part in message["content"]]
+    if "image" in kinds and not sees_images:
+        raise ImageRefused(
+            f"This model ({model_name}) is text-only and can't see images. Send the message "
+            f"without the image, or start the app with a vision model (--model).")
+    if kinds.count("image") > settings.max_images_per_message:
+        raise ImageRefused(f"Too many images in one message: {kinds.count('image')} "
+                           f"(the limit is {settings.max_images_per_message}).")
+    if "video" in kinds and not (sees_images or sees_video):
+        raise ImageRefused(f"This model ({model_name}) is text-only and can't watch a video. Send the message "
+                           f"without it, or start the app with a vision model (--model).")
+    if any(part.get("type") == "audio" and not audio_rate and part.get("transcript") is None
+           for part in message["content"]):
+        raise ImageRefused(
+            f"This model ({model_name}) can't listen to audio. Start the app with a model that can "
+            f"({LISTENING_MODELS}), or with --asr-model (e.g. openai/whisper-large-v3-turbo) to have "
+            f"speech written out for any model.")
+    for part in message["content"]:
+        if part.get("type") == "file":
+            raise ImageRefused(part.get("refused") or f"{os.path.basename(part['path'])} is not a file this app "
+                                                      f"reads; it takes {attachments.WHAT_IS_READ}.")
+
+
+def _prepared_part(part: dict, budget: Budget, room: int, *, settings: Settings, sees_images: bool,
+                   audio_rate: int | None, sees_video: bool, notices: list[str]) -> list[dict]:
+    """One part of a message as the model gets it: none, one or several parts."""
+    kind = part.get("type")
+    if kind == "text":
+        return [{"type": "text", "text": part["text"]}] if part.get("text") else []
+    if kind == "image":
+        if not budget.take_images(1, sees_images):
+            return []
+        image = load_image(part["image"], settings)
+        if "downscaled_from" in image.info:
+            width, height = image.info["downscaled_from"]
+            notices.append(f"An image of {width}×{height} pixels was downscaled to {image.width}×{image.height} "
+                           f"(the limit is {settings.max_image_side} pixels a side).")
+        return [{"type": "image", "image": image}]
+    if kind == "document":
+        document = attachments.document_of(part)
+        notices += document.notes
+        if not document.text and document.page_images and sees_images:
+            pages = document.page_images[:budget.take_images(len(document.page_images), sees_images)]
+            return [piece for number, picture in pages for piece in (
+                {"type": "text", "text": f"[{document.name}, page {number}]"},
+                {"type": "image", "image": load_image(picture, settings)})]
+        return [{"type": "text", "text": document.text + "\n", "document": document.name}] if document.text else []
+    if kind == "audio":
+        if audio_rate:
+            if budget.audio <= 0:
+                budget.audio_left_out += 1
+                return []
+            budget.audio -= 1
+            samples, clip = attachments.audio_of(part, audio_rate).samples, AUDIO_CLIP_SECONDS * audio_rate
+            return [{"type": "audio", "audio": samples[start:start + clip]} for start in range(0, len(samples), clip)]
+        return [{"type": "text", "text": part["transcript"]}] if part.get("transcript") else []
+    if kind == "video":
+        if sees_video:
+            video = attachments.video_of(part, settings.video_frames)
+            return [{"type": "text", "text": f"[{video.name}, {media.timestamp(video.duration)} long]"},
+                    {"type": "video", "video": [frame for _, frame in video.frames]}]
+        wanted = min(settings.video_frames, max(room, 0), budget.images)
+        if wanted <= 0:
+            notices.append(f"{part['name']} was left out: the message already has as many images as the model "
+                           f"takes ({settings.max_images_per_message}).")
+            return []
+        video = attachments.video_of(part, wanted)
+        budget.take_images(len(video.frames), sees_images)
+        if wanted < settings.video_frames:
+            notices.append(f"The model sees {len(video.frames)} frames of {video.name} (not "
+                           f"{settings.video_frames}: the images of one message are at most "
+                           f"{settings.max_images_per_message}).")
+        return [piece for seconds, frame in video.frames for piece in (
+            {"type": "text", "text": f"[{video.name} at {media.timestamp(seconds)}]"},
+            {"type": "image", "image": load_image(frame, settings)})]
+    return []  # ("file": an unknown attachment in the history, refused when it was sent)
 
 
 TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
@@ -250,10 +345,6 @@ class ReplyParser:
 
 def last_user_text(messages: list[dict]) -> str:
     return " ".join(p.get("text", "") for p in messages[-1]["content"] if p.get("type") == "text")
-
-
-def _is_image(part: dict) -> bool:
-    return part.get("type") == "image"
 
 
 def load_image(source, settings: Settings) -> Image.Image:

@@ -42,6 +42,7 @@ from pathlib import Path
 import platformdirs
 from PIL import Image
 
+import media
 from engine_contract import ToolCall
 
 APP_FOLDER = "local-model-chat"  # the per-user data folder's name, and on a Space under /data
@@ -54,6 +55,8 @@ MIN_FREE_DISK_BYTES = 512 << 20    # below this free on the data directory's dis
 IMAGE_KEY_FILE = "images.key"      # the key image files are named with (HMAC), beside the database
 MAX_IMPORTED_IMAGE_PIXELS = 64_000_000
 TITLE_CHARS = 80
+MAX_NAME_CHARS = 200
+FILE_KINDS = ("document", "audio", "video")  # attachments kept as they came (attachments.py)
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 # What a message keeps beside its role and content: for the model (a tool call's id and name),
 # and for the reader (the reasoning and how long it took, a tool's duration, the answer's
@@ -267,7 +270,7 @@ class ConversationStore:
         returns their file names."""
         used = {part["digest"] + part["suffix"]
                 for (body,) in self._db.execute("SELECT body FROM messages WHERE conversation=?", (conversation_id,))
-                for part in json.loads(body)["content"] if part["type"] == "image"}
+                for part in json.loads(body)["content"] if "digest" in part}
         rows = self._db.execute("SELECT digest, suffix FROM images WHERE conversation=?", (conversation_id,)).fetchall()
         unused = {sha + suffix for sha, suffix in rows if sha + suffix not in used}
         self._db.executemany("DELETE FROM images WHERE conversation=? AND digest || suffix=?",
@@ -324,10 +327,18 @@ class ConversationStore:
                 image = _image_bytes(part["image"], self._image_key)
                 images.append(image)
                 parts.append({"type": "image", "digest": image["digest"], "suffix": image["suffix"]})
+            elif part.get("type") in FILE_KINDS:
+                file = _file_bytes(part, self._image_key)
+                images.append(file)
+                parts.append({"type": part["type"], "digest": file["digest"], "suffix": file["suffix"],
+                              "name": str(part.get("name") or "attachment")[:MAX_NAME_CHARS],
+                              **({"transcript": part["transcript"]} if part.get("transcript") is not None else {})})
             else:
-                raise StoreError(f"A message part of type {part.get('type')!r} can't be saved (text and images can).")
-        body = {"role": message["role"], "content": parts,
-                "text": " ".join(p["text"] for p in parts if p["type"] == "text")}  # (searched)
+                raise StoreError(f"A message part of type {part.get('type')!r} can't be saved (text, images, "
+                                 f"documents, audio and video can).")
+        body = {"role": message["role"], "content": parts,  # (searched: the text, transcripts, file names)
+                "text": " ".join(p["text"] if p["type"] == "text" else p.get("transcript") or p.get("name") or ""
+                                 for p in parts).strip()}
         for key in EXTRA_KEYS:
             if message.get(key) is not None:
                 body[key] = message[key]
@@ -339,8 +350,10 @@ class ConversationStore:
     def _from_stored(self, body: dict) -> dict:
         content = []
         for part in body["content"]:
-            if part["type"] == "image":
-                content.append({"type": "image", "image": str(self._image_path(part["digest"] + part["suffix"]))})
+            if "digest" in part:
+                kind, path = part["type"], str(self._image_path(part["digest"] + part["suffix"]))
+                content.append({"type": kind, kind: path, **{key: part[key] for key in ("name", "transcript")
+                                                             if key in part}})
             else:
                 content.append(part)
         message = {"role": body["role"], "content": content}
@@ -379,7 +392,7 @@ class ConversationStore:
             body = json.loads(body)
             body.pop("text", None)
             for part in body["content"]:
-                if part["type"] == "image":
+                if "digest" in part:
                     data = self._image_path(part.pop("digest") + part.pop("suffix")).read_bytes()
                     part["data"] = base64.b64encode(data).decode("ascii")
             messages.append(body)
@@ -397,7 +410,14 @@ class ConversationStore:
             if message.get("reasoning"):
                 lines += ["<details><summary>Thinking</summary>", "", message["reasoning"], "", "</details>", ""]
             for part in message["content"]:
-                lines += [part["text"] if part["type"] == "text" else "*(an image)*", ""]
+                if part["type"] == "text":
+                    lines += [part["text"], ""]
+                elif part["type"] == "image":
+                    lines += ["*(an image)*", ""]
+                else:
+                    lines += [f"*(attached: {part.get('name')})*", ""]
+                    if part.get("transcript"):
+                        lines += [f"> {part['transcript']}", ""]
             for call in message.get("tool_calls") or []:
                 lines += [f"Tool call `{call['name']}`:", "```json",
                           json.dumps(call["arguments"], ensure_ascii=False, indent=1), "```", ""]
@@ -416,6 +436,8 @@ class ConversationStore:
                 for part in body["content"]:
                     if part["type"] == "image":
                         content.append({"type": "image", "image": _decoded_image(part["data"])})
+                    elif part["type"] in FILE_KINDS:
+                        content.append(_decoded_file(part))
                     else:
                         content.append({"type": "text", "text": str(part["text"])})
                 message = {"role": body["role"], "content": content}
@@ -468,6 +490,43 @@ def _image_bytes(source, key: bytes) -> dict:
         except (OSError, Image.DecompressionBombError) as error:
             raise StoreError(f"An image can't be saved: it is not a picture this app reads ({error}).") from None
     return {"digest": hmac.new(key, data, hashlib.sha256).hexdigest(), "suffix": suffix, "bytes": len(data), "data": data}
+
+
+def _file_bytes(part: dict, key: bytes) -> dict:
+    """A document's, audio's or video's file as stored: its bytes as they are, under a suffix
+    that says what it is (a text file is kept as .txt, never as .html)."""
+    kind, source = part["type"], part[part["type"]]
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as error:
+        raise StoreError(f"{part.get('name') or 'An attachment'} can't be saved: {error.strerror}.") from None
+    suffix = Path(str(part.get("name") or "")).suffix.lower()
+    if kind == "document":
+        suffix = ".pdf" if data.startswith(b"%PDF-") else ".docx" if data.startswith(b"PK\x03\x04") else ".txt"
+    elif suffix not in {"audio": media.AUDIO_SUFFIXES, "video": media.VIDEO_SUFFIXES}[kind]:
+        suffix = {"audio": ".wav", "video": ".mp4"}[kind]
+    return {"digest": hmac.new(key, data, hashlib.sha256).hexdigest(), "suffix": suffix, "bytes": len(data), "data": data}
+
+
+def _decoded_file(part: dict) -> dict:
+    """An exported attachment, checked to be what its part says it is."""
+    import attachments
+    from engine_contract import ChatInputError
+    try:
+        raw = base64.b64decode(part["data"], validate=True)
+    except (binascii.Error, ValueError, TypeError) as error:
+        raise ValueError(f"an attachment is not readable: {error}") from None
+    name = str(part.get("name") or "attachment")[:MAX_NAME_CHARS]
+    try:
+        kind = attachments.kind_of(raw, name)
+    except ChatInputError as error:
+        raise ValueError(str(error)) from None
+    if kind != part["type"]:
+        raise ValueError(f"{name} is not {part['type']}")
+    decoded = {"type": kind, kind: raw, "name": name}
+    if isinstance(part.get("transcript"), str):
+        decoded["transcript"] = part["transcript"]
+    return decoded
 
 
 def _decoded_image(data: str) -> bytes:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 MAX_DOCUMENT_BYTES = 20 * 1024 * 1024   # a larger file is refused before it is parsed
 MAX_PDF_PAGES = 500                     # a PDF with more pages is refused (say which pages to send)
+MAX_SCANNED_PAGES = 8                   # a PDF without text: its first pages' pictures, for a vision model
 MAX_DOCUMENT_CHARS = 2_000_000          # text beyond this is not extracted (the context is smaller anyway)
 MAX_DOCX_UNPACKED_BYTES = 200 * 1024 * 1024  # a DOCX that unpacks to more is a zip bomb
 MAX_DOCX_RATIO = 200                    # ... as is one member compressed more than this
@@ -36,6 +37,7 @@ class Document:
     text: str            # the whole text, marked with the name (and pages)
     pages: int = 0       # a PDF's pages
     notes: list[str] = field(default_factory=list)
+    page_images: list = field(default_factory=list)  # a scan's pages: (number, PIL image)
 
     def within(self, chars: int) -> tuple[str, float]:
         """The text cut to `chars` characters (at a line end when there is one nearby), and the
@@ -116,9 +118,25 @@ def _read_pdf(data: bytes, name: str) -> Document:
     notes = []
     if read < pages:
         notes.append(f"Only the first {read} of {pages} pages of {name} were read ({MAX_DOCUMENT_CHARS:,} characters).")
+    page_images = [] if texts else _scanned_pages(reader)
     if not texts:
-        notes.append(f"{name} has no text layer (a scan?): the model gets no text from it.")
-    return Document(name, "pdf", "\n\n".join(texts), pages=pages, notes=notes)
+        notes.append(f"{name} has no text layer (a scan?): the model gets no text from it" +
+                     (f"; a model that sees images gets its first {len(page_images)} pages as pictures." if page_images
+                      else "."))
+    return Document(name, "pdf", "\n\n".join(texts), pages=pages, notes=notes, page_images=page_images)
+
+
+def _scanned_pages(reader) -> list:
+    """The largest picture on each of a scan's first pages: (page number, PIL image)."""
+    pictures = []
+    for number, page in enumerate(reader.pages[:MAX_SCANNED_PAGES], 1):
+        try:
+            images = [image.image for image in page.images if image.image is not None]
+        except Exception:  # (a damaged picture, or too large to decode: that page gives none)
+            continue
+        if images:
+            pictures.append((number, max(images, key=lambda image: image.width * image.height)))
+    return pictures
 
 
 def _read_docx(data: bytes, name: str) -> Document:
@@ -156,6 +174,14 @@ def _zip_member(data: bytes, member: str) -> bool:
             return member in archive.namelist()
     except zipfile.BadZipFile:
         return False
+
+
+def looks_like_text(head: bytes) -> bool:
+    """Is this the start of a text file (a multi-byte character cut at its end allowed)?"""
+    for cut in range(4):
+        if _text_of(head[:len(head) - cut] if cut else head) is not None:
+            return True
+    return False
 
 
 def _text_of(data: bytes) -> str | None:

@@ -225,6 +225,8 @@ class RunnerInfo:
     device: str
     dtype: str = ""
     is_vision: bool = True       # takes images
+    hears_audio: bool = False    # takes audio natively (its processor's feature extractor)
+    sees_video: bool = False     # takes video natively (its processor's video processor)
     compile: bool = False        # generates with a compiled static cache
     quantization: str | None = None  # "4bit" | "8bit" (bitsandbytes weights) | None
     batching: bool = False       # answers share forward passes (continuous batching, or a server)

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
     AutoProcessor,
     AutoTokenizer,
     GenerationConfig,
@@ -48,7 +50,10 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers.generation.streamers import BaseStreamer
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
+)
 
 import transformers_internals
 from decoding import GrammarConstraint, LogprobsRecorder, Penalties, grammar_tokenizer
@@ -569,6 +574,25 @@ class GenerationLoop:
                 job.refuse(GenerationError("The server is stopping."))
 
 
+AUDIO_THROUGH_THEIR_OWN_PROMPT = ("granite_speech",)  # (its processor wants <|audio|> in a text prompt, and torchaudio)
+
+
+def hears_audio_at(processor, config) -> int | None:
+    """The sampling rate a model hears audio at, None when it doesn't: its processor has a
+    feature extractor and an audio token, its config an audio tower (a Gemma 4 without one
+    keeps the extractor), and it takes audio as samples through the common chat-template path
+    (Voxtral's and Granite Speech's processors take files or their own prompts: not here)."""
+    from transformers import ProcessorMixin
+    extractor = getattr(processor, "feature_extractor", None) or getattr(processor, "audio_processor", None)
+    if extractor is None or not getattr(processor, "audio_token", None):
+        return None
+    if getattr(config, "audio_config", True) is None or config.model_type in AUDIO_THROUGH_THEIR_OWN_PROMPT:
+        return None
+    if type(processor).apply_chat_template is not ProcessorMixin.apply_chat_template:
+        return None
+    return getattr(extractor, "sampling_rate", None)
+
+
 def tries_compile(setting: str, device: str) -> bool:
     """--compile auto compiles on CUDA only: elsewhere torch.compile of decoding isn't used by
     transformers, and the static cache alone is slower than the default one (README)."""
@@ -615,6 +639,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.is_vision = is_vision
+        self.audio_rate = hears_audio_at(processor, model.config)  # None: it doesn't hear
         self.batcher = None  # a batching.ContinuousBatcher: answers share the forward passes
         self.counted = ActiveCount()  # answers generating (self.active)
         self.finish_listeners: list = []  # called with each stream when it ends (metrics)
@@ -624,7 +649,8 @@ class ModelRunner:
     @property
     def info(self) -> RunnerInfo:
         return RunnerInfo(name=self.name, device=self.device, dtype=str(self.dtype).removeprefix("torch."),
-                          is_vision=self.is_vision, compile=self.compile, quantization=self.quantization,
+                          is_vision=self.is_vision, hears_audio=self.audio_rate is not None,
+                          compile=self.compile, quantization=self.quantization,
                           batching=self.batcher is not None, supports_tools=self.supports_tools,
                           torch_threads=self.torch_threads, loop_thread=self.loop.native_id)
 
@@ -687,8 +713,10 @@ class ModelRunner:
             model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as e:
             raise ModelLoadError(f"Can't read the model config in {path}: {_first_line(e)}") from None
-        # Decided from the config, not the name: is this an image-text-to-text architecture?
+        # Decided from the config, not the name: does it take images (image-text-to-text), or
+        # other inputs through a processor (multimodal: audio models too)?
         is_vision = model_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        multimodal = is_vision or model_config.model_type in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
         load_kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         if device == "cuda":
             load_kwargs["device_map"] = "auto"  # spreads a large model over GPUs (and CPU)
@@ -697,7 +725,7 @@ class ModelRunner:
             if device != "cuda":  # a quantized model can't be moved with .to() afterwards
                 load_kwargs["device_map"] = {"": device}
         try:
-            if is_vision:
+            if multimodal:
                 processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
                 tokenizer = processor.tokenizer
             else:
@@ -706,7 +734,8 @@ class ModelRunner:
             if not getattr(processor, "chat_template", None) and not tokenizer.chat_template:
                 raise ModelLoadError(f"{model!r} has no chat template, so it can't be used as a chat "
                                      f"model (is it a base model? pick its instruct version).")
-            model_class = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
+            model_class = AutoModelForImageTextToText if is_vision else \
+                AutoModelForMultimodalLM if multimodal else AutoModelForCausalLM
             model_obj = model_class.from_pretrained(path, **load_kwargs)
         except ModelLoadError:
             raise
@@ -734,7 +763,7 @@ class ModelRunner:
         from batching import wants_batching
         if batching != "on" and tries_compile(compile, self.device):  # auto: compiled first, batched if not
             self.compile_or_explain(forced=compile == "on")
-        batched, why_not = wants_batching(batching, self.device, self.is_vision, compiled=self.compile)
+        batched, why_not = wants_batching(batching, self.device, self.processor is not None, compiled=self.compile)
         if why_not and batching == "on":
             log.warning("--batching on: %s", why_not)
         if batched:
@@ -1002,12 +1031,14 @@ class ModelRunner:
         last message that alone doesn't fit is refused."""
         notices = [] if notices is None else notices
         messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
-                                    settings=self.settings, notices=notices)
+                                    settings=self.settings, notices=notices, audio_rate=self.audio_rate)
         inputs = self._apply_chat_template(messages, tools)
         limit = self.context_length
         if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:
-            inputs = self._fit_in_context(messages, limit - reserve_tokens, notices, tools)
-        if self.is_vision:  # BatchFeature: also casts pixel values to the model's dtype
+            messages, inputs = self._fit_documents(messages, limit - reserve_tokens, notices, tools)
+            if inputs is None:
+                inputs = self._fit_in_context(messages, limit - reserve_tokens, notices, tools)
+        if self.processor is not None:  # BatchFeature: also casts pixel values and audio features to the model's dtype
             return inputs.to(self.model.device, dtype=self.dtype)
         return inputs.to(self.model.device)
 
@@ -1021,14 +1052,15 @@ class ModelRunner:
                 shaped.append({"role": "tool", "content": text, "tool_call_id": message.get("tool_call_id"),
                                "name": message.get("name")})
                 continue
-            item = {"role": message["role"], "content": message["content"] if self.is_vision else text}
+            parts = [{key: value for key, value in part.items() if key != "document"} for part in message["content"]]
+            item = {"role": message["role"], "content": parts if self.processor is not None else text}
             if message.get("tool_calls"):
                 item["tool_calls"] = [call.openai(arguments_as_json=False) for call in message["tool_calls"]]
             shaped.append(item)
         return shaped
 
     def _apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None):
-        template_owner = self.processor if self.is_vision else self.tokenizer
+        template_owner = self.processor or self.tokenizer
         return template_owner.apply_chat_template(
             self._template_messages(messages), tools=tools or None, add_generation_prompt=True, tokenize=True,
             return_dict=True, return_tensors="pt")
@@ -1046,7 +1078,7 @@ class ModelRunner:
             {"role": "assistant", "content": [], "tool_calls": [ToolCall("tool_support_probe", {}, "call_probe")]},
             {"role": "tool", "tool_call_id": "call_probe", "name": "tool_support_probe",
              "content": [{"type": "text", "text": "probe result"}]}]
-        template_owner = self.processor if self.is_vision else self.tokenizer
+        template_owner = self.processor or self.tokenizer
         try:
             rendered = str(template_owner.apply_chat_template(
                 self._template_messages(messages), tools=[probe], tokenize=False, add_generation_prompt=True))
@@ -1064,6 +1096,57 @@ class ModelRunner:
         if template is not None:
             return template
         return transformers_internals.serve_response_template(self.tokenizer, self.model)
+
+    def _fit_documents(self, messages: list[dict], budget: int, notices: list[str], tools: list[dict] | None):
+        """A conversation too long for the context, with its documents' text cut to fit what
+        the rest leaves them, but never to less than half the context (or their whole text):
+        then the oldest turns make way too (`_fit_in_context`; inputs None). Each document
+        keeps the same share of its tokens, from its start; the chat says how much of each
+        one in the new message was sent. → (messages, inputs that fit, or None)."""
+        where = [(i, j) for i, message in enumerate(messages) for j, part in enumerate(message["content"])
+                 if part.get("document")]
+        if not where:
+            return messages, None
+
+        def with_texts(texts: dict) -> list[dict]:
+            edited = [{**message, "content": list(message["content"])} for message in messages]
+            for (i, j), text in texts.items():
+                edited[i]["content"][j] = {**edited[i]["content"][j], "text": text}
+            return edited
+
+        tokens = {key: self.tokenizer(messages[key[0]]["content"][key[1]]["text"],
+                                      add_special_tokens=False)["input_ids"] for key in where}
+        total = sum(map(len, tokens.values()))
+        rest = self._apply_chat_template(with_texts({key: "" for key in where}), tools)["input_ids"].shape[-1]
+        share = max(budget - rest, min(total, budget // 2))
+        old_turns_make_way = share > budget - rest
+        for _ in range(4):  # (a cut's tokens can differ slightly from the count: shrink and try again)
+            keeps = {key: max(0, len(ids) * share // total) for key, ids in tokens.items()}
+            texts = {key: self._cut_document(messages[key[0]]["content"][key[1]], tokens[key], keeps[key])
+                     for key in where}
+            edited = with_texts(texts)
+            inputs = self._apply_chat_template(edited, tools)
+            over = inputs["input_ids"].shape[-1] - budget
+            if over <= 0 or old_turns_make_way:
+                break
+            share -= over + 8
+        for key in where:
+            if key[0] == len(messages) - 1 and keeps[key] < len(tokens[key]):
+                part, kept = messages[key[0]]["content"][key[1]], keeps[key] / len(tokens[key])
+                pages = re.findall(rf"\[{re.escape(part['document'])}, page (\d+)\]", texts[key])
+                notices.append(f"{part['document']} is too long for what is left of the model's context "
+                               f"({self.context_length} tokens): the model got its first {kept:.0%}"
+                               + (f" (to page {pages[-1]})." if pages else "."))
+        return edited, (inputs if over <= 0 else None)
+
+    def _cut_document(self, part: dict, ids: list[int], keep: int) -> str:
+        if keep >= len(ids):
+            return part["text"]
+        text = self.tokenizer.decode(ids[:keep], skip_special_tokens=True)
+        line_end = text.rfind("\n")
+        if line_end > len(text) * 0.9:
+            text = text[:line_end]
+        return f"{text}\n[{part['document']}: cut here to fit the context, {keep / len(ids):.0%} kept]"
 
     def _fit_in_context(self, messages: list[dict], budget: int, notices: list[str], tools: list[dict] | None):
         system = messages[:1] if messages[0]["role"] == "system" else []

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import io
 import json
+import mimetypes
 import re
 import time
 import uuid
@@ -38,7 +39,11 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import documents
+import media
 import responses_api
+import attachments
+from attachments import attachment_part, needs_transcript
 from config import Settings
 from conversation import load_image
 from structured_output import grammar_for, instruction_for
@@ -56,6 +61,8 @@ from engine_contract import (
 from waiting_line import LineFull, WaitingLine
 
 DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", re.DOTALL)
+ANY_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,(.*)$", re.DOTALL)
+MAX_ATTACHMENT_BYTES = max(documents.MAX_DOCUMENT_BYTES, media.MAX_MEDIA_BYTES)  # one file, audio or video part
 
 
 class APIError(Exception):
@@ -73,11 +80,31 @@ class ImageURL(BaseModel):
     detail: str | None = None
 
 
+class FileData(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    file_data: str | None = None   # a data: URL (or bare base64)
+    filename: str | None = None
+    file_id: str | None = None     # (the Files API: not kept by this server, refused)
+
+
+class InputAudio(BaseModel):
+    data: str                      # base64
+    format: str = "wav"
+
+
+class MediaURL(BaseModel):
+    url: str
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "file", "input_audio", "audio_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    file: FileData | None = None
+    input_audio: InputAudio | None = None
+    audio_url: MediaURL | None = None   # (vLLM's)
+    video_url: MediaURL | None = None   # (vLLM's)
 
 
 class FunctionCall(BaseModel):
@@ -292,15 +319,12 @@ def to_engine_messages(request: ChatCompletionRequest, settings: Settings) -> li
                 param = f"messages[{i}].content[{j}]"
                 if part.type == "text":
                     parts.append({"type": "text", "text": part.text or ""})
-                elif part.image_url is None:
-                    raise APIError(400, "An image_url part needs an image_url object.", param=param)
-                else:
-                    try:
-                        parts.append({"type": "image", "image": decode_image(part.image_url.url,
-                                                                              param + ".image_url", settings)})
-                    except APIError:
-                        if i == last:
-                            raise
+                    continue
+                try:
+                    parts.append(decode_part(part, param, settings))
+                except APIError:
+                    if i == last:
+                        raise
         converted = {"role": role, "content": parts}
         if message.tool_calls and role == "assistant":
             converted["tool_calls"] = [ToolCall(call.function.name, decode_arguments(
@@ -363,6 +387,68 @@ def tools_of(request: ChatCompletionRequest, supports_tools: bool) -> list[dict]
     return tools
 
 
+def decode_part(part: ContentPart, param: str, settings: Settings) -> dict:
+    """An image, file, audio or video part → the engine's part (its kind checked from the
+    content); a 400 naming the part for anything it can't be."""
+    if getattr(part, part.type) is None:
+        raise APIError(400, f"A {part.type} part needs a {part.type} object.", param=param)
+    if part.type == "image_url":
+        return {"type": "image", "image": decode_image(part.image_url.url, param + ".image_url", settings)}
+    if part.type == "file":
+        if part.file.file_data is None:
+            raise APIError(400, "Files are not kept by this server (no file_id): send the file inline as "
+                                "file.file_data, a data: URL (data:application/pdf;base64,...).",
+                           param=param + ".file", code="file_id_not_supported")
+        name = (part.file.filename or "").strip() or "document"
+        data = decode_data(part.file.file_data, param + ".file.file_data", name, bare_base64=True)
+        expected = ("image", "document", "audio", "video")
+    elif part.type == "input_audio":
+        name = f"audio.{part.input_audio.format.lower().strip('.') or 'wav'}"
+        data = decode_data(part.input_audio.data, param + ".input_audio.data", name, bare_base64=True)
+        expected = ("audio",)
+    else:
+        kind = part.type.removesuffix("_url")
+        url = getattr(part, part.type).url
+        if not url.startswith("data:"):
+            raise APIError(400, f"{kind.capitalize()} URLs are not fetched by this server; send it inline as a "
+                                f"data: URL (data:{kind}/{'mp4' if kind == 'video' else 'wav'};base64,...).",
+                           param=param + f".{part.type}.url", code=f"{part.type}_not_supported")
+        name = f"{kind}{mimetypes.guess_extension(url[5:url.find(';')]) or ''}"
+        data = decode_data(url, param + f".{part.type}.url", name)
+        expected = (kind,)
+    try:
+        decoded = attachment_part(data, name)
+        if decoded["type"] == "document":  # (read now, to name the part; the engine reads it remembered)
+            attachments.document_of(decoded)
+    except ChatInputError as error:
+        raise APIError(400, str(error), param=param, code="invalid_file") from None
+    if decoded["type"] not in expected:
+        raise APIError(400, f"This {part.type} part holds {decoded['type']}, not {' or '.join(expected)}.",
+                       param=param, code="invalid_file")
+    if decoded["type"] == "image":
+        return {"type": "image", "image": decode_image_bytes(data, param, settings)}
+    return decoded
+
+
+def decode_data(value: str, param: str, name: str, bare_base64: bool = False) -> bytes:
+    """A data: URL's (or, where OpenAI sends one, bare base64's) bytes, within the limits."""
+    match = ANY_DATA_URL.match(value)
+    if match:
+        encoded = match.group(2)
+    elif bare_base64 and not value.startswith("data:"):
+        encoded = value
+    else:
+        raise APIError(400, "Expected a data: URL with base64 data (data:<type>;base64,...).", param=param,
+                       code="invalid_file")
+    if len(encoded) > MAX_ATTACHMENT_BYTES * 4 // 3 + 4:
+        raise APIError(400, f"{name} is larger than {MAX_ATTACHMENT_BYTES // 2**20} MB.", param=param,
+                       code="file_too_large")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{name}: the base64 data is invalid.", param=param, code="invalid_file") from None
+
+
 def decode_image(url: str, param: str, settings: Settings):
     if url.startswith(("http://", "https://")):
         raise APIError(400, "Image URLs are not fetched by this server; send the image inline "
@@ -380,6 +466,10 @@ def decode_image(url: str, param: str, settings: Settings):
     except (binascii.Error, ValueError):
         raise APIError(400, "The image's base64 data is invalid.", param=param,
                        code="invalid_image") from None
+    return decode_image_bytes(data, param, settings)
+
+
+def decode_image_bytes(data: bytes, param: str, settings: Settings):
     try:
         return load_image(io.BytesIO(data), settings)
     except ChatInputError as error:
@@ -422,10 +512,12 @@ def api_error(error: Exception) -> APIError:
     raise error
 
 
-def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, open_without_key: bool = True) -> FastAPI:
+def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, open_without_key: bool = True,
+               speech=None) -> FastAPI:
     """The /v1 sub-application. Its requests wait in `line` with the chat UI's. With
     settings.api_key, every call needs `Authorization: Bearer KEY`; without one it answers
-    only when `open_without_key` (the server is bound to loopback)."""
+    only when `open_without_key` (the server is bound to loopback). `speech` (--asr-model:
+    speech.Speech) writes out audio for a model that can't listen."""
     settings = settings or Settings()
     api_key = settings.api_key
     retry_after = {"Retry-After": str(settings.api_retry_after_s)}
@@ -511,6 +603,17 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         except (ChatInputError, GenerationError, Cancelled) as error:
             raise api_error(error) from None
 
+    async def transcribed(message: dict) -> dict:
+        needing = needs_transcript(message, runner.info) if message["role"] == "user" else []
+        if not needing:
+            return message
+        try:
+            return {**message, "content": [{**part, "transcript": await speech.transcribe(part)}
+                                           if any(part is other for other in needing) else part
+                                           for part in message["content"]]}
+        except ChatInputError as error:
+            raise APIError(400, str(error), code="invalid_audio") from None
+
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models(request: Request):
         if runner.name is None:  # a remote server's default model, until it is asked
@@ -528,6 +631,8 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
                                 f"{runner.name!r}.", param="model", code="model_not_found")
         messages = await anyio.to_thread.run_sync(to_engine_messages, body, settings)
+        if speech is not None:
+            messages = [await transcribed(message) for message in messages]
         generation = to_settings(body, settings)
         generation.raw_prompt = raw_prompt
         if generation.response_format:
@@ -716,7 +821,13 @@ async def complete(stream, completion_id, created, model, most_calls: int | None
     if logprobs:
         choice["logprobs"] = {"content": list(stream.logprobs), "refusal": None}
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage_of(stream)}
+            "choices": [choice], "usage": usage_of(stream), **notices_of(stream)}
+
+
+def notices_of(stream) -> dict:
+    """What the chat would show above the answer (a document cut to fit, older turns left out,
+    an image downscaled): `notices`, beside OpenAI's fields (clients keep unknown fields)."""
+    return {"notices": list(stream.notices)} if stream.notices else {}
 
 
 async def sse_chunks(stream, completion_id, created, model, include_usage: bool, most_calls: int | None = None,
@@ -749,7 +860,7 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool,
         sent["tool_calls"] = max(done, len(calls))
         return ([chunk(delta)] if delta else []) + new_calls
 
-    yield chunk({"role": "assistant", "content": ""})
+    yield chunk({"role": "assistant", "content": ""}, **notices_of(stream))
     try:
         async for reply in updates(stream):
             for item in news(reply):

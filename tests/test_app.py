@@ -90,7 +90,7 @@ def test_a_bad_image_gets_a_message_and_the_next_request_works(serve, idefics3_r
     client = Client(url, verbose=False)
     started = time.time()
     result = chat(client, message("What is this?", images["fake"])).result(timeout=60)
-    assert "notes.png is not a readable image" in error_of(result)
+    assert "notes.png is not what its name says" in error_of(result)
     assert time.time() - started < 10
     result = chat(client, message("And this one?", images["red"]), max_new_tokens=8).result(timeout=60)
     assert text_of(result) and not error_of(result)

@@ -48,7 +48,7 @@ def refuse_in_ui(kind, client, runners, images, patch, spy):
         assert "not a readable image" in error_of(chat(client, message(text, images["truncated"])).result(timeout=60))
     elif kind == "not an image":
         text = "What is in this text file named .png?"
-        assert "not a readable image" in error_of(chat(client, message(text, images["fake"])).result(timeout=60))
+        assert "not what its name says" in error_of(chat(client, message(text, images["fake"])).result(timeout=60))
     elif kind == "image to a text-only model":
         text = "What colour is this?"
         assert "can't see images" in error_of(chat(client, message(text, images["red"])).result(timeout=60))

@@ -16,6 +16,14 @@ for text-only models):
 * ``reasoning`` - text-only LlamaForCausalLM that "thinks" like Qwen3 / DeepSeek-R1: the
   generation prompt ends with ``<think>\n`` and greedy output closes it with one ``</think>``
   (a non-special added token) ~14 tokens in (see ``build_reasoning_llama``).
+* ``audio``   - Qwen2AudioForConditionalGeneration (Whisper-style audio encoder + Qwen2 text),
+  Qwen2AudioProcessor (WhisperFeatureExtractor with 16 mel bins): audio content parts, a
+  float32 numpy array at 16 kHz each, become 25 ``<|AUDIO|>`` tokens per second, at most 30 s
+  (750 tokens); longer audio is cut at 30 s by the feature extractor. Loads with AutoProcessor
+  + AutoModelForMultimodalLM (see ``build_audio_llm``).
+* ``whisper`` - WhisperForConditionalGeneration + WhisperProcessor for the speech-to-text
+  pipeline (``--asr-model``); greedy, it transcribes any audio as random text that never ends
+  on its own (EOS is silenced): bound it with max_length / max_new_tokens (see ``build_whisper``).
 
 Each gets a byte-level BPE tokenizer (512 tokens) trained here on the embedded text,
 so any Unicode is encodable (emoji/CJK split into several byte tokens) and decodes
@@ -38,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 import sys
 
@@ -57,6 +66,15 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2Config,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
 )
 from transformers.utils import logging as hf_logging
 
@@ -464,8 +482,127 @@ def build_tool_llama(path) -> pathlib.Path:
     return _finish(model, tokenizer, path, circuit=_install_tool_call_circuit)
 
 
+# ---------------------------------------------------------------- audio
+
+AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"  # Qwen2-Audio's
+MEL_BINS = 16  # real Whisper-style encoders use 80 or 128; any count works with random weights
+
+# The chat template of the other tiny models with audio parts instead of image parts: each
+# becomes <|audio_bos|><|AUDIO|><|audio_eos|>, and the processor repeats <|AUDIO|> once per
+# audio token (25 per second of audio). Image parts are dropped.
+AUDIO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- elif part['type'] == 'image' -%}{{- '{image}' -}}",
+    "{%- elif part['type'] == 'audio' -%}{{- '" + AUDIO_BOS + AUDIO + AUDIO_EOS + "' -}}",
+)
+assert AUDIO_CHAT_TEMPLATE != CHAT_TEMPLATE
+
+
+@_seeded
+def build_audio_llm(path) -> pathlib.Path:
+    """Qwen2-Audio: a Whisper-style audio encoder (2 layers, d_model 32) + linear projector +
+    Qwen2 text model (2 layers, hidden 32), with Qwen2AudioProcessor = WhisperFeatureExtractor
+    (16 kHz, 16 mel bins, 30 s window) + the byte-level BPE tokenizer.
+
+    ``processor.apply_chat_template`` takes ``{"type": "audio", "audio": <1-D float numpy
+    array at 16 kHz>}`` parts and returns input_ids (with ``(((frames - 1) // 2 + 1) - 2) // 2 + 1``
+    ``<|AUDIO|>`` tokens per part, frames = 100 per second: 50 for 2 s, 750 for 30 s),
+    attention_mask, input_features (1, 16, 3000) and feature_attention_mask (1, 3000). Audio
+    longer than 30 s is cut to 30 s (the feature extractor truncates, without a warning).
+    Load with AutoProcessor + AutoModelForMultimodalLM (AutoModelForSeq2SeqLM works too;
+    AutoModelForImageTextToText and AutoModelForCausalLM don't)."""
+    tokenizer = build_tokenizer([AUDIO, AUDIO_BOS, AUDIO_EOS], "")
+    tokenizer.chat_template = AUDIO_CHAT_TEMPLATE
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+        initializer_range=INIT_STD, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Qwen2AudioConfig(
+        audio_config=dict(
+            num_mel_bins=MEL_BINS, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+            d_model=32, max_source_positions=1500, initializer_range=INIT_STD,  # 1500 = 30 s
+        ),
+        text_config=text_config.to_dict(),
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO),
+    )
+    model = Qwen2AudioForConditionalGeneration(config)
+    feature_extractor = WhisperFeatureExtractor(feature_size=MEL_BINS)  # 16 kHz, 30 s chunks
+    processor = Qwen2AudioProcessor(
+        feature_extractor, tokenizer, chat_template=AUDIO_CHAT_TEMPLATE,
+        audio_token=AUDIO, audio_bos_token=AUDIO_BOS, audio_eos_token=AUDIO_EOS,
+    )
+    return _finish(model, tokenizer, path, processor)
+
+
+# Whisper's special tokens, in Whisper's order, after the text tokens: the tokenizer and the
+# ASR pipeline read every id above "<|notimestamps|>" as a timestamp, so text tokens must come
+# first. No timestamp tokens (<|0.00|> ...): this model can't return timestamps.
+WHISPER_SPECIAL = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                   "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+
+
+def build_whisper_tokenizer() -> WhisperTokenizer:
+    """A WhisperTokenizer over a byte-level BPE trained here (503 text tokens), then Whisper's
+    special tokens (ids 503-511; <|endoftext|> is BOS, EOS, UNK and pad)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(WHISPER_SPECIAL),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tokenizer = WhisperTokenizer(vocab=trained["vocab"], merges=merges, pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"extra_special_tokens": WHISPER_SPECIAL[1:]})
+    tokenizer.set_prefix_tokens()  # again, now that <|startoftranscript|> etc. exist
+    return tokenizer
+
+
+@_seeded
+def build_whisper(path) -> pathlib.Path:
+    """Whisper for transcription (speech.py): WhisperForConditionalGeneration with 2+2 layers,
+    d_model 32, 16 mel bins, the real 30 s window (1500 encoder positions) and 448 decoder
+    positions; WhisperProcessor = WhisperFeatureExtractor (16 kHz) + build_whisper_tokenizer().
+    Multilingual with one language (<|en|>; detection always picks it). The generation config
+    has what WhisperForConditionalGeneration.generate reads (decoder_start_token_id,
+    no_timestamps_token_id, lang_to_id, task_to_id, is_multilingual, forced_decoder_ids=None, ...).
+
+    Greedy, it writes random text for any audio: EOS and the other special tokens are silenced
+    like in _finish, so a transcription runs to its token limit (bound it: max_length or
+    max_new_tokens), the same for the same audio."""
+    tokenizer = build_whisper_tokenizer()
+    ids = dict(zip(WHISPER_SPECIAL, tokenizer.convert_tokens_to_ids(WHISPER_SPECIAL)))
+    end = ids["<|endoftext|>"]
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=MEL_BINS, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_source_positions=1500, max_target_positions=448, init_std=INIT_STD,
+        tie_word_embeddings=False,  # _finish zeroes lm_head rows: keep the decoder's embeddings
+        bos_token_id=end, eos_token_id=end, pad_token_id=end,
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+    )
+    model = WhisperForConditionalGeneration(config)
+    processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=MEL_BINS),
+                                 tokenizer=tokenizer)
+    _finish(model, tokenizer, path, processor)
+    # _finish saved a plain generation config; Whisper's generate needs its own fields.
+    GenerationConfig(
+        bos_token_id=end, eos_token_id=end, pad_token_id=end, decoder_start_token_id=ids["<|startoftranscript|>"],
+        max_length=448, do_sample=False, forced_decoder_ids=None, begin_suppress_tokens=[end], suppress_tokens=[],
+        is_multilingual=True, lang_to_id={"<|en|>": ids["<|en|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"], prev_sot_token_id=ids["<|startofprev|>"],
+        max_initial_timestamp_index=50, return_timestamps=False,
+    ).save_pretrained(path)
+    return path
+
+
 BUILDERS = {"idefics3": build_idefics3, "llava": build_llava, "llama": build_llama,
-            "reasoning": build_reasoning_llama, "tools": build_tool_llama}
+            "reasoning": build_reasoning_llama, "tools": build_tool_llama,
+            "audio": build_audio_llm, "whisper": build_whisper}
 
 
 def build_all(root) -> dict[str, pathlib.Path]:

@@ -1,0 +1,182 @@
+"""Files sent with a message, beside its text: what each one is (judged from its content,
+never its name alone) and what a model gets of it. No torch, no Gradio.
+
+    part = attachment_part("/tmp/upload/report.pdf", "report.pdf")
+    # {"type": "document", "document": "/tmp/upload/report.pdf", "name": "report.pdf"}
+    document_of(part)            # documents.Document: its text, marked with the name and pages
+    audio_of(part, 16000)        # media.Audio: mono samples at the model's rate
+    video_of(part, 8)            # media.Video: 8 frames spread evenly, with their time stamps
+
+A part is `{"type": kind, kind: source, "name": ...}`: kind is "image", "document", "audio" or
+"video"; the source a path (the chat's uploads, the saved chats) or bytes (/v1's base64). An
+audio part may carry "transcript" (what --asr-model heard: the user's words for a model that
+can't listen). What a part becomes in the prompt is decided in conversation.prepare_messages.
+Every refusal is an ImageRefused (a ChatInputError) with one line for the user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image
+
+import documents
+import media
+from engine_contract import ImageRefused
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+DOCUMENT_SUFFIXES = (".pdf", ".docx", *(f".{kind}" for kind in documents.TEXT_KINDS))
+UPLOAD_TYPES = [*IMAGE_SUFFIXES, *DOCUMENT_SUFFIXES, *media.AUDIO_SUFFIXES, *media.VIDEO_SUFFIXES]
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+KINDS = ("image", "document", "audio", "video")
+WHAT_IS_READ = ("images (PNG, JPEG, WebP, GIF, BMP), documents (PDF, DOCX, text and code files), audio "
+                "(WAV, MP3, OGG/Opus, M4A, FLAC, WebM) and video (MP4, WebM, MOV, MKV)")
+REMEMBERED = 8  # documents, audio and videos kept decoded (a chat sends its history again each turn)
+
+
+def attachment_part(source: str | os.PathLike | bytes, name: str | None = None) -> dict:
+    """A file → its part, by what its content is. ImageRefused for a file this app doesn't
+    read, and for one whose content is not what its name says (a text file named .mp3)."""
+    if not name:
+        name = "The file" if isinstance(source, bytes) else os.path.basename(str(source))
+    kind = kind_of(source, name)
+    if not isinstance(source, bytes):
+        source = str(source)
+    return {"type": kind, kind: source, "name": name}
+
+
+def kind_of(source: str | os.PathLike | bytes, name: str) -> str:
+    """"image", "document", "audio" or "video", from the content (ImageRefused otherwise)."""
+    try:
+        head = source[:65536] if isinstance(source, bytes) else _head(source)
+    except OSError:
+        raise ImageRefused(f"{name} could not be found (was the upload removed?).") from None
+    if not head:
+        raise ImageRefused(f"{name} is empty.")
+    if _is_image(source):
+        kind = "image"
+    elif head.startswith((b"%PDF-", b"PK\x03\x04")) or documents.looks_like_text(head):
+        kind = "document"  # (a zip that isn't a DOCX is refused when it is read, with the reason)
+    else:
+        kind = media.media_kind(source)
+    expected = expected_kind(name)
+    if kind is None:  # damaged, or of no kind: the reader its name calls for explains, if any
+        if not expected:
+            raise ImageRefused(f"{name} is not a file this app reads: it takes {WHAT_IS_READ}.")
+        kind = expected[0]
+    if expected and kind not in expected:
+        raise ImageRefused(f"{name} is not what its name says: its content is {_said(kind)}, not "
+                           f"{' or '.join(map(_said, expected))}.")
+    return kind
+
+
+def expected_kind(name: str) -> tuple[str, ...]:
+    """What a file's name says it is (empty when it says nothing this app knows)."""
+    suffix = Path(name).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return ("image",)
+    if suffix in DOCUMENT_SUFFIXES:
+        return ("document",)
+    if suffix == ".webm":  # (the same container holds either)
+        return ("audio", "video")
+    if suffix in media.AUDIO_SUFFIXES:
+        return ("audio",)
+    if suffix in media.VIDEO_SUFFIXES:
+        return ("video",)
+    return ()
+
+
+def needs_transcript(message: dict, info) -> list[dict]:
+    """The audio parts of a message that must be written out before a model that can't
+    listen gets it (`info`: the runner's RunnerInfo)."""
+    if getattr(info, "hears_audio", False):
+        return []
+    return [part for part in message["content"] if part.get("type") == "audio" and part.get("transcript") is None]
+
+
+def document_of(part: dict) -> documents.Document:
+    source = part["document"]
+    return _remembered(("document", _identity(source)), lambda: _read(documents.read_document, _bytes(source, part),
+                                                                         part["name"]))
+
+
+def audio_of(part: dict, sampling_rate: int) -> media.Audio:
+    return _remembered(("audio", _identity(part["audio"]), sampling_rate),
+                       lambda: _read(media.read_audio, part["audio"], part["name"], sampling_rate))
+
+
+def video_of(part: dict, frames: int) -> media.Video:
+    return _remembered(("video", _identity(part["video"]), frames),
+                       lambda: _read(media.read_video, part["video"], part["name"], frames))
+
+
+def _read(read, *arguments):
+    try:
+        return read(*arguments)
+    except (documents.DocumentError, media.MediaError) as error:
+        raise ImageRefused(str(error)) from None
+
+
+def _bytes(source, part: dict) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    try:
+        if os.path.getsize(source) > documents.MAX_DOCUMENT_BYTES:
+            raise ImageRefused(f"{part['name']} is {os.path.getsize(source) / 2**20:.0f} MB; the most this app reads "
+                               f"of a document is {documents.MAX_DOCUMENT_BYTES // 2**20} MB.")
+        return Path(source).read_bytes()
+    except FileNotFoundError:
+        raise ImageRefused(f"{part['name']} could not be found (was the upload removed?).") from None
+
+
+_cache: OrderedDict = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _remembered(key: tuple, read):
+    """What `read` gives for `key`, read once while it stays among the last REMEMBERED."""
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    value = read()
+    with _cache_lock:
+        _cache[key] = value
+        while len(_cache) > REMEMBERED:
+            _cache.popitem(last=False)
+    return value
+
+
+def _identity(source) -> tuple:
+    """A key for a file's content: a digest of bytes; a path with its size and time (the
+    chat's files are never rewritten in place: uploads are new files, saved ones named by
+    their content)."""
+    if isinstance(source, bytes):
+        return ("bytes", hashlib.sha256(source).hexdigest())
+    try:
+        status = os.stat(source)
+    except OSError:
+        return ("missing", str(source))
+    return ("path", str(source), status.st_size, status.st_mtime_ns)
+
+
+def _head(path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(65536)
+
+
+def _is_image(source) -> bool:
+    import io
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS):
+            return True
+    except Exception:  # (not an image, or damaged: either way not read as one)
+        return False
+
+
+def _said(kind: str) -> str:
+    return {"image": "an image", "document": "a document", "audio": "audio", "video": "a video"}[kind]

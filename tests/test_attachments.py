@@ -1,0 +1,427 @@
+"""Beyond images (issue 23): documents, video and audio sent in the chat (through its own
+events, as the browser sends them) and on /v1 (the openai client), on the tiny models.
+What the model is given is read back from the prompt the engine builds; what the user sees
+from the chat's bubbles. The readers themselves: test_documents.py and test_media.py."""
+
+import base64
+import io
+import json
+import re
+import zipfile
+
+import openai
+import pytest
+from gradio_client import handle_file
+
+import app
+from attachments import attachment_part
+from tests.test_documents import pdf_with_text
+from tests.test_media import audio_file, video_file
+from tests.test_saved_chats import Browser, event
+
+LONG_LINES = 3000  # far more than the tiny models' 2048-token context
+
+
+def send(browser: Browser, text: str, *files, max_new_tokens: int = 8) -> list[dict]:
+    """A message with files, and its whole answer: what the chat showed at the end."""
+    browser.call("begin_turn", {"text": text, "files": [handle_file(str(f)) for f in files]}, browser.kept, "")
+    shown = browser.client.predict("", max_new_tokens, 0.0, 1.0, fn_index=event(browser.chats, "respond"))
+    browser.conversation = browser.call("end_turn", "")[1]["value"]
+    return shown
+
+
+def prompt_of(runner, messages) -> str:
+    """The prompt the engine builds for these messages, as text (with what it was told)."""
+    notices = []
+    inputs = runner.build_inputs(messages, reserve_tokens=64, notices=notices)
+    return runner.tokenizer.decode(inputs["input_ids"][0]), notices
+
+
+def text(bubble) -> str:
+    content = bubble["content"]
+    return content if isinstance(content, str) else " ".join(item.get("text") or "" for item in content)
+
+
+def notes_of(shown) -> str:
+    return " ".join(text(b) for b in shown if (b.get("metadata") or {}).get("title") == app.NOTE_TITLE)
+
+
+def errors_of(shown) -> str:
+    return " ".join(text(b) for b in shown if (b.get("metadata") or {}).get("title") == app.ERROR_TITLE)
+
+
+def answers_of(shown) -> list[str]:
+    return [text(b) for b in shown if b["role"] == "assistant" and not (b.get("metadata") or {}).get("title")]
+
+
+def files_shown(shown) -> list[str]:
+    """The files drawn in the user's bubbles, as gradio_client gives them (downloaded: paths)."""
+    return [item["file"] for b in shown if b["role"] == "user" for item in b["content"] if item["type"] == "file"]
+
+
+def chips(bubbles) -> list[tuple[str, str]]:
+    """(name, mime type) of each attachment the chat sends the page for these bubbles, after
+    the Chatbot's own postprocessing (what the browser draws a chip or a player from)."""
+    import gradio as gr
+    return [(item.file.orig_name, item.file.mime_type) for message in gr.Chatbot().postprocess(bubbles).root
+            if message.role == "user" for item in message.content if hasattr(item, "file")]
+
+
+def long_document(tmp_path):
+    path = tmp_path / "minutes.txt"
+    path.write_text("\n".join(f"Line {i}: the committee discussed item {i} at length." for i in range(LONG_LINES)))
+    return path
+
+
+# ---------------------------------------------------------------- documents in the chat
+
+def test_a_pdf_in_the_chat_is_text_for_the_model_and_a_chip_on_screen(serve, llama_runner, tmp_path):
+    url, spy = serve(llama_runner)
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(pdf_with_text("Quarterly revenue rose", "Costs fell"))
+    browser = Browser(url, spy.chats)
+    shown = send(browser, "Summarise it", pdf)
+
+    assert [path[-4:] for path in files_shown(shown)] == [".pdf"]
+    assert "Quarterly revenue rose" not in json.dumps(shown), "the chat shows the file, not its text"
+    assert answers_of(shown) and not errors_of(shown)
+    prompt, _ = prompt_of(llama_runner, spy.calls[-1][0])
+    assert "[report.pdf, page 1]\nQuarterly revenue rose" in prompt and "[report.pdf, page 2]\nCosts fell" in prompt
+    assert prompt.index("Costs fell") < prompt.index("Summarise it")
+
+    # saved: the chat reopened shows the chip again, and the next turn still gives the model the text
+    conversation = browser.conversation
+    assert len(files_shown(browser.call("open_chat", conversation, browser.kept, "")[0])) == 1
+    assert chips(app.chat_bubbles(spy.chats.store.messages(_user(spy), conversation))) == [
+        ("report.pdf", "application/pdf")], "a chip with the file's own name"
+    send(browser, "And the costs?")
+    prompt, _ = prompt_of(llama_runner, spy.calls[-1][0])
+    assert "Costs fell" in prompt and "And the costs?" in prompt
+    browser.close()
+
+
+def test_a_document_too_long_for_the_context_is_cut_and_the_chat_says_how_much(serve, llama_runner, tmp_path):
+    url, spy = serve(llama_runner)
+    browser = Browser(url, spy.chats)
+    send(browser, "Hello there")
+    shown = send(browser, "What was decided?", long_document(tmp_path))
+    note = notes_of(shown)
+    assert "minutes.txt is too long" in note and "got its first" in note, note
+    assert answers_of(shown) and not errors_of(shown)
+    prompt, notices = prompt_of(llama_runner, spy.calls[-1][0])
+    assert "Line 0: the committee" in prompt and f"Line {LONG_LINES - 1}:" not in prompt
+    assert "cut here to fit the context" in prompt and "What was decided?" in prompt
+    assert "Hello there" in prompt, "a short conversation before stays: the document gets what it leaves"
+    shown = send(browser, "Thanks")
+    assert answers_of(shown)[-1] and not errors_of(shown), "the next message is answered normally"
+    browser.close()
+
+
+def test_documents_fill_half_the_context_before_old_turns_give_way(llama_runner, tmp_path):
+    old_turns = []
+    for i in range(12):
+        old_turns += [{"role": "user", "content": [{"type": "text", "text": f"Old question {i} " + "word " * 40}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": f"Old answer {i} " + "word " * 40}]}]
+    document = attachment_part(long_document(tmp_path), "minutes.txt")
+    prompt, notices = prompt_of(llama_runner, [*old_turns, {"role": "user", "content": [
+        document, {"type": "text", "text": "What was decided?"}]}])
+    tokens = len(llama_runner.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert tokens <= llama_runner.context_length - 64
+    kept = prompt[prompt.index("Line 0"):prompt.index("cut here")]
+    assert len(llama_runner.tokenizer(kept)["input_ids"]) >= llama_runner.context_length // 2 - 64
+    assert "Old question 0 " not in prompt and "Old question 11" in prompt, "the oldest turns made way"
+    assert any("oldest" in notice for notice in notices) and any("got its first" in notice for notice in notices)
+
+
+def zip_bomb_docx(path):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("word/document.xml", "<w:document/>" + " " * (300 * 2**20))
+    return path
+
+
+def holding(data: bytes):
+    def write(path):
+        path.write_bytes(data)
+        return path
+    return write
+
+
+BAD_FILES = {
+    "empty.txt": (holding(b""), "empty.txt is empty"),
+    "song.mp3": (holding(b"just some words, not a song"), "song.mp3 is not what its name says"),
+    "data.csv": (holding(bytes(range(256)) * 64), "data.csv is not a document this app reads"),
+    "bomb.docx": (zip_bomb_docx, "bomb.docx unpacks to"),
+    "thick.pdf": (holding(pdf_with_text(*["page"] * 501)), "thick.pdf has 501 pages"),
+    "broken.pdf": (holding(pdf_with_text("Hello")[:200]), "broken.pdf is not a readable PDF"),
+    "noise.mp4": (holding(video_file("noise.mp4")[:1500]), "noise.mp4"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_a_bad_file_is_one_line_in_the_chat_and_the_conversation_goes_on(serve, idefics3_runner, tmp_path, name):
+    url, spy = serve(idefics3_runner)
+    make, expected = BAD_FILES[name]
+    browser = Browser(url, spy.chats)
+    shown = send(browser, "Look at this", make(tmp_path / name))
+    assert expected in errors_of(shown), errors_of(shown)
+    assert "Traceback" not in json.dumps(shown)
+    shown = send(browser, "Describe a dog.")
+    assert answers_of(shown) and errors_of(shown).count(name) == 1, "the next message is answered normally"
+    conversation = browser.conversation
+    saved = spy.chats.store.messages(_user(spy), conversation)
+    assert "Look at this" in json.dumps(saved) and "Describe a dog." in json.dumps(saved), "nothing typed is lost"
+    browser.close()
+
+
+def _user(spy) -> str:
+    (user,) = {row[0] for row in spy.chats.store._db.execute("SELECT user FROM conversations")}
+    return user
+
+
+def test_a_scanned_pdf_is_its_pages_as_pictures_for_a_vision_model_and_a_note_for_others(
+        idefics3_runner, llama_runner, tmp_path):
+    from PIL import Image
+    scan = tmp_path / "scan.pdf"
+    pages = [Image.new("RGB", (120, 160), colour) for colour in ((200, 10, 10), (10, 200, 10))]
+    pages[0].save(scan, save_all=True, append_images=pages[1:])
+    message = [{"role": "user", "content": [attachment_part(scan), {"type": "text", "text": "Read it"}]}]
+    prompt, notices = prompt_of(idefics3_runner, message)
+    assert "[scan.pdf, page 1]" in prompt and "[scan.pdf, page 2]" in prompt and "<image>" in prompt
+    assert any("no text layer" in notice and "2 pages as pictures" in notice for notice in notices)
+    prompt, notices = prompt_of(llama_runner, message)
+    assert "scan.pdf" not in prompt and any("no text layer" in notice for notice in notices)
+
+
+# ---------------------------------------------------------------- video
+
+def test_a_video_is_frames_with_their_time_stamps_for_an_image_model(serve, idefics3_runner, tmp_path):
+    url, spy = serve(idefics3_runner)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(video_file("clip.mp4", seconds=4.0))
+    browser = Browser(url, spy.chats)
+    shown = send(browser, "What happens?", clip)
+    assert answers_of(shown) and not errors_of(shown)
+    assert chips(app.chat_bubbles(spy.calls[-1][0]))[0] == ("clip.mp4", "video/mp4"), "a player, not frames"
+    prompt, _ = prompt_of(idefics3_runner, spy.calls[-1][0])
+    stamps = re.findall(r"\[clip\.mp4 at (\d+:\d\d)\]", prompt)
+    assert len(stamps) == idefics3_runner.settings.video_frames == 8
+    assert stamps[0] == "0:00" and stamps[-1] == "0:03" and stamps == sorted(stamps)
+    assert prompt.count("<image>") >= 8
+    browser.close()
+
+
+def test_a_video_within_the_images_of_one_message(idefics3_runner, images, tmp_path):
+    clip = tmp_path / "clip.webm"
+    clip.write_bytes(video_file("clip.webm"))
+    limit = idefics3_runner.settings.max_images_per_message
+    message = [{"role": "user", "content": [*[attachment_part(images["red"])] * (limit - 3), attachment_part(clip),
+                                            {"type": "text", "text": "Compare"}]}]
+    prompt, notices = prompt_of(idefics3_runner, message)
+    assert prompt.count("[clip.webm at ") == 3
+    assert any("3 frames of clip.webm" in notice for notice in notices)
+
+
+def test_a_video_to_a_text_only_model_is_refused_saying_why(llama_runner, tmp_path):
+    from engine_contract import ImageRefused
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(video_file("clip.mp4"))
+    with pytest.raises(ImageRefused, match="text-only and can't watch a video"):
+        prompt_of(llama_runner, [{"role": "user", "content": [attachment_part(clip)]}])
+
+
+# ---------------------------------------------------------------- audio, without a model that listens
+
+def test_audio_to_a_model_that_cannot_listen_says_what_would(serve, llama_runner, tmp_path):
+    url, spy = serve(llama_runner)
+    voice = tmp_path / "voice.wav"
+    voice.write_bytes(audio_file(".wav"))
+    browser = Browser(url, spy.chats)
+    shown = send(browser, "", voice)
+    assert "can't listen to audio" in errors_of(shown) and "--asr-model" in errors_of(shown)
+    assert [mime.split("/")[0] for _, mime in chips(app.chat_bubbles(spy.chats.store.messages(
+        _user(spy), browser.conversation)))] == ["audio"], "a player on screen"
+    shown = send(browser, "Describe a dog.")
+    assert answers_of(shown), "the next message is answered normally"
+    browser.close()
+
+
+# ---------------------------------------------------------------- /v1
+
+@pytest.fixture
+def api(serve, llama_runner):
+    url, spy = serve(llama_runner)
+    return openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0), llama_runner, spy
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def test_a_file_part_on_v1_is_read_as_in_the_chat(api, tmp_path):
+    client, runner, spy = api
+    pdf = pdf_with_text("Quarterly revenue rose")
+    answer = client.chat.completions.create(model=runner.name, max_tokens=5, messages=[{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": data_url("application/pdf", pdf), "filename": "report.pdf"}},
+        {"type": "text", "text": "Summarise it"}]}])
+    assert answer.choices[0].message.content is not None
+    prompt, _ = prompt_of(runner, spy.calls[-1][0])
+    assert "[report.pdf, page 1]\nQuarterly revenue rose" in prompt
+    assert not (answer.model_extra or {}).get("notices")
+
+    long = long_document(tmp_path).read_bytes()
+    for stream in (False, True):
+        created = client.chat.completions.create(
+            model=runner.name, max_tokens=5, stream=stream, messages=[{"role": "user", "content": [
+                {"type": "file", "file": {"file_data": base64.b64encode(long).decode(), "filename": "minutes.txt"}},
+                {"type": "text", "text": "What was decided?"}]}])
+        first = next(iter(created)) if stream else created
+        assert any("minutes.txt is too long" in notice and "got its first" in notice
+                   for notice in first.model_extra["notices"]), "the answer says how much was kept"
+        if stream:
+            list(created)
+
+
+BAD_PARTS = [
+    ({"type": "file", "file": {"file_id": "file-abc"}}, "file_id_not_supported", "inline as file.file_data"),
+    ({"type": "file", "file": {"file_data": data_url("application/pdf", b"%PDF-1.4 broken"), "filename": "a.pdf"}},
+     "invalid_file", "a.pdf is not a readable PDF"),
+    ({"type": "file", "file": {"file_data": "not base64!", "filename": "a.txt"}}, "invalid_file", "base64"),
+    ({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"hello words").decode(), "format": "mp3"}},
+     "invalid_file", "audio.mp3 is not what its name says"),
+    ({"type": "video_url", "video_url": {"url": "https://example.com/clip.mp4"}}, "video_url_not_supported",
+     "not fetched"),
+    ({"type": "input_audio", "input_audio": {"data": base64.b64encode(audio_file(".wav")).decode(),
+                                             "format": "wav"}}, None, "can't listen to audio"),
+]
+
+
+@pytest.mark.parametrize("part, code, message", BAD_PARTS)
+def test_a_bad_part_on_v1_is_a_400_naming_it(api, part, code, message):
+    client, runner, _ = api
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=runner.name, max_tokens=5, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "Look"}, part]}])
+    error = raised.value.body
+    assert message in error["message"], error
+    if code:
+        assert error["code"] == code and error["param"].startswith("messages[0].content[1]"), error
+
+
+def test_a_video_url_part_on_v1_is_frames_for_an_image_model(serve, idefics3_runner):
+    url, spy = serve(idefics3_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model=idefics3_runner.name, max_tokens=5, messages=[
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(
+            "video/mp4", video_file("clip.mp4"))}}, {"type": "text", "text": "What happens?"}]}])
+    assert answer.choices[0].message.content is not None
+    prompt, _ = prompt_of(idefics3_runner, spy.calls[-1][0])
+    assert prompt.count("[video.mp4 at ") == 8
+
+
+def test_each_kind_of_file_is_known_by_its_content(images, tmp_path):
+    (tmp_path / "notes.md").write_text("# Notes\nbuy milk")
+    (tmp_path / "clip.mov").write_bytes(video_file("clip.mov"))
+    (tmp_path / "voice.ogg").write_bytes(audio_file(".ogg"))
+    (tmp_path / "report.pdf").write_bytes(pdf_with_text("x"))
+    assert [attachment_part(tmp_path / name)["type"] for name in ("notes.md", "clip.mov", "voice.ogg", "report.pdf")] \
+        == ["document", "video", "audio", "document"]
+    assert attachment_part(images["red"])["type"] == "image"
+    renamed = tmp_path / "recording"  # no suffix: the content says
+    renamed.write_bytes(audio_file(".wav"))
+    assert attachment_part(renamed)["type"] == "audio"
+    assert attachment_part(io.BytesIO(b"%PDF").getvalue(), "x.pdf")["type"] == "document"
+
+
+# ---------------------------------------------------------------- audio: a model that listens, or --asr-model
+
+@pytest.fixture(scope="module")
+def audio_runner(tiny_model_paths):
+    from model_runner import ModelRunner
+    runner = ModelRunner.load(str(tiny_model_paths["audio"]), device="cpu")
+    yield runner
+    runner.close()
+
+
+def audio_tokens(runner, prompt_ids) -> int:
+    return sum(1 for i in prompt_ids if i == runner.tokenizer.convert_tokens_to_ids(runner.processor.audio_token))
+
+
+def test_a_model_that_listens_is_given_the_audio_itself(serve, audio_runner, tmp_path):
+    url, spy = serve(audio_runner)
+    voice = tmp_path / "voice.ogg"
+    voice.write_bytes(audio_file(".ogg", seconds=2.0))
+    browser = Browser(url, spy.chats)
+    shown = send(browser, "What is said?", voice)
+    assert answers_of(shown) and not errors_of(shown)
+    messages = spy.calls[-1][0]
+    inputs = audio_runner.build_inputs(messages)
+    assert inputs["input_features"].shape[0] == 1 and audio_tokens(audio_runner, inputs["input_ids"][0]) == 50
+    without = audio_runner.build_inputs([{"role": "user", "content": [{"type": "text", "text": "What is said?"}]}])
+    assert spy.streams[-1].prompt_tokens - without["input_ids"].shape[-1] >= 50, "the prompt's tokens count the audio"
+    assert audio_runner.info.hears_audio and "hears audio" in app.header_markdown(audio_runner)
+    browser.close()
+
+
+def test_audio_longer_than_the_encoder_hears_goes_in_30_second_parts(audio_runner, tmp_path):
+    voice = tmp_path / "talk.wav"
+    voice.write_bytes(audio_file(".wav", seconds=40.0))
+    inputs = audio_runner.build_inputs([{"role": "user", "content": [attachment_part(voice)]}])
+    assert inputs["input_features"].shape[0] == 2, "30 s + 10 s"
+    assert audio_tokens(audio_runner, inputs["input_ids"][0]) == 750 + 250
+
+
+def test_input_audio_on_v1_reaches_a_model_that_listens(serve, audio_runner):
+    url, spy = serve(audio_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model=audio_runner.name, max_tokens=5, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is said?"}, {"type": "input_audio", "input_audio": {
+            "data": base64.b64encode(audio_file(".mp3")).decode(), "format": "mp3"}}]}])
+    assert answer.choices[0].message.content is not None
+    assert answer.usage.prompt_tokens >= 50 + 3
+    assert "input_features" in audio_runner.build_inputs(spy.calls[-1][0])
+
+
+@pytest.fixture(scope="module")
+def transcriber(tiny_model_paths):
+    from speech import Transcriber
+    return Transcriber.load(str(tiny_model_paths["whisper"]))
+
+
+def test_with_asr_model_speech_is_written_out_and_shown_as_the_users_words(
+        serve, llama_runner, tiny_model_paths, transcriber, tmp_path):
+    from media import read_audio
+    url, spy = serve(llama_runner, asr_model=str(tiny_model_paths["whisper"]))
+    voice = tmp_path / "voice.wav"
+    voice.write_bytes(audio_file(".wav"))
+    heard = transcriber.transcribe(read_audio(voice.read_bytes(), "voice.wav").samples, 16000)
+    assert heard
+    browser = Browser(url, spy.chats)
+    shown = send(browser, "", voice)
+    assert not errors_of(shown) and answers_of(shown)
+    (asked,) = [b for b in shown if b["role"] == "user"]
+    assert f"🎤 {heard}" in text(asked), "the transcript is shown as the user's words"
+    prompt, _ = prompt_of(llama_runner, spy.calls[-1][0])
+    assert heard in prompt
+    saved = spy.chats.store.messages(_user(spy), browser.conversation)
+    assert saved[0]["content"][0]["type"] == "audio" and saved[0]["content"][0]["transcript"] == heard
+    assert "speech written out by" in app.header_markdown(llama_runner, speech=spy.chats.speech)
+
+    # /v1: the same audio as input_audio is written out too
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model=llama_runner.name, max_tokens=3, messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(voice.read_bytes()).decode(),
+                                                "format": "wav"}}]}])
+    prompt, _ = prompt_of(llama_runner, spy.calls[-1][0])
+    assert heard in prompt
+    browser.close()
+
+
+def test_an_asr_model_that_cannot_load_is_one_line_in_the_chat(serve, llama_runner, tmp_path):
+    url, spy = serve(llama_runner, asr_model=str(tmp_path / "no-such-model"))
+    voice = tmp_path / "voice.wav"
+    voice.write_bytes(audio_file(".wav"))
+    browser = Browser(url, spy.chats)
+    shown = send(browser, "Listen", voice)
+    assert "Can't load the speech recognition model" in errors_of(shown)
+    assert answers_of(send(browser, "Describe a dog.")), "the chat goes on"
+    browser.close()
