@@ -1,10 +1,12 @@
-"""Chat with a local Hugging Face model — text and images — streamed token by token.
+"""Chat with a local Hugging Face model — text, images, documents, voice and video — streamed
+token by token.
 
 Launch:
     python app.py                                   # default model (SmolVLM-256M-Instruct)
     python app.py --model HuggingFaceTB/SmolVLM-500M-Instruct --device cuda
     python app.py --model ./my-local-model --share --auth me:secret
     python app.py --model Qwen/Qwen2.5-1.5B-Instruct --tools my_tools.py --tools builtin
+    python app.py --model Qwen/Qwen2.5-1.5B-Instruct --asr-model openai/whisper-large-v3-turbo
     python app.py --help                            # every option and its environment variable
 
 Endpoints (same server):
@@ -666,7 +668,7 @@ class Chats:
         await self.turns.acquire(conversation)
         try:
             message, refusal = without_refused_files(turn["message"])
-            if refusal is None and needs_transcript(message, self.runner.info):
+            if refusal is None and self.speech is not None and needs_transcript(message, self.runner.info):
                 yield [*chat_bubbles(self.store.messages(user, conversation)[:turn["keep"]]),
                        *chat_bubbles([message]), *pending(TRANSCRIBING_TITLE)]
                 message, refusal = await self.transcribed(message)
@@ -710,7 +712,7 @@ class Chats:
     async def transcribed(self, message: dict) -> tuple[dict, str | None]:
         """The message with its audio written out (--asr-model) for a model that can't listen,
         or why it couldn't be (without --asr-model the engine refuses the audio, saying how)."""
-        if self.speech is None:
+        if self.speech is None or not needs_transcript(message, self.runner.info):
             return message, None
         needing, content = needs_transcript(message, self.runner.info), []
         for part in message["content"]:
@@ -777,7 +779,10 @@ class Chats:
         """/chat (gradio_client): the growing answer's bubbles. Its conversation is the API
         session's own (a State, in the kept form, tool calls and all), not saved in the store."""
         history = list(history or [])
-        asked = user_message(message)
+        asked, refusal = await self.transcribed(user_message(message))
+        if refusal is not None:
+            yield bubble(refusal, title=ERROR_TITLE), [*history, asked, failed(refusal)]
+            return
         answer = []
         generation = self.generation_settings(len(history), max_new_tokens, temperature, top_p)
         async with contextlib.aclosing(self.answer(for_the_model([*history, asked], system_prompt),

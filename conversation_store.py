@@ -337,7 +337,7 @@ class ConversationStore:
                 raise StoreError(f"A message part of type {part.get('type')!r} can't be saved (text, images, "
                                  f"documents, audio and video can).")
         body = {"role": message["role"], "content": parts,  # (searched: the text, transcripts, file names)
-                "text": " ".join(p["text"] if p["type"] == "text" else p.get("transcript") or p.get("name") or ""
+                "text": " ".join(p["text"] if p["type"] == "text" else f"{p.get('name', '')} {p.get('transcript', '')}"
                                  for p in parts).strip()}
         for key in EXTRA_KEYS:
             if message.get(key) is not None:

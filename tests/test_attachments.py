@@ -194,8 +194,8 @@ def test_a_scanned_pdf_is_its_pages_as_pictures_for_a_vision_model_and_a_note_fo
 
 # ---------------------------------------------------------------- video
 
-def test_a_video_is_frames_with_their_time_stamps_for_an_image_model(serve, idefics3_runner, tmp_path):
-    url, spy = serve(idefics3_runner)
+def test_a_video_is_frames_with_their_time_stamps_for_an_image_model(serve, idefics3_engine, idefics3_runner, tmp_path):
+    url, spy = serve(idefics3_engine)  # (in this process, and in an engine process of its own)
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(video_file("clip.mp4", seconds=4.0))
     browser = Browser(url, spy.chats)

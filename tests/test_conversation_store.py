@@ -209,3 +209,41 @@ def test_pil_images_are_stored_as_png(tmp_path):
                                                             {"type": "text", "text": "drawn"}]}])
     path = Path(store.messages("ann", chat)[0]["content"][0]["image"])
     assert path.suffix == ".png" and Image.open(path).size == (4, 4)
+
+
+def test_documents_audio_and_video_are_kept_exported_and_imported_as_they_came(tmp_path):
+    from attachments import attachment_part
+    from tests.test_documents import pdf_with_text
+    from tests.test_media import audio_file, video_file
+    files = {"report.pdf": pdf_with_text("Quarterly revenue rose"), "voice.wav": audio_file(".wav"),
+             "clip.mp4": video_file("clip.mp4"), "notes.html": b"<script>alert(1)</script>"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    parts = [attachment_part(tmp_path / name) for name in files]
+    parts[1]["transcript"] = "please call me back"
+    store = ConversationStore(tmp_path / "one")
+    chat = store.create("ann")
+    store.append("ann", chat, [{"role": "user", "content": [*parts, {"type": "text", "text": "Look"}]},
+                               assistant("Seen.")])
+    saved = store.messages("ann", chat)[0]["content"]
+    assert [(p["type"], p["name"]) for p in saved[:4]] == [("document", "report.pdf"), ("audio", "voice.wav"),
+                                                         ("video", "clip.mp4"), ("document", "notes.html")]
+    assert [Path(p[p["type"]]).read_bytes() for p in saved[:4]] == list(files.values()), "byte for byte"
+    assert Path(saved[3]["document"]).suffix == ".txt", "an HTML file is never served as a page"
+    assert saved[1]["transcript"] == "please call me back"
+    assert [s.id for s in store.conversations("ann", search="voice.wav")] == [chat]
+    assert [s.id for s in store.conversations("ann", search="call me back")] == [chat]
+    markdown = store.export_markdown("ann", chat)
+    assert "*(attached: report.pdf)*" in markdown and "> please call me back" in markdown
+
+    exported = json.loads(json.dumps(store.export_json("ann", chat)))
+    other = ConversationStore(tmp_path / "two")
+    imported = other.import_json("bob", exported)
+    assert other.export_json("bob", imported)["messages"] == exported["messages"], "the same conversation"
+    lying = json.loads(json.dumps(exported))
+    lying["messages"][0]["content"][1]["type"] = "video"  # (the audio said to be a video)
+    with pytest.raises(StoreError, match="damaged"):
+        other.import_json("bob", lying)
+
+    store.delete("ann", chat)
+    assert not any(Path(p[p["type"]]).exists() for p in saved[:4]), "deleting takes the files"
