@@ -164,8 +164,11 @@ def _prepared_part(part: dict, budget: Budget, room: int, *, settings: Settings,
     if kind == "video":
         if sees_video:
             video = attachments.video_of(part, settings.video_frames)
+            fps = video.fps or len(video.frames) / max(video.duration, 1e-3)
+            metadata = {"fps": fps, "duration": video.duration, "total_num_frames": max(1, round(video.duration * fps)),
+                        "frames_indices": [round(seconds * fps) for seconds, _ in video.frames]}
             return [{"type": "text", "text": f"[{video.name}, {media.timestamp(video.duration)} long]"},
-                    {"type": "video", "video": [frame for _, frame in video.frames]}]
+                    {"type": "video", "video": [frame for _, frame in video.frames], "metadata": metadata}]
         wanted = min(settings.video_frames, max(room, 0), budget.images)
         if wanted <= 0:
             notices.append(f"{part['name']} was left out: the message already has as many images as the model "

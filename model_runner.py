@@ -640,6 +640,7 @@ class ModelRunner:
         self.dtype = dtype
         self.is_vision = is_vision
         self.audio_rate = hears_audio_at(processor, model.config)  # None: it doesn't hear
+        self.sees_video = is_vision and self._takes_video()
         self.batcher = None  # a batching.ContinuousBatcher: answers share the forward passes
         self.counted = ActiveCount()  # answers generating (self.active)
         self.finish_listeners: list = []  # called with each stream when it ends (metrics)
@@ -649,7 +650,7 @@ class ModelRunner:
     @property
     def info(self) -> RunnerInfo:
         return RunnerInfo(name=self.name, device=self.device, dtype=str(self.dtype).removeprefix("torch."),
-                          is_vision=self.is_vision, hears_audio=self.audio_rate is not None,
+                          is_vision=self.is_vision, hears_audio=self.audio_rate is not None, sees_video=self.sees_video,
                           compile=self.compile, quantization=self.quantization,
                           batching=self.batcher is not None, supports_tools=self.supports_tools,
                           torch_threads=self.torch_threads, loop_thread=self.loop.native_id)
@@ -1031,7 +1032,8 @@ class ModelRunner:
         last message that alone doesn't fit is refused."""
         notices = [] if notices is None else notices
         messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
-                                    settings=self.settings, notices=notices, audio_rate=self.audio_rate)
+                                    settings=self.settings, notices=notices, audio_rate=self.audio_rate,
+                                    sees_video=self.sees_video)
         inputs = self._apply_chat_template(messages, tools)
         limit = self.context_length
         if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:
@@ -1052,7 +1054,8 @@ class ModelRunner:
                 shaped.append({"role": "tool", "content": text, "tool_call_id": message.get("tool_call_id"),
                                "name": message.get("name")})
                 continue
-            parts = [{key: value for key, value in part.items() if key != "document"} for part in message["content"]]
+            parts = [{key: value for key, value in part.items() if key not in ("document", "metadata")}
+                     for part in message["content"]]
             item = {"role": message["role"], "content": parts if self.processor is not None else text}
             if message.get("tool_calls"):
                 item["tool_calls"] = [call.openai(arguments_as_json=False) for call in message["tool_calls"]]
@@ -1061,9 +1064,32 @@ class ModelRunner:
 
     def _apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None):
         template_owner = self.processor or self.tokenizer
+        # A video's frames are already chosen (conversation.prepare_messages): the processor
+        # is told when each was taken, and not to sample again.
+        videos = [part["metadata"] for message in messages for part in message["content"] if part.get("type") == "video"]
+        extra = {"processor_kwargs": {"do_sample_frames": False, "video_metadata": videos}} if videos else {}
         return template_owner.apply_chat_template(
             self._template_messages(messages), tools=tools or None, add_generation_prompt=True, tokenize=True,
-            return_dict=True, return_tensors="pt")
+            return_dict=True, return_tensors="pt", **extra)
+
+    def _takes_video(self) -> bool:
+        """Does this model take video natively here? Its processor has a video processor (in
+        transformers 5.23 they need torchvision) and a video token, and a two-frame video goes
+        through its chat template; else videos go as frames, images with their time stamps."""
+        if getattr(self.processor, "video_processor", None) is None or not getattr(self.processor, "video_token", None):
+            return False
+        from PIL import Image
+        probe = [{"role": "user", "content": [
+            {"type": "video", "video": [Image.new("RGB", (64, 64))] * 2,
+             "metadata": {"fps": 1.0, "duration": 2.0, "total_num_frames": 2, "frames_indices": [0, 1]}},
+            {"type": "text", "text": "What happens?"}]}]
+        try:
+            self._apply_chat_template(probe)
+        except Exception as error:
+            log.info("Videos go to %s as frames with their time stamps: its processor's video path fails here (%s).",
+                     self.name, _first_line(error))
+            return False
+        return True
 
     @functools.cached_property
     def supports_tools(self) -> bool:

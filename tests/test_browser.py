@@ -2,6 +2,7 @@
 on a tiny local model. The screenshot of a finished chat lands in artifacts/browser/."""
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 import app  # noqa: E402
 from tests.conftest import hold_generation, slow_generation, wait_for  # noqa: E402
+from tests.test_documents import pdf_with_text  # noqa: E402
+from tests.test_media import audio_file  # noqa: E402
 
 # The answer bubble of the last assistant turn: not the blocks with a title (Thinking,
 # figures, notes), whose content shows while they are open.
@@ -367,3 +370,111 @@ def test_a_tool_call_shows_as_its_own_message_then_the_answer(serve, tiny_model_
     assert answer and "<tool_call>" not in page.content()
     assert spy.streams[-1].text.strip().startswith(answer.strip()[:10])
     page.screenshot(path=str(ARTIFACTS / "tools.png"), full_page=True)
+
+
+# ---------------------------------------------------------------- documents and audio (issue 23)
+
+def file_chip(page, name):
+    """A document in a user's message: Gradio's chatbot draws a file message as a link
+    (a[data-testid=chatbot-file], download=its orig_name) whose text is the file's name."""
+    return page.locator(".user-row").get_by_role("link", name=name)
+
+
+def audio_players(page):
+    """The players in the users' messages: an audio file message is Gradio's minimal audio
+    player (a waveform, its own Play button and the duration), not an <audio> element."""
+    return page.locator(".user-row [data-testid=waveform-Audio]")
+
+
+def test_a_document_shows_as_a_chip_with_its_name_and_the_model_reads_it(serve, llama_runner, page, tmp_path):
+    url, spy = serve(llama_runner, max_new_tokens=10)
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(pdf_with_text("Quarterly revenue rose"))
+    open_app(page, url)
+    answered(page, spy, lambda: send(page, "Summarise it", pdf))
+
+    chip = file_chip(page, "report.pdf")
+    expect(chip).to_be_visible()
+    expect(chip).to_have_attribute("download", "report.pdf")
+    expect(page.locator(".user-row").last).to_contain_text("Summarise it")
+    assert page.request.get(chip.get_attribute("href")).body() == pdf.read_bytes(), "the chip downloads the file"
+    expect(page.get_by_text("Quarterly revenue rose")).to_have_count(0)
+    assert "Quarterly revenue rose" not in page.content(), "the chat shows the file, never its text"
+    assert answer_text(page)
+    sent = spy.calls[-1][0][-1]["content"]
+    assert [part["type"] for part in sent] == ["document", "text"] and sent[0]["name"] == "report.pdf", \
+        "the model is given the document"
+
+    page.reload()
+    page.wait_for_selector("#chat-input textarea")
+    expect(file_chip(page, "report.pdf")).to_be_visible()  # the saved chat, reopened
+    expect(page.locator(".user-row").last).to_contain_text("Summarise it")
+    assert "Quarterly revenue rose" not in page.content()
+
+
+@pytest.fixture(scope="module")
+def audio_runner(tiny_model_paths):
+    from model_runner import ModelRunner
+    runner = ModelRunner.load(str(tiny_model_paths["audio"]), device="cpu")
+    yield runner
+    runner.close()
+
+
+def test_the_microphone_records_a_voice_message_that_is_sent_with_a_player(serve, audio_runner, browser, tmp_path):
+    """Chromium's fake microphone plays a 440 Hz tone: recorded with the textbox's microphone,
+    it is sent as audio, shown with a player, and given to a model that listens as audio."""
+    import numpy as np
+
+    import attachments
+    tone = tmp_path / "tone.wav"
+    tone.write_bytes(audio_file(".wav", seconds=3.0, hertz=(440.0,)))
+    url, spy = serve(audio_runner, max_new_tokens=10)
+    microphone = browser.browser_type.launch(  # (a browser of its own: the fake devices are launch options)
+        executable_path=CHROMIUM,
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--use-fake-ui-for-media-stream",
+              "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={tone}"])
+    try:
+        context = microphone.new_context(viewport={"width": 1200, "height": 1000}, permissions=["microphone"])
+        page = context.new_page()
+        open_app(page, url)
+        box = page.locator("#chat-input")
+        box.get_by_role("button", name="Record audio").click()
+        box.get_by_role("button", name="Start recording").click()
+        expect(box.get_by_role("button", name="Stop recording")).to_be_visible()
+        time.sleep(1.5)
+        box.get_by_role("button", name="Stop recording").click()
+        box.get_by_role("button", name="Attach audio").click()  # (the recording, played back first if wished)
+        expect(box.locator(".thumbnail-item")).to_have_count(1)
+
+        def voice_message():
+            box.locator("textarea").fill("What do you hear?")
+            page.keyboard.press("Enter")
+        answered(page, spy, voice_message)
+
+        user = page.locator(".user-row").last
+        expect(user.locator("[data-testid=waveform-Audio]")).to_be_visible()
+        expect(user.get_by_role("button", name="Play")).to_be_visible()
+        expect(user.locator("[data-testid=waveform-Audio] .timestamp")).to_have_text(re.compile(r"^0:0[1-9]$"))
+        expect(user).to_contain_text("What do you hear?")
+        assert answer_text(page)
+        expect(page.locator(".thought-group .title", has_text=app.ERROR_TITLE)).to_have_count(0)
+        expect(page.locator(".thought-group .title", has_text=app.NOTE_TITLE)).to_have_count(0)
+
+        sent = spy.calls[-1][0][-1]["content"]
+        assert [part["type"] for part in sent] == ["audio", "text"], "the model that listens gets the audio itself"
+        heard = attachments.audio_of(sent[0], 16000)
+        assert heard.seconds > 0.5
+        spectrum = np.abs(np.fft.rfft(heard.samples))
+        assert abs(np.argmax(spectrum) * 16000 / len(heard.samples) - 440) < 10, "what the microphone heard: the tone"
+
+        # then a document: the finished chat shows the player and the chip
+        report = tmp_path / "report.pdf"
+        report.write_bytes(pdf_with_text("Quarterly revenue rose"))
+        answered(page, spy, lambda: send(page, "And read this report.", report))
+        expect(file_chip(page, "report.pdf")).to_be_visible()
+        expect(audio_players(page)).to_have_count(1)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "attachments.png"), full_page=True)
+        context.close()
+    finally:
+        microphone.close()
