@@ -918,9 +918,9 @@ def header_markdown(runner, toolbox: Toolbox | None = None, speech: Speech | Non
         tools = f" · 🛠 tools: {', '.join(toolbox.names)}" if runner.supports_tools else \
             " · 🛠 tools off: this model's chat template doesn't take tools in a form the app reads"
     info = runner.info
-    kind = "vision-language" if info.is_vision else "text-only"
-    kind += " · hears audio" if info.hears_audio else ""
-    kind += " · watches video" if info.sees_video else ""
+    kind = "vision-language" if info.is_vision else "audio-language" if info.hears_audio else "text-only"
+    kind += " · hears audio" if info.is_vision and info.hears_audio else ""
+    kind += " · takes video" if info.sees_video else ""
     dtype = info.dtype
     if info.quantization == "4bit":
         dtype = f"4bit (bitsandbytes NF4, {dtype} compute)"

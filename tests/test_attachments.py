@@ -358,7 +358,7 @@ def test_a_model_that_listens_is_given_the_audio_itself(serve, audio_runner, tmp
     assert inputs["input_features"].shape[0] == 1 and audio_tokens(audio_runner, inputs["input_ids"][0]) == 50
     without = audio_runner.build_inputs([{"role": "user", "content": [{"type": "text", "text": "What is said?"}]}])
     assert spy.streams[-1].prompt_tokens - without["input_ids"].shape[-1] >= 50, "the prompt's tokens count the audio"
-    assert audio_runner.info.hears_audio and "hears audio" in app.header_markdown(audio_runner)
+    assert audio_runner.info.hears_audio and "audio-language" in app.header_markdown(audio_runner)
     browser.close()
 
 
