@@ -668,13 +668,16 @@ class Chats:
         await self.turns.acquire(conversation)
         try:
             message, refusal = without_refused_files(turn["message"])
-            if refusal is None and self.speech is not None and needs_transcript(message, self.runner.info):
-                yield [*chat_bubbles(self.store.messages(user, conversation)[:turn["keep"]]),
-                       *chat_bubbles([message]), *pending(TRANSCRIBING_TITLE)]
-                message, refusal = await self.transcribed(message)
             try:
                 self.store.append(user, conversation, [message], keep=turn["keep"],
                                   expected_length=turn.get("length"))
+                stored = self.store.messages(user, conversation)
+                if refusal is None and self.speech is not None and any(  # (saved first: a Stop meanwhile keeps it)
+                        part["type"] == "audio" for part in stored[-1]["content"]):
+                    yield [*chat_bubbles(stored), *pending(TRANSCRIBING_TITLE)]
+                    written, refusal = await self.transcribed(stored[-1])
+                    if written is not stored[-1]:
+                        self.store.append(user, conversation, [written], keep=len(stored) - 1)
                 if refusal is not None:
                     self.store.append(user, conversation, [failed(refusal)])
                 stored = self.store.messages(user, conversation)
@@ -712,7 +715,11 @@ class Chats:
     async def transcribed(self, message: dict) -> tuple[dict, str | None]:
         """The message with its audio written out (--asr-model) for a model that can't listen,
         or why it couldn't be (without --asr-model the engine refuses the audio, saying how)."""
-        if self.speech is None or not needs_transcript(message, self.runner.info):
+        if self.speech is None or not any(part["type"] == "audio" for part in message["content"]):
+            return message, None
+        while not self.runner.loaded:  # (whether the model listens is known once it is loaded)
+            await asyncio.sleep(0.2)
+        if not needs_transcript(message, self.runner.info):
             return message, None
         needing, content = needs_transcript(message, self.runner.info), []
         for part in message["content"]:

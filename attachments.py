@@ -35,7 +35,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 KINDS = ("image", "document", "audio", "video")
 WHAT_IS_READ = ("images (PNG, JPEG, WebP, GIF, BMP), documents (PDF, DOCX, text and code files), audio "
                 "(WAV, MP3, OGG/Opus, M4A, FLAC, WebM) and video (MP4, WebM, MOV, MKV)")
-REMEMBERED = 8  # documents, audio and videos kept decoded (a chat sends its history again each turn)
+REMEMBERED = 64                  # documents, audio and videos kept read (a chat sends its history each turn)...
+REMEMBERED_BYTES = 1024 * 2**20  # ... up to about this much memory in all
 
 
 def attachment_part(source: str | os.PathLike | bytes, name: str | None = None) -> dict:
@@ -100,17 +101,17 @@ def needs_transcript(message: dict, info) -> list[dict]:
 
 def document_of(part: dict) -> documents.Document:
     source = part["document"]
-    return _remembered(("document", _identity(source)), lambda: _read(documents.read_document, _bytes(source, part),
+    return _remembered(("document", identity(source)), lambda: _read(documents.read_document, _bytes(source, part),
                                                                          part["name"]))
 
 
 def audio_of(part: dict, sampling_rate: int) -> media.Audio:
-    return _remembered(("audio", _identity(part["audio"]), sampling_rate),
+    return _remembered(("audio", identity(part["audio"]), sampling_rate),
                        lambda: _read(media.read_audio, part["audio"], part["name"], sampling_rate))
 
 
 def video_of(part: dict, frames: int) -> media.Video:
-    return _remembered(("video", _identity(part["video"]), frames),
+    return _remembered(("video", identity(part["video"]), frames),
                        lambda: _read(media.read_video, part["video"], part["name"], frames))
 
 
@@ -142,16 +143,25 @@ def _remembered(key: tuple, read):
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
-            return _cache[key]
+            return _cache[key][0]
     value = read()
     with _cache_lock:
-        _cache[key] = value
-        while len(_cache) > REMEMBERED:
+        _cache[key] = (value, _size(value))
+        while len(_cache) > REMEMBERED or sum(size for _, size in _cache.values()) > REMEMBERED_BYTES:
             _cache.popitem(last=False)
     return value
 
 
-def _identity(source) -> tuple:
+def _size(value) -> int:
+    """About how much memory a document, audio or video read takes."""
+    if isinstance(value, documents.Document):
+        return 4 * len(value.text) + sum(3 * image.width * image.height for _, image in value.page_images)
+    if isinstance(value, media.Audio):
+        return value.samples.nbytes
+    return sum(3 * frame.width * frame.height for _, frame in value.frames)
+
+
+def identity(source) -> tuple:
     """A key for a file's content: a digest of bytes; a path with its size and time (the
     chat's files are never rewritten in place: uploads are new files, saved ones named by
     their content)."""

@@ -56,16 +56,20 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
     prepared = []
     for message in reversed(messages):
         is_new = message is last
-        room = settings.max_images_per_message - sum(p.get("type") == "image" for p in message["content"])
-        parts = []
+        # what a video's frames and a scan's pages may take of the message's images
+        budget.room = settings.max_images_per_message - sum(p.get("type") == "image" for p in message["content"])
+        parts, told = [], []
         for part in message["content"]:
             try:
-                parts += _prepared_part(part, budget, room, settings=settings, sees_images=sees_images,
-                                        audio_rate=audio_rate, sees_video=sees_video,
-                                        notices=notices if is_new else [])
+                parts += _prepared_part(part, budget, settings=settings, sees_images=sees_images,
+                                        audio_rate=audio_rate, sees_video=sees_video, notices=told)
             except ChatInputError:
                 if is_new:
                     raise
+        if is_new:
+            notices += told
+            if not parts and message["role"] == "user":  # (a scan for a text-only model, a video with no room)
+                raise ImageRefused("Nothing in this message reaches the model: " + " ".join(told))
         if parts or message.get("tool_calls") or message["role"] == "tool":
             extras = {key: message[key] for key in TOOL_KEYS if key in message}
             prepared.append({"role": message["role"], "content": parts, **extras})
@@ -91,6 +95,7 @@ class Budget:
     message back (the parts of one message are taken in order, within it)."""
     images: int
     audio: int
+    room: int = 0  # of the message's images, for frames and pages
     images_left_out: int = 0
     audio_left_out: int = 0
 
@@ -99,6 +104,13 @@ class Budget:
         self.images -= taken
         if sees_images:
             self.images_left_out += wanted - taken
+        return taken
+
+    def take_room(self, wanted: int) -> int:
+        """Frames or pages within the message's images and the conversation's, taken."""
+        taken = max(0, min(wanted, self.room, self.images))
+        self.room -= taken
+        self.images -= taken
         return taken
 
 
@@ -128,7 +140,7 @@ def _refuse_what_the_model_cannot_take(message: dict, *, sees_images: bool, mode
                                                       f"reads; it takes {attachments.WHAT_IS_READ}.")
 
 
-def _prepared_part(part: dict, budget: Budget, room: int, *, settings: Settings, sees_images: bool,
+def _prepared_part(part: dict, budget: Budget, *, settings: Settings, sees_images: bool,
                    audio_rate: int | None, sees_video: bool, notices: list[str]) -> list[dict]:
     """One part of a message as the model gets it: none, one or several parts."""
     kind = part.get("type")
@@ -147,7 +159,7 @@ def _prepared_part(part: dict, budget: Budget, room: int, *, settings: Settings,
         document = attachments.document_of(part)
         notices += document.notes
         if not document.text and document.page_images and sees_images:
-            pages = document.page_images[:budget.take_images(len(document.page_images), sees_images)]
+            pages = document.page_images[:budget.take_room(len(document.page_images))]
             return [piece for number, picture in pages for piece in (
                 {"type": "text", "text": f"[{document.name}, page {number}]"},
                 {"type": "image", "image": load_image(picture, settings)})]
@@ -169,17 +181,18 @@ def _prepared_part(part: dict, budget: Budget, room: int, *, settings: Settings,
                         "frames_indices": [round(seconds * fps) for seconds, _ in video.frames]}
             return [{"type": "text", "text": f"[{video.name}, {media.timestamp(video.duration)} long]"},
                     {"type": "video", "video": [frame for _, frame in video.frames], "metadata": metadata}]
-        wanted = min(settings.video_frames, max(room, 0), budget.images)
+        wanted = min(settings.video_frames, budget.room, budget.images)
         if wanted <= 0:
-            notices.append(f"{part['name']} was left out: the message already has as many images as the model "
-                           f"takes ({settings.max_images_per_message}).")
+            notices.append(f"{part['name']} was left out: the message (or the chat) already has as many images as "
+                           f"the model is given ({settings.max_images_per_message} a message, "
+                           f"{settings.max_images_per_conversation} a chat).")
             return []
         video = attachments.video_of(part, wanted)
-        budget.take_images(len(video.frames), sees_images)
+        budget.take_room(len(video.frames))
         if wanted < settings.video_frames:
             notices.append(f"The model sees {len(video.frames)} frames of {video.name} (not "
-                           f"{settings.video_frames}: the images of one message are at most "
-                           f"{settings.max_images_per_message}).")
+                           f"{settings.video_frames}: a message is given at most {settings.max_images_per_message} "
+                           f"images, a chat {settings.max_images_per_conversation}).")
         return [piece for seconds, frame in video.frames for piece in (
             {"type": "text", "text": f"[{video.name} at {media.timestamp(seconds)}]"},
             {"type": "image", "image": load_image(frame, settings)})]

@@ -12,6 +12,8 @@ What a file is comes from its content, never its name. No torch, no Gradio.
 from __future__ import annotations
 
 import io
+import re
+import time
 import zipfile
 from dataclasses import dataclass, field
 
@@ -21,9 +23,15 @@ MAX_SCANNED_PAGES = 8                   # a PDF without text: its first pages' p
 MAX_DOCUMENT_CHARS = 2_000_000          # text beyond this is not extracted (the context is smaller anyway)
 MAX_DOCX_UNPACKED_BYTES = 200 * 1024 * 1024  # a DOCX that unpacks to more is a zip bomb
 MAX_DOCX_RATIO = 200                    # ... as is one member compressed more than this
+MAX_DOCX_BODY_BYTES = 25 * 1024 * 1024  # its text's XML: python-docx holds it all as a tree (~20x in memory)
+MAX_READ_SECONDS = 20                   # a PDF's pages are read until then; the note says where it stopped
+MAX_SCAN_SIDE = 2048                    # a scan's page pictures are downscaled to this, kept decoded
 TEXT_KINDS = ("txt", "md", "markdown", "csv", "tsv", "json", "jsonl", "yaml", "yml", "toml", "xml", "html", "htm",
               "log", "ini", "cfg", "py", "js", "ts", "tsx", "jsx", "java", "c", "h", "cpp", "hpp", "cc", "rs", "go",
               "rb", "php", "sh", "bash", "sql", "swift", "kt", "scala", "r", "m", "tex", "rst", "css", "scss")
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # a log's colours, not for the model
 
 
 class DocumentError(ValueError):
@@ -100,14 +108,14 @@ def _read_pdf(data: bytes, name: str) -> Document:
         if pages > MAX_PDF_PAGES:
             raise DocumentError(f"{name} has {pages:,} pages; the most this app reads is {MAX_PDF_PAGES}: send "
                                 f"the pages you need as a smaller PDF.")
-        texts, total, read = [], 0, 0
+        texts, total, read, started = [], 0, 0, time.monotonic()
         for number, page in enumerate(reader.pages, 1):
-            text = (page.extract_text() or "").strip()
+            text = (page.extract_text() or "").strip()[:MAX_DOCUMENT_CHARS - total]
             read = number
             if text:
                 texts.append(f"[{name}, page {number}]\n{text}")
                 total += len(text)
-            if total > MAX_DOCUMENT_CHARS:
+            if total >= MAX_DOCUMENT_CHARS or time.monotonic() - started > MAX_READ_SECONDS:
                 break
     except DocumentError:
         raise
@@ -116,8 +124,9 @@ def _read_pdf(data: bytes, name: str) -> Document:
     except Exception as error:  # (pypdf's own failures on damaged files, e.g. its dependency's errors)
         raise DocumentError(f"{name} is not a readable PDF ({type(error).__name__}).") from None
     notes = []
-    if read < pages:
-        notes.append(f"Only the first {read} of {pages} pages of {name} were read ({MAX_DOCUMENT_CHARS:,} characters).")
+    if read < pages or total >= MAX_DOCUMENT_CHARS:
+        why = f"{MAX_DOCUMENT_CHARS:,} characters" if total >= MAX_DOCUMENT_CHARS else f"{MAX_READ_SECONDS} s"
+        notes.append(f"Only the first {read} of {pages} pages of {name} were read (the most this app reads is {why}).")
     page_images = [] if texts else _scanned_pages(reader)
     if not texts:
         notes.append(f"{name} has no text layer (a scan?): the model gets no text from it" +
@@ -135,7 +144,9 @@ def _scanned_pages(reader) -> list:
         except Exception:  # (a damaged picture, or too large to decode: that page gives none)
             continue
         if images:
-            pictures.append((number, max(images, key=lambda image: image.width * image.height)))
+            picture = max(images, key=lambda image: image.width * image.height).convert("RGB")
+            picture.thumbnail((MAX_SCAN_SIDE, MAX_SCAN_SIDE))
+            pictures.append((number, picture))
     return pictures
 
 
@@ -144,18 +155,26 @@ def _read_docx(data: bytes, name: str) -> Document:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = archive.infolist()
             unpacked = sum(member.file_size for member in members)
+            body = sum(member.file_size for member in members if member.filename == "word/document.xml")
             ratio = max((member.file_size / max(1, member.compress_size) for member in members), default=0)
     except zipfile.BadZipFile:
         raise DocumentError(f"{name} is not a readable DOCX (a damaged archive).") from None
     if unpacked > MAX_DOCX_UNPACKED_BYTES or ratio > MAX_DOCX_RATIO:
         raise DocumentError(f"{name} unpacks to {unpacked / 2**20:.0f} MB (compressed {ratio:.0f}×): refused as a "
                             f"possible zip bomb.")
+    if body > MAX_DOCX_BODY_BYTES:
+        raise DocumentError(f"{name}'s text unpacks to {body / 2**20:.0f} MB; the most this app reads is "
+                            f"{MAX_DOCX_BODY_BYTES // 2**20} MB: split it, or save the part you need as its own file.")
     import docx
+    from docx.table import Table
     try:
         document = docx.Document(io.BytesIO(data))
-        blocks = [paragraph.text for paragraph in document.paragraphs if paragraph.text.strip()]
-        for table in document.tables:
-            blocks += [" | ".join(cell.text.strip() for cell in row.cells) for row in table.rows]
+        blocks = []  # paragraphs and tables in the document's order
+        for block in document.iter_inner_content():
+            if isinstance(block, Table):
+                blocks += [" | ".join(cell.text.strip() for cell in row.cells) for row in block.rows]
+            elif block.text.strip():
+                blocks.append(block.text)
     except Exception as error:  # (python-docx raises several kinds on damaged files)
         raise DocumentError(f"{name} is not a readable DOCX ({type(error).__name__}).") from None
     text = "\n".join(blocks)
@@ -195,7 +214,10 @@ def _text_of(data: bytes) -> str | None:
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError:
+        try:  # (Windows' Western encoding: a CSV or log saved by Excel or Notepad)
+            text = data.decode("cp1252")
+        except UnicodeDecodeError:
+            return None
+    if any(ord(c) < 32 and c not in "\t\n\r\f\x1b" for c in text[:100_000]):
         return None
-    if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text[:100_000]):
-        return None
-    return text
+    return ANSI_ESCAPE.sub("", text)

@@ -17,6 +17,7 @@ import io
 import itertools
 import math
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ MAX_VIDEO_FRAMES = 32                 # the most frames any request may ask for
 MAX_FRAME_SIDE = 8192                 # a video whose pictures are larger is refused
 MAX_FRAME_PIXELS = 40_000_000
 MAX_DECODED_FRAMES = 100_000          # one video request decodes no more (a crafted file can hold millions)
+MAX_DECODE_SECONDS = 30               # a video (or audio) whose decoding takes longer is refused
 SEEK_AFTER_SECONDS = 5.0              # a frame further ahead than this (or than keyframes are apart) is sought
 AUDIO_SUFFIXES = (".wav", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".flac", ".aac")  # the upload box's
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
@@ -92,8 +94,10 @@ def read_audio(source, name: str, sampling_rate: int = 16000) -> Audio:
         _check_length(name, _duration(container, stream), MAX_AUDIO_SECONDS)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
         most = (MAX_AUDIO_SECONDS + 1) * sampling_rate   # (a second for encoders' padding)
-        chunks, total = [], 0
+        chunks, total, deadline = [], 0, time.monotonic() + MAX_DECODE_SECONDS
         for frame in itertools.chain(container.decode(stream), [None]):   # None: the resampler's rest
+            if time.monotonic() > deadline:
+                raise MediaError(f"{name} takes too long to decode (over {MAX_DECODE_SECONDS} s).")
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
                 total += chunks[-1].size
@@ -214,7 +218,7 @@ def _sample(container, stream, targets: list[float], name: str, max_side: int) -
     keyframes are apart (when a seek lands behind where decoding already was, they are at least
     that far apart), so that no stretch of the video is decoded over and over; decodes on where
     the format can't seek."""
-    start, picked, decoded = _start(stream), [], itertools.count(1)
+    start, picked, decoded, deadline = _start(stream), [], itertools.count(1), time.monotonic() + MAX_DECODE_SECONDS
     frames, seek, gap = None, True, SEEK_AFTER_SECONDS
     before = current = None   # (time, frame): the frames either side of a target
     for target in targets:
@@ -230,6 +234,9 @@ def _sample(container, stream, targets: list[float], name: str, max_side: int) -
             for frame in frames:
                 if next(decoded) > MAX_DECODED_FRAMES:
                     raise MediaError(f"{name} has more pictures than this app decodes ({MAX_DECODED_FRAMES:,}).")
+                if time.monotonic() > deadline:
+                    raise MediaError(f"{name} takes too long to decode (over {MAX_DECODE_SECONDS} s): send a shorter "
+                                     f"or smaller video.")
                 if frame.time is None:
                     continue
                 _check_picture(name, frame.width, frame.height)

@@ -426,6 +426,9 @@ def decode_part(part: ContentPart, param: str, settings: Settings) -> dict:
         raise APIError(400, f"This {part.type} part holds {decoded['type']}, not {' or '.join(expected)}.",
                        param=param, code="invalid_file")
     if decoded["type"] == "image":
+        if len(data) > settings.api_max_image_bytes:
+            raise APIError(400, f"The image is larger than {settings.api_max_image_bytes // 2**20} MB.", param=param,
+                           code="image_too_large")
         return {"type": "image", "image": decode_image_bytes(data, param, settings)}
     return decoded
 
@@ -603,16 +606,21 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         except (ChatInputError, GenerationError, Cancelled) as error:
             raise api_error(error) from None
 
-    async def transcribed(message: dict) -> dict:
+    async def transcribed(message: dict, last: bool) -> dict:
+        """A user message with its audio written out (--asr-model) for a model that can't
+        listen. A failure is a 400 in the last message; earlier, that audio is left out."""
         needing = needs_transcript(message, runner.info) if message["role"] == "user" else []
-        if not needing:
-            return message
-        try:
-            return {**message, "content": [{**part, "transcript": await speech.transcribe(part)}
-                                           if any(part is other for other in needing) else part
-                                           for part in message["content"]]}
-        except ChatInputError as error:
-            raise APIError(400, str(error), code="invalid_audio") from None
+        content = []
+        for part in message["content"]:
+            if any(part is other for other in needing):
+                try:
+                    part = {**part, "transcript": await speech.transcribe(part)}
+                except ChatInputError as error:
+                    if last:
+                        raise APIError(400, str(error), param="messages", code="invalid_audio") from None
+                    continue
+            content.append(part)
+        return {**message, "content": content}
 
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models(request: Request):
@@ -631,8 +639,10 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             raise APIError(404, f"The model {body.model!r} does not exist; this server serves "
                                 f"{runner.name!r}.", param="model", code="model_not_found")
         messages = await anyio.to_thread.run_sync(to_engine_messages, body, settings)
-        if speech is not None:
-            messages = [await transcribed(message) for message in messages]
+        if speech is not None and any(part["type"] == "audio" for message in messages for part in message["content"]):
+            if not runner.loaded:  # (whether the model listens is known once it is loaded)
+                await model_loaded(deadline, gone)
+            messages = [await transcribed(message, last=i == len(messages) - 1) for i, message in enumerate(messages)]
         generation = to_settings(body, settings)
         generation.raw_prompt = raw_prompt
         if generation.response_format:

@@ -209,7 +209,9 @@ class Speech:
     def _load(self) -> None:
         try:
             transcriber = Transcriber.load(self.model, self.device)
-        except SpeechError as error:
+        except BaseException as error:  # (whatever it is, a transcription waiting for it must hear of it)
+            if not isinstance(error, SpeechError):
+                error = SpeechError(f"Can't load the speech recognition model {self.model!r}: {_first_line(error)}")
             log.error("--asr-model: %s Audio sent to a model that can't listen will be refused.", error)
             self._loaded.set_exception(error)
             return
@@ -218,12 +220,16 @@ class Speech:
 
     async def transcribe(self, part: dict) -> str:
         """An audio part's words. SpeechError when there are none, or the model can't run."""
-        key = attachments._identity(part["audio"])
+        transcriber = await asyncio.wrap_future(self._loaded)
+        key = await anyio.to_thread.run_sync(attachments.identity, part["audio"])  # (hashing 100 MB takes a while)
         if key in self._transcripts:
             return self._transcripts[key]
-        transcriber = await asyncio.wrap_future(self._loaded)
-        audio = attachments.audio_of(part, transcriber.sampling_rate)
-        text = await anyio.to_thread.run_sync(transcriber.transcribe, audio.samples, audio.sampling_rate)
+
+        def heard() -> str:
+            audio = attachments.audio_of(part, transcriber.sampling_rate)
+            return transcriber.transcribe(audio.samples, audio.sampling_rate)
+
+        text = await anyio.to_thread.run_sync(heard)
         if not text:
             raise SpeechError(f"No speech was heard in {part.get('name') or 'the audio'}.")
         if len(self._transcripts) >= REMEMBERED_TRANSCRIPTS:

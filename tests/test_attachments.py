@@ -425,3 +425,52 @@ def test_an_asr_model_that_cannot_load_is_one_line_in_the_chat(serve, llama_runn
     assert "Can't load the speech recognition model" in errors_of(shown)
     assert answers_of(send(browser, "Describe a dog.")), "the chat goes on"
     browser.close()
+
+
+# ---------------------------------------------------------------- from the review: edges
+
+def test_a_message_that_is_only_a_scan_for_a_text_only_model_is_refused_saying_why(llama_runner, tmp_path):
+    from PIL import Image
+
+    from engine_contract import ImageRefused
+    scan = tmp_path / "scan.pdf"
+    Image.new("RGB", (120, 160), (200, 10, 10)).save(scan)
+    before = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "Hi"}]}]
+    with pytest.raises(ImageRefused, match="Nothing in this message reaches the model: scan.pdf has no text layer"):
+        prompt_of(llama_runner, [*before, {"role": "user", "content": [attachment_part(scan)]}])
+
+
+def test_two_videos_share_the_images_of_one_message(idefics3_runner, tmp_path):
+    clips = []
+    for name in ("a.mp4", "b.webm"):
+        (tmp_path / name).write_bytes(video_file(name))
+        clips.append(attachment_part(tmp_path / name))
+    prompt, notices = prompt_of(idefics3_runner, [{"role": "user", "content": [*clips, {"type": "text", "text": "?"}]}])
+    limit = idefics3_runner.settings.max_images_per_message
+    assert prompt.count("[a.mp4 at ") == 8 and prompt.count("[b.webm at ") == 0, (limit, notices)
+    assert any("b.webm was left out" in notice for notice in notices)
+
+
+def test_stop_while_the_audio_is_written_out_keeps_the_message(serve, llama_runner, tiny_model_paths, tmp_path):
+    import asyncio
+    url, spy = serve(llama_runner, asr_model=str(tiny_model_paths["whisper"]))
+    writing = []
+
+    async def slow(part):
+        writing.append(part)
+        await asyncio.sleep(60)
+
+    spy.chats.speech.transcribe = slow
+    voice = tmp_path / "voice.wav"
+    voice.write_bytes(audio_file(".wav"))
+    browser = Browser(url, spy.chats)
+    browser.call("begin_turn", {"text": "Call me back", "files": [handle_file(str(voice))]}, browser.kept, "")
+    job = browser.client.submit("", 8, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+    from tests.conftest import wait_for
+    wait_for(lambda: writing, 20, "the transcription to start")
+    job.cancel()
+    conversation = browser.call("end_turn", "")[1]["value"]
+    (saved,) = spy.chats.store.messages(_user(spy), conversation)
+    assert [part["type"] for part in saved["content"]] == ["audio", "text"] and "Call me back" in json.dumps(saved)
+    browser.close()

@@ -46,10 +46,36 @@ def test_a_docx_becomes_its_paragraphs_and_tables():
     made.add_paragraph("Meeting notes")
     table = made.add_table(rows=1, cols=2)
     table.rows[0].cells[0].text, table.rows[0].cells[1].text = "owner", "Ann"
+    made.add_paragraph("Next meeting on Friday")
     buffer = io.BytesIO()
     made.save(buffer)
     document = read_document(buffer.getvalue(), "notes.docx")
-    assert document.text == "[notes.docx]\nMeeting notes\nowner | Ann"
+    assert document.text == "[notes.docx]\nMeeting notes\nowner | Ann\nNext meeting on Friday", "in the document's order"
+
+
+def test_text_saved_by_windows_tools_and_logs_with_colours_are_read():
+    assert read_document("name;city\nRené;Zürich\n".encode("cp1252"), "people.csv").text.endswith("René;Zürich\n")
+    log = read_document(b"\x1b[31mERROR\x1b[0m disk full\n", "server.log")
+    assert log.text == "[server.log]\nERROR disk full\n"
+
+
+def test_a_docx_whose_text_unpacks_too_large_is_refused_before_it_is_parsed(monkeypatch):
+    import documents
+    made = docx.Document()
+    made.add_paragraph("word " * 5000)
+    buffer = io.BytesIO()
+    made.save(buffer)
+    monkeypatch.setattr(documents, "MAX_DOCX_BODY_BYTES", 10_000)
+    with pytest.raises(DocumentError, match="big.docx's text unpacks to"):
+        read_document(buffer.getvalue(), "big.docx")
+
+
+def test_a_pdf_page_holding_more_than_the_limit_is_cut_and_says_so(monkeypatch):
+    import documents
+    monkeypatch.setattr(documents, "MAX_DOCUMENT_CHARS", 30)
+    document = read_document(pdf_with_text("A long first page of text here", "Second"), "long.pdf")
+    assert len(document.text.split("\n", 1)[1]) == 30 and "Second" not in document.text
+    assert "Only the first 1 of 2 pages" in document.notes[0]
 
 
 @pytest.mark.parametrize("name, data", [("main.py", b"def f():\n    return 1\n"), ("data.csv", "a,b\n1,2\n".encode()),

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from speech import CHUNK_SECONDS, SpeechError, Transcriber
+from speech import SpeechError, Transcriber
 from tests.tiny_models import build_audio_llm, build_whisper
 
 RATE = 16_000
@@ -155,5 +155,3 @@ def test_transcriptions_run_one_at_a_time(transcriber):
     assert len(results) == 3 and len(set(results)) == 1
 
 
-def test_the_chunk_length_is_whispers_window():
-    assert CHUNK_SECONDS == 30
