@@ -370,8 +370,20 @@ def test_audio_longer_than_the_encoder_hears_goes_in_30_second_parts(audio_runne
     assert audio_tokens(audio_runner, inputs["input_ids"][0]) == 750 + 250
 
 
-def test_input_audio_on_v1_reaches_a_model_that_listens(serve, audio_runner):
-    url, spy = serve(audio_runner)
+@pytest.fixture(params=["in-process", "engine-process"])
+def audio_engine(request, audio_runner, tiny_model_paths):
+    if request.param == "in-process":
+        yield audio_runner
+        return
+    from engine_process import EngineProcess
+    engine = EngineProcess.start(str(tiny_model_paths["audio"]), device="cpu")
+    yield engine
+    engine.close()
+
+
+def test_input_audio_on_v1_reaches_a_model_that_listens(serve, audio_engine, audio_runner):
+    url, spy = serve(audio_engine)  # (in this process, and through the engine process's pipe)
+    assert audio_engine.info.hears_audio
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
     answer = client.chat.completions.create(model=audio_runner.name, max_tokens=5, messages=[
         {"role": "user", "content": [{"type": "text", "text": "What is said?"}, {"type": "input_audio", "input_audio": {

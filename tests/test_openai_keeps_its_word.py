@@ -146,7 +146,7 @@ def test_parallel_tool_calls_false_answers_with_one_call():
     reply = Reply(answer="", tool_calls=(ToolCall("a", {}, "call-1"), ToolCall("b", {}, "call-2")))
 
     class Ended:
-        finish_reason, prompt_tokens, new_tokens, error = "stop", 3, 4, None
+        finish_reason, prompt_tokens, new_tokens, error, notices = "stop", 3, 4, None, []
 
         def __init__(self):
             self.reply = reply
