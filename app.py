@@ -27,6 +27,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import mimetypes
@@ -49,6 +50,7 @@ import config
 import users
 from config import Settings
 from attachments import UPLOAD_TYPES, attachment_part, needs_transcript
+from attachments import kind_of as attachment_kind
 from conversation import ATTACHED, for_the_model
 from conversation_store import ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
@@ -70,6 +72,7 @@ from metrics import Metrics
 from openai_api import create_api
 from remote_backend import RemoteRunner
 from starter_examples import starter_examples
+from mcp_tools import McpConfigError
 from tools import Toolbox, ToolsError
 from users import BrowserIds
 from waiting_line import LineFull, WaitingLine
@@ -95,6 +98,8 @@ CSS = """
 #where-chats-live { font-size: 0.8em; opacity: 0.8; }
 """
 
+TOOL_PICTURES = tempfile.mkdtemp(prefix="tool-pictures-")  # an MCP tool's pictures, until they are saved
+atexit.register(shutil.rmtree, TOOL_PICTURES, ignore_errors=True)
 THINKING_TITLE = "Thinking…"
 TRANSCRIBING_TITLE = "🎤 Writing out the audio…"
 LOADING_TITLE = "Loading the model…"
@@ -137,7 +142,7 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
             title = WAITING_TITLE.format(ordinal(1))
         yield Progress([], title)
         if toolbox is not None and runner.supports_tools:
-            generation = dataclasses.replace(generation, tools=toolbox.schemas)
+            generation = dataclasses.replace(generation, tools=toolbox.all_schemas)
         done: list[dict] = []  # the steps before this one: their text, the tool calls and results
         calls_made = 0
         while True:
@@ -191,7 +196,7 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
                 if cancelled is not None and cancelled.is_set():
                     return
                 done = [*done, {"role": "tool", "tool_call_id": call.id, "name": call.name,
-                                "content": [{"type": "text", "text": result.text}],
+                                "content": [{"type": "text", "text": result.text}, *pictures(result.images)],
                                 "duration": round(result.seconds, 2)}]
                 messages = [*messages, *for_the_model(done[-1:])]
             generation = dataclasses.replace(generation, continues_answer=True)  # before those who came later
@@ -292,6 +297,8 @@ def chat_bubbles(messages: list[dict], *, live: bool = False) -> list[dict]:
                 bubbles.append({"role": "assistant", "content": text_of(message), "metadata": {}})
             for call in message.get("tool_calls") or ():
                 bubbles.append(tool_bubble(call, results.get(call.id)))
+                bubbles += [{"role": "assistant", "content": {"path": part["image"]}, "metadata": {}}
+                            for part in (results.get(call.id) or {}).get("content", ()) if part["type"] == "image"]
             if message.get("error"):
                 bubbles.append(bubble(message["error"], title=ERROR_TITLE))
             if message.get("figures"):
@@ -333,6 +340,22 @@ def title_of(message: dict) -> str:
 
 def text_of(message: dict) -> str:
     return "".join(part["text"] for part in message.get("content") or () if part["type"] == "text")
+
+
+def pictures(images: list[bytes]) -> list[dict]:
+    """An MCP tool's pictures as image parts (files in a folder of the app's own): those of a
+    kind the app reads; the result's text already mentions each."""
+    parts = []
+    for data in images:
+        try:
+            if attachment_kind(data, "picture") != "image":
+                continue
+        except ChatInputError:
+            continue
+        path = Path(TOOL_PICTURES) / f"{hashlib.sha256(data).hexdigest()}.img"
+        path.write_bytes(data)
+        parts.append({"type": "image", "image": str(path)})
+    return parts
 
 
 def tool_bubble(call: ToolCall, result: dict | None) -> dict:
@@ -922,7 +945,7 @@ def header_markdown(runner, toolbox: Toolbox | None = None, speech: Speech | Non
         return f"**{runner.name or 'model'}** · ⏳ loading model…"
     tools = ""
     if toolbox is not None:
-        tools = f" · 🛠 tools: {', '.join(toolbox.names)}" if runner.supports_tools else \
+        tools = f" · 🛠 tools: {', '.join(toolbox.where())}" if runner.supports_tools else \
             " · 🛠 tools off: this model's chat template doesn't take tools in a form the app reads"
     info = runner.info
     kind = "vision-language" if info.is_vision else "audio-language" if info.hears_audio else "text-only"
@@ -1107,12 +1130,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     toolbox = None
-    if settings.tools:
+    if settings.tools or settings.mcp_config:
         try:
-            toolbox = Toolbox.load(settings.tools)
-        except ToolsError as error:
+            toolbox = Toolbox.load(settings.tools or [], settings.mcp_config)
+        except (ToolsError, McpConfigError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        atexit.register(toolbox.close)  # (stdio MCP servers stop with the app)
     if settings.share and not (settings.auth or settings.auth_file):
         log.warning("warning: --share without --auth: anyone with the link can use this machine's compute.")
     # The UI first (importing gradio takes seconds), then the model: loading both at once
@@ -1133,7 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s Data directory: %s", demo.chats.where, demo.chats.store.directory)
     if toolbox is not None:
         if slot.supports_tools:
-            log.info("Tools for the chat: %s.", ", ".join(toolbox.names))
+            log.info("Tools for the chat: %s (%s).", ", ".join(toolbox.names), "; ".join(toolbox.where()))
         else:
             log.warning("Tools are off: %s's chat template doesn't take tools, or writes its calls in a "
                         "shape the app doesn't read (it reads Hermes <tool_call> tags, or what the "

@@ -46,8 +46,9 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
     if last["role"] == "user" and not any(p.get("type") in ATTACHED or (p.get("text") or "").strip()
                                           for p in last["content"]):
         raise ChatInputError("The message is empty: type some text or attach a file.")
-    _refuse_what_the_model_cannot_take(last, sees_images=sees_images, model_name=model_name, settings=settings,
-                                       audio_rate=audio_rate, sees_video=sees_video)
+    if last["role"] == "user":  # (a tool's pictures go to a model that sees; others get its text)
+        _refuse_what_the_model_cannot_take(last, sees_images=sees_images, model_name=model_name, settings=settings,
+                                           audio_rate=audio_rate, sees_video=sees_video)
     # Keep the newest images (and audio clips) up to the conversation's caps; earlier ones
     # drop out of the prompt. A bad file in the new message is refused; one in the history
     # was refused when it was sent, so it is left out rather than blocking every later turn.

@@ -574,6 +574,11 @@ class GenerationLoop:
                 job.refuse(GenerationError("The server is stopping."))
 
 
+def pictures_message(pictures: list[dict]) -> dict:
+    """Tools' pictures, after their results, for a model that sees."""
+    return {"role": "user", "content": [{"type": "text", "text": "The pictures the tools returned:"}, *pictures]}
+
+
 AUDIO_THROUGH_THEIR_OWN_PROMPT = ("granite_speech",)  # (its processor wants <|audio|> in a text prompt, and torchaudio)
 
 
@@ -1047,12 +1052,17 @@ class ModelRunner:
     def _template_messages(self, messages: list[dict]) -> list[dict]:
         """Neutral messages → the shape chat templates expect: text-only templates often
         want plain strings; tool calls in OpenAI's shape with their arguments as a dict."""
-        shaped = []
+        shaped, pictures = [], []
         for message in alternate_roles(messages):
             text = "\n".join(p["text"] for p in message["content"] if p.get("type") == "text")
+            if message["role"] != "tool" and pictures:
+                shaped.append(pictures_message(pictures))
+                pictures = []
             if message["role"] == "tool":
                 shaped.append({"role": "tool", "content": text, "tool_call_id": message.get("tool_call_id"),
                                "name": message.get("name")})
+                # (templates take a tool's result as text: its pictures follow the results, as shown by the user)
+                pictures += [part for part in message["content"] if part.get("type") == "image"]
                 continue
             parts = [{key: value for key, value in part.items() if key not in ("document", "metadata")}
                      for part in message["content"]]
@@ -1060,6 +1070,8 @@ class ModelRunner:
             if message.get("tool_calls"):
                 item["tool_calls"] = [call.openai(arguments_as_json=False) for call in message["tool_calls"]]
             shaped.append(item)
+        if pictures:
+            shaped.append(pictures_message(pictures))
         return shaped
 
     def _apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None):

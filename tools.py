@@ -24,7 +24,7 @@ import operator
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers.utils import get_json_schema
@@ -46,11 +46,13 @@ class ToolResult:
     text: str          # what the model reads (and the chat shows)
     seconds: float
     failed: bool       # an error, a timeout, an unknown tool
+    images: list[bytes] = field(default_factory=list)  # pictures in an MCP tool's result
 
 
 class Toolbox:
-    def __init__(self, functions: dict):
+    def __init__(self, functions: dict, mcp=None):
         self.functions = dict(functions)
+        self.mcp = mcp  # mcp_tools.McpServers (--mcp-config): their tools beside these
         self._abandoned: list[threading.Thread] = []  # calls past their limit, still running
         self._abandoned_lock = threading.Lock()
         self.schemas = []
@@ -62,8 +64,9 @@ class Toolbox:
                                  f"(with an Args: section for its parameters): {error}") from None
 
     @classmethod
-    def load(cls, specs: list[str]) -> "Toolbox":
-        """`specs`: paths of tools files, or "builtin"."""
+    def load(cls, specs: list[str], mcp_config: str | None = None) -> "Toolbox":
+        """`specs`: paths of tools files, or "builtin"; `mcp_config`: an mcpServers file,
+        whose servers are started now (mcp_tools.McpConfigError: one line)."""
         functions: dict = {}
         for spec in specs:
             found = builtin_tools() if spec == "builtin" else _functions_of(Path(spec).expanduser())
@@ -71,11 +74,32 @@ class Toolbox:
                 if name in functions:
                     raise ToolsError(f"Two tools are named {name} ({spec} and an earlier one).")
                 functions[name] = function
-        return cls(functions)
+        toolbox = cls(functions)
+        if mcp_config:
+            import mcp_tools
+            toolbox.mcp = mcp_tools.McpServers.start(mcp_tools.read_config(mcp_config), reserved=set(functions))
+        return toolbox
+
+    @property
+    def all_schemas(self) -> list[dict]:
+        """What the model is shown: these tools', then the MCP servers'."""
+        return self.schemas + (self.mcp.schemas() if self.mcp is not None else [])
 
     @property
     def names(self) -> list[str]:
-        return list(self.functions)
+        return list(self.functions) + (list(self.mcp.names()) if self.mcp is not None else [])
+
+    def where(self) -> list[str]:
+        """The tools and where they came from, for the header and the log: the names of the
+        file's and built-in tools, then "3 from MCP files", "MCP search is down (why)"."""
+        lines = [", ".join(self.functions)] if self.functions else []
+        for name, count, down in (self.mcp.status() if self.mcp is not None else []):
+            lines.append(f"MCP {name} is down ({down})" if down else f"{count} from MCP {name}")
+        return lines
+
+    def close(self) -> None:
+        if self.mcp is not None:
+            self.mcp.close()
 
     def run(self, name: str, arguments: dict, timeout: float = 30.0,
             cancelled: Signal | None = None) -> ToolResult:
@@ -83,9 +107,12 @@ class Toolbox:
         waiting; a tool's own thread can't be killed, so one that hangs is abandoned."""
         started = time.perf_counter()
         function = self.functions.get(name)
+        if function is None and self.mcp is not None and name in self.mcp.names():
+            result = self.mcp.call(name, arguments, timeout, cancelled)
+            return ToolResult(_cut(result.text), time.perf_counter() - started, result.failed, result.images)
         if function is None:
             return ToolResult(f"error: there is no tool named {name!r} (the tools are: "
-                              f"{', '.join(self.functions) or 'none'})", 0.0, True)
+                              f"{', '.join(self.names) or 'none'})", 0.0, True)
         with self._abandoned_lock:
             self._abandoned = [thread for thread in self._abandoned if thread.is_alive()]
             if len(self._abandoned) >= MAX_ABANDONED_CALLS:
@@ -146,6 +173,10 @@ def _as_text(value) -> str:
             text = json.dumps(value, ensure_ascii=False, default=str)
         except (TypeError, ValueError):
             text = str(value)
+    return _cut(text)
+
+
+def _cut(text: str) -> str:
     if len(text) > MAX_RESULT_CHARS:
         text = text[:MAX_RESULT_CHARS] + f"… (cut at {MAX_RESULT_CHARS} characters)"
     return text

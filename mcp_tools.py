@@ -1,0 +1,361 @@
+"""Tools from MCP servers (`--mcp-config PATH`), in the file format LM Studio, Claude Desktop
+and Cursor share:
+
+    {"mcpServers": {
+        "files": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-filesystem", "/tmp"],
+                  "env": {"DEBUG": "0"}},
+        "search": {"url": "https://example.com/mcp", "headers": {"Authorization": "Bearer ..."}}}}
+
+A stdio server is started by the app (its `env` over the app's own), a remote one reached over
+streamable HTTP; both with the official `mcp` package, each kept open by one background event
+loop. Their tools join the chat's tools (tools.Toolbox) under the names the servers give them,
+prefixed by the server's name only where two collide.
+
+    servers = McpServers.start(read_config("mcp.json"))  # McpConfigError: one line
+    servers.schemas()        # the tools, as the model is shown them
+    servers.call("read_file", {"path": "/tmp/x"}, timeout=30, cancelled=signal)  # -> ToolCallResult
+    servers.status()         # [(server, tools, why it is down or None)]
+    servers.close()          # stdio servers stopped
+
+A server that fails to start or dies is one line in the log and a note in the header; its
+tools answer with an error; the next call to one of them starts it again, at most once a
+minute. A result's text goes to the model; its images too (a vision model sees them); other
+kinds (audio, resources) are summarised as text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine_contract import Signal, wait_for_either
+
+log = logging.getLogger("mcp")
+
+RESTART_AFTER_S = 60.0      # a server that is down is started again on a call, at most this often
+START_TIMEOUT_S = 30.0      # to start (or reach) a server and list its tools
+MAX_CONFIG_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 10 << 20  # an image in a tool's result larger than this is summarised, not shown
+
+
+class McpConfigError(ValueError):
+    """The --mcp-config file can't be used: one line."""
+
+
+@dataclass
+class ServerConfig:
+    name: str
+    command: str | None = None
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    url: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ToolCallResult:
+    text: str
+    images: list[bytes]   # PNG/JPEG/... bytes, as the server sent them
+    failed: bool
+
+
+def read_config(path: str | os.PathLike) -> list[ServerConfig]:
+    """The servers of an `mcpServers` file. McpConfigError (one line) for anything else."""
+    path = Path(path).expanduser()
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise McpConfigError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MB: not an MCP config.")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise McpConfigError(f"Can't read the MCP config {path}: {error.strerror}.") from None
+    except ValueError as error:
+        raise McpConfigError(f"The MCP config {path} is not JSON: {error}.") from None
+    servers = data.get("mcpServers") if isinstance(data, dict) else None
+    if not isinstance(servers, dict):
+        raise McpConfigError(f'The MCP config {path} has no "mcpServers" object.')
+    configs = []
+    for name, entry in servers.items():
+        where = f'The MCP server "{name}" in {path}'
+        if not isinstance(entry, dict):
+            raise McpConfigError(f"{where} must be an object.")
+        if entry.get("disabled") is True:
+            continue
+        command, url = entry.get("command"), entry.get("url") or entry.get("serverUrl")
+        if bool(command) == bool(url):
+            raise McpConfigError(f'{where} needs either "command" (a program to start) or "url" (a server to reach).')
+        args, env, headers = entry.get("args", []), entry.get("env", {}), entry.get("headers", {})
+        if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+            raise McpConfigError(f'{where}: "args" must be a list of strings.')
+        for key, value in (("env", env), ("headers", headers)):
+            if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+                raise McpConfigError(f'{where}: "{key}" must be an object of strings.')
+        if url and not str(url).startswith(("http://", "https://")):
+            raise McpConfigError(f'{where}: "url" must be an http(s) address.')
+        configs.append(ServerConfig(str(name), command, args, env, url, headers))
+    return configs
+
+
+class _Server:
+    """One server's connection, kept open by a task on the loop until it dies or is closed."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.session = None
+        self.tools: list = []          # mcp.types.Tool, as listed
+        self.error: str | None = None  # why it is down
+        self.started_at = 0.0
+        self.task: asyncio.Task | None = None
+        self.ready: asyncio.Event | None = None
+        self.closing: asyncio.Event | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.session is not None and self.error is None
+
+    async def keep_open(self) -> None:
+        from mcp import ClientSession
+        ready, closing = self.ready, self.closing  # (this run's: a restart makes new ones)
+        self.started_at, self.error, self.session = time.monotonic(), None, None
+        try:
+            async with self._transport() as streams, ClientSession(streams[0], streams[1]) as session:
+                await session.initialize()
+                self.tools = (await session.list_tools()).tools
+                self.session = session
+                ready.set()
+                await closing.wait()
+        except BaseException as error:  # (a failed start, a dead process, a cancelled task)
+            if not closing.is_set():
+                self.error = _reason(error)
+                log.warning("MCP server %s is down: %s", self.config.name, self.error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+        finally:
+            if self.closing is closing:  # (still the current run)
+                self.session = None
+                if self.error is None and not closing.is_set():
+                    self.error = "it stopped"
+            ready.set()
+
+    def _transport(self):
+        config = self.config
+        if config.url:
+            from mcp.client.streamable_http import streamablehttp_client
+            return _first_two(streamablehttp_client(config.url, headers=config.headers or None))
+        from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
+        return stdio_client(StdioServerParameters(command=config.command, args=config.args,
+                                                  env={**get_default_environment(), **config.env}),
+                            errlog=_log_stream(config.name))
+
+
+class McpServers:
+    def __init__(self, configs: list[ServerConfig]):
+        self.servers = {config.name: _Server(config) for config in configs}
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="mcp", daemon=True)
+        self._lock = threading.Lock()
+        self.reserved: set[str] = set()  # names of the chat's other tools (a colliding MCP tool is prefixed)
+
+    @classmethod
+    def start(cls, configs: list[ServerConfig], reserved: set[str] = frozenset()) -> "McpServers":
+        """Start every server and wait (START_TIMEOUT_S at most) until each lists its tools or fails."""
+        servers = cls(configs)
+        servers.reserved = set(reserved)
+        servers.thread.start()
+        for server in servers.servers.values():
+            servers._run(servers._open(server), START_TIMEOUT_S + 5)
+        return servers
+
+    def _run(self, coroutine, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    async def _open(self, server: _Server) -> None:
+        if server.task is not None and not server.task.done():  # (the run before, ending)
+            server.closing.set()
+            await asyncio.wait([server.task], timeout=5)
+        server.ready, server.closing = asyncio.Event(), asyncio.Event()
+        server.task = asyncio.ensure_future(server.keep_open())
+        try:
+            await asyncio.wait_for(server.ready.wait(), START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            server.error = f"it did not answer within {START_TIMEOUT_S:g} s"
+            log.warning("MCP server %s is down: %s", server.config.name, server.error)
+            server.closing.set()
+            server.task.cancel()
+
+    # -- the tools
+
+    def names(self) -> dict[str, tuple[_Server, str]]:
+        """Tool name as the model sees it → (server, the server's own name for it)."""
+        listed = [(server, tool.name) for server in self.servers.values() for tool in server.tools]
+        counts: dict[str, int] = {}
+        for _, name in listed:
+            counts[name] = counts.get(name, 0) + 1
+        named = {}
+        for server, name in listed:
+            shown = name if counts[name] == 1 and name not in self.reserved else \
+                f"{_safe(server.config.name)}_{name}"
+            named[shown] = (server, name)
+        return named
+
+    def schemas(self) -> list[dict]:
+        """The servers' tools, in OpenAI's function shape (a server that went down keeps its
+        tools listed: a call to one starts it again)."""
+        schemas = []
+        for shown, (server, name) in self.names().items():
+            tool = next(tool for tool in server.tools if tool.name == name)
+            parameters = tool.inputSchema if isinstance(tool.inputSchema, dict) else {"type": "object"}
+            schemas.append({"type": "function", "function": {
+                "name": shown, "description": tool.description or f"{name} (from the MCP server {server.config.name})",
+                "parameters": parameters}})
+        return schemas
+
+    def status(self) -> list[tuple[str, int, str | None]]:
+        return [(name, len(server.tools), server.error) for name, server in self.servers.items()]
+
+    def call(self, shown: str, arguments: dict, timeout: float, cancelled: Signal | None = None) -> ToolCallResult:
+        """Call a tool; a server that is down is started again first (at most once a minute)."""
+        found = self.names().get(shown)
+        if found is None:
+            return ToolCallResult(f"error: there is no MCP tool named {shown!r}", [], True)
+        server, name = found
+        with self._lock:
+            if not server.up:
+                waited = time.monotonic() - server.started_at
+                if waited < RESTART_AFTER_S:
+                    return ToolCallResult(f"error: the MCP server {server.config.name} is down ({server.error}); it "
+                                          f"is started again in {RESTART_AFTER_S - waited:.0f} s", [], True)
+                log.info("Starting the MCP server %s again.", server.config.name)
+                self._run(self._open(server), START_TIMEOUT_S + 5)
+                if not server.up:
+                    return ToolCallResult(f"error: the MCP server {server.config.name} is down ({server.error})",
+                                          [], True)
+        future = asyncio.run_coroutine_threadsafe(self._call(server, name, arguments), self.loop)
+        done = Signal()
+        future.add_done_callback(lambda _: done.set())
+        wait_for_either(done, cancelled, timeout)
+        if not future.done():
+            future.cancel()
+            if cancelled is not None and cancelled.is_set():
+                return ToolCallResult("error: stopped by the user", [], True)
+            return ToolCallResult(f"error: {shown} took longer than {timeout:g} s and was abandoned", [], True)
+        try:
+            return future.result()
+        except Exception as error:
+            return ToolCallResult(f"error: {_reason(error)}", [], True)
+
+    async def _call(self, server: _Server, name: str, arguments: dict) -> ToolCallResult:
+        try:
+            result = await server.session.call_tool(name, arguments)
+        except Exception as error:
+            if not _lost_connection(error):
+                raise
+            server.error, server.session = "it stopped during a call", None  # (down: restarted on a later call)
+            server.closing.set()
+            log.warning("MCP server %s is down: %s (%s)", server.config.name, server.error, _reason(error))
+            return ToolCallResult(f"error: the MCP server {server.config.name} stopped during the call; it is "
+                                  f"started again on a later call (at most once a minute)", [], True)
+        return _result_of(result)
+
+    def close(self) -> None:
+        async def close_all():
+            for server in self.servers.values():
+                if server.closing is not None:
+                    server.closing.set()
+            tasks = [server.task for server in self.servers.values() if server.task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+        if self.thread.is_alive():
+            try:
+                self._run(close_all(), 10)
+            except Exception:
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _result_of(result) -> ToolCallResult:
+    """A CallToolResult → its text for the model, its images, and whether it is an error."""
+    texts, images = [], []
+    for item in result.content:
+        kind = getattr(item, "type", "")
+        if kind == "text":
+            texts.append(item.text)
+        elif kind == "image":
+            data = base64.b64decode(item.data or "", validate=False)
+            if len(data) <= MAX_IMAGE_BYTES:
+                images.append(data)
+                texts.append(f"[an image ({item.mimeType}), shown]")
+            else:
+                texts.append(f"[an image ({item.mimeType}) of {len(data) // 2**20} MB, not shown]")
+        elif kind == "audio":
+            texts.append(f"[audio ({item.mimeType}), not played]")
+        elif kind == "resource":
+            resource = item.resource
+            text = getattr(resource, "text", None)
+            texts.append(f"[{resource.uri}]\n{text}" if text is not None
+                         else f"[a resource: {resource.uri} ({resource.mimeType or 'binary'})]")
+        elif kind == "resource_link":
+            texts.append(f"[a link to {item.uri}" + (f": {item.description}" if item.description else "") + "]")
+        else:
+            texts.append(f"[a result of kind {kind!r}]")
+    if not texts and result.structuredContent is not None:
+        texts.append(json.dumps(result.structuredContent, ensure_ascii=False))
+    text = "\n".join(texts)
+    return ToolCallResult(f"error: {text}" if result.isError else text, images, bool(result.isError))
+
+
+def _lost_connection(error: BaseException) -> bool:
+    """Did the call fail because the server is gone (its process ended, its stream closed)?"""
+    import anyio
+    from mcp.shared.exceptions import McpError
+    if isinstance(error, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)):
+        return True
+    return isinstance(error, McpError) and "connection closed" in str(error).lower()
+
+
+def _reason(error: BaseException) -> str:
+    """One line for an error, through the task groups' exception groups."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    if isinstance(error, FileNotFoundError):
+        return f"its command was not found ({error.filename or error})"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "server"
+
+
+class _first_two:
+    """streamablehttp_client yields (read, write, session id): the session takes the first two."""
+
+    def __init__(self, context):
+        self.context = context
+
+    async def __aenter__(self):
+        streams = await self.context.__aenter__()
+        return streams[0], streams[1]
+
+    async def __aexit__(self, *exc):
+        return await self.context.__aexit__(*exc)
+
+
+def _log_stream(name: str):
+    """A stdio server's stderr, into the log (a file the subprocess can write to)."""
+    read, write = os.pipe()
+
+    def forward():
+        with os.fdopen(read, "r", errors="replace") as lines:
+            for line in lines:
+                if line.strip():
+                    log.info("[%s] %s", name, line.rstrip())
+    threading.Thread(target=forward, name=f"mcp-{name}-stderr", daemon=True).start()
+    return os.fdopen(write, "w")

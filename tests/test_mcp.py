@@ -1,0 +1,162 @@
+"""MCP (issue 24): tools from MCP servers in the chat — a stdio server written here with the
+`mcp` package (tests/mcp_test_server.py), the same server over streamable HTTP, one that
+crashes in the middle of a call, one whose command does not exist — called by the tiny tool
+model (it always asks for get_weather(city="Paris"))."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client
+
+import app
+import mcp_tools
+from mcp_tools import McpConfigError, McpServers, ServerConfig, read_config
+from tests.conftest import free_port, wait_for
+from tests.test_tools import submit, titled, tools_runner  # noqa: F401 (a fixture)
+from tools import Toolbox
+
+SERVER = str(Path(__file__).resolve().parent / "mcp_test_server.py")
+
+
+def config_file(tmp_path, servers: dict) -> str:
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": servers}))
+    return str(path)
+
+
+STDIO = {"command": sys.executable, "args": [SERVER], "env": {"WEATHER_SOURCE": "stdio"}}
+
+
+@pytest.fixture
+def toolboxes():
+    made = []
+    yield made
+    for toolbox in made:
+        toolbox.close()
+
+
+def test_a_stdio_servers_tool_is_called_in_the_chat_like_any_tool(serve, tools_runner, tmp_path, toolboxes):
+    toolbox = Toolbox.load([], config_file(tmp_path, {"weather": STDIO, "broken": {"command": "/no/such/program"}}))
+    toolboxes.append(toolbox)
+    url, spy = serve(tools_runner, toolbox=toolbox)
+    client = Client(url, verbose=False)
+    final = submit(client, "What's the weather in Paris?").result(timeout=60)
+    [call] = titled(final, "🛠 get_weather")
+    assert call["metadata"]["status"] == "done" and '"city": "Paris"' in call["content"]
+    assert "18 °C and clear in Paris (from the MCP server over stdio)" in call["content"]
+    assert spy.calls[1][0][-1]["content"][0]["text"] == "18 °C and clear in Paris (from the MCP server over stdio)"
+    header = app.header_markdown(tools_runner, toolbox)
+    assert "🛠 tools: 3 from MCP weather" in header, header
+    assert "MCP broken is down (its command was not found" in header, "a server that can't start is a note"
+    client.close()
+
+
+@pytest.fixture
+def http_server():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, SERVER, "http", str(port)], env={**os.environ, "WEATHER_SOURCE": "http"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=1).status_code > 0
+        except httpx.HTTPError:
+            return False
+    wait_for(listening, 30, "the MCP server to listen")
+    yield f"http://127.0.0.1:{port}/mcp"
+    process.terminate()
+    process.wait(10)
+
+
+def test_a_remote_streamable_http_servers_tools_join_with_their_names(http_server):
+    servers = McpServers.start([ServerConfig("remote", url=http_server, headers={"Authorization": "Bearer x"}),
+                                ServerConfig("local", command=sys.executable, args=[SERVER])])
+    try:
+        names = servers.names()
+        assert {"remote_get_weather", "local_get_weather", "remote_red_square", "local_red_square"} <= set(names), \
+            "two servers with the same tool: each prefixed by its server's name"
+        result = servers.call("remote_get_weather", {"city": "Oslo"}, timeout=20)
+        assert result.text == "18 °C and clear in Oslo (from the MCP server over http)" and not result.failed
+        picture = servers.call("local_red_square", {}, timeout=20)
+        assert picture.images and picture.images[0].startswith(b"\x89PNG") and "an image" in picture.text
+    finally:
+        servers.close()
+
+
+def test_a_server_that_dies_mid_call_is_an_error_result_and_starts_again_later(monkeypatch, tmp_path):
+    servers = McpServers.start([ServerConfig("weather", command=sys.executable, args=[SERVER])],
+                               reserved={"get_weather"})
+    try:
+        crashed = servers.call("crash", {}, timeout=20)
+        assert crashed.failed and "stopped during the call" in crashed.text
+        assert servers.status()[0][2] is not None, "it is down"
+        soon = servers.call("weather_get_weather", {"city": "Paris"}, timeout=20)
+        assert soon.failed and "started again in" in soon.text, "at most once a minute"
+        monkeypatch.setattr(mcp_tools, "RESTART_AFTER_S", 0.0)
+        again = servers.call("weather_get_weather", {"city": "Paris"}, timeout=20)
+        assert not again.failed and "Paris" in again.text and servers.status()[0][2] is None
+    finally:
+        servers.close()
+
+
+def test_tools_from_files_keep_their_names_and_a_colliding_mcp_tool_is_prefixed(tmp_path, toolboxes):
+    from tests.test_tools import WEATHER, write_tools
+    toolbox = Toolbox.load([write_tools(tmp_path, WEATHER)], config_file(tmp_path, {"weather": STDIO}))
+    toolboxes.append(toolbox)
+    assert "get_weather" in toolbox.names and "weather_get_weather" in toolbox.names
+    assert [schema["function"]["name"] for schema in toolbox.all_schemas].count("get_weather") == 1
+    assert toolbox.where() == ["get_weather", "3 from MCP weather"]
+    result = toolbox.run("weather_get_weather", {"city": "Rome"}, timeout=20)
+    assert "Rome (from the MCP server over stdio)" in result.text and result.seconds > 0
+
+
+def test_a_stdio_server_is_stopped_with_the_app(tmp_path):
+    servers = McpServers.start([ServerConfig("weather", command=sys.executable, args=[SERVER])])
+    found = subprocess.run(["pgrep", "-f", SERVER], capture_output=True, text=True).stdout.split()
+    assert found, "the server runs"
+    servers.close()
+    wait_for(lambda: not set(found) & set(subprocess.run(["pgrep", "-f", SERVER], capture_output=True,
+                                                         text=True).stdout.split()), 10, "the server to stop")
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "is not JSON"),
+    ('{"servers": {}}', 'no "mcpServers" object'),
+    ('{"mcpServers": {"x": {"command": "a", "url": "http://b"}}}', 'either "command"'),
+    ('{"mcpServers": {"x": {"command": "a", "args": "not a list"}}}', '"args" must be a list'),
+    ('{"mcpServers": {"x": {"url": "ftp://b"}}}', "http(s) address"),
+])
+def test_a_config_that_cannot_be_used_is_one_line(tmp_path, content, why):
+    path = tmp_path / "mcp.json"
+    path.write_text(content)
+    with pytest.raises(McpConfigError, match=why.replace("(", r"\(").replace(")", r"\)")):
+        read_config(path)
+    result = subprocess.run([sys.executable, str(Path(app.__file__)), "--mcp-config", str(path)],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and why.split()[0] in result.stderr
+
+
+def test_a_tools_pictures_are_shown_and_given_to_a_model_that_sees(idefics3_runner):
+    servers = McpServers.start([ServerConfig("art", command=sys.executable, args=[SERVER])])
+    try:
+        result = servers.call("red_square", {}, timeout=20)
+    finally:
+        servers.close()
+    parts = app.pictures(result.images)
+    assert len(parts) == 1
+    from engine_contract import ToolCall
+    call = ToolCall("red_square", {}, "call_1")
+    answer = [{"role": "assistant", "content": [], "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": "call_1", "name": "red_square",
+               "content": [{"type": "text", "text": result.text}, *parts]}]
+    shown = app.chat_bubbles([{"role": "user", "content": [{"type": "text", "text": "Draw"}]}, *answer])
+    assert any(isinstance(b["content"], dict) and b["content"].get("path") == parts[0]["image"] for b in shown)
+    prompt = idefics3_runner.tokenizer.decode(idefics3_runner.build_inputs(
+        [{"role": "user", "content": [{"type": "text", "text": "Draw"}]}, *answer])["input_ids"][0])
+    assert "The pictures the tools returned:" in prompt and prompt.count("<image>") >= 4
