@@ -7,6 +7,7 @@ Launch:
     python app.py --model ./my-local-model --share --auth me:secret
     python app.py --model Qwen/Qwen2.5-1.5B-Instruct --tools my_tools.py --tools builtin
     python app.py --model Qwen/Qwen2.5-1.5B-Instruct --asr-model openai/whisper-large-v3-turbo
+    python app.py --model Qwen/Qwen2.5-7B-Instruct --mcp-config mcp.json --mcp-server
     python app.py --help                            # every option and its environment variable
 
 Endpoints (same server):
@@ -17,6 +18,7 @@ Endpoints (same server):
                        streams the growing answer; job.cancel() stops generation. Its
                        conversation is the client session's own, not saved.
     /v1/chat/completions, /v1/models   OpenAI-compatible API (see openai_api.py)
+    /gradio_api/mcp/   with --mcp-server: the chat as one MCP tool, `ask` (Chats.ask)
     /healthz           model, device, loaded, and the runner record (engine_contract.RunnerInfo)
     /metrics           Prometheus metrics
 """
@@ -44,7 +46,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 import gradio as gr
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
+from starlette.middleware import Middleware
 
 import config
 import users
@@ -69,7 +72,7 @@ from engine_contract import (
 from engine_process import EngineProcess
 from gradio_fixes import cache_history_postprocessing, gradio_app_built_at_launch_only, wake_queue_on_events
 from metrics import Metrics
-from openai_api import create_api
+from openai_api import APIError, create_api, decode_image
 from remote_backend import RemoteRunner
 from starter_examples import starter_examples
 from mcp_tools import McpConfigError
@@ -804,6 +807,41 @@ class Chats:
             if place is not None:
                 place.leave()
 
+    async def ask(self, message: str, images: list[str] | None = None, system_prompt: str = "",
+                  max_new_tokens: int = 512, temperature: float = 0.0) -> str:
+        """Ask the local model something and get its whole answer (it may use the app's tools).
+
+        Args:
+            message: What to ask the model.
+            images: Pictures for the model to look at, each a data: URL (data:image/png;base64,...); a vision model only.
+            system_prompt: Instructions for the model (optional).
+            max_new_tokens: The longest answer, in tokens.
+            temperature: 0 for the most likely answer; higher for more varied ones (at most 2).
+
+        Returns:
+            The model's answer.
+        """
+        parts = []
+        for i, url in enumerate(images or []):
+            try:
+                parts.append({"type": "image", "image": decode_image(str(url), f"images[{i}]", self.settings)})
+            except APIError as error:
+                raise gr.Error(f"images[{i}]: {error}") from None
+        if not (message or "").strip() and not parts:
+            raise gr.Error("The message is empty.")
+        if not 1 <= int(max_new_tokens) <= self.settings.max_new_tokens_limit or not 0 <= float(temperature) <= 2:
+            raise gr.Error(f"max_new_tokens must be 1 to {self.settings.max_new_tokens_limit}, temperature 0 to 2.")
+        asked = {"role": "user", "content": [*parts, *([{"type": "text", "text": message}] if message else [])]}
+        generation = self.generation_settings(1, max_new_tokens, temperature, 1.0)
+        answer = []
+        async with contextlib.aclosing(self.answer(for_the_model([asked], system_prompt), generation)) as steps:
+            async for progress in steps:
+                answer = progress.messages
+        errors = [message["error"] for message in answer if message.get("error")]
+        if errors or not answer:
+            raise gr.Error(errors[-1] if errors else "No answer.")
+        return text_of(answer[-1])
+
     async def api_chat(self, message, history, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                        max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0):
         """/chat (gradio_client): the growing answer's bubbles. Its conversation is the API
@@ -821,6 +859,8 @@ class Chats:
                 answer = progress.messages
                 response = [*chat_bubbles(answer, live=True), *pending(progress.pending)]
                 yield response[0] if len(response) == 1 else response, [*history, asked, *settled(answer)]
+
+    api_chat._mcp_type = "gradio_client only"  # (Gradio's MCP server would list it too: its tool is `ask`)
 
 
 def build_demo(runner, line: WaitingLine | None = None, settings: Settings | None = None,
@@ -922,6 +962,9 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
                          [api_response, api_history], api_name="chat", concurrency_limit=concurrency,
                          concurrency_id=GENERATION_CONCURRENCY_ID, postprocess=False)
 
+        if settings.mcp_server:  # the chat as one MCP tool (Gradio's MCP server lists public endpoints)
+            gr.api(chats.ask, api_name="ask", concurrency_limit=concurrency, concurrency_id=GENERATION_CONCURRENCY_ID)
+
         start = chats.start_session_with_hf if hf_oauth else chats.start_session
         demo.load(start, [kept], [user, conversation, kept, chatbot, chat_list], **quick)
         # The list beside the chat on a wide screen; on a phone folded behind its button, so
@@ -997,6 +1040,9 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
     logins = users.read_logins(settings.auth, settings.auth_file)
     store, where = open_store(settings)
     line = waiting_line_for(runner, settings)
+    if settings.mcp_server and (why := mcp_server_refusal(settings)):
+        log.warning("The MCP server (--mcp-server) is off: %s", why)
+        settings = settings.replace(mcp_server=False)
     speech = None
     if settings.asr_model:
         from speech import Speech
@@ -1013,7 +1059,11 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
         server_name=settings.host, server_port=settings.port, share=settings.share,
         auth=list(logins.items()) or None, allowed_paths=[str(store.images)], css=CSS,
         max_file_size=settings.max_upload_size, max_threads=settings.queue_max_size + GRADIO_EXTRA_THREADS,
-        prevent_thread_lock=True, quiet=quiet)
+        prevent_thread_lock=True, quiet=quiet, mcp_server=settings.mcp_server,
+        app_kwargs={"middleware": [Middleware(KeyForMcp, key=settings.api_key)]} if settings.mcp_server else None)
+    if settings.mcp_server:
+        log.info("The chat is an MCP tool at %sgradio_api/mcp/%s.", local_url,
+                 " (with 'Authorization: Bearer' and the API key)" if settings.api_key else "")
     if settings.share:
         if share_url:
             log.info("Public link (valid 1 week, while this app runs): %s", share_url)
@@ -1037,6 +1087,33 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
     if block:
         demo.block_thread()
     return demo, local_url
+
+
+def mcp_server_refusal(settings: Settings) -> str | None:
+    """Why --mcp-server stays off (None: it may run). Like /v1: on a network address, or with
+    --share, only with an API key, which MCP clients send as 'Authorization: Bearer KEY'."""
+    if settings.api_key is None and not (is_loopback(settings.host) and not settings.share):
+        return ("the server is reachable from the network; start with --api-key KEY to turn it on (MCP clients "
+                "send it as 'Authorization: Bearer KEY').")
+    return None
+
+
+class KeyForMcp:
+    """The MCP endpoint (/gradio_api/mcp/...) answers only with 'Authorization: Bearer KEY'
+    when the server has an API key (ASGI middleware: the rest of the app is untouched)."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if self.key and scope["type"] == "http" and scope["path"].startswith("/gradio_api/mcp"):
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
+                response = JSONResponse({"error": "The MCP endpoint needs 'Authorization: Bearer KEY' (--api-key)."},
+                                        status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def is_loopback(host: str) -> bool:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -160,3 +159,53 @@ def test_a_tools_pictures_are_shown_and_given_to_a_model_that_sees(idefics3_runn
     prompt = idefics3_runner.tokenizer.decode(idefics3_runner.build_inputs(
         [{"role": "user", "content": [{"type": "text", "text": "Draw"}]}, *answer])["input_ids"][0])
     assert "The pictures the tools returned:" in prompt and prompt.count("<image>") >= 4
+
+
+# ---------------------------------------------------------------- the app as an MCP server
+
+async def _mcp_session(url, headers=None, act=None):
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+    async with streamablehttp_client(url + "gradio_api/mcp/", headers=headers) as (read, write, _):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            return await act(session)
+
+
+def test_the_chat_is_one_mcp_tool_that_answers(serve, llama_runner):
+    import asyncio
+    url, spy = serve(llama_runner, mcp_server=True)
+
+    async def act(session):
+        tools = (await session.list_tools()).tools
+        answer = await session.call_tool("ask", {"message": "Describe a dog.", "max_new_tokens": 8})
+        empty = await session.call_tool("ask", {"message": " "})
+        return tools, answer, empty
+
+    tools, answer, empty = asyncio.run(_mcp_session(url, act=act))
+    assert [tool.name for tool in tools] == ["ask"], "only the chat: none of the page's own events"
+    assert set(tools[0].inputSchema["properties"]) == {"message", "images", "system_prompt", "max_new_tokens",
+                                                       "temperature"}
+    assert not answer.isError and answer.content[0].text == spy.streams[-1].reply.answer != ""
+    assert spy.streams[-1].new_tokens == 8
+    assert empty.isError and "empty" in empty.content[0].text
+    assert spy.chats.store._db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 0, "nothing saved"
+
+
+def test_with_an_api_key_the_mcp_endpoint_needs_it(serve, llama_runner):
+    import asyncio
+    url, _ = serve(llama_runner, mcp_server=True, api_key="sesame")
+    refused = httpx.post(url + "gradio_api/mcp/", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    assert refused.status_code == 401 and "Bearer" in refused.text
+
+    async def act(session):
+        return (await session.list_tools()).tools
+    assert [t.name for t in asyncio.run(_mcp_session(url, {"Authorization": "Bearer sesame"}, act))] == ["ask"]
+
+
+def test_on_a_network_address_without_a_key_the_mcp_server_stays_off():
+    from config import Settings
+    assert "--api-key" in app.mcp_server_refusal(Settings(host="0.0.0.0", mcp_server=True))
+    assert "--api-key" in app.mcp_server_refusal(Settings(share=True, mcp_server=True))
+    assert app.mcp_server_refusal(Settings(host="0.0.0.0", mcp_server=True, api_key="k")) is None
+    assert app.mcp_server_refusal(Settings(mcp_server=True)) is None
