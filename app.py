@@ -30,6 +30,7 @@ import atexit
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import mimetypes
@@ -53,7 +54,6 @@ import config
 import users
 from config import Settings
 from attachments import UPLOAD_TYPES, attachment_part, needs_transcript
-from attachments import kind_of as attachment_kind
 from conversation import ATTACHED, for_the_model
 from conversation_store import ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
@@ -199,7 +199,8 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
                 if cancelled is not None and cancelled.is_set():
                     return
                 done = [*done, {"role": "tool", "tool_call_id": call.id, "name": call.name,
-                                "content": [{"type": "text", "text": result.text}, *pictures(result.images)],
+                                "content": [{"type": "text", "text": result.text},
+                                            *pictures(result.images, settings.max_images_per_message)],
                                 "duration": round(result.seconds, 2)}]
                 messages = [*messages, *for_the_model(done[-1:])]
             generation = dataclasses.replace(generation, continues_answer=True)  # before those who came later
@@ -345,17 +346,19 @@ def text_of(message: dict) -> str:
     return "".join(part["text"] for part in message.get("content") or () if part["type"] == "text")
 
 
-def pictures(images: list[bytes]) -> list[dict]:
-    """An MCP tool's pictures as image parts (files in a folder of the app's own): those of a
-    kind the app reads; the result's text already mentions each."""
+def pictures(images: list[bytes], most: int = 8) -> list[dict]:
+    """An MCP tool's pictures as image parts (files in a folder of the app's own, named by
+    their format so the chat shows them): the first `most` of a kind the app reads; the
+    result's text already mentions each."""
+    from PIL import Image
     parts = []
-    for data in images:
+    for data in images[:most]:
         try:
-            if attachment_kind(data, "picture") != "image":
-                continue
-        except ChatInputError:
+            with Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "WEBP", "GIF", "BMP"]) as picture:
+                suffix = {"JPEG": ".jpg"}.get(picture.format, f".{picture.format.lower()}")
+        except Exception:  # (not a picture this app shows)
             continue
-        path = Path(TOOL_PICTURES) / f"{hashlib.sha256(data).hexdigest()}.img"
+        path = Path(TOOL_PICTURES) / f"{hashlib.sha256(data).hexdigest()}{suffix}"
         path.write_bytes(data)
         parts.append({"type": "image", "image": str(path)})
     return parts
@@ -821,12 +824,18 @@ class Chats:
         Returns:
             The model's answer.
         """
+        images = list(images or [])
+        if images and not self.runner.is_vision:
+            raise gr.Error(f"This model ({self.runner.name}) is text-only and can't see images.")
+        if len(images) > self.settings.max_images_per_message:
+            raise gr.Error(f"At most {self.settings.max_images_per_message} images.")
         parts = []
-        for i, url in enumerate(images or []):
+        for i, url in enumerate(images):
             try:
-                parts.append({"type": "image", "image": decode_image(str(url), f"images[{i}]", self.settings)})
+                image = await anyio.to_thread.run_sync(decode_image, str(url), f"images[{i}]", self.settings)
             except APIError as error:
                 raise gr.Error(f"images[{i}]: {error}") from None
+            parts.append({"type": "image", "image": image})
         if not (message or "").strip() and not parts:
             raise gr.Error("The message is empty.")
         if not 1 <= int(max_new_tokens) <= self.settings.max_new_tokens_limit or not 0 <= float(temperature) <= 2:
@@ -840,6 +849,8 @@ class Chats:
         errors = [message["error"] for message in answer if message.get("error")]
         if errors or not answer:
             raise gr.Error(errors[-1] if errors else "No answer.")
+        if not text_of(answer[-1]) and answer[-1].get("notes"):  # (e.g. stopped at the tool-step limit)
+            raise gr.Error(" ".join(answer[-1]["notes"]))
         return text_of(answer[-1])
 
     async def api_chat(self, message, history, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
@@ -963,7 +974,9 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
                          concurrency_id=GENERATION_CONCURRENCY_ID, postprocess=False)
 
         if settings.mcp_server:  # the chat as one MCP tool (Gradio's MCP server lists public endpoints)
-            gr.api(chats.ask, api_name="ask", concurrency_limit=concurrency, concurrency_id=GENERATION_CONCURRENCY_ID)
+            # (queue=False: Gradio's MCP server then calls it directly, not through a loopback client that
+            # --auth would stop; the app's own line orders it with the chat's and /v1's questions)
+            gr.api(chats.ask, api_name="ask", queue=False)
 
         start = chats.start_session_with_hf if hf_oauth else chats.start_session
         demo.load(start, [kept], [user, conversation, kept, chatbot, chat_list], **quick)

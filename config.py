@@ -122,8 +122,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Cursor and LM Studio ({\"mcpServers\": {NAME: {command, args, env} or {url, headers}}}); stdio "
             "servers are started with the app and stopped with it", option=True, metavar="PATH"),
     Setting("mcp_server", False, "serve the chat as an MCP tool at /gradio_api/mcp/ (one tool: a message, "
-            "optional images, settings; returns the answer). On a network address it needs --api-key (or "
-            "--auth)", option=True),
+            "optional images, settings; returns the answer). On a network address (or with --share) it needs "
+            "--api-key, sent as 'Authorization: Bearer KEY'", option=True),
     Setting("tool_timeout_s", 30.0, "a tool running longer is abandoned; its result says so"),
     Setting("max_tool_steps", 5, "tool calls the model may make for one message (generate, call, "
             "generate...); beyond, the chat says it stopped there"),

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from engine_contract import Signal, wait_for_either
 
-log = logging.getLogger("mcp")
+log = logging.getLogger("mcp-tools")  # ("mcp" is the package's own loggers' parent)
+PING_EVERY_S = 15.0         # an idle server is pinged this often: one that died is noticed, logged, shown
 
 RESTART_AFTER_S = 60.0      # a server that is down is started again on a call, at most this often
 START_TIMEOUT_S = 30.0      # to start (or reach) a server and list its tools
@@ -115,6 +116,7 @@ class _Server:
         self.task: asyncio.Task | None = None
         self.ready: asyncio.Event | None = None
         self.closing: asyncio.Event | None = None
+        self.restarting = threading.Lock()  # (one restart at a time; other servers' calls go on)
 
     @property
     def up(self) -> bool:
@@ -130,7 +132,11 @@ class _Server:
                 self.tools = (await session.list_tools()).tools
                 self.session = session
                 ready.set()
-                await closing.wait()
+                while not closing.is_set():  # (a server that dies while idle is noticed by its ping)
+                    try:
+                        await asyncio.wait_for(closing.wait(), PING_EVERY_S)
+                    except asyncio.TimeoutError:
+                        await asyncio.wait_for(session.send_ping(), PING_EVERY_S)
         except BaseException as error:  # (a failed start, a dead process, a cancelled task)
             if not closing.is_set():
                 self.error = _reason(error)
@@ -160,7 +166,7 @@ class McpServers:
         self.servers = {config.name: _Server(config) for config in configs}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="mcp", daemon=True)
-        self._lock = threading.Lock()
+        self.closed = False
         self.reserved: set[str] = set()  # names of the chat's other tools (a colliding MCP tool is prefixed)
 
     @classmethod
@@ -169,8 +175,10 @@ class McpServers:
         servers = cls(configs)
         servers.reserved = set(reserved)
         servers.thread.start()
-        for server in servers.servers.values():
-            servers._run(servers._open(server), START_TIMEOUT_S + 5)
+
+        async def open_all():  # (together: a slow one doesn't hold up the others)
+            await asyncio.gather(*(servers._open(server) for server in servers.servers.values()))
+        servers._run(open_all(), START_TIMEOUT_S + 10)
         return servers
 
     def _run(self, coroutine, timeout: float):
@@ -189,6 +197,13 @@ class McpServers:
             log.warning("MCP server %s is down: %s", server.config.name, server.error)
             server.closing.set()
             server.task.cancel()
+        if not server.up and not server.tools and not self.closed:  # (never listed a tool: no call would
+            self.loop.call_later(RESTART_AFTER_S, self._retry, server)   # start it; try again in a minute)
+
+    def _retry(self, server: _Server) -> None:
+        if not self.closed and not server.up and not server.restarting.locked():
+            log.info("Starting the MCP server %s again.", server.config.name)
+            asyncio.ensure_future(self._open(server))
 
     # -- the tools
 
@@ -218,7 +233,8 @@ class McpServers:
         return schemas
 
     def status(self) -> list[tuple[str, int, str | None]]:
-        return [(name, len(server.tools), server.error) for name, server in self.servers.items()]
+        return [(name, len(server.tools), None if server.up else server.error or "starting")
+                for name, server in self.servers.items()]
 
     def call(self, shown: str, arguments: dict, timeout: float, cancelled: Signal | None = None) -> ToolCallResult:
         """Call a tool; a server that is down is started again first (at most once a minute)."""
@@ -226,18 +242,33 @@ class McpServers:
         if found is None:
             return ToolCallResult(f"error: there is no MCP tool named {shown!r}", [], True)
         server, name = found
-        with self._lock:
-            if not server.up:
-                waited = time.monotonic() - server.started_at
-                if waited < RESTART_AFTER_S:
-                    return ToolCallResult(f"error: the MCP server {server.config.name} is down ({server.error}); it "
-                                          f"is started again in {RESTART_AFTER_S - waited:.0f} s", [], True)
-                log.info("Starting the MCP server %s again.", server.config.name)
-                self._run(self._open(server), START_TIMEOUT_S + 5)
+        started = time.monotonic()
+        if not server.up:
+            if not server.restarting.acquire(timeout=timeout):
+                return ToolCallResult(f"error: the MCP server {server.config.name} is still starting", [], True)
+            try:
                 if not server.up:
-                    return ToolCallResult(f"error: the MCP server {server.config.name} is down ({server.error})",
-                                          [], True)
-        future = asyncio.run_coroutine_threadsafe(self._call(server, name, arguments), self.loop)
+                    waited = time.monotonic() - server.started_at
+                    if waited < RESTART_AFTER_S:
+                        return ToolCallResult(f"error: the MCP server {server.config.name} is down ({server.error}); "
+                                              f"it is started again in {RESTART_AFTER_S - waited:.0f} s", [], True)
+                    log.info("Starting the MCP server %s again.", server.config.name)
+                    stopped = self._wait(self._open(server), cancelled, timeout, shown, timeout)
+                    if stopped is not None:
+                        return stopped
+                    if not server.up:
+                        return ToolCallResult(f"error: the MCP server {server.config.name} is down ({server.error})",
+                                              [], True)
+            finally:
+                server.restarting.release()
+        return self._wait(self._call(server, name, arguments), cancelled,
+                          max(0.0, timeout - (time.monotonic() - started)), shown, timeout) or \
+            ToolCallResult("error: no result", [], True)
+
+    def _wait(self, coroutine, cancelled: Signal | None, timeout: float, shown: str, limit: float):
+        """Run a coroutine on the loop until it ends, Stop, or the time limit: its result (a
+        ToolCallResult, or None for one that returns nothing), or the error result saying why not."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         done = Signal()
         future.add_done_callback(lambda _: done.set())
         wait_for_either(done, cancelled, timeout)
@@ -245,26 +276,33 @@ class McpServers:
             future.cancel()
             if cancelled is not None and cancelled.is_set():
                 return ToolCallResult("error: stopped by the user", [], True)
-            return ToolCallResult(f"error: {shown} took longer than {timeout:g} s and was abandoned", [], True)
+            return ToolCallResult(f"error: {shown} took longer than {limit:g} s and was abandoned", [], True)
         try:
             return future.result()
         except Exception as error:
             return ToolCallResult(f"error: {_reason(error)}", [], True)
 
     async def _call(self, server: _Server, name: str, arguments: dict) -> ToolCallResult:
-        try:
-            result = await server.session.call_tool(name, arguments)
-        except Exception as error:
+        call = asyncio.ensure_future(server.session.call_tool(name, arguments))
+        await asyncio.wait([call, server.task], return_when=asyncio.FIRST_COMPLETED)
+        if not call.done():  # (the connection ended first: the server is gone)
+            call.cancel()
+            error = ConnectionError(server.error or "the connection ended")
+        else:
+            error = call.exception()
+        if error is not None:
             if not _lost_connection(error):
-                raise
+                raise error
             server.error, server.session = "it stopped during a call", None  # (down: restarted on a later call)
             server.closing.set()
             log.warning("MCP server %s is down: %s (%s)", server.config.name, server.error, _reason(error))
             return ToolCallResult(f"error: the MCP server {server.config.name} stopped during the call; it is "
                                   f"started again on a later call (at most once a minute)", [], True)
-        return _result_of(result)
+        return _result_of(call.result())
 
     def close(self) -> None:
+        self.closed = True
+
         async def close_all():
             for server in self.servers.values():
                 if server.closing is not None:
@@ -315,9 +353,14 @@ def _lost_connection(error: BaseException) -> bool:
     """Did the call fail because the server is gone (its process ended, its stream closed)?"""
     import anyio
     from mcp.shared.exceptions import McpError
-    if isinstance(error, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)):
+    if isinstance(error, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream,
+                          ConnectionError, OSError)):
         return True
-    return isinstance(error, McpError) and "connection closed" in str(error).lower()
+    import httpx
+    if isinstance(error, httpx.TransportError):
+        return True
+    text = str(error).lower()  # (a remote server restarted: it no longer knows our session)
+    return isinstance(error, McpError) and ("connection closed" in text or "session terminated" in text)
 
 
 def _reason(error: BaseException) -> str:

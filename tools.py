@@ -94,7 +94,8 @@ class Toolbox:
         file's and built-in tools, then "3 from MCP files", "MCP search is down (why)"."""
         lines = [", ".join(self.functions)] if self.functions else []
         for name, count, down in (self.mcp.status() if self.mcp is not None else []):
-            lines.append(f"MCP {name} is down ({down})" if down else f"{count} from MCP {name}")
+            lines.append(f"{count} from MCP {name}" if not down else f"MCP {name} is starting" if down == "starting"
+                         else f"MCP {name} is down ({down})")
         return lines
 
     def close(self) -> None:

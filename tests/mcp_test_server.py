@@ -1,6 +1,6 @@
 """An MCP server for the tests, written with the `mcp` package: over stdio (the default) or
 streamable HTTP (`http PORT`). Its tools: get_weather (what the tiny tool model calls), a red
-square as an image, and one that kills the server in the middle of its call."""
+square as an image, one that waits, and one that kills the server in the middle of its call."""
 
 import io
 import os
@@ -29,6 +29,18 @@ def red_square() -> Image:
     buffer = io.BytesIO()
     Picture.new("RGB", (32, 32), (220, 20, 20)).save(buffer, format="PNG")
     return Image(data=buffer.getvalue(), format="png")
+
+
+@server.tool()
+async def wait(seconds: float) -> str:
+    """Waits, then says so.
+
+    Args:
+        seconds: how long
+    """
+    import asyncio
+    await asyncio.sleep(seconds)
+    return f"waited {seconds} s"
 
 
 @server.tool()

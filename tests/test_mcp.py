@@ -29,7 +29,7 @@ def config_file(tmp_path, servers: dict) -> str:
     return str(path)
 
 
-STDIO = {"command": sys.executable, "args": [SERVER], "env": {"WEATHER_SOURCE": "stdio"}}
+STDIO = {"command": sys.executable, "args": [SERVER], "env": {"WEATHER_SOURCE": "stdio, with its env"}}
 
 
 @pytest.fixture
@@ -48,10 +48,11 @@ def test_a_stdio_servers_tool_is_called_in_the_chat_like_any_tool(serve, tools_r
     final = submit(client, "What's the weather in Paris?").result(timeout=60)
     [call] = titled(final, "🛠 get_weather")
     assert call["metadata"]["status"] == "done" and '"city": "Paris"' in call["content"]
-    assert "18 °C and clear in Paris (from the MCP server over stdio)" in call["content"]
-    assert spy.calls[1][0][-1]["content"][0]["text"] == "18 °C and clear in Paris (from the MCP server over stdio)"
+    assert "18 °C and clear in Paris (from the MCP server over stdio, with its env)" in call["content"]
+    assert spy.calls[1][0][-1]["content"][0]["text"] == \
+        "18 °C and clear in Paris (from the MCP server over stdio, with its env)"
     header = app.header_markdown(tools_runner, toolbox)
-    assert "🛠 tools: 3 from MCP weather" in header, header
+    assert "🛠 tools: 4 from MCP weather" in header, header
     assert "MCP broken is down (its command was not found" in header, "a server that can't start is a note"
     client.close()
 
@@ -110,18 +111,20 @@ def test_tools_from_files_keep_their_names_and_a_colliding_mcp_tool_is_prefixed(
     toolboxes.append(toolbox)
     assert "get_weather" in toolbox.names and "weather_get_weather" in toolbox.names
     assert [schema["function"]["name"] for schema in toolbox.all_schemas].count("get_weather") == 1
-    assert toolbox.where() == ["get_weather", "3 from MCP weather"]
+    assert toolbox.where() == ["get_weather", "4 from MCP weather"]
     result = toolbox.run("weather_get_weather", {"city": "Rome"}, timeout=20)
-    assert "Rome (from the MCP server over stdio)" in result.text and result.seconds > 0
+    assert "Rome (from the MCP server over stdio, with its env)" in result.text and result.seconds > 0
 
 
 def test_a_stdio_server_is_stopped_with_the_app(tmp_path):
-    servers = McpServers.start([ServerConfig("weather", command=sys.executable, args=[SERVER])])
-    found = subprocess.run(["pgrep", "-f", SERVER], capture_output=True, text=True).stdout.split()
-    assert found, "the server runs"
+    marker = f"mcp-marker-stopped-{os.getpid()}"
+
+    def running():
+        return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    servers = McpServers.start([ServerConfig("weather", command=sys.executable, args=[SERVER, marker])])
+    assert running(), "the server runs"
     servers.close()
-    wait_for(lambda: not set(found) & set(subprocess.run(["pgrep", "-f", SERVER], capture_output=True,
-                                                         text=True).stdout.split()), 10, "the server to stop")
+    wait_for(lambda: not running(), 15, "the server to stop")
 
 
 @pytest.mark.parametrize("content, why", [
@@ -148,7 +151,8 @@ def test_a_tools_pictures_are_shown_and_given_to_a_model_that_sees(idefics3_runn
     finally:
         servers.close()
     parts = app.pictures(result.images)
-    assert len(parts) == 1
+    assert len(parts) == 1 and parts[0]["image"].endswith(".png"), "named by its format: the chat shows it"
+    assert len(app.pictures(result.images * 12, most=8)) == 8
     from engine_contract import ToolCall
     call = ToolCall("red_square", {}, "call_1")
     answer = [{"role": "assistant", "content": [], "tool_calls": [call]},
@@ -209,3 +213,51 @@ def test_on_a_network_address_without_a_key_the_mcp_server_stays_off():
     assert "--api-key" in app.mcp_server_refusal(Settings(share=True, mcp_server=True))
     assert app.mcp_server_refusal(Settings(host="0.0.0.0", mcp_server=True, api_key="k")) is None
     assert app.mcp_server_refusal(Settings(mcp_server=True)) is None
+
+
+def test_stop_or_the_time_limit_during_an_mcp_call_end_it_and_the_server_goes_on():
+    import threading
+
+    from engine_contract import Signal
+    servers = McpServers.start([ServerConfig("slow", command=sys.executable, args=[SERVER])])
+    try:
+        stop = Signal()
+        threading.Timer(0.3, stop.set).start()
+        stopped = servers.call("wait", {"seconds": 30}, timeout=60, cancelled=stop)
+        assert stopped.failed and stopped.text == "error: stopped by the user"
+        late = servers.call("wait", {"seconds": 30}, timeout=0.5)
+        assert late.failed and "took longer than 0.5 s" in late.text
+        assert servers.call("get_weather", {"city": "Lima"}, timeout=20).text.startswith("18 °C and clear in Lima")
+    finally:
+        servers.close()
+
+
+def test_a_server_that_dies_while_idle_is_noticed_and_one_that_never_started_is_tried_again(monkeypatch, tmp_path):
+    monkeypatch.setattr(mcp_tools, "PING_EVERY_S", 0.3)
+    monkeypatch.setattr(mcp_tools, "RESTART_AFTER_S", 0.5)
+    marker = f"mcp-marker-idle-{os.getpid()}"
+    late = tmp_path / "late_server.py"  # (a command that appears after the app started)
+    servers = McpServers.start([ServerConfig("idle", command=sys.executable, args=[SERVER, marker]),
+                                ServerConfig("late", command=str(late))])
+    try:
+        assert servers.status()[1][2] is not None
+        late.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv = [{SERVER!r}]\n"
+                        f"runpy.run_path({SERVER!r}, run_name='__main__')\n")
+        late.chmod(0o755)
+        wait_for(lambda: servers.status()[1][2] is None, 20, "the late server to be started again")
+        assert servers.status()[1][1] == 4
+        (pid,) = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        os.kill(int(pid), 9)
+        wait_for(lambda: servers.status()[0][2] is not None, 10, "the dead server to be noticed")
+    finally:
+        servers.close()
+
+
+def test_with_logins_the_chat_tool_still_answers_on_this_machine(serve, llama_runner):
+    import asyncio
+    url, spy = serve(llama_runner, mcp_server=True, auth=("ann:pa55",))
+
+    async def act(session):
+        return await session.call_tool("ask", {"message": "Describe a dog.", "max_new_tokens": 5})
+    answer = asyncio.run(_mcp_session(url, act=act))
+    assert not answer.isError and answer.content[0].text == spy.streams[-1].reply.answer
