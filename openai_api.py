@@ -63,6 +63,7 @@ from waiting_line import LineFull, WaitingLine
 DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", re.DOTALL)
 ANY_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,(.*)$", re.DOTALL)
 MAX_ATTACHMENT_BYTES = max(documents.MAX_DOCUMENT_BYTES, media.MAX_MEDIA_BYTES)  # one file, audio or video part
+MAX_REQUEST_ATTACHMENT_BYTES = 2 * MAX_ATTACHMENT_BYTES  # all of one request's parts together
 
 
 class APIError(Exception):
@@ -292,6 +293,22 @@ def check_limits(request: ChatCompletionRequest, settings: Settings) -> None:
     for param, value, limit, what in limits:
         if value is not None and value > limit:
             raise APIError(400, f"{param}: at most {limit} {what}", param=param)
+    encoded = sum(len(_encoded(part)) for message in request.messages if isinstance(message.content, list)
+                  for part in message.content)
+    if encoded > MAX_REQUEST_ATTACHMENT_BYTES * 4 // 3:
+        raise APIError(400, f"messages: the files, images, audio and video of one request are at most "
+                            f"{MAX_REQUEST_ATTACHMENT_BYTES // 2**20} MB in all", param="messages",
+                       code="request_too_large")
+
+
+def _encoded(part: ContentPart) -> str:
+    """A part's base64 (or data: URL) text."""
+    if part.file is not None:
+        return part.file.file_data or ""
+    if part.input_audio is not None:
+        return part.input_audio.data
+    url = part.image_url or part.audio_url or part.video_url
+    return url.url if url is not None else ""
 
 
 # ---------------------------------------------------------------- request → engine

@@ -486,3 +486,17 @@ def test_stop_while_the_audio_is_written_out_keeps_the_message(serve, llama_runn
     (saved,) = spy.chats.store.messages(_user(spy), conversation)
     assert [part["type"] for part in saved["content"]] == ["audio", "text"] and "Call me back" in json.dumps(saved)
     browser.close()
+
+
+def test_one_v1_request_carries_at_most_200_mb_of_attachments(api, monkeypatch):
+    import openai_api
+    client, runner, _ = api
+    monkeypatch.setattr(openai_api, "MAX_REQUEST_ATTACHMENT_BYTES", 3000)
+    part = {"type": "file", "file": {"file_data": base64.b64encode(b"words " * 300).decode(), "filename": "a.txt"}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=runner.name, max_tokens=3, messages=[
+            {"role": "user", "content": [part, part, {"type": "text", "text": "Compare"}]}])
+    assert raised.value.body["code"] == "request_too_large" and "in all" in raised.value.body["message"]
+    answer = client.chat.completions.create(model=runner.name, max_tokens=3, messages=[
+        {"role": "user", "content": [part, {"type": "text", "text": "Read"}]}])
+    assert answer.choices[0].finish_reason == "length"
