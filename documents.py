@@ -1,12 +1,13 @@
-"""Documents as text for the model (issue 23, first part: the reader; the chat and /v1 do not
-use it yet): PDF (pypdf), DOCX (python-docx) and text files (txt, md, csv, json, source
-code), read within limits and marked with the file's name (and page numbers for a PDF).
-What a file is comes from its content, never its name. No torch, no Gradio.
+"""Documents as text for the model: PDF (pypdf), DOCX (python-docx) and text files (txt, md,
+csv, json, source code), read within limits and marked with the file's name (and page numbers
+for a PDF). What a file is comes from its content, never its name. No torch, no Gradio. The
+chat and /v1 read them through attachments.py; the engine cuts a document that doesn't fit
+its context (model_runner.ModelRunner._fit_documents, by tokens).
 
     document = read_document(data, "report.pdf")    # DocumentError: one line for the user
     document.text          # "[report.pdf, page 1]\\n...\\n\\n[report.pdf, page 2]\\n..."
     document.notes         # what the reader should know ("no text layer: a scan?")
-    text, kept = document.within(chars)   # cut to fit what is left of the context; kept: a fraction
+    document.page_images   # a scan's first pages, as pictures
 """
 
 from __future__ import annotations
@@ -46,16 +47,6 @@ class Document:
     pages: int = 0       # a PDF's pages
     notes: list[str] = field(default_factory=list)
     page_images: list = field(default_factory=list)  # a scan's pages: (number, PIL image)
-
-    def within(self, chars: int) -> tuple[str, float]:
-        """The text cut to `chars` characters (at a line end when there is one nearby), and the
-        fraction of it kept."""
-        if len(self.text) <= chars:
-            return self.text, 1.0
-        cut = self.text.rfind("\n", 0, chars)
-        cut = cut if cut > chars * 0.9 else chars
-        return self.text[:cut] + f"\n[{self.name}: cut here, {cut * 100 // len(self.text)}% kept]", \
-            cut / len(self.text)
 
 
 def kind_of(data: bytes, name: str) -> str:

@@ -86,13 +86,6 @@ def test_text_files_are_read_as_they_are(name, data):
     assert document.text.split("\n", 1)[1] == data.decode("utf-16" if name == "notes.md" else "utf-8")
 
 
-def test_a_long_document_is_cut_to_what_fits_and_says_how_much_was_kept():
-    document = read_document(("line of text\n" * 1000).encode(), "long.txt")
-    text, kept = document.within(1300)
-    assert len(text) < 1400 and 0.09 < kept < 0.11 and "long.txt: cut here, 9% kept" in text
-    assert document.within(10**6) == (document.text, 1.0)
-
-
 def encrypted_pdf() -> bytes:
     writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(pdf_with_text("secret"))))
     writer.encrypt("pw")
