@@ -53,7 +53,7 @@ from starlette.middleware import Middleware
 import config
 import users
 from config import Settings
-from attachments import UPLOAD_TYPES, attachment_part, needs_transcript
+from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part, needs_transcript
 from conversation import ATTACHED, for_the_model
 from conversation_store import ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
@@ -354,7 +354,7 @@ def pictures(images: list[bytes], most: int = 8) -> list[dict]:
     parts = []
     for data in images[:most]:
         try:
-            with Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "WEBP", "GIF", "BMP"]) as picture:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as picture:
                 suffix = {"JPEG": ".jpg"}.get(picture.format, f".{picture.format.lower()}")
         except Exception:  # (not a picture this app shows)
             continue

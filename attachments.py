@@ -31,6 +31,8 @@ from engine_contract import ImageRefused
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 DOCUMENT_SUFFIXES = (".pdf", ".docx", *(f".{kind}" for kind in documents.TEXT_KINDS))
 UPLOAD_TYPES = list(dict.fromkeys([*IMAGE_SUFFIXES, *DOCUMENT_SUFFIXES, *media.AUDIO_SUFFIXES, *media.VIDEO_SUFFIXES]))
+# What is decoded as a picture, whatever a file's name or a data: URL says: Pillow can open
+# dozens of formats, some through outside programs (EPS through Ghostscript); users send these.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 KINDS = ("image", "document", "audio", "video")
 WHAT_IS_READ = ("images (PNG, JPEG, WebP, GIF, BMP), documents (PDF, DOCX, text and code files), audio "

@@ -20,10 +20,8 @@ from PIL import Image
 import attachments
 import media
 from config import Settings
+from attachments import IMAGE_FORMATS
 from engine_contract import ChatInputError, ImageRefused, Reply, ToolCall
-# What is decoded, whatever a file's name or a data: URL says: Pillow can open dozens of
-# formats, some through outside programs (EPS through Ghostscript); users send these.
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str, settings: Settings,

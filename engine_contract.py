@@ -31,6 +31,13 @@ log = logging.getLogger("engine")
 # ---------------------------------------------------------------- errors
 
 
+def first_line(error: BaseException) -> str:
+    """An error as one line for the user: its message's first line, else its type's name."""
+    text = str(error).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return line or type(error).__name__
+
+
 class ModelLoadError(Exception):
     """The model could not be found or loaded. The message is one readable line."""
 

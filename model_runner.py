@@ -81,6 +81,7 @@ from engine_contract import (  # noqa: F401  (re-exported: callers of the engine
     Signal,
     StreamBase,
     ToolCall,
+    first_line,
     served_model_name,
 )
 
@@ -163,13 +164,9 @@ def resolve_model_path(model: str, trust_remote_code: bool = False) -> Path:
                              f"and the model is not in the local cache. Point --model at a local "
                              f"directory that holds the model.") from None
     except (hub_errors.HFValidationError, hub_errors.HfHubHTTPError, OSError) as e:
-        raise ModelLoadError(f"Can't download {model!r}: {_first_line(e)}. {hint}") from None
+        raise ModelLoadError(f"Can't download {model!r}: {first_line(e)}. {hint}") from None
     return path
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 
@@ -718,7 +715,7 @@ class ModelRunner:
         try:
             model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as e:
-            raise ModelLoadError(f"Can't read the model config in {path}: {_first_line(e)}") from None
+            raise ModelLoadError(f"Can't read the model config in {path}: {first_line(e)}") from None
         # Decided from the config, not the name: does it take images (image-text-to-text), or
         # other inputs through a processor (multimodal: audio models too)?
         is_vision = model_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -748,8 +745,8 @@ class ModelRunner:
         except Exception as e:
             if quantize:
                 raise ModelLoadError(f"--quantize {quantize}: {model!r} can't be loaded quantized with "
-                                     f"bitsandbytes: {_first_line(e)}") from None
-            raise ModelLoadError(f"Can't load the model from {path}: {_first_line(e)}") from None
+                                     f"bitsandbytes: {first_line(e)}") from None
+            raise ModelLoadError(f"Can't load the model from {path}: {first_line(e)}") from None
         if device != "cuda" and not quantize:
             model_obj.to(device)
         model_obj.eval()
@@ -1019,7 +1016,7 @@ class ModelRunner:
                 torch.cuda.empty_cache()
             return GenerationError("The GPU ran out of memory for this request. Try a shorter "
                                    "conversation, fewer images or fewer new tokens.")
-        return GenerationError(f"Generation failed: {type(error).__name__}: {_first_line(error)}")
+        return GenerationError(f"Generation failed: {type(error).__name__}: {first_line(error)}")
 
     # ------------------------------------------------------------ inputs
 
@@ -1099,7 +1096,7 @@ class ModelRunner:
             self._apply_chat_template(probe)
         except Exception as error:
             log.info("Videos go to %s as frames with their time stamps: its processor's video path fails here (%s).",
-                     self.name, _first_line(error))
+                     self.name, first_line(error))
             return False
         return True
 

@@ -27,7 +27,7 @@ import anyio
 import numpy as np
 
 import attachments
-from engine_contract import ChatInputError
+from engine_contract import ChatInputError, first_line
 
 log = logging.getLogger("speech")
 REMEMBERED_TRANSCRIPTS = 64  # a stateless /v1 client sends the same audio again with every turn
@@ -38,22 +38,6 @@ DEFAULT_MAX_NEW_TOKENS = 224  # per chunk: ~2x what 30 s of fast speech needs; W
 
 class SpeechError(ChatInputError, ValueError):
     """Speech recognition can't be done; the message is one line for the user."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    return line or type(error).__name__
-
-
-def _pick_device(device: str | None) -> str:
-    import torch
-    if device in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    return device
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -129,21 +113,22 @@ class Transcriber:
             model_type = AutoConfig.from_pretrained(os.path.expanduser(where)).model_type
         except Exception as error:
             raise SpeechError(f"Can't load the speech recognition model {model_id_or_path!r}: "
-                              f"{_first_line(error)}") from None
+                              f"{first_line(error)}") from None
         # Checked first: the pipeline itself loads any model (falling back on the config's
         # architecture) and only fails on the first transcription.
         if model_type not in speech_recognition_model_types():
             raise SpeechError(f"{model_id_or_path!r} is not a speech recognition model (its type is "
                               f"{model_type!r}); --asr-model takes one like openai/whisper-small.")
         try:
-            device = _pick_device(device)
+            from model_runner import pick_device  # (the chat model's rule: cuda > mps > cpu; one asked for must exist)
+            device = pick_device(device or "auto")
             import torch
             from transformers import pipeline
             dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
             pipe = pipeline("automatic-speech-recognition", model=os.path.expanduser(where), device=device, dtype=dtype)
         except Exception as error:
             raise SpeechError(f"Can't load the speech recognition model {model_id_or_path!r}: "
-                              f"{_first_line(error)}") from None
+                              f"{first_line(error)}") from None
         if getattr(pipe, "feature_extractor", None) is None or getattr(pipe, "tokenizer", None) is None:
             raise SpeechError(f"{model_id_or_path!r} has no feature extractor or tokenizer, so it can't "
                               f"transcribe speech.")
@@ -185,7 +170,7 @@ class Transcriber:
             try:
                 result = self.pipe({"raw": audio, "sampling_rate": self.sampling_rate}, **kwargs)
             except Exception as error:
-                raise SpeechError(f"Transcription failed: {_first_line(error)}") from None
+                raise SpeechError(f"Transcription failed: {first_line(error)}") from None
         text = result.get("text", "") if isinstance(result, dict) else str(result)
         return str(text).strip()
 
@@ -211,7 +196,7 @@ class Speech:
             transcriber = Transcriber.load(self.model, self.device)
         except BaseException as error:  # (whatever it is, a transcription waiting for it must hear of it)
             if not isinstance(error, SpeechError):
-                error = SpeechError(f"Can't load the speech recognition model {self.model!r}: {_first_line(error)}")
+                error = SpeechError(f"Can't load the speech recognition model {self.model!r}: {first_line(error)}")
             log.error("--asr-model: %s Audio sent to a model that can't listen will be refused.", error)
             self._loaded.set_exception(error)
             return
