@@ -29,6 +29,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -53,7 +54,7 @@ from starlette.middleware import Middleware
 import config
 import users
 from config import Settings
-from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part, needs_transcript
+from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part
 from conversation import ATTACHED, for_the_model
 from conversation_store import ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
@@ -101,8 +102,6 @@ CSS = """
 #where-chats-live { font-size: 0.8em; opacity: 0.8; }
 """
 
-TOOL_PICTURES = tempfile.mkdtemp(prefix="tool-pictures-")  # an MCP tool's pictures, until they are saved
-atexit.register(shutil.rmtree, TOOL_PICTURES, ignore_errors=True)
 THINKING_TITLE = "Thinking…"
 TRANSCRIBING_TITLE = "🎤 Writing out the audio…"
 LOADING_TITLE = "Loading the model…"
@@ -346,6 +345,14 @@ def text_of(message: dict) -> str:
     return "".join(part["text"] for part in message.get("content") or () if part["type"] == "text")
 
 
+@functools.cache
+def tool_pictures() -> Path:
+    """The folder of MCP tools' pictures until they are saved: made on the first one, removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="tool-pictures-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def pictures(images: list[bytes], most: int = 8) -> list[dict]:
     """An MCP tool's pictures as image parts (files in a folder of the app's own, named by
     their format so the chat shows them): the first `most` of a kind the app reads; the
@@ -358,7 +365,7 @@ def pictures(images: list[bytes], most: int = 8) -> list[dict]:
                 suffix = {"JPEG": ".jpg"}.get(picture.format, f".{picture.format.lower()}")
         except Exception:  # (not a picture this app shows)
             continue
-        path = Path(TOOL_PICTURES) / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+        path = tool_pictures() / f"{hashlib.sha256(data).hexdigest()}{suffix}"
         path.write_bytes(data)
         parts.append({"type": "image", "image": str(path)})
     return parts
@@ -748,17 +755,10 @@ class Chats:
             return message, None
         while not self.runner.loaded:  # (whether the model listens is known once it is loaded)
             await asyncio.sleep(0.2)
-        if not needs_transcript(message, self.runner.info):
-            return message, None
-        needing, content = needs_transcript(message, self.runner.info), []
-        for part in message["content"]:
-            if any(part is other for other in needing):
-                try:
-                    part = {**part, "transcript": await self.speech.transcribe(part)}
-                except ChatInputError as error:
-                    return message, str(error)
-            content.append(part)
-        return {**message, "content": content}, None
+        try:
+            return await self.speech.written_out(message, self.runner.info), None
+        except ChatInputError as error:
+            return message, str(error)
 
     async def end_turn(self, conversation, user, search):
         """After a turn: the list, the textbox back, and, when it was stopped, the chat drawn

@@ -43,7 +43,7 @@ import documents
 import media
 import responses_api
 import attachments
-from attachments import attachment_part, needs_transcript
+from attachments import attachment_part
 from config import Settings
 from conversation import load_image
 from structured_output import grammar_for, instruction_for
@@ -623,22 +623,6 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         except (ChatInputError, GenerationError, Cancelled) as error:
             raise api_error(error) from None
 
-    async def transcribed(message: dict, last: bool) -> dict:
-        """A user message with its audio written out (--asr-model) for a model that can't
-        listen. A failure is a 400 in the last message; earlier, that audio is left out."""
-        needing = needs_transcript(message, runner.info) if message["role"] == "user" else []
-        content = []
-        for part in message["content"]:
-            if any(part is other for other in needing):
-                try:
-                    part = {**part, "transcript": await speech.transcribe(part)}
-                except ChatInputError as error:
-                    if last:
-                        raise APIError(400, str(error), param="messages", code="invalid_audio") from None
-                    continue
-            content.append(part)
-        return {**message, "content": content}
-
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models(request: Request):
         if runner.name is None:  # a remote server's default model, until it is asked
@@ -659,7 +643,11 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         if speech is not None and any(part["type"] == "audio" for message in messages for part in message["content"]):
             if not runner.loaded:  # (whether the model listens is known once it is loaded)
                 await model_loaded(deadline, gone)
-            messages = [await transcribed(message, last=i == len(messages) - 1) for i, message in enumerate(messages)]
+            try:  # (a failure in the history leaves that audio out; in the last message it is a 400)
+                messages = [await speech.written_out(message, runner.info, leave_out_failures=i < len(messages) - 1)
+                            for i, message in enumerate(messages)]
+            except ChatInputError as error:
+                raise APIError(400, str(error), param="messages", code="invalid_audio") from None
         generation = to_settings(body, settings)
         generation.raw_prompt = raw_prompt
         if generation.response_format:

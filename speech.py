@@ -203,6 +203,26 @@ class Speech:
         log.info("Speech recognition: %s (%s)", self.model, transcriber.pipe.device)
         self._loaded.set_result(transcriber)
 
+    async def written_out(self, message: dict, info, leave_out_failures: bool = False) -> dict:
+        """A message whose audio a model that can't listen needs written out
+        (attachments.needs_transcript; `info`: the runner's RunnerInfo), each such part then
+        carrying its "transcript"; the message itself when none does. A failure raises its
+        SpeechError (a ChatInputError), or with `leave_out_failures` leaves that audio out."""
+        needing = attachments.needs_transcript(message, info) if message["role"] == "user" else []
+        if not needing:
+            return message
+        content = []
+        for part in message["content"]:
+            if any(part is other for other in needing):
+                try:
+                    part = {**part, "transcript": await self.transcribe(part)}
+                except ChatInputError:
+                    if not leave_out_failures:
+                        raise
+                    continue
+            content.append(part)
+        return {**message, "content": content}
+
     async def transcribe(self, part: dict) -> str:
         """An audio part's words. SpeechError when there are none, or the model can't run."""
         transcriber = await asyncio.wrap_future(self._loaded)
