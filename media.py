@@ -21,7 +21,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -41,7 +40,14 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
 _FORMATS = "wav,mp3,ogg,mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,flac,aac"
 _NAMES = {"audio": "an audio file this app reads (WAV, MP3, OGG/Opus, M4A, WebM, FLAC or AAC)",
           "video": "a video this app reads (MP4, WebM, MOV or MKV)"}
-_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError, RuntimeError, MemoryError)
+_ERRORS = (OSError, ValueError, EOFError, RuntimeError, MemoryError)   # and av.FFmpegError
+
+
+def _av():
+    """PyAV, imported with the first file opened: it loads FFmpeg's libraries (a 36 MB wheel), which
+    an engine that never meets audio or video (a benchmark on a GPU machine, say) goes without."""
+    import av
+    return av
 
 
 class MediaError(ValueError):
@@ -92,7 +98,7 @@ def read_audio(source, name: str, sampling_rate: int = 16000) -> Audio:
                              if _pictures(container) else f"{name} has no audio in it.")
         stream = _decodable(container.streams.audio[0], name, "sound")
         _check_length(name, _duration(container, stream), MAX_AUDIO_SECONDS)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
+        resampler = _av().AudioResampler(format="flt", layout="mono", rate=sampling_rate)
         most = (MAX_AUDIO_SECONDS + 1) * sampling_rate   # (a second for encoders' padding)
         chunks, total, deadline = [], 0, time.monotonic() + MAX_DECODE_SECONDS
         for frame in itertools.chain(container.decode(stream), [None]):   # None: the resampler's rest
@@ -142,7 +148,7 @@ def _opened(source, name: str, kind: str, check_size: bool = True):
         raise MediaError(f"{name} is empty.")
     if check_size and size > MAX_MEDIA_BYTES:
         raise MediaError(f"{name} is {_size(size)}; the most this app takes is {_size(MAX_MEDIA_BYTES)}.")
-    opened = False
+    opened, av = False, _av()
     try:
         with av.open(file, container_options={"format_whitelist": _FORMATS, "protocol_whitelist": "file"},
                      metadata_errors="replace") as container:
@@ -150,7 +156,7 @@ def _opened(source, name: str, kind: str, check_size: bool = True):
             yield container
     except MediaError:
         raise
-    except _ERRORS as error:
+    except (av.FFmpegError, *_ERRORS) as error:
         if not opened:
             raise MediaError(f"{name} is not {_NAMES[kind]}.") from None
         reason = getattr(error, "strerror", None) or f"{type(error).__name__}: {str(error)[:100]}"
@@ -159,7 +165,7 @@ def _opened(source, name: str, kind: str, check_size: bool = True):
 
 def _pictures(container) -> list:
     """The container's video streams, less cover pictures (an MP3's album art is not a video)."""
-    return [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    return [s for s in container.streams.video if not s.disposition & _av().stream.Disposition.attached_pic]
 
 
 def _video_stream(container, name: str):
@@ -188,7 +194,7 @@ def _check_picture(name: str, width: int, height: int) -> None:
 def _duration(container, stream) -> float | None:
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
-    return container.duration / av.time_base if container.duration and container.duration > 0 else None
+    return container.duration / _av().time_base if container.duration and container.duration > 0 else None
 
 
 def _check_length(name: str, seconds: float | None, most: int) -> None:
@@ -228,7 +234,7 @@ def _sample(container, stream, targets: list[float], name: str, max_side: int) -
                 try:
                     container.seek(int((start + target) / stream.time_base), stream=stream)
                     frames = None
-                except av.FFmpegError:
+                except _av().FFmpegError:
                     seek = landed = False
             frames = container.decode(stream) if frames is None else frames
             for frame in frames:
