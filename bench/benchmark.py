@@ -92,11 +92,11 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import app  # noqa: E402
 import users  # noqa: E402
+from clocks import TokenClock  # noqa: E402
 from conversation import for_the_model  # noqa: E402
 from engine_process import EngineProcess  # noqa: E402
 from model_runner import GenerationSettings, IncrementalTextStreamer, ModelRunner, default_torch_threads  # noqa: E402
@@ -238,29 +238,6 @@ def token_times(stream) -> list[float]:
     """perf_counter() of every generated token, as the engine recorded them (same clock in
     the engine process: CLOCK_MONOTONIC)."""
     return stream.token_times or []
-
-
-class TokenClock(BaseStreamer):
-    """A streamer for plain generate that only looks at the clock: the time of every token
-    and of the first token whose text is not empty."""
-
-    def __init__(self, tokenizer=None):
-        self.tokenizer, self.ids, self.times, self.prompt = tokenizer, [], [], True
-        self.first_text_at = None
-
-    def put(self, value):
-        if self.prompt:
-            self.prompt = False
-            return
-        now = perf_counter()
-        self.times.extend([now] * value.numel())
-        if self.tokenizer is not None and self.first_text_at is None:
-            self.ids += value.reshape(-1).tolist()
-            if self.tokenizer.decode(self.ids, skip_special_tokens=True).replace("\ufffd", ""):
-                self.first_text_at = now
-
-    def end(self):
-        pass
 
 
 class ClientProcess:

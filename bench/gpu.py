@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import queue
 import statistics
@@ -62,7 +63,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from benchmark import ClientProcess, StreamSpy, TokenClock, free_port  # noqa: E402
+from clocks import TokenClock  # noqa: E402
 from engine_process import EngineProcess  # noqa: E402
 from model_runner import (  # noqa: E402
     GenerationSettings,
@@ -100,11 +101,140 @@ def build_model(path: Path, small: bool) -> Path:
     return tiny_models._finish(model, tokenizer, path)
 
 
+# SmolVLM-256M-Instruct (the app's default model), read from its config.json and processor files on the
+# hub: Idefics3; text SmolLM2-135M (hidden 576, 30 layers, 9 heads of 64, 3 KV heads, MLP 1536, vocab 49280,
+# RoPE theta 100000); vision SigLIP base patch-16/512 (hidden 768, 12 layers, 12 heads, MLP 3072); pixel
+# shuffle 4 -> 64 tokens per 512 px tile; the processor scales the longest edge to 2048 and cuts 512 px tiles
+# plus a global one (a 512x512 picture: 17 tiles, ~1.1k image tokens).
+SMOLVLM_256M = {"text": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                             num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0),
+                "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               image_size=512, patch_size=16),
+                "vocab_size": 49280, "scale_factor": 4, "longest_edge": 2048}
+
+
+def build_vlm(path: Path, small: bool) -> Path:
+    """A random Idefics3 at SmolVLM-256M-Instruct's sizes in bf16, or --small's tiny one (the
+    tests' idefics3). The tokenizer is the tests' little one; the embedding and output layer
+    have the real 49,280 rows (those past the tokenizer never win: zero logits)."""
+    if (path / "config.json").exists():
+        return path
+    if small:
+        return tiny_models.build_idefics3(path)
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, \
+        Idefics3Processor
+    sizes, image = SMOLVLM_256M, tiny_models.IMAGE
+    tokenizer = tiny_models.build_tokenizer(tiny_models.IDEFICS3_IMAGE_TOKENS, image)
+    text = tiny_models._text_config(tokenizer, **sizes["text"])
+    text.vocab_size, text.initializer_range = sizes["vocab_size"], 0.02
+    config = Idefics3Config(text_config=text.to_dict(), vision_config=dict(sizes["vision"], initializer_range=0.02),
+                            scale_factor=sizes["scale_factor"], image_token_id=tokenizer.convert_tokens_to_ids(image),
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny_models.SEED)
+        model = Idefics3ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tokenizer):] = 0.0
+    model = model.to(torch.bfloat16)
+    tile = sizes["vision"]["image_size"]
+    processor = Idefics3Processor(
+        Idefics3ImageProcessorPil(size={"longest_edge": sizes["longest_edge"]}, max_image_size={"longest_edge": tile},
+                                  do_image_splitting=True),
+        tokenizer, image_seq_len=(tile // sizes["vision"]["patch_size"]) ** 2 // sizes["scale_factor"] ** 2,
+        chat_template=tiny_models.chat_template(image))
+    tokenizer.add_special_tokens({"extra_special_tokens": tiny_models.ROLE_TOKENS + tiny_models.IDEFICS3_IMAGE_TOKENS},
+                                 replace_extra_special_tokens=False)
+    return tiny_models._finish(model, tokenizer, path, processor)
+
+
+def picture(path: Path, side: int = 512) -> str:
+    """A side x side photo-like picture (smooth colours and noise), as a PNG the chat would get."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:side, 0:side] / side
+    pixels = np.stack([x, y, (x + y) / 2], axis=-1) * 200 + rng.normal(0, 20, (side, side, 3))
+    Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(path)
+    return str(path)
+
+
+def measure_vlm(args, report: Report) -> None:
+    """The default model's shape on this device, with a 512x512 picture: eager and (if --compile
+    auto compiles it) compiled, plain generate against the runner and the engine process, and
+    the time to first text with the picture (its encoding included)."""
+    start = perf_counter()
+    path = str(build_vlm(Path(tempfile.gettempdir()) / f"gpu-bench-{'small-' if args.small else ''}smolvlm",
+                         args.small))
+    report.add("vlm/build_s", perf_counter() - start, f"vlm: model ready in {perf_counter() - start:.1f} s")
+    image = picture(Path(tempfile.gettempdir()) / "gpu-bench-picture.png")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "Describe the picture in detail."}]}]
+    bench = Bench(args, path, report, messages=messages, label="vlm/")
+    report.add("vlm/prompt_tokens", bench.inputs["input_ids"].shape[-1],
+               f"vlm: the prompt with the picture is {bench.inputs['input_ids'].shape[-1]} tokens")
+    inputs_ms = statistics.median(timed_ms(lambda: bench.runner.build_inputs(messages)) for _ in range(3))
+    report.add("vlm/build_inputs_ms", inputs_ms, f"vlm: the engine builds the inputs (the picture read, tiled and "
+               f"normalised) in {inputs_ms:.0f} ms: in its time to first text, not in plain generate's")
+    weights = sum(p.numel() * p.element_size() for p in bench.runner.model.parameters())
+    report.add("vlm/weights_gb", weights / 1e9, f"vlm: weights {weights / 1e9:.2f} GB")
+    kept = args.no_app
+    args.no_app = True  # (the app's client sends text only)
+    try:
+        for mode in ("eager", "compiled") if args.device == "cuda" or args.compiled == "yes" else ("eager",):
+            try:
+                measure_mode(bench, mode, args.budget / 2, compile="auto", label="vlm ")
+            except Exception as error:
+                report.add(f"vlm {mode}/error", repr(error), f"vlm {mode}: failed: {error!r}")
+    finally:
+        args.no_app = kept
+        bench.runner.close()
+
+
+def measure_quantized(args, report: Report, path: str) -> None:
+    """bf16 (or float32 on CPU), 8-bit and 4-bit (bitsandbytes) weights of the same model: GPU
+    memory after loading and at its peak while answering, and tokens/s of plain generate (main
+    thread) and of the runner (its generation loop), each answer checked to stream text."""
+    for quantize in (None, "8bit", "4bit"):
+        name = quantize or "unquantized"
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            bench = Bench(args, path, report, quantize=quantize, label=f"quant {name}/")
+        except Exception as error:
+            report.add(f"quant {name}/error", repr(error), f"quant {name}: failed to load: {error!r}")
+            continue
+        try:
+            loaded = torch.cuda.memory_allocated() if args.device == "cuda" else None
+            footprint = bench.runner.model.get_memory_footprint()
+            text = ""
+            with bench.runner.stream(bench.messages, bench.settings(WARM_UP_TOKENS)) as stream:
+                for reply in stream:  # (each reply is the answer so far)
+                    text = reply.answer
+            bench.deadline = time.monotonic() + args.budget / 3
+            bench.rounds(f"quant {name}", {"plain": tokens_per_second(bench.plain),
+                                           "runner": tokens_per_second(lambda n: bench.through(bench.runner.stream, n))},
+                         args.rounds, baseline="plain")
+            peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+            gb = lambda b: "n/a" if b is None else f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"
+            report.add(f"quant {name}/memory", {"footprint": footprint, "allocated_after_load": loaded, "peak": peak,
+                                               "streamed_text": bool(text.strip())},
+                       f"quant {name:11} weights {gb(footprint)}, GPU memory after load {gb(loaded)}, peak {gb(peak)}; "
+                       f"streamed text: {'yes' if text.strip() else 'NO'}")
+        except Exception as error:
+            report.add(f"quant {name}/error", repr(error), f"quant {name}: failed: {error!r}")
+        finally:
+            bench.runner.close()
+            bench = None  # (the model's memory goes before the next one loads)
+            import gc
+            gc.collect()
+
+
 class Report:
     """Prints each figure as it comes and keeps OUT/gpu.json up to date."""
 
-    def __init__(self, out: Path, meta: dict):
-        self.path = out / "gpu.json"
+    def __init__(self, out: Path, meta: dict, name: str = "gpu.json"):
+        self.path = out / name
         self.data = {"meta": meta, "figures": {}}
         out.mkdir(parents=True, exist_ok=True)
         self.save()
@@ -128,22 +258,31 @@ def timed(fn) -> float:
     return rate(tokens, perf_counter() - start)
 
 
+def timed_ms(fn) -> float:
+    start = perf_counter()
+    fn()
+    return (perf_counter() - start) * 1000
+
+
 WARM_UP_TOKENS = 8  # each variant's first, unmeasured run: allocations, kernels, graphs
 
 
 class Bench:
-    def __init__(self, args, path: str, report: Report):
+    def __init__(self, args, path: str, report: Report, messages: list[dict] | None = None,
+                 quantize: str | None = None, label: str = ""):
         self.args, self.path, self.report = args, path, report
         self.deadline = time.monotonic() + args.budget  # set again for each mode
-        self.messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+        self.messages = messages or [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         self.tokens = args.tokens
         self.threads = default_torch_threads()
         torch.set_num_threads(self.threads)  # plain generate runs in this (main) thread
         start = perf_counter()
-        self.runner = ModelRunner.load(path, device=args.device, compile="off", torch_threads=self.threads)
+        self.runner = ModelRunner.load(path, device=args.device, compile="off", torch_threads=self.threads,
+                                       quantize=quantize)
         self.sync()
-        report.add("load_s", perf_counter() - start, f"loaded {path} in {perf_counter() - start:.1f} s "
-                   f"({self.runner.device}, {self.runner.dtype}, torch threads {self.threads})")
+        report.add(f"{label}load_s", perf_counter() - start, f"{label}loaded {path} in {perf_counter() - start:.1f} s "
+                   f"({self.runner.device}, {self.runner.dtype}{', ' + quantize if quantize else ''}, "
+                   f"torch threads {self.threads})")
         self.inputs = self.runner.build_inputs(self.messages)
 
     def sync(self):
@@ -245,20 +384,62 @@ def tokens_after_stop(bench: Bench, stream_fn) -> int:
     return stream.tokens_after_close
 
 
-def measure_mode(bench: Bench, mode: str, budget: float) -> None:
+def without_cudnn_attention(fn):
+    """`fn` with cuDNN's scaled-dot-product attention switched off in this process (a global
+    switch, so it holds in the runner's generation thread too); the suspect of the eager loss
+    off the main thread (NOTES.md): its graph cache is per thread, keyed by sequence lengths."""
+    def run(n):
+        kept = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            return fn(n)
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(kept)
+    return run
+
+
+def start_engine(bench: Bench, compile: str, cudnn_attention: bool = True, **settings) -> EngineProcess:
+    """An engine process for the bench's model; without cuDNN attention it is started with
+    TORCH_CUDNN_SDPA_PREFERRED=0 (read by torch at its first attention), which it inherits."""
+    kept = os.environ.get("TORCH_CUDNN_SDPA_PREFERRED")
+    if not cudnn_attention:
+        os.environ["TORCH_CUDNN_SDPA_PREFERRED"] = "0"
+    try:
+        return EngineProcess.start(bench.path, device=bench.args.device, compile=compile,
+                                   torch_threads=bench.threads, **settings)
+    finally:
+        if kept is None:
+            os.environ.pop("TORCH_CUDNN_SDPA_PREFERRED", None)
+        else:
+            os.environ["TORCH_CUDNN_SDPA_PREFERRED"] = kept
+
+
+def measure_mode(bench: Bench, mode: str, budget: float, compile: str = "on", label: str = "") -> None:
+    """Eager or compiled: plain generate against the runner, the engine process and the app.
+    compile "auto" (a model that may not compile): a model that doesn't is reported and left out."""
     args, report = bench.args, bench.report
     compiled = mode == "compiled"
+    mode = label + mode
     if compiled:
         start = perf_counter()
-        bench.runner.compile_or_explain(forced=True)  # the warm-up compiles here
-        report.add("compiled/warm_up_s", perf_counter() - start,
-                   f"compiled warm-up (in this process) {perf_counter() - start:.1f} s")
+        bench.runner.compile_or_explain(forced=compile == "on")  # the warm-up compiles here
+        if not bench.runner.compile:
+            report.add(f"{mode}/error", "did not compile", f"{mode}: --compile auto did not compile it "
+                       f"(the log above says why): no compiled figures")
+            return
+        report.add(f"{mode}/warm_up_s", perf_counter() - start,
+                   f"{mode} warm-up (in this process) {perf_counter() - start:.1f} s")
     start = perf_counter()
-    engine = EngineProcess.start(bench.path, device=args.device, compile="on" if compiled else "off",
-                                 torch_threads=bench.threads)
+    engine = start_engine(bench, compile if compiled else "off")
     report.add(f"{mode}/engine_start_s", perf_counter() - start,
                f"{mode}: engine process started (load{' + compile' if compiled else ''}) in "
                f"{perf_counter() - start:.1f} s")
+    plain_engine = None
+    if args.device == "cuda" and not compiled:  # (the eager loss is what it answers)
+        start = perf_counter()
+        plain_engine = start_engine(bench, compile if compiled else "off", cudnn_attention=False)
+        report.add(f"{mode}/engine_no_cudnn_start_s", perf_counter() - start,
+                   f"{mode}: engine process without cuDNN attention started in {perf_counter() - start:.1f} s")
     engine_stream = engine.stream  # (the app's answers go through a StreamSpy below)
     demo = client = None
     try:
@@ -270,6 +451,12 @@ def measure_mode(bench: Bench, mode: str, budget: float) -> None:
             "runner": tokens_per_second(lambda n: bench.through(bench.runner.stream, n)),
             "engine process": tokens_per_second(lambda n: bench.through(engine_stream, n)),
         }
+        if not compiled:  # (a compiled step replays the kernels it captured: a switch now changes nothing)
+            variants["plain thread, no cuDNN"] = without_cudnn_attention(tokens_per_second(bench.plain_in_thread))
+            variants["runner, no cuDNN"] = without_cudnn_attention(tokens_per_second(
+                lambda n: bench.through(bench.runner.stream, n)))
+        if plain_engine is not None:
+            variants["engine, no cuDNN"] = tokens_per_second(lambda n: bench.through(plain_engine.stream, n))
         if compiled:  # tensors made under inference_mode make the compiled step recompile
             del variants["plain inference_mode"]
         ttfts = {
@@ -279,6 +466,7 @@ def measure_mode(bench: Bench, mode: str, budget: float) -> None:
         }
         if not args.no_app:
             import app
+            from benchmark import ClientProcess, StreamSpy, free_port
             spy = StreamSpy(engine)  # forces min_new_tokens = max_new_tokens for the app's answers
             demo, url = app.serve(engine, host="127.0.0.1", port=free_port(), block=False, quiet=True, save=False)
             client = ClientProcess()
@@ -311,6 +499,8 @@ def measure_mode(bench: Bench, mode: str, budget: float) -> None:
         if demo:
             demo.close()
         engine.close()
+        if plain_engine is not None:
+            plain_engine.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -318,20 +508,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def manager_configs(device: str) -> dict:
+    """The ContinuousBatchingConfig variants measured: as the app configures the manager now,
+    and on CUDA with CUDA graphs (decode and varlen paths), then also with async batching."""
+    from transformers import ContinuousBatchingConfig
+    configs = {"batched": ContinuousBatchingConfig(max_memory_percent=0.5)}
+    if device == "cuda":
+        configs["batched, CUDA graphs"] = ContinuousBatchingConfig(max_memory_percent=0.5, use_cuda_graph=True,
+                                                                    use_async_batching=False)
+        configs["batched, graphs + async"] = ContinuousBatchingConfig(max_memory_percent=0.5, use_cuda_graph=True,
+                                                                       use_async_batching=True)
+    return configs
+
+
 def measure_batching(bench: Bench, budget: float) -> None:
-    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers import GenerationConfig
     args, report = bench.args, bench.report
     tokens, deadline = args.batch_tokens, time.monotonic() + budget
     runner = ModelRunner.load(bench.path, device=args.device, compile="off", torch_threads=bench.threads)
     prompt_ids = runner.build_inputs(bench.messages)["input_ids"][0].tolist()
     config = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=-1,
                               pad_token_id=runner.tokenizer.pad_token_id or 0)
-    start = perf_counter()
-    manager = runner.model.init_continuous_batching(
-        generation_config=config, continuous_batching_config=ContinuousBatchingConfig(max_memory_percent=0.5))
-    manager.start()
 
-    def batched(clients: int, length: int) -> tuple[int, list[float], float]:
+    def report_figure(clients: int, name: str, figures: tuple[int, list[float], float]) -> None:
+        made, firsts, seconds = figures
+        report.add(f"batching/{clients}/{name}",
+                   {"tokens_per_s": made / seconds, "tokens": made, "ttft_p50_ms": percentile(firsts, .5) * 1000,
+                    "ttft_p95_ms": percentile(firsts, .95) * 1000},
+                   f"batching {clients} clients {name:24} {made / seconds:8.1f} tokens/s in all, "
+                   f"TTFT p50 {percentile(firsts, .5) * 1000:6.0f} ms, p95 {percentile(firsts, .95) * 1000:6.0f} ms")
+
+    def batched(manager, clients: int, length: int) -> tuple[int, list[float], float]:
         t0 = perf_counter()
         ids = [manager.add_request(prompt_ids, max_new_tokens=length, streaming=True) for _ in range(clients)]
         firsts, counts = [None] * clients, [0] * clients
@@ -362,9 +569,7 @@ def measure_batching(bench: Bench, budget: float) -> None:
             total += stream.new_tokens
         return total, firsts, perf_counter() - t0
 
-    engine = None
-
-    def through_the_app_engine(clients: int, length: int) -> tuple[int, list[float], float]:
+    def through_the_app_engine(engine, clients: int, length: int) -> tuple[int, list[float], float]:
         """The app's engine process with --batching on: every answer streamed at once."""
         t0, firsts = perf_counter(), [None] * clients
         settings = GenerationSettings(max_new_tokens=length, min_new_tokens=length)
@@ -381,31 +586,45 @@ def measure_batching(bench: Bench, budget: float) -> None:
             reader.join()
         return sum(s.new_tokens for s in streams), [f for f in firsts if f is not None], perf_counter() - t0
 
+    clients_counts = (1, 4, 8)
     try:
-        batched(2, WARM_UP_TOKENS)
-        report.add("batching/warm_up_s", perf_counter() - start,
-                   f"batching: manager started and warmed up in {perf_counter() - start:.1f} s")
-        start = perf_counter()
-        engine = EngineProcess.start(bench.path, device=args.device, batching="on", torch_threads=bench.threads)
-        report.add("batching/engine_start_s", perf_counter() - start,
-                   f"batching: engine process (--batching on) started in {perf_counter() - start:.1f} s")
-        through_the_app_engine(2, WARM_UP_TOKENS)
-        for clients in (1, 4, 8):
-            for name, fn in (("one at a time", one_at_a_time), ("batched", batched),
-                             ("engine --batching", through_the_app_engine)):
-                made, firsts, seconds = fn(clients, tokens)
-                report.add(f"batching/{clients}/{name}",
-                           {"tokens_per_s": made / seconds, "tokens": made, "ttft_p50_ms": percentile(firsts, .5) * 1000,
-                            "ttft_p95_ms": percentile(firsts, .95) * 1000},
-                           f"batching {clients} clients {name:17} {made / seconds:8.1f} tokens/s in all, "
-                           f"TTFT p50 {percentile(firsts, .5) * 1000:6.0f} ms, p95 {percentile(firsts, .95) * 1000:6.0f} ms")
+        report_figure(1, "one at a time", one_at_a_time(1, tokens))  # (eager; the compiled one is the modes')
+        for name, cb_config in manager_configs(args.device).items():  # one manager (and its cache) at a time
             if time.monotonic() > deadline:
-                print("  (time budget reached)", flush=True)
-                break
-    finally:
-        if engine is not None:
+                print(f"  (time budget reached: {name} left out)", flush=True)
+                continue
+            start = perf_counter()
+            manager = runner.model.init_continuous_batching(generation_config=config,
+                                                            continuous_batching_config=cb_config)
+            manager.start()
+            try:
+                batched(manager, 2, WARM_UP_TOKENS)
+                report.add(f"batching/{name}/warm_up_s", perf_counter() - start,
+                           f"batching: {name}: manager started and warmed up in {perf_counter() - start:.1f} s")
+                for clients in clients_counts:
+                    report_figure(clients, name, batched(manager, clients, tokens))
+            except Exception as error:  # the other configurations still count
+                report.add(f"batching/{name}/error", repr(error), f"batching: {name}: failed: {error!r}")
+            finally:
+                manager.stop(block=True, timeout=30)
+                del manager
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+        if time.monotonic() > deadline:
+            print("  (time budget reached: engine --batching left out)", flush=True)
+            return
+        start = perf_counter()
+        engine = start_engine(bench, "off", batching="on")
+        try:
+            report.add("batching/engine_start_s", perf_counter() - start,
+                       f"batching: engine process (--batching on) started in {perf_counter() - start:.1f} s")
+            through_the_app_engine(engine, 2, WARM_UP_TOKENS)
+            for clients in clients_counts:
+                report_figure(clients, "engine --batching", through_the_app_engine(engine, clients, tokens))
+        finally:
             engine.close()
-        manager.stop(block=True, timeout=30)
+    finally:
+        runner.close()
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
@@ -555,6 +774,12 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-eager", action="store_true",
                         help="only probe eager decoding's speed: torch threads, grad mode, a thread, "
                              "an idle engine process, the GIL switch interval; then batching")
+    parser.add_argument("--vlm", action="store_true",
+                        help="only the default model's shape (a random Idefics3 at SmolVLM-256M's sizes) with a "
+                             "512x512 picture: eager and compiled (if --compile auto compiles it)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="only bf16 against bitsandbytes 8-bit and 4-bit: memory and tokens/s (needs "
+                             "bitsandbytes; not gradio)")
     parser.add_argument("--threads", action="store_true",
                         help="measure only the generate thread's torch thread count (see above)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -564,16 +789,27 @@ def main(argv=None) -> int:
     args.batch_tokens = args.batch_tokens or (16 if args.small else 64)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("engine").setLevel(logging.INFO)  # (what --compile auto decided, and why)
     started = perf_counter()
-    path = args.model or str(build_model(Path(tempfile.gettempdir()) / f"gpu-bench-{'small' if args.small else 'llama'}",
-                                         args.small))
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     import transformers
+    part = "vlm" if args.vlm else "quantize" if args.quantize else None
     meta = {"device": args.device, "gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokens": args.tokens, "rounds": args.rounds, "model": path}
-    report = Report(args.out, meta)
+            "tokens": args.tokens, "rounds": args.rounds, "part": part, "cudnn": torch.backends.cudnn.version()}
+    report = Report(args.out, meta, name=f"gpu-{part}.json" if part else "gpu.json")
     print(f"gpu bench: {meta}", flush=True)
+    if args.vlm:
+        measure_vlm(args, report)
+        report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s")
+        return 0
+    path = args.model or str(build_model(Path(tempfile.gettempdir()) / f"gpu-bench-{'small' if args.small else 'llama'}",
+                                         args.small))
     report.add("build_s", perf_counter() - started, f"model ready in {perf_counter() - started:.1f} s")
+    if args.quantize:
+        measure_quantized(args, report, path)
+        report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s")
+        return 0
     bench = Bench(args, path, report)
     weights = sum(p.numel() * p.element_size() for p in bench.runner.model.parameters())
     bandwidth = next((gbs for name, gbs in BANDWIDTH_GBS.items() if gpu and name in gpu), None)

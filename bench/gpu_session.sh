@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU issue's measurements in two device calls (a session has 15 minutes of device time in all, each
+# machine start included), longest-needed first. Each part is cut by its own timeout; every line goes to
+# $OUT/<part>.log as it is printed and every figure to $OUT/gpu*.json the moment it is measured.
+#
+#   here, once:  bash ../shared/gpu/wheels.sh .whl && bash ../shared/gpu/wheels.sh .whlq quant
+#                printf '/.whl/\n/.whlq/\n' >> .git/info/exclude
+#   dry run:     DRY=1 PYTHON=.venv/bin/python bash bench/gpu_session.sh app   (and quant: CPU, tiny models)
+#   call 1:      run(command="bash bench/gpu_session.sh app", carry=[".whl"], timeout_s=600)     ~6 min
+#                eager vs compiled: plain generate, runner, engine process, app, cuDNN attention off;
+#                batching: the manager as configured, with CUDA graphs, graphs + async; the app's engine
+#   call 2:      run(command="bash bench/gpu_session.sh quant", carry=[".whlq"], timeout_s=480)  ~6 min
+#                the default model's shape with a picture; bf16 / 8-bit / 4-bit; the threads probe
+# The .whlq set has no gradio: its parts use the engine only.
+set -uo pipefail
+part="${1:?app or quant}"
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+if [ -z "${DRY:-}" ]; then
+  wheels=.whl; [ "$part" = quant ] && wheels=.whlq
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels/*.whl
+  export PYTHONPATH=/tmp/site
+  device=(--device cuda)
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+else
+  device=(--device cpu --small)
+fi
+run() {  # run LIMIT NAME ARGS...: one part, its output kept as it comes
+  local limit=$1 name=$2; shift 2
+  echo "== $name (at most ${limit} s) $(date +%T)"
+  timeout -k 5 "$limit" "$PY" "$@" 2>&1 | grep --line-buffered -v "Loading weights" | tee -a "$OUT/$name.log"
+}
+case $part in
+  app)
+    run 420 main bench/gpu.py "${device[@]}" --tokens 128 --rounds 2 --budget 90 --out "$OUT" ;;
+  quant)
+    run 170 vlm bench/gpu.py "${device[@]}" --vlm --no-app --tokens 128 --rounds 2 --budget 50 --out "$OUT"
+    run 150 quantize bench/gpu.py "${device[@]}" --quantize --no-app --tokens 64 --rounds 2 --budget 60 --out "$OUT"
+    [ -z "${DRY:-}" ] && run 120 probe bench/gpu_probe_threads.py ;;
+  *) echo "app or quant"; exit 2 ;;
+esac
+echo "== done $(date +%T)"
