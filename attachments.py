@@ -141,17 +141,34 @@ _cache_lock = threading.Lock()
 
 
 def _remembered(key: tuple, read):
-    """What `read` gives for `key`, read once while it stays among the last REMEMBERED."""
+    """What `read` gives for `key`, read once while it stays among the last REMEMBERED. A file
+    that can't be read is remembered too (ImageRefused again, at once): a damaged video may
+    take the whole decode budget to say so, and a chat sends its history every turn."""
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
-            return _cache[key][0]
-    value = read()
+            value = _cache[key][0]
+            if isinstance(value, ImageRefused):
+                raise ImageRefused(str(value))
+            return value
+    try:
+        value = read()
+    except ImageRefused as error:
+        value = error
     with _cache_lock:
-        _cache[key] = (value, _size(value))
+        _cache[key] = (value, 0 if isinstance(value, ImageRefused) else _size(value))
         while len(_cache) > REMEMBERED or sum(size for _, size in _cache.values()) > REMEMBERED_BYTES:
             _cache.popitem(last=False)
+    if isinstance(value, ImageRefused):
+        raise value
     return value
+
+
+def to_read(messages: list[dict]) -> bool:
+    """Whether messages hold documents, audio or video: files that take long to read (the
+    engine reads them before the generation loop takes the request)."""
+    return any(isinstance(part, dict) and part.get("type") in ("document", "audio", "video")
+               for message in messages if isinstance(message.get("content"), list) for part in message["content"])
 
 
 def _size(value) -> int:

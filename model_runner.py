@@ -55,6 +55,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
 )
 
+import attachments
 import transformers_internals
 from decoding import GrammarConstraint, LogprobsRecorder, Penalties, grammar_tokenizer
 from structured_output import grammar_for
@@ -462,6 +463,11 @@ class Job:
         elif stream is not None:
             stream.close(wait=0)
 
+    @property
+    def waiting(self) -> bool:
+        """Neither taken by the loop nor withdrawn yet."""
+        return self._state == "waiting"
+
     def take(self) -> bool:
         """The loop's: False when it was withdrawn while it waited."""
         with self._lock:
@@ -847,12 +853,32 @@ class ModelRunner:
         return job.result()
 
     def submit(self, job: Job) -> None:
-        """Hand a request to the generation loop; `job` says when it starts or is refused."""
+        """Hand a request to the generation loop; `job` says when it starts or is refused. One
+        with documents, audio or video is read first, on a thread of its own: reading a long
+        PDF or decoding a video (up to their time limits) then delays that answer only, not
+        every answer behind it on the loop, which finds the files read (attachments remembers)."""
         limit = self.settings.max_new_tokens_limit
         if not 1 <= job.settings.max_new_tokens <= limit:
             job.refuse(ChatInputError(f"max new tokens must be between 1 and {limit}."))
             return
+        if attachments.to_read(job.messages):
+            threading.Thread(target=self._read_then_submit, args=(job,), name="attachment-reader",
+                             daemon=True).start()
+        else:
+            self.loop.submit(job)
+
+    def _read_then_submit(self, job: Job) -> None:
+        if job.waiting:
+            try:
+                self._prepared_messages(job.messages, notices=[])
+            except Exception:  # the loop meets it again (a failed read is remembered too) and says why
+                pass
         self.loop.submit(job)
+
+    def _prepared_messages(self, messages: list[dict], notices: list[str]) -> list[dict]:
+        """Chat messages as this model takes them (conversation.prepare_messages): files read."""
+        return prepare_messages(messages, sees_images=self.is_vision, model_name=self.name, settings=self.settings,
+                                notices=notices, audio_rate=self.audio_rate, sees_video=self.sees_video)
 
     def _serve(self, job: Job) -> None:
         """The generation loop's work for one request: its inputs, then its answer, here."""
@@ -1033,9 +1059,7 @@ class ModelRunner:
         conversation doesn't fit, the oldest turns are left out (and a notice says so); a
         last message that alone doesn't fit is refused."""
         notices = [] if notices is None else notices
-        messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
-                                    settings=self.settings, notices=notices, audio_rate=self.audio_rate,
-                                    sees_video=self.sees_video)
+        messages = self._prepared_messages(messages, notices)
         inputs = self._apply_chat_template(messages, tools)
         limit = self.context_length
         if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:

@@ -500,3 +500,63 @@ def test_one_v1_request_carries_at_most_200_mb_of_attachments(api, monkeypatch):
     answer = client.chat.completions.create(model=runner.name, max_tokens=3, messages=[
         {"role": "user", "content": [part, {"type": "text", "text": "Read"}]}])
     assert answer.choices[0].finish_reason == "length"
+
+
+def test_a_slow_document_holds_up_only_its_own_answer(llama_runner, tmp_path, monkeypatch):
+    """Reading happens before the generation loop takes the request: another user's answer
+    streams while a long PDF is still being read, and the loop doesn't read it a second time."""
+    import threading
+    import time
+
+    import documents
+    from model_runner import GenerationSettings
+    reads, read = [], documents.read_document
+
+    def slow_read(data, name):
+        reads.append(name)
+        time.sleep(3)
+        return read(data, name)
+    monkeypatch.setattr(documents, "read_document", slow_read)
+    path = tmp_path / "slow.pdf"
+    path.write_bytes(pdf_with_text(["The harbour opens at nine."]))
+    with_document = [{"role": "user", "content": [attachment_part(path, "slow.pdf"),
+                                                  {"type": "text", "text": "When does it open?"}]}]
+    answered = {}
+
+    def ask_about_the_document():
+        with llama_runner.stream(with_document, GenerationSettings(max_new_tokens=4)) as stream:
+            answered["document"] = [reply.answer for reply in stream][-1]
+            answered["prompt"] = stream.prompt_tokens
+    asking = threading.Thread(target=ask_about_the_document)
+    start = time.monotonic()
+    asking.start()
+    time.sleep(0.2)  # (the document's request is in first)
+    with llama_runner.stream([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+                             GenerationSettings(max_new_tokens=4)) as stream:
+        hello = [reply.answer for reply in stream][-1]
+    hello_took = time.monotonic() - start
+    asking.join(30)
+    assert hello and hello_took < 2.5, f"the other answer waited {hello_took:.1f} s behind the reading"
+    assert answered["document"], "the document's answer came too"
+    assert reads == ["slow.pdf"], "read once, off the loop; the loop found it read"
+    plain_prompt = len(llama_runner.build_inputs([{"role": "user", "content": [
+        {"type": "text", "text": "When does it open?"}]}])["input_ids"][0])
+    assert answered["prompt"] > plain_prompt, "the model was given the document"
+
+
+def test_a_file_that_cannot_be_read_is_not_read_again_each_turn(llama_runner, tmp_path, monkeypatch):
+    import documents
+    from engine_contract import ImageRefused
+    reads, read = [], documents.read_document
+
+    def counted(data, name):
+        reads.append(name)
+        return read(data, name)
+    monkeypatch.setattr(documents, "read_document", counted)
+    path = tmp_path / "broken.pdf"
+    path.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)
+    message = {"role": "user", "content": [attachment_part(path, "broken.pdf"), {"type": "text", "text": "Read it"}]}
+    for _ in range(2):
+        with pytest.raises(ImageRefused, match="broken.pdf"):
+            llama_runner.build_inputs([message])
+    assert reads == ["broken.pdf"]
