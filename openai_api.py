@@ -32,6 +32,7 @@ from typing import Literal
 
 import anyio
 from fastapi import Depends, FastAPI, Request
+from fastapi import HTTPException as FastAPIHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -64,6 +65,9 @@ DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", r
 ANY_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,(.*)$", re.DOTALL)
 MAX_ATTACHMENT_BYTES = max(documents.MAX_DOCUMENT_BYTES, media.MAX_MEDIA_BYTES)  # one file, audio or video part
 MAX_REQUEST_ATTACHMENT_BYTES = 2 * MAX_ATTACHMENT_BYTES  # all of one request's parts together
+# A body larger than this is refused (413) before it is held whole: the attachments' limit in
+# base64, and room for the conversation's text.
+MAX_REQUEST_BODY_BYTES = MAX_REQUEST_ATTACHMENT_BYTES * 4 // 3 + 16 * 2**20
 
 
 class APIError(Exception):
@@ -72,6 +76,51 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.headers = status, headers
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over MAX_REQUEST_BODY_BYTES is a 413 in OpenAI's error
+    shape, decided from Content-Length before anything is read, or as a chunked body passes
+    the limit; FastAPI would otherwise hold the whole of it in memory to parse it. (FastAPI
+    0.165's own max_body_size answers a declared length with a plain-text 413 whatever the
+    app's error handlers say.)"""
+
+    class TooLarge(FastAPIHTTPException):
+        """Raised from the body's reading: FastAPI lets an HTTPException through (any other
+        error while it reads the body becomes its own 400); create_api's handler answers it."""
+
+        def __init__(self, error: APIError):
+            super().__init__(413, str(error))
+            self.error = error
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, received = MAX_REQUEST_BODY_BYTES, 0
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            error = self.error(f"The request body is {int(declared) / 2**20:.1f} MB; the most this server takes "
+                               f"is {limit / 2**20:.1f} MB")
+            return await JSONResponse(error.body, status_code=413)(scope, receive, send)
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyLimit.TooLarge(BodyLimit.error(f"The request body is over {limit / 2**20:.1f} MB, "
+                                                             f"the most this server takes"))
+            return message
+        await self.app(scope, counted_receive, send)
+
+    @staticmethod
+    def error(what: str) -> APIError:
+        return APIError(413, f"{what} (attachments: {MAX_REQUEST_ATTACHMENT_BYTES // 2**20} MB in all).",
+                        code="request_too_large")
 
 
 # ---------------------------------------------------------------- request schema
@@ -542,6 +591,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
     api_key = settings.api_key
     retry_after = {"Retry-After": str(settings.api_retry_after_s)}
     api = FastAPI(title="OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    api.add_middleware(BodyLimit)
 
     @api.exception_handler(APIError)
     async def _api_error(request, error: APIError):
@@ -563,6 +613,8 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request, error: StarletteHTTPException):
+        if isinstance(error, BodyLimit.TooLarge):
+            return JSONResponse(error.error.body, status_code=413)
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(error.status_code, str(error.detail), type=kind).body,
                             status_code=error.status_code)

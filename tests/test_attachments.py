@@ -560,3 +560,29 @@ def test_a_file_that_cannot_be_read_is_not_read_again_each_turn(llama_runner, tm
         with pytest.raises(ImageRefused, match="broken.pdf"):
             llama_runner.build_inputs([message])
     assert reads == ["broken.pdf"]
+
+
+def test_a_v1_body_over_the_limit_is_a_413_before_it_is_read(serve, llama_runner, monkeypatch):
+    """Declared (Content-Length) or streamed in chunks, a body past MAX_REQUEST_BODY_BYTES is
+    refused in OpenAI's error shape, and the server goes on answering."""
+    import httpx
+
+    import openai_api
+    monkeypatch.setattr(openai_api, "MAX_REQUEST_BODY_BYTES", 64 * 1024)
+    url, _ = serve(llama_runner)
+    body = json.dumps({"model": llama_runner.name, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "word " * 40_000}]}).encode()
+
+    def chunks():
+        for start in range(0, len(body), 8192):
+            yield body[start:start + 8192]
+    for content in (body, chunks()):
+        refused = httpx.post(url + "v1/chat/completions", content=content, timeout=30,
+                             headers={"Content-Type": "application/json"})
+        assert refused.status_code == 413, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "request_too_large" and "MB" in error["message"]
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model=llama_runner.name, max_tokens=2,
+                                            messages=[{"role": "user", "content": "Hello"}])
+    assert answer.choices[0].finish_reason == "length"
