@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -1192,8 +1193,16 @@ class ModelSlot(DescribedByInfo):
 
 # ---------------------------------------------------------------- main
 
+def _stop_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = config.read_settings(argv)  # resolved once, then handed to everything
+    # SIGTERM (docker stop, systemd, a Space restarting) ends the app as Ctrl+C does: the
+    # server closes and the at-exit work runs (stdio MCP servers stopped, scratch folders
+    # removed), which Python's default for SIGTERM skips.
+    signal.signal(signal.SIGTERM, _stop_as_ctrl_c)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for chatty in ("httpx", "openai", "httpcore"):  # one line per request/retry otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -1257,4 +1266,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (Ctrl+C or SIGTERM before the server was up: no traceback)
+        sys.exit(130)

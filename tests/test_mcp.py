@@ -261,3 +261,33 @@ def test_with_logins_the_chat_tool_still_answers_on_this_machine(serve, llama_ru
         return await session.call_tool("ask", {"message": "Describe a dog.", "max_new_tokens": 5})
     answer = asyncio.run(_mcp_session(url, act=act))
     assert not answer.isError and answer.content[0].text == spy.streams[-1].reply.answer
+
+
+def test_sigterm_stops_the_app_with_its_stdio_servers_and_engine(tmp_path, tiny_model_paths):
+    """docker stop, systemd and a restarting Space send SIGTERM: the app ends as with Ctrl+C,
+    and nothing it started is left running."""
+    import signal
+
+    from tests.conftest import wait_until_loaded
+    from tests.test_engine_process import children_of, running
+    marker = f"mcp-marker-sigterm-{os.getpid()}"
+    config = config_file(tmp_path, {"weather": {"command": sys.executable, "args": [SERVER, marker]}})
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(Path(app.__file__)), "--model", str(tiny_model_paths["llama"]),
+                                "--port", str(port), "--mcp-config", config],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_until_loaded(port, process)
+        servers = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        engines = children_of(process.pid)
+        assert servers and engines, "the MCP server and the engine run"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, process.stderr.read()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    wait_for(lambda: not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout, 15,
+             "the stdio MCP server to stop")
+    wait_for(lambda: not running(engines[0]), 15, "the engine process to end")
+    assert "Traceback" not in process.stderr.read()
