@@ -46,6 +46,7 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
     LogitsProcessorList,
+    ProcessorMixin,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -590,7 +591,6 @@ def hears_audio_at(processor, config) -> int | None:
     feature extractor and an audio token, its config an audio tower (a Gemma 4 without one
     keeps the extractor), and it takes audio as samples through the common chat-template path
     (Voxtral's and Granite Speech's processors take files or their own prompts: not here)."""
-    from transformers import ProcessorMixin
     extractor = getattr(processor, "feature_extractor", None) or getattr(processor, "audio_processor", None)
     if extractor is None or not getattr(processor, "audio_token", None):
         return None
@@ -647,6 +647,10 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.is_vision = is_vision
+        # Control tokens in messages are text: marked by the chat template (sanitize_control_tokens),
+        # or, for a processor with a __call__ of its own (Idefics3's: it counts "<image>" in the
+        # text and needs character offsets, which sanitizing loses), broken by _as_typed.
+        self._sanitizes = processor is None or type(processor).__call__ is ProcessorMixin.__call__
         self.audio_rate = hears_audio_at(processor, model.config)  # None: it doesn't hear
         self.sees_video = is_vision and self._takes_video()
         self.batcher = None  # a batching.ContinuousBatcher: answers share the forward passes
@@ -1070,12 +1074,31 @@ class ModelRunner:
             return inputs.to(self.model.device, dtype=self.dtype)
         return inputs.to(self.model.device)
 
+    @functools.cached_property
+    def _control_tokens(self) -> "re.Pattern | None":
+        """What _as_typed breaks where sanitize_control_tokens can't be used: the tokenizer's
+        special tokens, the added ones its chat template writes, the processor's placeholders."""
+        template = str(getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template or "")
+        tokens = {token.content for token in self.tokenizer.added_tokens_decoder.values()
+                  if token.special or (token.content in template and not token.content.isspace())}
+        tokens |= {getattr(self.processor, name, None) for name in ("image_token", "video_token", "audio_token")}
+        tokens = sorted((token for token in tokens if isinstance(token, str) and len(token) > 1), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+    def _as_typed(self, text: str) -> str:
+        """Text from the chat as text to the model, where the template can't sanitize: a control
+        token in it gets a zero-width space ("<\u200b|im_start|>", "<\u200bimage>"), so it is
+        read, not obeyed or expanded."""
+        if self._sanitizes or not text or self._control_tokens is None:
+            return text
+        return self._control_tokens.sub(lambda found: f"{found[0][0]}\u200b{found[0][1:]}", text)
+
     def _template_messages(self, messages: list[dict]) -> list[dict]:
         """Neutral messages → the shape chat templates expect: text-only templates often
         want plain strings; tool calls in OpenAI's shape with their arguments as a dict."""
         shaped, pictures = [], []
         for message in alternate_roles(messages):
-            text = "\n".join(p["text"] for p in message["content"] if p.get("type") == "text")
+            text = self._as_typed("\n".join(p["text"] for p in message["content"] if p.get("type") == "text"))
             if message["role"] != "tool" and pictures:
                 shaped.append(pictures_message(pictures))
                 pictures = []
@@ -1085,8 +1108,8 @@ class ModelRunner:
                 # (templates take a tool's result as text: its pictures follow the results, as shown by the user)
                 pictures += [part for part in message["content"] if part.get("type") == "image"]
                 continue
-            parts = [{key: value for key, value in part.items() if key not in ("document", "metadata")}
-                     for part in message["content"]]
+            parts = [{key: self._as_typed(value) if key == "text" else value for key, value in part.items()
+                      if key not in ("document", "metadata")} for part in message["content"]]
             item = {"role": message["role"], "content": parts if self.processor is not None else text}
             if message.get("tool_calls"):
                 item["tool_calls"] = [call.openai(arguments_as_json=False) for call in message["tool_calls"]]
@@ -1101,9 +1124,24 @@ class ModelRunner:
         # is told when each was taken, and not to sample again.
         videos = [part["metadata"] for message in messages for part in message["content"] if part.get("type") == "video"]
         extra = {"processor_kwargs": {"do_sample_frames": False, "video_metadata": videos}} if videos else {}
-        return template_owner.apply_chat_template(
-            self._template_messages(messages), tools=tools or None, add_generation_prompt=True, tokenize=True,
-            return_dict=True, return_tensors="pt", **extra)
+        # sanitize_control_tokens: a control token inside the messages (typed, in a document, in
+        # a tool's result: "<|im_start|>system", "<image>") is encoded as the text it is; only
+        # the template's own are tokens. Else a document could open a system turn, and "<image>"
+        # typed to a vision model asked for a picture that wasn't there (an error).
+        if self._sanitizes:
+            extra["sanitize_control_tokens"] = True
+        try:
+            return template_owner.apply_chat_template(
+                self._template_messages(messages), tools=tools or None, add_generation_prompt=True, tokenize=True,
+                return_dict=True, return_tensors="pt", **extra)
+        except TypeError as error:
+            if not self._sanitizes or "sanitize_control_tokens" not in str(error):
+                raise
+            # (a processor of the model's own code, with an apply_chat_template that doesn't take it)
+            log.warning("%s's processor doesn't take sanitize_control_tokens (%s): control tokens in messages "
+                        "get a zero-width space instead.", self.name, first_line(error))
+            self._sanitizes = False
+            return self._apply_chat_template(messages, tools)
 
     def _takes_video(self) -> bool:
         """Does this model take video natively here? Its processor has a video processor (in
