@@ -277,8 +277,10 @@ class Bench:
         self.threads = default_torch_threads()
         torch.set_num_threads(self.threads)  # plain generate runs in this (main) thread
         start = perf_counter()
-        self.runner = ModelRunner.load(path, device=args.device, compile="off", torch_threads=self.threads,
-                                       quantize=quantize)
+        # batching off: on CUDA "auto" would put an uncompiled text model's answers through the batch
+        # manager; the runner measured here is the generation loop (measure_batching: the manager)
+        self.runner = ModelRunner.load(path, device=args.device, compile="off", batching="off",
+                                       torch_threads=self.threads, quantize=quantize)
         self.sync()
         report.add(f"{label}load_s", perf_counter() - start, f"{label}loaded {path} in {perf_counter() - start:.1f} s "
                    f"({self.runner.device}, {self.runner.dtype}{', ' + quantize if quantize else ''}, "
@@ -398,14 +400,16 @@ def without_cudnn_attention(fn):
     return run
 
 
-def start_engine(bench: Bench, compile: str, cudnn_attention: bool = True, **settings) -> EngineProcess:
-    """An engine process for the bench's model; without cuDNN attention it is started with
-    TORCH_CUDNN_SDPA_PREFERRED=0 (read by torch at its first attention), which it inherits."""
+def start_engine(bench: Bench, compile: str, cudnn_attention: bool = True, batching: str = "off",
+                 **settings) -> EngineProcess:
+    """An engine process for the bench's model (its generation loop: batching off unless asked);
+    without cuDNN attention it is started with TORCH_CUDNN_SDPA_PREFERRED=0 (read by torch at
+    its first attention), which it inherits."""
     kept = os.environ.get("TORCH_CUDNN_SDPA_PREFERRED")
     if not cudnn_attention:
         os.environ["TORCH_CUDNN_SDPA_PREFERRED"] = "0"
     try:
-        return EngineProcess.start(bench.path, device=bench.args.device, compile=compile,
+        return EngineProcess.start(bench.path, device=bench.args.device, compile=compile, batching=batching,
                                    torch_threads=bench.threads, **settings)
     finally:
         if kept is None:
@@ -525,7 +529,8 @@ def measure_batching(bench: Bench, budget: float) -> None:
     from transformers import GenerationConfig
     args, report = bench.args, bench.report
     tokens, deadline = args.batch_tokens, time.monotonic() + budget
-    runner = ModelRunner.load(bench.path, device=args.device, compile="off", torch_threads=bench.threads)
+    runner = ModelRunner.load(bench.path, device=args.device, compile="off", batching="off",
+                              torch_threads=bench.threads)
     prompt_ids = runner.build_inputs(bench.messages)["input_ids"][0].tolist()
     config = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=-1,
                               pad_token_id=runner.tokenizer.pad_token_id or 0)
