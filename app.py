@@ -57,7 +57,7 @@ import users
 from config import Settings
 from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part
 from conversation import ATTACHED, for_the_model
-from conversation_store import ConversationStore, NotFound, StoreError, open_store
+from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
     Cancelled,
     ChatInputError,
@@ -489,6 +489,7 @@ class Chats:
         self.answer_steps = make_answer_steps(runner, settings, line=line, zero_gpu=self.zero_gpu, toolbox=toolbox)
         self.turns = OneTurnAtATime()
         self.answered: set[str] = set()  # conversations whose last turn ran to its end (not stopped)
+        self.retitled: set[str] = set()  # conversations given a new title during their turn (end_turn shows it)
         self.examples = starter_examples()
         self.scratch = Path(tempfile.mkdtemp(prefix="chat-undo-"))  # images an undo puts back in the textbox
         atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
@@ -715,6 +716,7 @@ class Chats:
                     written, refusal = await self.transcribed(stored[-1])
                     if written is not stored[-1]:
                         self.store.append(user, conversation, [written], keep=len(stored) - 1)
+                        self.retitle_from_speech(user, conversation, stored[-1], written)
                 if refusal is not None:
                     self.store.append(user, conversation, [failed(refusal)])
                 stored = self.store.messages(user, conversation)
@@ -749,6 +751,15 @@ class Chats:
             finally:
                 self.turns.release(conversation)
 
+    def retitle_from_speech(self, user: str, conversation: str, message: dict, written: dict) -> None:
+        """A chat begun with a voice message, still titled by its recording ("🎤 audio.wav": every
+        recording is named so), is titled by what was said instead."""
+        said = " ".join(part.get("transcript") or "" for part in written["content"] if part["type"] == "audio").strip()
+        if said and not text_of(message).strip() and \
+                self.store.title(user, conversation) == title_of(message).strip()[:TITLE_CHARS]:
+            self.store.rename(user, conversation, f"🎤 {said}")
+            self.retitled.add(conversation)
+
     async def transcribed(self, message: dict) -> tuple[dict, str | None]:
         """The message with its audio written out (--asr-model) for a model that can't listen,
         or why it couldn't be (without --asr-model the engine refuses the audio, saying how)."""
@@ -762,18 +773,22 @@ class Chats:
             return message, str(error)
 
     async def end_turn(self, conversation, user, search):
-        """After a turn: the list, the textbox back, and, when it was stopped, the chat drawn
-        from the store once the stopped answer is saved (no spinner left turning; a Stop's save
-        comes when Gradio has cancelled the turn, after Stop's own event)."""
-        shown = gr.skip()
+        """After a turn: the list, the textbox back, the title if the turn changed it, and, when
+        it was stopped, the chat drawn from the store once the stopped answer is saved (no
+        spinner left turning; a Stop's save comes when Gradio has cancelled the turn, after
+        Stop's own event)."""
+        shown = title = gr.skip()
         if conversation and conversation not in self.answered:
             async with self.turns.held(conversation, STOP_SAVE_WAIT_S):
                 try:
                     shown = chat_bubbles(self.store.messages(user, conversation))
                 except StoreError:
                     pass
-        return shown, self.chat_list(user, conversation, search), \
-            idle_textbox()
+        if conversation in self.retitled:
+            self.retitled.discard(conversation)
+            with contextlib.suppress(StoreError):
+                title = gr.Textbox(value=self.store.title(user, conversation), interactive=True)
+        return shown, self.chat_list(user, conversation, search), idle_textbox(), title
 
     # -- answering, for the browser and for /chat
 
@@ -947,7 +962,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
                       chatbot.edit(chats.begin_edit, [conversation, user, kept, search], begun, **quick)):
             respond = begin.success(chats.respond, answer_inputs, [chatbot], concurrency_limit=concurrency,
                                     concurrency_id=GENERATION_CONCURRENCY_ID, show_progress="hidden", **hidden)
-            respond.then(chats.end_turn, [conversation, user, search], [chatbot, chat_list, textbox], **quick)
+            respond.then(chats.end_turn, [conversation, user, search], [chatbot, chat_list, textbox, title], **quick)
             answering.append(respond)
         textbox.stop(None, cancels=answering, **quick)  # (the turn's end_turn redraws the chat)
         chatbot.undo(chats.undo, [conversation, user], [chatbot, textbox], **quick)

@@ -26,7 +26,8 @@ def send(browser: Browser, text: str, *files, max_new_tokens: int = 8) -> list[d
     """A message with files, and its whole answer: what the chat showed at the end."""
     browser.call("begin_turn", {"text": text, "files": [handle_file(str(f)) for f in files]}, browser.kept, "")
     shown = browser.client.predict("", max_new_tokens, 0.0, 1.0, fn_index=event(browser.chats, "respond"))
-    browser.conversation = browser.call("end_turn", "")[1]["value"]
+    browser.ended = browser.call("end_turn", "")  # (chatbot, chat list, textbox, title)
+    browser.conversation = browser.ended[1]["value"]
     return shown
 
 
@@ -416,6 +417,9 @@ def test_with_asr_model_speech_is_written_out_and_shown_as_the_users_words(
     assert heard in prompt
     saved = spy.chats.store.messages(_user(spy), browser.conversation)
     assert saved[0]["content"][0]["type"] == "audio" and saved[0]["content"][0]["transcript"] == heard
+    title = f"🎤 {heard}"[:80].strip()
+    assert spy.chats.store.title(_user(spy), browser.conversation) == title, "titled by what was said"
+    assert browser.ended[3]["value"] == title, "and the title box shows it"
     assert "speech written out by" in app.header_markdown(llama_runner, speech=spy.chats.speech)
 
     # /v1: the same audio as input_audio is written out too

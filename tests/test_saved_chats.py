@@ -50,7 +50,7 @@ class Browser:
         """A message and its whole answer: (what the chat showed at the end, the list)."""
         self.call("begin_turn", {"text": text, "files": []}, self.kept, "")
         shown = self.client.predict("", max_new_tokens, 0.0, 1.0, fn_index=event(self.chats, "respond"))
-        _, chat_list, _ = self.call("end_turn", "")
+        _, chat_list, _, _ = self.call("end_turn", "")
         return shown, chat_list
 
     def close(self):
