@@ -121,7 +121,9 @@ def _read(read, *arguments):
     try:
         return read(*arguments)
     except (documents.DocumentError, media.MediaError) as error:
-        raise ImageRefused(str(error)) from None
+        refused = ImageRefused(str(error))
+        refused.lasting = getattr(error, "lasting", True)  # (False: a time or memory limit)
+        raise refused from None
 
 
 def _bytes(source, part: dict) -> bytes:
@@ -140,35 +142,34 @@ _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+class _Refusal(str):
+    """A file that can't be read, remembered by what to say."""
+
+
 def _remembered(key: tuple, read):
     """What `read` gives for `key`, read once while it stays among the last REMEMBERED. A file
-    that can't be read is remembered too (ImageRefused again, at once): a damaged video may
-    take the whole decode budget to say so, and a chat sends its history every turn."""
+    that can't be read is remembered too (ImageRefused again, at once: a chat sends its history
+    every turn), unless a time or memory limit refused it (another try may read it)."""
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             value = _cache[key][0]
-            if isinstance(value, ImageRefused):
-                raise ImageRefused(str(value))
+            if isinstance(value, _Refusal):
+                raise ImageRefused(value)
             return value
     try:
         value = read()
     except ImageRefused as error:
-        value = error
+        if not getattr(error, "lasting", True):
+            raise
+        value = _Refusal(str(error))
     with _cache_lock:
-        _cache[key] = (value, 0 if isinstance(value, ImageRefused) else _size(value))
+        _cache[key] = (value, len(value) if isinstance(value, _Refusal) else _size(value))
         while len(_cache) > REMEMBERED or sum(size for _, size in _cache.values()) > REMEMBERED_BYTES:
             _cache.popitem(last=False)
-    if isinstance(value, ImageRefused):
-        raise value
+    if isinstance(value, _Refusal):
+        raise ImageRefused(value)
     return value
-
-
-def to_read(messages: list[dict]) -> bool:
-    """Whether messages hold documents, audio or video: files that take long to read (the
-    engine reads them before the generation loop takes the request)."""
-    return any(isinstance(part, dict) and part.get("type") in ("document", "audio", "video")
-               for message in messages if isinstance(message.get("content"), list) for part in message["content"])
 
 
 def _size(value) -> int:

@@ -326,6 +326,16 @@ def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str |
     return text[:end].strip(), text[end + len(REASONING_END):].lstrip(), True
 
 
+def answer_of(text: str) -> str:
+    """An assistant turn's text without its reasoning, for the chat template (a /v1 client may
+    send the reasoning back inside the content). Templates drop it themselves by splitting at
+    `</think>`; once control tokens in messages are text (sanitized, or broken by a zero-width
+    space) they no longer can."""
+    if REASONING_END in text:
+        return text.split(REASONING_END)[-1].lstrip("\n")
+    return "" if text.lstrip().startswith(REASONING_START) else text
+
+
 class ReplyParser:
     """Generated text → Reply: the one place an answer is split into reasoning, answer and
     tool calls (in the engine, as it generates; consumers only render the parts). A call

@@ -51,7 +51,12 @@ def _av():
 
 
 class MediaError(ValueError):
-    """An audio or video file this app can't read: one line saying why, for the chat or a 400."""
+    """An audio or video file this app can't read: one line saying why, for the chat or a 400.
+    `lasting` False: a time or memory limit refused it (another try, less busy, may read it)."""
+
+    def __init__(self, message: str, *, lasting: bool = True):
+        super().__init__(message)
+        self.lasting = lasting
 
 
 @dataclass
@@ -103,7 +108,8 @@ def read_audio(source, name: str, sampling_rate: int = 16000) -> Audio:
         chunks, total, deadline = [], 0, time.monotonic() + MAX_DECODE_SECONDS
         for frame in itertools.chain(container.decode(stream), [None]):   # None: the resampler's rest
             if time.monotonic() > deadline:
-                raise MediaError(f"{name} takes too long to decode (over {MAX_DECODE_SECONDS} s).")
+                raise MediaError(f"{name} takes too long to decode (over {MAX_DECODE_SECONDS} s).",
+                                 lasting=False)
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
                 total += chunks[-1].size
@@ -160,7 +166,7 @@ def _opened(source, name: str, kind: str, check_size: bool = True):
         if not opened:
             raise MediaError(f"{name} is not {_NAMES[kind]}.") from None
         reason = getattr(error, "strerror", None) or f"{type(error).__name__}: {str(error)[:100]}"
-        raise MediaError(f"{name} is damaged ({reason}).") from None
+        raise MediaError(f"{name} is damaged ({reason}).", lasting=not isinstance(error, MemoryError)) from None
 
 
 def _pictures(container) -> list:
@@ -242,7 +248,7 @@ def _sample(container, stream, targets: list[float], name: str, max_side: int) -
                     raise MediaError(f"{name} has more pictures than this app decodes ({MAX_DECODED_FRAMES:,}).")
                 if time.monotonic() > deadline:
                     raise MediaError(f"{name} takes too long to decode (over {MAX_DECODE_SECONDS} s): send a shorter "
-                                     f"or smaller video.")
+                                     f"or smaller video.", lasting=False)
                 if frame.time is None:
                     continue
                 _check_picture(name, frame.width, frame.height)

@@ -56,7 +56,6 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
 )
 
-import attachments
 import transformers_internals
 from decoding import GrammarConstraint, LogprobsRecorder, Penalties, grammar_tokenizer
 from structured_output import grammar_for
@@ -68,6 +67,7 @@ from conversation import (
     TOOL_CALL_START,
     ReplyParser,
     alternate_roles,
+    answer_of,
     last_user_text,
     prepare_messages,
 )
@@ -464,11 +464,6 @@ class Job:
         elif stream is not None:
             stream.close(wait=0)
 
-    @property
-    def waiting(self) -> bool:
-        """Neither taken by the loop nor withdrawn yet."""
-        return self._state == "waiting"
-
     def take(self) -> bool:
         """The loop's: False when it was withdrawn while it waited."""
         with self._lock:
@@ -857,32 +852,12 @@ class ModelRunner:
         return job.result()
 
     def submit(self, job: Job) -> None:
-        """Hand a request to the generation loop; `job` says when it starts or is refused. One
-        with documents, audio or video is read first, on a thread of its own: reading a long
-        PDF or decoding a video (up to their time limits) then delays that answer only, not
-        every answer behind it on the loop, which finds the files read (attachments remembers)."""
+        """Hand a request to the generation loop; `job` says when it starts or is refused."""
         limit = self.settings.max_new_tokens_limit
         if not 1 <= job.settings.max_new_tokens <= limit:
             job.refuse(ChatInputError(f"max new tokens must be between 1 and {limit}."))
             return
-        if attachments.to_read(job.messages):
-            threading.Thread(target=self._read_then_submit, args=(job,), name="attachment-reader",
-                             daemon=True).start()
-        else:
-            self.loop.submit(job)
-
-    def _read_then_submit(self, job: Job) -> None:
-        if job.waiting:
-            try:
-                self._prepared_messages(job.messages, notices=[])
-            except Exception:  # the loop meets it again (a failed read is remembered too) and says why
-                pass
         self.loop.submit(job)
-
-    def _prepared_messages(self, messages: list[dict], notices: list[str]) -> list[dict]:
-        """Chat messages as this model takes them (conversation.prepare_messages): files read."""
-        return prepare_messages(messages, sees_images=self.is_vision, model_name=self.name, settings=self.settings,
-                                notices=notices, audio_rate=self.audio_rate, sees_video=self.sees_video)
 
     def _serve(self, job: Job) -> None:
         """The generation loop's work for one request: its inputs, then its answer, here."""
@@ -1063,7 +1038,9 @@ class ModelRunner:
         conversation doesn't fit, the oldest turns are left out (and a notice says so); a
         last message that alone doesn't fit is refused."""
         notices = [] if notices is None else notices
-        messages = self._prepared_messages(messages, notices)
+        messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
+                                    settings=self.settings, notices=notices, audio_rate=self.audio_rate,
+                                    sees_video=self.sees_video)
         inputs = self._apply_chat_template(messages, tools)
         limit = self.context_length
         if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:
@@ -1098,6 +1075,10 @@ class ModelRunner:
         want plain strings; tool calls in OpenAI's shape with their arguments as a dict."""
         shaped, pictures = [], []
         for message in alternate_roles(messages):
+            if message["role"] == "assistant":  # (its reasoning, if a client sent it back: left out)
+                message = {**message, "content": [{**part, "text": answer_of(part["text"])}
+                                                  if part.get("type") == "text" else part
+                                                  for part in message["content"]]}
             text = self._as_typed("\n".join(p["text"] for p in message["content"] if p.get("type") == "text"))
             if message["role"] != "tool" and pictures:
                 shaped.append(pictures_message(pictures))
@@ -1134,11 +1115,12 @@ class ModelRunner:
             return template_owner.apply_chat_template(
                 self._template_messages(messages), tools=tools or None, add_generation_prompt=True, tokenize=True,
                 return_dict=True, return_tensors="pt", **extra)
-        except TypeError as error:
-            if not self._sanitizes or "sanitize_control_tokens" not in str(error):
+        except (TypeError, ValueError, NotImplementedError) as error:
+            if not self._sanitizes or "sanitiz" not in str(error).lower():
                 raise
-            # (a processor of the model's own code, with an apply_chat_template that doesn't take it)
-            log.warning("%s's processor doesn't take sanitize_control_tokens (%s): control tokens in messages "
+            # (a processor of the model's own code that doesn't take it, or a tokenizer that makes a
+            # control token from plain text: transformers can't sanitize it)
+            log.warning("%s can't keep control tokens in messages as text through its template (%s): they "
                         "get a zero-width space instead.", self.name, first_line(error))
             self._sanitizes = False
             return self._apply_chat_template(messages, tools)
@@ -1211,8 +1193,9 @@ class ModelRunner:
                 edited[i]["content"][j] = {**edited[i]["content"][j], "text": text}
             return edited
 
-        tokens = {key: self.tokenizer(messages[key[0]]["content"][key[1]]["text"],
-                                      add_special_tokens=False)["input_ids"] for key in where}
+        # (split_special_tokens: a control token in a document is its text, kept by the cut)
+        tokens = {key: self.tokenizer(messages[key[0]]["content"][key[1]]["text"], add_special_tokens=False,
+                                      split_special_tokens=True)["input_ids"] for key in where}
         total = sum(map(len, tokens.values()))
         rest = self._apply_chat_template(with_texts({key: "" for key in where}), tools)["input_ids"].shape[-1]
         share = max(budget - rest, min(total, budget // 2))
@@ -1239,7 +1222,7 @@ class ModelRunner:
     def _cut_document(self, part: dict, ids: list[int], keep: int) -> str:
         if keep >= len(ids):
             return part["text"]
-        text = self.tokenizer.decode(ids[:keep], skip_special_tokens=True)
+        text = self.tokenizer.decode(ids[:keep])
         line_end = text.rfind("\n")
         if line_end > len(text) * 0.9:
             text = text[:line_end]

@@ -506,48 +506,6 @@ def test_one_v1_request_carries_at_most_200_mb_of_attachments(api, monkeypatch):
     assert answer.choices[0].finish_reason == "length"
 
 
-def test_a_slow_document_holds_up_only_its_own_answer(llama_runner, tmp_path, monkeypatch):
-    """Reading happens before the generation loop takes the request: another user's answer
-    streams while a long PDF is still being read, and the loop doesn't read it a second time."""
-    import threading
-    import time
-
-    import documents
-    from model_runner import GenerationSettings
-    reads, read = [], documents.read_document
-
-    def slow_read(data, name):
-        reads.append(name)
-        time.sleep(3)
-        return read(data, name)
-    monkeypatch.setattr(documents, "read_document", slow_read)
-    path = tmp_path / "slow.pdf"
-    path.write_bytes(pdf_with_text(["The harbour opens at nine."]))
-    with_document = [{"role": "user", "content": [attachment_part(path, "slow.pdf"),
-                                                  {"type": "text", "text": "When does it open?"}]}]
-    answered = {}
-
-    def ask_about_the_document():
-        with llama_runner.stream(with_document, GenerationSettings(max_new_tokens=4)) as stream:
-            answered["document"] = [reply.answer for reply in stream][-1]
-            answered["prompt"] = stream.prompt_tokens
-    asking = threading.Thread(target=ask_about_the_document)
-    start = time.monotonic()
-    asking.start()
-    time.sleep(0.2)  # (the document's request is in first)
-    with llama_runner.stream([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
-                             GenerationSettings(max_new_tokens=4)) as stream:
-        hello = [reply.answer for reply in stream][-1]
-    hello_took = time.monotonic() - start
-    asking.join(30)
-    assert hello and hello_took < 2.5, f"the other answer waited {hello_took:.1f} s behind the reading"
-    assert answered["document"], "the document's answer came too"
-    assert reads == ["slow.pdf"], "read once, off the loop; the loop found it read"
-    plain_prompt = len(llama_runner.build_inputs([{"role": "user", "content": [
-        {"type": "text", "text": "When does it open?"}]}])["input_ids"][0])
-    assert answered["prompt"] > plain_prompt, "the model was given the document"
-
-
 def test_a_file_that_cannot_be_read_is_not_read_again_each_turn(llama_runner, tmp_path, monkeypatch):
     import documents
     from engine_contract import ImageRefused
@@ -590,3 +548,26 @@ def test_a_v1_body_over_the_limit_is_a_413_before_it_is_read(serve, llama_runner
     answer = client.chat.completions.create(model=llama_runner.name, max_tokens=2,
                                             messages=[{"role": "user", "content": "Hello"}])
     assert answer.choices[0].finish_reason == "length"
+
+
+def test_a_file_refused_by_a_time_limit_is_read_again_next_time(tmp_path, monkeypatch):
+    """A busy machine can push a long video past the decode time limit: that refusal is not
+    remembered (a damaged file's is), so the same file sent again is read again."""
+    import attachments
+    import media
+    from engine_contract import ImageRefused
+    path = tmp_path / "voice.wav"
+    path.write_bytes(audio_file(".wav"))
+    calls, read = [], media.read_audio
+
+    def busy_then_fine(source, name, rate):
+        calls.append(name)
+        if len(calls) == 1:
+            raise media.MediaError(f"{name} takes too long to decode (over 30 s).", lasting=False)
+        return read(source, name, rate)
+    monkeypatch.setattr(media, "read_audio", busy_then_fine)
+    part = attachment_part(path, "voice.wav")
+    with pytest.raises(ImageRefused, match="too long to decode"):
+        attachments.audio_of(part, 16000)
+    assert attachments.audio_of(part, 16000).seconds > 1 and calls == ["voice.wav", "voice.wav"]
+    assert attachments.audio_of(part, 16000).seconds > 1 and len(calls) == 2, "then remembered"
