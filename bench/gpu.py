@@ -180,9 +180,10 @@ def measure_vlm(args, report: Report) -> None:
     kept = args.no_app
     args.no_app = True  # (the app's client sends text only)
     try:
-        for mode in ("eager", "compiled") if args.device == "cuda" or args.compiled == "yes" else ("eager",):
+        compiled = args.compiled == "yes" or (args.compiled == "auto" and args.device == "cuda")
+        for mode in ("eager", "compiled") if compiled else ("eager",):
             try:
-                measure_mode(bench, mode, args.budget / 2, compile="auto", label="vlm ")
+                measure_mode(bench, mode, args.budget / 2, compile="auto", label="vlm ", cudnn_engine=False)
             except Exception as error:
                 report.add(f"vlm {mode}/error", repr(error), f"vlm {mode}: failed: {error!r}")
     finally:
@@ -191,14 +192,15 @@ def measure_vlm(args, report: Report) -> None:
 
 
 def measure_quantized(args, report: Report, path: str) -> None:
-    """bf16 (or float32 on CPU), 8-bit and 4-bit (bitsandbytes) weights of the same model: GPU
-    memory after loading and at its peak while answering, and tokens/s of plain generate (main
-    thread) and of the runner (its generation loop), each answer checked to stream text."""
+    """bf16 (or float32 on CPU), 8-bit and 4-bit (bitsandbytes) weights of the same model, one
+    at a time: GPU memory after loading and at its peak while answering, and tokens/s of plain
+    generate (main thread) and of the runner (its generation loop), each checked to stream text."""
+    import gc
     for quantize in (None, "8bit", "4bit"):
         name = quantize or "unquantized"
+        gc.collect()  # (the previous model's last references: its streams hold the runner)
         if args.device == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         try:
             bench = Bench(args, path, report, quantize=quantize, label=f"quant {name}/")
         except Exception as error:
@@ -206,11 +208,14 @@ def measure_quantized(args, report: Report, path: str) -> None:
             continue
         try:
             loaded = torch.cuda.memory_allocated() if args.device == "cuda" else None
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()  # (from here: the peak while answering)
             footprint = bench.runner.model.get_memory_footprint()
             text = ""
             with bench.runner.stream(bench.messages, bench.settings(WARM_UP_TOKENS)) as stream:
                 for reply in stream:  # (each reply is the answer so far)
                     text = reply.answer
+            del stream
             bench.deadline = time.monotonic() + args.budget / 3
             bench.rounds(f"quant {name}", {"plain": tokens_per_second(bench.plain),
                                            "runner": tokens_per_second(lambda n: bench.through(bench.runner.stream, n))},
@@ -226,8 +231,6 @@ def measure_quantized(args, report: Report, path: str) -> None:
         finally:
             bench.runner.close()
             bench = None  # (the model's memory goes before the next one loads)
-            import gc
-            gc.collect()
 
 
 class Report:
@@ -418,9 +421,13 @@ def start_engine(bench: Bench, compile: str, cudnn_attention: bool = True, batch
             os.environ["TORCH_CUDNN_SDPA_PREFERRED"] = kept
 
 
-def measure_mode(bench: Bench, mode: str, budget: float, compile: str = "on", label: str = "") -> None:
+def measure_mode(bench: Bench, mode: str, budget: float, compile: str = "on", label: str = "",
+                 cudnn_engine: bool = True) -> None:
     """Eager or compiled: plain generate against the runner, the engine process and the app.
-    compile "auto" (a model that may not compile): a model that doesn't is reported and left out."""
+    compile "auto" (a model that may not compile): a model that doesn't is reported and left out.
+    Eager, also with cuDNN attention off: plain generate in a thread and the runner (the loss off
+    the main thread), and (cudnn_engine, CUDA) an engine process started without it: its main
+    thread with flash/efficient attention instead (the fix must not slow the main thread)."""
     args, report = bench.args, bench.report
     compiled = mode == "compiled"
     mode = label + mode
@@ -439,7 +446,7 @@ def measure_mode(bench: Bench, mode: str, budget: float, compile: str = "on", la
                f"{mode}: engine process started (load{' + compile' if compiled else ''}) in "
                f"{perf_counter() - start:.1f} s")
     plain_engine = None
-    if args.device == "cuda" and not compiled:  # (the eager loss is what it answers)
+    if args.device == "cuda" and not compiled and cudnn_engine:
         start = perf_counter()
         plain_engine = start_engine(bench, compile if compiled else "off", cudnn_attention=False)
         report.add(f"{mode}/engine_no_cudnn_start_s", perf_counter() - start,
@@ -544,23 +551,26 @@ def measure_batching(bench: Bench, budget: float) -> None:
                    f"TTFT p50 {percentile(firsts, .5) * 1000:6.0f} ms, p95 {percentile(firsts, .95) * 1000:6.0f} ms")
 
     def batched(manager, clients: int, length: int) -> tuple[int, list[float], float]:
+        """The requests' outputs read by one reader (get_result), as NOTES.md advises: several
+        threads on request_id_iter requeue each other's outputs (one request alone after an
+        8-request warm-up streamed at 2 tokens/s here)."""
         t0 = perf_counter()
         ids = [manager.add_request(prompt_ids, max_new_tokens=length, streaming=True) for _ in range(clients)]
-        firsts, counts = [None] * clients, [0] * clients
-
-        def read(i):
-            for output in manager.request_id_iter(ids[i]):
-                if firsts[i] is None and output.generated_tokens:
-                    firsts[i] = perf_counter() - t0
-                if output.error:
-                    raise RuntimeError(output.error)
-                counts[i] = len(output.generated_tokens)
-        readers = [threading.Thread(target=read, args=(i,)) for i in range(clients)]
-        for reader in readers:
-            reader.start()
-        for reader in readers:
-            reader.join()
-        return sum(counts), [f for f in firsts if f is not None], perf_counter() - t0
+        firsts, counts, left = {}, {}, set(ids)
+        while left:
+            output = manager.get_result(timeout=30)
+            if output is None:
+                raise RuntimeError(f"no output from the manager for 30 s ({len(left)} requests unfinished)")
+            if output.request_id not in left:
+                continue  # (a late output of an earlier request)
+            if output.error:
+                raise RuntimeError(output.error)
+            if output.request_id not in firsts and output.generated_tokens:
+                firsts[output.request_id] = perf_counter() - t0
+            counts[output.request_id] = len(output.generated_tokens)
+            if output.is_finished():
+                left.discard(output.request_id)
+        return sum(counts.values()), list(firsts.values()), perf_counter() - t0
 
     def one_at_a_time(clients: int, length: int) -> tuple[int, list[float], float]:
         t0, total, firsts = perf_counter(), 0, []
@@ -594,6 +604,17 @@ def measure_batching(bench: Bench, budget: float) -> None:
     clients_counts = (1, 4, 8)
     try:
         report_figure(1, "one at a time", one_at_a_time(1, tokens))  # (eager; the compiled one is the modes')
+        start = perf_counter()
+        engine = start_engine(bench, "off", batching="on")  # the app as it is configured now
+        try:
+            report.add("batching/engine_start_s", perf_counter() - start,
+                       f"batching: engine process (--batching on) started in {perf_counter() - start:.1f} s")
+            for clients in clients_counts:  # (warm-up: each batch shape once)
+                through_the_app_engine(engine, clients, WARM_UP_TOKENS)
+            for clients in clients_counts:
+                report_figure(clients, "engine --batching", through_the_app_engine(engine, clients, tokens))
+        finally:
+            engine.close()
         for name, cb_config in manager_configs(args.device).items():  # one manager (and its cache) at a time
             if time.monotonic() > deadline:
                 print(f"  (time budget reached: {name} left out)", flush=True)
@@ -603,7 +624,8 @@ def measure_batching(bench: Bench, budget: float) -> None:
                                                             continuous_batching_config=cb_config)
             manager.start()
             try:
-                batched(manager, 2, WARM_UP_TOKENS)
+                for clients in clients_counts:  # (warm-up: CUDA graphs are captured per batch shape)
+                    batched(manager, clients, WARM_UP_TOKENS)
                 report.add(f"batching/{name}/warm_up_s", perf_counter() - start,
                            f"batching: {name}: manager started and warmed up in {perf_counter() - start:.1f} s")
                 for clients in clients_counts:
@@ -615,19 +637,6 @@ def measure_batching(bench: Bench, budget: float) -> None:
                 del manager
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-        if time.monotonic() > deadline:
-            print("  (time budget reached: engine --batching left out)", flush=True)
-            return
-        start = perf_counter()
-        engine = start_engine(bench, "off", batching="on")
-        try:
-            report.add("batching/engine_start_s", perf_counter() - start,
-                       f"batching: engine process (--batching on) started in {perf_counter() - start:.1f} s")
-            through_the_app_engine(engine, 2, WARM_UP_TOKENS)
-            for clients in clients_counts:
-                report_figure(clients, "engine --batching", through_the_app_engine(engine, clients, tokens))
-        finally:
-            engine.close()
     finally:
         runner.close()
         if args.device == "cuda":
@@ -776,6 +785,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-app", action="store_true", help="leave out the app over HTTP (needs gradio)")
     parser.add_argument("--batch-tokens", type=int, help="answer length for the batching figures (default 64; --small 16)")
     parser.add_argument("--no-batching", action="store_true", help="leave out the continuous batching figures")
+    parser.add_argument("--batch-budget", type=float, default=90,
+                        help="seconds for the batching figures: past it, no further manager configuration starts")
     parser.add_argument("--probe-eager", action="store_true",
                         help="only probe eager decoding's speed: torch threads, grad mode, a thread, "
                              "an idle engine process, the GIL switch interval; then batching")
@@ -843,7 +854,7 @@ def main(argv=None) -> int:
             report.add(f"{mode}/error", repr(error), f"{mode}: failed: {error!r}")
     if not args.no_batching:
         try:
-            measure_batching(bench, 90)
+            measure_batching(bench, args.batch_budget)
         except Exception as error:
             report.add("batching/error", repr(error), f"batching: failed: {error!r}")
     report.add("total_s", perf_counter() - started, f"done in {perf_counter() - started:.0f} s; "

@@ -6,12 +6,15 @@
 #   here, once:  bash ../shared/gpu/wheels.sh .whl && bash ../shared/gpu/wheels.sh .whlq quant
 #                printf '/.whl/\n/.whlq/\n' >> .git/info/exclude
 #   dry run:     DRY=1 PYTHON=.venv/bin/python bash bench/gpu_session.sh app   (and quant: CPU, tiny models)
-#   call 1:      run(command="bash bench/gpu_session.sh app", carry=[".whl"], timeout_s=600)     ~6 min
-#                eager vs compiled: plain generate, runner, engine process, app, cuDNN attention off;
-#                batching: the manager as configured, with CUDA graphs, graphs + async; the app's engine
-#   call 2:      run(command="bash bench/gpu_session.sh quant", carry=[".whlq"], timeout_s=480)  ~6 min
-#                the default model's shape with a picture; bf16 / 8-bit / 4-bit; the threads probe
-# The .whlq set has no gradio: its parts use the engine only.
+#   call 1:      run(command="bash bench/gpu_session.sh app", carry=[".whl"], timeout_s=480)    <= 8 min
+#                the threads probe (cuDNN attention's per-thread cache?); eager vs compiled: plain
+#                generate, runner, engine process, app, cuDNN attention off; batching: the app's
+#                engine, the manager as configured, with CUDA graphs, graphs + async
+#   call 2, at once (the machine goes back 30 s after a call):
+#                run(command="bash bench/gpu_session.sh quant", carry=[".whlq"], timeout_s=270)  <= 4.5 min
+#                the default model's shape with a picture; bf16 / 8-bit / 4-bit
+# 750 s of limits in all, within the 900 s of device time with one machine start. The .whlq set has no
+# gradio: its parts use the engine only.
 set -uo pipefail
 part="${1:?app or quant}"
 OUT="${OUT:-bench/results}"
@@ -33,11 +36,11 @@ run() {  # run LIMIT NAME ARGS...: one part, its output kept as it comes
 }
 case $part in
   app)
-    run 420 main bench/gpu.py "${device[@]}" --tokens 128 --rounds 2 --budget 90 --out "$OUT" ;;
+    run 100 probe bench/gpu_probe_threads.py
+    run 360 main bench/gpu.py "${device[@]}" --tokens 128 --rounds 2 --budget 80 --batch-budget 60 --out "$OUT" ;;
   quant)
-    run 170 vlm bench/gpu.py "${device[@]}" --vlm --no-app --tokens 128 --rounds 2 --budget 50 --out "$OUT"
-    run 150 quantize bench/gpu.py "${device[@]}" --quantize --no-app --tokens 64 --rounds 2 --budget 60 --out "$OUT"
-    [ -z "${DRY:-}" ] && run 120 probe bench/gpu_probe_threads.py ;;
+    run 150 vlm bench/gpu.py "${device[@]}" --vlm --no-app --tokens 128 --rounds 2 --budget 50 --out "$OUT"
+    run 100 quantize bench/gpu.py "${device[@]}" --quantize --no-app --tokens 64 --rounds 2 --budget 45 --out "$OUT" ;;
   *) echo "app or quant"; exit 2 ;;
 esac
 echo "== done $(date +%T)"
