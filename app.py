@@ -752,9 +752,10 @@ class Chats:
                 self.turns.release(conversation)
 
     def retitle_from_speech(self, user: str, conversation: str, message: dict, written: dict) -> None:
-        """A chat begun with a voice message, still titled by its recording ("🎤 audio.wav": every
-        recording is named so), is titled by what was said instead."""
-        said = " ".join(part.get("transcript") or "" for part in written["content"] if part["type"] == "audio").strip()
+        """A chat begun with audio alone (a voice message, an uploaded recording), still titled by
+        its file ("🎤 audio.wav": every recording is named so), is titled by what was said."""
+        said = " ".join(" ".join((part.get("transcript") or "").split())
+                        for part in written["content"] if part["type"] == "audio").strip()
         if said and not text_of(message).strip() and \
                 self.store.title(user, conversation) == title_of(message).strip()[:TITLE_CHARS]:
             self.store.rename(user, conversation, f"🎤 {said}")

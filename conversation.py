@@ -326,14 +326,16 @@ def split_reasoning(text: str, starts_in_reasoning: bool = False) -> tuple[str |
     return text[:end].strip(), text[end + len(REASONING_END):].lstrip(), True
 
 
-def answer_of(text: str) -> str:
-    """An assistant turn's text without its reasoning, for the chat template (a /v1 client may
-    send the reasoning back inside the content). Templates drop it themselves by splitting at
-    `</think>`; once control tokens in messages are text (sanitized, or broken by a zero-width
-    space) they no longer can."""
-    if REASONING_END in text:
-        return text.split(REASONING_END)[-1].lstrip("\n")
-    return "" if text.lstrip().startswith(REASONING_START) else text
+def reasoning_and_answer(text: str) -> tuple[str | None, str]:
+    """An earlier assistant turn's text as (its reasoning or None, its answer), split where
+    templates that take reasoning split it (Qwen3's: at the last `</think>`). For those
+    templates only: a /v1 client may send the reasoning back inside the content, and once
+    control tokens in messages are text (sanitized, or broken by a zero-width space) the
+    template can no longer find the tag itself."""
+    if REASONING_END not in text:
+        return None, text
+    reasoning, _, answer = text.rpartition(REASONING_END)
+    return reasoning.split(REASONING_START)[-1].strip("\n"), answer.lstrip("\n")
 
 
 class ReplyParser:

@@ -36,7 +36,12 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # a log's colours, not for 
 
 
 class DocumentError(ValueError):
-    """A document this app can't read: one line saying why, for the chat or a 400."""
+    """A document this app can't read: one line saying why, for the chat or a 400.
+    `lasting` False: the memory ran out (another try, less busy, may read it)."""
+
+    def __init__(self, message: str, *, lasting: bool = True):
+        super().__init__(message)
+        self.lasting = lasting
 
 
 @dataclass
@@ -113,7 +118,8 @@ def _read_pdf(data: bytes, name: str) -> Document:
     except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError) as error:
         raise DocumentError(f"{name} is not a readable PDF ({type(error).__name__}: {str(error)[:120]}).") from None
     except Exception as error:  # (pypdf's own failures on damaged files, e.g. its dependency's errors)
-        raise DocumentError(f"{name} is not a readable PDF ({type(error).__name__}).") from None
+        raise DocumentError(f"{name} is not a readable PDF ({type(error).__name__}).",
+                            lasting=not isinstance(error, MemoryError)) from None
     notes = []
     if read < pages or total >= MAX_DOCUMENT_CHARS:
         why = f"{MAX_DOCUMENT_CHARS:,} characters" if total >= MAX_DOCUMENT_CHARS else f"{MAX_READ_SECONDS} s"
@@ -167,7 +173,8 @@ def _read_docx(data: bytes, name: str) -> Document:
             elif block.text.strip():
                 blocks.append(block.text)
     except Exception as error:  # (python-docx raises several kinds on damaged files)
-        raise DocumentError(f"{name} is not a readable DOCX ({type(error).__name__}).") from None
+        raise DocumentError(f"{name} is not a readable DOCX ({type(error).__name__}).",
+                            lasting=not isinstance(error, MemoryError)) from None
     text = "\n".join(blocks)
     notes = []
     if len(text) > MAX_DOCUMENT_CHARS:

@@ -52,7 +52,7 @@ def _av():
 
 class MediaError(ValueError):
     """An audio or video file this app can't read: one line saying why, for the chat or a 400.
-    `lasting` False: a time or memory limit refused it (another try, less busy, may read it)."""
+    `lasting` False: a time or memory limit, or the system, refused it (another try may read it)."""
 
     def __init__(self, message: str, *, lasting: bool = True):
         super().__init__(message)
@@ -149,7 +149,8 @@ def _opened(source, name: str, kind: str, check_size: bool = True):
         try:
             size = os.path.getsize(file)
         except OSError as error:
-            raise MediaError(f"{name} can't be read ({error.strerror or type(error).__name__}).") from None
+            raise MediaError(f"{name} can't be read ({error.strerror or type(error).__name__}).",
+                             lasting=isinstance(error, FileNotFoundError)) from None
     if not size:
         raise MediaError(f"{name} is empty.")
     if check_size and size > MAX_MEDIA_BYTES:
@@ -164,6 +165,8 @@ def _opened(source, name: str, kind: str, check_size: bool = True):
         raise
     except (av.FFmpegError, *_ERRORS) as error:
         if not opened:
+            if isinstance(error, MemoryError):
+                raise MediaError(f"{name} can't be opened now (out of memory).", lasting=False) from None
             raise MediaError(f"{name} is not {_NAMES[kind]}.") from None
         reason = getattr(error, "strerror", None) or f"{type(error).__name__}: {str(error)[:100]}"
         raise MediaError(f"{name} is damaged ({reason}).", lasting=not isinstance(error, MemoryError)) from None

@@ -67,8 +67,8 @@ from conversation import (
     TOOL_CALL_START,
     ReplyParser,
     alternate_roles,
-    answer_of,
     last_user_text,
+    reasoning_and_answer,
     prepare_messages,
 )
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
@@ -1052,6 +1052,11 @@ class ModelRunner:
         return inputs.to(self.model.device)
 
     @functools.cached_property
+    def _template_takes_reasoning(self) -> bool:
+        """Does the chat template handle reasoning in assistant turns (it mentions `</think>`)?"""
+        return REASONING_END in str(getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template or "")
+
+    @functools.cached_property
     def _control_tokens(self) -> "re.Pattern | None":
         """What _as_typed breaks where sanitize_control_tokens can't be used: the tokenizer's
         special tokens, the added ones its chat template writes, the processor's placeholders."""
@@ -1075,10 +1080,13 @@ class ModelRunner:
         want plain strings; tool calls in OpenAI's shape with their arguments as a dict."""
         shaped, pictures = [], []
         for message in alternate_roles(messages):
-            if message["role"] == "assistant":  # (its reasoning, if a client sent it back: left out)
-                message = {**message, "content": [{**part, "text": answer_of(part["text"])}
-                                                  if part.get("type") == "text" else part
-                                                  for part in message["content"]]}
+            reasoning = None
+            if message["role"] == "assistant" and self._template_takes_reasoning:
+                texts = [part["text"] for part in message["content"] if part.get("type") == "text"]
+                reasoning, answer = reasoning_and_answer("\n".join(texts))
+                if reasoning is not None:  # (sent back by a client: given as the template takes it)
+                    message = {**message, "content": [{"type": "text", "text": answer}] + [
+                        part for part in message["content"] if part.get("type") != "text"]}
             text = self._as_typed("\n".join(p["text"] for p in message["content"] if p.get("type") == "text"))
             if message["role"] != "tool" and pictures:
                 shaped.append(pictures_message(pictures))
@@ -1092,6 +1100,8 @@ class ModelRunner:
             parts = [{key: self._as_typed(value) if key == "text" else value for key, value in part.items()
                       if key not in ("document", "metadata")} for part in message["content"]]
             item = {"role": message["role"], "content": parts if self.processor is not None else text}
+            if reasoning is not None:
+                item["reasoning_content"] = self._as_typed(reasoning)
             if message.get("tool_calls"):
                 item["tool_calls"] = [call.openai(arguments_as_json=False) for call in message["tool_calls"]]
             shaped.append(item)

@@ -535,7 +535,7 @@ def manager_configs(device: str) -> dict:
 def measure_batching(bench: Bench, budget: float) -> None:
     from transformers import GenerationConfig
     args, report = bench.args, bench.report
-    tokens, deadline = args.batch_tokens, time.monotonic() + budget
+    tokens = args.batch_tokens
     runner = ModelRunner.load(bench.path, device=args.device, compile="off", batching="off",
                               torch_threads=bench.threads)
     prompt_ids = runner.build_inputs(bench.messages)["input_ids"][0].tolist()
@@ -556,11 +556,14 @@ def measure_batching(bench: Bench, budget: float) -> None:
         8-request warm-up streamed at 2 tokens/s here)."""
         t0 = perf_counter()
         ids = [manager.add_request(prompt_ids, max_new_tokens=length, streaming=True) for _ in range(clients)]
+        if None in ids:
+            raise RuntimeError("the manager took no request (it is not running)")
         firsts, counts, left = {}, {}, set(ids)
         while left:
             output = manager.get_result(timeout=30)
             if output is None:
-                raise RuntimeError(f"no output from the manager for 30 s ({len(left)} requests unfinished)")
+                raise RuntimeError(f"no output from the manager for 30 s ({len(left)} requests unfinished; "
+                                   f"running: {manager.is_running()})")
             if output.request_id not in left:
                 continue  # (a late output of an earlier request)
             if output.error:
@@ -605,16 +608,20 @@ def measure_batching(bench: Bench, budget: float) -> None:
     try:
         report_figure(1, "one at a time", one_at_a_time(1, tokens))  # (eager; the compiled one is the modes')
         start = perf_counter()
-        engine = start_engine(bench, "off", batching="on")  # the app as it is configured now
         try:
-            report.add("batching/engine_start_s", perf_counter() - start,
-                       f"batching: engine process (--batching on) started in {perf_counter() - start:.1f} s")
-            for clients in clients_counts:  # (warm-up: each batch shape once)
-                through_the_app_engine(engine, clients, WARM_UP_TOKENS)
-            for clients in clients_counts:
-                report_figure(clients, "engine --batching", through_the_app_engine(engine, clients, tokens))
-        finally:
-            engine.close()
+            engine = start_engine(bench, "off", batching="on")  # the app as it is configured now
+            try:
+                report.add("batching/engine_start_s", perf_counter() - start,
+                           f"batching: engine process (--batching on) started in {perf_counter() - start:.1f} s")
+                for clients in clients_counts:  # (warm-up: each batch shape once)
+                    through_the_app_engine(engine, clients, WARM_UP_TOKENS)
+                for clients in clients_counts:
+                    report_figure(clients, "engine --batching", through_the_app_engine(engine, clients, tokens))
+            finally:
+                engine.close()
+        except Exception as error:  # the manager's configurations still count
+            report.add("batching/engine/error", repr(error), f"batching: engine --batching: failed: {error!r}")
+        deadline = time.monotonic() + budget  # (the budget is the manager configurations')
         for name, cb_config in manager_configs(args.device).items():  # one manager (and its cache) at a time
             if time.monotonic() > deadline:
                 print(f"  (time budget reached: {name} left out)", flush=True)
@@ -786,7 +793,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-tokens", type=int, help="answer length for the batching figures (default 64; --small 16)")
     parser.add_argument("--no-batching", action="store_true", help="leave out the continuous batching figures")
     parser.add_argument("--batch-budget", type=float, default=90,
-                        help="seconds for the batching figures: past it, no further manager configuration starts")
+                        help="seconds for the manager's configurations (after the app's engine): past it, no "
+                             "further one starts")
     parser.add_argument("--probe-eager", action="store_true",
                         help="only probe eager decoding's speed: torch threads, grad mode, a thread, "
                              "an idle engine process, the GIL switch interval; then batching")

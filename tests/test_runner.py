@@ -440,17 +440,25 @@ def test_a_template_that_cannot_sanitize_still_answers(tiny_model_paths, monkeyp
         runner.close()
 
 
-@pytest.mark.parametrize("runner_name", ["reasoning_runner", "idefics3_runner"])
-def test_reasoning_sent_back_in_an_assistant_turn_is_left_out_of_the_prompt(request, runner_name):
-    """A /v1 client may send an earlier answer with its <think> block: the model gets that turn
-    as if only the answer had been sent (templates drop old reasoning), whichever way control
-    tokens in messages are kept as text."""
-    runner = request.getfixturevalue(runner_name)
+def prompt_after(runner, answer: str) -> list[int]:
+    """The prompt for a next question after an earlier answer sent back as `answer`."""
+    return runner.build_inputs([
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        {"role": "user", "content": [{"type": "text", "text": "And then?"}]}])["input_ids"][0].tolist()
 
-    def prompt(answer: str) -> list[int]:
-        return runner.build_inputs([
-            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-            {"role": "user", "content": [{"type": "text", "text": "And then?"}]}])["input_ids"][0].tolist()
-    assert prompt("<think>\nFirst I plan.\n</think>\n\nHello!") == prompt("Hello!")
-    assert prompt("First I plan.\n</think>\n\nHello!") == prompt("Hello!"), "the template opened the block"
+
+def test_reasoning_sent_back_in_an_assistant_turn_is_left_out_as_the_template_does(reasoning_runner):
+    """A /v1 client may send an earlier answer with its <think> block: a template that drops old
+    reasoning (it splits at </think>, as Qwen3's) still does, though control tokens in messages
+    are text now (its split would no longer find the tag)."""
+    answer_only = prompt_after(reasoning_runner, "Hello!")
+    assert prompt_after(reasoning_runner, "<think>\nFirst I plan.\n</think>\n\nHello!") == answer_only
+    assert prompt_after(reasoning_runner, "First I plan.\n</think>\n\nHello!") == answer_only, "opened by the template"
+
+
+def test_an_earlier_answer_that_mentions_think_tags_is_kept_whole(llama_runner):
+    """A template that knows nothing of reasoning gets an earlier answer as it was, tags and all."""
+    said = 'Use text.split("</think>")[-1] to drop it; <think> opens the block.'
+    prompt = llama_runner.tokenizer.decode(prompt_after(llama_runner, said))
+    assert said in prompt
