@@ -122,7 +122,7 @@ def _read(read, *arguments):
         return read(*arguments)
     except (documents.DocumentError, media.MediaError) as error:
         refused = ImageRefused(str(error))
-        refused.lasting = getattr(error, "lasting", True)  # (False: a time or memory limit)
+        refused.lasting = error.lasting  # (False: a time, memory or system limit: not remembered)
         raise refused from None
 
 

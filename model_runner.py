@@ -68,8 +68,8 @@ from conversation import (
     ReplyParser,
     alternate_roles,
     last_user_text,
-    reasoning_and_answer,
     prepare_messages,
+    reasoning_and_answer,
 )
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
     ActiveCount,
@@ -1052,17 +1052,21 @@ class ModelRunner:
         return inputs.to(self.model.device)
 
     @functools.cached_property
+    def _chat_template_text(self) -> str:
+        """The chat template the inputs are built with, as text (a processor's may be a dict)."""
+        return str(getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template or "")
+
+    @functools.cached_property
     def _template_takes_reasoning(self) -> bool:
         """Does the chat template handle reasoning in assistant turns (it mentions `</think>`)?"""
-        return REASONING_END in str(getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template or "")
+        return REASONING_END in self._chat_template_text
 
     @functools.cached_property
     def _control_tokens(self) -> "re.Pattern | None":
         """What _as_typed breaks where sanitize_control_tokens can't be used: the tokenizer's
         special tokens, the added ones its chat template writes, the processor's placeholders."""
-        template = str(getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template or "")
         tokens = {token.content for token in self.tokenizer.added_tokens_decoder.values()
-                  if token.special or (token.content in template and not token.content.isspace())}
+                  if token.special or (token.content in self._chat_template_text and not token.content.isspace())}
         tokens |= {getattr(self.processor, name, None) for name in ("image_token", "video_token", "audio_token")}
         tokens = sorted((token for token in tokens if isinstance(token, str) and len(token) > 1), key=len, reverse=True)
         return re.compile("|".join(map(re.escape, tokens))) if tokens else None
@@ -1080,14 +1084,13 @@ class ModelRunner:
         want plain strings; tool calls in OpenAI's shape with their arguments as a dict."""
         shaped, pictures = [], []
         for message in alternate_roles(messages):
-            reasoning = None
+            text, reasoning = "\n".join(p["text"] for p in message["content"] if p.get("type") == "text"), None
             if message["role"] == "assistant" and self._template_takes_reasoning:
-                texts = [part["text"] for part in message["content"] if part.get("type") == "text"]
-                reasoning, answer = reasoning_and_answer("\n".join(texts))
+                reasoning, text = reasoning_and_answer(text)
                 if reasoning is not None:  # (sent back by a client: given as the template takes it)
-                    message = {**message, "content": [{"type": "text", "text": answer}] + [
+                    message = {**message, "content": [{"type": "text", "text": text}] + [
                         part for part in message["content"] if part.get("type") != "text"]}
-            text = self._as_typed("\n".join(p["text"] for p in message["content"] if p.get("type") == "text"))
+            text = self._as_typed(text)
             if message["role"] != "tool" and pictures:
                 shaped.append(pictures_message(pictures))
                 pictures = []

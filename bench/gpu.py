@@ -448,7 +448,7 @@ def measure_mode(bench: Bench, mode: str, budget: float, compile: str = "on", la
     plain_engine = None
     if args.device == "cuda" and not compiled and cudnn_engine:
         start = perf_counter()
-        plain_engine = start_engine(bench, compile if compiled else "off", cudnn_attention=False)
+        plain_engine = start_engine(bench, "off", cudnn_attention=False)
         report.add(f"{mode}/engine_no_cudnn_start_s", perf_counter() - start,
                    f"{mode}: engine process without cuDNN attention started in {perf_counter() - start:.1f} s")
     engine_stream = engine.stream  # (the app's answers go through a StreamSpy below)
