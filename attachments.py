@@ -11,6 +11,8 @@ A part is `{"type": kind, kind: source, "name": ...}`: kind is "image", "documen
 "video"; the source a path (the chat's uploads, the saved chats) or bytes (/v1's base64). An
 audio part may carry "transcript" (what --asr-model heard: the user's words for a model that
 can't listen). What a part becomes in the prompt is decided in conversation.prepare_messages.
+Documents, audio and video are read in reader processes (reader_process.py: never beside
+the model), and what was read is remembered (a chat sends its history every turn).
 Every refusal is an ImageRefused (a ChatInputError) with one line for the user.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -26,6 +29,7 @@ from PIL import Image
 
 import documents
 import media
+import reader_process
 from engine_contract import ImageRefused
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
@@ -117,13 +121,26 @@ def video_of(part: dict, frames: int) -> media.Video:
                        lambda: _read(media.read_video, part["video"], part["name"], frames))
 
 
-def _read(read, *arguments):
+def _read(read, source, name: str, *arguments):
+    """`read(source, name, ...)` in a reader process (reader_process.py: never beside the model)."""
     try:
-        return read(*arguments)
+        return reader_process.run(read, source, name, *arguments)
     except (documents.DocumentError, media.MediaError) as error:
-        refused = ImageRefused(str(error))
-        refused.lasting = error.lasting  # (False: a time, memory or system limit: not remembered)
-        raise refused from None
+        raise _refused(str(error), lasting=error.lasting) from None  # (False: a time, memory or system limit)
+    except reader_process.ReaderStopped as stopped:
+        if stopped.timed_out:
+            raise _refused(f"{name} took too long to read (over {reader_process.READ_TIMEOUT_SECONDS} s).",
+                           lasting=False) from None
+        if stopped.killed_by == getattr(signal, "SIGKILL", None):  # (the kernel's OOM killer, most likely)
+            raise _refused(f"{name} can't be read now: its reader ran out of memory.", lasting=False) from None
+        raise _refused(f"{name} can't be read: reading it stopped the reader ({stopped.cause}). Is the file damaged?",
+                       lasting=True) from None
+
+
+def _refused(message: str, *, lasting: bool) -> ImageRefused:
+    refused = ImageRefused(message)
+    refused.lasting = lasting
+    return refused
 
 
 def _bytes(source, part: dict) -> bytes:

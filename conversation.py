@@ -24,6 +24,13 @@ from attachments import IMAGE_FORMATS
 from engine_contract import ChatInputError, ImageRefused, Reply, ToolCall
 
 
+def reads_files(messages: list[dict]) -> bool:
+    """Whether preparing these messages reads documents, audio or video (reader processes:
+    seconds for a long PDF or video, the first time)."""
+    return any(isinstance(part, dict) and part.get("type") in ("document", "audio", "video")
+               for message in messages if isinstance(message.get("content"), list) for part in message["content"])
+
+
 def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str, settings: Settings,
                      notices: list[str] | None = None, audio_rate: int | None = None,
                      sees_video: bool = False) -> list[dict]:

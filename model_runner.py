@@ -69,6 +69,7 @@ from conversation import (
     alternate_roles,
     last_user_text,
     prepare_messages,
+    reads_files,
     reasoning_and_answer,
 )
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
@@ -445,6 +446,7 @@ class Job:
         self.on_update, self.on_end, self._on_decided = on_update, on_end, on_decided
         self.stream: TextStream | None = None
         self.refusal: BaseException | None = None
+        self.prepared: tuple[list[dict], list[str]] | None = None  # its messages with their files read, notices
         self._state = "waiting"  # waiting -> taken (by the loop) | withdrawn
         self._stop_asked = False
         self._lock = threading.Lock()
@@ -857,7 +859,29 @@ class ModelRunner:
         if not 1 <= job.settings.max_new_tokens <= limit:
             job.refuse(ChatInputError(f"max new tokens must be between 1 and {limit}."))
             return
+        if not job.settings.raw_prompt and reads_files(job.messages):
+            threading.Thread(target=self._read_files, args=(job,), name="reading-files", daemon=True).start()
+        else:
+            self.loop.submit(job)
+
+    def _read_files(self, job: Job) -> None:
+        """A request's files read (documents, audio, video: in reader processes) before it goes
+        to the loop, so that the loop serves the others meanwhile."""
+        try:
+            notices: list[str] = []
+            job.prepared = (self.prepare_messages(job.messages, notices), notices)
+        except ChatInputError as error:
+            if job.take():
+                job.refuse(error)
+            return
+        except Exception:  # a bug of ours: the loop reads them itself, and says what failed
+            log.exception("reading a request's files failed")
         self.loop.submit(job)
+
+    def prepare_messages(self, messages: list[dict], notices: list[str]) -> list[dict]:
+        """The conversation's parts as this model takes them (conversation.prepare_messages)."""
+        return prepare_messages(messages, sees_images=self.is_vision, model_name=self.name, settings=self.settings,
+                                notices=notices, audio_rate=self.audio_rate, sees_video=self.sees_video)
 
     def _serve(self, job: Job) -> None:
         """The generation loop's work for one request: its inputs, then its answer, here."""
@@ -896,7 +920,12 @@ class ModelRunner:
                 raise ContextTooLong(f"This prompt ({inputs['input_ids'].shape[-1]} tokens) leaves no room for the "
                                      f"answer in the model's {limit}-token context.")
         else:
-            inputs = self.build_inputs(job.messages, reserve_tokens=reserve, notices=notices, tools=settings.tools)
+            if job.prepared is not None:
+                messages, notices = job.prepared[0], list(job.prepared[1])
+            else:
+                messages = self.prepare_messages(job.messages, notices)
+            inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices, tools=settings.tools,
+                                       prepared=True)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
         starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START) and not settings.raw_prompt
         if structured and starts_in_reasoning:  # structured: the JSON, no reasoning first
@@ -1032,15 +1061,15 @@ class ModelRunner:
         return getattr(text_config, "max_position_embeddings", None)
 
     def build_inputs(self, messages: list[dict], reserve_tokens: int = 1,
-                     notices: list[str] | None = None, tools: list[dict] | None = None):
+                     notices: list[str] | None = None, tools: list[dict] | None = None, prepared: bool = False):
         """Chat messages → model inputs via the model's own chat template (with `tools`,
         JSON schemas, when given), leaving room for `reserve_tokens` new tokens. When the
         conversation doesn't fit, the oldest turns are left out (and a notice says so); a
-        last message that alone doesn't fit is refused."""
+        last message that alone doesn't fit is refused. `prepared`: the messages come from
+        prepare_messages already (their files read)."""
         notices = [] if notices is None else notices
-        messages = prepare_messages(messages, sees_images=self.is_vision, model_name=self.name,
-                                    settings=self.settings, notices=notices, audio_rate=self.audio_rate,
-                                    sees_video=self.sees_video)
+        if not prepared:
+            messages = self.prepare_messages(messages, notices)
         inputs = self._apply_chat_template(messages, tools)
         limit = self.context_length
         if limit and inputs["input_ids"].shape[-1] + reserve_tokens > limit:

@@ -507,14 +507,14 @@ def test_one_v1_request_carries_at_most_200_mb_of_attachments(api, monkeypatch):
 
 
 def test_a_file_that_cannot_be_read_is_not_read_again_each_turn(llama_runner, tmp_path, monkeypatch):
-    import documents
+    import reader_process
     from engine_contract import ImageRefused
-    reads, read = [], documents.read_document
+    reads, run = [], reader_process.run
 
-    def counted(data, name):
+    def counted(read, source, name, *arguments):
         reads.append(name)
-        return read(data, name)
-    monkeypatch.setattr(documents, "read_document", counted)
+        return run(read, source, name, *arguments)
+    monkeypatch.setattr(reader_process, "run", counted)
     path = tmp_path / "broken.pdf"
     path.write_bytes(b"%PDF-1.7\n" + b"\x00garbage" * 100)
     message = {"role": "user", "content": [attachment_part(path, "broken.pdf"), {"type": "text", "text": "Read it"}]}
@@ -558,16 +558,87 @@ def test_a_file_refused_by_a_time_limit_is_read_again_next_time(tmp_path, monkey
     from engine_contract import ImageRefused
     path = tmp_path / "voice.wav"
     path.write_bytes(audio_file(".wav"))
-    calls, read = [], media.read_audio
+    import reader_process
+    calls, run = [], reader_process.run
 
-    def busy_then_fine(source, name, rate):
+    def busy_then_fine(read, source, name, rate):
         calls.append(name)
         if len(calls) == 1:
             raise media.MediaError(f"{name} takes too long to decode (over 30 s).", lasting=False)
-        return read(source, name, rate)
-    monkeypatch.setattr(media, "read_audio", busy_then_fine)
+        return run(read, source, name, rate)
+    monkeypatch.setattr(reader_process, "run", busy_then_fine)
     part = attachment_part(path, "voice.wav")
     with pytest.raises(ImageRefused, match="too long to decode"):
         attachments.audio_of(part, 16000)
     assert attachments.audio_of(part, 16000).seconds > 1 and calls == ["voice.wav", "voice.wav"]
     assert attachments.audio_of(part, 16000).seconds > 1 and len(calls) == 2, "then remembered"
+
+
+# ---------------------------------------------------------------- reading in processes of its own
+
+def test_a_question_sent_while_a_document_is_read_is_answered_meanwhile(llama_runner, tmp_path, monkeypatch):
+    """One answer at a time, yet a long read holds nobody up: the document's request is read
+    in a reader process while the loop answers the question sent after it; then its own
+    answer comes, with the document in its prompt."""
+    import threading
+
+    import documents
+    from model_runner import GenerationSettings
+    from tests import misbehaving_readers
+    from tests.conftest import wait_for
+    monkeypatch.setattr(documents, "read_document", misbehaving_readers.held)
+    name = f"held-{tmp_path.name}.pdf"
+    hold = misbehaving_readers.hold_file(name)
+    hold.touch()
+    try:
+        (tmp_path / name).write_bytes(pdf_with_text("Quarterly revenue rose"))
+        document_message = [{"role": "user", "content": [attachment_part(tmp_path / name), {"type": "text",
+                                                                                         "text": "Sum it up"}]}]
+        answers = {}
+        waiting = threading.Thread(target=lambda: answers.update(document=llama_runner.stream(
+            document_message, GenerationSettings(max_new_tokens=4))), daemon=True)
+        waiting.start()
+        wait_for(lambda: hold.with_suffix(".reading").exists(), what="the document's read to begin")
+        question = llama_runner.stream([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                       GenerationSettings(max_new_tokens=4))
+        assert question.join(20) and question.finish_reason == "length" and question.text
+        assert waiting.is_alive() and hold.exists(), "answered while the document was still being read"
+    finally:
+        hold.unlink(missing_ok=True)
+    waiting.join(30)
+    document = answers["document"]
+    assert document.join(30) and document.finish_reason == "length" and document.prompt_tokens > question.prompt_tokens
+    hold.with_suffix(".reading").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("misbehaviour, expected, remembered", [
+    ("stuck", "report.pdf took too long to read (over 2 s)", False),
+    ("crash", "report.pdf can't be read: reading it stopped the reader (SIGABRT)", True),
+    ("killed", "report.pdf can't be read now: its reader ran out of memory", False),
+])
+def test_a_reader_that_hangs_or_dies_is_one_line_in_the_chat_and_the_next_read_works(
+        serve, llama_runner, tmp_path, monkeypatch, misbehaviour, expected, remembered):
+    """A parser caught in a loop is stopped at the time limit; one that crashes (or is killed
+    for memory) takes only its reader process down. The chat says so in one line, the next
+    message is answered, and the same file is read again unless it crashed the reader."""
+    import documents
+    import reader_process
+    from tests import misbehaving_readers
+    monkeypatch.setattr(reader_process, "READ_TIMEOUT_SECONDS", 2)
+    monkeypatch.setattr(documents, "read_document", getattr(misbehaving_readers, misbehaviour))
+    url, spy = serve(llama_runner)
+    browser = Browser(url, spy.chats)
+    report = tmp_path / "report.pdf"
+    report.write_bytes(pdf_with_text(f"Quarterly revenue rose ({misbehaviour})"))
+    shown = send(browser, "Read this", report)
+    assert expected in errors_of(shown) and "Traceback" not in json.dumps(shown), errors_of(shown)
+    monkeypatch.undo()
+    shown = send(browser, "Describe a dog.")
+    assert answers_of(shown) and errors_of(shown).count("report.pdf") == 1, "the next message is answered"
+    answered = len(answers_of(shown))
+    shown = send(browser, "Read it again", report)
+    if remembered:  # (a file that crashed its reader is not given another one)
+        assert errors_of(shown).count(expected) == 2 and len(answers_of(shown)) == answered, errors_of(shown)
+    else:
+        assert errors_of(shown).count("report.pdf") == 1 and len(answers_of(shown)) == answered + 1, "read this time"
+    browser.close()

@@ -12,11 +12,13 @@ from documents import MAX_PDF_PAGES, DocumentError, read_document
 
 
 def pdf_with_text(*pages: str) -> bytes:
-    """A PDF whose pages hold these lines of text (Helvetica), built by hand: offsets and all."""
+    """A PDF whose pages hold these lines of text (Helvetica; a page's lines split at "\n", each
+    placed as typesetters do), built by hand: offsets and all."""
     objects = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     kids = []
     for text in pages:
-        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+        lines = " 0 -14 Td ".join(f"({line}) Tj" for line in text.split("\n"))
+        stream = f"BT /F1 12 Tf 72 720 Td {lines} ET".encode()
         objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream.decode()}\nendstream")
         objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objects)} 0 R "
                        f"/Resources << /Font << /F1 3 0 R >> >> >>")
