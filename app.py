@@ -56,7 +56,7 @@ import config
 import users
 from config import Settings
 from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part
-from conversation import ATTACHED, for_the_model
+from conversation import ATTACHED, for_the_model, reads_files
 from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
     Cancelled,
@@ -817,6 +817,8 @@ class Chats:
             if place is not None:
                 async for position in place.waiting():
                     yield Progress([], WAITING_TITLE.format(ordinal(position)))
+                if reads_files(messages):  # (the next in line goes ahead while they are read)
+                    place.reading_files()
             # (ZeroGPU runs the steps in a worker process of its own: nothing to call back there)
             steps = self.answer_steps(messages, generation) if self.zero_gpu else \
                 self.answer_steps(messages, generation, gone, place.started)

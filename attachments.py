@@ -105,20 +105,21 @@ def needs_transcript(message: dict, info) -> list[dict]:
     return [part for part in message["content"] if part.get("type") == "audio" and part.get("transcript") is None]
 
 
-def document_of(part: dict) -> documents.Document:
+def document_of(part: dict, again: bool = True) -> documents.Document:
+    """The part's document, as read (once: see _remembered for `again`)."""
     source = part["document"]
     return _remembered(("document", identity(source)), lambda: _read(documents.read_document, _bytes(source, part),
-                                                                         part["name"]))
+                                                                         part["name"]), again)
 
 
-def audio_of(part: dict, sampling_rate: int) -> media.Audio:
+def audio_of(part: dict, sampling_rate: int, again: bool = True) -> media.Audio:
     return _remembered(("audio", identity(part["audio"]), sampling_rate),
-                       lambda: _read(media.read_audio, part["audio"], part["name"], sampling_rate))
+                       lambda: _read(media.read_audio, part["audio"], part["name"], sampling_rate), again)
 
 
-def video_of(part: dict, frames: int) -> media.Video:
+def video_of(part: dict, frames: int, again: bool = True) -> media.Video:
     return _remembered(("video", identity(part["video"]), frames),
-                       lambda: _read(media.read_video, part["video"], part["name"], frames))
+                       lambda: _read(media.read_video, part["video"], part["name"], frames), again)
 
 
 def _read(read, source, name: str, *arguments):
@@ -131,10 +132,11 @@ def _read(read, source, name: str, *arguments):
         if stopped.timed_out:
             raise _refused(f"{name} took too long to read (over {reader_process.READ_TIMEOUT_SECONDS} s).",
                            lasting=False) from None
-        if stopped.killed_by == getattr(signal, "SIGKILL", None):  # (the kernel's OOM killer, most likely)
-            raise _refused(f"{name} can't be read now: its reader ran out of memory.", lasting=False) from None
-        raise _refused(f"{name} can't be read: reading it stopped the reader ({stopped.cause}). Is the file damaged?",
-                       lasting=True) from None
+        if stopped.crashed:
+            raise _refused(f"{name} can't be read: reading it stopped the reader ({stopped.cause}). Is the file "
+                           f"damaged?", lasting=True) from None
+        raise _refused(f"{name} can't be read now: its reader was stopped ({stopped.cause}; out of memory?).",
+                       lasting=False) from None
 
 
 def _refused(message: str, *, lasting: bool) -> ImageRefused:
@@ -157,35 +159,51 @@ def _bytes(source, part: dict) -> bytes:
 
 _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
+_reading: dict = {}  # key -> threading.Event, set when the read in progress has ended
 
 
 class _Refusal(str):
-    """A file that can't be read, remembered by what to say."""
+    """A file that can't be read, remembered by what to say; `lasting` False when a time or
+    memory limit refused it (sent again, it is read again)."""
+    lasting = True
 
 
-def _remembered(key: tuple, read):
-    """What `read` gives for `key`, read once while it stays among the last REMEMBERED. A file
-    that can't be read is remembered too (ImageRefused again, at once: a chat sends its history
-    every turn), unless a time or memory limit refused it (another try may read it)."""
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            value = _cache[key][0]
-            if isinstance(value, _Refusal):
-                raise ImageRefused(value)
-            return value
+def _remembered(key: tuple, read, again: bool = True):
+    """What `read` gives for `key`, read once while it stays among the last REMEMBERED (a chat
+    sends its history every turn; a read in progress is waited for, not done twice). A file
+    that can't be read is remembered too (ImageRefused again, at once), but one refused by a
+    time or memory limit is read `again` when the user sends it again (the new message);
+    in the history it stays refused (a turn doesn't wait for it each time)."""
+    while True:
+        with _cache_lock:
+            value = _cache[key][0] if key in _cache else None
+            if value is not None and not (again and isinstance(value, _Refusal) and not value.lasting):
+                _cache.move_to_end(key)
+                if isinstance(value, _Refusal):
+                    raise ImageRefused(value)
+                return value
+            if key not in _reading:
+                _reading[key] = done = threading.Event()
+                break
+            reading = _reading[key]
+        reading.wait()
+        again = False  # (that read was the try)
     try:
-        value = read()
-    except ImageRefused as error:
-        if not getattr(error, "lasting", True):
-            raise
-        value = _Refusal(str(error))
-    with _cache_lock:
-        _cache[key] = (value, len(value) if isinstance(value, _Refusal) else _size(value))
-        while len(_cache) > REMEMBERED or sum(size for _, size in _cache.values()) > REMEMBERED_BYTES:
-            _cache.popitem(last=False)
+        try:
+            value = read()
+        except ImageRefused as error:
+            value = _Refusal(str(error))
+            value.lasting = getattr(error, "lasting", True)
+        with _cache_lock:
+            _cache[key] = (value, len(value) if isinstance(value, _Refusal) else _size(value))
+            while len(_cache) > REMEMBERED or sum(size for _, size in _cache.values()) > REMEMBERED_BYTES:
+                _cache.popitem(last=False)
+    finally:
+        with _cache_lock:
+            del _reading[key]
+        done.set()
     if isinstance(value, _Refusal):
-        raise ImageRefused(value)
+        raise _refused(value, lasting=value.lasting)
     return value
 
 

@@ -68,7 +68,7 @@ def prepare_messages(messages: list[dict], *, sees_images: bool, model_name: str
         for part in message["content"]:
             try:
                 parts += _prepared_part(part, budget, settings=settings, sees_images=sees_images,
-                                        audio_rate=audio_rate, sees_video=sees_video, notices=told)
+                                        audio_rate=audio_rate, sees_video=sees_video, notices=told, is_new=is_new)
             except ChatInputError:
                 if is_new:
                     raise
@@ -147,8 +147,9 @@ def _refuse_what_the_model_cannot_take(message: dict, *, sees_images: bool, mode
 
 
 def _prepared_part(part: dict, budget: Budget, *, settings: Settings, sees_images: bool,
-                   audio_rate: int | None, sees_video: bool, notices: list[str]) -> list[dict]:
-    """One part of a message as the model gets it: none, one or several parts."""
+                   audio_rate: int | None, sees_video: bool, notices: list[str], is_new: bool) -> list[dict]:
+    """One part of a message as the model gets it: none, one or several parts. A file the
+    readers failed on for want of time or memory is tried again only in the new message."""
     kind = part.get("type")
     if kind == "text":
         return [{"type": "text", "text": part["text"]}] if part.get("text") else []
@@ -162,7 +163,7 @@ def _prepared_part(part: dict, budget: Budget, *, settings: Settings, sees_image
                            f"(the limit is {settings.max_image_side} pixels a side).")
         return [{"type": "image", "image": image}]
     if kind == "document":
-        document = attachments.document_of(part)
+        document = attachments.document_of(part, again=is_new)
         notices += document.notes
         if not document.text and document.page_images and sees_images:
             pages = document.page_images[:budget.take_room(len(document.page_images))]
@@ -176,12 +177,12 @@ def _prepared_part(part: dict, budget: Budget, *, settings: Settings, sees_image
                 budget.audio_left_out += 1
                 return []
             budget.audio -= 1
-            samples, clip = attachments.audio_of(part, audio_rate).samples, AUDIO_CLIP_SECONDS * audio_rate
+            samples, clip = attachments.audio_of(part, audio_rate, is_new).samples, AUDIO_CLIP_SECONDS * audio_rate
             return [{"type": "audio", "audio": samples[start:start + clip]} for start in range(0, len(samples), clip)]
         return [{"type": "text", "text": part["transcript"]}] if part.get("transcript") else []
     if kind == "video":
         if sees_video:
-            video = attachments.video_of(part, settings.video_frames)
+            video = attachments.video_of(part, settings.video_frames, is_new)
             fps = video.fps or len(video.frames) / max(video.duration, 1e-3)
             metadata = {"fps": fps, "duration": video.duration, "total_num_frames": max(1, round(video.duration * fps)),
                         "frames_indices": [round(seconds * fps) for seconds, _ in video.frames]}
@@ -193,7 +194,7 @@ def _prepared_part(part: dict, budget: Budget, *, settings: Settings, sees_image
                            f"the model is given ({settings.max_images_per_message} a message, "
                            f"{settings.max_images_per_conversation} a chat).")
             return []
-        video = attachments.video_of(part, wanted)
+        video = attachments.video_of(part, wanted, is_new)
         budget.take_room(len(video.frames))
         if wanted < settings.video_frames:
             notices.append(f"The model sees {len(video.frames)} frames of {video.name} (not "

@@ -466,6 +466,11 @@ class Job:
         elif stream is not None:
             stream.close(wait=0)
 
+    @property
+    def withdrawn(self) -> bool:
+        """A Stop (or its client gone) came."""
+        return self._stop_asked
+
     def take(self) -> bool:
         """The loop's: False when it was withdrawn while it waited."""
         with self._lock:
@@ -867,15 +872,18 @@ class ModelRunner:
     def _read_files(self, job: Job) -> None:
         """A request's files read (documents, audio, video: in reader processes) before it goes
         to the loop, so that the loop serves the others meanwhile."""
+        if job.withdrawn:  # (Stop before its files were read: nothing to read them for)
+            return
         try:
             notices: list[str] = []
             job.prepared = (self.prepare_messages(job.messages, notices), notices)
-        except ChatInputError as error:
+        except Exception as error:
+            if not isinstance(error, ChatInputError):  # a bug of ours: say so, keep serving
+                log.exception("reading a request's files failed")
+                error = GenerationError(f"Internal error: {type(error).__name__}: {error}")
             if job.take():
                 job.refuse(error)
             return
-        except Exception:  # a bug of ours: the loop reads them itself, and says what failed
-            log.exception("reading a request's files failed")
         self.loop.submit(job)
 
     def prepare_messages(self, messages: list[dict], notices: list[str]) -> list[dict]:

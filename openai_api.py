@@ -46,7 +46,7 @@ import responses_api
 import attachments
 from attachments import attachment_part
 from config import Settings
-from conversation import load_image
+from conversation import load_image, reads_files
 from structured_output import grammar_for, instruction_for
 from engine_contract import (
     Cancelled,
@@ -712,6 +712,8 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             raise APIError(503, str(full), type="server_error", code="server_busy", headers=retry_after) from None
         try:
             await wait_for_turn(place, gone, deadline)
+            if reads_files(messages) and not raw_prompt:  # (the next in line goes ahead while they are read)
+                place.reading_files()
             generation.tools = tools_of(body, runner.supports_tools)
             stream = await start_stream(messages, generation, gone)
             place.started(stream)

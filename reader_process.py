@@ -26,18 +26,24 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 READER_PROCESSES = 2           # reads at once (each reader holds ~100 MB once it has read a PDF and a video)
 READ_TIMEOUT_SECONDS = 90      # a read still going then is killed (the readers stop themselves at 20-30 s)
 
 
-class ReaderStopped(Exception):
-    """The read ended without an answer: `timed_out` (killed past the limit), or the reader
-    died (`killed_by`: the signal, e.g. SIGKILL from the kernel's OOM killer)."""
+CRASHES = tuple(getattr(signal, name) for name in ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGFPE", "SIGILL")
+                if hasattr(signal, name))
 
-    def __init__(self, cause: str, *, timed_out: bool = False, killed_by: int | None = None):
+
+class ReaderStopped(Exception):
+    """The read ended without an answer: `timed_out` (killed past the limit), `crashed` (the
+    reader's own fault: a crash signal, so the file will crash it again), or else the reader
+    was stopped from outside (SIGKILL: most likely the kernel's OOM killer) or failed."""
+
+    def __init__(self, cause: str, *, timed_out: bool = False, crashed: bool = False):
         super().__init__(f"the reader stopped ({cause})")
-        self.cause, self.timed_out, self.killed_by = cause, timed_out, killed_by
+        self.cause, self.timed_out, self.crashed = cause, timed_out, crashed
 
 
 def run(function, *arguments):
@@ -89,7 +95,7 @@ class _Reader:
 
     def __init__(self):
         code = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); import reader_process; reader_process._serve()"
-        self.process = subprocess.Popen([sys.executable, "-c", code, json.dumps(sys.path)],
+        self.process = subprocess.Popen([sys.executable, "-c", code, json.dumps(sys.path), str(os.getpid())],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
 
     @property
@@ -97,30 +103,38 @@ class _Reader:
         return self.process.poll() is None
 
     def run(self, function, arguments: tuple, timeout: float):
-        killed = threading.Event()
+        timed_out = threading.Event()
 
         def kill() -> None:
-            killed.set()
+            timed_out.set()
             self.process.kill()
         timer = threading.Timer(timeout, kill)
         timer.daemon = True
         timer.start()
         try:
-            pickle.dump((function, arguments), self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((function, arguments, timeout), self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self.process.stdin.flush()
             ok, value = pickle.load(self.process.stdout)
-        except (EOFError, OSError, pickle.UnpicklingError):
-            self.process.kill()
-            code = self.process.wait()
-            if killed.is_set():
+        except (EOFError, OSError):  # it died (or was killed) before it answered
+            code = self._end()
+            if timed_out.is_set():
                 raise ReaderStopped(f"killed after {timeout:g} s", timed_out=True) from None
-            by = -code if code < 0 else None
-            raise ReaderStopped(_signal_name(by) if by else f"exit code {code}", killed_by=by) from None
+            if code < 0:
+                raise ReaderStopped(_signal_name(-code), crashed=-code in CRASHES) from None
+            raise ReaderStopped(f"exit code {code}") from None
+        except BaseException:  # anything else (an answer that can't be unpickled, no memory for it,
+            self._end()        # an argument that can't be pickled): the pipe is in an unknown state
+            raise
         finally:
             timer.cancel()
         if ok:
             return value
         raise value
+
+    def _end(self) -> int:
+        if self.process.poll() is None:
+            self.process.kill()
+        return self.process.wait()
 
 
 def _signal_name(number: int) -> str:
@@ -136,16 +150,25 @@ def _serve() -> None:
     os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the answers
     calls = sys.stdin.buffer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the app's; this ends with its pipe
+    try:  # when memory runs out, the kernel kills a reader rather than the engine holding the model
+        with open("/proc/self/oom_score_adj", "w") as adjust:
+            adjust.write("1000")
+    except OSError:
+        pass
+    deadline = [None]  # the call's, in monotonic seconds
+    threading.Thread(target=_watch, args=(int(sys.argv[2]), deadline), name="watch", daemon=True).start()
     while True:
         try:
-            function, arguments = pickle.load(calls)
+            function, arguments, timeout = pickle.load(calls)
         except (EOFError, OSError):
             return
+        deadline[0] = time.monotonic() + timeout + 5
         try:
             answer = (True, function(*arguments))
         except Exception as error:
             error.__traceback__ = None
             answer = (False, error)
+        deadline[0] = None
         try:
             data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:  # (an exception that doesn't pickle: its words do)
@@ -156,3 +179,12 @@ def _serve() -> None:
             answers.flush()
         except OSError:  # the app is gone
             return
+
+
+def _watch(parent: int, deadline: list) -> None:
+    """Ends the reader if the process that started it is gone (os._exit, a kill: nobody would
+    stop a read caught in a loop) or its call runs past the deadline."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent or deadline[0] is not None and time.monotonic() > deadline[0]:
+            os._exit(3)

@@ -10,10 +10,15 @@ when its generation starts; it no longer counts as generating once its answer ha
     place = line.join("ui")                  # LineFull when too many are waiting
     async for position in place.waiting():   # 2, 1 ... until it is at the front
         show(position)
+    place.reading_files()                    # (if its files are read before it can start)
     stream = runner.stream(...)              # waits for the engine if it is busy
     place.started(stream)
     ...
     place.leave()                            # always, in a finally: idempotent
+
+A request whose documents, audio or video are being read (the engine reads them before the
+request joins its generation loop: seconds for a long PDF) doesn't hold up those behind it:
+while it reads, the next one is let through too, and is answered meanwhile.
 
 With a backend that serves many answers at once (an OpenAI-compatible server), every place
 is let through at once: the line then only counts who is waiting and refuses the excess.
@@ -76,12 +81,19 @@ class WaitingLine:
             self._generating.pop(stream, None)
 
     def _position(self, place: "Place") -> int:
-        """1-based place among those not generating yet; 0 once started or gone."""
+        """1-based place among those not generating yet, not counting those ahead that are
+        reading their files; 0 once started or gone."""
         with self._lock:
             try:
-                return self._waiting.index(place) + 1
+                ahead = self._waiting[:self._waiting.index(place)]
             except ValueError:
                 return 0
+            return 1 + sum(not other.reading for other in ahead)
+
+    def _reading(self, place: "Place") -> None:
+        with self._lock:
+            place.reading = True
+        self._moved()
 
     def _start(self, place: "Place", stream) -> None:
         """Its (first or next: a tool loop generates again) answer has started."""
@@ -120,6 +132,7 @@ class Place:
         self.line = line
         self.kind = kind
         self.gone = False  # left the line for good
+        self.reading = False  # let through, its files being read: those behind it go ahead
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
 
@@ -146,6 +159,11 @@ class Place:
             with contextlib.suppress(asyncio.TimeoutError):  # (not TimeoutError before 3.11)
                 await asyncio.wait_for(self._changed.wait(), recheck_s)
             self._changed.clear()
+
+    def reading_files(self) -> None:
+        """It has been let through and its files are read before it can start (conversation.
+        reads_files): the next in line may go ahead meanwhile."""
+        self.line._reading(self)
 
     def started(self, stream=None) -> None:
         """Its generation has started: it leaves the line, the next one moves to the front."""

@@ -272,6 +272,20 @@ def test_the_line_keeps_arrival_order_and_tells_each_its_place():
     assert not line.engine_busy
 
 
+def test_a_place_reading_its_files_lets_the_next_go_ahead_and_still_counts():
+    """While the front request's files are read, the one behind it is let through (and the
+    rest move up); the reader still holds its place in the line's limits."""
+    line = WaitingLine(one_at_a_time=True, max_waiting=3)
+    reading, question, last = line.join("ui"), line.join("ui"), line.join("api")
+    reading.reading_files()
+    assert question.at_front and question.position == 1 and last.position == 2
+    assert reading.position == 1 and line.waiting == 3, "it has not started: it still counts"
+    with pytest.raises(LineFull):
+        line.join("ui")
+    question.started()
+    assert last.at_front
+
+
 def test_a_waiting_place_hears_each_move():
     line = WaitingLine(one_at_a_time=True, max_waiting=10)
     ahead = [line.join("ui") for _ in range(3)]
