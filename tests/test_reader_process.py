@@ -61,3 +61,40 @@ def test_a_reader_ends_with_the_process_that_started_it(tmp_path):
     while running() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not running(), "the reader ran on after the process that started it had ended"
+
+
+def test_the_same_file_asked_for_twice_at_once_is_read_once(tmp_path, monkeypatch):
+    """A Stop on a long PDF, then the same PDF sent again (or two turns racing): the second
+    waits for the read in progress instead of taking a second reader for it."""
+    import threading
+    import uuid
+
+    import attachments
+    from tests.conftest import wait_for
+    name = f"held-{uuid.uuid4().hex}.pdf"
+    (tmp_path / name).write_bytes(pdf_with_text("Quarterly revenue rose"))
+    part = attachments.attachment_part(tmp_path / name, name)
+    hold = misbehaving_readers.hold_file(name)
+    hold.touch()
+    calls, run = [], reader_process.run
+
+    def counted(*arguments):
+        calls.append(arguments[2])
+        return run(*arguments)
+    monkeypatch.setattr(reader_process, "run", counted)
+    monkeypatch.setattr(documents, "read_document", misbehaving_readers.held)
+    texts = []
+    try:
+        readers = [threading.Thread(target=lambda: texts.append(attachments.document_of(part).text), daemon=True)
+                   for _ in range(2)]
+        for reader in readers:
+            reader.start()
+        wait_for(hold.with_suffix(".reading").exists, what="the read to begin")
+        time.sleep(0.2)
+    finally:
+        hold.unlink(missing_ok=True)
+    for reader in readers:
+        reader.join(30)
+    for marker in (".reading", ".released"):
+        hold.with_suffix(marker).unlink(missing_ok=True)
+    assert calls == [name] and len(texts) == 2 and texts[0] == texts[1] and "Quarterly" in texts[0]
