@@ -56,7 +56,7 @@ import config
 import users
 from config import Settings
 from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part
-from conversation import ATTACHED, for_the_model, reads_files
+from conversation import ATTACHED, for_the_model
 from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, open_store
 from engine_contract import (
     Cancelled,
@@ -130,14 +130,14 @@ class Progress(NamedTuple):
 
 def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = None, zero_gpu: bool = False,
                       toolbox: Toolbox | None = None):
-    """`answer_steps(messages, generation, cancelled, on_stream)`: a generator of Progress
+    """`answer_steps(messages, generation, cancelled, on_stream, on_reading)`: a generator of Progress
     that answers `messages` (model messages) on `runner`. With a `toolbox` (and a model whose
     template takes tools) the model may call tools: each call runs, and the model generates
     again with its result, up to settings.max_tool_steps calls. On ZeroGPU it runs under
     `@spaces.GPU`, which borrows the GPU per answer and takes plain generators only."""
 
     def answer_steps(messages: list[dict], generation: GenerationSettings, cancelled: Signal | None = None,
-                     on_stream=None):
+                     on_stream=None, on_reading=None):
         title = THINKING_TITLE
         if not runner.loaded:
             title = LOADING_TITLE
@@ -150,7 +150,7 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
         calls_made = 0
         while True:
             try:
-                stream = runner.stream(messages, generation, cancelled=cancelled)
+                stream = runner.stream(messages, generation, cancelled=cancelled, on_reading=on_reading)
                 if on_stream:
                     on_stream(stream)
             except Cancelled:  # Stop while it waited for the engine: nothing ran, nobody listens
@@ -817,11 +817,9 @@ class Chats:
             if place is not None:
                 async for position in place.waiting():
                     yield Progress([], WAITING_TITLE.format(ordinal(position)))
-                if reads_files(messages):  # (the next in line goes ahead while they are read)
-                    place.reading_files()
             # (ZeroGPU runs the steps in a worker process of its own: nothing to call back there)
             steps = self.answer_steps(messages, generation) if self.zero_gpu else \
-                self.answer_steps(messages, generation, gone, place.started)
+                self.answer_steps(messages, generation, gone, place.started, place.reading_files)
             while (progress := await anyio.to_thread.run_sync(next, steps, None, abandon_on_cancel=True)) is not None:
                 yield progress
         finally:
@@ -1200,13 +1198,13 @@ class ModelSlot(DescribedByInfo):
     def active(self) -> int:
         return self.runner.active if self.runner else 0
 
-    def stream(self, messages, settings=None, cancelled: Signal | None = None):
+    def stream(self, messages, settings=None, cancelled: Signal | None = None, on_reading=None):
         wait_for_either(self.ready, cancelled)
         if not self.ready.is_set():
             raise Cancelled()
         if self.runner is None:
             raise GenerationError(f"The model failed to load: {self.error}")
-        return self.runner.stream(messages, settings, cancelled=cancelled)
+        return self.runner.stream(messages, settings, cancelled=cancelled, on_reading=on_reading)
 
 
 # ---------------------------------------------------------------- main

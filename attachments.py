@@ -18,6 +18,7 @@ Every refusal is an ImageRefused (a ChatInputError) with one line for the user.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import signal
@@ -160,6 +161,17 @@ def _bytes(source, part: dict) -> bytes:
 _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
 _reading: dict = {}  # key -> threading.Event, set when the read in progress has ended
+# Called (by this thread's reads) when a file is not remembered and must be read, or is being read:
+reading_notice: contextvars.ContextVar = contextvars.ContextVar("reading_notice", default=None)
+
+
+def _forked() -> None:  # (ZeroGPU's worker is forked: a read in progress at the fork never ends there)
+    global _cache_lock, _reading
+    _cache_lock, _reading = threading.Lock(), {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 class _Refusal(str):
@@ -173,21 +185,24 @@ def _remembered(key: tuple, read, again: bool = True):
     sends its history every turn; a read in progress is waited for, not done twice). A file
     that can't be read is remembered too (ImageRefused again, at once), but one refused by a
     time or memory limit is read `again` when the user sends it again (the new message);
-    in the history it stays refused (a turn doesn't wait for it each time)."""
+    in the history it stays refused (a turn doesn't wait for it each time). A read (or a
+    wait for one) is told to this thread's `reading_notice` first."""
     while True:
         with _cache_lock:
             value = _cache[key][0] if key in _cache else None
             if value is not None and not (again and isinstance(value, _Refusal) and not value.lasting):
                 _cache.move_to_end(key)
                 if isinstance(value, _Refusal):
-                    raise ImageRefused(value)
+                    raise _refused(value, lasting=value.lasting)
                 return value
             if key not in _reading:
                 _reading[key] = done = threading.Event()
                 break
             reading = _reading[key]
+        _notice()
         reading.wait()
         again = False  # (that read was the try)
+    _notice()
     try:
         try:
             value = read()
@@ -205,6 +220,12 @@ def _remembered(key: tuple, read, again: bool = True):
     if isinstance(value, _Refusal):
         raise _refused(value, lasting=value.lasting)
     return value
+
+
+def _notice() -> None:
+    notice = reading_notice.get()
+    if notice is not None:
+        notice()
 
 
 def _size(value) -> int:

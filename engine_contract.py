@@ -313,10 +313,12 @@ class Runner(Protocol):
     finish_listeners: list  # called with each stream when it ends (metrics, the line, logs)
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               cancelled: Signal | None = None) -> Stream:
+               cancelled: Signal | None = None, on_reading: Callable[[], None] | None = None) -> Stream:
         """Start an answer. Raises ChatInputError (or a subclass) for a conversation the model
         can't take, GenerationError when the engine fails, Cancelled when `cancelled` was
-        set while the request waited (nothing ran)."""
+        set while the request waited (nothing ran). `on_reading` is called (once, from
+        another thread) if its documents, audio or video are being read before it can start:
+        the waiting line lets the next request through meanwhile."""
 
 
 # ---------------------------------------------------------------- streams

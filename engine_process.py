@@ -15,7 +15,7 @@ error, and the next request starts a fresh engine.
 Protocol: the dataclasses below, pickled over two one-way pipes.
     web server -> engine   Generate · Cancel · Exit
     engine -> web server   Ready | LoadFailed, then per request
-                           Started | Refused, Text..., Ended
+                           [Reading], Started | Refused, Text..., Ended
 In the engine, the process's main thread is the generation loop (model_runner.GenerationLoop):
 it loads the model, warms it up, and builds and generates every answer; one more thread
 reads the commands pipe and hands requests in. The generating thread sends each due update
@@ -80,6 +80,12 @@ class Ready:
 @dataclass
 class LoadFailed:
     message: str
+
+
+@dataclass
+class Reading:
+    """Its files are being read before it can start (the waiting line lets the next through)."""
+    request_id: int
 
 
 @dataclass
@@ -203,7 +209,7 @@ class EngineProcess(DescribedByInfo):
             self._commands.send(message)
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               cancelled: Signal | None = None) -> "EngineStream":
+               cancelled: Signal | None = None, on_reading=None) -> "EngineStream":
         """Start generating; raises ChatInputError for a conversation the model can't take.
         Blocks until the engine starts it (after the answers before it), like
         ModelRunner.stream; `cancelled` set meanwhile withdraws the request in the engine
@@ -219,7 +225,7 @@ class EngineProcess(DescribedByInfo):
                 except ModelLoadError as error:
                     raise GenerationError(f"The model process stopped and could not restart: {error}") from None
                 self.restarts += 1
-            stream = EngineStream(self, next(self._ids), settings, last_user_text(messages))
+            stream = EngineStream(self, next(self._ids), settings, last_user_text(messages), on_reading)
             self._streams[stream.id] = stream
         try:
             self._send(Generate(stream.id, messages, settings))
@@ -245,6 +251,8 @@ class EngineProcess(DescribedByInfo):
             elif isinstance(event, Started):
                 self.active += 1
                 stream._on_started(event)
+            elif isinstance(event, Reading):
+                stream._on_reading()
             elif isinstance(event, Refused):
                 streams.pop(event.request_id, None)
                 stream._on_refused(ERRORS.get(event.error, GenerationError)(event.message))
@@ -313,10 +321,12 @@ class EngineStream(StreamBase):
     reply, close() to stop it (within one token). The engine coalesces the updates; every
     one that arrives is handed on."""
 
-    def __init__(self, engine: EngineProcess, request_id: int, settings: GenerationSettings, request_text: str):
+    def __init__(self, engine: EngineProcess, request_id: int, settings: GenerationSettings, request_text: str,
+                 on_reading=None):
         super().__init__(max_new_tokens=settings.max_new_tokens, max_updates_per_second=float("inf"),
                          listeners=engine.finish_listeners, request_text=request_text)
         self._engine = engine
+        self._on_reading_callback = on_reading
         self.id = request_id
         self._started = threading.Event()
         self._refusal: BaseException | None = None
@@ -331,6 +341,13 @@ class EngineStream(StreamBase):
     def _on_refused(self, error: BaseException) -> None:
         self._refusal = error
         self._started.set()
+
+    def _on_reading(self) -> None:
+        if self._on_reading_callback is not None:
+            try:
+                self._on_reading_callback()
+            except Exception:  # (the reader thread goes on whatever a caller's callback does)
+                log.exception("a reading callback failed")
 
     def _on_text(self, text: Text) -> None:
         self.logprobs.extend(text.logprobs)
@@ -415,7 +432,8 @@ class _EngineServer:
         end go back over the pipe from the generating thread."""
         from model_runner import Job
         request_id, sent, logprobs_sent = command.request_id, Reply(), 0
-        job = Job(command.messages, command.settings, on_decided=functools.partial(self.decided, request_id))
+        job = Job(command.messages, command.settings, on_decided=functools.partial(self.decided, request_id),
+                  on_reading=lambda: self.send(Reading(request_id)))
 
         def on_update(reply: Reply) -> None:
             nonlocal sent, logprobs_sent

@@ -56,6 +56,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
 )
 
+import attachments
 import transformers_internals
 from decoding import GrammarConstraint, LogprobsRecorder, Penalties, grammar_tokenizer
 from structured_output import grammar_for
@@ -440,10 +441,11 @@ class Job:
     client gone) drops it unstarted, or stops its answer within a token."""
 
     def __init__(self, messages: list[dict], settings: GenerationSettings, *, on_update=None, on_end=None,
-                 on_decided=None):
+                 on_decided=None, on_reading=None):
         self.messages, self.settings = messages, settings
         self.first = settings.continues_answer  # a tool loop's next step: before later requests
         self.on_update, self.on_end, self._on_decided = on_update, on_end, on_decided
+        self.on_reading = on_reading  # told once if its files are read before it can start
         self.stream: TextStream | None = None
         self.refusal: BaseException | None = None
         self.prepared: tuple[list[dict], list[str]] | None = None  # its messages with their files read, notices
@@ -844,13 +846,15 @@ class ModelRunner:
     # ------------------------------------------------------------ answers
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               cancelled: Signal | None = None, on_update=None) -> TextStream:
+               cancelled: Signal | None = None, on_reading=None, on_update=None) -> TextStream:
         """Start an answer: hand it to the generation loop and wait until the loop starts it.
         Raises ChatInputError for a conversation the model can't take; `cancelled` set while
         it waits (Stop, the client gone) withdraws it before anything runs (Cancelled), and
-        set later stops it. With on_update, the replies go to it from the generating thread."""
+        set later stops it. `on_reading`: told if its files are being read before it can
+        start (engine_contract.Runner). With on_update, the replies go to it from the
+        generating thread."""
         job = Job(messages, settings or GenerationSettings(max_new_tokens=self.settings.max_new_tokens),
-                  on_update=on_update)
+                  on_update=on_update, on_reading=on_reading)
         if cancelled is not None:
             if cancelled.is_set():
                 raise Cancelled()
@@ -874,6 +878,13 @@ class ModelRunner:
         to the loop, so that the loop serves the others meanwhile."""
         if job.withdrawn:  # (Stop before its files were read: nothing to read them for)
             return
+        told = []
+
+        def tell() -> None:  # (a file not remembered is read: the line lets the next request through)
+            if job.on_reading is not None and not told:
+                told.append(True)
+                job.on_reading()
+        attachments.reading_notice.set(tell)
         try:
             notices: list[str] = []
             job.prepared = (self.prepare_messages(job.messages, notices), notices)

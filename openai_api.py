@@ -46,7 +46,7 @@ import responses_api
 import attachments
 from attachments import attachment_part
 from config import Settings
-from conversation import load_image, reads_files
+from conversation import load_image
 from structured_output import grammar_for, instruction_for
 from engine_contract import (
     Cancelled,
@@ -387,7 +387,7 @@ def to_engine_messages(request: ChatCompletionRequest, settings: Settings) -> li
                     parts.append({"type": "text", "text": part.text or ""})
                     continue
                 try:
-                    parts.append(decode_part(part, param, settings))
+                    parts.append(decode_part(part, param, settings, newest=i == last))
                 except APIError:
                     if i == last:
                         raise
@@ -453,7 +453,7 @@ def tools_of(request: ChatCompletionRequest, supports_tools: bool) -> list[dict]
     return tools
 
 
-def decode_part(part: ContentPart, param: str, settings: Settings) -> dict:
+def decode_part(part: ContentPart, param: str, settings: Settings, newest: bool = True) -> dict:
     """An image, file, audio or video part → the engine's part (its kind checked from the
     content); a 400 naming the part for anything it can't be."""
     if getattr(part, part.type) is None:
@@ -485,7 +485,7 @@ def decode_part(part: ContentPart, param: str, settings: Settings) -> dict:
     try:
         decoded = attachment_part(data, name)
         if decoded["type"] == "document":  # (read now, to name the part; the engine reads it remembered)
-            attachments.document_of(decoded)
+            attachments.document_of(decoded, again=newest)  # (a history's file refused for time stays so)
     except ChatInputError as error:
         raise APIError(400, str(error), param=param, code="invalid_file") from None
     if decoded["type"] not in expected:
@@ -665,13 +665,15 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             raise APIError(499, "The client is gone.")
         await model_loaded(deadline, gone)
 
-    async def start_stream(messages: list[dict], settings: GenerationSettings, gone: Signal):
-        """runner.stream in a worker thread, where it waits while the answer before it ends.
-        A client that leaves meanwhile withdraws the request (`gone`): it leaves the line at
-        once, and the engine drops it unstarted when its turn comes."""
+    async def start_stream(messages: list[dict], settings: GenerationSettings, gone: Signal, on_reading=None):
+        """runner.stream in a worker thread, where it waits while the answer before it ends
+        (or while its files are read: `on_reading`). A client that leaves meanwhile withdraws
+        the request (`gone`): it leaves the line at once, and the engine drops it unstarted
+        when its turn comes."""
         try:
             return await anyio.to_thread.run_sync(
-                functools.partial(runner.stream, messages, settings, cancelled=gone), abandon_on_cancel=True)
+                functools.partial(runner.stream, messages, settings, cancelled=gone, on_reading=on_reading),
+                abandon_on_cancel=True)
         except (ChatInputError, GenerationError, Cancelled) as error:
             raise api_error(error) from None
 
@@ -712,10 +714,8 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             raise APIError(503, str(full), type="server_error", code="server_busy", headers=retry_after) from None
         try:
             await wait_for_turn(place, gone, deadline)
-            if reads_files(messages) and not raw_prompt:  # (the next in line goes ahead while they are read)
-                place.reading_files()
             generation.tools = tools_of(body, runner.supports_tools)
-            stream = await start_stream(messages, generation, gone)
+            stream = await start_stream(messages, generation, gone, place.reading_files)
             place.started(stream)
         finally:
             if place.position:  # it never started: out of the line

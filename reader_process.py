@@ -19,6 +19,7 @@ processes may not start children); it ends when this process's end of its pipe c
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import queue
@@ -115,7 +116,13 @@ class _Reader:
             pickle.dump((function, arguments, timeout), self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self.process.stdin.flush()
             ok, value = pickle.load(self.process.stdout)
-        except (EOFError, OSError):  # it died (or was killed) before it answered
+        except (EOFError, OSError, pickle.UnpicklingError) as failure:  # it died (or was killed) before it
+            if not timed_out.is_set() and isinstance(failure, pickle.UnpicklingError):  # answered, or while it did
+                try:
+                    self.process.wait(1)
+                except subprocess.TimeoutExpired:  # alive: the answer itself was bad
+                    self._end()
+                    raise
             code = self._end()
             if timed_out.is_set():
                 raise ReaderStopped(f"killed after {timeout:g} s", timed_out=True) from None
@@ -163,12 +170,16 @@ def _serve() -> None:
         except (EOFError, OSError):
             return
         deadline[0] = time.monotonic() + timeout + 5
+        if hasattr(signal, "alarm"):  # (the kernel's: it ends a read stuck in native code holding the GIL)
+            signal.alarm(math.ceil(timeout) + 10)
         try:
             answer = (True, function(*arguments))
         except Exception as error:
             error.__traceback__ = None
             answer = (False, error)
         deadline[0] = None
+        if hasattr(signal, "alarm"):
+            signal.alarm(0)
         try:
             data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:  # (an exception that doesn't pickle: its words do)
@@ -183,7 +194,8 @@ def _serve() -> None:
 
 def _watch(parent: int, deadline: list) -> None:
     """Ends the reader if the process that started it is gone (os._exit, a kill: nobody would
-    stop a read caught in a loop) or its call runs past the deadline."""
+    stop a read caught in a loop) or its call runs past the deadline. (A read stuck in native
+    code that holds the GIL stops this thread too: there SIGALRM ends it, on POSIX.)"""
     while True:
         time.sleep(1.0)
         if os.getppid() != parent or deadline[0] is not None and time.monotonic() > deadline[0]:

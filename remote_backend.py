@@ -66,8 +66,9 @@ class RemoteRunner(DescribedByInfo):
         return models[0].id
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
-               cancelled: Signal | None = None) -> "RemoteStream":
-        """Start streaming from the server (it queues and batches: nothing waits here)."""
+               cancelled: Signal | None = None, on_reading=None) -> "RemoteStream":
+        """Start streaming from the server (it queues and batches: nothing waits here, so
+        `on_reading` is never needed)."""
         settings = settings or GenerationSettings(max_new_tokens=self.settings.max_new_tokens)
         if cancelled is not None and cancelled.is_set():
             raise Cancelled()

@@ -215,7 +215,7 @@ class Speech:
         for part in message["content"]:
             if any(part is other for other in needing):
                 try:
-                    part = {**part, "transcript": await self.transcribe(part)}
+                    part = {**part, "transcript": await self.transcribe(part, again=not leave_out_failures)}
                 except ChatInputError:
                     if not leave_out_failures:
                         raise
@@ -223,15 +223,16 @@ class Speech:
             content.append(part)
         return {**message, "content": content}
 
-    async def transcribe(self, part: dict) -> str:
-        """An audio part's words. SpeechError when there are none, or the model can't run."""
+    async def transcribe(self, part: dict, again: bool = True) -> str:
+        """An audio part's words. SpeechError when there are none, or the model can't run.
+        `again`: a read refused by a time or memory limit is tried again (attachments)."""
         transcriber = await asyncio.wrap_future(self._loaded)
         key = await anyio.to_thread.run_sync(attachments.identity, part["audio"])  # (hashing 100 MB takes a while)
         if key in self._transcripts:
             return self._transcripts[key]
 
         def heard() -> str:
-            audio = attachments.audio_of(part, transcriber.sampling_rate)
+            audio = attachments.audio_of(part, transcriber.sampling_rate, again)
             return transcriber.transcribe(audio.samples, audio.sampling_rate)
 
         text = await anyio.to_thread.run_sync(heard)

@@ -650,3 +650,21 @@ def test_a_reader_that_hangs_or_dies_is_one_line_in_the_chat_and_the_next_read_w
     else:
         assert errors_of(shown).count("report.pdf") == 1 and len(answers_of(shown)) == answered + 1, "read this time"
     browser.close()
+
+
+def test_the_engine_says_when_a_request_waits_for_its_files_to_be_read(llama_engine_or_runner, tmp_path):
+    """The waiting line lets the next request through only while files are really read:
+    a document not read before (told once, in this process or from the engine process);
+    the same document again, remembered, is not told."""
+    import uuid
+
+    from model_runner import GenerationSettings
+    report = tmp_path / f"report-{uuid.uuid4().hex}.pdf"
+    report.write_bytes(pdf_with_text(f"Quarterly revenue rose {uuid.uuid4().hex}"))
+    message = [{"role": "user", "content": [attachment_part(report), {"type": "text", "text": "Sum it up"}]}]
+    for expected in (1, 0):
+        told = []
+        with llama_engine_or_runner.stream(message, GenerationSettings(max_new_tokens=2),
+                                           on_reading=lambda: told.append(True)) as stream:
+            list(stream)
+        assert len(told) == expected and stream.finish_reason == "length"

@@ -328,3 +328,20 @@ def test_an_api_client_that_leaves_while_waiting_never_generates(serve, llama_ru
     assert httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "next"}],
                                                          "max_tokens": 3}).status_code == 200
     assert [s.request_text for s in spy.streams] == ["A", "next"], "no generation for a client that left"
+
+
+def test_a_waiting_place_moves_up_when_the_one_ahead_reads_its_files_and_back_if_it_leaves():
+    line = WaitingLine(one_at_a_time=True, max_waiting=10)
+    front, reading, place = line.join("ui"), line.join("ui"), line.join("ui")
+
+    async def wait():
+        seen = []
+        async for position in place.waiting():
+            seen.append(position)
+            threading.Timer(0.01, [reading.reading_files, front.started][len(seen) - 1]).start()
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(wait(), 10)) == [3, 2]
+    assert place.at_front and place.position == 1
+    reading.leave()  # (e.g. Stop while its files were read)
+    assert place.position == 1 and line.waiting == 1
