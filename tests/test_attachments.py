@@ -473,7 +473,7 @@ def test_stop_while_the_audio_is_written_out_keeps_the_message(serve, llama_runn
     url, spy = serve(llama_runner, asr_model=str(tiny_model_paths["whisper"]))
     writing = []
 
-    async def slow(part):
+    async def slow(part, again=True):
         writing.append(part)
         await asyncio.sleep(60)
 
