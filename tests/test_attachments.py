@@ -118,6 +118,26 @@ def test_a_document_too_long_for_the_context_is_cut_and_the_chat_says_how_much(s
     browser.close()
 
 
+def test_a_document_past_the_context_goes_straight_to_the_cut(llama_runner, tmp_path, monkeypatch):
+    """A document whose tokens alone overflow the context is cut without the whole prompt
+    being tokenized with all of it first (1.8 s of a 500-page PDF's 2.6 s prompt)."""
+    path = tmp_path / "minutes.txt"
+    path.write_text("\n".join(f"Line {i}: the committee discussed item {i} at length." for i in range(LONG_LINES)))
+    message = [{"role": "user", "content": [attachment_part(path), {"type": "text", "text": "What was decided?"}]}]
+    whole, apply = [], llama_runner._apply_chat_template
+
+    def counted(messages, *args):
+        whole.extend(part for m in messages for part in m["content"] if f"Line {LONG_LINES - 1}:" in part.get("text", ""))
+        return apply(messages, *args)
+    monkeypatch.setattr(llama_runner, "_apply_chat_template", counted)
+    prompt, notices = prompt_of(llama_runner, message)
+    assert not whole, "the prompt with the whole document was tokenized"
+    assert "Line 0: the committee" in prompt and "cut here to fit the context" in prompt and "What was decided?" in prompt
+    assert any("minutes.txt is too long" in notice for notice in notices)
+    tokens = len(llama_runner.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert 0.95 * (llama_runner.context_length - 64) <= tokens <= llama_runner.context_length - 64, "it fills what is left"
+
+
 def test_documents_fill_half_the_context_before_old_turns_give_way(llama_runner, tmp_path):
     old_turns = []
     for i in range(12):
