@@ -5,6 +5,7 @@ it, one sent just after it. Prints one line per figure as it is measured.
 
     python bench/attachments.py            # ~2 min on 2 CPU cores
     python bench/attachments.py --beside   # only the answers around a read
+    python bench/attachments.py --prompt   # only building a long PDF's prompt into bench-llama's context
 """
 
 import sys
@@ -110,6 +111,29 @@ def beside_an_answer(folder: Path) -> None:
     runner.close()
 
 
+def prompt_building(folder: Path) -> None:
+    """A long PDF's prompt built into bench-llama's 8,192-token context (read remembered): the
+    document cut to fit, on the generation loop."""
+    import statistics
+
+    from tests.tiny_models import build_bench_llama
+    from model_runner import ModelRunner
+    runner = ModelRunner.load(str(build_bench_llama(folder / "bench-llama")), device="cpu", batching="off")
+    for pages in (10, 100, documents.MAX_PDF_PAGES):
+        path = folder / f"report-{pages}.pdf"
+        path.write_bytes(typeset_pdf(pages, pages))
+        message = [{"role": "user", "content": [attachments.attachment_part(path), {"type": "text", "text": "Sum up"}]}]
+        runner.build_inputs(message, reserve_tokens=128)  # (read, and warm)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            runner.build_inputs(message, reserve_tokens=128)
+            times.append(time.perf_counter() - started)
+        print(f"a {pages}-page PDF's prompt into bench-llama's {runner.context_length}-token context: "
+              f"{statistics.median(times) * 1000:.0f} ms (median of 3)", flush=True)
+    runner.close()
+
+
 def reader(stream):
     """Each token's arrival time (the reply's growth, as the throttle hands it out: tokens counted)."""
     seen, times = 0, []
@@ -121,10 +145,11 @@ def reader(stream):
 
 
 def main() -> None:
-    if "--beside" in sys.argv:
-        with tempfile.TemporaryDirectory() as folder:
-            beside_an_answer(Path(folder))
-        return
+    for option, part in (("--beside", beside_an_answer), ("--prompt", prompt_building)):
+        if option in sys.argv:
+            with tempfile.TemporaryDirectory() as folder:
+                part(Path(folder))
+            return
     pdf = pdf_with_text(*[f"Page {i}: the quarterly figures and what the committee decided about them." * 8
                           for i in range(documents.MAX_PDF_PAGES)])
     document = timed(f"a {documents.MAX_PDF_PAGES}-page PDF read ({len(pdf) / 2**20:.1f} MB)",
@@ -162,6 +187,7 @@ def main() -> None:
     timed("the same read in a reader process, started", lambda: reader_process.run(
         documents.read_document, pdf, "report.pdf"), repeat=3)
     with tempfile.TemporaryDirectory() as folder:
+        prompt_building(Path(folder))
         beside_an_answer(Path(folder))
 
 

@@ -120,10 +120,10 @@ def test_a_document_too_long_for_the_context_is_cut_and_the_chat_says_how_much(s
 
 def test_a_document_past_the_context_goes_straight_to_the_cut(llama_runner, tmp_path, monkeypatch):
     """A document whose tokens alone overflow the context is cut without the whole prompt
-    being tokenized with all of it first (1.8 s of a 500-page PDF's 2.6 s prompt)."""
-    path = tmp_path / "minutes.txt"
-    path.write_text("\n".join(f"Line {i}: the committee discussed item {i} at length." for i in range(LONG_LINES)))
-    message = [{"role": "user", "content": [attachment_part(path), {"type": "text", "text": "What was decided?"}]}]
+    being tokenized with all of it first (a 500-page PDF's prompt: 1,756 -> 748 ms, README),
+    and the cut is the one the whole prompt's overflow led to before."""
+    message = [{"role": "user", "content": [attachment_part(long_document(tmp_path)),
+                                            {"type": "text", "text": "What was decided?"}]}]
     whole, apply = [], llama_runner._apply_chat_template
 
     def counted(messages, *args):
@@ -132,6 +132,12 @@ def test_a_document_past_the_context_goes_straight_to_the_cut(llama_runner, tmp_
     monkeypatch.setattr(llama_runner, "_apply_chat_template", counted)
     prompt, notices = prompt_of(llama_runner, message)
     assert not whole, "the prompt with the whole document was tokenized"
+    monkeypatch.setattr(llama_runner, "_apply_chat_template", apply)
+    before_notices, room = [], llama_runner.context_length - 64  # (the way before: the whole prompt, then the cut)
+    overflowing = llama_runner._apply_chat_template(llama_runner.prepare_messages(message, before_notices))
+    assert overflowing["input_ids"].shape[-1] > room
+    cut, before = llama_runner._fit_documents(llama_runner.prepare_messages(message, []), room, before_notices, None)
+    assert llama_runner.tokenizer.decode(before["input_ids"][0]) == prompt and before_notices == notices
     assert "Line 0: the committee" in prompt and "cut here to fit the context" in prompt and "What was decided?" in prompt
     assert any("minutes.txt is too long" in notice for notice in notices)
     tokens = len(llama_runner.tokenizer(prompt, add_special_tokens=False)["input_ids"])
