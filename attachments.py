@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import os
-import signal
 import threading
 from collections import OrderedDict
 from pathlib import Path

@@ -445,7 +445,7 @@ class Job:
         self.messages, self.settings = messages, settings
         self.first = settings.continues_answer  # a tool loop's next step: before later requests
         self.on_update, self.on_end, self._on_decided = on_update, on_end, on_decided
-        self.on_reading = on_reading  # told once if its files are read before it can start
+        self.on_reading = on_reading  # told (once: reading()) if its files are read before it can start
         self.stream: TextStream | None = None
         self.refusal: BaseException | None = None
         self.prepared: tuple[list[dict], list[str]] | None = None  # its messages with their files read, notices
@@ -467,6 +467,12 @@ class Job:
             self._decide()
         elif stream is not None:
             stream.close(wait=0)
+
+    def reading(self) -> None:
+        """Its files are being read (attachments.reading_notice): on_reading is told, once."""
+        on_reading, self.on_reading = self.on_reading, None
+        if on_reading is not None:
+            on_reading()
 
     @property
     def withdrawn(self) -> bool:
@@ -878,13 +884,7 @@ class ModelRunner:
         to the loop, so that the loop serves the others meanwhile."""
         if job.withdrawn:  # (Stop before its files were read: nothing to read them for)
             return
-        told = []
-
-        def tell() -> None:  # (a file not remembered is read: the line lets the next request through)
-            if job.on_reading is not None and not told:
-                told.append(True)
-                job.on_reading()
-        attachments.reading_notice.set(tell)
+        attachments.reading_notice.set(job.reading)  # (a file not remembered is read: the line lets the next through)
         try:
             notices: list[str] = []
             job.prepared = (self.prepare_messages(job.messages, notices), notices)
@@ -939,12 +939,9 @@ class ModelRunner:
                 raise ContextTooLong(f"This prompt ({inputs['input_ids'].shape[-1]} tokens) leaves no room for the "
                                      f"answer in the model's {limit}-token context.")
         else:
-            if job.prepared is not None:
-                messages, notices = job.prepared[0], list(job.prepared[1])
-            else:
-                messages = self.prepare_messages(job.messages, notices)
+            messages, notices = (job.prepared[0], list(job.prepared[1])) if job.prepared else (job.messages, notices)
             inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices, tools=settings.tools,
-                                       prepared=True)
+                                       prepared=job.prepared is not None)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
         starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START) and not settings.raw_prompt
         if structured and starts_in_reasoning:  # structured: the JSON, no reasoning first

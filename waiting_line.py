@@ -10,15 +10,15 @@ when its generation starts; it no longer counts as generating once its answer ha
     place = line.join("ui")                  # LineFull when too many are waiting
     async for position in place.waiting():   # 2, 1 ... until it is at the front
         show(position)
-    place.reading_files()                    # (if its files are read before it can start)
-    stream = runner.stream(...)              # waits for the engine if it is busy
+    stream = runner.stream(..., on_reading=place.reading_files)  # waits for the engine if it is busy
     place.started(stream)
     ...
     place.leave()                            # always, in a finally: idempotent
 
 A request whose documents, audio or video are being read (the engine reads them before the
-request joins its generation loop: seconds for a long PDF) doesn't hold up those behind it:
-while it reads, the next one is let through too, and is answered meanwhile.
+request joins its generation loop: seconds for a long PDF, and says so: `on_reading`) doesn't
+hold up those behind it: while it reads, the next one is let through too, and is answered
+meanwhile.
 
 With a backend that serves many answers at once (an OpenAI-compatible server), every place
 is let through at once: the line then only counts who is waiting and refuses the excess.
@@ -161,8 +161,8 @@ class Place:
             self._changed.clear()
 
     def reading_files(self) -> None:
-        """It has been let through and its files are read before it can start (conversation.
-        reads_files): the next in line may go ahead meanwhile."""
+        """It has been let through and its files are being read before it can start (the
+        engine says so: runner.stream's on_reading): the next in line may go ahead meanwhile."""
         self.line._reading(self)
 
     def started(self, stream=None) -> None:
