@@ -280,7 +280,7 @@ class Stream(Protocol):
     first_token_at: float | None
     ended_at: float | None
     closed_at: float | None           # the first close(): Stop, a closed tab, a cancel
-    tokens_after_close: int | None    # tokens generated after it (Stop really stops: 0 or 1)
+    tokens_after_close: int | None    # tokens the model made after it (Stop really stops: 0 or 1)
     finish_reason: str | None
     error: BaseException | None
     time_to_first_token: float | None
@@ -442,10 +442,14 @@ class StreamBase:
 
     def close(self, wait: float = 10.0) -> None:
         if self.closed_at is None and not self._ended.is_set():
-            self.closed_at, self._tokens_at_close = time.perf_counter(), self.new_tokens
+            self.closed_at, self._tokens_at_close = time.perf_counter(), self._tokens_decided()
         if not self._ended.is_set():
             self._request_stop()
         self._ended.wait(wait)
+
+    def _tokens_decided(self) -> int:
+        """Tokens the model had made so far (tokens_after_close counts from here)."""
+        return self.new_tokens
 
     def join(self, timeout: float | None = None) -> bool:
         return self._ended.wait(timeout)

@@ -248,9 +248,11 @@ class _StopOnEvent(StoppingCriteria):
 
     def __init__(self, event: threading.Event):
         self.event = event
+        self.steps = 0  # the tokens it has decided on (generate streams each one just after)
         self._answers: dict = {}
 
     def __call__(self, input_ids, scores, **kwargs):
+        self.steps += 1
         key = (input_ids.shape[0], input_ids.device)
         if key not in self._answers:
             self._answers[key] = tuple(torch.full((input_ids.shape[0],), flag, dtype=torch.bool,
@@ -278,6 +280,7 @@ class TextStream(StreamBase):
         self._runner = runner
         self._inputs, self._generation_config, self._seed = inputs, generation_config, settings.seed
         self._stop = threading.Event()
+        self._stop_check = _StopOnEvent(self._stop)
         self._stop_reason = "cancelled"
         self._stop_strings = [s for s in settings.stop if s]
         self._streamer = IncrementalTextStreamer(runner.tokenizer, self._on_text, figures=self)
@@ -304,7 +307,7 @@ class TextStream(StreamBase):
                 runner.model.generate(
                     **self._inputs, generation_config=self._generation_config, streamer=self._streamer,
                     logits_processor=self._logits_processors,
-                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]))
+                    stopping_criteria=StoppingCriteriaList([self._stop_check]))
         except BaseException as failure:  # reaches the consumer, never lost in the loop
             error = runner.describe_failure(failure)
         finally:
@@ -366,6 +369,11 @@ class TextStream(StreamBase):
     def _request_stop(self) -> None:
         self._stop.set()
 
+    def _tokens_decided(self) -> int:
+        """generate() checks the stop before it streams the token it just made: a Stop
+        between the two finds that token made, though not yet counted."""
+        return self._stop_check.steps
+
 
 class BatchedStream(TextStream):
     """One answer in the continuous batch (batching.py): the manager's own thread generates
@@ -426,6 +434,9 @@ class BatchedStream(TextStream):
             self._finishing = True
             self._runner.counted.add(-1)
             self._finish_safely(error)
+
+    def _tokens_decided(self) -> int:
+        return self.new_tokens  # (the manager makes its tokens: no stop check of ours)
 
     def _request_stop(self) -> None:
         self._stop.set()

