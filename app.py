@@ -1019,7 +1019,7 @@ def header_markdown(runner, toolbox: Toolbox | None = None, speech: Speech | Non
     tools = ""
     if toolbox is not None:
         tools = f" · 🛠 tools: {', '.join(toolbox.where())}" if runner.supports_tools else \
-            " · 🛠 tools off: this model's chat template doesn't take tools in a form the app reads"
+            f" · 🛠 tools off: {runner.info.tools_off.split(' (')[0] or 'this model does not take them'}"
     info = runner.info
     kind = "vision-language" if info.is_vision else "audio-language" if info.hears_audio else "text-only"
     kind += " · hears audio" if info.is_vision and info.hears_audio else ""
@@ -1274,9 +1274,7 @@ def main(argv: list[str] | None = None) -> int:
         if slot.supports_tools:
             log.info("Tools for the chat: %s (%s).", ", ".join(toolbox.names), "; ".join(toolbox.where()))
         else:
-            log.warning("Tools are off: %s's chat template doesn't take tools, or writes its calls in a "
-                        "shape the app doesn't read (it reads Hermes <tool_call> tags, or what the "
-                        "tokenizer's response_template describes). Qwen2.5 and Qwen3 do.", slot.name)
+            log.warning("Tools are off for %s: %s.", slot.name, slot.info.tools_off or "it does not take them")
     demo.block_thread()
     return 0
 

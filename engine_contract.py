@@ -238,6 +238,7 @@ class RunnerInfo:
     quantization: str | None = None  # "4bit" | "8bit" (bitsandbytes weights) | None
     batching: bool = False       # answers share forward passes (continuous batching, or a server)
     supports_tools: bool = False  # its chat template takes tools (GenerationSettings.tools)
+    tools_off: str = ""          # else why not, in a phrase (the header, the log and the API say it)
     torch_threads: int | None = None  # the generation loop's torch threads (local models)
     loop_thread: int | None = None    # the generation loop's thread (native id; local models)
     loaded: bool = True          # False only while app.ModelSlot waits for the model

@@ -90,6 +90,9 @@ from engine_contract import (  # noqa: F401  (re-exported: callers of the engine
 )
 
 log = logging.getLogger("engine")
+TOOLS_OFF = ("its chat template doesn't take tools, or writes its calls in a shape the app doesn't read "
+             "(it reads Hermes <tool_call> tags, or what the tokenizer's response_template describes; "
+             "Qwen2.5 and Qwen3 do)")
 
 # ---------------------------------------------------------------- loading
 
@@ -686,6 +689,7 @@ class ModelRunner:
                           is_vision=self.is_vision, hears_audio=self.audio_rate is not None, sees_video=self.sees_video,
                           compile=self.compile, quantization=self.quantization,
                           batching=self.batcher is not None, supports_tools=self.supports_tools,
+                          tools_off="" if self.supports_tools else TOOLS_OFF,
                           torch_threads=self.torch_threads, loop_thread=self.loop.native_id)
 
     @property

@@ -56,6 +56,7 @@ from engine_contract import (
     GenerationSettings,
     ImageRefused,
     Reply,
+    RunnerInfo,
     Signal,
     ToolCall,
 )
@@ -428,7 +429,7 @@ def decode_arguments(arguments: str, param: str) -> dict:
     return value
 
 
-def tools_of(request: ChatCompletionRequest, supports_tools: bool) -> list[dict] | None:
+def tools_of(request: ChatCompletionRequest, runner: RunnerInfo) -> list[dict] | None:
     """The tools the model is shown, as tool_choice says: auto (all), none (none), required
     (all, and it must call one), or a named function (that one alone, and it must call it;
     the must is kept by constrained decoding: to_settings)."""
@@ -447,9 +448,9 @@ def tools_of(request: ChatCompletionRequest, supports_tools: bool) -> list[dict]
     else:
         raise APIError(400, "tool_choice can be auto, none, required or {\"type\": \"function\", "
                             "\"function\": {\"name\": ...}}.", param="tool_choice")
-    if not supports_tools:
-        raise APIError(400, "This model's chat template doesn't take tools, so it can't call them; "
-                            "send the request without tools.", param="tools", code="tools_not_supported")
+    if not runner.supports_tools:
+        raise APIError(400, f"This model can't call tools here: {runner.tools_off or 'it does not take them'}. "
+                            "Send the request without tools.", param="tools", code="tools_not_supported")
     return tools
 
 
@@ -707,14 +708,14 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         if generation.response_format:
             messages = with_instruction(messages, instruction_for(generation.response_format))
         if runner.loaded:  # (else once it is)
-            generation.tools = tools_of(body, runner.supports_tools)
+            generation.tools = tools_of(body, runner.info)
         try:
             place = line.join("api")
         except LineFull as full:
             raise APIError(503, str(full), type="server_error", code="server_busy", headers=retry_after) from None
         try:
             await wait_for_turn(place, gone, deadline)
-            generation.tools = tools_of(body, runner.supports_tools)
+            generation.tools = tools_of(body, runner.info)
             stream = await start_stream(messages, generation, gone, place.reading_files)
             place.started(stream)
         finally:

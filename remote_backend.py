@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 
 import openai
 
 from config import Settings
-from conversation import alternate_roles, last_user_text, prepare_messages
+from conversation import TOOL_CALL_END, TOOL_CALL_START, alternate_roles, last_user_text, prepare_messages
 from engine_contract import (
     ActiveCount,
     Cancelled,
@@ -28,7 +29,14 @@ from engine_contract import (
     RunnerInfo,
     Signal,
     StreamBase,
+    ToolCall,
 )
+
+# Asked once at start, with max_tokens 1: does the server take tools? (vLLM does only when
+# started with --enable-auto-tool-choice and a --tool-call-parser; llama.cpp's server with --jinja.)
+TOOLS_PROBE = {"type": "function", "function": {
+    "name": "tools_probe", "description": "Never needed: the app asks whether the server takes tools.",
+    "parameters": {"type": "object", "properties": {}}}}
 
 
 class RemoteRunner(DescribedByInfo):
@@ -42,9 +50,11 @@ class RemoteRunner(DescribedByInfo):
             timeout=openai.Timeout(settings.remote_read_timeout_s, connect=settings.remote_connect_timeout_s))
         self.model = settings.model or self._served_model()  # the server's name for it
         # The server decides what it takes: images are sent (a text-only one answers with an
-        # error), tool calls aren't passed through, it batches in its own way.
+        # error), tools if it said so at start, it batches in its own way.
+        tools_off = self._tools_off()
         self.info = RunnerInfo(name=settings.served_model_name or self.model, device=f"via {self.base_url}",
-                               dtype="set by the server", batching=True)
+                               dtype="set by the server", batching=True, supports_tools=not tools_off,
+                               tools_off=tools_off)
         self.counted = ActiveCount()
         self.finish_listeners: list = []
 
@@ -64,6 +74,20 @@ class RemoteRunner(DescribedByInfo):
         if not models:
             raise ModelLoadError(f"The model server at {self.base_url} serves no model; pass --model.")
         return models[0].id
+
+    def _tools_off(self) -> str:
+        """Why the server's model can't be given tools ("" when it can): a one-token request
+        with a tool is answered, or refused (asked once; restart the app to ask again)."""
+        try:
+            self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Hi"}],
+                                                tools=[TOOLS_PROBE], max_tokens=1)
+        except openai.APIStatusError as error:
+            if 400 <= error.status_code < 500:
+                return f"the model server refuses tools ({_message_of(error).splitlines()[0][:300]})"
+            return f"the model server failed when asked at start whether it takes tools ({error.status_code})"
+        except openai.APIError:
+            return "the model server could not be reached at start to ask whether it takes tools"
+        return ""
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
                cancelled: Signal | None = None, on_reading=None) -> "RemoteStream":
@@ -92,6 +116,9 @@ class RemoteRunner(DescribedByInfo):
             request["stop"] = settings.stop
         if settings.response_format:  # (the server constrains it in its own way)
             request["response_format"] = settings.response_format
+        if settings.tools:  # (the API and the chat send them only when info.supports_tools)
+            request["tools"] = settings.tools
+            request["tool_choice"] = "required" if settings.tool_call_required else "auto"
         for penalty in ("presence_penalty", "frequency_penalty"):
             if getattr(settings, penalty):
                 request[penalty] = getattr(settings, penalty)
@@ -122,6 +149,56 @@ def to_openai_message(message: dict) -> dict:
     if message["role"] == "tool":
         converted["tool_call_id"] = message.get("tool_call_id")
     return converted
+
+
+class CallsBeingWritten:
+    """The server's tool calls as its chunks write them: each call's id and name come once,
+    its arguments (JSON) in pieces; a call is complete once the next one starts, or at the end."""
+
+    def __init__(self):
+        self._written: dict[int, dict] = {}   # index → {"id", "name", "arguments"} as sent so far
+        self._made: dict[int, ToolCall] = {}  # the complete ones, made once (their ids stay)
+
+    def add(self, deltas) -> None:
+        for delta in deltas:
+            call = self._written.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = call["id"] or delta.id
+            if delta.function is not None:
+                call["name"] = call["name"] or delta.function.name or ""
+                call["arguments"] += delta.function.arguments or ""
+
+    def so_far(self) -> tuple[tuple[ToolCall, ...], bool]:
+        """The calls complete so far, and whether one is being written."""
+        indexes = sorted(self._written)
+        calls = [self._made_call(index) for index in indexes[:-1]]
+        return tuple(call for call in calls if call is not None), bool(indexes)
+
+    def at_end(self, cut_off: bool) -> tuple[tuple[ToolCall, ...], list[str]]:
+        """Every call, and the text of those whose arguments aren't a JSON object (shown in the
+        answer, as the local engine shows a call it can't read); a last call cut off by the
+        length limit is left out."""
+        calls, unreadable = [], []
+        indexes = sorted(self._written)
+        for index in indexes:
+            call = self._made_call(index)
+            if call is not None:
+                calls.append(call)
+            elif not (cut_off and index == indexes[-1]):
+                written = self._written[index]
+                unreadable.append(f"{TOOL_CALL_START}{written['name']} {written['arguments']}{TOOL_CALL_END}")
+        return tuple(calls), unreadable
+
+    def _made_call(self, index: int) -> ToolCall | None:
+        if index not in self._made:
+            written = self._written[index]
+            try:
+                arguments = json.loads(written["arguments"]) if written["arguments"].strip() else {}
+            except ValueError:
+                return None
+            if not written["name"] or not isinstance(arguments, dict):
+                return None
+            self._made[index] = ToolCall(written["name"], arguments, **({"id": written["id"]} if written["id"] else {}))
+        return self._made[index]
 
 
 def _message_of(error: openai.APIError) -> str:
@@ -155,6 +232,7 @@ class RemoteStream(StreamBase):
         self._reasoning = ""
         self._answer = ""
         self._chunks = 0
+        self._calls = CallsBeingWritten()
         self._usage_tokens: int | None = None
         self._server_finish: str | None = None
         try:
@@ -176,22 +254,27 @@ class RemoteStream(StreamBase):
                     # vLLM, SGLang, DeepSeek and this app send reasoning apart from the answer
                     extra = (delta.model_extra or {}) if delta else {}
                     reasoning = extra.get("reasoning_content") or extra.get("reasoning")
-                    if delta and (delta.content or reasoning):
+                    if delta and (delta.content or reasoning or delta.tool_calls):
                         self._chunks += 1
                         self.first_token_at = self.first_token_at or time.perf_counter()
                         self._reasoning += reasoning or ""
                         self._answer += delta.content or ""
+                        self._calls.add(delta.tool_calls or ())
                     if choice.finish_reason:
                         self._server_finish = "length" if choice.finish_reason == "length" else "stop"
                 self.new_tokens = self._usage_tokens if self._usage_tokens is not None else self._chunks
+                calls, calling = self._calls.so_far()
                 self._update(Reply(answer=self._answer, reasoning=self._reasoning or None,
-                                   reasoning_done=bool(self._answer)))
+                                   reasoning_done=bool(self._answer or calls or calling),
+                                   tool_calls=calls, calling=calling))
                 yield from self._take_due()
         except openai.APIError as error:
             self._fail(GenerationError(f"The model server failed: {_message_of(error)}"))
         except Exception as error:  # e.g. the connection dropped mid-answer
             self._fail(GenerationError(f"The connection to the model server broke: {type(error).__name__}: {error}"))
-        self.reply = Reply(answer=self._answer, reasoning=self._reasoning or None)
+        calls, unreadable = self._calls.at_end(cut_off=self._server_finish == "length")
+        self.reply = Reply(answer="\n\n".join(filter(None, [self._answer, *unreadable])),
+                           reasoning=self._reasoning or None, tool_calls=calls)
         self._finish(self._server_finish or "stop")
         yield from self._take_due()
 

@@ -523,6 +523,99 @@ def test_a_tool_round_trip_reaches_a_remote_server_whole():
         "role": "tool", "content": "12 °C", "tool_call_id": "c1"}
 
 
+# ---------------------------------------------------------------- the remote backend: the server's tools
+
+def test_the_chat_runs_tools_through_a_remote_server(serve, tools_runner, tmp_path):
+    """--backend openai in front of a server that takes tools: the chat's tools go upstream, the
+    server's call runs here, and its result goes back upstream for the answer."""
+    from remote_backend import RemoteRunner
+    back_url, back_spy = serve(tools_runner)
+    remote = RemoteRunner(back_url + "v1")
+    assert remote.supports_tools and remote.info.tools_off == ""
+    url, _ = serve_with_tools(serve, remote, write_tools(tmp_path, WEATHER))
+    client = Client(url, verbose=False)
+    job = submit(client, "What's the weather in Paris?")
+    final = job.result(timeout=60)
+    [call] = titled(final, "🛠 get_weather")
+    assert call["metadata"]["status"] == "done" and "12 °C and sunny in Paris" in call["content"]
+    answers = [b for b in bubbles(final) if not (b.get("metadata") or {}).get("title")]
+    assert answers and answers[-1]["content"] and not any("<tool_call>" in json.dumps(o) for o in job.outputs())
+    (asked, asked_with), (told, _) = back_spy.calls[-2:]
+    assert [tool["function"]["name"] for tool in asked_with.tools] == ["get_weather"]
+    assert not asked_with.tool_call_required, "the chat lets the model choose (tool_choice auto)"
+    assert [m["role"] for m in told] == ["user", "assistant", "tool"]
+    assert told[1]["tool_calls"][0].arguments == {"city": "Paris"}
+    assert told[1]["tool_calls"][0].id == told[2]["tool_call_id"]
+    assert told[2]["content"][0]["text"] == "12 °C and sunny in Paris"
+    client.close()
+
+
+def test_the_api_passes_tools_through_a_remote_server(serve, tools_runner):
+    from remote_backend import RemoteRunner
+    back_url, back_spy = serve(tools_runner)
+    front_url, _ = serve(RemoteRunner(back_url + "v1"))
+    client = openai.OpenAI(base_url=front_url + "v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="tools", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL],
+        max_tokens=30, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas and deltas[0].function.name == "get_weather" and deltas[0].id
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert back_spy.calls[-1][1].tools == [WEATHER_TOOL] and not back_spy.calls[-1][1].tool_call_required
+    client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "weather?"}],
+                                   tools=[WEATHER_TOOL, {**WEATHER_TOOL, "function": {"name": "get_time"}}],
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                   max_tokens=3)
+    assert back_spy.calls[-1][1].tools == [WEATHER_TOOL] and back_spy.calls[-1][1].tool_call_required, \
+        "a named tool_choice reaches the server as that tool, required"
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "tool_calls": [{"id": deltas[0].id, "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": deltas[0].id, "content": "12 °C"}]
+    after = client.chat.completions.create(model="tools", messages=messages, tools=[WEATHER_TOOL], max_tokens=10)
+    assert after.choices[0].message.content and not after.choices[0].message.tool_calls
+    sent = back_spy.calls[-1][0]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"] and sent[1]["tool_calls"][0].id == deltas[0].id
+
+
+def test_a_remote_server_that_refuses_tools_has_them_off_and_says_why(serve, llama_runner, tmp_path):
+    from remote_backend import RemoteRunner
+    back_url, _ = serve(llama_runner)
+    remote = RemoteRunner(back_url + "v1")
+    assert not remote.supports_tools
+    assert remote.info.tools_off.startswith("the model server refuses tools (This model can't call tools here")
+    toolbox = Toolbox.load([write_tools(tmp_path, WEATHER)])
+    assert "🛠 tools off: the model server refuses tools" in app.header_markdown(remote, toolbox)
+    url, spy = serve(remote, toolbox=toolbox)
+    final = submit(Client(url, verbose=False), "weather?", max_new_tokens=10).result(timeout=60)
+    assert not titled(final, "🛠") and spy.calls[0][1].tools is None, "the chat goes on without tools"
+    refused = httpx.post(url + "v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER_TOOL]})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "tools_not_supported"
+    assert "the model server refuses tools" in refused.json()["error"]["message"]
+
+
+def test_a_remote_servers_calls_written_in_pieces_are_read_whole():
+    """vLLM writes a call's id and name first, then its arguments in pieces, then the next call."""
+    from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall as Delta
+    from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCallFunction as Function
+
+    from remote_backend import CallsBeingWritten
+    calls = CallsBeingWritten()
+    calls.add([Delta(index=0, id="call_a", type="function", function=Function(name="get_weather", arguments=""))])
+    assert calls.so_far() == ((), True), "a call being written is not shown yet"
+    for piece in ['{"ci', 'ty": ', '"Paris"}']:
+        calls.add([Delta(index=0, function=Function(arguments=piece))])
+    calls.add([Delta(index=1, id="call_b", type="function", function=Function(name="get_time", arguments='{"zo'))])
+    made, calling = calls.so_far()
+    assert as_dicts(made) == [CALL] and made[0].id == "call_a" and calling
+    assert calls.so_far()[0][0] is made[0], "a complete call is made once"
+    assert calls.at_end(cut_off=True) == (made, []), "the last call, cut off by the length limit, is left out"
+    assert calls.at_end(cut_off=False) == (made, ['<tool_call>get_time {"zo</tool_call>']), \
+        "a call that can't be read shows as text"
+
+
 def test_templates_whose_calls_the_app_cannot_read_have_tools_off(reasoning_runner, idefics3_runner):
     assert not reasoning_runner.supports_tools and not idefics3_runner.supports_tools
 
