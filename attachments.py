@@ -10,7 +10,8 @@ never its name alone) and what a model gets of it. No torch, no Gradio.
 A part is `{"type": kind, kind: source, "name": ...}`: kind is "image", "document", "audio" or
 "video"; the source a path (the chat's uploads, the saved chats) or bytes (/v1's base64). An
 audio part may carry "transcript" (what --asr-model heard: the user's words for a model that
-can't listen). What a part becomes in the prompt is decided in conversation.prepare_messages.
+can't listen), a document part "read" (its Document, read already: the engine's process
+doesn't read it again). What a part becomes in the prompt is decided in conversation.prepare_messages.
 Documents, audio and video are read in reader processes (reader_process.py: never beside
 the model), and what was read is remembered (a chat sends its history every turn).
 Every refusal is an ImageRefused (a ChatInputError) with one line for the user.
@@ -106,7 +107,10 @@ def needs_transcript(message: dict, info) -> list[dict]:
 
 
 def document_of(part: dict, again: bool = True) -> documents.Document:
-    """The part's document, as read (once: see _remembered for `again`)."""
+    """The part's document, as read (once: see _remembered for `again`), or as the part
+    carries it read ("read": /v1 reads it where the request comes in, to name a bad part)."""
+    if part.get("read") is not None:
+        return part["read"]
     source = part["document"]
     return _remembered(("document", identity(source)), lambda: _read(documents.read_document, _bytes(source, part),
                                                                          part["name"]), again)

@@ -485,8 +485,9 @@ def decode_part(part: ContentPart, param: str, settings: Settings, newest: bool 
         expected = (kind,)
     try:
         decoded = attachment_part(data, name)
-        if decoded["type"] == "document":  # (read now, to name the part; the engine reads it remembered)
-            attachments.document_of(decoded, again=newest)  # (a history's file refused for time stays so)
+        if decoded["type"] == "document":  # read now, to name a bad part: the engine takes it read
+            decoded["read"] = attachments.document_of(decoded, again=newest)  # (a history's file refused
+            # for time stays so)
     except ChatInputError as error:
         raise APIError(400, str(error), param=param, code="invalid_file") from None
     if decoded["type"] not in expected:

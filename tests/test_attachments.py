@@ -678,6 +678,28 @@ def test_a_reader_that_hangs_or_dies_is_one_line_in_the_chat_and_the_next_read_w
     browser.close()
 
 
+def test_a_document_v1_has_read_is_not_read_again_in_the_engine_process(llama_engine_process):
+    """/v1 reads a document where the request comes in (to name a bad part with a 400): the
+    part carries what was read, and the engine's process takes it as it is."""
+    import uuid
+
+    from config import Settings
+    from model_runner import GenerationSettings
+    from openai_api import ContentPart, decode_part
+    said = f"Quarterly revenue rose {uuid.uuid4().hex}"  # (a document no process has read before)
+    part = decode_part(ContentPart(type="file", file={"file_data": data_url("application/pdf", pdf_with_text(said)),
+                                                      "filename": "report.pdf"}), "messages[0].content[0]", Settings())
+    assert said in part["read"].text
+    prompts, told = [], []
+    for content in ([{"type": "text", "text": "Sum it up"}], [part, {"type": "text", "text": "Sum it up"}]):
+        with llama_engine_process.stream([{"role": "user", "content": content}], GenerationSettings(max_new_tokens=2),
+                                         on_reading=lambda: told.append(True)) as stream:
+            list(stream)
+        prompts.append(stream.prompt_tokens)
+    assert stream.finish_reason == "length" and prompts[1] > prompts[0] + 10, "the document is in the prompt"
+    assert told == [], "nothing was read in the engine's process"
+
+
 def test_the_engine_says_when_a_request_waits_for_its_files_to_be_read(llama_engine_or_runner, tmp_path):
     """The waiting line lets the next request through only while files are really read:
     a document not read before (told once, in this process or from the engine process);
