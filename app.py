@@ -72,7 +72,12 @@ from engine_contract import (
     wait_for_either,
 )
 from engine_process import EngineProcess
-from gradio_fixes import cache_history_postprocessing, gradio_app_built_at_launch_only, wake_queue_on_events
+from gradio_fixes import (
+    UnqueuedRefusals,
+    cache_history_postprocessing,
+    gradio_app_built_at_launch_only,
+    wake_queue_on_events,
+)
 from metrics import Metrics
 from openai_api import APIError, create_api, decode_image
 from remote_backend import RemoteRunner
@@ -953,37 +958,45 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
 
         hidden = {"api_visibility": "undocumented"}
         quick = {"queue": False, **hidden}
+        refusals = UnqueuedRefusals()  # (Gradio 6.31's page shows no message for an unqueued event's gr.Error)
+
+        def quick_event(trigger, fn, inputs, outputs, **options):
+            """An instant event whose refusal (gr.Error) shows as a toast, the outputs as they were."""
+            return refusals.shown(trigger(refusals.noting(fn), inputs, outputs, **quick, **options), outputs)
+
         begun = [conversation, chatbot, turn, kept, chat_list, textbox, title]
         answer_inputs = [turn, conversation, user, system_prompt, max_new_tokens, temperature, top_p]
         opened = [conversation, chatbot, turn, kept, chat_list, title, exported]
         answering = []
-        for begin in (textbox.submit(chats.begin_turn, [textbox, conversation, user, kept, search], begun, **quick),
-                      chatbot.example_select(chats.begin_example, [conversation, user, kept, search], begun, **quick),
-                      chatbot.retry(chats.begin_retry, [conversation, user, kept, search], begun, **quick),
-                      chatbot.edit(chats.begin_edit, [conversation, user, kept, search], begun, **quick)):
+        for begin in (quick_event(textbox.submit, chats.begin_turn, [textbox, conversation, user, kept, search], begun),
+                      quick_event(chatbot.example_select, chats.begin_example, [conversation, user, kept, search], begun),
+                      quick_event(chatbot.retry, chats.begin_retry, [conversation, user, kept, search], begun),
+                      quick_event(chatbot.edit, chats.begin_edit, [conversation, user, kept, search], begun)):
             respond = begin.success(chats.respond, answer_inputs, [chatbot], concurrency_limit=concurrency,
                                     concurrency_id=GENERATION_CONCURRENCY_ID, show_progress="hidden", **hidden)
-            respond.then(chats.end_turn, [conversation, user, search], [chatbot, chat_list, textbox, title], **quick)
+            quick_event(respond.then, chats.end_turn, [conversation, user, search], [chatbot, chat_list, textbox, title])
             answering.append(respond)
         textbox.stop(None, cancels=answering, **quick)  # (the turn's end_turn redraws the chat)
-        chatbot.undo(chats.undo, [conversation, user], [chatbot, textbox], **quick)
+        quick_event(chatbot.undo, chats.undo, [conversation, user], [chatbot, textbox])
         for action in (new_chat.click, chatbot.clear):  # (the chat's trash icon starts a new one; Delete deletes)
-            action(chats.new_chat, [user, kept, search], opened, cancels=answering, **quick) \
+            quick_event(action, chats.new_chat, [user, kept, search], opened, cancels=answering) \
                 .then(idle_textbox, None,
                       [textbox], **quick)
-        chat_list.input(chats.open_chat, [chat_list, user, kept, search], opened, cancels=answering, **quick) \
+        quick_event(chat_list.input, chats.open_chat, [chat_list, user, kept, search], opened, cancels=answering) \
             .then(idle_textbox, None,
                   [textbox], **quick)
-        search.change(lambda user_key, chosen, text: chats.chat_list(user_key, chosen, text),
-                      [user, conversation, search], [chat_list], **quick)
-        gr.on([rename.click, title.submit], chats.rename, [title, conversation, user, search], [chat_list], **quick)
-        export.click(chats.export, [conversation, user], [exported], **quick)
+        quick_event(search.change, lambda user_key, chosen, text: chats.chat_list(user_key, chosen, text),
+                    [user, conversation, search], [chat_list])
+        quick_event(functools.partial(gr.on, [rename.click, title.submit]), chats.rename,
+                    [title, conversation, user, search], [chat_list])
+        quick_event(export.click, chats.export, [conversation, user], [exported])
         delete.click(lambda: gr.Row(visible=True), None, [confirm_delete], **quick)
         keep_it.click(lambda: gr.Row(visible=False), None, [confirm_delete], **quick)
-        really_delete.click(chats.delete, [conversation, user, kept, search], opened, cancels=answering, **quick) \
+        quick_event(really_delete.click, chats.delete, [conversation, user, kept, search], opened, cancels=answering) \
             .then(lambda: (gr.Row(visible=False), idle_textbox()),
                   None, [confirm_delete, textbox], **quick)
-        import_chat.upload(chats.import_chat, [import_chat, user, kept, search], opened, cancels=answering, **quick)
+        quick_event(import_chat.upload, chats.import_chat, [import_chat, user, kept, search], opened,
+                    cancels=answering)
 
         # /chat for gradio_client: (message, system_prompt, max_new_tokens, temperature, top_p)
         api_button.click(chats.api_chat, [textbox, api_history, system_prompt, max_new_tokens, temperature, top_p],
@@ -996,7 +1009,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
             gr.api(chats.ask, api_name="ask", queue=False)
 
         start = chats.start_session_with_hf if hf_oauth else chats.start_session
-        demo.load(start, [kept], [user, conversation, kept, chatbot, chat_list], **quick)
+        quick_event(demo.load, start, [kept], [user, conversation, kept, chatbot, chat_list])
         # The list beside the chat on a wide screen; on a phone folded behind its button, so
         # the chat starts at the top of the screen.
         demo.load(lambda width: gr.Sidebar(open=bool(width and width > SIDEBAR_MIN_WIDTH)), [window_width], [sidebar],

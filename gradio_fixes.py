@@ -6,6 +6,8 @@ warning: a copied internal loop must never replace a newer one unseen.
     with gradio_app_built_at_launch_only():      # Gradio's app built once, at launch
         demo = build_demo(...); demo.queue(...)  # its chat: cache_history_postprocessing(gr.Chatbot(...))
     wake_queue_on_events(demo)                   # before demo.launch()
+    refusals = UnqueuedRefusals()                # an unqueued event's gr.Error, shown
+    refusals.shown(trigger(refusals.noting(fn), inputs, outputs, queue=False), outputs)
 
 The chatbot: every streamed update re-sends the whole chat, and Gradio postprocesses every
 message of it again (Chatbot.postprocess builds pydantic models per message). A turn's
@@ -15,22 +17,31 @@ The queue: Gradio's queue loop (queueing.Queue.start_processing) looks for work 
 `sleep_when_free` (1 ms) and looking again, idle or not, and the CPU it burns is taken from
 the model on the other core. Here it sleeps until an event is pushed or a job ends (an
 asyncio.Event), with a slow poll as a safety net.
+
+Refusals in unqueued events: Gradio 6.31's browser shows no message for a gr.Error raised
+in an event with queue=False (the queued path shows it as a toast); it only marks the
+event's outputs "Error", over the chat. UnqueuedRefusals tells it with public means (a
+queued .failure() follow-up) and applies with any Gradio version: at worst a Gradio that
+shows the message itself shows it twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
+import logging
+import threading
 import time
 from collections import OrderedDict
-
-import logging
 
 import gradio as gr
 
 WRITTEN_FOR = "6.31.0"  # the Gradio whose internals these fixes replace
 SAFETY_POLL_S = 0.5  # the loop also looks on its own this often, in case a wake-up was missed
 CACHED_CHAT_MESSAGES = 4096  # postprocessed messages kept, across the chats streaming now
+NOTED_REFUSALS = 1024  # refusals waiting to be shown (an API client's are never fetched)
 
 log = logging.getLogger("app")
 _warned = False
@@ -169,3 +180,71 @@ def wake_queue_on_events(demo) -> None:
     queue.start_processing = start_processing
     # Its progress loop polls too (every 10 ms); the app reports no progress.
     queue.progress_update_sleep_when_free = 0.1
+
+
+class UnqueuedRefusals:
+    """Shows the gr.Error an unqueued event raises (see the module docstring): `noting(fn)`
+    remembers the message for the page's session and raises it on (a gradio_client caller
+    gets it as before, and .success() chains stop); `shown(event, outputs)` adds the queued
+    follow-up that shows it as a warning toast and clears the "Error" mark on the outputs."""
+
+    def __init__(self):
+        self._notes: OrderedDict = OrderedDict()  # session hash -> the latest refusal's message
+        self._lock = threading.Lock()
+
+    def noting(self, fn):
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def run_async(*args, **kwargs):
+                try:
+                    return await fn(*args, **kwargs)
+                except Exception as error:
+                    self._note(error)
+                    raise
+            return run_async
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as error:
+                self._note(error)
+                raise
+        return run
+
+    def _note(self, error: Exception) -> None:
+        if isinstance(error, gr.Error):
+            message = error.message
+        else:  # (a bug of ours: Gradio hides its text from the page)
+            message = "Something went wrong on the server (its log says what); the chat is as it was."
+        session = _session()
+        with self._lock:
+            self._notes[session] = message
+            self._notes.move_to_end(session)
+            while len(self._notes) > NOTED_REFUSALS:
+                self._notes.popitem(last=False)
+
+    def shown(self, event, outputs: list):
+        """`event` (its fn through noting) tells its refusals; returns the event."""
+        count = len(outputs)
+
+        def tell():
+            with self._lock:
+                message = self._notes.pop(_session(), None)
+            if message:
+                gr.Warning(message)
+            return gr.skip() if count == 1 else (gr.skip(),) * count
+
+        event.failure(tell, None, outputs, show_progress="hidden", concurrency_limit=None,
+                      api_visibility="undocumented")
+        return event
+
+
+def _session() -> str | None:
+    """The page (session) the event in progress came from."""
+    try:
+        from gradio.context import LocalContext
+        request = LocalContext.request.get(None)
+    except (ImportError, AttributeError):
+        return None
+    return getattr(request, "session_hash", None)

@@ -250,6 +250,26 @@ def test_delete_from_the_list_and_it_stays_deleted(serve, llama_runner, page):
     expect(page.get_by_text("conversation to delete")).to_have_count(0)
 
 
+def test_a_refused_action_says_why_and_the_chat_stays_on_screen(serve, llama_runner, page):
+    """An instant action refused by the server (here the per-user chat limit; the same for a
+    busy chat, a chat deleted in another tab, a bad import): its message shows, and the
+    chat, the list and the typed text stay as they were (Gradio 6.31 showed no message for
+    these and covered the chat with an "Error" mark)."""
+    url, spy = serve(llama_runner, max_new_tokens=5, max_saved_chats_per_user=1)
+    open_app(page, url)
+    answered(page, spy, lambda: send(page, "the one chat I may keep"))
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".user-row")).to_have_count(0)
+    send(page, "a second chat")
+    expect(page.get_by_text("1 saved conversations, the most this server keeps")).to_be_visible(timeout=10_000)
+    expect(page.locator("#chat-input textarea")).to_have_value("a second chat")
+    expect(page.locator("#chat-list").get_by_text("the one chat I may keep")).to_be_visible()
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+    page.locator("#chat-list").get_by_text("the one chat I may keep").click()
+    expect(page.locator(".user-row").get_by_text("the one chat I may keep")).to_be_visible()
+    assert len(spy.streams) == 1, "nothing was sent to the model"
+
+
 def test_new_chat_mid_answer_keeps_the_conversation_before_it(serve, llama_runner, page):
     """New chat while the answer streams: the answer stops, and the conversation (the message
     and what was shown of the answer) is in the list, whole."""

@@ -3,6 +3,7 @@ browser sends them (gradio_client, by event index): per user, crafted requests i
 the prompt of a saved conversation; export → import; limits; a killed app; bad databases;
 where the chats live. The browser's side is in test_browser.py."""
 
+import inspect
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ def event(chats, name: str) -> int:
     """The index of the chat's event that runs Chats.<name> (what a browser's request names)."""
     demo = chats.demo
     method = getattr(chats, name)
-    return next(index for index, fn in demo.fns.items() if fn.fn == method)
+    return next(index for index, fn in demo.fns.items() if inspect.unwrap(fn.fn) == method)  # (UnqueuedRefusals wraps it)
 
 
 class Browser:
@@ -136,7 +137,7 @@ def test_on_a_space_with_hf_oauth_the_page_offers_sign_in(llama_runner, monkeypa
         monkeypatch.setattr(gradio.oauth, name, value)
     demo = app.build_demo(llama_runner)
     assert any(isinstance(block, gr.LoginButton) for block in demo.blocks.values())
-    assert any(fn.fn == demo.chats.start_session_with_hf for fn in demo.fns.values()), \
+    assert any(inspect.unwrap(fn.fn) == demo.chats.start_session_with_hf for fn in demo.fns.values()), \
         "the page load asks who signed in"
     monkeypatch.delenv("OAUTH_CLIENT_ID")
     assert not any(isinstance(block, gr.LoginButton) for block in app.build_demo(llama_runner).blocks.values())
