@@ -64,6 +64,7 @@ from waiting_line import LineFull, WaitingLine
 
 DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp|gif));base64,(.*)$", re.DOTALL)
 ANY_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,(.*)$", re.DOTALL)
+SEED_RANGE = (-2**63, 2**63 - 1)  # a 64-bit integer, as OpenAI's (torch takes it)
 MAX_ATTACHMENT_BYTES = max(documents.MAX_DOCUMENT_BYTES, media.MAX_MEDIA_BYTES)  # one file, audio or video part
 MAX_REQUEST_ATTACHMENT_BYTES = 2 * MAX_ATTACHMENT_BYTES  # all of one request's parts together
 # A body larger than this is refused (413) before it is held whole: the attachments' limit in
@@ -206,7 +207,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int | None = None
     stream_options: dict | None = None
     tools: list[Tool] | None = None
@@ -308,7 +309,7 @@ class CompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: dict | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -326,6 +327,8 @@ class CompletionRequest(BaseModel):
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
             raise APIError(400, "prompt: one prompt per request.", param="prompt")
+        if not prompts[0]:
+            raise APIError(400, "prompt is empty: send the text to continue.", param="prompt")
         field = responses_api.refused_field(self, COMPLETIONS_REFUSED, {"best_of": 1, "echo": False, "suffix": ""})
         if field:
             raise APIError(400, f"{field}: {COMPLETIONS_REFUSED[field]}.", param=field, code="unsupported_parameter")
@@ -681,11 +684,21 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
 
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models(request: Request):
+        return {"object": "list", "data": [await model_card(request)]}
+
+    @api.get("/models/{model:path}", dependencies=[Depends(authorize)])
+    async def retrieve_model(model: str, request: Request):
+        card = await model_card(request)
+        if model != card["id"]:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {card['id']!r}.",
+                           param="model", code="model_not_found")
+        return card
+
+    async def model_card(request: Request) -> dict:
         if runner.name is None:  # a remote server's default model, until it is asked
             async with watching_disconnect(request) as gone:
                 await model_loaded(time.monotonic() + settings.api_model_load_wait_s, gone)
-        return {"object": "list", "data": [
-            {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}]}
+        return {"id": runner.name, "object": "model", "created": 0, "owned_by": "local"}
 
     async def begin(body: ChatCompletionRequest, gone: Signal, deadline: float, raw_prompt: bool = False):
         """The answer to a checked request, started: it waited its turn in the line (a 503 when

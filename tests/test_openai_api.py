@@ -62,6 +62,10 @@ def test_models_and_health(serve, llama_runner):
     url, _ = serve(llama_runner)
     client = openai.OpenAI(base_url=url + "v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [llama_runner.name]
+    assert client.models.retrieve(llama_runner.name).id == llama_runner.name
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.body["code"] == "model_not_found"
     health = httpx.get(url + "healthz").json()
     runner = health.pop("runner")
     assert health == {"status": "ok", "model": llama_runner.name, "device": "cpu", "dtype": "float32",
@@ -109,6 +113,7 @@ BAD_REQUESTS = {
     "negative max_tokens": ({"max_tokens": -5}, 400, "max_tokens"),
     "huge max_tokens": ({"max_completion_tokens": 10**7}, 400, "max_completion_tokens"),
     "n=3": ({"n": 3}, 400, "n"),
+    "seed past 64 bits": ({"seed": 2**70}, 400, "seed"),
     "wrong model": ({"model": "gpt-4o"}, 404, "model"),
     "too long": ({"messages": [{"role": "user", "content": "tell me " * 3000}]}, 400, "messages"),
     "not json": (None, 400, None),

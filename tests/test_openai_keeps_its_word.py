@@ -302,9 +302,10 @@ def test_legacy_completions_continue_the_prompt_as_it_is(serve, llama_runner):
     streamed = client.completions.create(model=llama_runner.name, prompt="Once upon a time", max_tokens=10,
                                          temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == whole.choices[0].text
-    for field, value in (("echo", True), ("best_of", 2), ("suffix", "the end"), ("logprobs", 2)):
+    for field, value in (("echo", True), ("best_of", 2), ("suffix", "the end"), ("logprobs", 2), ("prompt", ""),
+                         ("seed", 2**70)):
         with pytest.raises(openai.BadRequestError) as refused:
-            client.completions.create(model=llama_runner.name, prompt="x", **{field: value})
+            client.completions.create(model=llama_runner.name, **{"prompt": "x", field: value})
         assert refused.value.body["param"] == field
 
 
