@@ -156,7 +156,7 @@ def _prepared_part(part: dict, budget: Budget, *, settings: Settings, sees_image
     if kind == "image":
         if not budget.take_images(1, sees_images):
             return []
-        image = load_image(part["image"], settings)
+        image = load_image(part["image"], settings, part.get("name"))
         if "downscaled_from" in image.info:
             width, height = image.info["downscaled_from"]
             notices.append(f"An image of {width}×{height} pixels was downscaled to {image.width}×{image.height} "
@@ -382,14 +382,15 @@ def last_user_text(messages: list[dict]) -> str:
     return " ".join(p.get("text", "") for p in messages[-1]["content"] if p.get("type") == "text")
 
 
-def load_image(source, settings: Settings) -> Image.Image:
+def load_image(source, settings: Settings, name: str | None = None) -> Image.Image:
     """A path or PIL image → RGB PIL image no larger than settings.max_image_side. Raises
-    ImageRefused for anything that is not a readable image."""
+    ImageRefused for anything that is not a readable image, naming it `name` (the name the
+    user gave it; else the file's)."""
     if isinstance(source, Image.Image):
         image = source
     else:
         is_path = isinstance(source, (str, os.PathLike))
-        name = (os.path.basename(str(source)) if is_path else "") or "The image"
+        name = name or (os.path.basename(str(source)) if is_path else "") or "The image"
         # PIL refuses past its own bomb limit (2x Image.MAX_IMAGE_PIXELS): never below ours.
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, settings.max_image_pixels)
         try:

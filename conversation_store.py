@@ -326,7 +326,8 @@ class ConversationStore:
             elif part.get("type") == "image":
                 image = _image_bytes(part["image"], self._image_key)
                 images.append(image)
-                parts.append({"type": "image", "digest": image["digest"], "suffix": image["suffix"]})
+                parts.append({"type": "image", "digest": image["digest"], "suffix": image["suffix"],
+                              **({"name": str(part["name"])[:MAX_NAME_CHARS]} if part.get("name") else {})})
             elif part.get("type") in FILE_KINDS:
                 file = _file_bytes(part, self._image_key)
                 images.append(file)
@@ -435,7 +436,8 @@ class ConversationStore:
                 content = []
                 for part in body["content"]:
                     if part["type"] == "image":
-                        content.append({"type": "image", "image": _decoded_image(part["data"])})
+                        content.append({"type": "image", "image": _decoded_image(part["data"]),
+                                        **({"name": str(part["name"])} if part.get("name") else {})})
                     elif part["type"] in FILE_KINDS:
                         content.append(_decoded_file(part))
                     else:

@@ -73,6 +73,24 @@ def test_bad_images_get_a_message_and_the_chat_goes_on(serve, idefics3_runner, i
     client.close()
 
 
+def test_a_bad_image_in_the_chat_is_named_as_the_user_named_it(serve, idefics3_runner, images, tmp_path):
+    """The chat keeps an upload under a name made from its content; a refusal names the file
+    as the user knows it."""
+    import json
+
+    from gradio_client import handle_file
+
+    from tests.test_saved_chats import Browser, event
+    url, spy = serve(idefics3_runner)
+    browser = Browser(url, spy.chats)
+    holiday = tmp_path / "holiday.png"
+    holiday.write_bytes(images["truncated"].read_bytes())
+    browser.call("begin_turn", {"text": "what is this?", "files": [handle_file(str(holiday))]}, browser.kept, "")
+    shown = json.dumps(browser.client.predict("", 5, 0.0, 1.0, fn_index=event(spy.chats, "respond")))
+    assert "holiday.png is not a readable image" in shown, shown
+    browser.close()
+
+
 def test_a_huge_image_is_refused_before_its_pixels_are_decoded(images, monkeypatch):
     from PIL import Image
     from conversation import load_image
