@@ -68,6 +68,7 @@ from engine_contract import (
     RunnerInfo,
     Signal,
     ToolCall,
+    first_line,
     served_model_name,
     wait_for_either,
 )
@@ -1072,6 +1073,10 @@ def on_zero_gpu() -> bool:
 
 # ---------------------------------------------------------------- serve: the UI, /v1, /healthz and /metrics on one server
 
+class CantServe(Exception):
+    """The server can't listen where it was told (a port in use...): one line."""
+
+
 def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet: bool = False,
           on_listening=None, toolbox: Toolbox | None = None, **overrides):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics, as
@@ -1098,12 +1103,17 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
         runner.finish_listeners.append(log_exchange)
     # (Gradio's own queue holds chat events only on ZeroGPU; elsewhere they wait in the line.)
     metrics = Metrics(runner, waiting=lambda: line.waiting + ui_queue_depth(demo))
-    server, local_url, share_url = demo.launch(
-        server_name=settings.host, server_port=settings.port, share=settings.share,
-        auth=list(logins.items()) or None, allowed_paths=[str(store.images)], css=CSS,
-        max_file_size=settings.max_upload_size, max_threads=settings.queue_max_size + GRADIO_EXTRA_THREADS,
-        prevent_thread_lock=True, quiet=quiet, mcp_server=settings.mcp_server,
-        app_kwargs={"middleware": [Middleware(KeyForMcp, key=settings.api_key)]} if settings.mcp_server else None)
+    try:
+        server, local_url, share_url = demo.launch(
+            server_name=settings.host, server_port=settings.port, share=settings.share,
+            auth=list(logins.items()) or None, allowed_paths=[str(store.images)], css=CSS,
+            max_file_size=settings.max_upload_size, max_threads=settings.queue_max_size + GRADIO_EXTRA_THREADS,
+            prevent_thread_lock=True, quiet=quiet, mcp_server=settings.mcp_server,
+            app_kwargs={"middleware": [Middleware(KeyForMcp, key=settings.api_key)]} if settings.mcp_server else None)
+    except OSError as error:  # (Gradio's "Cannot find empty port ... pass server_port to launch()")
+        reason = "the port is in use (another app?): choose another with --port" if "empty port" in str(error) \
+            else first_line(error)
+        raise CantServe(f"Can't serve on {settings.host}:{settings.port}: {reason}.") from None
     if settings.mcp_server:
         log.info("The chat is an MCP tool at %sgradio_api/mcp/%s.", local_url,
                  " (with 'Authorization: Bearer' and the API key)" if settings.api_key else "")
@@ -1271,7 +1281,7 @@ def main(argv: list[str] | None = None) -> int:
     # would only make them fight for the GIL.
     try:
         demo, _ = serve(slot, settings, block=False, on_listening=slot.start, toolbox=toolbox)
-    except StoreError as error:  # (a corrupt or newer database: one line, the file kept)
+    except (StoreError, CantServe) as error:  # (a corrupt or newer database: one line, the file kept)
         print(f"error: {error}", file=sys.stderr)
         return 1
     slot.ready.wait()

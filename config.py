@@ -52,6 +52,8 @@ class Setting:
     kind: Callable = None      # reads a string (default: the default's type; str)
     choices: tuple = ()
     metavar: str | None = None
+    least: float | None = None  # a number's smallest value (default: 1 for a whole number, above 0 otherwise)
+    most: float | None = None   # ... and its largest, if it has one
 
     @property
     def variable(self) -> str:
@@ -108,7 +110,7 @@ SETTINGS: tuple[Setting, ...] = (
             "also on CPU/MPS; off: one answer at a time. Vision models always answer one at a time",
             option=True, choices=("auto", "on", "off")),
     Setting("torch_threads", 0, "torch threads for generating; 0: the cores this process may use, less "
-            "one for the web server", option=True, metavar="N"),
+            "one for the web server", option=True, metavar="N", least=0),
     Setting("trust_remote_code", False, "run Python code shipped with the model repo, with your user's "
             "rights: only for repos you trust (without it such models are refused)", option=True),
     Setting("in_process", False, "run the model in the web server's process instead of an engine process "
@@ -150,7 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
     # -- serving
     Setting("host", "127.0.0.1", "address to bind; 0.0.0.0 serves your network (Spaces set it)",
             option=True, env="GRADIO_SERVER_NAME"),
-    Setting("port", 7860, "port to serve on", option=True, env="GRADIO_SERVER_PORT"),
+    Setting("port", 7860, "port to serve on", option=True, env="GRADIO_SERVER_PORT", most=65535),
     Setting("share", False, "also create a temporary public *.gradio.live link", option=True),
     Setting("auth", None, "require a login for the UI: USER:PASS, repeatable (the variable takes a "
             "comma-separated list); each user sees only their own saved chats", option=True, kind=_comma_list,
@@ -207,10 +209,17 @@ def _problem(settings) -> str | None:
         return "--auth must be USER:PASS"
     if not 1 <= settings.max_new_tokens <= settings.max_new_tokens_limit:
         return f"--max-new-tokens must be between 1 and {settings.max_new_tokens_limit}"
-    if settings.torch_threads < 0:
-        return "--torch-threads must be 0 (the default: the cores less one) or more"
-    if settings.max_tool_steps < 1:
-        return "MAX_TOOL_STEPS must be 1 or more"
+    for setting in SETTINGS:
+        value = getattr(settings, setting.name)
+        if isinstance(setting.default, bool) or not isinstance(setting.default, (int, float)) or value is None:
+            continue
+        named = setting.flag if setting.option else setting.variable
+        if setting.least is None and isinstance(setting.default, float) and not value > 0:
+            return f"{named} must be more than 0 (it is {value})"
+        least = 1 if setting.least is None else setting.least
+        if value < least or (setting.most is not None and value > setting.most):
+            upto = f" to {setting.most:g}" if setting.most is not None else " or more"
+            return f"{named} must be {least:g}{upto} (it is {value})"
     return None
 
 

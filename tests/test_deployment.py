@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 import app
@@ -126,3 +127,29 @@ def test_a_bad_setting_exits_with_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1] == "app.py: error: QUEUE_MAX_SIZE='lots': not a whole number" and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv, environ, said", [
+    (["--port", "99999"], {}, "--port must be 1 to 65535 (it is 99999)"),
+    ([], {"MAX_IMAGES_PER_MESSAGE": "-1"}, "MAX_IMAGES_PER_MESSAGE must be 1 or more (it is -1)"),
+    ([], {"TOOL_TIMEOUT_S": "0"}, "TOOL_TIMEOUT_S must be more than 0 (it is 0.0)"),
+    (["--torch-threads", "-2"], {}, "--torch-threads must be 0 or more (it is -2)"),
+])
+def test_a_number_out_of_its_range_is_refused_in_one_line(argv, environ, said, capsys):
+    with pytest.raises(SystemExit) as exited:
+        config.read_settings(argv, environ)
+    assert exited.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {said}")
+
+
+def test_a_port_in_use_exits_with_one_line(tiny_model_paths):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", str(tiny_model_paths["llama"]),
+                                 "--port", str(port), "--device", "cpu"], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: Can't serve on 127.0.0.1:{port}: the port is in use (another app?): choose another with --port."
