@@ -115,6 +115,7 @@ LOADING_TITLE = "Loading the model…"
 WAITING_TITLE = "⏳ {} in line for the model"
 ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
+STOPPED_BEFORE_TEXT = "Stopped before the answer began."
 REASONING_TITLE = "Thinking"
 STATS_PREFIX = "⏱ "
 TOOL_TITLE = "🛠 {}"   # a tool call's bubble: its arguments and result inside
@@ -708,7 +709,7 @@ class Chats:
         if not turn or not conversation:
             return
         self.answered.discard(conversation)
-        answer, saved = [], False
+        answer, saved, asked = [], False, False
         await self.turns.acquire(conversation)
         try:
             message, refusal = without_refused_files(turn["message"])
@@ -737,6 +738,7 @@ class Chats:
                 self.answered.add(conversation)
                 return
             generation = self.generation_settings(len(shown), max_new_tokens, temperature, top_p)
+            asked = True
             async with contextlib.aclosing(self.answer(for_the_model(stored, system_prompt), generation)) as steps:
                 async for progress in steps:
                     answer = progress.messages
@@ -752,6 +754,9 @@ class Chats:
             try:
                 if answer and not saved:  # stopped: keep what was shown
                     self.store.append(user, conversation, settled(answer))
+                elif asked and not saved:  # stopped before any text (waiting in line, thinking)
+                    self.store.append(user, conversation, [{"role": "assistant", "content": [],
+                                                            "notes": [STOPPED_BEFORE_TEXT]}])
             except Exception as error:  # (a StoreError, or a bug of ours: the lock is released all the same)
                 log.warning("a stopped answer was not saved: %s", error)
             finally:

@@ -387,6 +387,30 @@ def test_one_turn_at_a_time_in_a_conversation(serve, llama_runner):
     browser.close()
 
 
+def test_a_message_stopped_before_its_answer_began_keeps_a_note_and_the_model_never_sees_it(serve, llama_runner):
+    """Stop while the message waits in line (or before the first word): the message stays,
+    with a note saying so (the next message gets a bubble of its own), and the model is
+    never shown it."""
+    from tests.conftest import hold_generation
+    url, spy = serve(llama_runner, max_new_tokens=60)
+    browser = Browser(url, spy.chats)
+    with pytest.MonkeyPatch.context() as patch:
+        release = hold_generation(patch, llama_runner.model, after_calls=0)
+        browser.call("begin_turn", {"text": "never mind", "files": []}, browser.kept, "")
+        job = browser.client.submit("", 60, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+        wait_for(lambda: spy.streams, 30, "the answer to start")
+        job.cancel()
+        wait_for(lambda: spy.streams[-1].closed_at is not None, 10, "Stop to reach the engine")
+        release.set()
+    shown, _, _, _ = browser.call("end_turn", "")
+    assert [(b["role"], json.dumps(b["content"]), (b.get("metadata") or {}).get("title")) for b in shown] == [
+        ("user", json.dumps([{"text": "never mind", "type": "text"}]), None),
+        ("assistant", json.dumps([{"text": app.STOPPED_BEFORE_TEXT, "type": "text"}]), app.NOTE_TITLE)]
+    browser.send("and now?")
+    assert [m["role"] for m in spy.calls[-1][0]] == ["user"] and app.text_of(spy.calls[-1][0][0]) == "and now?"
+    browser.close()
+
+
 def test_a_stopped_tool_step_keeps_each_result_after_its_call():
     from engine_contract import ToolCall
     first, second = ToolCall("a", {}, "call-1"), ToolCall("b", {}, "call-2")
