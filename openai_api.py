@@ -364,6 +364,28 @@ def _encoded(part: ContentPart) -> str:
     return url.url if url is not None else ""
 
 
+def invalid_request(errors: list[dict], rename=lambda param: param) -> APIError:
+    """pydantic's errors as one 400 naming the field (as `rename` calls it). Of a union's
+    tries (content: a string or a list of parts) the one that got furthest says what is
+    wrong, without the union's branch names in the path."""
+    worst = max(errors, key=lambda error: len(error.get("loc", ()))) if errors else {}
+    if worst.get("type") == "json_invalid":
+        return APIError(400, f"The body is not valid JSON: {worst.get('ctx', {}).get('error', worst.get('msg'))}.")
+    path = [part for part in worst.get("loc", ()) if part != "body" and not _union_branch(part)]
+    param = rename("".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".") or None)
+    what = worst.get("msg", "Invalid request")
+    code = None
+    if worst.get("type") == "extra_forbidden":
+        what, code = "this server does not know this field (README, \"OpenAI-compatible API\", lists them)", \
+            "unknown_parameter"
+    return APIError(400, f"{param}: {what}" if param else what, param=param, code=code)
+
+
+def _union_branch(part) -> bool:
+    """A union's branch in pydantic's error path ("str", "list[ContentPart]"), not a field."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none", "dict", "list"))
+
+
 # ---------------------------------------------------------------- request → engine
 
 def to_engine_messages(request: ChatCompletionRequest, settings: Settings) -> list[dict]:
@@ -377,6 +399,8 @@ def to_engine_messages(request: ChatCompletionRequest, settings: Settings) -> li
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
         content = message.content
+        if content is None and role in ("user", "system"):
+            raise APIError(400, f"A {message.role} message needs content.", param=f"messages[{i}].content")
         if content is None and not message.tool_calls and role != "tool":
             continue
         if content is None:
@@ -606,15 +630,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request, error: RequestValidationError):
-        first = error.errors()[0]
-        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
-                        for p in first.get("loc", ()) if p != "body").lstrip(".") or None
-        what = first.get("msg", "Invalid request")
-        if first.get("type") == "extra_forbidden":
-            what = "this server does not know this field (README, \"OpenAI-compatible API\", lists them)"
-        message = f"{param}: {what}" if param else what
-        code = "unknown_parameter" if first.get("type") == "extra_forbidden" else None
-        return JSONResponse(APIError(400, message, param=param, code=code).body, status_code=400)
+        return JSONResponse(invalid_request(error.errors()).body, status_code=400)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request, error: StarletteHTTPException):
@@ -787,9 +803,8 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             chat = ChatCompletionRequest.model_validate(responses_api.to_chat_request(body))
         except responses_api.RequestProblem as problem:
             raise APIError(400, str(problem), param=problem.param) from None
-        except ValidationError as error:
-            first = error.errors()[0]
-            raise APIError(400, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg')}") from None
+        except ValidationError as error:  # (the chat request it became: told in the Responses API's words)
+            raise invalid_request(error.errors(), rename=responses_api.param_in_responses) from None
         check_limits(chat, settings)
         await anyio.to_thread.run_sync(refuse_what_is_not_honoured, chat)
         deadline = time.monotonic() + settings.api_model_load_wait_s

@@ -84,6 +84,20 @@ def refused_field(request: BaseModel, refused: dict[str, str], harmless: dict | 
     return None
 
 
+# A chat request's fields by the names this request gave them (to_chat_request), longest first
+CHAT_FIELDS_IN_RESPONSES = (("response_format.json_schema.schema", "text.format.schema"),
+                            ("response_format.json_schema", "text.format"), ("response_format", "text.format"),
+                            ("max_completion_tokens", "max_output_tokens"), ("messages", "input"))
+
+
+def param_in_responses(param: str | None) -> str | None:
+    """A field of the chat request a Responses request became, by the Responses API's name."""
+    for chat, ours in CHAT_FIELDS_IN_RESPONSES:
+        if param is not None and (param == chat or param.startswith((chat + ".", chat + "["))):
+            return ours if chat == "messages" else ours + param[len(chat):]
+    return param
+
+
 def to_chat_request(body: ResponsesRequest) -> dict:
     """The request as /v1/chat/completions' body (a dict for its model): RequestProblem for
     what can't be."""

@@ -117,6 +117,9 @@ BAD_REQUESTS = {
     "wrong model": ({"model": "gpt-4o"}, 404, "model"),
     "too long": ({"messages": [{"role": "user", "content": "tell me " * 3000}]}, 400, "messages"),
     "not json": (None, 400, None),
+    "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "bogus"}]}]}, 400,
+                          "messages[0].content[0].type"),
+    "user content null": ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
 }
 
 
@@ -135,6 +138,9 @@ def test_bad_requests_get_a_4xx_in_openai_shape(serve, idefics3_runner, case):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if param:
         assert param in (error["param"] or ""), error
+    said = {"unknown part type": "messages[0].content[0].type: Input should be 'text', 'image_url'",
+            "user content null": "A user message needs content.", "not json": "The body is not valid JSON"}
+    assert error["message"].startswith(said.get(case, "")), "the 400 says what is wrong where it is"
     assert not spy.streams, "nothing was generated for a bad request"
     # and the server keeps serving
     ok = httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],

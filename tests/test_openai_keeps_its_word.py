@@ -292,6 +292,16 @@ def test_the_responses_api_refuses_what_it_cannot_honour(api, field, value):
     assert refused.value.body["param"] == field
 
 
+def test_the_responses_api_names_a_bad_value_by_its_own_field(api):
+    """(A Responses request is checked as the chat request it becomes: the 400 still names
+    the Responses API's field.)"""
+    client, model, _ = api
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model, input="hi", max_output_tokens=0)
+    assert refused.value.body["param"] == "max_output_tokens"
+    assert refused.value.body["message"].startswith("max_output_tokens: ")
+
+
 def test_legacy_completions_continue_the_prompt_as_it_is(serve, llama_runner):
     url, spy = serve(llama_runner)
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
