@@ -116,6 +116,7 @@ WAITING_TITLE = "⏳ {} in line for the model"
 ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
 STOPPED_BEFORE_TEXT = "Stopped before the answer began."
+NO_ANSWER = "This message got no answer (the app stopped while answering it)."
 REASONING_TITLE = "Thinking"
 STATS_PREFIX = "⏱ "
 TOOL_TITLE = "🛠 {}"   # a tool call's bubble: its arguments and result inside
@@ -290,8 +291,10 @@ def chat_bubbles(messages: list[dict], *, live: bool = False) -> list[dict]:
     call as its own "🛠 name" block (arguments and result inside), an error, the figures."""
     results = {message.get("tool_call_id"): message for message in messages if message["role"] == "tool"}
     bubbles: list[dict] = []
-    for message in messages:
+    for before, message in zip([None, *messages], messages):
         if message["role"] == "user":
+            if before is not None and before["role"] == "user":  # (the app stopped while answering it)
+                bubbles.append(bubble(NO_ANSWER, title=NOTE_TITLE))
             content = [file_bubble(part) for part in message["content"] if part["type"] in ATTACHED]
             text = "\n\n".join([*(f"🎤 {part['transcript']}" for part in message["content"]
                                    if part.get("transcript")), *([text_of(message)] if text_of(message) else [])])

@@ -281,6 +281,11 @@ def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
     assert [(m["role"], app.text_of(m)) for m in saved][:3] == [
         ("user", "a finished turn"), ("assistant", app.text_of(saved[1])), ("user", "tell me a very long story")]
     assert app.text_of(saved[1]) and len(saved) == 3, "the finished turn is whole; only the answer being written is lost"
+    # the next message sent there gets a bubble of its own, the one before it a note saying why it has no answer
+    shown = app.chat_bubbles([*saved, {"role": "user", "content": [{"type": "text", "text": "are you back?"}]}])
+    assert [(b["role"], (b.get("metadata") or {}).get("title")) for b in shown][-3:] == [
+        ("user", None), ("assistant", app.NOTE_TITLE), ("user", None)]
+    assert shown[-2]["content"] == app.NO_ANSWER
 
 
 def _event_indexes_of_running_app(client) -> dict[str, int]:
