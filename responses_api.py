@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
 
 from engine_contract import GenerationError, Reply
 
@@ -39,25 +39,25 @@ class ResponsesRequest(BaseModel):
     model: str | None = None
     input: str | list[dict]
     instructions: str | None = None
-    max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stream: bool = False
+    max_output_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    stream: StrictBool = False
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     text: dict | None = None
     # refused when set (REFUSED)
     previous_response_id: str | None = None
     conversation: str | dict | None = None
-    background: bool | None = None
+    background: StrictBool | None = None
     prompt: dict | None = None
     reasoning: dict | None = None
-    top_logprobs: int | None = None
-    max_tool_calls: int | None = None
+    top_logprobs: StrictInt | None = None
+    max_tool_calls: StrictInt | None = None
     include: list | None = None
     # bookkeeping: accepted, ignored (IGNORED)
-    store: bool | None = None
+    store: StrictBool | None = None
     metadata: dict | None = None
     user: str | None = None
     service_tier: str | None = None

@@ -120,6 +120,9 @@ BAD_REQUESTS = {
     "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "bogus"}]}]}, 400,
                           "messages[0].content[0].type"),
     "user content null": ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    "max_tokens true": ({"max_tokens": True}, 400, "max_tokens"),
+    "stream 'yes'": ({"stream": "yes"}, 400, "stream"),
+    "temperature as text": ({"temperature": "0.5"}, 400, "temperature"),
 }
 
 
