@@ -116,7 +116,7 @@ WAITING_TITLE = "⏳ {} in line for the model"
 ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
 STOPPED_BEFORE_TEXT = "Stopped before the answer began."
-NO_ANSWER = "This message got no answer (the app stopped while answering it)."
+NO_ANSWER = "This message got no answer."
 REASONING_TITLE = "Thinking"
 STATS_PREFIX = "⏱ "
 TOOL_TITLE = "🛠 {}"   # a tool call's bubble: its arguments and result inside
@@ -283,17 +283,20 @@ def stats_line(stream) -> str:
 
 # ---------------------------------------------------------------- what the chat shows: kept messages → bubbles
 
-def chat_bubbles(messages: list[dict], *, live: bool = False) -> list[dict]:
+def chat_bubbles(messages: list[dict], *, live: bool = False, owners: list[int] | None = None) -> list[dict]:
     """The one place where messages as the chat keeps them become the chat's bubbles (Gradio
     message dicts), for a saved conversation and for an answer streaming (`live`: its
     unfinished reasoning and tool calls spin). A user message: its images, then its text.
     An answer: notes, the reasoning in a collapsible "Thinking" block, the text, each tool
-    call as its own "🛠 name" block (arguments and result inside), an error, the figures."""
+    call as its own "🛠 name" block (arguments and result inside), an error, the figures.
+    `owners` gets, bubble by bubble, the index of the message it shows (or is about)."""
     results = {message.get("tool_call_id"): message for message in messages if message["role"] == "tool"}
     bubbles: list[dict] = []
-    for before, message in zip([None, *messages], messages):
+    for position, message in enumerate(messages):
+        if owners is not None:
+            owners += [position - 1] * (len(bubbles) - len(owners))
         if message["role"] == "user":
-            if before is not None and before["role"] == "user":  # (the app stopped while answering it)
+            if position and messages[position - 1]["role"] == "user":  # (a message left without an answer)
                 bubbles.append(bubble(NO_ANSWER, title=NOTE_TITLE))
             content = [file_bubble(part) for part in message["content"] if part["type"] in ATTACHED]
             text = "\n\n".join([*(f"🎤 {part['transcript']}" for part in message["content"]
@@ -317,6 +320,8 @@ def chat_bubbles(messages: list[dict], *, live: bool = False) -> list[dict]:
                 bubbles.append(bubble(message["error"], title=ERROR_TITLE))
             if message.get("figures"):
                 bubbles.append(bubble("", title=message["figures"], status="done"))
+    if owners is not None:
+        owners += [len(messages) - 1] * (len(bubbles) - len(owners))
     return bubbles
 
 
@@ -676,12 +681,9 @@ class Chats:
     def _message_of_bubble(stored: list[dict], index) -> int | None:
         """The stored message that chat_bubbles drew as bubble `index`."""
         index = index[0] if isinstance(index, (list, tuple)) else index
-        drawn = 0
-        for position, message in enumerate(stored):
-            drawn += len(chat_bubbles([message]))
-            if index < drawn:
-                return position
-        return None
+        owners: list[int] = []
+        chat_bubbles(stored, owners=owners)
+        return owners[index] if isinstance(index, int) and 0 <= index < len(owners) else None
 
     def _begin(self, message, keep, conversation, user, kept, search, before=None, length=None):
         """(conversation, chatbot, turn, kept, list, textbox, title) for a turn that starts now:
@@ -699,7 +701,7 @@ class Chats:
                 before = self.store.messages(user, conversation)
         except StoreError as error:
             raise gr.Error(str(error)) from None
-        shown = [*chat_bubbles(before), *chat_bubbles([message]), *pending(THINKING_TITLE)]
+        shown = [*chat_bubbles([*before, message]), *pending(THINKING_TITLE)]
         turn = {"message": message, "keep": keep, "length": length}
         return (conversation, shown, turn, {**(kept or {}), "open": conversation},
                 self.chat_list(user, conversation, search),
@@ -712,13 +714,14 @@ class Chats:
         if not turn or not conversation:
             return
         self.answered.discard(conversation)
-        answer, saved, asked = [], False, False
+        answer, saved, asked, stopped = [], False, False, False
         await self.turns.acquire(conversation)
         try:
             message, refusal = without_refused_files(turn["message"])
             try:
                 self.store.append(user, conversation, [message], keep=turn["keep"],
                                   expected_length=turn.get("length"))
+                asked = True
                 stored = self.store.messages(user, conversation)
                 if refusal is None and self.speech is not None and any(  # (saved first: a Stop meanwhile keeps it)
                         part["type"] == "audio" for part in stored[-1]["content"]):
@@ -732,7 +735,7 @@ class Chats:
                 stored = self.store.messages(user, conversation)
             except StoreError as error:
                 before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
-                yield [*chat_bubbles(before), *chat_bubbles([message]), bubble(str(error), title=ERROR_TITLE)]
+                yield [*chat_bubbles([*before, message]), bubble(str(error), title=ERROR_TITLE)]
                 self.answered.add(conversation)
                 return
             shown = chat_bubbles(stored)
@@ -741,7 +744,6 @@ class Chats:
                 self.answered.add(conversation)
                 return
             generation = self.generation_settings(len(shown), max_new_tokens, temperature, top_p)
-            asked = True
             async with contextlib.aclosing(self.answer(for_the_model(stored, system_prompt), generation)) as steps:
                 async for progress in steps:
                     answer = progress.messages
@@ -753,11 +755,14 @@ class Chats:
                 except StoreError as error:
                     yield [*shown, *chat_bubbles(answer), bubble(f"This answer was not saved: {error}", title=ERROR_TITLE)]
             self.answered.add(conversation)
+        except (GeneratorExit, asyncio.CancelledError):  # Stop, New chat, a closed tab
+            stopped = True
+            raise
         finally:
             try:
                 if answer and not saved:  # stopped: keep what was shown
                     self.store.append(user, conversation, settled(answer))
-                elif asked and not saved:  # stopped before any text (waiting in line, thinking)
+                elif stopped and asked and not answer and not saved:  # before any text (in line, transcribing)
                     self.store.append(user, conversation, [{"role": "assistant", "content": [],
                                                             "notes": [STOPPED_BEFORE_TEXT]}])
             except Exception as error:  # (a StoreError, or a bug of ours: the lock is released all the same)

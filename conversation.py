@@ -232,6 +232,24 @@ def for_the_model(conversation: list[dict], system_prompt: str = "") -> list[dic
     return system + answered
 
 
+def tool_pictures_after_results(messages: list[dict]) -> list[dict]:
+    """Tools' results as text, their pictures moved into one user message after the results
+    (chat templates and OpenAI's API take a tool's result as text only)."""
+    moved, pictures = [], []
+    for message in [*messages, None]:
+        if pictures and (message is None or message["role"] != "tool"):
+            moved.append({"role": "user", "content": [{"type": "text", "text": "The pictures the tools returned:"},
+                                                      *pictures]})
+            pictures = []
+        if message is None:
+            break
+        if message["role"] == "tool":
+            pictures += [part for part in message["content"] if part.get("type") == "image"]
+            message = {**message, "content": [part for part in message["content"] if part.get("type") != "image"]}
+        moved.append(message)
+    return moved
+
+
 def alternate_roles(messages: list[dict]) -> list[dict]:
     """Join neighbouring messages of one role (e.g. two user messages sent through the API
     in a row): many chat templates need user and assistant to alternate. Tool results stay

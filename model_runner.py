@@ -72,6 +72,7 @@ from conversation import (
     prepare_messages,
     reads_files,
     reasoning_and_answer,
+    tool_pictures_after_results,
 )
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
     ActiveCount,
@@ -600,11 +601,6 @@ class GenerationLoop:
             _, _, job = self._jobs.get()
             if job is not None and job.take():
                 job.refuse(GenerationError("The server is stopping."))
-
-
-def pictures_message(pictures: list[dict]) -> dict:
-    """Tools' pictures, after their results, for a model that sees."""
-    return {"role": "user", "content": [{"type": "text", "text": "The pictures the tools returned:"}, *pictures]}
 
 
 AUDIO_THROUGH_THEIR_OWN_PROMPT = ("granite_speech",)  # (its processor wants <|audio|> in a text prompt, and torchaudio)
@@ -1149,8 +1145,8 @@ class ModelRunner:
     def _template_messages(self, messages: list[dict]) -> list[dict]:
         """Neutral messages → the shape chat templates expect: text-only templates often
         want plain strings; tool calls in OpenAI's shape with their arguments as a dict."""
-        shaped, pictures = [], []
-        for message in alternate_roles(messages):
+        shaped = []
+        for message in tool_pictures_after_results(alternate_roles(messages)):
             text, reasoning = "\n".join(p["text"] for p in message["content"] if p.get("type") == "text"), None
             if message["role"] == "assistant" and self._template_takes_reasoning:
                 reasoning, text = reasoning_and_answer(text)
@@ -1158,14 +1154,9 @@ class ModelRunner:
                     message = {**message, "content": [{"type": "text", "text": text}] + [
                         part for part in message["content"] if part.get("type") != "text"]}
             text = self._as_typed(text)
-            if message["role"] != "tool" and pictures:
-                shaped.append(pictures_message(pictures))
-                pictures = []
-            if message["role"] == "tool":
+            if message["role"] == "tool":  # (as text: its pictures follow the results, as shown by the user)
                 shaped.append({"role": "tool", "content": text, "tool_call_id": message.get("tool_call_id"),
                                "name": message.get("name")})
-                # (templates take a tool's result as text: its pictures follow the results, as shown by the user)
-                pictures += [part for part in message["content"] if part.get("type") == "image"]
                 continue
             parts = [{key: self._as_typed(value) if key == "text" else value for key, value in part.items()
                       if key not in ("document", "metadata")} for part in message["content"]]
@@ -1175,8 +1166,6 @@ class ModelRunner:
             if message.get("tool_calls"):
                 item["tool_calls"] = [call.openai(arguments_as_json=False) for call in message["tool_calls"]]
             shaped.append(item)
-        if pictures:
-            shaped.append(pictures_message(pictures))
         return shaped
 
     def _apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None):

@@ -10,12 +10,20 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import time
 
 import openai
 
 from config import Settings
-from conversation import TOOL_CALL_END, TOOL_CALL_START, alternate_roles, last_user_text, prepare_messages
+from conversation import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    alternate_roles,
+    last_user_text,
+    prepare_messages,
+    tool_pictures_after_results,
+)
 from engine_contract import (
     ActiveCount,
     Cancelled,
@@ -32,8 +40,12 @@ from engine_contract import (
     ToolCall,
 )
 
-# Asked once at start, with max_tokens 1: does the server take tools? (vLLM does only when
-# started with --enable-auto-tool-choice and a --tool-call-parser; llama.cpp's server with --jinja.)
+log = logging.getLogger("engine")
+
+# Asked once at start when the chat has tools (--tools, --mcp-config), with max_tokens 1: does
+# the server take tools? (vLLM does only when started with --enable-auto-tool-choice and a
+# --tool-call-parser; llama.cpp's server with --jinja.) Without an answer, tools stay on.
+TOOLS_PROBE_TIMEOUT_S = 30.0
 TOOLS_PROBE = {"type": "function", "function": {
     "name": "tools_probe", "description": "Never needed: the app asks whether the server takes tools.",
     "parameters": {"type": "object", "properties": {}}}}
@@ -50,8 +62,8 @@ class RemoteRunner(DescribedByInfo):
             timeout=openai.Timeout(settings.remote_read_timeout_s, connect=settings.remote_connect_timeout_s))
         self.model = settings.model or self._served_model()  # the server's name for it
         # The server decides what it takes: images are sent (a text-only one answers with an
-        # error), tools if it said so at start, it batches in its own way.
-        tools_off = self._tools_off()
+        # error), tools unless it refused them at start, it batches in its own way.
+        tools_off = self._tools_off() if settings.tools or settings.mcp_config else ""
         self.info = RunnerInfo(name=settings.served_model_name or self.model, device=f"via {self.base_url}",
                                dtype="set by the server", batching=True, supports_tools=not tools_off,
                                tools_off=tools_off)
@@ -76,17 +88,24 @@ class RemoteRunner(DescribedByInfo):
         return models[0].id
 
     def _tools_off(self) -> str:
-        """Why the server's model can't be given tools ("" when it can): a one-token request
-        with a tool is answered, or refused (asked once; restart the app to ask again)."""
+        """Why the server's model can't be given tools ("" when it can, or when it gave no
+        answer): a one-token request with a tool is answered, or refused as a bad request.
+        A refused key or an unknown model is a ModelLoadError, as for any request."""
         try:
-            self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Hi"}],
-                                                tools=[TOOLS_PROBE], max_tokens=1)
+            self.client.with_options(timeout=TOOLS_PROBE_TIMEOUT_S, max_retries=0).chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": "Hi"}], tools=[TOOLS_PROBE], max_tokens=1)
         except openai.APIStatusError as error:
-            if 400 <= error.status_code < 500:
-                return f"the model server refuses tools ({_message_of(error).splitlines()[0][:300]})"
-            return f"the model server failed when asked at start whether it takes tools ({error.status_code})"
-        except openai.APIError:
-            return "the model server could not be reached at start to ask whether it takes tools"
+            said = _message_of(error).splitlines()[0][:300] if _message_of(error) else str(error.status_code)
+            if error.status_code in (400, 422):
+                return f"the model server refuses tools ({said})"
+            if error.status_code in (401, 403, 404):
+                raise ModelLoadError(f"The model server at {self.base_url} refused a request for {self.model} "
+                                     f"({error.status_code}): {said}") from None
+            log.warning("The model server answered %s when asked whether it takes tools; they are sent, and "
+                        "its answers will say if it refuses them.", error.status_code)
+        except openai.APIError as error:  # (unreachable, or slow: loading its model)
+            log.warning("The model server could not be asked whether it takes tools (%s); they are sent, and its "
+                        "answers will say if it refuses them.", type(error).__name__)
         return ""
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
@@ -103,8 +122,8 @@ class RemoteRunner(DescribedByInfo):
             raise ChatInputError("logprobs are not passed through from the model server (--backend openai): "
                                  "ask that server directly.")
         notices: list[str] = []
-        prepared = alternate_roles(prepare_messages(messages, sees_images=True, model_name=self.name,
-                                                    settings=self.settings, notices=notices))
+        prepared = tool_pictures_after_results(alternate_roles(prepare_messages(
+            messages, sees_images=True, model_name=self.name, settings=self.settings, notices=notices)))
         request = {
             "model": self.model, "messages": [to_openai_message(m) for m in prepared],
             "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
@@ -153,15 +172,21 @@ def to_openai_message(message: dict) -> dict:
 
 class CallsBeingWritten:
     """The server's tool calls as its chunks write them: each call's id and name come once,
-    its arguments (JSON) in pieces; a call is complete once the next one starts, or at the end."""
+    its arguments (JSON) in pieces; a call is complete once the next one starts, or at the end.
+    A call is told apart by its index, and by a new id at the same index (Ollama writes every
+    call at index 0)."""
 
     def __init__(self):
-        self._written: dict[int, dict] = {}   # index → {"id", "name", "arguments"} as sent so far
-        self._made: dict[int, ToolCall] = {}  # the complete ones, made once (their ids stay)
+        self._written: list[dict] = []       # {"id", "name", "arguments"} as sent so far, in order
+        self._at: dict = {}                   # index → the call being written there
+        self._made: dict[int, ToolCall] = {}  # the complete ones by position, made once (their ids stay)
 
     def add(self, deltas) -> None:
         for delta in deltas:
-            call = self._written.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+            call = self._at.get(delta.index)
+            if call is None or (delta.id and call["id"] and delta.id != call["id"]):
+                call = self._at[delta.index] = {"id": None, "name": "", "arguments": ""}
+                self._written.append(call)
             call["id"] = call["id"] or delta.id
             if delta.function is not None:
                 call["name"] = call["name"] or delta.function.name or ""
@@ -169,36 +194,34 @@ class CallsBeingWritten:
 
     def so_far(self) -> tuple[tuple[ToolCall, ...], bool]:
         """The calls complete so far, and whether one is being written."""
-        indexes = sorted(self._written)
-        calls = [self._made_call(index) for index in indexes[:-1]]
-        return tuple(call for call in calls if call is not None), bool(indexes)
+        calls = [self._made_call(position) for position in range(len(self._written) - 1)]
+        return tuple(call for call in calls if call is not None), bool(self._written)
 
     def at_end(self, cut_off: bool) -> tuple[tuple[ToolCall, ...], list[str]]:
         """Every call, and the text of those whose arguments aren't a JSON object (shown in the
         answer, as the local engine shows a call it can't read); a last call cut off by the
         length limit is left out."""
         calls, unreadable = [], []
-        indexes = sorted(self._written)
-        for index in indexes:
-            call = self._made_call(index)
+        for position, written in enumerate(self._written):
+            call = self._made_call(position)
             if call is not None:
                 calls.append(call)
-            elif not (cut_off and index == indexes[-1]):
-                written = self._written[index]
+            elif not (cut_off and position == len(self._written) - 1):
                 unreadable.append(f"{TOOL_CALL_START}{written['name']} {written['arguments']}{TOOL_CALL_END}")
         return tuple(calls), unreadable
 
-    def _made_call(self, index: int) -> ToolCall | None:
-        if index not in self._made:
-            written = self._written[index]
+    def _made_call(self, position: int) -> ToolCall | None:
+        if position not in self._made:
+            written = self._written[position]
             try:
                 arguments = json.loads(written["arguments"]) if written["arguments"].strip() else {}
             except ValueError:
                 return None
             if not written["name"] or not isinstance(arguments, dict):
                 return None
-            self._made[index] = ToolCall(written["name"], arguments, **({"id": written["id"]} if written["id"] else {}))
-        return self._made[index]
+            self._made[position] = ToolCall(written["name"], arguments,
+                                            **({"id": written["id"]} if written["id"] else {}))
+        return self._made[position]
 
 
 def _message_of(error: openai.APIError) -> str:

@@ -288,6 +288,24 @@ def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
     assert shown[-2]["content"] == app.NO_ANSWER
 
 
+def test_an_edit_after_a_message_left_without_an_answer_edits_the_message_it_shows():
+    """The note drawn after a message that got no answer is a bubble too: an edit of a later
+    message still finds that message (not the one after it)."""
+    def user(text):
+        return {"role": "user", "content": [{"type": "text", "text": text}]}
+
+    def answer(text):
+        return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+    for stored in ([user("A"), user("B"), answer("b"), user("C"), answer("c")],
+                   [user("A"), user("B"), user("C"), answer("c")]):
+        shown = app.chat_bubbles(stored)
+        for index, bubble in enumerate(shown):
+            if bubble["role"] == "user":
+                assert app.text_of(stored[app.Chats._message_of_bubble(stored, index)]) == bubble["content"][-1]
+        assert [b["content"] for b in shown].count(app.NO_ANSWER) == (1 if len(stored) == 5 else 2)
+
+
 def _event_indexes_of_running_app(client) -> dict[str, int]:
     """The Chats events of an app in another process, by their function names in its config."""
     names = {}

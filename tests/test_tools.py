@@ -580,9 +580,12 @@ def test_the_api_passes_tools_through_a_remote_server(serve, tools_runner):
 
 
 def test_a_remote_server_that_refuses_tools_has_them_off_and_says_why(serve, llama_runner, tmp_path):
+    """With tools for the chat, the app asks the server at start whether it takes them; one
+    that refuses has them off, and says so. Without, a /v1 client's tools go upstream and the
+    server's refusal comes back as a 400 in its words."""
     from remote_backend import RemoteRunner
-    back_url, _ = serve(llama_runner)
-    remote = RemoteRunner(back_url + "v1")
+    back_url, back_spy = serve(llama_runner)
+    remote = RemoteRunner(back_url + "v1", Settings(tools=("builtin",)))
     assert not remote.supports_tools
     assert remote.info.tools_off.startswith("the model server refuses tools (This model can't call tools here")
     toolbox = Toolbox.load([write_tools(tmp_path, WEATHER)])
@@ -594,6 +597,45 @@ def test_a_remote_server_that_refuses_tools_has_them_off_and_says_why(serve, lla
         "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER_TOOL]})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "tools_not_supported"
     assert "the model server refuses tools" in refused.json()["error"]["message"]
+
+    asked = len(back_spy.calls)
+    plain = RemoteRunner(back_url + "v1")  # no tools of its own: nothing asked at start
+    assert plain.supports_tools and len(back_spy.calls) == asked
+    front_url, _ = serve(plain)
+    refused = httpx.post(front_url + "v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER_TOOL]})
+    assert refused.status_code == 400 and "This model can't call tools here" in refused.json()["error"]["message"]
+
+
+def test_a_remote_server_that_wont_say_leaves_tools_on_and_a_refused_key_is_a_load_error(serve, tools_runner):
+    from engine_contract import ModelLoadError
+    from remote_backend import RemoteRunner
+    from tests.conftest import free_port
+    silent = RemoteRunner(f"http://127.0.0.1:{free_port()}/v1", Settings(model="tools", tools=("builtin",)))
+    assert silent.supports_tools, "no answer at start: tools are sent, and the answers will say"
+    back_url, _ = serve(tools_runner, api_key="sk-right")
+    with pytest.raises(ModelLoadError, match="401"):
+        RemoteRunner(back_url + "v1", Settings(model="tools", tools=("builtin",), api_key="sk-wrong"))
+
+
+def test_a_tools_pictures_reach_a_remote_server_after_the_results(monkeypatch, images):
+    """OpenAI's API takes a tool's result as text: its pictures follow the results in a user
+    message, as the local engine gives them to a model's template."""
+    from remote_backend import RemoteRunner
+    from tests.conftest import free_port
+    remote = RemoteRunner(f"http://127.0.0.1:{free_port()}/v1", Settings(model="m"))
+    sent = []
+    monkeypatch.setattr(remote.client.chat.completions, "create", lambda **request: sent.append(request) or [])
+    call = ToolCall("red_square", {}, "call_1")
+    messages = [*chat("Draw"), {"role": "assistant", "content": [], "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "name": "red_square",
+                 "content": [{"type": "text", "text": "drawn"}, {"type": "image", "image": str(images["red"])}]}]
+    list(remote.stream(messages, GenerationSettings(max_new_tokens=5)))
+    upstream = sent[0]["messages"]
+    assert [m["role"] for m in upstream] == ["user", "assistant", "tool", "user"]
+    assert upstream[2]["content"] == "drawn" and upstream[2]["tool_call_id"] == "call_1"
+    assert upstream[3]["content"][0] == {"type": "text", "text": "The pictures the tools returned:"}
+    assert upstream[3]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
 
 
 def test_a_remote_servers_calls_written_in_pieces_are_read_whole():
@@ -614,6 +656,12 @@ def test_a_remote_servers_calls_written_in_pieces_are_read_whole():
     assert calls.at_end(cut_off=True) == (made, []), "the last call, cut off by the length limit, is left out"
     assert calls.at_end(cut_off=False) == (made, ['<tool_call>get_time {"zo</tool_call>']), \
         "a call that can't be read shows as text"
+
+    ollama = CallsBeingWritten()  # every call whole, each at index 0 under its own id
+    ollama.add([Delta(index=0, id="call_a", function=Function(name="get_weather", arguments='{"city": "Paris"}'))])
+    ollama.add([Delta(index=0, id="call_b", function=Function(name="get_weather", arguments='{"city": "Oslo"}'))])
+    made, _ = ollama.at_end(cut_off=False)
+    assert [(call.id, call.arguments) for call in made] == [("call_a", {"city": "Paris"}), ("call_b", {"city": "Oslo"})]
 
 
 def test_templates_whose_calls_the_app_cannot_read_have_tools_off(reasoning_runner, idefics3_runner):
