@@ -79,6 +79,16 @@ class APIError(Exception):
         self.status, self.headers = status, headers
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
 
+    def renamed(self, rename) -> "APIError":
+        """The same error naming its field as `rename` calls it (the API the request came in by)."""
+        error = self.body["error"]
+        param, message = error["param"], error["message"]
+        if param is not None and rename(param) != param:
+            message = rename(param) + message[len(param):] if message.startswith(param + ":") else message
+            param = rename(param)
+        return APIError(self.status, message, type=error["type"], param=param, code=error["code"],
+                        headers=self.headers)
+
 
 class BodyLimit:
     """ASGI middleware: a request body over MAX_REQUEST_BODY_BYTES is a 413 in OpenAI's error
@@ -364,15 +374,15 @@ def _encoded(part: ContentPart) -> str:
     return url.url if url is not None else ""
 
 
-def invalid_request(errors: list[dict], rename=lambda param: param) -> APIError:
-    """pydantic's errors as one 400 naming the field (as `rename` calls it). Of a union's
-    tries (content: a string or a list of parts) the one that got furthest says what is
-    wrong, without the union's branch names in the path."""
+def invalid_request(errors: list[dict]) -> APIError:
+    """pydantic's errors as one 400 naming the field. Of a union's tries (content: a string
+    or a list of parts) the one that got furthest says what is wrong, without the union's
+    branch names in the path."""
     worst = max(errors, key=lambda error: len(error.get("loc", ()))) if errors else {}
     if worst.get("type") == "json_invalid":
         return APIError(400, f"The body is not valid JSON: {worst.get('ctx', {}).get('error', worst.get('msg'))}.")
     path = [part for part in worst.get("loc", ()) if part != "body" and not _union_branch(part)]
-    param = rename("".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".") or None)
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".") or None
     what = worst.get("msg", "Invalid request")
     code = None
     if worst.get("type") == "extra_forbidden":
@@ -799,14 +809,16 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
     @api.post("/responses", dependencies=[Depends(authorize)])
     async def responses(body: responses_api.ResponsesRequest, request: Request):
         """The Responses API: the same answer, told as a response (responses_api.py)."""
-        try:
+        try:  # (checked as the chat request it becomes: told in the Responses API's words)
             chat = ChatCompletionRequest.model_validate(responses_api.to_chat_request(body))
+            check_limits(chat, settings)
+            await anyio.to_thread.run_sync(refuse_what_is_not_honoured, chat)
         except responses_api.RequestProblem as problem:
             raise APIError(400, str(problem), param=problem.param) from None
-        except ValidationError as error:  # (the chat request it became: told in the Responses API's words)
-            raise invalid_request(error.errors(), rename=responses_api.param_in_responses) from None
-        check_limits(chat, settings)
-        await anyio.to_thread.run_sync(refuse_what_is_not_honoured, chat)
+        except ValidationError as error:
+            raise invalid_request(error.errors()).renamed(responses_api.param_in_responses) from None
+        except APIError as error:
+            raise error.renamed(responses_api.param_in_responses) from None
         deadline = time.monotonic() + settings.api_model_load_wait_s
         most_calls = 1 if chat.parallel_tool_calls is False else None
         async with watching_disconnect(request) as gone:

@@ -84,10 +84,13 @@ def refused_field(request: BaseModel, refused: dict[str, str], harmless: dict | 
     return None
 
 
-# A chat request's fields by the names this request gave them (to_chat_request), longest first
+# Fields this request hands to the chat request as they are, under the chat's name (to_chat_request)
+PASSED_ON = (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
+             ("parallel_tool_calls", "parallel_tool_calls"))
+# A chat request's fields by the names this request gave them, longest first
 CHAT_FIELDS_IN_RESPONSES = (("response_format.json_schema.schema", "text.format.schema"),
                             ("response_format.json_schema", "text.format"), ("response_format", "text.format"),
-                            ("max_completion_tokens", "max_output_tokens"), ("messages", "input"))
+                            ("messages", "input"), *((theirs, ours) for ours, theirs in PASSED_ON if ours != theirs))
 
 
 def param_in_responses(param: str | None) -> str | None:
@@ -109,8 +112,7 @@ def to_chat_request(body: ResponsesRequest) -> dict:
     for index, item in enumerate(items):
         messages += _chat_messages(item, f"input[{index}]")
     chat = {"model": body.model, "messages": messages, "stream": False}
-    for ours, theirs in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"),
-                         ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls")):
+    for ours, theirs in PASSED_ON:
         if getattr(body, ours) is not None:
             chat[theirs] = getattr(body, ours)
     if body.tools:

@@ -300,6 +300,10 @@ def test_the_responses_api_names_a_bad_value_by_its_own_field(api):
         client.responses.create(model=model, input="hi", max_output_tokens=0)
     assert refused.value.body["param"] == "max_output_tokens"
     assert refused.value.body["message"].startswith("max_output_tokens: ")
+    with pytest.raises(openai.BadRequestError) as refused:  # (past the server's limit: checked after the types)
+        client.responses.create(model=model, input="hi", max_output_tokens=10**7)
+    assert refused.value.body["param"] == "max_output_tokens"
+    assert refused.value.body["message"].startswith("max_output_tokens: ")
 
 
 def test_legacy_completions_continue_the_prompt_as_it_is(serve, llama_runner):
