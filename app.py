@@ -1090,6 +1090,27 @@ class CantServe(Exception):
     """The server can't listen where it was told (a port in use...): one line."""
 
 
+def why_not_listening(settings: Settings, error: OSError) -> str:
+    """Why the server could not listen, asked of the system (Gradio's error says the same for all)."""
+    import errno
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+            probe.bind((settings.host, settings.port))
+        return "the port was taken as the server started: try again, or choose another with --port"
+    except OSError as refused:
+        error = refused
+    except (OverflowError, ValueError) as refused:
+        return str(refused)
+    if error.errno == errno.EADDRINUSE:
+        return "the port is in use (another app?): choose another with --port"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return "that address is not one of this machine's (--host)"
+    if error.errno == errno.EACCES:
+        return "not allowed (ports below 1024 need administrator rights): choose another with --port"
+    return first_line(error)
+
+
 def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet: bool = False,
           on_listening=None, toolbox: Toolbox | None = None, **overrides):
     """Launch the UI and, on the same server, /v1 (OpenAI API), /healthz and /metrics, as
@@ -1123,10 +1144,9 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
             max_file_size=settings.max_upload_size, max_threads=settings.queue_max_size + GRADIO_EXTRA_THREADS,
             prevent_thread_lock=True, quiet=quiet, mcp_server=settings.mcp_server,
             app_kwargs={"middleware": [Middleware(KeyForMcp, key=settings.api_key)]} if settings.mcp_server else None)
-    except OSError as error:  # (Gradio's "Cannot find empty port ... pass server_port to launch()")
-        reason = "the port is in use (another app?): choose another with --port" if "empty port" in str(error) \
-            else first_line(error)
-        raise CantServe(f"Can't serve on {settings.host}:{settings.port}: {reason}.") from None
+    except OSError as error:  # (Gradio says "Cannot find empty port ... pass server_port to launch()" for any)
+        raise CantServe(f"Can't serve on {settings.host}:{settings.port}: {why_not_listening(settings, error)}.") \
+            from None
     if settings.mcp_server:
         log.info("The chat is an MCP tool at %sgradio_api/mcp/%s.", local_url,
                  " (with 'Authorization: Bearer' and the API key)" if settings.api_key else "")

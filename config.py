@@ -139,9 +139,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_image_side", 2048, "larger images are downscaled before the model; the chat says so once"),
     Setting("max_image_pixels", 64_000_000, "larger images are refused from their header, before any pixel "
             "is decoded (decompression bombs)"),
-    Setting("max_images_per_message", 8, "a message with more is refused with a message"),
+    Setting("max_images_per_message", 8, "a message with more is refused with a message", least=0),
     Setting("max_images_per_conversation", 16, "the oldest images beyond it drop out of the prompt; the "
-            "chat says so"),
+            "chat says so", least=0),
     Setting("video_frames", 8, "frames of a video a model is shown, spread evenly, each with its time stamp "
                                "(within max_images_per_message for an image model)"),
     Setting("asr_model", None, "a speech-recognition model (hub id or directory, e.g. "
@@ -176,13 +176,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_key", None, "required as 'Authorization: Bearer KEY' on /v1; without it /v1 answers only "
             "on 127.0.0.1 without --share. With --backend openai it is also sent upstream", option=True,
             metavar="KEY"),
-    Setting("api_max_waiting_requests", 16, "API requests among those waiting; beyond: HTTP 503 server_busy"),
+    Setting("api_max_waiting_requests", 16, "API requests among those waiting; beyond: HTTP 503 server_busy",
+            least=0),
     Setting("api_model_load_wait_s", 60.0, "an API request made while the model loads waits this long for "
-            "it, then gets HTTP 503 model_loading"),
-    Setting("api_retry_after_s", 5, "the Retry-After of those 503s"),
+            "it, then gets HTTP 503 model_loading", least=0),
+    Setting("api_retry_after_s", 5, "the Retry-After of those 503s", least=0),
     Setting("api_max_messages", 512, "messages in one API request; more: HTTP 400"),
-    Setting("api_max_tools", 64, "tools in one API request; more: HTTP 400"),
-    Setting("api_max_stop_strings", 4, "stop sequences in one API request; more: HTTP 400"),
+    Setting("api_max_tools", 64, "tools in one API request; more: HTTP 400", least=0),
+    Setting("api_max_stop_strings", 4, "stop sequences in one API request; more: HTTP 400", least=0),
     Setting("api_max_image_bytes", 20 * 1024 * 1024, "one decoded data: URL image; larger: HTTP 400"),
     # -- the remote backend
     Setting("remote_connect_timeout_s", 5.0, "--backend openai: seconds to connect to the server"),

@@ -193,6 +193,7 @@ class UnqueuedRefusals:
         self._lock = threading.Lock()
 
     def noting(self, fn):
+        assert not (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)), "for instant events only"
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def run_async(*args, **kwargs):

@@ -131,7 +131,7 @@ def test_a_bad_setting_exits_with_one_line():
 
 @pytest.mark.parametrize("argv, environ, said", [
     (["--port", "99999"], {}, "--port must be 1 to 65535 (it is 99999)"),
-    ([], {"MAX_IMAGES_PER_MESSAGE": "-1"}, "MAX_IMAGES_PER_MESSAGE must be 1 or more (it is -1)"),
+    ([], {"MAX_IMAGES_PER_MESSAGE": "-1"}, "MAX_IMAGES_PER_MESSAGE must be 0 or more (it is -1)"),
     ([], {"TOOL_TIMEOUT_S": "0"}, "TOOL_TIMEOUT_S must be more than 0 (it is 0.0)"),
     (["--torch-threads", "-2"], {}, "--torch-threads must be 0 or more (it is -2)"),
 ])
@@ -153,3 +153,9 @@ def test_a_port_in_use_exits_with_one_line(tiny_model_paths):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
         f"error: Can't serve on 127.0.0.1:{port}: the port is in use (another app?): choose another with --port."
+
+
+def test_an_address_not_of_this_machine_is_named_as_the_reason():
+    settings = config.Settings(host="192.0.2.1", port=7999)  # (TEST-NET-1: never a machine's own)
+    assert app.why_not_listening(settings, OSError("Cannot find empty port")) == \
+        "that address is not one of this machine's (--host)"

@@ -78,8 +78,6 @@ def test_a_bad_image_in_the_chat_is_named_as_the_user_named_it(serve, idefics3_r
     as the user knows it."""
     import json
 
-    from gradio_client import handle_file
-
     from tests.test_saved_chats import Browser, event
     url, spy = serve(idefics3_runner)
     browser = Browser(url, spy.chats)
@@ -251,10 +249,21 @@ def rss_mb() -> float:
 
 
 def lasting_threads() -> list[str]:
-    """The process's threads by name, without anyio's worker pool: a bounded pool (40) whose
-    idle workers are pruned only by a later call, so its size after a burst is no leak."""
+    """The process's threads by name, without anyio's idle workers: a pool (40 at most) whose
+    idle workers are pruned only by a later call, so its size after a burst is no leak. A
+    worker still running something (a generator that never ends) counts."""
+    import sys
+
     from anyio._backends._asyncio import WorkerThread
-    return sorted(t.name for t in threading.enumerate() if not isinstance(t, WorkerThread))
+    frames = sys._current_frames()
+
+    def idle(thread) -> bool:  # (waiting on its queue for work: WorkerThread.run's self.queue.get())
+        frame = frames.get(thread.ident)
+        while frame is not None and not (frame.f_code.co_name == "get" and frame.f_code.co_filename.endswith("queue.py")):
+            frame = frame.f_back
+        return frame is not None and frame.f_back is not None and frame.f_back.f_code.co_name == "run"
+
+    return sorted(t.name for t in threading.enumerate() if not (isinstance(t, WorkerThread) and idle(t)))
 
 
 @pytest.mark.timeout(900)  # LOAD_TEST_TURNS=5 runs longer than the default limit

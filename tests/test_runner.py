@@ -97,7 +97,6 @@ def test_closing_the_stream_stops_generation_within_two_tokens(idefics3_runner, 
     assert answer(idefics3_runner, [user("hi")], max_new_tokens=3)
 
 
-
 def test_a_stop_as_a_token_is_handed_over_counts_that_token_as_made_before_it(llama_runner, monkeypatch):
     """generate() decides a token (its stop check passes), then streams it: a Stop that comes
     between the two (a thread switch under load) finds the token made but not yet counted. The
@@ -115,6 +114,7 @@ def test_a_stop_as_a_token_is_handed_over_counts_that_token_as_made_before_it(ll
     assert stream.join(30) and stream.finish_reason == "cancelled"
     assert stream.new_tokens == 6, "the fifth token (made before the Stop) and the one in flight"
     assert stream.tokens_after_close == 1
+
 
 def test_an_error_inside_generation_reaches_the_consumer(idefics3_runner, monkeypatch, images):
     break_forward(monkeypatch, idefics3_runner.model, RuntimeError("simulated kernel failure"), on_call=4)
