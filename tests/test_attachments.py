@@ -513,8 +513,9 @@ def test_stop_while_the_audio_is_written_out_keeps_the_message(serve, llama_runn
     wait_for(lambda: writing, 20, "the transcription to start")
     job.cancel()
     conversation = browser.call("end_turn", "")[1]["value"]
-    (saved,) = spy.chats.store.messages(_user(spy), conversation)
+    saved, note = spy.chats.store.messages(_user(spy), conversation)
     assert [part["type"] for part in saved["content"]] == ["audio", "text"] and "Call me back" in json.dumps(saved)
+    assert note["notes"] == [app.STOPPED_BEFORE_TEXT], "the message says it was stopped before its answer"
     browser.close()
 
 
