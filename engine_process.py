@@ -226,9 +226,10 @@ class EngineProcess(DescribedByInfo):
                     raise GenerationError(f"The model process stopped and could not restart: {error}") from None
                 self.restarts += 1
             stream = EngineStream(self, next(self._ids), settings, last_user_text(messages), on_reading)
+            stream.command = Generate(stream.id, messages, settings)
             self._streams[stream.id] = stream
         try:
-            self._send(Generate(stream.id, messages, settings))
+            self._send(stream.command)
         except (OSError, ValueError):  # it died just now
             self._streams.pop(stream.id, None)
             raise GenerationError("The model process stopped; send again to restart it.") from None
@@ -262,17 +263,49 @@ class EngineProcess(DescribedByInfo):
                 stream._on_ended(event)
         process.join(5)
         reason = _exit_description(process.exitcode)
-        if process is self._process:  # not closed on purpose
+        crashed = process is self._process  # (not closed on purpose)
+        if crashed:
             log.error("The engine process stopped (%s).", reason)
+        waiting = []
         for request_id in list(streams):
             stream = streams.pop(request_id)
-            error = GenerationError(f"The model process stopped ({reason}); the answer is cut here. "
-                                    f"Send again to restart it.")
             if stream._started.is_set():
                 self.active -= 1
-                stream._end("error", error)
+                stream._end("error", GenerationError(f"The model process stopped ({reason}); the answer is cut "
+                                                     f"here. Send again to restart it."))
+            elif crashed and not stream.sent_again:
+                waiting.append(stream)
             else:
-                stream._on_refused(error)
+                stream._on_refused(GenerationError(f"The model process stopped ({reason}) before this answer "
+                                                   f"began. Send again to restart it."))
+        if waiting:
+            self._send_again(waiting, reason)
+
+    def _send_again(self, waiting: list["EngineStream"], reason: str) -> None:
+        """Requests the dead engine had not started yet go to a new one (once: a request that
+        took the new one down too is refused), in the order they came."""
+        with self._launch_lock:
+            if not self.alive:
+                log.warning("Starting a new engine process for the %d requests that were waiting.", len(waiting))
+                try:
+                    self._launch()
+                except ModelLoadError as error:
+                    for stream in waiting:
+                        stream._on_refused(GenerationError(f"The model process stopped ({reason}) and could not "
+                                                           f"restart: {error}"))
+                    return
+                self.restarts += 1
+            for stream in waiting:
+                stream.sent_again = True
+                if stream._cancel_sent:  # (stopped meanwhile)
+                    stream._on_refused(Cancelled())
+                    continue
+                self._streams[stream.id] = stream
+                try:
+                    self._send(stream.command)
+                except (OSError, ValueError):
+                    self._streams.pop(stream.id, None)
+                    stream._on_refused(GenerationError("The model process stopped; send again to restart it."))
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine process (answers in flight end as cancelled)."""
@@ -331,6 +364,8 @@ class EngineStream(StreamBase):
         self._started = threading.Event()
         self._refusal: BaseException | None = None
         self._cancel_sent = False
+        self.command: Generate | None = None  # (sent again to a new engine if this one dies before starting it)
+        self.sent_again = False
 
     # -- called by the engine's reader thread
     def _on_started(self, started: Started) -> None:

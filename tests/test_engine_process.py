@@ -97,6 +97,37 @@ def test_a_killed_engine_ends_the_answer_with_a_message_and_the_next_request_res
     assert not engine.alive
 
 
+def test_a_request_waiting_when_the_engine_dies_is_answered_by_the_next_engine(tiny_model_paths):
+    """The answer in flight ends with the message; the one behind it, which the dead engine
+    had not begun, is sent to a new engine and answered (not told it was cut)."""
+    import threading
+    engine = EngineProcess.start(str(tiny_model_paths["llama"]), device="cpu")
+    try:
+        running = engine.stream(ask("A long answer."), GenerationSettings(max_new_tokens=4000, min_new_tokens=4000))
+        outcome = {}
+
+        def wait_behind():
+            try:
+                with engine.stream(ask("Waiting."), GenerationSettings(max_new_tokens=5)) as waiting:
+                    list(waiting)
+                outcome["stream"] = waiting
+            except Exception as error:
+                outcome["error"] = error
+        waiter = threading.Thread(target=wait_behind)
+        waiter.start()
+        wait_for(lambda: len(engine._streams) == 2, 10, "the second request to reach the engine")
+        first_pid = engine.pid
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(GenerationError, match="the answer is cut here"):
+            list(running)
+        waiter.join(120)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["stream"].new_tokens == 5 and outcome["stream"].finish_reason == "length"
+        assert engine.restarts == 1 and engine.pid != first_pid and engine.alive
+    finally:
+        engine.close()
+
+
 def test_a_model_that_cannot_load_is_one_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="is not a model directory"):
         EngineProcess.start(str(tmp_path / "nothing-here"), device="cpu")
