@@ -58,13 +58,23 @@ class GenerationError(Exception):
     """Generation failed while running. The message is meant for the user."""
 
 
+class UpstreamError(GenerationError):
+    """The model server behind this app (--backend openai) failed, can't be reached, or
+    refused this app (its key, its model), not the request. `busy`: it said to come back
+    later (429, 503), in `retry_after` seconds if it said when."""
+
+    def __init__(self, message: str, busy: bool = False, retry_after: str | None = None):
+        super().__init__(message)
+        self.busy, self.retry_after = busy, retry_after
+
+
 class Cancelled(Exception):
     """The request was withdrawn (Stop, its client gone) while it waited: nothing ran."""
 
 
 # Errors cross the engine's pipe by name (engine_process.Refused): these are the ones it knows.
 ERRORS = {error.__name__: error for error in (ChatInputError, ContextTooLong, ImageRefused, GenerationError,
-                                               Cancelled)}
+                                               UpstreamError, Cancelled)}
 
 
 # ---------------------------------------------------------------- waiting without polling

@@ -59,6 +59,7 @@ from engine_contract import (
     RunnerInfo,
     Signal,
     ToolCall,
+    UpstreamError,
 )
 from waiting_line import LineFull, WaitingLine
 
@@ -607,12 +608,16 @@ ERROR_CODES = [
     (ContextTooLong, (400, "invalid_request_error", "context_length_exceeded")),
     (ImageRefused, (400, "invalid_request_error", "invalid_image")),
     (ChatInputError, (400, "invalid_request_error", None)),
+    (UpstreamError, (502, "server_error", "upstream_error")),  # (busy: 503 server_busy, below)
     (GenerationError, (500, "server_error", "generation_failed")),
 ]
 
 
 def api_error(error: Exception) -> APIError:
     """An engine error as the API's answer: by its type, never its message."""
+    if isinstance(error, UpstreamError) and error.busy:
+        return APIError(503, str(error), type="server_error", code="server_busy",
+                        headers={"Retry-After": error.retry_after or str(Settings.api_retry_after_s)})
     for kind, (status, type_, code) in ERROR_CODES:
         if isinstance(error, kind):
             return APIError(status, str(error), type=type_, code=code,

@@ -38,6 +38,7 @@ from engine_contract import (
     Signal,
     StreamBase,
     ToolCall,
+    UpstreamError,
 )
 
 log = logging.getLogger("engine")
@@ -234,12 +235,17 @@ def _message_of(error: openai.APIError) -> str:
 
 
 def _refusal_of(error: openai.APIStatusError) -> Exception:
-    """The server's refusal, typed as ours: a 4xx is the request's fault, a 5xx the server's."""
-    message = f"The model server refused the request ({error.status_code}): {_message_of(error)}"
-    if not 400 <= error.status_code < 500:
-        return GenerationError(message)
-    code = (error.body or {}).get("code") if isinstance(error.body, dict) else None
-    return ContextTooLong(message) if code == "context_length_exceeded" else ChatInputError(message)
+    """The server's refusal, typed as ours: a bad request (400, 413, 422) is the request's
+    fault; a refused key (401, 403), an unknown model (404), busy (429, 503) or a failure
+    (5xx) the server's or this app's set-up, not the caller's."""
+    status = error.status_code
+    message = f"The model server refused the request ({status}): {_message_of(error)}"
+    if status in (400, 413, 422):
+        code = (error.body or {}).get("code") if isinstance(error.body, dict) else None
+        return ContextTooLong(message) if code == "context_length_exceeded" else ChatInputError(message)
+    if status in (401, 403):
+        message += " (this app's --api-key is sent to it)"
+    return UpstreamError(message, busy=status in (429, 503), retry_after=error.response.headers.get("retry-after"))
 
 
 class RemoteStream(StreamBase):
@@ -261,7 +267,7 @@ class RemoteStream(StreamBase):
         try:
             self._response = runner.client.chat.completions.create(**request)
         except openai.APIConnectionError:
-            raise GenerationError(f"Can't reach the model server at {runner.base_url}.") from None
+            raise UpstreamError(f"Can't reach the model server at {runner.base_url}.") from None
         except openai.APIStatusError as error:
             raise _refusal_of(error) from None
         runner.counted.add(1)
@@ -292,9 +298,9 @@ class RemoteStream(StreamBase):
                                    tool_calls=calls, calling=calling))
                 yield from self._take_due()
         except openai.APIError as error:
-            self._fail(GenerationError(f"The model server failed: {_message_of(error)}"))
+            self._fail(UpstreamError(f"The model server failed: {_message_of(error)}"))
         except Exception as error:  # e.g. the connection dropped mid-answer
-            self._fail(GenerationError(f"The connection to the model server broke: {type(error).__name__}: {error}"))
+            self._fail(UpstreamError(f"The connection to the model server broke: {type(error).__name__}: {error}"))
         calls, unreadable = self._calls.at_end(cut_off=self._server_finish == "length")
         self.reply = Reply(answer="\n\n".join(filter(None, [self._answer, *unreadable])),
                            reasoning=self._reasoning or None, tool_calls=calls)

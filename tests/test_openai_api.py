@@ -250,6 +250,34 @@ def test_remote_backend_unreachable_gives_a_clear_message(serve):
     client.close()
 
 
+def test_remote_backend_says_when_the_fault_is_the_server_not_the_request(serve, llama_runner, monkeypatch):
+    """A client of this app's /v1 in front of a server: a key the server refuses is a 502 (this
+    app's set-up, not the request), a busy server a 503 with its Retry-After, an unreachable
+    one a 502; a bad request stays a 400."""
+    back_url, _ = serve(llama_runner, api_key="sk-back")
+    front = RemoteRunner(back_url + "v1", Settings(model=llama_runner.name, api_key="sk-wrong"))
+    front_url, _ = serve(front, api_key="sk-front")
+    ask = functools.partial(httpx.post, front_url + "v1/chat/completions", headers={"Authorization": "Bearer sk-front"},
+                            timeout=30)
+    refused = ask(json={"messages": [{"role": "user", "content": "hi"}]})
+    assert refused.status_code == 502 and refused.json()["error"]["code"] == "upstream_error"
+    assert "(401)" in refused.json()["error"]["message"] and "--api-key" in refused.json()["error"]["message"]
+
+    busy = openai.RateLimitError("slow down", body=None, response=httpx.Response(
+        429, headers={"retry-after": "7"}, request=httpx.Request("POST", back_url)))
+    with monkeypatch.context() as patch:
+        patch.setattr(front.client.chat.completions, "create", lambda **request: (_ for _ in ()).throw(busy))
+        answer = ask(json={"messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "server_busy"
+    assert answer.headers["retry-after"] == "7"
+
+    from tests.conftest import free_port
+    gone_url, _ = serve(RemoteRunner(f"http://127.0.0.1:{free_port()}/v1", Settings(model="m")))
+    gone = httpx.post(gone_url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                      timeout=30)
+    assert gone.status_code == 502 and "Can't reach the model server" in gone.json()["error"]["message"]
+
+
 def test_remote_backend_needs_a_model_when_the_server_is_unreachable():
     from engine_contract import ModelLoadError
     from tests.conftest import free_port
