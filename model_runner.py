@@ -1289,8 +1289,9 @@ class ModelRunner:
             if key[0] == len(messages) - 1 and keeps[key] < len(tokens[key]):
                 part, kept = messages[key[0]]["content"][key[1]], keeps[key] / len(tokens[key])
                 pages = re.findall(rf"\[{re.escape(part['document'])}, page (\d+)\]", texts[key])
+                share_kept = f"{kept:.0%}" if kept >= 0.01 else f"{keeps[key]:,} tokens (less than 1%)"
                 notices.append(f"{part['document']} is too long for what is left of the model's context "
-                               f"({self.context_length} tokens): the model got its first {kept:.0%}"
+                               f"({self.context_length} tokens): the model got its first {share_kept}"
                                + (f" (to page {pages[-1]})." if pages else "."))
         return edited, (inputs if over <= 0 else None)
 

@@ -76,6 +76,16 @@ def long_document(tmp_path):
 
 # ---------------------------------------------------------------- documents in the chat
 
+def test_a_document_far_past_the_context_says_how_many_tokens_it_kept(llama_runner, tmp_path):
+    """Under 1% kept: the note gives the tokens, not "its first 0%"."""
+    path = tmp_path / "minutes.txt"
+    path.write_text("\n".join(f"Line {i}: the committee discussed item {i} at length." for i in range(40_000)))
+    _, notices = prompt_of(llama_runner, [{"role": "user", "content": [attachment_part(path),
+                                                                       {"type": "text", "text": "Sum it up"}]}])
+    [note] = [notice for notice in notices if "minutes.txt is too long" in notice]
+    assert re.search(r"got its first [\d,]+ tokens \(less than 1%\)", note), note
+
+
 def test_a_pdf_in_the_chat_is_text_for_the_model_and_a_chip_on_screen(serve, llama_runner, tmp_path):
     url, spy = serve(llama_runner)
     pdf = tmp_path / "report.pdf"
