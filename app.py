@@ -155,7 +155,7 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
         if toolbox is not None and runner.supports_tools:
             generation = dataclasses.replace(generation, tools=toolbox.all_schemas)
         done: list[dict] = []  # the steps before this one: their text, the tool calls and results
-        calls_made = 0
+        calls_made, told = 0, set()  # (the notes this answer has shown: a later step doesn't repeat them)
         while True:
             try:
                 stream = runner.stream(messages, generation, cancelled=cancelled, on_reading=on_reading)
@@ -173,7 +173,8 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
             if title != THINKING_TITLE:  # it waited; now the model is working on it
                 title = THINKING_TITLE
                 yield Progress(done, THINKING_TITLE)
-            step = AnswerStep(stream)
+            step = AnswerStep(stream, told)
+            told.update(step.notes)
             with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
                 try:
                     for reply in stream:
@@ -225,8 +226,8 @@ class AnswerStep:
     downscaled...), the reasoning and how long it took, the answer, the tool calls, the live
     figures. The reasoning's time is taken when the reply says it ended."""
 
-    def __init__(self, stream):
-        self.stream, self.notes = stream, list(stream.notices)
+    def __init__(self, stream, told: set[str] = frozenset()):
+        self.stream, self.notes = stream, [notice for notice in stream.notices if notice not in told]
         self.thought_for: float | None = None
 
     def message(self, reply, figures: bool = True) -> dict:

@@ -221,6 +221,23 @@ def test_the_next_message_sends_the_calls_and_results_back_to_the_model(serve, t
     client.close()
 
 
+def test_a_note_every_step_of_a_tool_loop_gets_shows_once(serve, tools_runner, tmp_path):
+    """(The history trimmed for the context is told by each generation of a tool loop: the
+    answer says it once.)"""
+    url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, WEATHER))
+    note = "The oldest 2 messages of this conversation were left out: the context is full."
+    streaming = spy.original
+
+    def with_the_note(messages, settings=None, **options):
+        stream = streaming(messages, settings, **options)
+        stream.notices.append(note)
+        return stream
+    spy.original = with_the_note
+    final = submit(Client(url, verbose=False), "What's the weather in Paris?").result(timeout=60)
+    assert len(spy.calls) == 2, "a tool loop: the call, then the answer"
+    assert [b["content"] for b in bubbles(final)].count(note) == 1
+
+
 def test_a_tool_that_raises_shows_its_error_and_the_model_reads_it(serve, tools_runner, tmp_path):
     url, spy = serve_with_tools(serve, tools_runner, write_tools(tmp_path, '''
         def get_weather(city: str) -> str:
