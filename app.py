@@ -863,20 +863,20 @@ class Chats:
         """
         images = list(images or [])
         if images and not self.runner.is_vision:
-            raise gr.Error(f"This model ({self.runner.name}) is text-only and can't see images.")
+            raise AskRefused(f"This model ({self.runner.name}) is text-only and can't see images.")
         if len(images) > self.settings.max_images_per_message:
-            raise gr.Error(f"At most {self.settings.max_images_per_message} images.")
+            raise AskRefused(f"At most {self.settings.max_images_per_message} images.")
         parts = []
         for i, url in enumerate(images):
             try:
                 image = await anyio.to_thread.run_sync(decode_image, str(url), f"images[{i}]", self.settings)
             except APIError as error:
-                raise gr.Error(f"images[{i}]: {error}") from None
+                raise AskRefused(f"images[{i}]: {error}") from None
             parts.append({"type": "image", "image": image})
         if not (message or "").strip() and not parts:
-            raise gr.Error("The message is empty.")
+            raise AskRefused("The message is empty.")
         if not 1 <= int(max_new_tokens) <= self.settings.max_new_tokens_limit or not 0 <= float(temperature) <= 2:
-            raise gr.Error(f"max_new_tokens must be 1 to {self.settings.max_new_tokens_limit}, temperature 0 to 2.")
+            raise AskRefused(f"max_new_tokens must be 1 to {self.settings.max_new_tokens_limit}, temperature 0 to 2.")
         asked = {"role": "user", "content": [*parts, *([{"type": "text", "text": message}] if message else [])]}
         generation = self.generation_settings(1, max_new_tokens, temperature, 1.0)
         answer = []
@@ -885,9 +885,9 @@ class Chats:
                 answer = progress.messages
         errors = [message["error"] for message in answer if message.get("error")]
         if errors or not answer:
-            raise gr.Error(errors[-1] if errors else "No answer.")
+            raise AskRefused(errors[-1] if errors else "No answer.")
         if not text_of(answer[-1]) and answer[-1].get("notes"):  # (e.g. stopped at the tool-step limit)
-            raise gr.Error(" ".join(answer[-1]["notes"]))
+            raise AskRefused(" ".join(answer[-1]["notes"]))
         return text_of(answer[-1])
 
     async def api_chat(self, message, history, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
@@ -1086,6 +1086,13 @@ def on_zero_gpu() -> bool:
 
 
 # ---------------------------------------------------------------- serve: the UI, /v1, /healthz and /metrics on one server
+
+class AskRefused(gr.Error):
+    """`ask`'s refusal: an MCP client reads str(error), which gr.Error puts in quotes."""
+
+    def __str__(self) -> str:
+        return self.message
+
 
 class CantServe(Exception):
     """The server can't listen where it was told (a port in use...): one line."""

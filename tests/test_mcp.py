@@ -192,7 +192,7 @@ def test_the_chat_is_one_mcp_tool_that_answers(serve, llama_runner):
                                                        "temperature"}
     assert not answer.isError and answer.content[0].text == spy.streams[-1].reply.answer != ""
     assert spy.streams[-1].new_tokens == 8
-    assert empty.isError and "empty" in empty.content[0].text
+    assert empty.isError and empty.content[0].text == "The message is empty."
     assert spy.chats.store._db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 0, "nothing saved"
 
 
