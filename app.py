@@ -332,8 +332,9 @@ def file_bubble(part: dict) -> dict:
     if part["type"] == "image":
         return {"path": part["image"]}
     path = part.get(part["type"]) or part.get("path")
-    return {"file": {"path": path, "orig_name": part.get("name") or Path(path).name,
-                     "mime_type": mimetypes.guess_type(part.get("name") or path)[0] or "application/octet-stream"}}
+    mime = mimetypes.guess_type(part.get("name") or path)[0] if part["type"] != "file" else None  # (refused: a chip,
+    return {"file": {"path": path, "orig_name": part.get("name") or Path(path).name,   # never an empty player)
+                     "mime_type": mime or "application/octet-stream"}}
 
 
 def bubble(content: str, *, title: str, status: str | None = None, duration: float | None = None) -> dict:

@@ -210,6 +210,14 @@ def test_a_bad_file_is_one_line_in_the_chat_and_the_conversation_goes_on(serve, 
     browser.close()
 
 
+def test_a_refused_file_shows_as_a_chip_with_its_name_not_an_empty_player():
+    shown = app.file_bubble({"type": "file", "path": "/uploads/song.mp3", "name": "song.mp3",
+                             "refused": "song.mp3 is not what its name says"})
+    assert shown["file"]["orig_name"] == "song.mp3" and shown["file"]["mime_type"] == "application/octet-stream"
+    played = app.file_bubble({"type": "audio", "audio": "/uploads/song.mp3", "name": "song.mp3"})
+    assert played["file"]["mime_type"] == "audio/mpeg", "a file that was read keeps its player"
+
+
 def _user(spy) -> str:
     (user,) = {row[0] for row in spy.chats.store._db.execute("SELECT user FROM conversations")}
     return user
