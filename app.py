@@ -174,7 +174,7 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
                 title = THINKING_TITLE
                 yield Progress(done, THINKING_TITLE)
             step = AnswerStep(stream, told)
-            told.update(step.notes)
+            told.update(map(note_kind, step.notes))
             with stream:  # leaving it (Stop, closed tab, API cancel) stops generation
                 try:
                     for reply in stream:
@@ -221,13 +221,19 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
     return answer_steps
 
 
+def note_kind(note: str) -> str:
+    """A note without its numbers: a later step of a tool loop that tells it again, counts
+    grown ("the oldest 4 messages..."), tells nothing new."""
+    return re.sub(r"\d[\d,.]*", "#", note)
+
+
 class AnswerStep:
     """One generation's reply as the assistant message the chat keeps: its notes (an image
     downscaled...), the reasoning and how long it took, the answer, the tool calls, the live
     figures. The reasoning's time is taken when the reply says it ended."""
 
     def __init__(self, stream, told: set[str] = frozenset()):
-        self.stream, self.notes = stream, [notice for notice in stream.notices if notice not in told]
+        self.stream, self.notes = stream, [notice for notice in stream.notices if note_kind(notice) not in told]
         self.thought_for: float | None = None
 
     def message(self, reply, figures: bool = True) -> dict:

@@ -5,7 +5,8 @@ Why: CPython runs one thread's Python at a time (the GIL). The generate loop is 
 on every streamed update; in one process each update would stall generation that long
 (README, Performance). Two processes share only the CPU cores. It also keeps the UI
 serving when the engine dies (a crash, an OOM kill): the answer in flight ends with an
-error, and the next request starts a fresh engine.
+error, the requests it had not begun are sent to a fresh engine (once each), and otherwise
+the next request starts one.
 
     runner = EngineProcess.start(settings=settings)   # config.Settings: what it loads, and how
     with runner.stream(messages, settings) as stream:   # the engine_contract.Runner contract
@@ -31,6 +32,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -143,6 +145,14 @@ class Ended:
 
 # ---------------------------------------------------------------- the web server's side
 
+RESEND_TRIES = 1  # a request the engine died before beginning goes to a new engine this many times
+STOPPED_ON_PURPOSE = (-signal.SIGTERM, -signal.SIGINT)  # (the app or systemd stopping it: no new engine)
+
+
+class EngineGone(Exception):
+    """The engine process died before it began this request: its caller sends it again."""
+
+
 class EngineProcess(DescribedByInfo):
     """A ModelRunner in a child process (the engine_contract.Runner contract)."""
 
@@ -158,6 +168,7 @@ class EngineProcess(DescribedByInfo):
         self.active = 0    # generating (0 or 1, unless the engine batches)
         self.finish_listeners: list = []
         self.restarts = 0
+        self._closed = False  # close() was called: a request the dead engine had not begun isn't sent again
 
     @classmethod
     def start(cls, model: str | None = None, settings: Settings | None = None, *, record_token_times: bool = False,
@@ -215,8 +226,18 @@ class EngineProcess(DescribedByInfo):
         ModelRunner.stream; `cancelled` set meanwhile withdraws the request in the engine
         before it starts (Cancelled), and set later stops it."""
         settings = settings or GenerationSettings(max_new_tokens=self.settings.max_new_tokens)
-        if cancelled is not None and cancelled.is_set():
-            raise Cancelled()
+        for tries_left in reversed(range(RESEND_TRIES + 1)):
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled()
+            try:
+                return self._start(messages, settings, cancelled, on_reading)
+            except EngineGone as gone:  # it died before it began this one: again, on a new engine
+                if not tries_left or self._closed:
+                    raise GenerationError(f"The model process stopped ({gone}) before this answer began. Send "
+                                          f"again to restart it.") from None
+                log.warning("The engine process stopped before it began a request; sending it to a new one.")
+
+    def _start(self, messages, settings, cancelled, on_reading) -> "EngineStream":
         with self._launch_lock:
             if not self.alive:  # it died (crash, OOM kill): a fresh one for this request
                 log.warning("The engine process is gone; starting a new one.")
@@ -226,13 +247,13 @@ class EngineProcess(DescribedByInfo):
                     raise GenerationError(f"The model process stopped and could not restart: {error}") from None
                 self.restarts += 1
             stream = EngineStream(self, next(self._ids), settings, last_user_text(messages), on_reading)
-            stream.command = Generate(stream.id, messages, settings)
-            self._streams[stream.id] = stream
+            streams = self._streams
+            streams[stream.id] = stream
         try:
-            self._send(stream.command)
+            self._send(Generate(stream.id, messages, settings))
         except (OSError, ValueError):  # it died just now
-            self._streams.pop(stream.id, None)
-            raise GenerationError("The model process stopped; send again to restart it.") from None
+            if streams.pop(stream.id, None) is not None:  # (else its reader has told the stream)
+                raise EngineGone("its pipe closed") from None
         if cancelled is not None:  # (after Generate: the engine gets its Cancel after it)
             cancelled.on_set(lambda: stream.close(wait=0))
         return stream._wait_started()
@@ -263,52 +284,24 @@ class EngineProcess(DescribedByInfo):
                 stream._on_ended(event)
         process.join(5)
         reason = _exit_description(process.exitcode)
-        crashed = process is self._process  # (not closed on purpose)
-        if crashed:
+        crashed = not self._closed and process.exitcode not in STOPPED_ON_PURPOSE
+        if not self._closed:
             log.error("The engine process stopped (%s).", reason)
-        waiting = []
         for request_id in list(streams):
             stream = streams.pop(request_id)
             if stream._started.is_set():
                 self.active -= 1
                 stream._end("error", GenerationError(f"The model process stopped ({reason}); the answer is cut "
                                                      f"here. Send again to restart it."))
-            elif crashed and not stream.sent_again:
-                waiting.append(stream)
+            elif crashed:  # (its caller sends it again: EngineStream._wait_started)
+                stream._on_refused(EngineGone(reason))
             else:
                 stream._on_refused(GenerationError(f"The model process stopped ({reason}) before this answer "
-                                                   f"began. Send again to restart it."))
-        if waiting:
-            self._send_again(waiting, reason)
-
-    def _send_again(self, waiting: list["EngineStream"], reason: str) -> None:
-        """Requests the dead engine had not started yet go to a new one (once: a request that
-        took the new one down too is refused), in the order they came."""
-        with self._launch_lock:
-            if not self.alive:
-                log.warning("Starting a new engine process for the %d requests that were waiting.", len(waiting))
-                try:
-                    self._launch()
-                except ModelLoadError as error:
-                    for stream in waiting:
-                        stream._on_refused(GenerationError(f"The model process stopped ({reason}) and could not "
-                                                           f"restart: {error}"))
-                    return
-                self.restarts += 1
-            for stream in waiting:
-                stream.sent_again = True
-                if stream._cancel_sent:  # (stopped meanwhile)
-                    stream._on_refused(Cancelled())
-                    continue
-                self._streams[stream.id] = stream
-                try:
-                    self._send(stream.command)
-                except (OSError, ValueError):
-                    self._streams.pop(stream.id, None)
-                    stream._on_refused(GenerationError("The model process stopped; send again to restart it."))
+                                                   f"began."))
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine process (answers in flight end as cancelled)."""
+        self._closed = True
         process, self._process = self._process, None
         if process is None:
             return
@@ -342,7 +335,6 @@ def _exit_description(code: int | None) -> str:
     if code is None:
         return "still running"
     if code < 0:
-        import signal
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         hint = ", e.g. by the out-of-memory killer" if name == "SIGKILL" else ""
         return f"killed by {name}{hint}"
@@ -364,8 +356,6 @@ class EngineStream(StreamBase):
         self._started = threading.Event()
         self._refusal: BaseException | None = None
         self._cancel_sent = False
-        self.command: Generate | None = None  # (sent again to a new engine if this one dies before starting it)
-        self.sent_again = False
 
     # -- called by the engine's reader thread
     def _on_started(self, started: Started) -> None:
@@ -499,7 +489,6 @@ class _EngineServer:
 
 
 def _engine_main(commands, events, settings: Settings, record_token_times: bool) -> None:
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the web server's; we end with it (EOF)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -97,6 +97,15 @@ TOOLS_OFF = ("its chat template doesn't take tools, or writes its calls in a sha
 
 # ---------------------------------------------------------------- loading
 
+def share_kept(kept: int, whole: int) -> str:
+    """How much of a cut document was kept, never "0%" or "100%" for a part."""
+    if kept * 100 < whole:
+        return f"{kept:,} tokens (less than 1%)"
+    if kept * 200 >= whole * 199:
+        return f"all but {whole - kept:,} tokens"
+    return f"{kept / whole:.0%}"
+
+
 def pick_device(requested: str = "auto") -> str:
     if requested != "auto":
         if requested == "cuda" and not torch.cuda.is_available():
@@ -1287,12 +1296,11 @@ class ModelRunner:
             share -= over + 8
         for key in where:
             if key[0] == len(messages) - 1 and keeps[key] < len(tokens[key]):
-                part, kept = messages[key[0]]["content"][key[1]], keeps[key] / len(tokens[key])
+                part = messages[key[0]]["content"][key[1]]
                 pages = re.findall(rf"\[{re.escape(part['document'])}, page (\d+)\]", texts[key])
-                share_kept = f"{kept:.0%}" if kept >= 0.01 else f"{keeps[key]:,} tokens (less than 1%)"
                 notices.append(f"{part['document']} is too long for what is left of the model's context "
-                               f"({self.context_length} tokens): the model got its first {share_kept}"
-                               + (f" (to page {pages[-1]})." if pages else "."))
+                               f"({self.context_length} tokens): the model got its first "
+                               f"{share_kept(keeps[key], len(tokens[key]))}" + (f" (to page {pages[-1]})." if pages else "."))
         return edited, (inputs if over <= 0 else None)
 
     def _cut_document(self, part: dict, ids: list[int], keep: int) -> str:
@@ -1302,7 +1310,7 @@ class ModelRunner:
         line_end = text.rfind("\n")
         if line_end > len(text) * 0.9:
             text = text[:line_end]
-        return f"{text}\n[{part['document']}: cut here to fit the context, {keep / len(ids):.0%} kept]"
+        return f"{text}\n[{part['document']}: cut here to fit the context, {share_kept(keep, len(ids))} kept]"
 
     def _fit_in_context(self, messages: list[dict], budget: int, notices: list[str], tools: list[dict] | None):
         system = messages[:1] if messages[0]["role"] == "system" else []

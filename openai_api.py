@@ -617,7 +617,7 @@ def api_error(error: Exception) -> APIError:
     """An engine error as the API's answer: by its type, never its message."""
     if isinstance(error, UpstreamError) and error.busy:
         return APIError(503, str(error), type="server_error", code="server_busy",
-                        headers={"Retry-After": error.retry_after or str(Settings.api_retry_after_s)})
+                        headers={"Retry-After": error.retry_after} if error.retry_after else None)
     for kind, (status, type_, code) in ERROR_CODES:
         if isinstance(error, kind):
             return APIError(status, str(error), type=type_, code=code,

@@ -234,7 +234,7 @@ def _message_of(error: openai.APIError) -> str:
     return str(getattr(error, "message", None) or error)
 
 
-def _refusal_of(error: openai.APIStatusError) -> Exception:
+def _refusal_of(error: openai.APIStatusError, settings: Settings) -> Exception:
     """The server's refusal, typed as ours: a bad request (400, 413, 422) is the request's
     fault; a refused key (401, 403), an unknown model (404), busy (429, 503) or a failure
     (5xx) the server's or this app's set-up, not the caller's."""
@@ -245,7 +245,8 @@ def _refusal_of(error: openai.APIStatusError) -> Exception:
         return ContextTooLong(message) if code == "context_length_exceeded" else ChatInputError(message)
     if status in (401, 403):
         message += " (this app's --api-key is sent to it)"
-    return UpstreamError(message, busy=status in (429, 503), retry_after=error.response.headers.get("retry-after"))
+    return UpstreamError(message, busy=status in (429, 503),
+                         retry_after=error.response.headers.get("retry-after") or str(settings.api_retry_after_s))
 
 
 class RemoteStream(StreamBase):
@@ -269,7 +270,7 @@ class RemoteStream(StreamBase):
         except openai.APIConnectionError:
             raise UpstreamError(f"Can't reach the model server at {runner.base_url}.") from None
         except openai.APIStatusError as error:
-            raise _refusal_of(error) from None
+            raise _refusal_of(error, runner.settings) from None
         runner.counted.add(1)
 
     def __iter__(self):

@@ -18,7 +18,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
 
-from engine_contract import GenerationError, Reply
+from engine_contract import GenerationError, Reply, UpstreamError
 
 # Fields this server can't honour: a 400 naming each (the bookkeeping ones are IGNORED).
 REFUSED = {
@@ -338,7 +338,8 @@ async def events(stream, updates, body: ResponsesRequest, model: str, most_calls
             for item in news(reply):
                 yield item
     except GenerationError as error:
-        yield event("error", code="generation_failed", message=str(error), param=None)
+        yield event("error", code="upstream_error" if isinstance(error, UpstreamError) else "generation_failed",
+                    message=str(error), param=None)
         yield event("response.failed", response={**snapshot("failed"),
                                                  "error": {"code": "server_error", "message": str(error)}})
         return
