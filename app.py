@@ -77,6 +77,7 @@ from gradio_fixes import (
     UnqueuedRefusals,
     cache_history_postprocessing,
     gradio_app_built_at_launch_only,
+    patient_launch_check,
     wake_queue_on_events,
 )
 from metrics import Metrics
@@ -1148,6 +1149,7 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
         demo = build_demo(runner, line, settings, toolbox=toolbox, store=store, where=where, speech=speech)
         demo.queue(max_size=settings.queue_max_size)
     wake_queue_on_events(demo)  # instead of polling for work every 1 ms, idle or not
+    patient_launch_check()  # (a busy machine can take more than launch's one 3 s try to answer it)
     if settings.log_chats:  # off by default: prompts and answers are the users' business
         runner.finish_listeners.append(log_exchange)
     # (Gradio's own queue holds chat events only on ZeroGPU; elsewhere they wait in the line.)

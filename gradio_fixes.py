@@ -6,6 +6,7 @@ warning: a copied internal loop must never replace a newer one unseen.
     with gradio_app_built_at_launch_only():      # Gradio's app built once, at launch
         demo = build_demo(...); demo.queue(...)  # its chat: cache_history_postprocessing(gr.Chatbot(...))
     wake_queue_on_events(demo)                   # before demo.launch()
+    patient_launch_check()                       # before demo.launch()
     refusals = UnqueuedRefusals()                # an unqueued event's gr.Error, shown
     refusals.shown(trigger(refusals.noting(fn), inputs, outputs, queue=False), outputs)
 
@@ -42,6 +43,7 @@ WRITTEN_FOR = "6.31.0"  # the Gradio whose internals these fixes replace
 SAFETY_POLL_S = 0.5  # the loop also looks on its own this often, in case a wake-up was missed
 CACHED_CHAT_MESSAGES = 4096  # postprocessed messages kept, across the chats streaming now
 NOTED_REFUSALS = 1024  # refusals waiting to be shown (an API client's are never fetched)
+LAUNCH_CHECK_S = 30.0  # how long launch() may ask its own server for the page before giving up
 
 log = logging.getLogger("app")
 _warned = False
@@ -112,6 +114,30 @@ def gradio_app_built_at_launch_only():
         yield
     finally:
         App.create_app = build
+
+
+def patient_launch_check() -> None:
+    """launch() asks its own server for the page once (networking.url_ok: a HEAD with a 3 s
+    time-out, no second try on a time-out) and otherwise refuses to start ("When localhost is
+    not accessible, a shareable link must be created"): a machine busy loading a model, or a
+    CI box running tests, can take longer. Ask again until LAUNCH_CHECK_S."""
+    if not apply_fixes():
+        return
+    from gradio import networking
+    if getattr(networking.url_ok, "patient", False):
+        return
+    ask_once = networking.url_ok
+
+    def url_ok(url: str) -> bool:
+        deadline = time.monotonic() + LAUNCH_CHECK_S
+        while not ask_once(url):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    url_ok.patient = True
+    networking.url_ok = url_ok
 
 
 def wake_queue_on_events(demo) -> None:

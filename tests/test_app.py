@@ -280,6 +280,25 @@ def test_live_figures_update_while_the_answer_streams(serve, llama_runner):
     client.close()
 
 
+def test_launch_asks_its_own_server_again_when_it_is_slow_to_answer(monkeypatch):
+    """Gradio's launch gives up on its own page after one 3 s time-out ("When localhost is not
+    accessible..."): on a busy machine the app asks again."""
+    import httpx
+    from gradio import networking
+
+    import gradio_fixes
+    gradio_fixes.patient_launch_check()
+    answers = iter([httpx.ReadTimeout("busy"), httpx.ReadTimeout("busy"), None])
+
+    def head(url, **options):
+        slow = next(answers)
+        if slow is not None:
+            raise slow
+        return httpx.Response(200)
+    monkeypatch.setattr(networking.httpx, "head", head)
+    assert networking.url_ok("http://127.0.0.1:9/")
+
+
 @pytest.mark.parametrize("gradio_version", ["as pinned", "another"])
 def test_gradio_fixes_apply_only_to_the_gradio_they_were_written_for(llama_runner, monkeypatch, caplog,
                                                                      gradio_version):

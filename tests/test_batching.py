@@ -236,15 +236,17 @@ def test_when_the_batching_loop_dies_the_answers_in_flight_end_with_an_error_and
     runner = ModelRunner.load(str(tiny_model_paths["llama"]), device="cpu", batching="on")
     try:
         processor = runner.batcher._manager.batch_processor
-        real_prepare, calls = processor.prepare_next_batch, itertools.count()
+        real_prepare, calls, all_sent = processor.prepare_next_batch, itertools.count(), threading.Event()
 
         def prepare_next_batch():
+            all_sent.wait(30)  # (on a loaded machine the first answers could end before the last is sent)
             if next(calls) == 5:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return real_prepare()
         monkeypatch.setattr(processor, "prepare_next_batch", prepare_next_batch)
         streams = [runner.stream(chat(text), GenerationSettings(max_new_tokens=100, min_new_tokens=100))
                    for text in PROMPTS[:4]]
+        all_sent.set()
         for stream in streams:
             with pytest.raises(GenerationError, match="illegal memory access"):
                 for _ in stream:
