@@ -5,14 +5,12 @@ the server, as for the browser) and through /v1 (the client sends the history ag
 import base64
 import functools
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from gradio_client import Client
 
-import app
 from conversation import for_the_model
 from tests.conftest import break_forward, wait_for
 from tests.test_app import chat, error_of, message, text_of
