@@ -31,7 +31,7 @@ from PIL import Image
 import documents
 import media
 import reader_process
-from engine_contract import ImageRefused
+from engine_contract import FileRefused, ImageRefused
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 DOCUMENT_SUFFIXES = (".pdf", ".docx", *(f".{kind}" for kind in documents.TEXT_KINDS))
@@ -143,8 +143,8 @@ def _read(read, source, name: str, *arguments):
                        lasting=False) from None
 
 
-def _refused(message: str, *, lasting: bool) -> ImageRefused:
-    refused = ImageRefused(message)
+def _refused(message: str, *, lasting: bool) -> FileRefused:
+    refused = FileRefused(message)
     refused.lasting = lasting
     return refused
 

@@ -21,7 +21,7 @@ import attachments
 import media
 from config import Settings
 from attachments import IMAGE_FORMATS
-from engine_contract import ChatInputError, ImageRefused, Reply, ToolCall
+from engine_contract import ChatInputError, FileRefused, ImageRefused, Reply, ToolCall
 
 
 def reads_files(messages: list[dict]) -> bool:
@@ -132,18 +132,18 @@ def _refuse_what_the_model_cannot_take(message: dict, *, sees_images: bool, mode
         raise ImageRefused(f"Too many images in one message: {kinds.count('image')} "
                            f"(the limit is {settings.max_images_per_message}).")
     if "video" in kinds and not (sees_images or sees_video):
-        raise ImageRefused(f"This model ({model_name}) is text-only and can't watch a video. Send the message "
-                           f"without it, or start the app with a vision model (--model).")
+        raise FileRefused(f"This model ({model_name}) is text-only and can't watch a video. Send the message "
+                          f"without it, or start the app with a vision model (--model).")
     if any(part.get("type") == "audio" and not audio_rate and part.get("transcript") is None
            for part in message["content"]):
-        raise ImageRefused(
+        raise FileRefused(
             f"This model ({model_name}) can't listen to audio. Start the app with a model that can "
             f"({LISTENING_MODELS}), or with --asr-model (e.g. openai/whisper-large-v3-turbo) to have "
             f"speech written out for any model.")
     for part in message["content"]:
         if part.get("type") == "file":
-            raise ImageRefused(part.get("refused") or f"{os.path.basename(part['path'])} is not a file this app "
-                                                      f"reads; it takes {attachments.WHAT_IS_READ}.")
+            raise FileRefused(part.get("refused") or f"{os.path.basename(part['path'])} is not a file this app "
+                                                     f"reads; it takes {attachments.WHAT_IS_READ}.")
 
 
 def _prepared_part(part: dict, budget: Budget, *, settings: Settings, sees_images: bool,

@@ -54,6 +54,10 @@ class ImageRefused(ChatInputError):
     """An image (or another attachment) can't be read, or this model can't see images."""
 
 
+class FileRefused(ImageRefused):
+    """A document, audio or video (not an image) can't be read, or this model can't take it."""
+
+
 class GenerationError(Exception):
     """Generation failed while running. The message is meant for the user."""
 
@@ -73,8 +77,8 @@ class Cancelled(Exception):
 
 
 # Errors cross the engine's pipe by name (engine_process.Refused): these are the ones it knows.
-ERRORS = {error.__name__: error for error in (ChatInputError, ContextTooLong, ImageRefused, GenerationError,
-                                               UpstreamError, Cancelled)}
+ERRORS = {error.__name__: error for error in (ChatInputError, ContextTooLong, ImageRefused, FileRefused,
+                                               GenerationError, UpstreamError, Cancelled)}
 
 
 # ---------------------------------------------------------------- waiting without polling

@@ -52,6 +52,7 @@ from engine_contract import (
     Cancelled,
     ChatInputError,
     ContextTooLong,
+    FileRefused,
     GenerationError,
     GenerationSettings,
     ImageRefused,
@@ -606,6 +607,7 @@ def to_settings(request: ChatCompletionRequest, settings: Settings) -> Generatio
 ERROR_CODES = [
     (Cancelled, (499, "invalid_request_error", "client_gone")),
     (ContextTooLong, (400, "invalid_request_error", "context_length_exceeded")),
+    (FileRefused, (400, "invalid_request_error", "invalid_file")),
     (ImageRefused, (400, "invalid_request_error", "invalid_image")),
     (ChatInputError, (400, "invalid_request_error", None)),
     (UpstreamError, (502, "server_error", "upstream_error")),  # (busy: 503 server_busy, below)

@@ -336,7 +336,7 @@ BAD_PARTS = [
     ({"type": "video_url", "video_url": {"url": "https://example.com/clip.mp4"}}, "video_url_not_supported",
      "not fetched"),
     ({"type": "input_audio", "input_audio": {"data": base64.b64encode(audio_file(".wav")).decode(),
-                                             "format": "wav"}}, None, "can't listen to audio"),
+                                             "format": "wav"}}, "invalid_file", "can't listen to audio"),
 ]
 
 
@@ -348,8 +348,9 @@ def test_a_bad_part_on_v1_is_a_400_naming_it(api, part, code, message):
             {"role": "user", "content": [{"type": "text", "text": "Look"}, part]}])
     error = raised.value.body
     assert message in error["message"], error
-    if code:
-        assert error["code"] == code and error["param"].startswith("messages[0].content[1]"), error
+    assert error["code"] == code, error
+    if "listen" not in message:  # (the model's refusal names the messages, not the part)
+        assert error["param"].startswith("messages[0].content[1]"), error
 
 
 def test_a_video_url_part_on_v1_is_frames_for_an_image_model(serve, idefics3_runner):
