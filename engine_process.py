@@ -293,7 +293,7 @@ class EngineProcess(DescribedByInfo):
                 self.active -= 1
                 stream._end("error", GenerationError(f"The model process stopped ({reason}); the answer is cut "
                                                      f"here. Send again to restart it."))
-            elif crashed:  # (its caller sends it again: EngineStream._wait_started)
+            elif crashed:  # (its caller, EngineProcess.stream, sends it again)
                 stream._on_refused(EngineGone(reason))
             else:
                 stream._on_refused(GenerationError(f"The model process stopped ({reason}) before this answer "

@@ -836,7 +836,8 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
                 except GenerationError as error:
                     raise api_error(error) from None
         return EventSourceResponse(
-            responses_api.events(stream, updates, body, runner.name, most_calls),
+            responses_api.events(stream, updates, body, runner.name, most_calls,
+                                 error_code=lambda error: api_error(error).body["error"]["code"]),
             ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
 
     return api

@@ -96,7 +96,7 @@ class RemoteRunner(DescribedByInfo):
             self.client.with_options(timeout=TOOLS_PROBE_TIMEOUT_S, max_retries=0).chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": "Hi"}], tools=[TOOLS_PROBE], max_tokens=1)
         except openai.APIStatusError as error:
-            said = _message_of(error).splitlines()[0][:300] if _message_of(error) else str(error.status_code)
+            said = (_message_of(error).splitlines() or [str(error.status_code)])[0][:300]
             if error.status_code in (400, 422):
                 return f"the model server refuses tools ({said})"
             if error.status_code in (401, 403, 404):

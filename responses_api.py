@@ -18,7 +18,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
 
-from engine_contract import GenerationError, Reply, UpstreamError
+from engine_contract import GenerationError, Reply
 
 # Fields this server can't honour: a 400 naming each (the bookkeeping ones are IGNORED).
 REFUSED = {
@@ -236,7 +236,7 @@ async def complete(stream, updates, body: ResponsesRequest, model: str, most_cal
                            output=output_items(stream.reply, most_calls), stream=stream)
 
 
-async def events(stream, updates, body: ResponsesRequest, model: str, most_calls: int | None):
+async def events(stream, updates, body: ResponsesRequest, model: str, most_calls: int | None, error_code):
     """The answer as the Responses API's typed stream events (SSE `event:` + `data:`). Items
     are numbered as they open (reasoning, then the message, with each tool call where it
     comes); the reasoning closes before the message opens; the final response lists the
@@ -338,8 +338,7 @@ async def events(stream, updates, body: ResponsesRequest, model: str, most_calls
             for item in news(reply):
                 yield item
     except GenerationError as error:
-        yield event("error", code="upstream_error" if isinstance(error, UpstreamError) else "generation_failed",
-                    message=str(error), param=None)
+        yield event("error", code=error_code(error), message=str(error), param=None)
         yield event("response.failed", response={**snapshot("failed"),
                                                  "error": {"code": "server_error", "message": str(error)}})
         return

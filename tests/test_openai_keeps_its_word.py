@@ -346,6 +346,7 @@ def test_responses_events_stay_consistent_around_reasoning_and_calls():
     from pydantic import TypeAdapter
 
     import responses_api
+    from openai_api import api_error
     call = ToolCall("get_weather", {"city": "Paris"}, "call-1")
     replies = [Reply(reasoning="Let me", reasoning_done=False),
                Reply(reasoning="Let me think.", reasoning_done=True, answer="Sure"),
@@ -363,7 +364,8 @@ def test_responses_events_stay_consistent_around_reasoning_and_calls():
     async def collect():
         body = responses_api.ResponsesRequest(input="hi")
         return [json.loads(item["data"]) async for item in
-                responses_api.events(Stream(), updates, body, "m", None)]
+                responses_api.events(Stream(), updates, body, "m", None,
+                                     error_code=lambda error: api_error(error).body["error"]["code"])]
     raw = asyncio.run(collect())
     state, adapter = ResponseStreamState(input_tools=[], text_format=openai.NOT_GIVEN), TypeAdapter(ResponseStreamEvent)
     for data in raw:

@@ -47,10 +47,14 @@ class Browser:
         kept, shown, chat_list = self.call("start_session", kept)
         return kept, chat_list, shown
 
+    def begin(self, text, max_new_tokens=8):
+        """A message sent, as the page sends it: the job of its answer (respond), under way."""
+        self.call("begin_turn", {"text": text, "files": []}, self.kept, "")
+        return self.client.submit("", max_new_tokens, 0.0, 1.0, fn_index=event(self.chats, "respond"))
+
     def send(self, text, max_new_tokens=8):
         """A message and its whole answer: (what the chat showed at the end, the list)."""
-        self.call("begin_turn", {"text": text, "files": []}, self.kept, "")
-        shown = self.client.predict("", max_new_tokens, 0.0, 1.0, fn_index=event(self.chats, "respond"))
+        shown = self.begin(text, max_new_tokens).result()
         _, chat_list, _, _ = self.call("end_turn", "")
         return shown, chat_list
 
@@ -396,8 +400,7 @@ def test_one_turn_at_a_time_in_a_conversation(serve, llama_runner):
     browser = Browser(url, spy.chats)
     with pytest.MonkeyPatch.context() as patch:
         release = hold_generation(patch, llama_runner.model, after_calls=5)
-        browser.call("begin_turn", {"text": "first", "files": []}, browser.kept, "")
-        job = browser.client.submit("", 60, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+        job = browser.begin("first", 60)
         wait_for(lambda: spy.streams, 30, "the answer to start")
         with pytest.raises(Exception, match="Wait for the answer to end"):
             browser.call("begin_turn", {"text": "second", "files": []}, browser.kept, "")
@@ -419,8 +422,7 @@ def test_a_message_stopped_before_its_answer_began_keeps_a_note_and_the_model_ne
     browser = Browser(url, spy.chats)
     with pytest.MonkeyPatch.context() as patch:
         release = hold_generation(patch, llama_runner.model, after_calls=0)
-        browser.call("begin_turn", {"text": "never mind", "files": []}, browser.kept, "")
-        job = browser.client.submit("", 60, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+        job = browser.begin("never mind", 60)
         wait_for(lambda: spy.streams, 30, "the answer to start")
         job.cancel()
         wait_for(lambda: spy.streams[-1].closed_at is not None, 10, "Stop to reach the engine")
