@@ -1178,10 +1178,7 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
 
     api_open = settings.api_key is None and is_loopback(settings.host) and not settings.share
     server.mount("/v1", create_api(runner, line, settings, open_without_key=api_open, speech=speech))
-    server.add_api_route("/healthz", lambda: {
-        "status": "ok" if runner.loaded else "loading", "model": runner.name,
-        "device": runner.info.device, "dtype": runner.info.dtype, "loaded": runner.loaded,
-        "runner": dataclasses.asdict(runner.info)}, methods=["GET"])
+    server.add_api_route("/healthz", lambda: health(runner), methods=["GET"])
     server.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=metrics.content_type),
                          methods=["GET"])
     if settings.api_key is None and not api_open:
@@ -1190,6 +1187,16 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
     if block:
         demo.block_thread()
     return demo, local_url
+
+
+def health(runner) -> JSONResponse:
+    """/healthz: "ok", "loading" (both 200), or "unavailable" (503) with the runner's problem
+    (a remote server unreachable, an engine process being replaced after a crash)."""
+    problem = runner.problem if runner.loaded else None
+    return JSONResponse({
+        "status": "unavailable" if problem else "ok" if runner.loaded else "loading", "problem": problem,
+        "model": runner.name, "device": runner.info.device, "dtype": runner.info.dtype, "loaded": runner.loaded,
+        "runner": dataclasses.asdict(runner.info)}, status_code=503 if problem else 200)
 
 
 def mcp_server_refusal(settings: Settings) -> str | None:
@@ -1270,6 +1277,10 @@ class ModelSlot(DescribedByInfo):
     @property
     def active(self) -> int:
         return self.runner.active if self.runner else 0
+
+    @property
+    def problem(self) -> str | None:
+        return self.runner.problem if self.runner else None
 
     def stream(self, messages, settings=None, cancelled: Signal | None = None, on_reading=None):
         wait_for_either(self.ready, cancelled)

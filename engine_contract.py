@@ -275,6 +275,7 @@ class DescribedByInfo:
     supports_tools = property(lambda self: self.info.supports_tools)
     one_at_a_time = property(lambda self: self.info.one_at_a_time)
     loaded = property(lambda self: self.info.loaded)
+    problem: str | None = None  # why it can't answer now (None: it can)
 
 
 @runtime_checkable
@@ -326,6 +327,7 @@ class Runner(Protocol):
     supports_tools: bool
     active: int            # answers generating now
     finish_listeners: list  # called with each stream when it ends (metrics, the line, logs)
+    problem: str | None    # why it can't answer now, a sentence for /healthz (None: it can)
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
                cancelled: Signal | None = None, on_reading: Callable[[], None] | None = None) -> Stream:

@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from config import Settings
@@ -147,6 +148,10 @@ class Ended:
 
 RESEND_TRIES = 1  # a request the engine died before beginning goes to a new engine this many times
 STOPPED_ON_PURPOSE = (-signal.SIGTERM, -signal.SIGINT)  # (the app or systemd stopping it: no new engine)
+# A crashed engine is replaced at once (not at the next request, which would wait for the model
+# to load), unless it died this soon after loading without beginning a request: that one is
+# replaced when a request comes, so an engine that can't stay up isn't reloaded in a loop.
+REPLACE_AT_ONCE_AFTER_S = 60.0
 
 
 class EngineGone(Exception):
@@ -168,6 +173,10 @@ class EngineProcess(DescribedByInfo):
         self.active = 0    # generating (0 or 1, unless the engine batches)
         self.finish_listeners: list = []
         self.restarts = 0
+        self.problem: str | None = None  # (engine_contract.Runner) set while a crashed engine is replaced
+        self._launched_at = 0.0
+        self._began_any = False  # this launch has begun a request
+        self._last_exit = "exit code unknown"  # how the last engine that crashed ended
         self._closed = False  # close() was called: a request the dead engine had not begun isn't sent again
 
     @classmethod
@@ -210,8 +219,13 @@ class EngineProcess(DescribedByInfo):
         if isinstance(ready, LoadFailed):
             process.join(5)
             raise ModelLoadError(ready.message)
+        if self._closed:  # (close() came while it loaded: a replacement nobody will stop)
+            process.kill()
+            process.join(5)
+            raise ModelLoadError("The app is closing.")
         self.info = ready.info
         self._process, self._commands, self._streams = process, command_writer, {}
+        self._launched_at, self._began_any, self.problem = time.monotonic(), False, None
         threading.Thread(target=self._read_events, args=(event_reader, process, self._streams),
                          name="engine-events", daemon=True).start()
 
@@ -241,11 +255,7 @@ class EngineProcess(DescribedByInfo):
         with self._launch_lock:
             if not self.alive:  # it died (crash, OOM kill): a fresh one for this request
                 log.warning("The engine process is gone; starting a new one.")
-                try:
-                    self._launch()
-                except ModelLoadError as error:
-                    raise GenerationError(f"The model process stopped and could not restart: {error}") from None
-                self.restarts += 1
+                self._relaunch()
             stream = EngineStream(self, next(self._ids), settings, last_user_text(messages), on_reading)
             streams = self._streams
             streams[stream.id] = stream
@@ -272,6 +282,7 @@ class EngineProcess(DescribedByInfo):
                 stream._on_text(event)
             elif isinstance(event, Started):
                 self.active += 1
+                self._began_any = True
                 stream._on_started(event)
             elif isinstance(event, Reading):
                 stream._on_reading()
@@ -287,17 +298,49 @@ class EngineProcess(DescribedByInfo):
         crashed = not self._closed and process.exitcode not in STOPPED_ON_PURPOSE
         if not self._closed:
             log.error("The engine process stopped (%s).", reason)
+        if crashed:
+            self._last_exit = reason
+            if self._process is process:  # (else a request has replaced it already)
+                self.problem = f"The model process stopped ({reason})."
+            at_once = self._began_any or time.monotonic() - self._launched_at >= REPLACE_AT_ONCE_AFTER_S
+            threading.Thread(target=self._replace, args=(process, at_once), name="engine-replace",
+                             daemon=True).start()
         for request_id in list(streams):
             stream = streams.pop(request_id)
             if stream._started.is_set():
                 self.active -= 1
                 stream._end("error", GenerationError(f"The model process stopped ({reason}); the answer is cut "
-                                                     f"here. Send again to restart it."))
+                                                     f"here. Send again: a new one is starting."))
             elif crashed:  # (its caller, EngineProcess.stream, sends it again)
                 stream._on_refused(EngineGone(reason))
             else:
                 stream._on_refused(GenerationError(f"The model process stopped ({reason}) before this answer "
                                                    f"began."))
+
+    def _relaunch(self) -> None:
+        """A new engine for a dead one (under the launch lock)."""
+        self.problem = f"The model process stopped ({self._last_exit}); a new one is loading the model."
+        try:
+            self._launch()
+        except ModelLoadError as error:
+            self.problem = f"The model process stopped and could not restart: {error} The next request tries again."
+            log.error("%s", self.problem)
+            raise GenerationError(f"The model process stopped and could not restart: {error}") from None
+        self.restarts += 1
+        log.info("A new engine process is ready.")
+
+    def _replace(self, dead, at_once: bool) -> None:
+        """After a crash: a new engine now, so the next request finds the model loaded (or, for
+        an engine that died soon after loading, idle, when a request comes)."""
+        with self._launch_lock:
+            if self._closed or self._process is not dead:  # (closing, or a request replaced it already)
+                return
+            if not at_once:
+                self.problem = f"The model process stopped ({self._last_exit}); the next request starts a new one."
+                return
+            log.warning("Starting a new engine process.")
+            with contextlib.suppress(GenerationError):  # (logged; self.problem says it)
+                self._relaunch()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine process (answers in flight end as cancelled)."""

@@ -660,6 +660,7 @@ class ModelRunner:
     """A model loaded in this process (the engine_contract.Runner contract)."""
 
     loaded = True  # (app.ModelSlot stands in while a model loads)
+    problem = None  # (it answers while this process runs)
 
     def __init__(self, model, processor, tokenizer, *, settings: Settings, name: str, device: str,
                  dtype: torch.dtype, is_vision: bool, record_token_times: bool = False, loop_thread: bool = True):

@@ -50,6 +50,10 @@ TOOLS_PROBE_TIMEOUT_S = 30.0
 TOOLS_PROBE = {"type": "function", "function": {
     "name": "tools_probe", "description": "Never needed: the app asks whether the server takes tools.",
     "parameters": {"type": "object", "properties": {}}}}
+# While the last request could not reach the server, /healthz asks it again at most this often
+# (a quick GET /models), so it sees the server come back without waiting for a chat.
+UNREACHABLE_RECHECK_S = 5.0
+UNREACHABLE_RECHECK_TIMEOUT_S = 2.0
 
 
 class RemoteRunner(DescribedByInfo):
@@ -70,6 +74,29 @@ class RemoteRunner(DescribedByInfo):
                                tools_off=tools_off)
         self.counted = ActiveCount()
         self.finish_listeners: list = []
+        self._unreachable: str | None = None  # why the last request could not reach the server
+        self._unreachable_checked = 0.0
+
+    @property
+    def problem(self) -> str | None:
+        """The server can't be reached (the last request, or a check here, found so)."""
+        if self._unreachable and time.monotonic() - self._unreachable_checked >= UNREACHABLE_RECHECK_S:
+            self._unreachable_checked = time.monotonic()
+            try:
+                self.client.with_options(timeout=UNREACHABLE_RECHECK_TIMEOUT_S, max_retries=0).models.list()
+                self.reached()
+            except openai.APIConnectionError:
+                pass
+            except openai.APIError:  # (it answers)
+                self.reached()
+        return self._unreachable
+
+    def unreachable(self, why: str) -> None:
+        self._unreachable = f"{why} (since {time.strftime('%H:%M:%S')})"
+        self._unreachable_checked = time.monotonic()
+
+    def reached(self) -> None:
+        self._unreachable = None
 
     @property
     def active(self) -> int:
@@ -268,9 +295,12 @@ class RemoteStream(StreamBase):
         try:
             self._response = runner.client.chat.completions.create(**request)
         except openai.APIConnectionError:
+            runner.unreachable(f"Can't reach the model server at {runner.base_url}.")
             raise UpstreamError(f"Can't reach the model server at {runner.base_url}.") from None
         except openai.APIStatusError as error:
+            runner.reached()
             raise _refusal_of(error, runner.settings) from None
+        runner.reached()
         runner.counted.add(1)
 
     def __iter__(self):
@@ -301,6 +331,8 @@ class RemoteStream(StreamBase):
         except openai.APIError as error:
             self._fail(UpstreamError(f"The model server failed: {_message_of(error)}"))
         except Exception as error:  # e.g. the connection dropped mid-answer
+            if not self.closed_at:
+                self._runner.unreachable(f"The connection to the model server at {self._runner.base_url} broke.")
             self._fail(UpstreamError(f"The connection to the model server broke: {type(error).__name__}: {error}"))
         calls, unreadable = self._calls.at_end(cut_off=self._server_finish == "length")
         self.reply = Reply(answer="\n\n".join(filter(None, [self._answer, *unreadable])),

@@ -78,23 +78,45 @@ def test_finished_answers_reach_the_listeners(idefics3_engine_process):
     assert seen == [stream] and stream.new_tokens == 7
 
 
-def test_a_killed_engine_ends_the_answer_with_a_message_and_the_next_request_restarts_it(tiny_model_paths):
+def test_a_killed_engine_ends_the_answer_with_a_message_and_a_new_one_loads_at_once(tiny_model_paths):
+    """The answer so far stays with the error; a new engine loads without waiting for a
+    request (the problem, for /healthz, says so meanwhile), and answers the next one."""
     engine = EngineProcess.start(str(tiny_model_paths["llama"]), device="cpu")
     try:
         stream = engine.stream(ask("Tell me a story."), GenerationSettings(max_new_tokens=4000, min_new_tokens=4000))
         shown = Reply()
+        first_pid = engine.pid
         with pytest.raises(GenerationError, match="model process stopped .*killed by SIGKILL"):
             for shown in stream:
                 if shown.answer:
                     os.kill(engine.pid, signal.SIGKILL)  # what the out-of-memory killer does
         assert shown.answer and stream.text.startswith(shown.answer), "the answer so far is kept"
         assert stream.finish_reason == "error" and engine.active == 0
+        assert "killed by SIGKILL" in engine.problem
+        wait_for(lambda: engine.restarts == 1 and engine.problem is None, 120, "a new engine, with no request")
+        assert engine.alive and engine.pid != first_pid
         with engine.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
             list(after)
         assert after.new_tokens == 5 and engine.restarts == 1
     finally:
         engine.close()
     assert not engine.alive
+
+
+def test_an_engine_that_dies_idle_right_after_loading_is_replaced_when_a_request_comes(tiny_model_paths):
+    """Not reloaded in a loop: one that can't stay up waits for a request to try again."""
+    engine = EngineProcess.start(str(tiny_model_paths["llama"]), device="cpu")
+    try:
+        os.kill(engine.pid, signal.SIGKILL)
+        wait_for(lambda: engine.problem and "the next request starts a new one" in engine.problem, 20,
+                 "the problem to be told")
+        time.sleep(1)
+        assert not engine.alive and engine.restarts == 0
+        with engine.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
+            list(after)
+        assert after.new_tokens == 5 and engine.restarts == 1 and engine.problem is None
+    finally:
+        engine.close()
 
 
 def test_a_request_waiting_when_the_engine_dies_is_answered_by_the_next_engine(tiny_model_paths):

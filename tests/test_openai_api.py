@@ -278,6 +278,45 @@ def test_remote_backend_says_when_the_fault_is_the_server_not_the_request(serve,
     assert gone.status_code == 502 and "Can't reach the model server" in gone.json()["error"]["message"]
 
 
+def test_healthz_says_unavailable_while_the_model_server_cannot_be_reached(serve, monkeypatch):
+    """A 503 with the reason once a request finds the server gone, and "ok" again when the
+    server is back, found by /healthz itself (no chat needed)."""
+    import http.server
+    import json
+    import threading
+
+    import remote_backend
+    from tests.conftest import free_port
+    monkeypatch.setattr(remote_backend, "UNREACHABLE_RECHECK_S", 0.0)
+    port = free_port()
+    url, _ = serve(RemoteRunner(f"http://127.0.0.1:{port}/v1", Settings(model="m")))
+    assert httpx.get(url + "healthz").json()["status"] == "ok", "nothing has found it gone yet"
+    httpx.post(url + "v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    health = httpx.get(url + "healthz", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+    assert f"Can't reach the model server at http://127.0.0.1:{port}/v1" in health.json()["problem"]
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    back = http.server.ThreadingHTTPServer(("127.0.0.1", port), Models)
+    threading.Thread(target=back.serve_forever, daemon=True).start()
+    try:
+        health = httpx.get(url + "healthz", timeout=10)
+        assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["problem"] is None
+    finally:
+        back.shutdown()
+        back.server_close()
+
+
 def test_remote_backend_needs_a_model_when_the_server_is_unreachable():
     from engine_contract import ModelLoadError
     from tests.conftest import free_port
