@@ -8,6 +8,7 @@ engine_contract.Runner contract, so the UI and this app's own /v1 use it like a 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -68,6 +69,7 @@ class RemoteRunner(DescribedByInfo):
         self.model = settings.model or self._served_model()  # the server's name for it
         # The server decides what it takes: images are sent (a text-only one answers with an
         # error), tools unless it refused them at start, it batches in its own way.
+        self._tools_unasked = False  # the start's question about tools got no answer: a refusal asks again
         tools_off = self._tools_off() if settings.tools or settings.mcp_config else ""
         self.info = RunnerInfo(name=settings.served_model_name or self.model, device=f"via {self.base_url}",
                                dtype="set by the server", batching=True, supports_tools=not tools_off,
@@ -131,10 +133,27 @@ class RemoteRunner(DescribedByInfo):
                                      f"({error.status_code}): {said}") from None
             log.warning("The model server answered %s when asked whether it takes tools; they are sent, and "
                         "its answers will say if it refuses them.", error.status_code)
+            self._tools_unasked = True
         except openai.APIError as error:  # (unreachable, or slow: loading its model)
+            self._tools_unasked = True
             log.warning("The model server could not be asked whether it takes tools (%s); they are sent, and its "
                         "answers will say if it refuses them.", type(error).__name__)
         return ""
+
+    def _tools_now_off(self, refusal: ChatInputError) -> ChatInputError:
+        """A request with tools refused, when the question at start got no answer (the server
+        was still loading its model): asked again, a server that refuses tools has them off
+        from now on, and the refusal says so (sending again goes without them)."""
+        if not self._tools_unasked or "tool" not in str(refusal).lower():
+            return refusal
+        self._tools_unasked = False
+        tools_off = self._tools_off()
+        if not tools_off:
+            return refusal
+        self.info = dataclasses.replace(self.info, supports_tools=False, tools_off=tools_off)
+        log.warning("Tools are off for %s: %s.", self.name, tools_off)
+        return type(refusal)(f"{refusal} It refuses tools, so they are off from now on: send again to be "
+                             f"answered without them.")
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
                cancelled: Signal | None = None, on_reading=None) -> "RemoteStream":
@@ -169,7 +188,10 @@ class RemoteRunner(DescribedByInfo):
         for penalty in ("presence_penalty", "frequency_penalty"):
             if getattr(settings, penalty):
                 request[penalty] = getattr(settings, penalty)
-        stream = RemoteStream(self, request, settings.max_updates_per_second, last_user_text(messages))
+        try:
+            stream = RemoteStream(self, request, settings.max_updates_per_second, last_user_text(messages))
+        except ChatInputError as refusal:
+            raise self._tools_now_off(refusal) if "tools" in request else refusal from None
         stream.notices = notices
         if cancelled is not None:
             cancelled.on_set(lambda: stream.close(wait=0))

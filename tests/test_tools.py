@@ -636,6 +636,25 @@ def test_a_remote_server_that_wont_say_leaves_tools_on_and_a_refused_key_is_a_lo
         RemoteRunner(back_url + "v1", Settings(model="tools", tools=("builtin",), api_key="sk-wrong"))
 
 
+def test_a_remote_server_that_was_silent_at_start_and_refuses_tools_has_them_off_after_one_refusal(
+        serve, llama_runner, tmp_path):
+    """The server was still loading at start (no answer: tools on). The first request with
+    tools that it refuses says so and turns them off: the next message goes without."""
+    from engine_contract import ChatInputError
+    from remote_backend import RemoteRunner
+    from tests.conftest import free_port
+    remote = RemoteRunner(f"http://127.0.0.1:{free_port()}/v1", Settings(model=llama_runner.name, tools=("builtin",)))
+    assert remote.supports_tools
+    back_url, back_spy = serve(llama_runner)  # (up now; llama's template takes no tools)
+    remote.client = remote.client.with_options(base_url=back_url + "v1")
+    with pytest.raises(ChatInputError, match="can't call tools here.*off from now on: send again"):
+        remote.stream(chat("weather?"), GenerationSettings(max_new_tokens=5, tools=[WEATHER_TOOL]))
+    assert not remote.supports_tools and remote.info.tools_off.startswith("the model server refuses tools")
+    url, spy = serve(remote, toolbox=Toolbox.load([write_tools(tmp_path, WEATHER)]))
+    assert submit(Client(url, verbose=False), "weather?", max_new_tokens=5).result(timeout=60)
+    assert spy.calls[-1][1].tools is None and back_spy.calls[-1][1].tools is None, "answered without tools"
+
+
 def test_a_tools_pictures_reach_a_remote_server_after_the_results(monkeypatch, images):
     """OpenAI's API takes a tool's result as text: its pictures follow the results in a user
     message, as the local engine gives them to a model's template."""
