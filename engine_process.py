@@ -16,7 +16,7 @@ the next request starts one.
 Protocol: the dataclasses below, pickled over two one-way pipes.
     web server -> engine   Generate · Cancel · Exit
     engine -> web server   Ready | LoadFailed, then per request
-                           [Reading], Started | Refused, Text..., Ended
+                           [Reading], [Taken], Started | Refused, Text..., Ended
 In the engine, the process's main thread is the generation loop (model_runner.GenerationLoop):
 it loads the model, warms it up, and builds and generates every answer; one more thread
 reads the commands pipe and hands requests in. The generating thread sends each due update
@@ -88,6 +88,13 @@ class LoadFailed:
 @dataclass
 class Reading:
     """Its files are being read before it can start (the waiting line lets the next through)."""
+    request_id: int
+
+
+@dataclass
+class Taken:
+    """The loop took it: its inputs are being built (if the engine dies now, this request may
+    be why: it isn't sent again)."""
     request_id: int
 
 
@@ -286,6 +293,8 @@ class EngineProcess(DescribedByInfo):
                 stream._on_started(event)
             elif isinstance(event, Reading):
                 stream._on_reading()
+            elif isinstance(event, Taken):
+                stream._taken = True
             elif isinstance(event, Refused):
                 streams.pop(event.request_id, None)
                 stream._on_refused(ERRORS.get(event.error, GenerationError)(event.message))
@@ -311,8 +320,12 @@ class EngineProcess(DescribedByInfo):
                 self.active -= 1
                 stream._end("error", GenerationError(f"The model process stopped ({reason}); the answer is cut "
                                                      f"here. Send again: a new one is starting."))
-            elif crashed:  # (its caller, EngineProcess.stream, sends it again)
+            elif crashed and not stream._taken:  # (its caller, EngineProcess.stream, sends it again)
                 stream._on_refused(EngineGone(reason))
+            elif crashed:  # (it may be why: another engine would go the same way)
+                stream._on_refused(GenerationError(f"The model process stopped ({reason}) while it prepared this "
+                                                   f"message; it was not sent again, as it may be the cause. Try it "
+                                                   f"with fewer or smaller attachments."))
             else:
                 stream._on_refused(GenerationError(f"The model process stopped ({reason}) before this answer "
                                                    f"began."))
@@ -397,6 +410,7 @@ class EngineStream(StreamBase):
         self._on_reading_callback = on_reading
         self.id = request_id
         self._started = threading.Event()
+        self._taken = False  # the engine's loop took it (Taken)
         self._refusal: BaseException | None = None
         self._cancel_sent = False
 
@@ -501,7 +515,7 @@ class _EngineServer:
         from model_runner import Job
         request_id, sent, logprobs_sent = command.request_id, Reply(), 0
         job = Job(command.messages, command.settings, on_decided=functools.partial(self.decided, request_id),
-                  on_reading=lambda: self.send(Reading(request_id)))
+                  on_reading=lambda: self.send(Reading(request_id)), on_taken=lambda: self.send(Taken(request_id)))
 
         def on_update(reply: Reply) -> None:
             nonlocal sent, logprobs_sent

@@ -465,11 +465,12 @@ class Job:
     client gone) drops it unstarted, or stops its answer within a token."""
 
     def __init__(self, messages: list[dict], settings: GenerationSettings, *, on_update=None, on_end=None,
-                 on_decided=None, on_reading=None):
+                 on_decided=None, on_reading=None, on_taken=None):
         self.messages, self.settings = messages, settings
         self.first = settings.continues_answer  # a tool loop's next step: before later requests
         self.on_update, self.on_end, self._on_decided = on_update, on_end, on_decided
         self.on_reading = on_reading  # told (once: reading()) if its files are read before it can start
+        self.on_taken = on_taken  # told when the loop takes it (its inputs are built next)
         self.stream: TextStream | None = None
         self.refusal: BaseException | None = None
         self.prepared: tuple[list[dict], list[str]] | None = None  # its messages with their files read, notices
@@ -509,7 +510,9 @@ class Job:
             if self._state != "waiting":
                 return False
             self._state = "taken"
-            return True
+        if self.on_taken is not None:
+            self.on_taken()
+        return True
 
     def refuse(self, error: BaseException) -> None:
         self.refusal = error

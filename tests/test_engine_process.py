@@ -221,3 +221,30 @@ def test_a_request_withdrawn_while_it_waits_for_the_engine_never_runs(idefics3_e
     finally:
         engine.finish_listeners.remove(started.append)
     assert [s.request_text for s in started] == ["A long answer.", "hello"], "the withdrawn one never ran"
+
+
+def test_a_request_being_prepared_when_the_engine_dies_is_not_sent_again_but_the_ones_behind_it_are():
+    """The engine died while it built one request's inputs (that request may be what killed
+    it: a new engine would go the same way): it is refused with the reason; the one waiting
+    behind it is handed back to its caller to send again (EngineGone)."""
+    import multiprocessing
+    from config import Settings
+    from engine_process import EngineGone, EngineStream, Taken
+
+    class DeadProcess:
+        exitcode = -signal.SIGKILL
+
+        def join(self, timeout=None):
+            pass
+
+    engine = EngineProcess(Settings())
+    engine._launched_at = time.monotonic()  # (just loaded, idle: replaced when a request comes)
+    being_built, waiting = (EngineStream(engine, n, GenerationSettings(max_new_tokens=5), "hi") for n in (1, 2))
+    events, sender = multiprocessing.Pipe(duplex=False)
+    sender.send(Taken(1))
+    sender.close()
+    engine._read_events(events, DeadProcess(), {1: being_built, 2: waiting})
+    with pytest.raises(GenerationError, match="while it prepared this message; it was not sent again"):
+        being_built._wait_started()
+    with pytest.raises(EngineGone):
+        waiting._wait_started()
