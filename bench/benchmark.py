@@ -62,7 +62,6 @@ plain generate included.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json

@@ -19,7 +19,6 @@ from gradio_client import Client
 import app
 import users
 from config import Settings
-from conversation import for_the_model
 from conversation_store import ConversationStore, open_store
 from tests.conftest import free_port, wait_for, wait_until_loaded
 
