@@ -1268,11 +1268,12 @@ class ModelRunner:
     def _fit_documents(self, messages: list[dict], budget: int, notices: list[str], tools: list[dict] | None,
                        tokens: dict | None = None):
         """A conversation too long for the context, with its documents' text (`tokens`:
-        _document_tokens, if made already) cut to fit what the rest leaves them, but never to less than half
-        the context (or their whole text): then the oldest turns make way too
-        (`_fit_in_context`; inputs None). Each document keeps the same share of its tokens,
-        from its start; the chat says how much of each one in the new message was sent.
-        → (messages, inputs that fit, or None)."""
+        _document_tokens, if made already) cut to fit what the rest leaves them. The new
+        message's documents come first: they get what the rest leaves, but never less than
+        half the context (or their whole text; then the oldest turns make way too:
+        `_fit_in_context`, inputs None); earlier turns' documents get what they leave. Each
+        document of a group keeps the same share of its tokens, from its start; the chat says
+        how much of each one in the new message was sent. → (messages, inputs that fit, or None)."""
         tokens = self._document_tokens(messages) if tokens is None else tokens
         where = list(tokens)
         if not where:
@@ -1284,12 +1285,17 @@ class ModelRunner:
                 edited[i]["content"][j] = {**edited[i]["content"][j], "text": text}
             return edited
 
-        total = sum(map(len, tokens.values()))
+        new = [key for key in where if key[0] == len(messages) - 1]
+        old = [key for key in where if key[0] != len(messages) - 1]
+        new_total, old_total = (sum(len(tokens[key]) for key in group) for group in (new, old))
         rest = self._apply_chat_template(with_texts({key: "" for key in where}), tools)["input_ids"].shape[-1]
-        share = max(budget - rest, min(total, budget // 2))
-        old_turns_make_way = share > budget - rest
+        room = budget - rest
+        new_share = min(new_total, max(room, budget // 2))
+        old_share = max(0, room - new_share)
+        old_turns_make_way = new_share > room
         for _ in range(4):  # (a cut's tokens can differ slightly from the count: shrink and try again)
-            keeps = {key: max(0, len(ids) * share // total) for key, ids in tokens.items()}
+            keeps = {key: max(0, len(tokens[key]) * share // total) for group, share, total in
+                     ((new, new_share, new_total), (old, old_share, old_total)) for key in group}
             texts = {key: self._cut_document(messages[key[0]]["content"][key[1]], tokens[key], keeps[key])
                      for key in where}
             edited = with_texts(texts)
@@ -1297,9 +1303,11 @@ class ModelRunner:
             over = inputs["input_ids"].shape[-1] - budget
             if over <= 0 or old_turns_make_way:
                 break
-            share -= over + 8
-        for key in where:
-            if key[0] == len(messages) - 1 and keeps[key] < len(tokens[key]):
+            from_old = min(old_share, over + 8)  # (earlier turns' documents give way first)
+            old_share -= from_old
+            new_share -= over + 8 - from_old
+        for key in new:
+            if keeps[key] < len(tokens[key]):
                 part = messages[key[0]]["content"][key[1]]
                 pages = re.findall(rf"\[{re.escape(part['document'])}, page (\d+)\]", texts[key])
                 notices.append(f"{part['document']} is too long for what is left of the model's context "
@@ -1310,6 +1318,8 @@ class ModelRunner:
     def _cut_document(self, part: dict, ids: list[int], keep: int) -> str:
         if keep >= len(ids):
             return part["text"]
+        if keep <= 0:  # (an earlier turn's, when the new message's documents need all the room)
+            return f"[{part['document']}: left out to fit the context]"
         text = self.tokenizer.decode(ids[:keep])
         line_end = text.rfind("\n")
         if line_end > len(text) * 0.9:

@@ -170,6 +170,38 @@ def test_documents_fill_half_the_context_before_old_turns_give_way(llama_runner,
     assert any("oldest" in notice for notice in notices) and any("got its first" in notice for notice in notices)
 
 
+def test_a_new_document_is_read_whole_after_a_long_one_earlier_in_the_chat(llama_runner, tmp_path):
+    """The earlier turn's long document gives way (it was read then): the new message's
+    short one is sent whole, and the long one keeps what is left."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Decision: the budget for item seven was approved by everyone.")
+    prompt, notices = prompt_of(llama_runner, [
+        {"role": "user", "content": [attachment_part(long_document(tmp_path), "minutes.txt"),
+                                     {"type": "text", "text": "Summarize."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A long meeting."}]},
+        {"role": "user", "content": [attachment_part(notes, "notes.txt"), {"type": "text", "text": "And this?"}]}])
+    assert "the budget for item seven was approved by everyone" in prompt and "And this?" in prompt
+    assert not any("notes.txt" in notice for notice in notices), notices
+    assert "Line 0: the committee" in prompt and "[minutes.txt: cut here to fit the context" in prompt
+    assert len(llama_runner.tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= \
+        llama_runner.context_length - 64
+
+
+def test_two_long_documents_the_new_one_gets_the_room_and_the_old_one_what_it_leaves(llama_runner, tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = long_document(tmp_path / "old"), long_document(tmp_path / "new")
+    new.write_text(new.read_text().replace("the committee", "the board"))
+    prompt, notices = prompt_of(llama_runner, [
+        {"role": "user", "content": [attachment_part(old, "minutes.txt"), {"type": "text", "text": "Summarize."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A long meeting."}]},
+        {"role": "user", "content": [attachment_part(new, "board.txt"), {"type": "text", "text": "And this?"}]}])
+    kept = prompt[prompt.index("Line 0: the board"):prompt.index("[board.txt: cut here")]
+    assert len(llama_runner.tokenizer(kept)["input_ids"]) >= 0.9 * (llama_runner.context_length - 64) - 200
+    assert "the committee" not in prompt and "[minutes.txt: left out to fit the context]" in prompt
+    assert any("board.txt is too long" in notice for notice in notices) and "And this?" in prompt
+
+
 def zip_bomb_docx(path):
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("word/document.xml", "<w:document/>" + " " * (300 * 2**20))
