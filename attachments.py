@@ -112,17 +112,17 @@ def document_of(part: dict, again: bool = True) -> documents.Document:
     if part.get("read") is not None:
         return part["read"]
     source = part["document"]
-    return _remembered(("document", identity(source)), lambda: _read(documents.read_document, _bytes(source, part),
+    return _remembered(("document", identity(source), part["name"]), lambda: _read(documents.read_document, _bytes(source, part),
                                                                          part["name"]), again)
 
 
 def audio_of(part: dict, sampling_rate: int, again: bool = True) -> media.Audio:
-    return _remembered(("audio", identity(part["audio"]), sampling_rate),
+    return _remembered(("audio", identity(part["audio"]), part["name"], sampling_rate),
                        lambda: _read(media.read_audio, part["audio"], part["name"], sampling_rate), again)
 
 
 def video_of(part: dict, frames: int, again: bool = True) -> media.Video:
-    return _remembered(("video", identity(part["video"]), frames),
+    return _remembered(("video", identity(part["video"]), part["name"], frames),
                        lambda: _read(media.read_video, part["video"], part["name"], frames), again)
 
 
@@ -184,7 +184,7 @@ class _Refusal(str):
 
 
 def _remembered(key: tuple, read, again: bool = True):
-    """What `read` gives for `key`, read once while it stays among the last REMEMBERED (a chat
+    """What `read` gives for `key` (the content and the name: what is read names the file), read once while it stays among the last REMEMBERED (a chat
     sends its history every turn; a read in progress is waited for, not done twice). A file
     that can't be read is remembered too (ImageRefused again, at once), but one refused by a
     time or memory limit is read `again` when the user sends it again (the new message);

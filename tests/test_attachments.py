@@ -358,6 +358,24 @@ def test_a_file_part_on_v1_is_read_as_in_the_chat(api, tmp_path):
             list(created)
 
 
+def test_the_same_file_sent_under_another_name_is_named_by_its_own(api):
+    """Reads are remembered by content, but what is read names the file: another client's
+    request with the same bytes must not see the first one's file name."""
+    client, runner, spy = api
+    pdf = pdf_with_text("Quarterly revenue rose")
+    for name in ("q3_plan.pdf", "notes.pdf"):
+        client.chat.completions.create(model=runner.name, max_tokens=3, messages=[{"role": "user", "content": [
+            {"type": "file", "file": {"file_data": data_url("application/pdf", pdf), "filename": name}},
+            {"type": "text", "text": "Summarise it"}]}])
+    prompt, _ = prompt_of(runner, spy.calls[-1][0])
+    assert "[notes.pdf, page 1]" in prompt and "q3_plan" not in prompt
+    broken = data_url("application/pdf", b"%PDF-1.4 broken twice")
+    for name in ("first.pdf", "second.pdf"):
+        with pytest.raises(openai.BadRequestError, match=f"{name} is not a readable PDF"):
+            client.chat.completions.create(model=runner.name, max_tokens=3, messages=[{"role": "user", "content": [
+                {"type": "file", "file": {"file_data": broken, "filename": name}}]}])
+
+
 BAD_PARTS = [
     ({"type": "file", "file": {"file_id": "file-abc"}}, "file_id_not_supported", "inline as file.file_data"),
     ({"type": "file", "file": {"file_data": data_url("application/pdf", b"%PDF-1.4 broken"), "filename": "a.pdf"}},
