@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +42,14 @@ def _compile_choice(value: str) -> str:
     """auto, on, off; 1/true/yes and 0/false/no read as on and off."""
     value = value.strip().lower()
     return {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
+
+
+def _file_size(value: str) -> str:
+    """A size as Gradio's max_file_size reads it: a whole number and a unit, e.g. 100mb, 2 GB."""
+    found = re.fullmatch(r"\s*(\d+)\s*(b|kb|mb|gb|tb)\s*", value, re.IGNORECASE)
+    if not found or int(found[1]) < 1:
+        raise ValueError("not a size such as 100mb or 2gb (b, kb, mb, gb or tb)")
+    return f"{int(found[1])}{found[2].lower()}"
 
 
 @dataclass(frozen=True)
@@ -143,12 +153,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_images_per_conversation", 16, "the oldest images beyond it drop out of the prompt; the "
             "chat says so", least=0),
     Setting("video_frames", 8, "frames of a video a model is shown, spread evenly, each with its time stamp "
-                               "(within max_images_per_message for an image model)"),
+                               "(within max_images_per_message for an image model)", most=32),  # media.MAX_VIDEO_FRAMES
     Setting("asr_model", None, "a speech-recognition model (hub id or directory, e.g. "
                                "openai/whisper-large-v3-turbo): audio sent to a model that can't listen is written "
                                "out first, and the chat shows the transcript as the user's words", option=True,
             metavar="ID_OR_DIR"),
-    Setting("max_upload_size", "100mb", "larger uploads are refused by the server (HTTP 413)"),
+    Setting("max_upload_size", "100mb", "larger uploads are refused by the server (HTTP 413)", kind=_file_size),
     # -- serving
     Setting("host", "127.0.0.1", "address to bind; 0.0.0.0 serves your network (Spaces set it)",
             option=True, env="GRADIO_SERVER_NAME"),
@@ -284,6 +294,10 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
             value = tuple(item for text in value for item in _comma_list(text))
         changes[setting.name] = value
     settings = from_env.replace(**changes)
+    given = environ.get("MAX_NEW_TOKENS", "").strip() or any(
+        arg.split("=")[0] == "--max-new-tokens" for arg in (sys.argv[1:] if argv is None else argv))
+    if not given and settings.max_new_tokens > settings.max_new_tokens_limit:  # (the default follows a lower limit)
+        settings = settings.replace(max_new_tokens=settings.max_new_tokens_limit)
     problem = settings.problem()
     if problem:
         command_line.error(problem)

@@ -196,8 +196,9 @@ def _prepared_part(part: dict, budget: Budget, *, settings: Settings, sees_image
             return []
         video = attachments.video_of(part, wanted, is_new)
         budget.take_room(len(video.frames))
-        if wanted < settings.video_frames:
-            notices.append(f"The model sees {len(video.frames)} frames of {video.name} (not "
+        if len(video.frames) == wanted < settings.video_frames:  # (the limits, not a short video, gave fewer)
+            frames = f"{wanted} frame" + ("s" if wanted != 1 else "")
+            notices.append(f"The model sees {frames} of {video.name} (not "
                            f"{settings.video_frames}: a message is given at most {settings.max_images_per_message} "
                            f"images, a chat {settings.max_images_per_conversation}).")
         return [piece for seconds, frame in video.frames for piece in (

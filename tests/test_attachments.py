@@ -298,6 +298,21 @@ def test_a_video_within_the_images_of_one_message(idefics3_runner, images, tmp_p
     assert any("3 frames of clip.webm" in notice for notice in notices)
 
 
+def test_a_short_video_is_not_said_to_be_cut_by_the_image_limits(idefics3_runner, images, tmp_path):
+    short = tmp_path / "short.webm"
+    short.write_bytes(video_file("short.webm", seconds=0.3))  # (3 frames, fewer than VIDEO_FRAMES)
+    prompt, notices = prompt_of(idefics3_runner, [{"role": "user", "content": [
+        attachment_part(short), {"type": "text", "text": "What happens?"}]}])
+    assert 1 <= prompt.count("[short.webm at ") < idefics3_runner.settings.video_frames
+    assert not any("frame" in notice for notice in notices), notices
+    clip = tmp_path / "clip.webm"
+    clip.write_bytes(video_file("clip.webm"))
+    limit = idefics3_runner.settings.max_images_per_message
+    _, notices = prompt_of(idefics3_runner, [{"role": "user", "content": [
+        *[attachment_part(images["red"])] * (limit - 1), attachment_part(clip), {"type": "text", "text": "Compare"}]}])
+    assert any("The model sees 1 frame of clip.webm (not 8:" in notice for notice in notices), notices
+
+
 def test_a_video_to_a_text_only_model_is_refused_saying_why(llama_runner, tmp_path):
     from engine_contract import ImageRefused
     clip = tmp_path / "clip.mp4"

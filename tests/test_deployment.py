@@ -134,11 +134,24 @@ def test_a_bad_setting_exits_with_one_line():
     ([], {"MAX_IMAGES_PER_MESSAGE": "-1"}, "MAX_IMAGES_PER_MESSAGE must be 0 or more (it is -1)"),
     ([], {"TOOL_TIMEOUT_S": "0"}, "TOOL_TIMEOUT_S must be more than 0 (it is 0.0)"),
     (["--torch-threads", "-2"], {}, "--torch-threads must be 0 or more (it is -2)"),
+    ([], {"VIDEO_FRAMES": "100"}, "VIDEO_FRAMES must be 1 to 32 (it is 100)"),
+    ([], {"MAX_UPLOAD_SIZE": "lots"}, "MAX_UPLOAD_SIZE='lots': not a size such as 100mb or 2gb (b, kb, mb, gb or tb)"),
+    ([], {"MAX_UPLOAD_SIZE": "-5mb"}, "MAX_UPLOAD_SIZE='-5mb': not a size such as 100mb or 2gb (b, kb, mb, gb or tb)"),
+    (["--max-new-tokens", "512"], {"MAX_NEW_TOKENS_LIMIT": "100"}, "--max-new-tokens must be between 1 and 100"),
 ])
 def test_a_number_out_of_its_range_is_refused_in_one_line(argv, environ, said, capsys):
     with pytest.raises(SystemExit) as exited:
         config.read_settings(argv, environ)
     assert exited.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {said}")
+
+
+def test_a_lower_answer_limit_alone_brings_the_default_answer_length_down_with_it():
+    """MAX_NEW_TOKENS_LIMIT=100 alone works (the default 512 follows it down); an upload size
+    is read as Gradio reads it."""
+    import media
+    assert config.read_settings([], {"MAX_NEW_TOKENS_LIMIT": "100"}).max_new_tokens == 100
+    assert config.read_settings([], {"MAX_UPLOAD_SIZE": " 2 GB "}).max_upload_size == "2gb"
+    assert next(s for s in config.SETTINGS if s.name == "video_frames").most == media.MAX_VIDEO_FRAMES
 
 
 def test_a_port_in_use_exits_with_one_line(tiny_model_paths):
