@@ -298,12 +298,15 @@ def test_a_video_within_the_images_of_one_message(idefics3_runner, images, tmp_p
     assert any("3 frames of clip.webm" in notice for notice in notices)
 
 
-def test_a_short_video_is_not_said_to_be_cut_by_the_image_limits(idefics3_runner, images, tmp_path):
+def test_a_short_video_is_not_said_to_be_cut_by_the_image_limits(idefics3_runner, images, tmp_path, monkeypatch):
     short = tmp_path / "short.webm"
-    short.write_bytes(video_file("short.webm", seconds=0.3))  # (3 frames, fewer than VIDEO_FRAMES)
-    prompt, notices = prompt_of(idefics3_runner, [{"role": "user", "content": [
-        attachment_part(short), {"type": "text", "text": "What happens?"}]}])
-    assert 1 <= prompt.count("[short.webm at ") < idefics3_runner.settings.video_frames
+    short.write_bytes(video_file("short.webm", seconds=0.3))  # (3 frames)
+    with monkeypatch.context() as patch:  # (32 frames asked, 16 images a message allowed)
+        patch.setattr(idefics3_runner, "settings", idefics3_runner.settings.replace(
+            video_frames=32, max_images_per_message=16))
+        prompt, notices = prompt_of(idefics3_runner, [{"role": "user", "content": [
+            attachment_part(short), {"type": "text", "text": "What happens?"}]}])
+    assert 1 <= prompt.count("[short.webm at ") <= 3
     assert not any("frame" in notice for notice in notices), notices
     clip = tmp_path / "clip.webm"
     clip.write_bytes(video_file("clip.webm"))
