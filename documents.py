@@ -64,6 +64,8 @@ def kind_of(data: bytes, name: str) -> str:
         kind = "docx"
     elif _text_of(data) is not None:
         kind = "text"
+    elif data.startswith(b"PK\x03\x04") and suffix == "docx":  # (a zip, but not one that opens)
+        raise DocumentError(f"{name} is not a readable DOCX (a damaged archive).")
     else:
         raise DocumentError(f"{name} is not a document this app reads (PDF, DOCX or a text file).")
     expected = {"pdf": "pdf", "docx": "docx"}.get(suffix, "text" if suffix in TEXT_KINDS else None)

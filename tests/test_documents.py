@@ -55,6 +55,13 @@ def test_a_docx_becomes_its_paragraphs_and_tables():
     assert document.text == "[notes.docx]\nMeeting notes\nowner | Ann\nNext meeting on Friday", "in the document's order"
 
 
+def test_a_docx_cut_short_is_called_damaged_not_an_unknown_kind():
+    buffer = io.BytesIO()
+    docx.Document().save(buffer)
+    with pytest.raises(DocumentError, match=r"notes.docx is not a readable DOCX \(a damaged archive\)"):
+        read_document(buffer.getvalue()[:3000], "notes.docx")
+
+
 def test_text_saved_by_windows_tools_and_logs_with_colours_are_read():
     assert read_document("name;city\nRené;Zürich\n".encode("cp1252"), "people.csv").text.endswith("René;Zürich\n")
     log = read_document(b"\x1b[31mERROR\x1b[0m disk full\n", "server.log")
@@ -121,7 +128,7 @@ def zip_bomb_docx() -> bytes:
     (encrypted_pdf, "locked.pdf", "is encrypted"),
     (lambda: many_pages_pdf(MAX_PDF_PAGES + 1500), "huge.pdf", "2,000 pages; the most this app reads is 500"),
     (zip_bomb_docx, "bomb.docx", "zip bomb"),
-    (lambda: b"PK\x03\x04 not really a zip", "broken.docx", "not a document this app reads"),
+    (lambda: b"PK\x03\x04 not really a zip", "broken.docx", "not a readable DOCX (a damaged archive)"),
     (lambda: bytes(range(256)) * 4, "data.txt", "not a document this app reads"),
     (lambda: b"just some plain text", "fake.pdf", "not what its name says: its content is text, not a PDF"),
     (lambda: pdf_with_text("x"), "fake.txt", "not what its name says: its content is a PDF, not text"),
