@@ -529,6 +529,7 @@ def decode_part(part: ContentPart, param: str, settings: Settings, newest: bool 
             # for time stays so)
     except ChatInputError as error:
         raise APIError(400, str(error), param=param, code="invalid_file") from None
+    decoded["param"] = param  # (a refusal where it is read, in the engine or by speech, names the part)
     if decoded["type"] not in expected:
         raise APIError(400, f"This {part.type} part holds {decoded['type']}, not {' or '.join(expected)}.",
                        param=param, code="invalid_file")
@@ -615,16 +616,27 @@ ERROR_CODES = [
 ]
 
 
-def api_error(error: Exception) -> APIError:
-    """An engine error as the API's answer: by its type, never its message."""
+def api_error(error: Exception, messages: list[dict] | None = None) -> APIError:
+    """An engine error as the API's answer: by its type, never its message (a file's refusal
+    names the part of `messages`, the request's, that it names by its file name)."""
     if isinstance(error, UpstreamError) and error.busy:
         return APIError(503, str(error), type="server_error", code="server_busy",
                         headers={"Retry-After": error.retry_after} if error.retry_after else None)
     for kind, (status, type_, code) in ERROR_CODES:
         if isinstance(error, kind):
             return APIError(status, str(error), type=type_, code=code,
-                            param="messages" if status == 400 else None)
+                            param=part_named_in(error, messages) if status == 400 else None)
     raise error
+
+
+def part_named_in(error: Exception, messages: list[dict] | None) -> str:
+    """The request's part a file's refusal is about ("messages[0].content[1]": the last
+    message's first part whose file name the refusal names), else "messages"."""
+    if isinstance(error, FileRefused) and messages:
+        for part in messages[-1]["content"]:
+            if part.get("param") and part.get("name") and part["name"] in str(error):
+                return part["param"]
+    return "messages"
 
 
 def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, open_without_key: bool = True,
@@ -713,7 +725,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
                 functools.partial(runner.stream, messages, settings, cancelled=gone, on_reading=on_reading),
                 abandon_on_cancel=True)
         except (ChatInputError, GenerationError, Cancelled) as error:
-            raise api_error(error) from None
+            raise api_error(error, messages) from None
 
     @api.get("/models", dependencies=[Depends(authorize)])
     async def list_models(request: Request):
@@ -749,7 +761,10 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
                 messages = [await speech.written_out(message, runner.info, leave_out_failures=i < len(messages) - 1)
                             for i, message in enumerate(messages)]
             except ChatInputError as error:
-                raise APIError(400, str(error), param="messages", code="invalid_audio") from None
+                param = part_named_in(FileRefused(str(error)), messages)
+                if param == "messages":  # (not the audio's fault: the speech model can't run)
+                    raise APIError(500, str(error), type="server_error", code="speech_failed") from None
+                raise APIError(400, str(error), param=param, code="invalid_file") from None
         generation = to_settings(body, settings)
         generation.raw_prompt = raw_prompt
         if generation.response_format:

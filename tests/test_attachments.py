@@ -9,6 +9,7 @@ import json
 import re
 import zipfile
 
+import httpx
 import openai
 import pytest
 from gradio_client import handle_file
@@ -542,7 +543,21 @@ def test_with_asr_model_speech_is_written_out_and_shown_as_the_users_words(
                                                 "format": "wav"}}]}])
     prompt, _ = prompt_of(llama_runner, spy.calls[-1][0])
     assert heard in prompt
+    damaged = base64.b64encode(audio_file(".wav")[:60]).decode()
+    refused = httpx.post(url + "v1/chat/completions", timeout=60, json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Listen"}, {"type": "input_audio", "input_audio": {"data": damaged, "format": "wav"}}]}]})
+    assert refused.status_code == 400, refused.text
+    assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == ("messages[0].content[1]", "invalid_file")
     browser.close()
+
+
+def test_a_damaged_video_on_v1_is_a_400_naming_its_part(serve, idefics3_runner):
+    url, _ = serve(idefics3_runner)
+    damaged = "data:video/mp4;base64," + base64.b64encode(video_file("clip.mp4")[:1000]).decode()
+    refused = httpx.post(url + "v1/chat/completions", timeout=60, json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What happens?"}, {"type": "video_url", "video_url": {"url": damaged}}]}]})
+    assert refused.status_code == 400 and "video.mp4" in refused.json()["error"]["message"], refused.text
+    assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == ("messages[0].content[1]", "invalid_file")
 
 
 def test_an_asr_model_that_cannot_load_is_one_line_in_the_chat(serve, llama_runner, tmp_path):
