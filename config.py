@@ -216,6 +216,8 @@ def _problem(settings) -> str | None:
     """What can't work together, in one line (None: nothing)."""
     if settings.backend == "openai" and not settings.base_url:
         return "--backend openai needs --base-url (e.g. http://localhost:8000/v1)"
+    if settings.backend == "openai" and not re.match(r"https?://[^/\s]+", settings.base_url):
+        return f"--base-url must be an http:// or https:// URL, e.g. http://localhost:8000/v1 (it is {settings.base_url!r})"
     if any(":" not in login or login.startswith(":") for login in settings.auth or ()):
         return "--auth must be USER:PASS"
     if not 1 <= settings.max_new_tokens <= settings.max_new_tokens_limit:

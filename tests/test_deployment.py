@@ -135,6 +135,8 @@ def test_a_bad_setting_exits_with_one_line():
     ([], {"TOOL_TIMEOUT_S": "0"}, "TOOL_TIMEOUT_S must be more than 0 (it is 0.0)"),
     (["--torch-threads", "-2"], {}, "--torch-threads must be 0 or more (it is -2)"),
     ([], {"VIDEO_FRAMES": "100"}, "VIDEO_FRAMES must be 1 to 32 (it is 100)"),
+    (["--backend", "openai", "--base-url", "notaurl"], {},
+     "--base-url must be an http:// or https:// URL, e.g. http://localhost:8000/v1 (it is 'notaurl')"),
     ([], {"MAX_UPLOAD_SIZE": "lots"}, "MAX_UPLOAD_SIZE='lots': not a size such as 100mb or 2gb (b, kb, mb, gb or tb)"),
     ([], {"MAX_UPLOAD_SIZE": "-5mb"}, "MAX_UPLOAD_SIZE='-5mb': not a size such as 100mb or 2gb (b, kb, mb, gb or tb)"),
     (["--max-new-tokens", "512"], {"MAX_NEW_TOKENS_LIMIT": "100"}, "--max-new-tokens must be between 1 and 100"),
