@@ -68,8 +68,8 @@ def test_models_and_health(serve, llama_runner):
     assert missing.value.body["code"] == "model_not_found"
     health = httpx.get(url + "healthz").json()
     runner = health.pop("runner")
-    assert health == {"status": "ok", "model": llama_runner.name, "device": "cpu", "dtype": "float32",
-                      "loaded": True}
+    assert health == {"status": "ok", "problem": None, "model": llama_runner.name, "device": "cpu",
+                      "dtype": "float32", "loaded": True}
     assert runner == dataclasses.asdict(llama_runner.info)
     assert (runner["name"], runner["device"], runner["dtype"], runner["loaded"]) == \
         (llama_runner.name, "cpu", "float32", True)
