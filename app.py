@@ -542,7 +542,12 @@ class Chats:
         return self.start_session(kept, request, hf_user=profile.username if profile else None)
 
     def chat_list(self, user, selected=None, search: str = ""):
-        chats = self.store.conversations(user, search) if user else []
+        try:
+            chats = self.store.conversations(user, search) if user else []
+        except StoreError as error:  # (the database failed while the app runs: the page still loads, and says so)
+            log.error("Saved chats: %s", error)
+            gr.Warning(str(error))
+            return gr.Radio(choices=[], value=None, label="Saved chats can't be read now")
         choices = [(summary.title or "(untitled)", summary.id) for summary in chats]
         label = f"{len(choices)} chat{'s' * (len(choices) != 1)}" + (f" matching “{search.strip()}”" if search.strip() else "")
         return gr.Radio(choices=choices, value=selected if any(c[1] == selected for c in choices) else None,

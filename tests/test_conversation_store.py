@@ -174,6 +174,56 @@ def test_a_corrupt_or_newer_database_is_one_clear_line_and_is_kept(tmp_path):
         ConversationStore(foreign)
 
 
+def damage(database: Path) -> None:
+    """What a failing disk (or a bad copy) leaves: every page after the third overwritten."""
+    data = bytearray(database.read_bytes())
+    data[3 * 4096:] = b"\xab" * (len(data) - 3 * 4096)
+    database.write_bytes(bytes(data))
+
+
+def a_store_with_chats(directory: Path, count: int = 30) -> None:
+    store = ConversationStore(directory)
+    for i in range(count):
+        store.append("ann", store.create("ann"), [user(f"question {i} " + "words " * 50)])
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # (all in the file, the WAL empty)
+    store.close()
+
+
+def test_a_damaged_database_stops_the_start_with_one_line_and_is_kept(tmp_path):
+    """Its first pages whole, the rest garbage: it opened, and every page load then failed."""
+    a_store_with_chats(tmp_path)
+    damage(tmp_path / "chats.sqlite3")
+    before = (tmp_path / "chats.sqlite3").read_bytes()
+    with pytest.raises(StoreError, match=r"chats.sqlite3 is damaged \(.*malformed.*\); it was left as it is. "
+                                         r"Restore it from a backup"):
+        ConversationStore(tmp_path)
+    assert (tmp_path / "chats.sqlite3").read_bytes() == before, "never touched"
+
+
+def test_a_damaged_database_with_turns_in_its_wal_is_kept_as_it_is_too(tmp_path):
+    """Killed with turns in the WAL, the database then damaged: the check writes nothing (a
+    checkpoint would copy the WAL into the damaged file)."""
+    a_store_with_chats(tmp_path)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from conversation_store import ConversationStore
+        store = ConversationStore({str(tmp_path)!r})
+        chat = store.create("ann")
+        for i in range(20):
+            store.append("ann", chat, [{{"role": "user", "content": [{{"type": "text", "text": f"turn {{i}}"}}]}}])
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -signal.SIGKILL
+    damage(tmp_path / "chats.sqlite3")
+    files = {path.name: path.read_bytes() for path in tmp_path.glob("chats.sqlite3*")}
+    assert files["chats.sqlite3-wal"], "turns in the WAL"
+    with pytest.raises(StoreError, match="is damaged"):
+        ConversationStore(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.glob("chats.sqlite3*")
+            if not path.name.endswith("-shm")} == {k: v for k, v in files.items() if not k.endswith("-shm")}
+
+
 def test_a_killed_app_loses_nothing_that_was_saved(tmp_path):
     """SIGKILL right after a turn was saved (WAL, not checkpointed): it is all there after."""
     script = textwrap.dedent(f"""

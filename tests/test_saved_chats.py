@@ -129,6 +129,23 @@ def test_signed_in_with_hugging_face_the_chats_follow_the_account(llama_runner):
 
 
 
+def test_saved_chats_that_fail_while_the_app_runs_are_told_and_the_page_still_loads(llama_runner, monkeypatch):
+    """The database damaged after the start: a page load says so (not "Something went wrong")
+    and the session starts, so the chat can say why a message can't be saved."""
+    from tests.test_conversation_store import a_store_with_chats, damage
+    chats = app.build_demo(llama_runner).chats
+    a_store_with_chats(chats.store.directory)
+    chats.store = ConversationStore(chats.store.directory)
+    damage(chats.store.path)
+    told = []
+    monkeypatch.setattr(app.gr, "Warning", told.append)
+    user, conversation, kept, shown, chat_list = chats.start_session({}, SimpleNamespace(username=None))
+    assert user and kept["id"], "a session: sending a message won't say the page lost it"
+    assert chat_list.label == "Saved chats can't be read now" and chat_list.constructor_args["choices"] == []
+    assert told == ["The saved chats can't be read: their database is damaged (database disk image is "
+                    "malformed). The server's admin can restore it from a backup."]
+
+
 def test_on_a_space_with_hf_oauth_the_page_offers_sign_in(llama_runner, monkeypatch):
     import gradio as gr
     monkeypatch.setenv("SYSTEM", "spaces")  # (what a Space sets, with these)
@@ -320,6 +337,7 @@ def _event_indexes_of_running_app(client) -> dict[str, int]:
 
 @pytest.mark.parametrize("damage, expected", [
     ("corrupt", "is not a chat database this app can read"),
+    ("damaged", "is damaged"),
     ("newer", "was written by a newer version of this app"),
     ("foreign", "it holds other tables"),
 ])
@@ -329,6 +347,10 @@ def test_a_database_it_cannot_read_is_one_line_at_start_and_kept(tmp_path, damag
     database = data / "chats.sqlite3"
     if damage == "corrupt":
         database.write_bytes(b"this is not sqlite" * 100)
+    elif damage == "damaged":  # (a SQLite database whose later pages are garbage: it opened, then every page load failed)
+        from tests.test_conversation_store import a_store_with_chats, damage as overwrite
+        a_store_with_chats(data)
+        overwrite(database)
     else:
         db = sqlite3.connect(database)
         db.execute("CREATE TABLE notes (x)" if damage == "foreign" else "PRAGMA user_version=99")
