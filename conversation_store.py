@@ -26,6 +26,7 @@ import atexit
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import hmac
 import io
@@ -53,6 +54,8 @@ EXPORT_FORMAT = "local-model-chat/conversation"
 MAX_CONVERSATIONS_PER_USER = 1000
 MAX_BYTES_PER_USER = 1 << 30       # messages and images, each image counted once per user
 MIN_FREE_DISK_BYTES = 512 << 20    # below this free on the data directory's disk, nothing more is saved
+OPEN_WAIT_SECONDS = 10.0          # how long opening the database waits for another process that holds it
+BUSY_TIMEOUT_MS = 5000             # then, how long a read or write waits for another one to finish
 IMAGE_KEY_FILE = "images.key"      # the key image files are named with (HMAC), beside the database
 MAX_IMPORTED_IMAGE_PIXELS = 64_000_000
 TITLE_CHARS = 80
@@ -120,41 +123,80 @@ class ConversationStore:
         try:
             self.images.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StoreError(f"Can't use {self.directory} for saved chats: {error.strerror or error}.") from None
+            raise StoreError(self._cant_use(error)) from None
         self._lock = threading.Lock()  # one connection, shared by the server's threads
         self._db = self._open()
         try:
             self._image_key = kept_secret(self.directory / IMAGE_KEY_FILE)
         except OSError as error:
-            raise StoreError(f"Can't use {self.directory} for saved chats: {error.strerror or error}.") from None
+            self._db.close()
+            raise StoreError(self._cant_use(error)) from None
+
+    def _cant_use(self, error: OSError) -> str:
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return self._read_only(error.strerror or str(error))
+        return f"Can't use {self.directory} for saved chats: {error.strerror or error}."
+
+    def _read_only(self, why) -> str:
+        return (f"The saved chats in {self.directory} can't be written ({why}): the folder or its files "
+                f"(chats.sqlite3 and the -wal and -shm files beside it) are read-only for this user, or on a read-only "
+                f"disk; nothing there was changed. Give the app's user write access to them, or point --data-dir at "
+                f"a folder it can write.")
 
     def _open(self) -> sqlite3.Connection:
-        unreadable = (f"{self.path} is not a chat database this app can read; it was left as it is. Move it "
-                      f"away (or point --data-dir elsewhere) to start with no saved chats")
+        """The database, checked (_check) and made if new; a StoreError line that says what is
+        wrong otherwise: not a chat database, damaged, newer, read-only, locked."""
         try:
             if self.path.exists():
                 self._check()
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.create_function("casefold", 1, lambda text: text.casefold() if isinstance(text, str) else text,
-                               deterministic=True)  # (SQLite's lower() folds ASCII only)
-            version = db.execute("PRAGMA user_version").fetchone()[0]  # (read before anything is written)
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=OPEN_WAIT_SECONDS)
+            try:
+                db.create_function("casefold", 1, lambda text: text.casefold() if isinstance(text, str) else text,
+                                   deterministic=True)  # (SQLite's lower() folds ASCII only)
+                version = db.execute("PRAGMA user_version").fetchone()[0]  # (read before anything is written)
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if version == 0 and not tables:
+                    db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")  # (whole or not at all)
+                db.execute("DELETE FROM conversations WHERE 0")  # (writes nothing; a file it can't write says so now)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash of the app loses nothing committed)
+                db.execute("PRAGMA foreign_keys=ON")
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            except BaseException:
+                db.close()
+                raise
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"{unreadable} ({error}).") from None
+            raise StoreError(self._cant_open(error)) from None
         except OSError as error:
             raise StoreError(f"Can't read {self.path}: {error.strerror or error}.") from None
-        if version == 0 and not tables:
-            db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")  # (whole or not at all)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash of the app loses nothing committed)
-        db.execute("PRAGMA foreign_keys=ON")
         return db
+
+    def _cant_open(self, error: sqlite3.DatabaseError) -> str:
+        """Why SQLite would not open the database, as one line that says what to do."""
+        code = _primary_code(error)
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
+            return self._read_only(error)
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return (f"{self.path} is locked by another process (another instance of this app on this data "
+                    f"directory, or a program holding it in a transaction); nothing there was changed. Stop that "
+                    f"one, or point --data-dir elsewhere.")
+        if code == sqlite3.SQLITE_CORRUPT:
+            return self._damaged(str(error))
+        if code == sqlite3.SQLITE_NOTADB or code is None:
+            return (f"{self.path} is not a chat database this app can read; it was left as it is. Move it away (or "
+                    f"point --data-dir elsewhere) to start with no saved chats ({error}).")
+        return f"Can't open {self.path}: {error}; it was left as it is."
+
+    def _damaged(self, why: str) -> str:
+        return (f"{self.path} is damaged (SQLite's check says: {' '.join(why.split())[:200]}); it was left as it "
+                f"is. Restore it from a backup, or move it away (or point --data-dir elsewhere) to start with no "
+                f"saved chats.")
 
     def _check(self) -> None:
         """StoreError, the file left as it is, unless the database is this app's, of a version
         it reads, and whole (SQLite's quick_check: every page read once). Read-only: a read-only
         connection never writes the file, not even a checkpoint when it closes."""
-        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=OPEN_WAIT_SECONDS)
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -170,11 +212,11 @@ class ConversationStore:
             try:
                 found = [row[0] for row in db.execute("PRAGMA quick_check")]
             except sqlite3.DatabaseError as error:
+                if _primary_code(error) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                    raise  # (locked, unreadable: not damage)
                 found = [str(error)]
             if found != ["ok"]:
-                raise StoreError(f"{self.path} is damaged (SQLite's check says: {' '.join(found[0].split())[:200]}); "
-                                 f"it was left as it is. Restore it from a backup, or move it away (or point "
-                                 f"--data-dir elsewhere) to start with no saved chats.")
+                raise StoreError(self._damaged(found[0]))
         finally:
             db.close()
 

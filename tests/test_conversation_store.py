@@ -252,6 +252,56 @@ def test_an_unwritable_data_directory_is_one_clear_line(tmp_path):
         ConversationStore(blocked / "chats")
 
 
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_read_only_data_directory_is_told_as_such_and_left_alone(tmp_path, monkeypatch, what):
+    """A healthy database that can't be written (a read-only bind mount, wrong permissions) was
+    called 'not a chat database this app can read ... Move it away'."""
+    store = ConversationStore(tmp_path)
+    chat = store.create("ann")
+    store.append("ann", chat, [user("kept")])
+    store.close()
+    before = (tmp_path / "chats.sqlite3").read_bytes()
+    if os.geteuid() != 0:
+        read_only = tmp_path / "chats.sqlite3" if what == "file" else tmp_path
+        read_only.chmod(0o444 if what == "file" else 0o555)
+    else:  # (root writes whatever the permissions say: what SQLite does with such a file, at its boundary)
+        real_connect = sqlite3.connect
+
+        def connect(database, *args, **kwargs):
+            if what == "folder":  # a WAL database in a folder where its -shm file can't be made
+                return real_connect(tmp_path / "no-such-folder" / "chats.sqlite3")  # (SQLite's own CANTOPEN)
+            if not kwargs.get("uri"):  # a file it can't open for writing: SQLite opens it read-only
+                database, kwargs = f"{Path(database).resolve().as_uri()}?mode=ro", {**kwargs, "uri": True}
+            return real_connect(database, *args, **kwargs)
+        monkeypatch.setattr(sqlite3, "connect", connect)
+    try:
+        with pytest.raises(StoreError) as refused:
+            ConversationStore(tmp_path)
+    finally:
+        tmp_path.chmod(0o755)
+        for path in tmp_path.glob("chats.sqlite3*"):  # (the -wal and -shm files SQLite made took the file's mode)
+            path.chmod(0o644)
+        monkeypatch.undo()
+    assert "can't be written" in str(refused.value) and "read-only" in str(refused.value)
+    assert "write access" in str(refused.value) and "--data-dir" in str(refused.value)
+    assert "not a chat database" not in str(refused.value) and "Move it away" not in str(refused.value)
+    assert (tmp_path / "chats.sqlite3").read_bytes() == before
+    assert ConversationStore(tmp_path).messages("ann", chat)[0]["content"][0]["text"] == "kept"
+
+
+def test_a_database_locked_by_another_process_is_told_as_such(tmp_path, monkeypatch):
+    ConversationStore(tmp_path).close()
+    holder = sqlite3.connect(tmp_path / "chats.sqlite3", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    monkeypatch.setattr("conversation_store.OPEN_WAIT_SECONDS", 0.3, raising=False)
+    with pytest.raises(StoreError, match="is locked by another process .another instance of this app") as refused:
+        ConversationStore(tmp_path)
+    assert "not a chat database" not in str(refused.value)
+    holder.close()
+    ConversationStore(tmp_path).close()
+
+
 def test_pil_images_are_stored_as_png(tmp_path):
     store = ConversationStore(tmp_path)
     chat = store.create("ann")
