@@ -68,28 +68,28 @@ IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", 
 EXTRA_KEYS = ("reasoning", "reasoning_seconds", "tool_call_id", "name", "duration", "figures", "notes", "error")
 
 _SCHEMA = """
-CREATE TABLE conversations (
+CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     user TEXT NOT NULL,
     title TEXT NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
-CREATE INDEX conversations_by_user ON conversations (user, updated DESC);
-CREATE TABLE messages (
+CREATE INDEX IF NOT EXISTS conversations_by_user ON conversations (user, updated DESC);
+CREATE TABLE IF NOT EXISTS messages (
     conversation TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     position INTEGER NOT NULL,
     body TEXT NOT NULL,
     PRIMARY KEY (conversation, position)
 );
-CREATE TABLE images (
+CREATE TABLE IF NOT EXISTS images (
     conversation TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     digest TEXT NOT NULL,
     suffix TEXT NOT NULL,
     bytes INTEGER NOT NULL,
     PRIMARY KEY (conversation, digest)
 );
-CREATE INDEX images_by_hash ON images (digest);
+CREATE INDEX IF NOT EXISTS images_by_hash ON images (digest);
 """
 
 
@@ -145,30 +145,39 @@ class ConversationStore:
 
     def _open(self) -> sqlite3.Connection:
         """The database, checked (_check) and made if new; a StoreError line that says what is
-        wrong otherwise: not a chat database, damaged, newer, read-only, locked."""
-        try:
-            if self.path.exists():
-                self._check()
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=OPEN_WAIT_SECONDS)
+        wrong otherwise: not a chat database, damaged, newer, read-only, locked. Another process
+        opening it at the same time (another instance starting) is waited for."""
+        deadline = time.monotonic() + OPEN_WAIT_SECONDS
+        while True:
             try:
-                db.create_function("casefold", 1, lambda text: text.casefold() if isinstance(text, str) else text,
-                                   deterministic=True)  # (SQLite's lower() folds ASCII only)
-                version = db.execute("PRAGMA user_version").fetchone()[0]  # (read before anything is written)
-                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                if version == 0 and not tables:
-                    db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")  # (whole or not at all)
-                db.execute("DELETE FROM conversations WHERE 0")  # (writes nothing; a file it can't write says so now)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash of the app loses nothing committed)
-                db.execute("PRAGMA foreign_keys=ON")
-                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            except BaseException:
-                db.close()
-                raise
-        except sqlite3.DatabaseError as error:
-            raise StoreError(self._cant_open(error)) from None
-        except OSError as error:
-            raise StoreError(f"Can't read {self.path}: {error.strerror or error}.") from None
+                return self._try_open(min(1.0, OPEN_WAIT_SECONDS))
+            except sqlite3.DatabaseError as error:
+                if _primary_code(error) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # (some of SQLite's "locked" come at once, without its busy wait)
+                    continue
+                raise StoreError(self._cant_open(error)) from None
+            except OSError as error:
+                raise StoreError(f"Can't read {self.path}: {error.strerror or error}.") from None
+
+    def _try_open(self, timeout: float) -> sqlite3.Connection:
+        if self.path.exists():
+            self._check(timeout)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=timeout)
+        try:
+            db.create_function("casefold", 1, lambda text: text.casefold() if isinstance(text, str) else text,
+                               deterministic=True)  # (SQLite's lower() folds ASCII only)
+            version = db.execute("PRAGMA user_version").fetchone()[0]  # (read before anything is written)
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if version == 0 and not tables:  # (another process may be making it too: IF NOT EXISTS)
+                db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            db.execute("DELETE FROM conversations WHERE 0")  # (writes nothing; a file it can't write says so now)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash of the app loses nothing committed)
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _cant_open(self, error: sqlite3.DatabaseError) -> str:
@@ -192,12 +201,13 @@ class ConversationStore:
                 f"is. Restore it from a backup, or move it away (or point --data-dir elsewhere) to start with no "
                 f"saved chats.")
 
-    def _check(self) -> None:
+    def _check(self, timeout: float) -> None:
         """StoreError, the file left as it is, unless the database is this app's, of a version
         it reads, and whole (SQLite's quick_check: every page read once). Read-only: a read-only
         connection never writes the file, not even a checkpoint when it closes."""
-        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=OPEN_WAIT_SECONDS)
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
         try:
+            db.execute("BEGIN")  # (one snapshot: not a version read before another process made the tables)
             version = db.execute("PRAGMA user_version").fetchone()[0]
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if version > SCHEMA_VERSION:
@@ -285,7 +295,7 @@ class ConversationStore:
             hashes = [row[0] for row in self._db.execute(
                 "SELECT digest || suffix FROM images WHERE conversation=?", (conversation_id,))]
             with self._db:
-                self._db.execute("BEGIN")
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("DELETE FROM conversations WHERE id=?", (conversation_id,))
             self._delete_image_files(set(hashes))
 
@@ -320,7 +330,7 @@ class ConversationStore:
                 self._write_image(image)
             dropped: set[str] = set()
             with self._db:
-                self._db.execute("BEGIN")
+                self._db.execute("BEGIN IMMEDIATE")
                 if keep is not None:
                     self._db.execute("DELETE FROM messages WHERE conversation=? AND position>=?",
                                      (conversation_id, keep))
@@ -536,17 +546,27 @@ class ConversationStore:
 
 
 def kept_secret(path: Path) -> bytes:
-    """A random 32-byte secret kept in `path`: drawn on first use, readable by this user only."""
+    """A random 32-byte secret kept in `path`: drawn on first use, readable by this user only.
+    Processes drawing it at once all end with the one kept first (a hard link never replaces
+    a file, nor shows one half-written)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        secret = secrets.token_bytes(32)
-        partial = path.with_name(path.name + f".{os.getpid()}.part")
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(secret)
-        os.replace(partial, path)
-        return secret
+        pass
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(secrets.token_bytes(32))
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        pass  # (another process kept its own first: that one it is)
+    except OSError:  # (a file system without hard links: as before, a narrow window for two at once)
+        if not path.exists():
+            os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path.read_bytes()
 
 
 def _primary_code(error: sqlite3.Error) -> int | None:

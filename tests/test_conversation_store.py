@@ -302,6 +302,63 @@ def test_a_database_locked_by_another_process_is_told_as_such(tmp_path, monkeypa
     ConversationStore(tmp_path).close()
 
 
+def _open_at_the_same_time(directory, barrier, results):
+    import users
+    barrier.wait()
+    try:
+        store = ConversationStore(directory)
+        secrets = (store._image_key, users.BrowserIds.kept_in(directory)._secret)
+        store.append("ann", store.create("ann"), [user(f"from {os.getpid()}")])
+        results.put(secrets)
+    except BaseException as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def test_two_instances_starting_at_once_on_a_new_data_directory_both_start_and_agree(tmp_path):
+    """One of them died (the schema made twice, 'database is locked' on the way to WAL), or
+    the two kept different secrets (images named by one key, browsers signed by another)."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    for attempt in range(20):
+        directory = tmp_path / f"data-{attempt}"
+        barrier, results = context.Barrier(2), context.Queue()
+        processes = [context.Process(target=_open_at_the_same_time, args=(directory, barrier, results))
+                     for _ in range(2)]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=60) for _ in processes]
+        for process in processes:
+            process.join(60)
+        assert all(isinstance(outcome, tuple) for outcome in outcomes), outcomes
+        assert outcomes[0] == outcomes[1], "the same image key and browser-id secret"
+        assert outcomes[0] == ((directory / "images.key").read_bytes(), (directory / "browser-ids.secret").read_bytes())
+        assert len(ConversationStore(directory).conversations("ann")) == 2
+
+
+def _keep_a_secret_at_the_same_time(path, barrier, results):
+    from conversation_store import kept_secret
+    barrier.wait()
+    results.put(kept_secret(path))
+
+
+def test_processes_drawing_a_kept_secret_at_once_all_keep_the_same(tmp_path):
+    """(os.replace let the last one win, after the first had already used its own: 7 of 30.)"""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    for attempt in range(30):
+        path = tmp_path / f"secret-{attempt}"
+        barrier, results = context.Barrier(3), context.Queue()
+        processes = [context.Process(target=_keep_a_secret_at_the_same_time, args=(path, barrier, results))
+                     for _ in range(3)]
+        for process in processes:
+            process.start()
+        kept = {results.get(timeout=60) for _ in processes}
+        for process in processes:
+            process.join(60)
+        assert kept == {path.read_bytes()} and len(path.read_bytes()) == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"secret-{n}" for n in range(30)), "no .part left"
+
+
 def test_pil_images_are_stored_as_png(tmp_path):
     store = ConversationStore(tmp_path)
     chat = store.create("ann")
