@@ -57,7 +57,7 @@ import users
 from config import Settings
 from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part
 from conversation import ATTACHED, for_the_model
-from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, open_store
+from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, load_export, open_store
 from engine_contract import (
     Cancelled,
     ChatInputError,
@@ -605,8 +605,8 @@ class Chats:
             path = file if isinstance(file, str) else file.name
             if Path(path).stat().st_size > self.settings.max_saved_bytes_per_user:
                 raise StoreError("This file is larger than what the server keeps for one user.")
-            exported = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+            exported = load_export(Path(path).read_bytes())
+        except OSError:
             raise gr.Error("This file is not a conversation exported by this app (not JSON).") from None
         except StoreError as error:
             raise gr.Error(str(error)) from None

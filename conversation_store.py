@@ -7,7 +7,7 @@ in a data directory, per user. No Gradio, no torch.
     store.messages("ann", chat_id)     # the app's neutral messages, images as files in the store
     store.conversations("ann", search="cat")   # newest first, titled by the first message
     store.rename(...) · store.delete(...) · store.export_json(...) · store.export_markdown(...)
-    store.import_json("ann", exported)
+    store.import_json("ann", load_export(file_bytes))   # refused with a StoreError line, naming what is wrong
 
 A conversation is stored as the app's neutral messages (conversation.py): text parts, images
 (files named by a keyed hash of their content, HMAC-SHA-256 with a key kept beside the
@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import io
 import json
+import math
 import os
 import secrets
 import shutil
@@ -507,42 +508,104 @@ class ConversationStore:
         return "\n".join(lines)
 
     def import_json(self, user: str, exported: dict) -> str:
-        """A JSON export as a new conversation of `user`; StoreError for anything else."""
+        """A JSON export as a new conversation of `user`; StoreError for anything else, naming
+        the message and the field that is wrong (what is imported can be opened)."""
         if not isinstance(exported, dict) or exported.get("format") != EXPORT_FORMAT:
             raise StoreError("This file is not a conversation exported by this app.")
-        if not isinstance(exported.get("version"), int) or exported["version"] > SCHEMA_VERSION:
+        version = exported.get("version")
+        if type(version) is not int or version < 1:
+            raise StoreError(f"This conversation file's version ({json.dumps(version)[:20]}) is not one this app knows.")
+        if version > SCHEMA_VERSION:
             raise StoreError("This conversation was exported by a newer version of this app.")
+        bodies, title = exported.get("messages"), exported.get("title")
+        if not isinstance(bodies, list) or not isinstance(title, (str, type(None))):
+            raise StoreError("This conversation file is damaged (its messages or its title are not what an export "
+                             "holds).")
         messages = []
-        try:
-            for body in exported["messages"]:
-                content = []
-                for part in body["content"]:
-                    if part["type"] == "image":
-                        content.append({"type": "image", "image": _decoded_image(part["data"]),
-                                        **({"name": str(part["name"])} if part.get("name") else {})})
-                    elif part["type"] in FILE_KINDS:
-                        content.append(_decoded_file(part))
-                    else:
-                        content.append({"type": "text", "text": str(part["text"])})
-                message = {"role": body["role"], "content": content}
-                if body["role"] not in ("system", "user", "assistant", "tool"):
-                    raise ValueError(f"a message's role is {body['role']!r}")
-                for key in EXTRA_KEYS:
-                    if key in body:
-                        message[key] = body[key]
-                if body.get("tool_calls"):
-                    message["tool_calls"] = [ToolCall(str(c["name"]), dict(c["arguments"]), str(c["id"]))
-                                             for c in body["tool_calls"]]
-                messages.append(message)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise StoreError(f"This conversation file is damaged ({type(error).__name__}: {error}).") from None
-        conversation_id = self.create(user, str(exported.get("title") or ""))
+        for number, body in enumerate(bodies, 1):
+            try:
+                messages.append(_imported(body))
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                why = f"{error.args[0]} is missing" if isinstance(error, KeyError) else str(error)
+                raise StoreError(f"This conversation file is damaged: message {number}: {why}.") from None
+        conversation_id = self.create(user, title or "")
         try:
             self.append(user, conversation_id, messages)
         except BaseException:
             self.delete(user, conversation_id)
             raise
         return conversation_id
+
+
+def load_export(data: bytes | str):
+    """A JSON export file's content, parsed (import_json then checks it); StoreError for one
+    that is not JSON, or nested too deeply to read."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise StoreError("This file is not a conversation exported by this app (not JSON).") from None
+    except RecursionError:
+        raise StoreError("This file is not a conversation exported by this app (its JSON is nested too deeply "
+                         "to read).") from None
+
+
+# What an exported message's EXTRA_KEYS hold: (a test of the value, what it should be, said).
+_EXTRA_VALUES = {
+    "reasoning": (lambda value: isinstance(value, str), "text"),
+    "reasoning_seconds": (lambda value: _seconds(value), "a number of seconds"),
+    "tool_call_id": (lambda value: isinstance(value, str), "text"),
+    "name": (lambda value: isinstance(value, str), "text"),
+    "duration": (lambda value: _seconds(value), "a number of seconds"),
+    "figures": (lambda value: isinstance(value, str), "text"),
+    "notes": (lambda value: isinstance(value, list) and all(isinstance(note, str) for note in value), "a list of texts"),
+    "error": (lambda value: isinstance(value, str), "text"),
+}
+assert set(_EXTRA_VALUES) == set(EXTRA_KEYS)
+
+
+def _seconds(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def _imported(body) -> dict:
+    """One exported message as a neutral message, each value checked to be what the app
+    keeps there (ValueError, saying which, otherwise)."""
+    if not isinstance(body, dict):
+        raise ValueError("it is not a message")
+    if body.get("role") not in ("system", "user", "assistant", "tool"):
+        raise ValueError(f"its role is {json.dumps(body.get('role'))[:40]}")
+    if not isinstance(body.get("content"), list):
+        raise ValueError('its "content" is not a list of parts')
+    content = []
+    for index, part in enumerate(body["content"], 1):
+        kind = part.get("type") if isinstance(part, dict) else None
+        what = f"part {index}" + (" (an image)" if kind == "image" else f" ({kind})" if kind in FILE_KINDS else "")
+        if kind == "text" and isinstance(part.get("text"), str):
+            content.append({"type": "text", "text": part["text"]})
+        elif kind == "image" and isinstance(part.get("name"), (str, type(None))):
+            content.append({"type": "image", "image": _decoded_image(part.get("data"), what),
+                            **({"name": part["name"]} if part.get("name") else {})})
+        elif kind in FILE_KINDS:
+            try:
+                content.append(_decoded_file(part))
+            except ValueError as error:
+                raise ValueError(f"{what}: {error}") from None
+        else:
+            raise ValueError(f"{what} is not a text, image, document, audio or video part as an export holds")
+    message = {"role": body["role"], "content": content}
+    for key, (valid, should_be) in _EXTRA_VALUES.items():
+        if body.get(key) is not None:
+            if not valid(body[key]):
+                raise ValueError(f'its "{key}" is {json.dumps(body[key])[:40]}, not {should_be}')
+            message[key] = body[key]
+    calls = body.get("tool_calls")
+    if calls:
+        if not isinstance(calls, list) or not all(
+                isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("id"), str)
+                and isinstance(call.get("arguments"), dict) for call in calls):
+            raise ValueError('its "tool_calls" are not a list of calls, each with a name, an id and its arguments')
+        message["tool_calls"] = [ToolCall(call["name"], call["arguments"], call["id"]) for call in calls]
+    return message
 
 
 def kept_secret(path: Path) -> bytes:
@@ -638,16 +701,22 @@ def _decoded_file(part: dict) -> dict:
     return decoded
 
 
-def _decoded_image(data: str) -> bytes:
-    """An exported image's bytes, checked to be a picture of a kind the app reads."""
+def _decoded_image(data, what: str) -> bytes:
+    """An exported image's bytes, checked to be a picture of a kind the app reads; ValueError
+    naming the part (`what`) otherwise."""
     try:
         raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError(f"{what} is not readable: its data is not base64") from None
+    try:
         with Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS)) as image:
             if image.width * image.height > MAX_IMPORTED_IMAGE_PIXELS:
-                raise ValueError(f"{image.width}×{image.height} pixels is more than this app takes")
+                raise ValueError(f"{what} is not readable: {image.width}×{image.height} pixels is more than this "
+                                 f"app takes")
             image.verify()  # (the file's structure, without decoding every pixel)
-    except (binascii.Error, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"an image is not readable: {error}") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError):  # (their text names a BytesIO object)
+        raise ValueError(f"{what} is not readable: it is not a whole picture of a kind this app reads (PNG, JPEG, "
+                         f"WebP, GIF or BMP)") from None
     return raw
 
 

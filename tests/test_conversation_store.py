@@ -1,6 +1,7 @@
 """The conversation store (issue 21's first part: the store itself, not yet wired into the UI):
 conversations kept on the server per user, structured, across restarts, never wiped."""
 
+import base64
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conversation_store import ConversationStore, LimitReached, NotFound, StoreError
+from conversation_store import EXPORT_FORMAT, ConversationStore, LimitReached, NotFound, StoreError
 from engine_contract import ToolCall
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ def a_tool_round(images):
             assistant("", tool_calls=[call], reasoning="I should look it up."),
             {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "duration": 0.25,
              "content": [{"type": "text", "text": "sunny, 21 °C"}]},
-            assistant("A red square; Paris is sunny.", figures={"new_tokens": 9, "tokens_per_second": 40.0})]
+            assistant("A red square; Paris is sunny.", figures="9 tokens · 40.0 tokens/s")]
 
 
 def test_a_conversation_survives_a_restart_with_its_images_and_tool_calls(tmp_path, images):
@@ -52,7 +53,7 @@ def test_a_conversation_survives_a_restart_with_its_images_and_tool_calls(tmp_pa
     assert stored_image.is_relative_to(tmp_path) and stored_image.read_bytes() == images["red"].read_bytes()
     assert messages[1]["tool_calls"] == [ToolCall("get_weather", {"city": "Paris"}, "call_1")]
     assert messages[1]["reasoning"] == "I should look it up." and messages[2]["duration"] == 0.25
-    assert messages[3]["figures"]["new_tokens"] == 9
+    assert messages[3]["figures"] == "9 tokens · 40.0 tokens/s"
 
 
 def test_a_saved_conversation_gives_the_model_exactly_the_prompt_it_gave_the_first_time(tmp_path, images,
@@ -139,6 +140,66 @@ def test_a_bad_import_is_refused_and_leaves_nothing(tmp_path, images, damage, me
     with pytest.raises(StoreError, match=message):
         store.import_json("ann", damage(store.export_json("ann", chat)))
     assert [s.id for s in store.conversations("ann")] == [chat]
+
+
+def an_export(*messages) -> dict:
+    return {"format": EXPORT_FORMAT, "version": 1, "title": "imported",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, *messages]}
+
+
+def answer(**extra) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": "yo"}], **extra}
+
+
+@pytest.mark.parametrize("message, field", [
+    (answer(figures=123), "figures"),
+    (answer(notes=5), "notes"),
+    (answer(notes=["fine", 7]), "notes"),
+    (answer(reasoning={"text": "hmm"}), "reasoning"),
+    (answer(error=["it failed"]), "error"),
+    (answer(reasoning="hmm", reasoning_seconds="2.5"), "reasoning_seconds"),
+    (answer(reasoning="hmm", reasoning_seconds=True), "reasoning_seconds"),
+    ({"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "duration": "0.25",
+      "content": [{"type": "text", "text": "sunny"}]}, "duration"),
+    ({"role": "tool", "tool_call_id": 1, "content": [{"type": "text", "text": "sunny"}]}, "tool_call_id"),
+    (answer(tool_calls=[{"id": "call_1", "name": "get_weather", "arguments": "Paris"}]), "tool_calls"),
+    ({"role": "assistant", "content": [{"type": "text", "text": {"nested": 1}}]}, "part 1"),
+    ({"role": "assistant", "content": "yo"}, "content"),
+])
+def test_an_import_whose_values_the_app_cant_show_is_refused_naming_the_message_and_field(tmp_path, message, field):
+    """Such a file was imported, listed, and never opened (a pydantic error in the log)."""
+    store = ConversationStore(tmp_path)
+    with pytest.raises(StoreError, match=f"This conversation file is damaged: message 2: .*{field}"):
+        store.import_json("ann", an_export(message))
+    assert store.conversations("ann") == [], "nothing half-imported"
+
+
+def test_what_an_import_accepts_the_chat_can_show(tmp_path):
+    import app
+    store = ConversationStore(tmp_path)
+    chat = store.import_json("ann", an_export(
+        answer(reasoning="hmm", reasoning_seconds=2, notes=["a note"], error="it failed", figures="9 tokens",
+               tool_calls=[{"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}]),
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "duration": 0.25,
+         "content": [{"type": "text", "text": "sunny"}]}))
+    shown = app.chat_bubbles(store.messages("ann", chat))
+    app.gr.Chatbot(value=shown)  # (the chat's own check of every bubble: what failed before)
+    assert [b["metadata"].get("title") for b in shown if b["role"] == "assistant"] == [
+        app.NOTE_TITLE, app.REASONING_TITLE, None, app.TOOL_TITLE.format("get_weather"), app.ERROR_TITLE, "9 tokens"]
+
+
+def test_an_unknown_version_and_a_bad_image_are_told_plainly(tmp_path):
+    store = ConversationStore(tmp_path)
+    for version in (1.5, "1", None, 0, True):
+        with pytest.raises(StoreError, match=r"version \(.*\) is not one this app knows") as refused:
+            store.import_json("ann", {**an_export(), "version": version})
+        assert "newer" not in str(refused.value)
+    bad = an_export({"role": "assistant", "content": [
+        {"type": "text", "text": "here"}, {"type": "image", "data": base64.b64encode(b"not a picture").decode()}]})
+    with pytest.raises(StoreError) as refused:
+        store.import_json("ann", bad)
+    assert str(refused.value) == ("This conversation file is damaged: message 2: part 2 (an image) is not readable: "
+                                  "it is not a whole picture of a kind this app reads (PNG, JPEG, WebP, GIF or BMP).")
 
 
 def test_limits_per_user_are_told(tmp_path, images):

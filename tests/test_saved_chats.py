@@ -256,6 +256,23 @@ def test_export_then_import_gives_the_same_conversation(serve, idefics3_runner, 
     browser.close()
 
 
+@pytest.mark.parametrize("content, message", [
+    ("[" * 200_000, r"not a conversation exported by this app \(its JSON is nested too deeply to read\)"),
+    ("\ufeff{not json", r"not a conversation exported by this app \(not JSON\)"),
+    (json.dumps({"format": "local-model-chat/conversation", "version": 1.5, "messages": []}),
+     r"version \(1.5\) is not one this app knows"),
+])
+def test_an_import_that_cant_be_read_says_why(llama_runner, tmp_path, content, message):
+    """(Deeply nested JSON gave only "Something went wrong on the server".)"""
+    import gradio as gr
+    chats = app.build_demo(llama_runner).chats
+    upload = tmp_path / "chat.json"
+    upload.write_text(content, encoding="utf-8")
+    with pytest.raises(gr.Error, match=message):
+        chats.import_chat(str(upload), "browser:ann", {}, "")
+    assert chats.store.conversations("browser:ann") == []
+
+
 def test_limits_per_user_are_told_when_reached(serve, llama_runner):
     url, spy = serve(llama_runner, max_saved_chats_per_user=1, max_saved_bytes_per_user=3000)
     browser = Browser(url, spy.chats)
