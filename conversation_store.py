@@ -59,6 +59,7 @@ OPEN_WAIT_SECONDS = 10.0          # how long opening the database waits for anot
 BUSY_TIMEOUT_MS = 5000             # then, how long a read or write waits for another one to finish
 IMAGE_KEY_FILE = "images.key"      # the key image files are named with (HMAC), beside the database
 MAX_IMPORTED_IMAGE_PIXELS = 64_000_000
+MAX_IMPORT_MESSAGES = 5_000        # an import with more is refused: a browser tab crashed opening 200,000
 TITLE_CHARS = 80
 MAX_NAME_CHARS = 200
 FILE_KINDS = ("document", "audio", "video")  # attachments kept as they came (attachments.py)
@@ -521,6 +522,9 @@ class ConversationStore:
         if not isinstance(bodies, list) or not isinstance(title, (str, type(None))):
             raise StoreError("This conversation file is damaged (its messages or its title are not what an export "
                              "holds).")
+        if len(bodies) > MAX_IMPORT_MESSAGES:
+            raise StoreError(f"This conversation has {len(bodies):,} messages: this app imports at most "
+                             f"{MAX_IMPORT_MESSAGES:,} messages in one chat.")
         messages = []
         for number, body in enumerate(bodies, 1):
             try:

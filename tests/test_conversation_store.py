@@ -188,6 +188,19 @@ def test_what_an_import_accepts_the_chat_can_show(tmp_path):
         app.NOTE_TITLE, app.REASONING_TITLE, None, app.TOOL_TITLE.format("get_weather"), app.ERROR_TITLE, "9 tokens"]
 
 
+def test_an_import_with_more_messages_than_a_browser_shows_is_refused(tmp_path, monkeypatch):
+    """200,000 short messages were imported; opening the chat crashed the browser tab."""
+    from conversation_store import MAX_IMPORT_MESSAGES
+    assert 2_000 <= MAX_IMPORT_MESSAGES <= 10_000, "a long real chat fits"
+    store = ConversationStore(tmp_path)
+    turns = [{"role": role, "content": [{"type": "text", "text": "hi"}]} for role in ("user", "assistant")]
+    fits = an_export(*turns * ((MAX_IMPORT_MESSAGES - 1) // 2))
+    assert len(store.messages("ann", store.import_json("ann", fits))) <= MAX_IMPORT_MESSAGES
+    with pytest.raises(StoreError, match=f"has 200,000 messages: this app imports at most {MAX_IMPORT_MESSAGES:,} messages in one chat"):
+        store.import_json("ann", {**an_export(), "messages": turns * 100_000})
+    assert len(store.conversations("ann")) == 1
+
+
 def test_an_unknown_version_and_a_bad_image_are_told_plainly(tmp_path):
     store = ConversationStore(tmp_path)
     for version in (1.5, "1", None, 0, True):
