@@ -620,8 +620,15 @@ def kept_secret(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         pass
+    except OSError as error:
+        raise StoreError(f"Can't read {path} ({error.strerror}): give the app's user access to it, or start "
+                         f"with --data-dir pointing elsewhere.") from None
     partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        raise StoreError(f"Can't write {path} in {path.parent} ({error.strerror}): give the app's user write "
+                         f"access to that folder, or start with --data-dir pointing elsewhere.") from None
     with os.fdopen(descriptor, "wb") as file:
         file.write(secrets.token_bytes(32))
     try:

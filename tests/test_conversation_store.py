@@ -433,6 +433,21 @@ def test_processes_drawing_a_kept_secret_at_once_all_keep_the_same(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"secret-{n}" for n in range(30)), "no .part left"
 
 
+def test_a_secret_that_cannot_be_kept_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    """(A read-only data folder with images.key but no browser-ids.secret: a traceback at start.)"""
+    from conversation_store import kept_secret
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreError, match="Can't read .*a-file/secret .*--data-dir"):
+        kept_secret(tmp_path / "a-file" / "secret")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "open", refused)  # (as root, a read-only folder is writable)
+    with pytest.raises(StoreError, match=r"Can't write .*secret in .* \(Permission denied\): give the app's user "
+                                         r"write access to that folder"):
+        kept_secret(tmp_path / "secret")
+
+
 def test_pil_images_are_stored_as_png(tmp_path):
     store = ConversationStore(tmp_path)
     chat = store.create("ann")
