@@ -74,6 +74,7 @@ from engine_contract import (
 )
 from engine_process import EngineProcess
 from gradio_fixes import (
+    Refusal,
     UnqueuedRefusals,
     cache_history_postprocessing,
     gradio_app_built_at_launch_only,
@@ -118,6 +119,9 @@ ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
 STOPPED_BEFORE_TEXT = "Stopped before the answer began."
 NO_ANSWER = "This message got no answer."
+CHANGED_IN_STORE = "This chat was changed meanwhile (in another tab?): open it again to see it as it is."
+CHANGED_MEANWHILE = ("This chat was changed meanwhile (in another tab?): here it is as it is now; nothing was "
+                     "changed. Try again on what it shows.")
 REASONING_TITLE = "Thinking"
 STATS_PREFIX = "⏱ "
 TOOL_TITLE = "🛠 {}"   # a tool call's bubble: its arguments and result inside
@@ -450,6 +454,13 @@ def without_refused_files(message: dict) -> tuple[dict, str | None]:
                                                   for part in refused)
 
 
+def version_of(stored: list[dict]) -> str:
+    """A saved conversation's messages in a few characters: what a tab showed, to tell whether
+    it is still what the store holds (the same count is not enough: an undo and a new message
+    in another tab keep it)."""
+    return hashlib.sha256(json.dumps(stored, ensure_ascii=False, sort_keys=True, default=repr).encode()).hexdigest()[:32]
+
+
 def last_user_message(stored: list[dict]) -> int:
     """The position of a conversation's last user message (retry and undo start there)."""
     return max(i for i, message in enumerate(stored) if message["role"] == "user")
@@ -529,14 +540,14 @@ class Chats:
             kept = {"id": self.browser_ids.issue()}
             browser_id = self.browser_ids.check(kept["id"])
         user = users.user_key(login=getattr(request, "username", None), hf_user=hf_user, browser_id=browser_id)
-        conversation, shown = None, []
+        conversation, shown, seen = None, [], None
         if isinstance(kept.get("open"), str):
             try:
-                shown = chat_bubbles(self.store.messages(user, kept["open"]))
-                conversation = kept["open"]
+                stored = self.store.messages(user, kept["open"])
+                shown, seen, conversation = chat_bubbles(stored), version_of(stored), kept["open"]
             except StoreError:
                 kept = {"id": kept["id"]}
-        return user, conversation, kept, shown, self.chat_list(user, conversation)
+        return user, conversation, seen, kept, shown, self.chat_list(user, conversation)
 
     def start_session_with_hf(self, kept, request: gr.Request, profile: gr.OAuthProfile | None):
         return self.start_session(kept, request, hf_user=profile.username if profile else None)
@@ -555,17 +566,18 @@ class Chats:
 
     def new_chat(self, user, kept, search):
         return None, [], None, {**(kept or {}), "open": None}, self.chat_list(user, None, search), \
-            gr.Textbox(value="", interactive=False), gr.File(value=None, visible=False)
+            gr.Textbox(value="", interactive=False), gr.File(value=None, visible=False), None
 
     def open_chat(self, chosen, user, kept, search):
         """A conversation from the list (only the user's own: another id is NotFound)."""
         try:
-            shown = chat_bubbles(self.store.messages(user, chosen))
+            stored = self.store.messages(user, chosen)
             title = self.store.title(user, chosen)
         except StoreError as error:
             raise gr.Error(str(error)) from None
-        return chosen, shown, None, {**(kept or {}), "open": chosen}, self.chat_list(user, chosen, search), \
-            gr.Textbox(value=title, interactive=True), gr.File(value=None, visible=False)
+        return chosen, chat_bubbles(stored), None, {**(kept or {}), "open": chosen}, \
+            self.chat_list(user, chosen, search), gr.Textbox(value=title, interactive=True), \
+            gr.File(value=None, visible=False), version_of(stored)
 
     def rename(self, title, conversation, user, search):
         if conversation and title.strip():
@@ -577,7 +589,7 @@ class Chats:
 
     def delete(self, conversation, user, kept, search):
         if not conversation:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 8
         try:
             self.store.delete(user, conversation)
         except StoreError as error:
@@ -621,7 +633,7 @@ class Chats:
     async def begin_turn(self, message, conversation, user, kept, search):
         """Enter in the textbox: the message shows at once, the textbox turns into Stop."""
         if not (message or {}).get("text", "").strip() and not (message or {}).get("files"):
-            return gr.skip(), gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip()  # (nothing to answer)
+            return gr.skip(), gr.skip(), None, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()  # (nothing to answer)
         await self._wait_for_the_turn_before(conversation)
         return self._begin(user_message(message), None, conversation, user, kept, search)
 
@@ -631,18 +643,18 @@ class Chats:
         await self._wait_for_the_turn_before(conversation)
         return self._begin(user_message(example), None, conversation, user, kept, search)
 
-    async def begin_retry(self, conversation, user, kept, search):
+    async def begin_retry(self, conversation, user, kept, search, seen=None):
         """Retry: the last message again, its answer dropped."""
         await self._wait_for_the_turn_before(conversation)
-        stored = self._stored(user, conversation)
+        stored = self._stored(user, conversation, seen, self._redrawn_turn)
         last = last_user_message(stored)
-        return self._begin(stored[last], last, conversation, user, kept, search, stored[:last], len(stored))
+        return self._begin(stored[last], last, conversation, user, kept, search, stored[:last], len(stored), seen)
 
-    async def begin_edit(self, edited: gr.EditData, conversation, user, kept, search):
+    async def begin_edit(self, edited: gr.EditData, conversation, user, kept, search, seen=None):
         """An edited message: the conversation again from there, with the new text (and the
         message's images)."""
         await self._wait_for_the_turn_before(conversation)
-        stored = self._stored(user, conversation)
+        stored = self._stored(user, conversation, seen, self._redrawn_turn)
         index = self._message_of_bubble(stored, edited.index)
         if index is None or stored[index]["role"] != "user":
             raise gr.Error("Only your own messages can be edited.")
@@ -651,13 +663,13 @@ class Chats:
             if isinstance(item, (str, dict)))
         files = [part for part in stored[index]["content"] if part["type"] in ATTACHED]
         message = {"role": "user", "content": [*files, *([{"type": "text", "text": text}] if text.strip() else [])]}
-        return self._begin(message, index, conversation, user, kept, search, stored[:index], len(stored))
+        return self._begin(message, index, conversation, user, kept, search, stored[:index], len(stored), seen)
 
-    async def undo(self, conversation, user):
+    async def undo(self, conversation, user, seen=None):
         """Undo: the last message and its answer go; its text and images are back in the textbox."""
         await self._wait_for_the_turn_before(conversation)
         async with self.turns.held(conversation):
-            stored = self._stored(user, conversation)
+            stored = self._stored(user, conversation, seen, lambda shown, version: (shown, gr.skip(), version))
             last = last_user_message(stored)
             files = []
             for part in stored[last]["content"]:
@@ -672,7 +684,7 @@ class Chats:
             except StoreError as error:
                 raise gr.Error(str(error)) from None
             return chat_bubbles(stored[:last]), gr.MultimodalTextbox(value={"text": text_of(stored[last]),
-                                                                           "files": files})
+                                                                           "files": files}), version_of(stored[:last])
 
     async def _wait_for_the_turn_before(self, conversation) -> None:
         """A conversation answers one turn at a time: a new one (a second Enter, another tab)
@@ -682,14 +694,24 @@ class Chats:
                 if not free:
                     raise gr.Error("Wait for the answer to end (or Stop it) before sending another message.")
 
-    def _stored(self, user, conversation) -> list[dict]:
+    def _stored(self, user, conversation, seen, redrawn) -> list[dict]:
+        """The saved conversation an edit, a retry or an undo changes: refused unless it is the
+        one this tab shows (`seen`: another tab may have changed it since), and then the tab
+        shows it as it is (`redrawn(bubbles, version)`: the event's outputs)."""
         try:
             stored = self.store.messages(user, conversation) if conversation else []
         except StoreError as error:
             raise gr.Error(str(error)) from None
+        if conversation and version_of(stored) != seen:
+            raise Refusal(CHANGED_MEANWHILE, redrawn(chat_bubbles(stored), version_of(stored)))
         if not any(message["role"] == "user" for message in stored):
             raise gr.Error("There is no message to do that with.")
         return stored
+
+    @staticmethod
+    def _redrawn_turn(shown, version):
+        """A refused begin_*'s outputs: the chat as it is now, no turn."""
+        return gr.skip(), shown, None, gr.skip(), gr.skip(), gr.skip(), gr.skip(), version
 
     @staticmethod
     def _message_of_bubble(stored: list[dict], index) -> int | None:
@@ -699,10 +721,11 @@ class Chats:
         chat_bubbles(stored, owners=owners)
         return owners[index] if isinstance(index, int) and 0 <= index < len(owners) else None
 
-    def _begin(self, message, keep, conversation, user, kept, search, before=None, length=None):
-        """(conversation, chatbot, turn, kept, list, textbox, title) for a turn that starts now:
-        `message` after the first `keep` messages (all: None) of a conversation that has
-        `length` messages now (checked again when the turn saves)."""
+    def _begin(self, message, keep, conversation, user, kept, search, before=None, length=None, seen=None):
+        """(conversation, chatbot, turn, kept, list, textbox, title, seen) for a turn that
+        starts now: `message` after the first `keep` messages (all: None) of a conversation
+        that has `length` messages now, `seen` its version (both checked again when the turn
+        saves)."""
         if user is None:
             raise gr.Error("This page has lost its session (idle too long, or the server restarted): reload it.")
         title = gr.skip()
@@ -716,15 +739,15 @@ class Chats:
         except StoreError as error:
             raise gr.Error(str(error)) from None
         shown = [*chat_bubbles([*before, message]), *pending(THINKING_TITLE)]
-        turn = {"message": message, "keep": keep, "length": length}
+        turn = {"message": message, "keep": keep, "length": length, "seen": seen}
         return (conversation, shown, turn, {**(kept or {}), "open": conversation},
                 self.chat_list(user, conversation, search),
-                gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True), title)
+                gr.MultimodalTextbox(value=None, submit_btn=False, stop_btn=True), title, gr.skip())
 
     async def respond(self, turn, conversation, user, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                       max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0):
         """The turn: its message saved, then the answer streamed from the saved conversation,
-        then saved (stopped: what was shown)."""
+        then saved (stopped: what was shown). Yields (the chat, the version it shows once saved)."""
         if not turn or not conversation:
             return
         self.answered.discard(conversation)
@@ -733,13 +756,15 @@ class Chats:
         try:
             message, refusal = without_refused_files(turn["message"])
             try:
+                if turn.get("seen") is not None and version_of(self.store.messages(user, conversation)) != turn["seen"]:
+                    raise StoreError(CHANGED_IN_STORE)  # (since the edit or retry began)
                 self.store.append(user, conversation, [message], keep=turn["keep"],
                                   expected_length=turn.get("length"))
                 asked = True
                 stored = self.store.messages(user, conversation)
                 if refusal is None and self.speech is not None and any(  # (saved first: a Stop meanwhile keeps it)
                         part["type"] == "audio" for part in stored[-1]["content"]):
-                    yield [*chat_bubbles(stored), *pending(TRANSCRIBING_TITLE)]
+                    yield [*chat_bubbles(stored), *pending(TRANSCRIBING_TITLE)], gr.skip()
                     written, refusal = await self.transcribed(stored[-1])
                     if written is not stored[-1]:
                         self.store.append(user, conversation, [written], keep=len(stored) - 1)
@@ -749,25 +774,29 @@ class Chats:
                 stored = self.store.messages(user, conversation)
             except StoreError as error:
                 before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
-                yield [*chat_bubbles([*before, message]), bubble(str(error), title=ERROR_TITLE)]
+                yield [*chat_bubbles([*before, message]), bubble(str(error), title=ERROR_TITLE)], None  # (not as saved)
                 self.answered.add(conversation)
                 return
             shown = chat_bubbles(stored)
             if refusal is not None:
-                yield shown
+                yield shown, version_of(stored)
                 self.answered.add(conversation)
                 return
             generation = self.generation_settings(len(shown), max_new_tokens, temperature, top_p)
             async with contextlib.aclosing(self.answer(for_the_model(stored, system_prompt), generation)) as steps:
                 async for progress in steps:
                     answer = progress.messages
-                    yield [*shown, *chat_bubbles(answer, live=True), *pending(progress.pending)]
+                    yield [*shown, *chat_bubbles(answer, live=True), *pending(progress.pending)], gr.skip()
             saved = True
             if answer:
                 try:
                     self.store.append(user, conversation, settled(answer))
+                    yield [*shown, *chat_bubbles(answer)], version_of(self.store.messages(user, conversation))
                 except StoreError as error:
-                    yield [*shown, *chat_bubbles(answer), bubble(f"This answer was not saved: {error}", title=ERROR_TITLE)]
+                    yield [*shown, *chat_bubbles(answer), bubble(f"This answer was not saved: {error}",
+                                                                 title=ERROR_TITLE)], None
+            else:
+                yield shown, version_of(stored)
             self.answered.add(conversation)
         except (GeneratorExit, asyncio.CancelledError):  # Stop, New chat, a closed tab
             stopped = True
@@ -811,18 +840,19 @@ class Chats:
         it was stopped, the chat drawn from the store once the stopped answer is saved (no
         spinner left turning; a Stop's save comes when Gradio has cancelled the turn, after
         Stop's own event)."""
-        shown = title = gr.skip()
+        shown = title = seen = gr.skip()
         if conversation and conversation not in self.answered:
             async with self.turns.held(conversation, STOP_SAVE_WAIT_S):
                 try:
-                    shown = chat_bubbles(self.store.messages(user, conversation))
+                    stored = self.store.messages(user, conversation)
+                    shown, seen = chat_bubbles(stored), version_of(stored)
                 except StoreError:
                     pass
         if conversation in self.retitled:
             self.retitled.discard(conversation)
             with contextlib.suppress(StoreError):
                 title = gr.Textbox(value=self.store.title(user, conversation), interactive=True)
-        return shown, self.chat_list(user, conversation, search), idle_textbox(), title
+        return shown, self.chat_list(user, conversation, search), idle_textbox(), title, seen
 
     # -- answering, for the browser and for /chat
 
@@ -942,6 +972,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
     concurrency = 1 if chats.zero_gpu else None
     with gr.Blocks(title="Local model chat", fill_height=True) as demo:
         user, conversation, turn = gr.State(None), gr.State(None), gr.State(None)
+        seen = gr.State(None)  # the version of the saved chat this tab shows (version_of): what an edit changes
         api_history = gr.State([])
         kept = gr.BrowserState({}, storage_key="local-model-chat", secret=chats.browser_ids.storage_secret)
         with gr.Sidebar(label="Chats", open=False, elem_id="chats") as sidebar:
@@ -992,20 +1023,21 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
             """An instant event whose refusal (gr.Error) shows as a toast, the outputs as they were."""
             return refusals.shown(trigger(refusals.noting(fn), inputs, outputs, **quick, **options), outputs)
 
-        begun = [conversation, chatbot, turn, kept, chat_list, textbox, title]
+        begun = [conversation, chatbot, turn, kept, chat_list, textbox, title, seen]
         answer_inputs = [turn, conversation, user, system_prompt, max_new_tokens, temperature, top_p]
-        opened = [conversation, chatbot, turn, kept, chat_list, title, exported]
+        opened = [conversation, chatbot, turn, kept, chat_list, title, exported, seen]
         answering = []
         for begin in (quick_event(textbox.submit, chats.begin_turn, [textbox, conversation, user, kept, search], begun),
                       quick_event(chatbot.example_select, chats.begin_example, [conversation, user, kept, search], begun),
-                      quick_event(chatbot.retry, chats.begin_retry, [conversation, user, kept, search], begun),
-                      quick_event(chatbot.edit, chats.begin_edit, [conversation, user, kept, search], begun)):
-            respond = begin.success(chats.respond, answer_inputs, [chatbot], concurrency_limit=concurrency,
+                      quick_event(chatbot.retry, chats.begin_retry, [conversation, user, kept, search, seen], begun),
+                      quick_event(chatbot.edit, chats.begin_edit, [conversation, user, kept, search, seen], begun)):
+            respond = begin.success(chats.respond, answer_inputs, [chatbot, seen], concurrency_limit=concurrency,
                                     concurrency_id=GENERATION_CONCURRENCY_ID, show_progress="hidden", **hidden)
-            quick_event(respond.then, chats.end_turn, [conversation, user, search], [chatbot, chat_list, textbox, title])
+            quick_event(respond.then, chats.end_turn, [conversation, user, search],
+                        [chatbot, chat_list, textbox, title, seen])
             answering.append(respond)
         textbox.stop(None, cancels=answering, **quick)  # (the turn's end_turn redraws the chat)
-        quick_event(chatbot.undo, chats.undo, [conversation, user], [chatbot, textbox])
+        quick_event(chatbot.undo, chats.undo, [conversation, user, seen], [chatbot, textbox, seen])
         for action in (new_chat.click, chatbot.clear):  # (the chat's trash icon starts a new one; Delete deletes)
             quick_event(action, chats.new_chat, [user, kept, search], opened, cancels=answering) \
                 .then(idle_textbox, None,
@@ -1037,7 +1069,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
             gr.api(chats.ask, api_name="ask", queue=False)
 
         start = chats.start_session_with_hf if hf_oauth else chats.start_session
-        quick_event(demo.load, start, [kept], [user, conversation, kept, chatbot, chat_list])
+        quick_event(demo.load, start, [kept], [user, conversation, seen, kept, chatbot, chat_list])
         # The list beside the chat on a wide screen; on a phone folded behind its button, so
         # the chat starts at the top of the screen.
         demo.load(lambda width: gr.Sidebar(open=bool(width and width > SIDEBAR_MIN_WIDTH)), [window_width], [sidebar],

@@ -9,6 +9,7 @@ warning: a copied internal loop must never replace a newer one unseen.
     patient_launch_check()                       # before demo.launch()
     refusals = UnqueuedRefusals()                # an unqueued event's gr.Error, shown
     refusals.shown(trigger(refusals.noting(fn), inputs, outputs, queue=False), outputs)
+    raise Refusal(message, outputs=...)          # fn refuses, and the page shows these outputs
 
 The chatbot: every streamed update re-sends the whole chat, and Gradio postprocesses every
 message of it again (Chatbot.postprocess builds pydantic models per message). A turn's
@@ -23,7 +24,8 @@ Refusals in unqueued events: Gradio 6.31's browser shows no message for a gr.Err
 in an event with queue=False (the queued path shows it as a toast); it only marks the
 event's outputs "Error", over the chat. UnqueuedRefusals tells it with public means (a
 queued .failure() follow-up) and applies with any Gradio version: at worst a Gradio that
-shows the message itself shows it twice.
+shows the message itself shows it twice. A Refusal also says what the outputs become (the
+chat as it is now, when the page showed an old one); the follow-up sets them.
 """
 
 from __future__ import annotations
@@ -208,6 +210,15 @@ def wake_queue_on_events(demo) -> None:
     queue.progress_update_sleep_when_free = 0.1
 
 
+class Refusal(gr.Error):
+    """A refusal of an unqueued event that also redraws: `outputs` are the event's outputs as
+    its function returns them (a tuple for several), set by UnqueuedRefusals' follow-up."""
+
+    def __init__(self, message: str, outputs):
+        super().__init__(message)
+        self.outputs = outputs
+
+
 class UnqueuedRefusals:
     """Shows the gr.Error an unqueued event raises (see the module docstring): `noting(fn)`
     remembers the message for the page's session and raises it on (a gradio_client caller
@@ -215,7 +226,7 @@ class UnqueuedRefusals:
     follow-up that shows it as a warning toast and clears the "Error" mark on the outputs."""
 
     def __init__(self):
-        self._notes: OrderedDict = OrderedDict()  # session hash -> the latest refusal's message
+        self._notes: OrderedDict = OrderedDict()  # session hash -> the latest refusal's (message, outputs)
         self._lock = threading.Lock()
 
     def noting(self, fn):
@@ -246,7 +257,7 @@ class UnqueuedRefusals:
             message = "Something went wrong on the server (its log says what); the chat is as it was."
         session = _session()
         with self._lock:
-            self._notes[session] = message
+            self._notes[session] = message, getattr(error, "outputs", None)
             self._notes.move_to_end(session)
             while len(self._notes) > NOTED_REFUSALS:
                 self._notes.popitem(last=False)
@@ -257,9 +268,11 @@ class UnqueuedRefusals:
 
         def tell():
             with self._lock:
-                message = self._notes.pop(_session(), None)
+                message, outputs = self._notes.pop(_session(), (None, None))
             if message:
                 gr.Warning(message)
+            if outputs is not None:  # (a Refusal: what the page shows now)
+                return outputs
             return gr.skip() if count == 1 else (gr.skip(),) * count
 
         event.failure(tell, None, outputs, show_progress="hidden", concurrency_limit=None,

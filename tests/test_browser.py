@@ -270,6 +270,33 @@ def test_a_refused_action_says_why_and_the_chat_stays_on_screen(serve, llama_run
     assert len(spy.streams) == 1, "nothing was sent to the model"
 
 
+def test_an_edit_in_a_tab_showing_an_old_chat_is_refused_and_the_chat_shown_as_it_is(serve, llama_runner, page):
+    """Two tabs: the second shows m1, m2; the first undoes m2 and sends m3. Editing m2 in the
+    second tab would replace m3, which it never showed: it says why, changes nothing, and
+    shows the chat as it is."""
+    url, spy = serve(llama_runner, max_new_tokens=5)
+    open_app(page, url)
+    answered(page, spy, lambda: send(page, "m1 alpha"))
+    answered(page, spy, lambda: send(page, "m2 beta"))
+    other = page.context.new_page()  # (the same browser: the same user, the open chat)
+    open_app(other, url)
+    expect(other.locator(".user-row").last).to_contain_text("m2 beta")
+    page.locator("button[aria-label=Undo]").last.click()
+    expect(page.locator(".user-row")).to_have_count(1)
+    answered(page, spy, lambda: send(page, "m3 gamma"))
+    saved, answers = saved_texts(spy), len(spy.streams)
+    other.locator(".user-row").last.hover()
+    other.locator("button[aria-label=Edit]").last.click()
+    other.locator("textarea.edit-textarea").fill("m2 beta, edited")
+    other.locator("button.icon-button[aria-label=Submit]").click()
+    expect(other.get_by_text("This chat was changed meanwhile")).to_be_visible(timeout=10_000)
+    expect(other.locator(".user-row").last).to_contain_text("m3 gamma")
+    expect(other.locator(".user-row")).to_have_count(2)
+    expect(other.get_by_text("Error", exact=True)).to_have_count(0)
+    assert saved_texts(spy) == saved and len(spy.streams) == answers, "nothing changed, nothing ran"
+    other.close()
+
+
 def test_new_chat_mid_answer_keeps_the_conversation_before_it(serve, llama_runner, page):
     """New chat while the answer streams: the answer stops, and the conversation (the message
     and what was shown of the answer) is in the list, whole."""

@@ -57,6 +57,16 @@ class Browser:
         _, chat_list, _, _ = self.call("end_turn", "")
         return shown, chat_list
 
+    def refused(self, name, *args):
+        """An action the server refuses: (its message, what the page then shows: the outputs
+        of the refusal's follow-up, as UnqueuedRefusals gives them to the page)."""
+        with pytest.raises(Exception) as refusal:
+            self.call(name, *args)
+        index = event(self.chats, name)
+        (follow_up,) = [i for i, fn in self.chats.demo.fns.items()
+                        if fn.trigger_after == index and fn.trigger_only_on_failure]
+        return str(refusal.value), self.client.predict(fn_index=follow_up)
+
     def close(self):
         self.client.close()
 
@@ -223,6 +233,52 @@ def test_retry_and_undo_change_the_saved_conversation_too(serve, llama_runner):
     assert textbox["value"]["text"] == "second"
     assert saved() == [("user", "first"), ("assistant", first_answer)], "undo takes the message and its answer out"
     browser.close()
+
+
+def test_a_tab_that_shows_an_old_chat_changes_nothing_it_did_not_show(serve, llama_runner):
+    """One user, two tabs: the other tabs opened the chat at m1, a1, m2, a2; then the first undid
+    m2 and sent m3. An undo, a retry or an edit in a tab still showing m2 would change turns it
+    never showed: each is refused with a message, the saved chat stays as it is, nothing runs,
+    and the tab then shows the chat as it is (and may go on from there)."""
+    import asyncio
+    import gradio as gr
+    url, spy = serve(llama_runner)
+    first = Browser(url, spy.chats)
+    first.send("m1 alpha")
+    _, chat_list = first.send("m2 beta")
+    conversation, user = chat_list["value"], _user(spy)
+    undoing, retrying = (Browser(url, spy.chats, kept={**first.kept, "open": conversation})  # (tabs on this chat)
+                         for _ in range(2))
+    assert "m2 beta" in json.dumps(undoing.shown) and "m2 beta" in json.dumps(retrying.shown)
+    shown_there = spy.chats.store.messages(user, conversation)  # (what those tabs show)
+    m2_bubble = next(i for i, b in enumerate(undoing.shown) if b["role"] == "user" and "m2 beta" in json.dumps(b))
+    first.call("undo")
+    first.send("m3 gamma")
+
+    def saved():
+        return spy.chats.store.messages(user, conversation)
+    now, answers = saved(), len(spy.streams)
+    assert [app.text_of(m) for m in now if m["role"] == "user"] == ["m1 alpha", "m3 gamma"]
+
+    message, (shown, textbox) = undoing.refused("undo")
+    assert message == app.CHANGED_MEANWHILE
+    assert "m3 gamma" in json.dumps(shown) and "m2 beta" not in json.dumps(shown), "the tab shows the chat as it is"
+    assert "m3 gamma" not in json.dumps(textbox), "nothing lands in the input box"
+    assert saved() == now, "m3 and its answer are kept"
+
+    message, (shown, *_) = retrying.refused("begin_retry", retrying.kept, "")
+    assert message == app.CHANGED_MEANWHILE and "m3 gamma" in json.dumps(shown)
+
+    edited = SimpleNamespace(index=m2_bubble, value="m2 beta, edited")  # (an edit's event data: as the page sends it)
+    with pytest.raises(gr.Error) as refusal:
+        asyncio.run(spy.chats.begin_edit(edited, conversation, user, first.kept, "", app.version_of(shown_there)))
+    assert refusal.value.message == app.CHANGED_MEANWHILE and "m3 gamma" in json.dumps(refusal.value.outputs[1]), \
+        "a Refusal: the page then shows the chat as it is"
+    assert saved() == now and len(spy.streams) == answers, "nothing changed, nothing ran"
+
+    _, textbox = undoing.call("undo")  # the tab now shows m3: its undo is m3's
+    assert textbox["value"]["text"] == "m3 gamma" and saved() == now[:2]
+    first.close(), undoing.close(), retrying.close()
 
 
 def _user(spy) -> str:
