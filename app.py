@@ -295,10 +295,13 @@ def stats_line(stream) -> str:
 
 # ---------------------------------------------------------------- what the chat shows: kept messages → bubbles
 
-def chat_bubbles(messages: list[dict], *, live: bool = False, owners: list[int] | None = None) -> list[dict]:
+def chat_bubbles(messages: list[dict], *, live: bool = False, owners: list[int] | None = None,
+                 answering: bool = False) -> list[dict]:
     """The one place where messages as the chat keeps them become the chat's bubbles (Gradio
     message dicts), for a saved conversation and for an answer streaming (`live`: its
-    unfinished reasoning and tool calls spin). A user message: its images, then its text.
+    unfinished reasoning and tool calls spin). A user message: its images, then its text; one
+    left without an answer (the app stopped or was killed meanwhile), a note saying so, unless
+    it is the last and is `answering` now (its turn in progress in this tab).
     An answer: notes, the reasoning in a collapsible "Thinking" block, the text, each tool
     call as its own "🛠 name" block (arguments and result inside), an error, the figures.
     `owners` gets, bubble by bubble, the index of the message it shows (or is about)."""
@@ -332,6 +335,8 @@ def chat_bubbles(messages: list[dict], *, live: bool = False, owners: list[int] 
                 bubbles.append(bubble(message["error"], title=ERROR_TITLE))
             if message.get("figures"):
                 bubbles.append(bubble("", title=message["figures"], status="done"))
+    if messages and messages[-1]["role"] == "user" and not answering:
+        bubbles.append(bubble(NO_ANSWER, title=NOTE_TITLE))
     if owners is not None:
         owners += [len(messages) - 1] * (len(bubbles) - len(owners))
     return bubbles
@@ -738,7 +743,7 @@ class Chats:
                 before = self.store.messages(user, conversation)
         except StoreError as error:
             raise gr.Error(str(error)) from None
-        shown = [*chat_bubbles([*before, message]), *pending(THINKING_TITLE)]
+        shown = [*chat_bubbles([*before, message], answering=True), *pending(THINKING_TITLE)]
         turn = {"message": message, "keep": keep, "length": length, "seen": seen}
         return (conversation, shown, turn, {**(kept or {}), "open": conversation},
                 self.chat_list(user, conversation, search),
@@ -764,7 +769,7 @@ class Chats:
                 stored = self.store.messages(user, conversation)
                 if refusal is None and self.speech is not None and any(  # (saved first: a Stop meanwhile keeps it)
                         part["type"] == "audio" for part in stored[-1]["content"]):
-                    yield [*chat_bubbles(stored), *pending(TRANSCRIBING_TITLE)], gr.skip()
+                    yield [*chat_bubbles(stored, answering=True), *pending(TRANSCRIBING_TITLE)], gr.skip()
                     written, refusal = await self.transcribed(stored[-1])
                     if written is not stored[-1]:
                         self.store.append(user, conversation, [written], keep=len(stored) - 1)
@@ -774,10 +779,11 @@ class Chats:
                 stored = self.store.messages(user, conversation)
             except StoreError as error:
                 before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
-                yield [*chat_bubbles([*before, message]), bubble(str(error), title=ERROR_TITLE)], None  # (not as saved)
+                yield [*chat_bubbles([*before, message], answering=True), bubble(str(error), title=ERROR_TITLE)], \
+                    None  # (not as saved)
                 self.answered.add(conversation)
                 return
-            shown = chat_bubbles(stored)
+            shown = chat_bubbles(stored, answering=True)
             if refusal is not None:
                 yield shown, version_of(stored)
                 self.answered.add(conversation)
@@ -796,7 +802,7 @@ class Chats:
                     yield [*shown, *chat_bubbles(answer), bubble(f"This answer was not saved: {error}",
                                                                  title=ERROR_TITLE)], None
             else:
-                yield shown, version_of(stored)
+                yield chat_bubbles(stored), version_of(stored)
             self.answered.add(conversation)
         except (GeneratorExit, asyncio.CancelledError):  # Stop, New chat, a closed tab
             stopped = True

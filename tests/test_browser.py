@@ -297,6 +297,25 @@ def test_an_edit_in_a_tab_showing_an_old_chat_is_refused_and_the_chat_shown_as_i
     other.close()
 
 
+def test_a_message_the_app_never_answered_says_so_and_can_be_retried(serve, llama_runner, page):
+    """The app was killed while answering: opened again, the last message shows a note that it
+    got no answer, with Retry and Undo; Retry answers it."""
+    url, spy = serve(llama_runner, max_new_tokens=5)
+    open_app(page, url)
+    answered(page, spy, lambda: send(page, "a finished turn"))
+    store = spy.chats.store
+    ((user, conversation),) = store._db.execute("SELECT user, id FROM conversations").fetchall()
+    store.append(user, conversation, [{"role": "user", "content": [{"type": "text", "text": "never answered"}]}])
+    page.reload()
+    expect(page.locator(".user-row").last).to_contain_text("never answered")
+    expect(page.get_by_text(app.NO_ANSWER)).to_be_visible()
+    expect(page.locator("button[aria-label=Undo]").last).to_be_visible()
+    answered(page, spy, lambda: page.locator("button[aria-label=Retry]").last.click())
+    expect(page.get_by_text(app.NO_ANSWER)).to_have_count(0)
+    assert saved_texts(spy)[2:] == [("user", "never answered"), ("assistant", spy.streams[-1].text)]
+    assert [m["role"] for m in spy.calls[-1][0]] == ["user", "assistant", "user"]
+
+
 def test_new_chat_mid_answer_keeps_the_conversation_before_it(serve, llama_runner, page):
     """New chat while the answer streams: the answer stops, and the conversation (the message
     and what was shown of the answer) is in the list, whole."""

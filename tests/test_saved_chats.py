@@ -375,11 +375,40 @@ def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
     assert [(m["role"], app.text_of(m)) for m in saved][:3] == [
         ("user", "a finished turn"), ("assistant", app.text_of(saved[1])), ("user", "tell me a very long story")]
     assert app.text_of(saved[1]) and len(saved) == 3, "the finished turn is whole; only the answer being written is lost"
-    # the next message sent there gets a bubble of its own, the one before it a note saying why it has no answer
-    shown = app.chat_bubbles([*saved, {"role": "user", "content": [{"type": "text", "text": "are you back?"}]}])
+    # opened again, the message shows a note saying it got no answer
+    assert app.chat_bubbles(saved)[-1] == app.bubble(app.NO_ANSWER, title=app.NOTE_TITLE)
+    # the next message sent there gets a bubble of its own, the one before it keeps its note
+    shown = app.chat_bubbles([*saved, {"role": "user", "content": [{"type": "text", "text": "are you back?"}]}],
+                             answering=True)
     assert [(b["role"], (b.get("metadata") or {}).get("title")) for b in shown][-3:] == [
         ("user", None), ("assistant", app.NOTE_TITLE), ("user", None)]
     assert shown[-2]["content"] == app.NO_ANSWER
+
+
+def test_the_last_message_left_without_an_answer_says_so_and_retry_answers_it(serve, llama_runner):
+    """The app stopped (killed) while answering the last message: opened again, the chat shows
+    a note under it, and retry answers it. A message being answered in this tab gets no note."""
+    url, spy = serve(llama_runner)
+    browser = Browser(url, spy.chats)
+    shown = browser.call("begin_turn", {"text": "a finished turn", "files": []}, browser.kept, "")[0]
+    answered = browser.client.predict("", 8, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+    _, chat_list, _, _ = browser.call("end_turn", "")
+    assert app.NO_ANSWER not in json.dumps([shown, answered]), "no note while (and after) it is answered"
+    conversation, user = chat_list["value"], _user(spy)
+    left = {"role": "user", "content": [{"type": "text", "text": "left without an answer"}]}
+    spy.chats.store.append(user, conversation, [left])  # (what a killed app leaves)
+    reopened = Browser(url, spy.chats, kept={**browser.kept, "open": conversation})
+    assert [b["content"] for b in reopened.shown[-2:]] == [[{"text": "left without an answer", "type": "text"}],
+                                                           [{"text": app.NO_ANSWER, "type": "text"}]]
+    retried = reopened.call("begin_retry", reopened.kept, "")[0]
+    assert app.NO_ANSWER not in json.dumps(retried), "retried: it is being answered"
+    reopened.client.predict("", 8, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+    saved = spy.chats.store.messages(user, conversation)
+    assert [(m["role"], app.text_of(m)) for m in saved] == [
+        ("user", "a finished turn"), ("assistant", app.text_of(saved[1])),
+        ("user", "left without an answer"), ("assistant", spy.streams[-1].text)]
+    assert app.NO_ANSWER not in json.dumps(reopened.call("end_turn", "")[0])
+    browser.close(), reopened.close()
 
 
 def test_an_edit_after_a_message_left_without_an_answer_edits_the_message_it_shows():
