@@ -119,6 +119,9 @@ ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
 STOPPED_BEFORE_TEXT = "Stopped before the answer began."
 NO_ANSWER = "This message got no answer."
+DELETED = "deleted"  # (a Halt's why)
+DELETED_ELSEWHERE = ("This chat was deleted (in another tab?): its answer was stopped and is not kept. Start a new "
+                     "chat to go on.")
 CHANGED_IN_STORE = "This chat was changed meanwhile (in another tab?): open it again to see it as it is."
 CHANGED_MEANWHILE = ("This chat was changed meanwhile (in another tab?): here it is as it is now; nothing was "
                      "changed. Try again on what it shows.")
@@ -509,6 +512,19 @@ class OneTurnAtATime:
                 self.release(key)
 
 
+class Halt:
+    """A turn's answer stopped from outside its tab (Chats.halts): `signal` stops it as Stop does
+    (the engine within one token), `why` says why (DELETED)."""
+
+    def __init__(self):
+        self.signal, self.why = Signal(), None
+
+    def __call__(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+        self.signal.set()
+
+
 class Chats:
     """The chat's events, on the conversations kept in `store` for the user of each session.
 
@@ -530,6 +546,7 @@ class Chats:
         self.turns = OneTurnAtATime()
         self.answered: set[str] = set()  # conversations whose last turn ran to its end (not stopped)
         self.retitled: set[str] = set()  # conversations given a new title during their turn (end_turn shows it)
+        self.halts: dict[tuple[str, str], Halt] = {}  # (user, conversation) -> its answer in flight, in any tab
         self.examples = starter_examples()
         self.scratch = Path(tempfile.mkdtemp(prefix="chat-undo-"))  # images an undo puts back in the textbox
         atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
@@ -599,6 +616,8 @@ class Chats:
             self.store.delete(user, conversation)
         except StoreError as error:
             raise gr.Error(str(error)) from None
+        if (halt := self.halts.get((user, conversation))) is not None:  # its answer streaming, in any tab
+            halt(DELETED)
         return self.new_chat(user, kept, search)
 
     def export(self, conversation, user):
@@ -758,6 +777,7 @@ class Chats:
         self.answered.discard(conversation)
         answer, saved, asked, stopped = [], False, False, False
         await self.turns.acquire(conversation)
+        halt = self.halts[(user, conversation)] = Halt()  # (one turn at a time per conversation)
         try:
             message, refusal = without_refused_files(turn["message"])
             try:
@@ -789,15 +809,20 @@ class Chats:
                 self.answered.add(conversation)
                 return
             generation = self.generation_settings(len(shown), max_new_tokens, temperature, top_p)
-            async with contextlib.aclosing(self.answer(for_the_model(stored, system_prompt), generation)) as steps:
+            async with contextlib.aclosing(self.answer(for_the_model(stored, system_prompt), generation,
+                                                       halt.signal)) as steps:
                 async for progress in steps:
                     answer = progress.messages
                     yield [*shown, *chat_bubbles(answer, live=True), *pending(progress.pending)], gr.skip()
             saved = True
-            if answer:
+            if halt.why == DELETED:
+                yield [*shown, *chat_bubbles(answer), bubble(DELETED_ELSEWHERE, title=NOTE_TITLE)], None
+            elif answer:
                 try:
                     self.store.append(user, conversation, settled(answer))
                     yield [*shown, *chat_bubbles(answer)], version_of(self.store.messages(user, conversation))
+                except NotFound:  # (deleted in another tab as the answer ended)
+                    yield [*shown, *chat_bubbles(answer), bubble(DELETED_ELSEWHERE, title=NOTE_TITLE)], None
                 except StoreError as error:
                     yield [*shown, *chat_bubbles(answer), bubble(f"This answer was not saved: {error}",
                                                                  title=ERROR_TITLE)], None
@@ -808,8 +833,12 @@ class Chats:
             stopped = True
             raise
         finally:
+            if self.halts.get((user, conversation)) is halt:
+                del self.halts[(user, conversation)]
             try:
-                if answer and not saved:  # stopped: keep what was shown
+                if halt.why == DELETED:
+                    pass  # (nothing to keep it in)
+                elif answer and not saved:  # stopped: keep what was shown
                     self.store.append(user, conversation, settled(answer))
                 elif stopped and asked and not answer and not saved:  # before any text (in line, transcribing)
                     self.store.append(user, conversation, [{"role": "assistant", "content": [],
@@ -870,10 +899,11 @@ class Chats:
                                   temperature=float(temperature), top_p=float(top_p),
                                   max_updates_per_second=updates_per_second)
 
-    async def answer(self, messages: list[dict], generation: GenerationSettings):
+    async def answer(self, messages: list[dict], generation: GenerationSettings, gone: Signal | None = None):
         """Progress of the answer to `messages`. It waits its turn in the line (shared with
         the API), showing its place; on ZeroGPU Gradio's own queue orders the answers. Stop
-        cancels the wait at once and tells the engine, which stops within one token."""
+        cancels the wait at once and tells the engine, which stops within one token; so does
+        `gone` set (from another tab or thread), after which the answer ends as it is."""
         place = None
         if not self.zero_gpu:
             try:
@@ -881,17 +911,22 @@ class Chats:
             except LineFull as full:
                 yield Progress([failed(str(full))])
                 return
-        gone = Signal()  # Stop, a closed tab: it withdraws the request, or stops its answer
+        gone = gone or Signal()  # Stop, a closed tab: it withdraws the request, or stops its answer
+        forget = gone.on_set(place.leave) if place is not None else None  # (leaving ends the wait)
         try:
             if place is not None:
                 async for position in place.waiting():
                     yield Progress([], WAITING_TITLE.format(ordinal(position)))
+                if gone.is_set():
+                    return
             # (ZeroGPU runs the steps in a worker process of its own: nothing to call back there)
             steps = self.answer_steps(messages, generation) if self.zero_gpu else \
                 self.answer_steps(messages, generation, gone, place.started, place.reading_files)
             while (progress := await anyio.to_thread.run_sync(next, steps, None, abandon_on_cancel=True)) is not None:
                 yield progress
         finally:
+            if forget is not None:
+                forget()
             gone.set()
             if place is not None:
                 place.leave()

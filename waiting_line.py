@@ -119,6 +119,7 @@ class WaitingLine:
                     del self._generating[stream]
         if was_waiting:  # the places behind it move up
             self._moved()
+        place._notify()  # (its own wait ends)
 
     def _moved(self) -> None:
         with self._lock:

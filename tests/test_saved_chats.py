@@ -537,6 +537,32 @@ def test_one_turn_at_a_time_in_a_conversation(serve, llama_runner):
     browser.close()
 
 
+def test_deleting_a_chat_in_another_tab_stops_its_answer_and_that_tab_says_so(serve, llama_runner):
+    """Tab 1 streams an answer; tab 2 (the same user) deletes that chat: the answer stops (not
+    run to its end), and tab 1 says the chat was deleted, not "This answer was not saved"."""
+    from tests.conftest import hold_generation
+    url, spy = serve(llama_runner, max_new_tokens=300)
+    streaming = Browser(url, spy.chats)
+    with pytest.MonkeyPatch.context() as patch:
+        release = hold_generation(patch, llama_runner.model, after_calls=5)
+        job = streaming.begin("a long answer, please", 300)
+        wait_for(lambda: spy.streams, 30, "the answer to start")
+        user = _user(spy)
+        conversation = spy.chats.store.conversations(user)[0].id
+        deleting = Browser(url, spy.chats, kept={**streaming.kept, "open": conversation})
+        deleting.call("delete", deleting.kept, "")
+        release.set()
+        shown = job.result(timeout=60)
+    stream = spy.streams[-1]
+    assert stream.join(10) and stream.finish_reason == "cancelled" and stream.new_tokens < 300, \
+        "the answer stops when its chat is deleted"
+    assert (shown[-1]["content"], shown[-1]["metadata"]["title"]) == (
+        [{"text": app.DELETED_ELSEWHERE, "type": "text"}], app.NOTE_TITLE), "tab 1 says why its chat is gone"
+    assert "not saved" not in json.dumps(shown)
+    assert spy.chats.store.conversations(user) == [] and not spy.chats.halts
+    streaming.close(), deleting.close()
+
+
 def test_a_message_stopped_before_its_answer_began_keeps_a_note_and_the_model_never_sees_it(serve, llama_runner):
     """Stop while the message waits in line (or before the first word): the message stays,
     with a note saying so (the next message gets a bubble of its own), and the model is
