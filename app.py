@@ -119,7 +119,8 @@ ERROR_TITLE = "⚠️ Error"
 NOTE_TITLE = "ℹ️ Note"
 STOPPED_BEFORE_TEXT = "Stopped before the answer began."
 NO_ANSWER = "This message got no answer."
-DELETED = "deleted"  # (a Halt's why)
+DELETED, STOPPING = "deleted", "stopping"  # (a Halt's why)
+APP_STOPPED = "The app was stopped while this answer was being written: it ends here."
 DELETED_ELSEWHERE = ("This chat was deleted (in another tab?): its answer was stopped and is not kept. Start a new "
                      "chat to go on.")
 CHANGED_IN_STORE = "This chat was changed meanwhile (in another tab?): open it again to see it as it is."
@@ -279,6 +280,18 @@ def settled(answer: list[dict]) -> list[dict]:
         if message is not None:
             kept.append(message)
             missing += [call for call in message.get("tool_calls") or () if call.id not in answered]
+    return kept
+
+
+def cut_short(answer: list[dict], note: str) -> list[dict]:
+    """An answer as it is kept when the app stopped it: what was shown (settled), its last
+    assistant message with a note saying so (the model never sees notes); no answer yet, the note
+    alone."""
+    kept = settled(answer)
+    last = max((i for i, message in enumerate(kept) if message["role"] == "assistant"), default=None)
+    if last is None:
+        return [*kept, {"role": "assistant", "content": [], "notes": [note]}]
+    kept[last] = {**kept[last], "notes": [*(kept[last].get("notes") or ()), note]}
     return kept
 
 
@@ -514,7 +527,7 @@ class OneTurnAtATime:
 
 class Halt:
     """A turn's answer stopped from outside its tab (Chats.halts): `signal` stops it as Stop does
-    (the engine within one token), `why` says why (DELETED)."""
+    (the engine within one token), `why` says why (DELETED, STOPPING)."""
 
     def __init__(self):
         self.signal, self.why = Signal(), None
@@ -547,6 +560,7 @@ class Chats:
         self.answered: set[str] = set()  # conversations whose last turn ran to its end (not stopped)
         self.retitled: set[str] = set()  # conversations given a new title during their turn (end_turn shows it)
         self.halts: dict[tuple[str, str], Halt] = {}  # (user, conversation) -> its answer in flight, in any tab
+        self.stopping = False  # the app is stopping: answers end where they are (stop_answers)
         self.examples = starter_examples()
         self.scratch = Path(tempfile.mkdtemp(prefix="chat-undo-"))  # images an undo puts back in the textbox
         atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
@@ -778,6 +792,8 @@ class Chats:
         answer, saved, asked, stopped = [], False, False, False
         await self.turns.acquire(conversation)
         halt = self.halts[(user, conversation)] = Halt()  # (one turn at a time per conversation)
+        if self.stopping:
+            halt(STOPPING)
         try:
             message, refusal = without_refused_files(turn["message"])
             try:
@@ -817,7 +833,9 @@ class Chats:
             saved = True
             if halt.why == DELETED:
                 yield [*shown, *chat_bubbles(answer), bubble(DELETED_ELSEWHERE, title=NOTE_TITLE)], None
-            elif answer:
+            elif answer or halt.why == STOPPING:
+                if halt.why == STOPPING:
+                    answer = cut_short(answer, APP_STOPPED)
                 try:
                     self.store.append(user, conversation, settled(answer))
                     yield [*shown, *chat_bubbles(answer)], version_of(self.store.messages(user, conversation))
@@ -838,6 +856,8 @@ class Chats:
             try:
                 if halt.why == DELETED:
                     pass  # (nothing to keep it in)
+                elif halt.why == STOPPING and asked and not saved:  # (the app stopping, and its tab gone)
+                    self.store.append(user, conversation, cut_short(answer, APP_STOPPED))
                 elif answer and not saved:  # stopped: keep what was shown
                     self.store.append(user, conversation, settled(answer))
                 elif stopped and asked and not answer and not saved:  # before any text (in line, transcribing)
@@ -847,6 +867,19 @@ class Chats:
                 log.warning("a stopped answer was not saved: %s", error)
             finally:
                 self.turns.release(conversation)
+
+    def stop_answers(self, wait_s: float) -> int:
+        """The app is stopping (Ctrl+C, SIGTERM): every answer in flight ends where it is and is
+        saved as shown, with a note (APP_STOPPED); answers begun from now on too. Waits up to
+        `wait_s` for them to be saved (called from another thread than the server's). Returns
+        how many were not saved in time."""
+        self.stopping = True
+        for halt in list(self.halts.values()):
+            halt(STOPPING)
+        deadline = time.monotonic() + wait_s
+        while self.halts and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return len(self.halts)
 
     def retitle_from_speech(self, user: str, conversation: str, message: dict, written: dict) -> None:
         """A chat begun with audio alone (a voice message, an uploaded recording), still titled by
@@ -1437,7 +1470,13 @@ def main(argv: list[str] | None = None) -> int:
             log.info("Tools for the chat: %s (%s).", ", ".join(toolbox.names), "; ".join(toolbox.where()))
         else:
             log.warning("Tools are off for %s: %s.", slot.name, slot.info.tools_off or "it does not take them")
-    demo.block_thread()
+    try:
+        while demo.is_running:  # (Gradio's block_thread, which closes the server before the answers are kept)
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # Ctrl+C, SIGTERM: the answers being written are kept as far as they got
+        if left := demo.chats.stop_answers(STOP_SAVE_WAIT_S):
+            log.warning("Stopping: %d answer(s) could not be saved in time.", left)
+        demo.close()
     return 0
 
 

@@ -385,6 +385,42 @@ def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
     assert shown[-2]["content"] == app.NO_ANSWER
 
 
+def test_an_app_stopped_mid_answer_keeps_what_was_streamed(tmp_path):
+    """SIGTERM (docker stop, systemd) mid-answer: the app stops the answer and saves what was
+    streamed, with a note that the app was stopped, before it exits; started again, the chat
+    shows it."""
+    from tests.tiny_models import build_bench_llama
+    model = build_bench_llama(tmp_path / "bench-llama")
+    data, port = tmp_path / "data", free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port), "DATA_DIR": str(data)}
+    command = [sys.executable, str(ROOT / "app.py"), "--model", str(model), "--device", "cpu"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_until_loaded(port, process), "the app did not start"
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        indexes = _event_indexes_of_running_app(client)
+        kept, _, _ = client.predict({}, fn_index=indexes["start_session"])
+        client.predict({"text": "tell me a very long story", "files": []}, kept, "", fn_index=indexes["begin_turn"])
+        job = client.submit("", 4000, 0.0, 1.0, fn_index=indexes["respond"])
+        wait_for(lambda: len(job.outputs()) >= 5, 60, "the answer to stream")
+        answer = next(b["content"] for b in reversed(job.outputs()[-1]) if b["role"] == "assistant" and not b["metadata"])
+        shown = answer[0]["text"] if isinstance(answer, list) else answer
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, process.stderr.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    store = ConversationStore(data)
+    (user,) = {row[0] for row in store._db.execute("SELECT user FROM conversations")}
+    (summary,) = store.conversations(user)
+    saved = store.messages(user, summary.id)
+    assert [m["role"] for m in saved] == ["user", "assistant"]
+    assert app.text_of(saved[1]).strip().startswith(shown.strip()) and len(shown.strip()) > 10, \
+        "what was streamed is kept"
+    assert saved[1]["notes"] == [app.APP_STOPPED]
+    assert app.APP_STOPPED in json.dumps(app.chat_bubbles(saved)) and app.NO_ANSWER not in json.dumps(app.chat_bubbles(saved))
+
+
 def test_the_last_message_left_without_an_answer_says_so_and_retry_answers_it(serve, llama_runner):
     """The app stopped (killed) while answering the last message: opened again, the chat shows
     a note under it, and retry answers it. A message being answered in this tab gets no note."""
