@@ -149,7 +149,7 @@ def test_saved_chats_that_fail_while_the_app_runs_are_told_and_the_page_still_lo
     damage(chats.store.path)
     told = []
     monkeypatch.setattr(app.gr, "Warning", told.append)
-    user, conversation, kept, shown, chat_list = chats.start_session({}, SimpleNamespace(username=None))
+    user, conversation, _seen, kept, shown, chat_list = chats.start_session({}, SimpleNamespace(username=None))
     assert user and kept["id"], "a session: sending a message won't say the page lost it"
     assert chat_list.label == "Saved chats can't be read now" and chat_list.constructor_args["choices"] == []
     assert told == ["The saved chats can't be read: their database is damaged (database disk image is "
