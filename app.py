@@ -768,6 +768,7 @@ class Chats:
             raise gr.Error("This page has lost its session (idle too long, or the server restarted): reload it.")
         title = gr.skip()
         try:
+            self.store.check_room(user)  # (full: refused now, not after an answer it can't keep)
             if conversation is None:
                 conversation = self.store.create(user, title_of(message))
                 before = []
@@ -808,10 +809,10 @@ class Chats:
                     yield [*chat_bubbles(stored, answering=True), *pending(TRANSCRIBING_TITLE)], gr.skip()
                     written, refusal = await self.transcribed(stored[-1])
                     if written is not stored[-1]:
-                        self.store.append(user, conversation, [written], keep=len(stored) - 1)
+                        self.store.append(user, conversation, [written], keep=len(stored) - 1, answer=True)
                         self.retitle_from_speech(user, conversation, stored[-1], written)
                 if refusal is not None:
-                    self.store.append(user, conversation, [failed(refusal)])
+                    self.store.append(user, conversation, [failed(refusal)], answer=True)
                 stored = self.store.messages(user, conversation)
             except StoreError as error:
                 before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
@@ -837,7 +838,7 @@ class Chats:
                 if halt.why == STOPPING:
                     answer = cut_short(answer, APP_STOPPED)
                 try:
-                    self.store.append(user, conversation, settled(answer))
+                    self.store.append(user, conversation, settled(answer), answer=True)
                     yield [*shown, *chat_bubbles(answer)], version_of(self.store.messages(user, conversation))
                 except NotFound:  # (deleted in another tab as the answer ended)
                     yield [*shown, *chat_bubbles(answer), bubble(DELETED_ELSEWHERE, title=NOTE_TITLE)], None
@@ -857,12 +858,12 @@ class Chats:
                 if halt.why == DELETED:
                     pass  # (nothing to keep it in)
                 elif halt.why == STOPPING and asked and not saved:  # (the app stopping, and its tab gone)
-                    self.store.append(user, conversation, cut_short(answer, APP_STOPPED))
+                    self.store.append(user, conversation, cut_short(answer, APP_STOPPED), answer=True)
                 elif answer and not saved:  # stopped: keep what was shown
-                    self.store.append(user, conversation, settled(answer))
+                    self.store.append(user, conversation, settled(answer), answer=True)
                 elif stopped and asked and not answer and not saved:  # before any text (in line, transcribing)
                     self.store.append(user, conversation, [{"role": "assistant", "content": [],
-                                                            "notes": [STOPPED_BEFORE_TEXT]}])
+                                                            "notes": [STOPPED_BEFORE_TEXT]}], answer=True)
             except Exception as error:  # (a StoreError, or a bug of ours: the lock is released all the same)
                 log.warning("a stopped answer was not saved: %s", error)
             finally:

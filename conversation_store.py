@@ -304,13 +304,15 @@ class ConversationStore:
     # ------------------------------------------------------------ messages
 
     def append(self, user: str, conversation_id: str, messages: list[dict], *, keep: int | None = None,
-               expected_length: int | None = None) -> None:
+               expected_length: int | None = None, answer: bool = False) -> None:
         """Messages at the end of the conversation, in one transaction (a finished turn is
         there, whole, once this returns). With `keep`, only the first `keep` messages stay
         before them (a retry, an edit, an undo): the images no message uses any more go too.
         With `expected_length`, a StoreError unless the conversation still has that many
         messages (it was changed since, e.g. in another tab). The first user message's text
-        titles a conversation that has no title yet."""
+        titles a conversation that has no title yet. An `answer` (to a message kept already)
+        is kept past the user's byte limit: the limit refuses the next message instead, before
+        any compute is spent on it."""
         stored = [self._to_stored(message) for message in messages]
         bodies = [json.dumps(body, ensure_ascii=False) for body, _ in stored]
         images = {image["digest"]: image for _, found in stored for image in found}
@@ -324,10 +326,8 @@ class ConversationStore:
             new_bytes = sum(map(len, bodies)) + sum(
                 image["bytes"] for image in images.values() if not self._user_has_image(user, image["digest"]))
             used = self._usage(user)
-            if new_bytes and used + new_bytes > self.max_bytes:
-                raise LimitReached(f"Your saved conversations hold {used // 2**20} MB, the most this "
-                                   f"server keeps for one user is {self.max_bytes // 2**20} MB: delete some to "
-                                   f"save new ones.")
+            if new_bytes and used + new_bytes > self.max_bytes and not answer:
+                raise self._full(used)
             for image in images.values():
                 self._write_image(image)
             dropped: set[str] = set()
@@ -387,6 +387,18 @@ class ConversationStore:
         with self._locked():
             count = self._db.execute("SELECT COUNT(*) FROM conversations WHERE user=?", (user,)).fetchone()[0]
             return count, self._usage(user)
+
+    def check_room(self, user: str) -> None:
+        """LimitReached when the user's saved chats hold all the bytes kept for one user (a new
+        message is refused before it is answered)."""
+        with self._locked():
+            used = self._usage(user)
+        if used >= self.max_bytes:
+            raise self._full(used)
+
+    def _full(self, used: int) -> LimitReached:
+        return LimitReached(f"Your saved conversations hold {used / 2**20:,.1f} MB, the most this server keeps for "
+                            f"one user is {self.max_bytes / 2**20:,.1f} MB: delete some to save new ones.")
 
     def _usage(self, user: str) -> int:
         text = self._db.execute("SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages JOIN conversations "

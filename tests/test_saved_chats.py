@@ -343,6 +343,24 @@ def test_limits_per_user_are_told_when_reached(serve, llama_runner):
     assert "the most this server keeps for one user" in json.dumps(shown)
 
 
+def test_an_answer_past_the_byte_limit_is_kept_and_the_next_message_refused_before_it_runs(serve, llama_runner):
+    """(The model wrote the whole answer, then it was thrown away: "This answer was not saved";
+    each try left a new chat holding only its message.)"""
+    url, spy = serve(llama_runner, max_saved_bytes_per_user=400)
+    browser = Browser(url, spy.chats)
+    shown, _ = browser.send("one", max_new_tokens=40)
+    store, user = spy.chats.store, _user(spy)
+    (chat,) = store.conversations(user)
+    saved = store.messages(user, chat.id)
+    assert [m["role"] for m in saved] == ["user", "assistant"] and app.text_of(saved[1])
+    assert "not saved" not in json.dumps(shown)
+    answers = len(spy.streams)
+    browser.call("new_chat", browser.kept, "")
+    with pytest.raises(Exception, match="the most this server keeps for one user"):
+        browser.call("begin_turn", {"text": "two", "files": []}, browser.kept, "")
+    assert len(store.conversations(user)) == 1 and len(spy.streams) == answers, "no chat made, nothing generated"
+
+
 def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
     """SIGKILL mid-answer: the finished turn before it is whole, and the message being
     answered is kept; the app starts again on the same data and lists it."""
