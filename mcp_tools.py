@@ -87,9 +87,22 @@ def read_config(path: str | os.PathLike) -> list[ServerConfig]:
         where = f'The MCP server "{name}" in {path}'
         if not isinstance(entry, dict):
             raise McpConfigError(f"{where} must be an object.")
-        if entry.get("disabled") is True:
+        disabled = entry.get("disabled", False)
+        if not isinstance(disabled, bool):
+            raise McpConfigError(f'{where}: "disabled" must be true or false, not {_shown(disabled)}.')
+        if disabled:
             continue
-        command, url = entry.get("command"), entry.get("url") or entry.get("serverUrl")
+        command, url = entry.get("command"), entry.get("url", entry.get("serverUrl"))
+        if isinstance(command, list):  # (a common mistake: the whole command line in "command")
+            given = entry.get("args") if isinstance(entry.get("args"), list) else []
+            raise McpConfigError(f'{where}: "command" is one program; put its arguments in "args" '
+                                 f'("command": {_shown(command[0] if command else "")}, '
+                                 f'"args": {_shown(command[1:] + given)}).')
+        if command is not None and not (isinstance(command, str) and command.strip()):
+            raise McpConfigError(f'{where}: "command" must be a program to start (a non-empty string), '
+                                 f'not {_shown(command)}.')
+        if url is not None and not isinstance(url, str):
+            raise McpConfigError(f'{where}: "url" must be a string (an http(s) address), not {_shown(url)}.')
         if bool(command) == bool(url):
             raise McpConfigError(f'{where} needs either "command" (a program to start) or "url" (a server to reach).')
         args, env, headers = entry.get("args", []), entry.get("env", {}), entry.get("headers", {})
@@ -371,6 +384,12 @@ def _reason(error: BaseException) -> str:
         return f"its command was not found ({error.filename or error})"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _shown(value) -> str:
+    """A config value as JSON, for a one-line message."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _safe(name: str) -> str:

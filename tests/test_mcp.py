@@ -133,6 +133,7 @@ def test_a_stdio_server_is_stopped_with_the_app(tmp_path):
     ('{"mcpServers": {"x": {"command": "a", "url": "http://b"}}}', 'either "command"'),
     ('{"mcpServers": {"x": {"command": "a", "args": "not a list"}}}', '"args" must be a list'),
     ('{"mcpServers": {"x": {"url": "ftp://b"}}}', "http(s) address"),
+    ('{"mcpServers": {"x": {"command": ["python", "x.py"]}}}', '"command" is one program; put its arguments in "args"'),
 ])
 def test_a_config_that_cannot_be_used_is_one_line(tmp_path, content, why):
     path = tmp_path / "mcp.json"
@@ -142,6 +143,33 @@ def test_a_config_that_cannot_be_used_is_one_line(tmp_path, content, why):
     result = subprocess.run([sys.executable, str(Path(app.__file__)), "--mcp-config", str(path)],
                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and why.split()[0] in result.stderr
+
+
+@pytest.mark.parametrize("entry, why", [
+    ({"command": ["python", "x.py"], "args": ["-v"]},
+     '"x" in MCP.json: "command" is one program; put its arguments in "args" ("command": "python", '
+     '"args": ["x.py", "-v"]).'),
+    ({"command": 5}, '"x" in MCP.json: "command" must be a program to start (a non-empty string), not 5.'),
+    ({"command": " "}, '"x" in MCP.json: "command" must be a program to start (a non-empty string), not " ".'),
+    ({"command": "a", "disabled": "yes"}, '"x" in MCP.json: "disabled" must be true or false, not "yes".'),
+    ({"url": ["http://b"]}, '"x" in MCP.json: "url" must be a string (an http(s) address), not ["http://b"].'),
+    ({"command": "a", "args": ["-p", 8080]}, '"x" in MCP.json: "args" must be a list of strings.'),
+    ({"command": "a", "env": {"PORT": 8080}}, '"x" in MCP.json: "env" must be an object of strings.'),
+])
+def test_a_server_entry_with_a_value_of_the_wrong_kind_is_refused_naming_the_server_and_field(tmp_path, entry, why):
+    """(Before, these started the app with "MCP x is down (ValidationError...)" and a retry every
+    minute, and "disabled": "yes" was ignored.)"""
+    path = tmp_path / "MCP.json"
+    path.write_text(json.dumps({"mcpServers": {"x": entry}}))
+    with pytest.raises(McpConfigError) as refused:
+        read_config(path)
+    assert str(refused.value) == f'The MCP server {why.replace("MCP.json", str(path))}'
+
+
+def test_disabled_true_skips_a_server_whatever_else_it_holds(tmp_path):
+    path = tmp_path / "mcp.json"
+    path.write_text(json.dumps({"mcpServers": {"off": {"command": 5, "disabled": True}, "on": {"command": "a"}}}))
+    assert [config.name for config in read_config(path)] == ["on"]
 
 
 def test_a_tools_pictures_are_shown_and_given_to_a_model_that_sees(idefics3_runner):
