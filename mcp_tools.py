@@ -6,9 +6,10 @@ and Cursor share:
                   "env": {"DEBUG": "0"}},
         "search": {"url": "https://example.com/mcp", "headers": {"Authorization": "Bearer ..."}}}}
 
-A stdio server is started by the app (its `env` over the app's own), a remote one reached over
-streamable HTTP; both with the official `mcp` package, each kept open by one background event
-loop. Their tools join the chat's tools (tools.Toolbox) under the names the servers give them,
+A stdio server is started by the app (its `env` over the app's own; its stdout read here, a
+line that isn't MCP logged once, then counted), a remote one reached over streamable HTTP;
+both spoken to with the official `mcp` package's ClientSession, each kept open by one
+background event loop. Their tools join the chat's tools (tools.Toolbox) under the names the servers give them,
 prefixed by the server's name only where two collide.
 
     servers = McpServers.start(read_config("mcp.json"))  # McpConfigError: one line
@@ -27,10 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +49,9 @@ RESTART_AFTER_S = 60.0      # a server that is down is started again on a call, 
 START_TIMEOUT_S = 30.0      # to start (or reach) a server and list its tools
 MAX_CONFIG_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 10 << 20  # an image in a tool's result larger than this is summarised, not shown
+STOP_WAIT_S = 2.0           # a stdio server has this long to end once its stdin is closed, then SIGTERM, then SIGKILL
+FLOOD_LINES = 1000          # past this many lines that aren't MCP, a stdio server's stdout is read slowly:
+FLOOD_PAUSE_S = 0.05        # this long after each read that held no MCP message
 
 
 class McpConfigError(ValueError):
@@ -130,6 +137,10 @@ class _Server:
         self.ready: asyncio.Event | None = None
         self.closing: asyncio.Event | None = None
         self.restarting = threading.Lock()  # (one restart at a time; other servers' calls go on)
+        self.process = None                 # a stdio server's process (anyio Process), until it has ended
+        self.exit_status: int | None = None  # how this run's process ended, where it ended by itself
+        self.not_mcp = 0                    # lines on this run's stdout that aren't MCP (logged: the first ever)
+        self.not_mcp_logged = False
 
     @property
     def up(self) -> bool:
@@ -139,6 +150,7 @@ class _Server:
         from mcp import ClientSession
         ready, closing = self.ready, self.closing  # (this run's: a restart makes new ones)
         self.started_at, self.error, self.session = time.monotonic(), None, None
+        self.exit_status, self.not_mcp = None, 0
         try:
             async with self._transport() as streams, ClientSession(streams[0], streams[1]) as session:
                 await session.initialize()
@@ -152,7 +164,9 @@ class _Server:
                         await asyncio.wait_for(session.send_ping(), PING_EVERY_S)
         except BaseException as error:  # (a failed start, a dead process, a cancelled task)
             if not closing.is_set():
-                self.error = _reason(error)
+                self.error = _exited(self.exit_status) if self.exit_status is not None and \
+                    _lost_connection(_first(error)) else _reason(error)
+                self.error += self.output_note()
                 log.warning("MCP server %s is down: %s", self.config.name, self.error)
             if isinstance(error, asyncio.CancelledError):
                 raise
@@ -163,15 +177,100 @@ class _Server:
                     self.error = "it stopped"
             ready.set()
 
+    def output_note(self) -> str:
+        """What a down server's reason adds when it wrote output that isn't MCP."""
+        return f"; it wrote {self.not_mcp:,} line{'s' * (self.not_mcp != 1)} that aren't MCP to its stdout" \
+            if self.not_mcp else ""
+
     def _transport(self):
         config = self.config
         if config.url:
             from mcp.client.streamable_http import streamablehttp_client
             return _first_two(streamablehttp_client(config.url, headers=config.headers or None))
-        from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
-        return stdio_client(StdioServerParameters(command=config.command, args=config.args,
-                                                  env={**get_default_environment(), **config.env}),
-                            errlog=_log_stream(config.name))
+        return self._stdio()
+
+    @contextlib.asynccontextmanager
+    async def _stdio(self):
+        """The server's process, spoken to over its stdin and stdout: the mcp package's
+        stdio_client, with the process in hand (McpServers.close kills one that is left,
+        whatever it was doing; a down server says how it exited) and its stdout read here: a
+        line that isn't MCP (a banner, a print) is one line in the log the first time, then
+        only counted (the package logs a traceback for each, and a server that floods its
+        stdout flooded the log), and a flood is read slowly, so it doesn't take a core."""
+        import anyio
+        from anyio.streams.text import TextReceiveStream
+        from mcp.client.stdio import get_default_environment
+        from mcp.shared.message import SessionMessage
+        config = self.config
+        errlog = _log_stream(config.name)
+        try:
+            process = await _spawn(config.command, config.args, {**get_default_environment(), **config.env}, errlog)
+        finally:
+            errlog.close()  # (the process has its own copy: the forwarding thread ends with it)
+        self.process = process
+        to_session, from_server = anyio.create_memory_object_stream(0)
+        to_server, from_session = anyio.create_memory_object_stream(0)
+
+        async def read():
+            parts: list[str] = []
+            try:
+                async with to_session:
+                    async for chunk in TextReceiveStream(process.stdout, errors="replace"):
+                        if "\n" not in chunk:  # (a long message, in pieces)
+                            parts.append(chunk)
+                            continue
+                        text = "".join(parts) + chunk
+                        *lines, rest = text.split("\n")
+                        parts, sent = [rest], False
+                        if "{" not in text:  # (no message in it: only counted)
+                            self._not_mcp([line for line in lines if line.strip()])
+                        else:
+                            for line in lines:
+                                message = _message(line)
+                                if message is not None:
+                                    await to_session.send(SessionMessage(message))
+                                    sent = True
+                                elif line.strip():
+                                    self._not_mcp([line])
+                        if self.not_mcp > FLOOD_LINES and not sent:
+                            await anyio.sleep(FLOOD_PAUSE_S)
+                    with anyio.move_on_after(1):  # (stdout ended: the process did, or is about to)
+                        self.exit_status = await process.wait()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):  # (the session ended first)
+                pass
+
+        async def write():
+            async with from_session:
+                async for message in from_session:
+                    data = message.message.model_dump_json(by_alias=True, exclude_none=True) + "\n"
+                    try:
+                        await process.stdin.send(data.encode())
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
+                        return  # (the process is gone: the session's next send fails)
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(read)
+                group.start_soon(write)
+                try:
+                    yield from_server, to_server
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await _stop(process)
+                    for stream in (to_session, from_server, to_server, from_session):
+                        await stream.aclose()
+        finally:
+            if getattr(process, "returncode", None) is not None:
+                self.process = None
+
+    def _not_mcp(self, lines: list[str]) -> None:
+        self.not_mcp += len(lines)
+        if lines and not self.not_mcp_logged:  # (once per server: a restarted one counts, it doesn't log again)
+            self.not_mcp_logged = True
+            sample = lines[0].strip()
+            log.warning("MCP server %s writes output that isn't MCP to its stdout (it belongs on stderr): %r; "
+                        "further lines like it are counted, not logged.", self.config.name,
+                        sample if len(sample) <= 200 else sample[:200] + "...")
 
 
 class McpServers:
@@ -206,7 +305,7 @@ class McpServers:
         try:
             await asyncio.wait_for(server.ready.wait(), START_TIMEOUT_S)
         except asyncio.TimeoutError:
-            server.error = f"it did not answer within {START_TIMEOUT_S:g} s"
+            server.error = f"it did not answer within {START_TIMEOUT_S:g} s" + server.output_note()
             log.warning("MCP server %s is down: %s", server.config.name, server.error)
             server.closing.set()
             server.task.cancel()
@@ -376,10 +475,16 @@ def _lost_connection(error: BaseException) -> bool:
     return isinstance(error, McpError) and ("connection closed" in text or "session terminated" in text)
 
 
-def _reason(error: BaseException) -> str:
-    """One line for an error, through the task groups' exception groups."""
+def _first(error: BaseException) -> BaseException:
+    """The first error inside the task groups' exception groups."""
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
         error = error.exceptions[0]
+    return error
+
+
+def _reason(error: BaseException) -> str:
+    """One line for an error, through the task groups' exception groups."""
+    error = _first(error)
     if isinstance(error, FileNotFoundError):
         return f"its command was not found ({error.filename or error})"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -408,6 +513,70 @@ class _first_two:
 
     async def __aexit__(self, *exc):
         return await self.context.__aexit__(*exc)
+
+
+def _exited(status: int) -> str:
+    """A process's exit status, for a down server's note."""
+    if status < 0:
+        try:
+            return f"it was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"it was killed by signal {-status}"
+    return f"it exited with status {status}"
+
+
+def _message(line: str):
+    """A line of a stdio server's stdout as a JSON-RPC message; None for anything else."""
+    from mcp.types import JSONRPCMessage
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        return JSONRPCMessage.model_validate_json(line)
+    except ValueError:
+        return None
+
+
+async def _spawn(command: str, args: list[str], env: dict[str, str], errlog):
+    """Start a stdio server as the mcp package does: on POSIX in a session of its own (so it
+    and anything it starts are stopped together), on Windows in a job object."""
+    if sys.platform == "win32":
+        from mcp.os.win32.utilities import create_windows_process, get_windows_executable_command
+        return await create_windows_process(get_windows_executable_command(command), args, env, errlog)
+    import anyio
+    return await anyio.open_process([command, *args], env=env, stderr=errlog, start_new_session=True)
+
+
+async def _stop(process) -> None:
+    """End a stdio server as the MCP spec says: its stdin closed, STOP_WAIT_S to end, then
+    SIGTERM and SIGKILL (to its process group: what it started too)."""
+    import anyio
+    try:
+        await process.stdin.aclose()
+    except Exception:
+        pass
+    with anyio.move_on_after(STOP_WAIT_S):
+        await process.wait()
+        return
+    if sys.platform == "win32":
+        from mcp.os.win32.utilities import terminate_windows_process_tree
+        await terminate_windows_process_tree(process, STOP_WAIT_S)
+    else:
+        from mcp.os.posix.utilities import terminate_posix_process_tree
+        await terminate_posix_process_tree(process, STOP_WAIT_S)
+    with anyio.move_on_after(STOP_WAIT_S):
+        await process.wait()
+
+
+def _kill(process) -> None:
+    """Kill a stdio server (and, on POSIX, its process group) at once, from any thread."""
+    try:
+        if sys.platform == "win32":
+            process.kill()
+        else:
+            os.killpg(process.pid, signal.SIGKILL)  # (its own session: the group's id is its pid)
+    except (OSError, ProcessLookupError):
+        pass
 
 
 def _log_stream(name: str):

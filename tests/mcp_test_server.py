@@ -1,6 +1,7 @@
 """An MCP server for the tests, written with the `mcp` package: over stdio (the default) or
 streamable HTTP (`http PORT`). Its tools: get_weather (what the tiny tool model calls), a red
-square as an image, one that waits, and one that kills the server in the middle of its call."""
+square as an image, one that waits, and one that kills the server in the middle of its call.
+NOT_MCP_LINES=N: it first prints N lines that aren't MCP to its stdout."""
 
 import io
 import os
@@ -50,6 +51,8 @@ def crash() -> str:
 
 
 if __name__ == "__main__":
+    for n in range(int(os.environ.get("NOT_MCP_LINES", "0"))):  # (a banner on stdout, as some servers print)
+        print(f"Weather server ready ({n})", flush=True)
     if sys.argv[1:2] == ["http"]:
         server.settings.host, server.settings.port = "127.0.0.1", int(sys.argv[2])
         server.run("streamable-http")

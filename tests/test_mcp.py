@@ -4,9 +4,11 @@ crashes in the middle of a call, one whose command does not exist — called by 
 model (it always asks for get_weather(city="Paris"))."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -101,6 +103,47 @@ def test_a_server_that_dies_mid_call_is_an_error_result_and_starts_again_later(m
         monkeypatch.setattr(mcp_tools, "RESTART_AFTER_S", 0.0)
         again = servers.call("weather_get_weather", {"city": "Paris"}, timeout=20)
         assert not again.failed and "Paris" in again.text and servers.status()[0][2] is None
+    finally:
+        servers.close()
+
+
+def test_a_server_that_prints_to_its_stdout_is_one_log_line_and_still_works(caplog):
+    caplog.set_level(logging.INFO)
+    noisy = ServerConfig("noisy", command=sys.executable, args=[SERVER], env={"NOT_MCP_LINES": "5000"})
+    servers = McpServers.start([noisy])
+    try:
+        assert servers.call("get_weather", {"city": "Oslo"}, timeout=20).text.startswith("18 °C and clear in Oslo")
+    finally:
+        servers.close()
+    assert not [r for r in caplog.records if r.exc_info or "Failed to parse" in r.getMessage()], \
+        "no traceback per line (the mcp package logged one for each: a flood filled the disk)"
+    [line] = [r.getMessage() for r in caplog.records if "isn't MCP" in r.getMessage()]
+    assert line.startswith("MCP server noisy writes output that isn't MCP to its stdout") and \
+        "'Weather server ready (0)'" in line and "further lines like it are counted, not logged" in line
+
+
+def test_a_server_that_floods_its_stdout_with_garbage_is_down_without_flooding_the_log_or_a_core(monkeypatch, caplog):
+    monkeypatch.setattr(mcp_tools, "START_TIMEOUT_S", 3.0)
+    caplog.set_level(logging.INFO)
+    used = time.process_time()
+    servers = McpServers.start([ServerConfig("garb", command="sh", args=["-c", "yes garbage"])])
+    try:
+        [(_, tools, down)] = servers.status()
+        assert time.process_time() - used < 1.5, "reading a flood takes little CPU (it took a core; the log grew 4 MB/s)"
+        assert tools == 0 and down.startswith("it did not answer within 3 s; it wrote ") and \
+            down.endswith("lines that aren't MCP to its stdout"), down
+    finally:
+        servers.close()
+    logged = [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.exc_info or "Failed to parse" in r.getMessage()]
+    assert logged == ["MCP server garb writes output that isn't MCP to its stdout (it belongs on stderr): 'garbage'; "
+                      "further lines like it are counted, not logged.", f"MCP server garb is down: {down}"], logged
+
+
+def test_a_server_that_exits_says_so_with_its_exit_status():
+    servers = McpServers.start([ServerConfig("quits", command=sys.executable, args=["-c", "import sys; sys.exit(3)"])])
+    try:
+        assert servers.status() == [("quits", 0, "it exited with status 3")]
     finally:
         servers.close()
 
@@ -277,6 +320,7 @@ def test_a_server_that_dies_while_idle_is_noticed_and_one_that_never_started_is_
         (pid,) = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
         os.kill(int(pid), 9)
         wait_for(lambda: servers.status()[0][2] is not None, 10, "the dead server to be noticed")
+        assert servers.status()[0][2] == "it was killed by SIGKILL"
     finally:
         servers.close()
 
