@@ -1149,11 +1149,14 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         # the chat starts at the top of the screen.
         demo.load(lambda width: gr.Sidebar(open=bool(width and width > SIDEBAR_MIN_WIDTH)), [window_width], [sidebar],
                   js="() => [window.innerWidth]", **quick)
-        if not runner.loaded:  # refresh the header until the model is ready
+        def settling() -> bool:  # the model loading, or an MCP server on its first start
+            return not runner.loaded or (toolbox is not None and toolbox.starting)
+
+        if settling():  # refresh the header until the model is ready and the MCP servers have started
             timer = gr.Timer(1.0)
 
             def refresh_header():
-                return header_markdown(runner, toolbox, speech), gr.Timer(active=not runner.loaded)
+                return header_markdown(runner, toolbox, speech), gr.Timer(active=settling())
 
             timer.tick(refresh_header, outputs=[header, timer], **quick)
             demo.load(refresh_header, outputs=[header, timer], **quick)
@@ -1468,7 +1471,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s Data directory: %s", demo.chats.where, demo.chats.store.directory)
     if toolbox is not None:
         if slot.supports_tools:
-            log.info("Tools for the chat: %s (%s).", ", ".join(toolbox.names), "; ".join(toolbox.where()))
+            log.info("Tools for the chat: %s (%s).", ", ".join(toolbox.names) or "none yet",
+                     "; ".join(toolbox.where()))
         else:
             log.warning("Tools are off for %s: %s.", slot.name, slot.info.tools_off or "it does not take them")
     try:

@@ -12,11 +12,12 @@ both spoken to with the official `mcp` package's ClientSession, each kept open b
 background event loop. Their tools join the chat's tools (tools.Toolbox) under the names the servers give them,
 prefixed by the server's name only where two collide.
 
-    servers = McpServers.start(read_config("mcp.json"))  # McpConfigError: one line
+    servers = McpServers.start(read_config("mcp.json"))  # McpConfigError: one line; starts them in the background
+    servers.wait_started()   # (if you need them: until each has listed its tools or failed)
     servers.schemas()        # the tools, as the model is shown them
     servers.call("read_file", {"path": "/tmp/x"}, timeout=30, cancelled=signal)  # -> ToolCallResult
     servers.status()         # [(server, tools, why it is down or None)]
-    servers.close()          # stdio servers stopped
+    servers.close()          # stdio servers stopped, whatever stage they are in (also at exit)
 
 A server that fails to start or dies is one line in the log and a note in the header; its
 tools answer with an error; the next call to one of them starts it again, at most once a
@@ -27,7 +28,9 @@ kinds (audio, resources) are summarised as text.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -157,6 +160,8 @@ class _Server:
                 self.tools = (await session.list_tools()).tools
                 self.session = session
                 ready.set()
+                log.info("MCP server %s is up: %d tool%s.", self.config.name, len(self.tools),
+                         "s" * (len(self.tools) != 1))
                 while not closing.is_set():  # (a server that dies while idle is noticed by its ping)
                     try:
                         await asyncio.wait_for(closing.wait(), PING_EVERY_S)
@@ -280,18 +285,32 @@ class McpServers:
         self.thread = threading.Thread(target=self.loop.run_forever, name="mcp", daemon=True)
         self.closed = False
         self.reserved: set[str] = set()  # names of the chat's other tools (a colliding MCP tool is prefixed)
+        self.first_start: concurrent.futures.Future | None = None
 
     @classmethod
     def start(cls, configs: list[ServerConfig], reserved: set[str] = frozenset()) -> "McpServers":
-        """Start every server and wait (START_TIMEOUT_S at most) until each lists its tools or fails."""
+        """Start every server in the background and return at once (the app's UI doesn't wait
+        for a slow one): a server's tools join when it has listed them; until then status()
+        says "starting". wait_started() waits for every server's first start to end."""
         servers = cls(configs)
         servers.reserved = set(reserved)
         servers.thread.start()
+        atexit.register(servers.close)  # (whatever stage they are in, the processes end with the app)
 
         async def open_all():  # (together: a slow one doesn't hold up the others)
             await asyncio.gather(*(servers._open(server) for server in servers.servers.values()))
-        servers._run(open_all(), START_TIMEOUT_S + 10)
+        servers.first_start = asyncio.run_coroutine_threadsafe(open_all(), servers.loop)
         return servers
+
+    def wait_started(self, timeout: float = START_TIMEOUT_S + 10) -> None:
+        """Wait until every server has listed its tools or failed to start (at most `timeout`)."""
+        if self.first_start is not None:
+            concurrent.futures.wait([self.first_start], timeout)
+
+    @property
+    def starting(self) -> bool:
+        """Is a server's first start still under way?"""
+        return self.first_start is not None and not self.first_start.done()
 
     def _run(self, coroutine, timeout: float):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -300,15 +319,18 @@ class McpServers:
         if server.task is not None and not server.task.done():  # (the run before, ending)
             server.closing.set()
             await asyncio.wait([server.task], timeout=5)
+        if self.closed:  # (closed meanwhile: nothing new starts)
+            return
         server.ready, server.closing = asyncio.Event(), asyncio.Event()
         server.task = asyncio.ensure_future(server.keep_open())
         try:
             await asyncio.wait_for(server.ready.wait(), START_TIMEOUT_S)
         except asyncio.TimeoutError:
-            server.error = f"it did not answer within {START_TIMEOUT_S:g} s" + server.output_note()
-            log.warning("MCP server %s is down: %s", server.config.name, server.error)
-            server.closing.set()
-            server.task.cancel()
+            if not server.closing.is_set():  # (closed meanwhile: its process is being stopped, not interrupted)
+                server.error = f"it did not answer within {START_TIMEOUT_S:g} s" + server.output_note()
+                log.warning("MCP server %s is down: %s", server.config.name, server.error)
+                server.closing.set()
+                server.task.cancel()
         if not server.up and not server.tools and not self.closed:  # (never listed a tool: no call would
             self.loop.call_later(RESTART_AFTER_S, self._retry, server)   # start it; try again in a minute)
 
@@ -359,6 +381,8 @@ class McpServers:
             if not server.restarting.acquire(timeout=timeout):
                 return ToolCallResult(f"error: the MCP server {server.config.name} is still starting", [], True)
             try:
+                if not server.up and server.error is None:  # (a start under way in the background)
+                    return ToolCallResult(f"error: the MCP server {server.config.name} is still starting", [], True)
                 if not server.up:
                     waited = time.monotonic() - server.started_at
                     if waited < RESTART_AFTER_S:
@@ -413,21 +437,38 @@ class McpServers:
         return _result_of(call.result())
 
     def close(self) -> None:
+        """Stop the servers, whatever stage each is in: a connected one as the MCP spec says
+        (its stdin closed, then SIGTERM, then SIGKILL), one still starting (or starting again)
+        cancelled, which ends its process the same way; a stdio process still running after
+        that is killed."""
+        if self.closed:
+            return
         self.closed = True
+        atexit.unregister(self.close)
 
         async def close_all():
+            running = []
             for server in self.servers.values():
-                if server.closing is not None:
-                    server.closing.set()
-            tasks = [server.task for server in self.servers.values() if server.task is not None]
-            if tasks:
-                await asyncio.wait(tasks, timeout=5)
-        if self.thread.is_alive():
-            try:
-                self._run(close_all(), 10)
-            except Exception:
-                pass
-            self.loop.call_soon_threadsafe(self.loop.stop)
+                if server.task is None or server.task.done():
+                    continue
+                ending = server.closing.is_set()  # (already stopping its process: not interrupted)
+                server.closing.set()
+                if not server.up and not ending:  # (inside initialize or list_tools: it never looks at closing)
+                    server.task.cancel()
+                running.append(server.task)
+            if running:
+                await asyncio.wait(running, timeout=2 * STOP_WAIT_S + 1)
+        try:
+            if self.thread.is_alive():
+                try:
+                    self._run(close_all(), 2 * STOP_WAIT_S + 3)
+                except Exception:
+                    pass
+                self.loop.call_soon_threadsafe(self.loop.stop)
+        finally:  # (a loop that is stuck, or Ctrl+C again while closing: killed all the same)
+            for server in self.servers.values():
+                if server.process is not None and getattr(server.process, "returncode", None) is None:
+                    _kill(server.process)
 
 
 def _result_of(result) -> ToolCallResult:
@@ -557,6 +598,8 @@ async def _stop(process) -> None:
         pass
     with anyio.move_on_after(STOP_WAIT_S):
         await process.wait()
+    if getattr(process, "returncode", None) is not None:
+        await _release(process)
         return
     if sys.platform == "win32":
         from mcp.os.win32.utilities import terminate_windows_process_tree
@@ -566,6 +609,17 @@ async def _stop(process) -> None:
         await terminate_posix_process_tree(process, STOP_WAIT_S)
     with anyio.move_on_after(STOP_WAIT_S):
         await process.wait()
+    await _release(process)
+
+
+async def _release(process) -> None:
+    """Close an ended process's pipes (its transport, left open, complains when collected)."""
+    import anyio
+    with anyio.move_on_after(1):
+        try:
+            await process.aclose()
+        except Exception:
+            pass
 
 
 def _kill(process) -> None:

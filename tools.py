@@ -65,8 +65,9 @@ class Toolbox:
 
     @classmethod
     def load(cls, specs: list[str], mcp_config: str | None = None) -> "Toolbox":
-        """`specs`: paths of tools files, or "builtin"; `mcp_config`: an mcpServers file,
-        whose servers are started now (mcp_tools.McpConfigError: one line)."""
+        """`specs`: paths of tools files, or "builtin"; `mcp_config`: an mcpServers file
+        (mcp_tools.McpConfigError: one line), whose servers start in the background: each
+        one's tools join when it has listed them (`starting` until every one has)."""
         functions: dict = {}
         for spec in specs:
             found = builtin_tools() if spec == "builtin" else _functions_of(Path(spec).expanduser())
@@ -84,6 +85,11 @@ class Toolbox:
     def all_schemas(self) -> list[dict]:
         """What the model is shown: these tools', then the MCP servers'."""
         return self.schemas + (self.mcp.schemas() if self.mcp is not None else [])
+
+    @property
+    def starting(self) -> bool:
+        """Is an MCP server still on its first start?"""
+        return self.mcp is not None and self.mcp.starting
 
     @property
     def names(self) -> list[str]:

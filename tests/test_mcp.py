@@ -25,6 +25,13 @@ from tools import Toolbox
 SERVER = str(Path(__file__).resolve().parent / "mcp_test_server.py")
 
 
+def started(configs, reserved=frozenset()) -> McpServers:
+    """The servers, once each has listed its tools or failed to start (start() doesn't wait)."""
+    servers = McpServers.start(configs, reserved)
+    servers.wait_started()
+    return servers
+
+
 def config_file(tmp_path, servers: dict) -> str:
     path = tmp_path / "mcp.json"
     path.write_text(json.dumps({"mcpServers": servers}))
@@ -45,6 +52,7 @@ def toolboxes():
 def test_a_stdio_servers_tool_is_called_in_the_chat_like_any_tool(serve, tools_runner, tmp_path, toolboxes):
     toolbox = Toolbox.load([], config_file(tmp_path, {"weather": STDIO, "broken": {"command": "/no/such/program"}}))
     toolboxes.append(toolbox)
+    toolbox.mcp.wait_started()
     url, spy = serve(tools_runner, toolbox=toolbox)
     client = Client(url, verbose=False)
     final = submit(client, "What's the weather in Paris?").result(timeout=60)
@@ -77,7 +85,7 @@ def http_server():
 
 
 def test_a_remote_streamable_http_servers_tools_join_with_their_names(http_server):
-    servers = McpServers.start([ServerConfig("remote", url=http_server, headers={"Authorization": "Bearer x"}),
+    servers = started([ServerConfig("remote", url=http_server, headers={"Authorization": "Bearer x"}),
                                 ServerConfig("local", command=sys.executable, args=[SERVER])])
     try:
         names = servers.names()
@@ -92,7 +100,7 @@ def test_a_remote_streamable_http_servers_tools_join_with_their_names(http_serve
 
 
 def test_a_server_that_dies_mid_call_is_an_error_result_and_starts_again_later(monkeypatch, tmp_path):
-    servers = McpServers.start([ServerConfig("weather", command=sys.executable, args=[SERVER])],
+    servers = started([ServerConfig("weather", command=sys.executable, args=[SERVER])],
                                reserved={"get_weather"})
     try:
         crashed = servers.call("crash", {}, timeout=20)
@@ -110,7 +118,7 @@ def test_a_server_that_dies_mid_call_is_an_error_result_and_starts_again_later(m
 def test_a_server_that_prints_to_its_stdout_is_one_log_line_and_still_works(caplog):
     caplog.set_level(logging.INFO)
     noisy = ServerConfig("noisy", command=sys.executable, args=[SERVER], env={"NOT_MCP_LINES": "5000"})
-    servers = McpServers.start([noisy])
+    servers = started([noisy])
     try:
         assert servers.call("get_weather", {"city": "Oslo"}, timeout=20).text.startswith("18 °C and clear in Oslo")
     finally:
@@ -126,7 +134,7 @@ def test_a_server_that_floods_its_stdout_with_garbage_is_down_without_flooding_t
     monkeypatch.setattr(mcp_tools, "START_TIMEOUT_S", 3.0)
     caplog.set_level(logging.INFO)
     used = time.process_time()
-    servers = McpServers.start([ServerConfig("garb", command="sh", args=["-c", "yes garbage"])])
+    servers = started([ServerConfig("garb", command="sh", args=["-c", "yes garbage"])])
     try:
         [(_, tools, down)] = servers.status()
         assert time.process_time() - used < 1.5, "reading a flood takes little CPU (it took a core; the log grew 4 MB/s)"
@@ -141,7 +149,7 @@ def test_a_server_that_floods_its_stdout_with_garbage_is_down_without_flooding_t
 
 
 def test_a_server_that_exits_says_so_with_its_exit_status():
-    servers = McpServers.start([ServerConfig("quits", command=sys.executable, args=["-c", "import sys; sys.exit(3)"])])
+    servers = started([ServerConfig("quits", command=sys.executable, args=["-c", "import sys; sys.exit(3)"])])
     try:
         assert servers.status() == [("quits", 0, "it exited with status 3")]
     finally:
@@ -152,6 +160,7 @@ def test_tools_from_files_keep_their_names_and_a_colliding_mcp_tool_is_prefixed(
     from tests.test_tools import WEATHER, write_tools
     toolbox = Toolbox.load([write_tools(tmp_path, WEATHER)], config_file(tmp_path, {"weather": STDIO}))
     toolboxes.append(toolbox)
+    toolbox.mcp.wait_started()
     assert "get_weather" in toolbox.names and "weather_get_weather" in toolbox.names
     assert [schema["function"]["name"] for schema in toolbox.all_schemas].count("get_weather") == 1
     assert toolbox.where() == ["get_weather", "4 from MCP weather"]
@@ -164,10 +173,84 @@ def test_a_stdio_server_is_stopped_with_the_app(tmp_path):
 
     def running():
         return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
-    servers = McpServers.start([ServerConfig("weather", command=sys.executable, args=[SERVER, marker])])
+    servers = started([ServerConfig("weather", command=sys.executable, args=[SERVER, marker])])
     assert running(), "the server runs"
     servers.close()
     wait_for(lambda: not running(), 15, "the server to stop")
+
+
+def hanging(marker: str) -> list[str]:
+    """Args for sys.executable: a "server" that never answers (its stdin closed, it goes on)."""
+    return ["-c", "import time; time.sleep(1000)", marker]
+
+
+def pids_of(marker: str) -> list[int]:
+    return [int(pid) for pid in subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()]
+
+
+@pytest.mark.parametrize("stage", ["first", "again"])
+def test_a_server_that_hangs_at_start_is_stopped_on_close(monkeypatch, tmp_path, stage):
+    """Closed while a server is inside initialize (its first start, or its start again a minute
+    after it failed): its process ends with close(); it was left running (reparented to PID 1)."""
+    from tests.test_engine_process import running
+    marker = f"mcp-marker-hang-{stage}-{os.getpid()}"
+    if stage == "first":
+        hang = ServerConfig("hang", command=sys.executable, args=hanging(marker))
+    else:  # (a command that appears after the first start failed)
+        monkeypatch.setattr(mcp_tools, "RESTART_AFTER_S", 0.5)
+        late = tmp_path / f"{marker}.py"  # (its name in the process's command line)
+        hang = ServerConfig("hang", command=str(late))
+    servers = McpServers.start([hang])
+    try:
+        if stage == "again":
+            wait_for(lambda: (servers.status()[0][2] or "starting") != "starting", 15, "the first start to fail")
+            late.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(1000)\n")
+            late.chmod(0o755)
+        wait_for(lambda: pids_of(marker), 15, "the server to start")
+        [pid] = pids_of(marker)
+        assert servers.status()[0][2] == "starting" and Toolbox({}, servers).where() == ["MCP hang is starting"]
+    finally:
+        servers.close()
+    wait_for(lambda: not running(pid), 3, "close() to end the server's process, whatever stage it is in")
+
+
+def test_a_hanging_server_does_not_hold_up_the_ui_and_sigterm_stops_it(tmp_path, tiny_model_paths):
+    """The UI answers (and the model loads) while a server is still starting, and the header
+    says so; SIGTERM then (the app turns it into Ctrl+C) ends the server's process too."""
+    import signal
+
+    from tests.test_engine_process import running
+    marker = f"mcp-marker-hang-app-{os.getpid()}"
+    config = config_file(tmp_path, {"hang": {"command": sys.executable, "args": hanging(marker)}})
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(Path(app.__file__)), "--model", str(tiny_model_paths["tools"]),
+                                "--port", str(port), "--mcp-config", config],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: pids_of(marker) or process.poll() is not None, 60, "the MCP server to start")
+        [pid] = pids_of(marker)
+        hung_at = time.monotonic()
+
+        def answers():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code in (200, 503)
+            except httpx.HTTPError:
+                return False
+        wait_for(lambda: answers() or process.poll() is not None, 60, "the UI to answer")
+        assert time.monotonic() - hung_at < mcp_tools.START_TIMEOUT_S - 10, \
+            "the UI answers at once: it doesn't wait for the MCP server's start (30 s)"
+        from tests.conftest import wait_until_loaded
+        assert wait_until_loaded(port, process)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    log = process.stderr.read()
+    assert "Tools for the chat: none yet (MCP hang is starting)." in log, log[-2000:]
+    wait_for(lambda: not running(pid), 5, "the MCP server's process to end with the app")
+    assert "Traceback" not in log
 
 
 @pytest.mark.parametrize("content, why", [
@@ -216,7 +299,7 @@ def test_disabled_true_skips_a_server_whatever_else_it_holds(tmp_path):
 
 
 def test_a_tools_pictures_are_shown_and_given_to_a_model_that_sees(idefics3_runner):
-    servers = McpServers.start([ServerConfig("art", command=sys.executable, args=[SERVER])])
+    servers = started([ServerConfig("art", command=sys.executable, args=[SERVER])])
     try:
         result = servers.call("red_square", {}, timeout=20)
     finally:
@@ -290,7 +373,7 @@ def test_stop_or_the_time_limit_during_an_mcp_call_end_it_and_the_server_goes_on
     import threading
 
     from engine_contract import Signal
-    servers = McpServers.start([ServerConfig("slow", command=sys.executable, args=[SERVER])])
+    servers = started([ServerConfig("slow", command=sys.executable, args=[SERVER])])
     try:
         stop = Signal()
         threading.Timer(0.3, stop.set).start()
@@ -308,7 +391,7 @@ def test_a_server_that_dies_while_idle_is_noticed_and_one_that_never_started_is_
     monkeypatch.setattr(mcp_tools, "RESTART_AFTER_S", 0.5)
     marker = f"mcp-marker-idle-{os.getpid()}"
     late = tmp_path / "late_server.py"  # (a command that appears after the app started)
-    servers = McpServers.start([ServerConfig("idle", command=sys.executable, args=[SERVER, marker]),
+    servers = started([ServerConfig("idle", command=sys.executable, args=[SERVER, marker]),
                                 ServerConfig("late", command=str(late))])
     try:
         assert servers.status()[1][2] is not None
@@ -350,7 +433,8 @@ def test_sigterm_stops_the_app_with_its_stdio_servers_and_engine(tmp_path, tiny_
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         assert wait_until_loaded(port, process)
-        servers = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+        wait_for(lambda: pids_of(marker), 15, "the MCP server to start")  # (servers start in the background)
+        servers = pids_of(marker)
         engines = children_of(process.pid)
         assert servers and engines, "the MCP server and the engine run"
         process.send_signal(signal.SIGTERM)
