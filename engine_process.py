@@ -5,8 +5,8 @@ Why: CPython runs one thread's Python at a time (the GIL). The generate loop is 
 on every streamed update; in one process each update would stall generation that long
 (README, Performance). Two processes share only the CPU cores. It also keeps the UI
 serving when the engine dies (a crash, an OOM kill): the answer in flight ends with an
-error, the requests it had not begun are sent to a fresh engine (once each), and otherwise
-the next request starts one.
+error, the requests still waiting are sent to a fresh engine (once each), which starts at
+once (REPLACE_AT_ONCE_AFTER_S).
 
     runner = EngineProcess.start(settings=settings)   # config.Settings: what it loads, and how
     with runner.stream(messages, settings) as stream:   # the engine_contract.Runner contract
@@ -157,7 +157,8 @@ RESEND_TRIES = 1  # a request the engine died before beginning goes to a new eng
 STOPPED_ON_PURPOSE = (-signal.SIGTERM, -signal.SIGINT)  # (the app or systemd stopping it: no new engine)
 # A crashed engine is replaced at once (not at the next request, which would wait for the model
 # to load), unless it died this soon after loading without beginning a request: that one is
-# replaced when a request comes, so an engine that can't stay up isn't reloaded in a loop.
+# replaced this long after (or by a request before then), so an engine that can't stay up is
+# reloaded at most once a minute, and /healthz's 503 still ends without traffic.
 REPLACE_AT_ONCE_AFTER_S = 60.0
 
 
@@ -309,17 +310,21 @@ class EngineProcess(DescribedByInfo):
             log.error("The engine process stopped (%s).", reason)
         if crashed:
             self._last_exit = reason
-            if self._process is process:  # (else a request has replaced it already)
-                self.problem = f"The model process stopped ({reason})."
             at_once = self._began_any or time.monotonic() - self._launched_at >= REPLACE_AT_ONCE_AFTER_S
-            threading.Thread(target=self._replace, args=(process, at_once), name="engine-replace",
-                             daemon=True).start()
+            if self._process is process:  # (else a request has replaced it already)
+                self.problem = f"The model process stopped ({reason})." if at_once else (
+                    f"The model process stopped ({reason}) soon after it loaded; a new one starts at the next "
+                    f"request, or in {REPLACE_AT_ONCE_AFTER_S:.0f} s.")
+            replace = threading.Timer(0 if at_once else REPLACE_AT_ONCE_AFTER_S, self._replace, args=(process,))
+            replace.name, replace.daemon = "engine-replace", True
+            replace.start()
         for request_id in list(streams):
             stream = streams.pop(request_id)
             if stream._started.is_set():
                 self.active -= 1
+                then = "Send again: a new one is starting." if crashed else "The app is stopping."
                 stream._end("error", GenerationError(f"The model process stopped ({reason}); the answer is cut "
-                                                     f"here. Send again: a new one is starting."))
+                                                     f"here. {then}"))
             elif crashed and not stream._taken:  # (its caller, EngineProcess.stream, sends it again)
                 stream._on_refused(EngineGone(reason))
             elif crashed:  # (it may be why: another engine would go the same way)
@@ -342,14 +347,10 @@ class EngineProcess(DescribedByInfo):
         self.restarts += 1
         log.info("A new engine process is ready.")
 
-    def _replace(self, dead, at_once: bool) -> None:
-        """After a crash: a new engine now, so the next request finds the model loaded (or, for
-        an engine that died soon after loading, idle, when a request comes)."""
+    def _replace(self, dead) -> None:
+        """After a crash: a new engine, so the next request finds the model loaded."""
         with self._launch_lock:
             if self._closed or self._process is not dead:  # (closing, or a request replaced it already)
-                return
-            if not at_once:
-                self.problem = f"The model process stopped ({self._last_exit}); the next request starts a new one."
                 return
             log.warning("Starting a new engine process.")
             with contextlib.suppress(GenerationError):  # (logged; self.problem says it)

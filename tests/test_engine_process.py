@@ -103,18 +103,21 @@ def test_a_killed_engine_ends_the_answer_with_a_message_and_a_new_one_loads_at_o
     assert not engine.alive
 
 
-def test_an_engine_that_dies_idle_right_after_loading_is_replaced_when_a_request_comes(tiny_model_paths):
-    """Not reloaded in a loop: one that can't stay up waits for a request to try again."""
+def test_an_engine_that_dies_idle_right_after_loading_is_replaced_after_a_pause(tiny_model_paths, monkeypatch):
+    """Not reloaded in a loop: one that can't stay up is replaced REPLACE_AT_ONCE_AFTER_S later
+    (or by a request before then), so /healthz's 503 ends without traffic too."""
+    import engine_process
+    monkeypatch.setattr(engine_process, "REPLACE_AT_ONCE_AFTER_S", 4.0)
     engine = EngineProcess.start(str(tiny_model_paths["llama"]), device="cpu")
     try:
         os.kill(engine.pid, signal.SIGKILL)
-        wait_for(lambda: engine.problem and "the next request starts a new one" in engine.problem, 20,
+        wait_for(lambda: engine.problem and "a new one starts at the next request, or in 4 s" in engine.problem, 20,
                  "the problem to be told")
-        time.sleep(1)
         assert not engine.alive and engine.restarts == 0
+        wait_for(lambda: engine.restarts == 1 and engine.problem is None, 120, "a new engine, with no request")
         with engine.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
             list(after)
-        assert after.new_tokens == 5 and engine.restarts == 1 and engine.problem is None
+        assert after.new_tokens == 5 and engine.restarts == 1
     finally:
         engine.close()
 
