@@ -630,12 +630,14 @@ def api_error(error: Exception, messages: list[dict] | None = None) -> APIError:
 
 
 def part_named_in(error: Exception, messages: list[dict] | None) -> str:
-    """The request's part a file's refusal is about ("messages[0].content[1]": the last
-    message's first part whose file name the refusal names), else "messages"."""
+    """The request's part a file's refusal is about ("messages[0].content[1]": the one part of
+    the last message whose file name the refusal names), else "messages" (none, or several
+    of that name: two audio parts are both audio.wav)."""
     if isinstance(error, FileRefused) and messages:
-        for part in messages[-1]["content"]:
-            if part.get("param") and part.get("name") and part["name"] in str(error):
-                return part["param"]
+        named = [part["param"] for part in messages[-1]["content"] if part.get("param") and part.get("name")
+                 and re.search(rf"(?<![\w.-]){re.escape(part['name'])}(?![\w-])", str(error))]
+        if len(named) == 1:
+            return named[0]
     return "messages"
 
 
@@ -760,11 +762,11 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             try:  # (a failure in the history leaves that audio out; in the last message it is a 400)
                 messages = [await speech.written_out(message, runner.info, leave_out_failures=i < len(messages) - 1)
                             for i, message in enumerate(messages)]
-            except ChatInputError as error:
-                param = part_named_in(FileRefused(str(error)), messages)
-                if param == "messages":  # (not the audio's fault: the speech model can't run)
-                    raise APIError(500, str(error), type="server_error", code="speech_failed") from None
-                raise APIError(400, str(error), param=param, code="invalid_file") from None
+            except ChatInputError as error:  # (the audio's fault: unreadable, or no speech in it)
+                if isinstance(error, FileRefused) or str(error).startswith("No speech was heard"):
+                    raise APIError(400, str(error), param=(getattr(error, "part", None) or {}).get(
+                        "param", "messages"), code="invalid_file") from None
+                raise APIError(500, str(error), type="server_error", code="speech_failed") from None  # (the model's)
         generation = to_settings(body, settings)
         generation.raw_prompt = raw_prompt
         if generation.response_format:

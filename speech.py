@@ -216,8 +216,9 @@ class Speech:
             if any(part is other for other in needing):
                 try:
                     part = {**part, "transcript": await self.transcribe(part, again=not leave_out_failures)}
-                except ChatInputError:
+                except ChatInputError as error:
                     if not leave_out_failures:
+                        error.part = part  # (the API names it)
                         raise
                     continue
             content.append(part)

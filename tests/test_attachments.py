@@ -558,6 +558,11 @@ def test_a_damaged_video_on_v1_is_a_400_naming_its_part(serve, idefics3_runner):
         {"type": "text", "text": "What happens?"}, {"type": "video_url", "video_url": {"url": damaged}}]}]})
     assert refused.status_code == 400 and "video.mp4" in refused.json()["error"]["message"], refused.text
     assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == ("messages[0].content[1]", "invalid_file")
+    good = "data:video/mp4;base64," + base64.b64encode(video_file("clip.mp4")).decode()
+    refused = httpx.post(url + "v1/chat/completions", timeout=60, json={"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": damaged}}, {"type": "video_url", "video_url": {"url": good}}]}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages", \
+        "two parts named video.mp4: not a guess that may name the good one"
 
 
 def test_an_asr_model_that_cannot_load_is_one_line_in_the_chat(serve, llama_runner, tmp_path):
