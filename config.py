@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -284,7 +283,11 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
     command_line = parser(from_env)
     if problems:
         command_line.error("; ".join(problems))
+    command_line.set_defaults(max_new_tokens=None)  # (None: not on the command line, abbreviated or not)
     values = command_line.parse_args(argv)
+    length_given = values.max_new_tokens is not None or bool(environ.get(_named("max_new_tokens").variable, "").strip())
+    if values.max_new_tokens is None:
+        values.max_new_tokens = from_env.max_new_tokens
     changes = {}
     for setting in SETTINGS:
         if not setting.option:
@@ -296,14 +299,16 @@ def read_settings(argv: list[str] | None = None, environ=os.environ) -> Settings
             value = tuple(item for text in value for item in _comma_list(text))
         changes[setting.name] = value
     settings = from_env.replace(**changes)
-    given = environ.get("MAX_NEW_TOKENS", "").strip() or any(
-        arg.split("=")[0] == "--max-new-tokens" for arg in (sys.argv[1:] if argv is None else argv))
-    if not given and settings.max_new_tokens > settings.max_new_tokens_limit:  # (the default follows a lower limit)
+    if not length_given and settings.max_new_tokens > settings.max_new_tokens_limit:  # (the default follows the limit)
         settings = settings.replace(max_new_tokens=settings.max_new_tokens_limit)
     problem = settings.problem()
     if problem:
         command_line.error(problem)
     return settings
+
+
+def _named(name: str) -> Setting:
+    return next(setting for setting in SETTINGS if setting.name == name)
 
 
 def settings_table() -> str:

@@ -140,6 +140,8 @@ def test_a_bad_setting_exits_with_one_line():
     ([], {"MAX_UPLOAD_SIZE": "lots"}, "MAX_UPLOAD_SIZE='lots': not a size such as 100mb or 2gb (b, kb, mb, gb or tb)"),
     ([], {"MAX_UPLOAD_SIZE": "-5mb"}, "MAX_UPLOAD_SIZE='-5mb': not a size such as 100mb or 2gb (b, kb, mb, gb or tb)"),
     (["--max-new-tokens", "512"], {"MAX_NEW_TOKENS_LIMIT": "100"}, "--max-new-tokens must be between 1 and 100"),
+    (["--max-new-tok", "600"], {"MAX_NEW_TOKENS_LIMIT": "100"}, "--max-new-tokens must be between 1 and 100"),
+    ([], {"MAX_NEW_TOKENS_LIMIT": "100", "MAX_NEW_TOKENS": "512"}, "--max-new-tokens must be between 1 and 100"),
 ])
 def test_a_number_out_of_its_range_is_refused_in_one_line(argv, environ, said, capsys):
     with pytest.raises(SystemExit) as exited:
