@@ -14,6 +14,7 @@ import json
 import logging
 import time
 
+import httpx
 import openai
 
 from config import Settings
@@ -353,7 +354,7 @@ class RemoteStream(StreamBase):
         except openai.APIError as error:
             self._fail(UpstreamError(f"The model server failed: {_message_of(error)}"))
         except Exception as error:  # e.g. the connection dropped mid-answer
-            if not self.closed_at:
+            if not self.closed_at and isinstance(error, httpx.TransportError):  # (not a bug of ours in reading it)
                 self._runner.unreachable(f"The connection to the model server at {self._runner.base_url} broke.")
             self._fail(UpstreamError(f"The connection to the model server broke: {type(error).__name__}: {error}"))
         calls, unreadable = self._calls.at_end(cut_off=self._server_finish == "length")
