@@ -317,7 +317,7 @@ def chat_bubbles(messages: list[dict], *, live: bool = False, owners: list[int] 
     message dicts), for a saved conversation and for an answer streaming (`live`: its
     unfinished reasoning and tool calls spin). A user message: its images, then its text; one
     left without an answer (the app stopped or was killed meanwhile), a note saying so, unless
-    it is the last and is `answering` now (its turn in progress in this tab).
+    it is the last and is `answering` now (its turn in progress, in this tab or another).
     An answer: notes, the reasoning in a collapsible "Thinking" block, the text, each tool
     call as its own "🛠 name" block (arguments and result inside), an error, the figures.
     `owners` gets, bubble by bubble, the index of the message it shows (or is about)."""
@@ -580,7 +580,8 @@ class Chats:
         if isinstance(kept.get("open"), str):
             try:
                 stored = self.store.messages(user, kept["open"])
-                shown, seen, conversation = chat_bubbles(stored), version_of(stored), kept["open"]
+                shown, seen, conversation = chat_bubbles(stored, answering=self.turns.busy(kept["open"])), \
+                    version_of(stored), kept["open"]
             except StoreError:
                 kept = {"id": kept["id"]}
         return user, conversation, seen, kept, shown, self.chat_list(user, conversation)
@@ -611,7 +612,8 @@ class Chats:
             title = self.store.title(user, chosen)
         except StoreError as error:
             raise gr.Error(str(error)) from None
-        return chosen, chat_bubbles(stored), None, {**(kept or {}), "open": chosen}, \
+        shown = chat_bubbles(stored, answering=self.turns.busy(chosen))  # (its answer streaming in another tab)
+        return chosen, shown, None, {**(kept or {}), "open": chosen}, \
             self.chat_list(user, chosen, search), gr.Textbox(value=title, interactive=True), \
             gr.File(value=None, visible=False), version_of(stored)
 
@@ -768,7 +770,8 @@ class Chats:
             raise gr.Error("This page has lost its session (idle too long, or the server restarted): reload it.")
         title = gr.skip()
         try:
-            self.store.check_room(user)  # (full: refused now, not after an answer it can't keep)
+            # full, or the message would fill it: refused now, not after a chat made for it, or an answer
+            self.store.check_room(user, [without_refused_files(message)[0]])
             if conversation is None:
                 conversation = self.store.create(user, title_of(message))
                 before = []
@@ -816,8 +819,9 @@ class Chats:
                 stored = self.store.messages(user, conversation)
             except StoreError as error:
                 before = self.store.messages(user, conversation) if not isinstance(error, NotFound) else []
-                yield [*chat_bubbles([*before, message], answering=True), bubble(str(error), title=ERROR_TITLE)], \
-                    None  # (not as saved)
+                told = bubble(DELETED_ELSEWHERE, title=NOTE_TITLE) if halt.why == DELETED else \
+                    bubble(str(error), title=ERROR_TITLE)  # (deleted while its audio was written out)
+                yield [*chat_bubbles([*before, message], answering=True), told], None  # (not as saved)
                 self.answered.add(conversation)
                 return
             shown = chat_bubbles(stored, answering=True)
@@ -852,8 +856,6 @@ class Chats:
             stopped = True
             raise
         finally:
-            if self.halts.get((user, conversation)) is halt:
-                del self.halts[(user, conversation)]
             try:
                 if halt.why == DELETED:
                     pass  # (nothing to keep it in)
@@ -866,7 +868,9 @@ class Chats:
                                                             "notes": [STOPPED_BEFORE_TEXT]}], answer=True)
             except Exception as error:  # (a StoreError, or a bug of ours: the lock is released all the same)
                 log.warning("a stopped answer was not saved: %s", error)
-            finally:
+            finally:  # (out of halts only now: stop_answers waits for the save above)
+                if self.halts.get((user, conversation)) is halt:
+                    del self.halts[(user, conversation)]
                 self.turns.release(conversation)
 
     def stop_answers(self, wait_s: float) -> int:
@@ -1040,7 +1044,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
     if store is None:
         store, where = open_store(settings.replace(save=False))
     hf_oauth = users.oauth_on_space()
-    chats = Chats(runner, line, settings, store, where, BrowserIds.kept_in(store.directory), toolbox=toolbox,
+    chats = Chats(runner, line, settings, store, where, BrowserIds.kept_in(store), toolbox=toolbox,
                   hf_oauth=hf_oauth, speech=speech)
     # ZeroGPU: one answer at a time, in Gradio's queue. Elsewhere every message enters the
     # chat function at once and waits in the app's line (with the API's requests).
@@ -1479,6 +1483,9 @@ def main(argv: list[str] | None = None) -> int:
         while demo.is_running:  # (Gradio's block_thread, which closes the server before the answers are kept)
             time.sleep(0.1)
     except KeyboardInterrupt:  # Ctrl+C, SIGTERM: the answers being written are kept as far as they got
+        for stop in (signal.SIGINT, signal.SIGTERM):  # (a second Ctrl+C must not cut the saving short)
+            signal.signal(stop, lambda *_: log.info("Stopping already: saving the answers being written first "
+                                                    "(%g s at most).", STOP_SAVE_WAIT_S))
         if left := demo.chats.stop_answers(STOP_SAVE_WAIT_S):
             log.warning("Stopping: %d answer(s) could not be saved in time.", left)
         demo.close()

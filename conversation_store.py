@@ -129,15 +129,22 @@ class ConversationStore:
         self._lock = threading.Lock()  # one connection, shared by the server's threads
         self._db = self._open()
         try:
-            self._image_key = kept_secret(self.directory / IMAGE_KEY_FILE)
-        except OSError as error:
+            self._image_key = self.secret(IMAGE_KEY_FILE)
+        except StoreError:
             self._db.close()
-            raise StoreError(self._cant_use(error)) from None
+            raise
 
-    def _cant_use(self, error: OSError) -> str:
+    def secret(self, name: str) -> bytes:
+        """A secret kept in the data directory (kept_secret), or a StoreError line saying what to do."""
+        try:
+            return kept_secret(self.directory / name)
+        except OSError as error:
+            raise StoreError(self._cant_use(error, self.directory / name)) from None
+
+    def _cant_use(self, error: OSError, path: Path | None = None) -> str:
         if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return self._read_only(error.strerror or str(error))
-        return f"Can't use {self.directory} for saved chats: {error.strerror or error}."
+        return f"Can't use {path or self.directory} for saved chats: {error.strerror or error}."
 
     def _read_only(self, why) -> str:
         return (f"The saved chats in {self.directory} can't be written ({why}): the folder or its files "
@@ -323,8 +330,7 @@ class ConversationStore:
                 raise StoreError("This chat was changed meanwhile (in another tab?): open it again to see it as it is.")
             if bodies and shutil.disk_usage(self.directory).free < MIN_FREE_DISK_BYTES:
                 raise LimitReached("The server's disk is nearly full: chats can't be saved until space is freed.")
-            new_bytes = sum(map(len, bodies)) + sum(
-                image["bytes"] for image in images.values() if not self._user_has_image(user, image["digest"]))
+            new_bytes = self._new_bytes(user, stored)
             used = self._usage(user)
             if new_bytes and used + new_bytes > self.max_bytes and not answer:
                 raise self._full(used)
@@ -388,17 +394,26 @@ class ConversationStore:
             count = self._db.execute("SELECT COUNT(*) FROM conversations WHERE user=?", (user,)).fetchone()[0]
             return count, self._usage(user)
 
-    def check_room(self, user: str) -> None:
-        """LimitReached when the user's saved chats hold all the bytes kept for one user (a new
-        message is refused before it is answered)."""
+    def check_room(self, user: str, messages: list[dict] = ()) -> None:
+        """LimitReached when the user's saved chats hold all the bytes kept for one user, or
+        would with `messages` (a new message is refused before it is answered, and before a
+        chat is made for it)."""
+        stored = [self._to_stored(message) for message in messages]
         with self._locked():
-            used = self._usage(user)
-        if used >= self.max_bytes:
+            used, new_bytes = self._usage(user), self._new_bytes(user, stored)
+        if used >= self.max_bytes or (new_bytes and used + new_bytes > self.max_bytes):
             raise self._full(used)
 
+    def _new_bytes(self, user: str, stored: list[tuple]) -> int:
+        """What messages as _to_stored makes them add to the user's bytes (a picture the user
+        keeps already adds nothing)."""
+        images = {image["digest"]: image for _, found in stored for image in found}
+        return sum(len(json.dumps(body, ensure_ascii=False)) for body, _ in stored) + sum(
+            image["bytes"] for image in images.values() if not self._user_has_image(user, image["digest"]))
+
     def _full(self, used: int) -> LimitReached:
-        return LimitReached(f"Your saved conversations hold {used / 2**20:,.1f} MB, the most this server keeps for "
-                            f"one user is {self.max_bytes / 2**20:,.1f} MB: delete some to save new ones.")
+        return LimitReached(f"Your saved conversations hold {_size_text(used)}, the most this server keeps for one "
+                            f"user is {_size_text(self.max_bytes)}: delete some to save new ones.")
 
     def _usage(self, user: str) -> int:
         text = self._db.execute("SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages JOIN conversations "
@@ -632,15 +647,8 @@ def kept_secret(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         pass
-    except OSError as error:
-        raise StoreError(f"Can't read {path} ({error.strerror}): give the app's user access to it, or start "
-                         f"with --data-dir pointing elsewhere.") from None
     partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    try:
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as error:
-        raise StoreError(f"Can't write {path} in {path.parent} ({error.strerror}): give the app's user write "
-                         f"access to that folder, or start with --data-dir pointing elsewhere.") from None
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as file:
         file.write(secrets.token_bytes(32))
     try:
@@ -653,6 +661,11 @@ def kept_secret(path: Path) -> bytes:
     finally:
         partial.unlink(missing_ok=True)
     return path.read_bytes()
+
+
+def _size_text(size: int) -> str:
+    unit = next((unit for unit in ("GB", "MB") if size >= 2 ** {"GB": 30, "MB": 20}[unit]), "KB")
+    return f"{size / 2 ** {'GB': 30, 'MB': 20, 'KB': 10}[unit]:,.1f} {unit}"
 
 
 def _primary_code(error: sqlite3.Error) -> int | None:

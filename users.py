@@ -20,7 +20,6 @@ import os
 import secrets
 from pathlib import Path
 
-from conversation_store import kept_secret
 
 SECRET_FILE = "browser-ids.secret"  # in the data directory, beside the chats
 ID_BYTES = 18
@@ -60,9 +59,10 @@ class BrowserIds:
         self._secret = secret
 
     @classmethod
-    def kept_in(cls, directory: Path) -> "BrowserIds":
-        """With the secret kept in `directory` (drawn on first use, readable by this user only)."""
-        return cls(kept_secret(Path(directory) / SECRET_FILE))
+    def kept_in(cls, store) -> "BrowserIds":
+        """With the secret kept in the store's data directory (drawn on first use, readable by
+        this user only; conversation_store.kept_secret)."""
+        return cls(store.secret(SECRET_FILE))
 
     def _signature(self, browser_id: str) -> str:
         return hmac.new(self._secret, browser_id.encode(), hashlib.sha256).hexdigest()[:32]
