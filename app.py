@@ -57,6 +57,7 @@ import users
 from config import Settings
 from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part
 from conversation import ATTACHED, for_the_model
+from conversation_store import CHANGED_MEANWHILE as CHANGED_IN_STORE
 from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, load_export, open_store
 from engine_contract import (
     Cancelled,
@@ -123,7 +124,6 @@ DELETED, STOPPING = "deleted", "stopping"  # (a Halt's why)
 APP_STOPPED = "The app was stopped while this answer was being written: it ends here."
 DELETED_ELSEWHERE = ("This chat was deleted (in another tab?): its answer was stopped and is not kept. Start a new "
                      "chat to go on.")
-CHANGED_IN_STORE = "This chat was changed meanwhile (in another tab?): open it again to see it as it is."
 CHANGED_MEANWHILE = ("This chat was changed meanwhile (in another tab?): here it is as it is now; nothing was "
                      "changed. Try again on what it shows.")
 REASONING_TITLE = "Thinking"
@@ -802,7 +802,7 @@ class Chats:
             message, refusal = without_refused_files(turn["message"])
             try:
                 if turn.get("seen") is not None and version_of(self.store.messages(user, conversation)) != turn["seen"]:
-                    raise StoreError(CHANGED_IN_STORE)  # (since the edit or retry began)
+                    raise StoreError(CHANGED_IN_STORE)  # (since the edit or retry began; the store checks the count)
                 self.store.append(user, conversation, [message], keep=turn["keep"],
                                   expected_length=turn.get("length"))
                 asked = True

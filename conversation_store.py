@@ -103,6 +103,9 @@ class NotFound(StoreError):
     """No such conversation for this user (whether it doesn't exist or is someone else's)."""
 
 
+CHANGED_MEANWHILE = "This chat was changed meanwhile (in another tab?): open it again to see it as it is."
+
+
 class LimitReached(StoreError):
     """The user's conversations or bytes are at the server's limit."""
 
@@ -327,7 +330,7 @@ class ConversationStore:
             self._owned(user, conversation_id)
             if expected_length is not None and expected_length != self._db.execute(
                     "SELECT COUNT(*) FROM messages WHERE conversation=?", (conversation_id,)).fetchone()[0]:
-                raise StoreError("This chat was changed meanwhile (in another tab?): open it again to see it as it is.")
+                raise StoreError(CHANGED_MEANWHILE)
             if bodies and shutil.disk_usage(self.directory).free < MIN_FREE_DISK_BYTES:
                 raise LimitReached("The server's disk is nearly full: chats can't be saved until space is freed.")
             new_bytes = self._new_bytes(user, stored)
