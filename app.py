@@ -685,7 +685,7 @@ class Chats:
 
     async def begin_retry(self, conversation, user, kept, search, seen=None):
         """Retry: the last message again, its answer dropped."""
-        await self._wait_for_the_turn_before(conversation)
+        await self._wait_for_the_turn_before(conversation, user, self._redrawn_turn)
         stored = self._stored(user, conversation, seen, self._redrawn_turn)
         last = last_user_message(stored)
         return self._begin(stored[last], last, conversation, user, kept, search, stored[:last], len(stored), seen)
@@ -693,7 +693,7 @@ class Chats:
     async def begin_edit(self, edited: gr.EditData, conversation, user, kept, search, seen=None):
         """An edited message: the conversation again from there, with the new text (and the
         message's images)."""
-        await self._wait_for_the_turn_before(conversation)
+        await self._wait_for_the_turn_before(conversation, user, self._redrawn_turn)  # (the bubble's edit undone)
         stored = self._stored(user, conversation, seen, self._redrawn_turn)
         index = self._message_of_bubble(stored, edited.index)
         if index is None or stored[index]["role"] != "user":
@@ -707,9 +707,11 @@ class Chats:
 
     async def undo(self, conversation, user, seen=None):
         """Undo: the last message and its answer go; its text and images are back in the textbox."""
-        await self._wait_for_the_turn_before(conversation)
+        def redrawn(shown, version):  # (undo's outputs: the chat, the textbox, the version shown)
+            return shown, gr.skip(), version
+        await self._wait_for_the_turn_before(conversation, user, redrawn)
         async with self.turns.held(conversation):
-            stored = self._stored(user, conversation, seen, lambda shown, version: (shown, gr.skip(), version))
+            stored = self._stored(user, conversation, seen, redrawn)
             last = last_user_message(stored)
             files = []
             for part in stored[last]["content"]:
@@ -726,13 +728,22 @@ class Chats:
             return chat_bubbles(stored[:last]), gr.MultimodalTextbox(value={"text": text_of(stored[last]),
                                                                            "files": files}), version_of(stored[:last])
 
-    async def _wait_for_the_turn_before(self, conversation) -> None:
+    async def _wait_for_the_turn_before(self, conversation, user=None, redrawn=None) -> None:
         """A conversation answers one turn at a time: a new one (a second Enter, another tab)
-        waits briefly for the one before (a Stop's answer being saved), else is refused."""
+        waits briefly for the one before (a Stop's answer being saved), else is refused; with
+        `redrawn` (an edit, a retry, an undo), the tab then shows the chat as saved (an edit in
+        the bubble undone)."""
         if conversation and self.turns.busy(conversation):
             async with self.turns.held(conversation, BUSY_WAIT_S) as free:
                 if not free:
-                    raise gr.Error("Wait for the answer to end (or Stop it) before sending another message.")
+                    message = "Wait for the answer to end (or Stop it) before sending another message."
+                    if redrawn is None:
+                        raise gr.Error(message)
+                    try:
+                        stored = self.store.messages(user, conversation)
+                    except StoreError:
+                        raise gr.Error(message) from None
+                    raise Refusal(message, redrawn(chat_bubbles(stored, answering=True), version_of(stored)))
 
     def _stored(self, user, conversation, seen, redrawn) -> list[dict]:
         """The saved conversation an edit, a retry or an undo changes: refused unless it is the

@@ -237,6 +237,34 @@ def test_retry_and_undo_change_the_saved_conversation_too(serve, llama_runner):
     browser.close()
 
 
+def test_an_edit_refused_while_the_chat_answers_elsewhere_is_undone_on_screen(llama_runner, monkeypatch):
+    """(The refusal said "Wait for the answer to end", and the bubble kept the edited text as
+    if it were saved.)"""
+    import asyncio
+    import gradio as gr
+    chats = app.build_demo(llama_runner).chats
+    user = "browser:ann"
+    conversation = chats.store.create(user, "a chat")
+    chats.store.append(user, conversation, [{"role": "user", "content": [{"type": "text", "text": "m1 alpha"}]},
+                                            {"role": "assistant", "content": [{"type": "text", "text": "a1"}]}])
+    stored = chats.store.messages(user, conversation)
+    monkeypatch.setattr(app, "BUSY_WAIT_S", 0.1)
+
+    async def edit_while_another_tab_answers():
+        await chats.turns.acquire(conversation)
+        try:
+            return await chats.begin_edit(SimpleNamespace(index=0, value="m1 EDITED"), conversation, user, {}, "",
+                                          app.version_of(stored))
+        finally:
+            chats.turns.release(conversation)
+    with pytest.raises(gr.Error) as refusal:
+        asyncio.run(edit_while_another_tab_answers())
+    assert refusal.value.message.startswith("Wait for the answer to end")
+    shown = json.dumps(refusal.value.outputs[1])
+    assert "m1 alpha" in shown and "EDITED" not in shown, "the tab shows the chat as saved"
+    assert chats.store.messages(user, conversation) == stored
+
+
 def test_a_tab_that_shows_an_old_chat_changes_nothing_it_did_not_show(serve, llama_runner):
     """One user, two tabs: the other tabs opened the chat at m1, a1, m2, a2; then the first undid
     m2 and sent m3. An undo, a retry or an edit in a tab still showing m2 would change turns it
