@@ -336,7 +336,7 @@ class ConversationStore:
             new_bytes = self._new_bytes(user, stored)
             used = self._usage(user)
             if new_bytes and used + new_bytes > self.max_bytes and not answer:
-                raise self._full(used)
+                raise self._full(used, new_bytes)
             for image in images.values():
                 self._write_image(image)
             dropped: set[str] = set()
@@ -405,18 +405,23 @@ class ConversationStore:
         with self._locked():
             used, new_bytes = self._usage(user), self._new_bytes(user, stored)
         if used >= self.max_bytes or (new_bytes and used + new_bytes > self.max_bytes):
-            raise self._full(used)
+            raise self._full(used, new_bytes)
 
     def _new_bytes(self, user: str, stored: list[tuple]) -> int:
         """What messages as _to_stored makes them add to the user's bytes (a picture the user
         keeps already adds nothing)."""
         images = {image["digest"]: image for _, found in stored for image in found}
-        return sum(len(json.dumps(body, ensure_ascii=False)) for body, _ in stored) + sum(
+        return sum(len(json.dumps(body, ensure_ascii=False).encode()) for body, _ in stored) + sum(
             image["bytes"] for image in images.values() if not self._user_has_image(user, image["digest"]))
 
-    def _full(self, used: int) -> LimitReached:
-        return LimitReached(f"Your saved conversations hold {_size_text(used)}, the most this server keeps for one "
-                            f"user is {_size_text(self.max_bytes)}: delete some to save new ones.")
+    def _full(self, used: int, new_bytes: int = 0) -> LimitReached:
+        limit = f"the most this server keeps for one user is {_size_text(self.max_bytes)}"
+        if used < self.max_bytes and new_bytes > self.max_bytes:
+            return LimitReached(f"This message takes {_size_text(new_bytes)} to save, and {limit}: send a smaller one.")
+        if used < self.max_bytes:
+            return LimitReached(f"This message takes {_size_text(new_bytes)} to save, and your saved conversations "
+                                f"hold {_size_text(used)}; {limit}: delete some, or send a smaller one.")
+        return LimitReached(f"Your saved conversations hold {_size_text(used)}, {limit}: delete some to save new ones.")
 
     def _usage(self, user: str) -> int:
         text = self._db.execute("SELECT COALESCE(SUM(length(CAST(body AS BLOB))), 0) FROM messages JOIN conversations "

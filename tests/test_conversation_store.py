@@ -222,7 +222,8 @@ def test_limits_per_user_are_told(tmp_path, images):
     with pytest.raises(LimitReached, match="2 saved conversations"):
         store.create("ann")
     store.create("bob")  # (another user's own count)
-    with pytest.raises(LimitReached, match="delete some"):
+    with pytest.raises(LimitReached, match=r"This message takes \d+\.\d KB to save, and the most this server keeps "
+                                           r"for one user is 2.0 KB: send a smaller one"):
         store.append("ann", first, [user("a picture", images["noise"])])  # larger than 2,000 bytes
     assert store.messages("ann", first) == [], "nothing half-saved"
 

@@ -369,8 +369,13 @@ def test_limits_per_user_are_told_when_reached(serve, llama_runner):
         browser.call("begin_turn", {"text": "two", "files": []}, browser.kept, "")
     conversation = spy.chats.store.conversations(_user(spy))[0].id
     browser.call("open_chat", conversation, browser.kept, "")
-    with pytest.raises(Exception, match=r"hold \d+\.\d KB, the most this server keeps for one user is 2.9 KB"):
+    with pytest.raises(Exception, match=r"This message takes \d+\.\d KB to save, and the most this server keeps for "
+                                        r"one user is 2.9 KB: send a smaller one"):
         browser.send("x" * 4000)  # (refused before the model runs)
+    with pytest.raises(Exception, match=r"This message takes 2\.\d KB to save, and your saved conversations hold "
+                                        r"\d+\.\d KB; the most this server keeps for one user is 2.9 KB: delete some, "
+                                        r"or send a smaller one"):
+        browser.send("x" * 1400)
 
 
 def test_an_answer_past_the_byte_limit_is_kept_and_the_next_message_refused_before_it_runs(serve, llama_runner):
@@ -390,7 +395,8 @@ def test_an_answer_past_the_byte_limit_is_kept_and_the_next_message_refused_befo
         browser.call("begin_turn", {"text": "two", "files": []}, browser.kept, "")
     assert len(store.conversations(user)) == 1 and len(spy.streams) == answers, "no chat made, nothing generated"
     store.delete(user, chat.id)  # (room again, for a message that alone is over the limit)
-    with pytest.raises(Exception, match="the most this server keeps for one user"):
+    with pytest.raises(Exception, match=r"This message takes \d+\.\d KB to save, and the most this server keeps for "
+                                        r"one user is 0.4 KB: send a smaller one"):
         browser.call("begin_turn", {"text": "x" * 500, "files": []}, browser.kept, "")
     assert store.conversations(user) == [] and len(spy.streams) == answers
 
