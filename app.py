@@ -122,8 +122,8 @@ STOPPED_BEFORE_TEXT = "Stopped before the answer began."
 NO_ANSWER = "This message got no answer."
 DELETED, STOPPING = "deleted", "stopping"  # (a Halt's why)
 APP_STOPPED = "The app was stopped while this answer was being written: it ends here."
-DELETED_ELSEWHERE = ("This chat was deleted (in another tab?): its answer was stopped and is not kept. Start a new "
-                     "chat to go on.")
+DELETED_ELSEWHERE = ("This chat was deleted (in another tab?): its answer was stopped and is not kept. A new "
+                     "message starts a new chat.")
 CHANGED_MEANWHILE = ("This chat was changed meanwhile (in another tab?): here it is as it is now; nothing was "
                      "changed. Try again on what it shows.")
 REASONING_TITLE = "Thinking"
@@ -783,12 +783,15 @@ class Chats:
         try:
             # full, or the message would fill it: refused now, not after a chat made for it, or an answer
             self.store.check_room(user, [without_refused_files(message)[0]])
+            if conversation is not None and before is None:
+                try:
+                    before = self.store.messages(user, conversation)
+                except NotFound:  # (deleted in another tab: a new message starts a new chat)
+                    conversation = None
             if conversation is None:
                 conversation = self.store.create(user, title_of(message))
                 before = []
                 title = gr.Textbox(value=self.store.title(user, conversation), interactive=True)
-            if before is None:
-                before = self.store.messages(user, conversation)
         except StoreError as error:
             raise gr.Error(str(error)) from None
         shown = [*chat_bubbles([*before, message], answering=True), *pending(THINKING_TITLE)]
