@@ -279,17 +279,7 @@ def test_a_damaged_database_with_turns_in_its_wal_is_kept_as_it_is_too(tmp_path)
     """Killed with turns in the WAL, the database then damaged: the check writes nothing (a
     checkpoint would copy the WAL into the damaged file)."""
     a_store_with_chats(tmp_path)
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from conversation_store import ConversationStore
-        store = ConversationStore({str(tmp_path)!r})
-        chat = store.create("ann")
-        for i in range(20):
-            store.append("ann", chat, [{{"role": "user", "content": [{{"type": "text", "text": f"turn {{i}}"}}]}}])
-        os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == -signal.SIGKILL
+    twenty_turns_then_killed(tmp_path)
     damage(tmp_path / "chats.sqlite3")
     files = {path.name: path.read_bytes() for path in tmp_path.glob("chats.sqlite3*")}
     assert files["chats.sqlite3-wal"], "turns in the WAL"
@@ -299,13 +289,14 @@ def test_a_damaged_database_with_turns_in_its_wal_is_kept_as_it_is_too(tmp_path)
             if not path.name.endswith("-shm")} == {k: v for k, v in files.items() if not k.endswith("-shm")}
 
 
-def test_a_killed_app_loses_nothing_that_was_saved(tmp_path):
-    """SIGKILL right after a turn was saved (WAL, not checkpointed): it is all there after."""
+def twenty_turns_then_killed(directory) -> str:
+    """A process saves 20 turns of a new chat of ann's in `directory`, then is SIGKILLed (its
+    turns in the WAL, not checkpointed): the chat's id."""
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
         from conversation_store import ConversationStore
-        store = ConversationStore({str(tmp_path)!r})
+        store = ConversationStore({str(directory)!r})
         chat = store.create("ann")
         for i in range(20):
             store.append("ann", chat, [{{"role": "user", "content": [{{"type": "text", "text": f"turn {{i}}"}}]}}])
@@ -314,7 +305,12 @@ def test_a_killed_app_loses_nothing_that_was_saved(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == -signal.SIGKILL
-    chat = result.stdout.strip()
+    return result.stdout.strip()
+
+
+def test_a_killed_app_loses_nothing_that_was_saved(tmp_path):
+    """SIGKILL right after a turn was saved (WAL, not checkpointed): it is all there after."""
+    chat = twenty_turns_then_killed(tmp_path)
     messages = ConversationStore(tmp_path).messages("ann", chat)
     assert [m["content"][0]["text"] for m in messages] == [f"turn {i}" for i in range(20)]
     assert os.path.exists(tmp_path / "chats.sqlite3")
@@ -389,21 +385,27 @@ def _open_at_the_same_time(directory, barrier, results):
         results.put(f"{type(error).__name__}: {error}")
 
 
+def all_at_once(target, argument, count: int) -> list:
+    """`target(argument, barrier, results)` in `count` processes let go together (the barrier):
+    what each put in `results`. Spawned: fork beside pytest's threads may deadlock."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(count), context.Queue()
+    processes = [context.Process(target=target, args=(argument, barrier, results)) for _ in range(count)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(60)
+    return outcomes
+
+
 def test_two_instances_starting_at_once_on_a_new_data_directory_both_start_and_agree(tmp_path):
     """One of them died (the schema made twice, 'database is locked' on the way to WAL), or
     the two kept different secrets (images named by one key, browsers signed by another)."""
-    import multiprocessing
-    context = multiprocessing.get_context("spawn")  # (fork beside pytest's threads may deadlock)
     for attempt in range(8):
         directory = tmp_path / f"data-{attempt}"
-        barrier, results = context.Barrier(2), context.Queue()
-        processes = [context.Process(target=_open_at_the_same_time, args=(directory, barrier, results))
-                     for _ in range(2)]
-        for process in processes:
-            process.start()
-        outcomes = [results.get(timeout=60) for _ in processes]
-        for process in processes:
-            process.join(60)
+        outcomes = all_at_once(_open_at_the_same_time, directory, 2)
         assert all(isinstance(outcome, tuple) for outcome in outcomes), outcomes
         assert outcomes[0] == outcomes[1], "the same image key and browser-id secret"
         assert outcomes[0] == ((directory / "images.key").read_bytes(), (directory / "browser-ids.secret").read_bytes())
@@ -418,18 +420,9 @@ def _keep_a_secret_at_the_same_time(path, barrier, results):
 
 def test_processes_drawing_a_kept_secret_at_once_all_keep_the_same(tmp_path):
     """(os.replace let the last one win, after the first had already used its own: 7 of 30.)"""
-    import multiprocessing
-    context = multiprocessing.get_context("spawn")
     for attempt in range(10):
         path = tmp_path / f"secret-{attempt}"
-        barrier, results = context.Barrier(3), context.Queue()
-        processes = [context.Process(target=_keep_a_secret_at_the_same_time, args=(path, barrier, results))
-                     for _ in range(3)]
-        for process in processes:
-            process.start()
-        kept = {results.get(timeout=60) for _ in processes}
-        for process in processes:
-            process.join(60)
+        kept = set(all_at_once(_keep_a_secret_at_the_same_time, path, 3))
         assert kept == {path.read_bytes()} and len(path.read_bytes()) == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"secret-{n}" for n in range(10)), "no .part left"
 

@@ -3,6 +3,7 @@ browser sends them (gradio_client, by event index): per user, crafted requests i
 the prompt of a saved conversation; export → import; limits; a killed app; bad databases;
 where the chats live. The browser's side is in test_browser.py."""
 
+import contextlib
 import inspect
 import json
 import os
@@ -401,12 +402,12 @@ def test_an_answer_past_the_byte_limit_is_kept_and_the_next_message_refused_befo
     assert store.conversations(user) == [] and len(spy.streams) == answers
 
 
-def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
-    """SIGKILL mid-answer: the finished turn before it is whole, and the message being
-    answered is kept; the app starts again on the same data and lists it."""
-    from tests.tiny_models import build_bench_llama
-    model = build_bench_llama(tmp_path / "bench-llama")
-    data, port = tmp_path / "data", free_port()
+@contextlib.contextmanager
+def running_app(data: Path, model: Path):
+    """`python app.py` on `model` (a bench-llama: long answers), its chats kept in `data`, with
+    a session begun: (the process, a client, its events' indexes, the browser's kept state).
+    Killed at the end if it still runs."""
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port), "DATA_DIR": str(data)}
     command = [sys.executable, str(ROOT / "app.py"), "--model", str(model), "--device", "cpu"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -415,6 +416,26 @@ def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         indexes = _event_indexes_of_running_app(client)
         kept, _, _ = client.predict({}, fn_index=indexes["start_session"])
+        yield process, client, indexes, kept
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def the_one_saved_chat(data: Path) -> list[dict]:
+    """The messages of the one conversation saved in `data` (by the one user there)."""
+    store = ConversationStore(data)
+    (user,) = {row[0] for row in store._db.execute("SELECT user FROM conversations")}
+    (summary,) = store.conversations(user)
+    return store.messages(user, summary.id)
+
+
+def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
+    """SIGKILL mid-answer: the finished turn before it is whole, and the message being
+    answered is kept; the app starts again on the same data and lists it."""
+    from tests.tiny_models import build_bench_llama
+    data = tmp_path / "data"
+    with running_app(data, build_bench_llama(tmp_path / "bench-llama")) as (process, client, indexes, kept):
         client.predict({"text": "a finished turn", "files": []}, kept, "", fn_index=indexes["begin_turn"])
         client.predict("", 5, 0.0, 1.0, fn_index=indexes["respond"])
         client.predict("", fn_index=indexes["end_turn"])
@@ -423,13 +444,7 @@ def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
         wait_for(lambda: len(job.outputs()) >= 3, 60, "the answer to stream")
         os.kill(process.pid, signal.SIGKILL)
         process.wait(10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    store = ConversationStore(data)
-    (user,) = {row[0] for row in store._db.execute("SELECT user FROM conversations")}
-    (summary,) = store.conversations(user)
-    saved = store.messages(user, summary.id)
+    saved = the_one_saved_chat(data)
     assert [(m["role"], app.text_of(m)) for m in saved][:3] == [
         ("user", "a finished turn"), ("assistant", app.text_of(saved[1])), ("user", "tell me a very long story")]
     assert app.text_of(saved[1]) and len(saved) == 3, "the finished turn is whole; only the answer being written is lost"
@@ -448,16 +463,8 @@ def test_an_app_stopped_mid_answer_keeps_what_was_streamed(tmp_path):
     streamed, with a note that the app was stopped, before it exits; started again, the chat
     shows it."""
     from tests.tiny_models import build_bench_llama
-    model = build_bench_llama(tmp_path / "bench-llama")
-    data, port = tmp_path / "data", free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port), "DATA_DIR": str(data)}
-    command = [sys.executable, str(ROOT / "app.py"), "--model", str(model), "--device", "cpu"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        assert wait_until_loaded(port, process), "the app did not start"
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        indexes = _event_indexes_of_running_app(client)
-        kept, _, _ = client.predict({}, fn_index=indexes["start_session"])
+    data = tmp_path / "data"
+    with running_app(data, build_bench_llama(tmp_path / "bench-llama")) as (process, client, indexes, kept):
         client.predict({"text": "tell me a very long story", "files": []}, kept, "", fn_index=indexes["begin_turn"])
         job = client.submit("", 4000, 0.0, 1.0, fn_index=indexes["respond"])
         wait_for(lambda: len(job.outputs()) >= 5, 60, "the answer to stream")
@@ -465,13 +472,7 @@ def test_an_app_stopped_mid_answer_keeps_what_was_streamed(tmp_path):
         shown = answer[0]["text"] if isinstance(answer, list) else answer
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, process.stderr.read().decode()
-    finally:
-        if process.poll() is None:
-            process.kill()
-    store = ConversationStore(data)
-    (user,) = {row[0] for row in store._db.execute("SELECT user FROM conversations")}
-    (summary,) = store.conversations(user)
-    saved = store.messages(user, summary.id)
+    saved = the_one_saved_chat(data)
     assert [m["role"] for m in saved] == ["user", "assistant"]
     assert app.text_of(saved[1]).strip().startswith(shown.strip()) and len(shown.strip()) > 10, \
         "what was streamed is kept"
