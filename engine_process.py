@@ -160,6 +160,11 @@ STOPPED_ON_PURPOSE = (-signal.SIGTERM, -signal.SIGINT)  # (the app or systemd st
 # replaced this long after (or by a request before then), so an engine that can't stay up is
 # reloaded at most once a minute, and /healthz's 503 still ends without traffic.
 REPLACE_AT_ONCE_AFTER_S = 60.0
+# systemd stops a service by sending SIGTERM to its whole group, engine included, while the web
+# server first ends the answers in flight (saving what was written) and then ends the engine: a
+# SIGTERM ends a loaded engine this long after, unless the web server ends it first (a second, at
+# once). The app ends it at exit (ModelSlot.close), before multiprocessing's own SIGTERM would.
+ENGINE_SIGTERM_GRACE_S = 15.0
 
 
 class EngineGone(Exception):
@@ -546,6 +551,13 @@ class _EngineServer:
         self.send(Started(request_id, stream.notices, stream.prompt_tokens, stream.max_new_tokens, stream.started_at))
 
 
+def _end_soon_on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ending = threading.Timer(ENGINE_SIGTERM_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM))
+    ending.name, ending.daemon = "engine-sigterm", True
+    ending.start()
+
+
 def _engine_main(commands, events, settings: Settings, record_token_times: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the web server's; we end with it (EOF)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -562,6 +574,7 @@ def _engine_main(commands, events, settings: Settings, record_token_times: bool)
         events.send(LoadFailed(f"Can't load the model: {type(error).__name__}: {error}"))
         return
     server = _EngineServer(runner, events)
+    signal.signal(signal.SIGTERM, _end_soon_on_sigterm)  # (while loading, nothing is lost: at once)
     server.send(Ready(runner.info))
     threading.Thread(target=server.read_commands, args=(commands,), name="engine-commands", daemon=True).start()
     runner.loop.run()

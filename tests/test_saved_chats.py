@@ -410,7 +410,8 @@ def running_app(data: Path, model: Path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port), "DATA_DIR": str(data)}
     command = [sys.executable, str(ROOT / "app.py"), "--model", str(model), "--device", "cpu"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)  # (a group of its own, as a service has)
     try:
         assert wait_until_loaded(port, process), "the app did not start"
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -458,10 +459,11 @@ def test_a_killed_app_loses_at_most_the_answer_it_was_writing(tmp_path):
     assert shown[-2]["content"] == app.NO_ANSWER
 
 
-def test_an_app_stopped_mid_answer_keeps_what_was_streamed(tmp_path):
-    """SIGTERM (docker stop, systemd) mid-answer: the app stops the answer and saves what was
-    streamed, with a note that the app was stopped, before it exits; started again, the chat
-    shows it."""
+@pytest.mark.parametrize("signalled", ["the app", "its whole group"])
+def test_an_app_stopped_mid_answer_keeps_what_was_streamed(tmp_path, signalled):
+    """SIGTERM mid-answer, to the app alone (docker stop) or to its whole process group, engine
+    included (systemd): the app stops the answer and saves what was streamed, with a note that
+    the app was stopped, before it exits; started again, the chat shows it."""
     from tests.tiny_models import build_bench_llama
     data = tmp_path / "data"
     with running_app(data, build_bench_llama(tmp_path / "bench-llama")) as (process, client, indexes, kept):
@@ -470,13 +472,17 @@ def test_an_app_stopped_mid_answer_keeps_what_was_streamed(tmp_path):
         wait_for(lambda: len(job.outputs()) >= 5, 60, "the answer to stream")
         answer = next(b["content"] for b in reversed(job.outputs()[-1]) if b["role"] == "assistant" and not b["metadata"])
         shown = answer[0]["text"] if isinstance(answer, list) else answer
-        process.send_signal(signal.SIGTERM)
+        if signalled == "the app":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(30) == 0, process.stderr.read().decode()
     saved = the_one_saved_chat(data)
     assert [m["role"] for m in saved] == ["user", "assistant"]
     assert app.text_of(saved[1]).strip().startswith(shown.strip()) and len(shown.strip()) > 10, \
         "what was streamed is kept"
-    assert saved[1]["notes"] == [app.APP_STOPPED]
+    assert saved[1]["notes"] == [app.APP_STOPPED] and not saved[1].get("error"), \
+        "the app's note alone: the engine, signalled too, is not said to have failed"
     assert app.APP_STOPPED in json.dumps(app.chat_bubbles(saved)) and app.NO_ANSWER not in json.dumps(app.chat_bubbles(saved))
 
 
