@@ -124,6 +124,7 @@ DELETED, STOPPING = "deleted", "stopping"  # (a Halt's why)
 APP_STOPPED = "The app was stopped while this answer was being written: it ends here."
 DELETED_ELSEWHERE = ("This chat was deleted (in another tab?): its answer was stopped and is not kept. A new "
                      "message starts a new chat.")
+DELETED_BEFORE = "This chat was deleted (in another tab?): nothing was changed. A new message starts a new chat."
 CHANGED_MEANWHILE = ("This chat was changed meanwhile (in another tab?): here it is as it is now; nothing was "
                      "changed. Try again on what it shows.")
 REASONING_TITLE = "Thinking"
@@ -751,6 +752,8 @@ class Chats:
         shows it as it is (`redrawn(bubbles, version)`: the event's outputs)."""
         try:
             stored = self.store.messages(user, conversation) if conversation else []
+        except NotFound:  # (deleted in another tab: this one then shows no chat)
+            raise Refusal(DELETED_BEFORE, redrawn([], None)) from None
         except StoreError as error:
             raise gr.Error(str(error)) from None
         if conversation and version_of(stored) != seen:

@@ -661,6 +661,9 @@ def test_deleting_a_chat_in_another_tab_stops_its_answer_and_that_tab_says_so(se
         [{"text": app.DELETED_ELSEWHERE, "type": "text"}], app.NOTE_TITLE), "tab 1 says why its chat is gone"
     assert "not saved" not in json.dumps(shown)
     assert spy.chats.store.conversations(user) == [] and not spy.chats.halts
+    for action, arguments in [("begin_retry", (streaming.kept, "")), ("undo", ())]:
+        message, (shown, *_) = streaming.refused(action, *arguments)  # (Retry, Undo: still on the page)
+        assert message == app.DELETED_BEFORE and shown == [], f"{action}: says the chat was deleted, and clears it"
     shown, _ = streaming.send("go on")  # (from the tab still showing the deleted chat)
     (new,) = spy.chats.store.conversations(user)
     assert [app.text_of(m) for m in spy.chats.store.messages(user, new.id)][0] == "go on", "a new chat, not an error"
