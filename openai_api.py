@@ -22,6 +22,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import hmac
 import io
 import json
 import mimetypes
@@ -31,7 +32,7 @@ import uuid
 from typing import Literal
 
 import anyio
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi import HTTPException as FastAPIHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -135,6 +136,33 @@ class BodyLimit:
     def error(what: str) -> APIError:
         return APIError(413, f"{what} (attachments: {MAX_REQUEST_ATTACHMENT_BYTES // 2**20} MB in all).",
                         code="request_too_large")
+
+
+class KeyCheck:
+    """ASGI middleware: every /v1 call's key, checked before its body is read or parsed (a
+    call without the key gets a 401 whatever its body). With no key set, the API answers
+    only when `open_without_key` (the server is bound to loopback)."""
+
+    def __init__(self, app, api_key: str | None, open_without_key: bool):
+        self.app, self.api_key, self.open_without_key = app, api_key, open_without_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self.refusal(dict(scope.get("headers") or []).get(b"authorization", b""))
+            if error is not None:
+                return await JSONResponse(error.body, status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, authorization: bytes) -> APIError | None:
+        if self.api_key is None:
+            if self.open_without_key:
+                return None
+            return APIError(401, "The API is off: this server is reachable from the network and "
+                                 "was started without --api-key.", code="api_disabled")
+        scheme, _, key = authorization.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.api_key.encode()):
+            return None
+        return APIError(401, "Invalid or missing API key (Authorization: Bearer KEY).", code="invalid_api_key")
 
 
 # ---------------------------------------------------------------- request schema
@@ -652,6 +680,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
     retry_after = {"Retry-After": str(settings.api_retry_after_s)}
     api = FastAPI(title="OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     api.add_middleware(BodyLimit)
+    api.add_middleware(KeyCheck, api_key=api_key, open_without_key=open_without_key)  # (outermost: first)
 
     @api.exception_handler(APIError)
     async def _api_error(request, error: APIError):
@@ -671,15 +700,6 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         return JSONResponse(APIError(error.status_code, str(error.detail), type=kind).body,
                             status_code=error.status_code)
 
-    def authorize(request: Request):
-        if api_key is None:
-            if not open_without_key:
-                raise APIError(401, "The API is off: this server is reachable from the network and "
-                                    "was started without --api-key.", code="api_disabled")
-            return
-        if request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise APIError(401, "Invalid or missing API key (Authorization: Bearer KEY).",
-                           code="invalid_api_key")
 
     async def model_loaded(deadline: float, gone: Signal) -> None:
         """Until the model is loaded; a 503 (and Retry-After) past the deadline."""
@@ -729,11 +749,11 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         except (ChatInputError, GenerationError, Cancelled) as error:
             raise api_error(error, messages) from None
 
-    @api.get("/models", dependencies=[Depends(authorize)])
+    @api.get("/models")
     async def list_models(request: Request):
         return {"object": "list", "data": [await model_card(request)]}
 
-    @api.get("/models/{model:path}", dependencies=[Depends(authorize)])
+    @api.get("/models/{model:path}")
     async def retrieve_model(model: str, request: Request):
         card = await model_card(request)
         if model != card["id"]:
@@ -787,7 +807,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
                 place.leave()
         return stream
 
-    @api.post("/chat/completions", dependencies=[Depends(authorize)])
+    @api.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_limits(body, settings)
         await anyio.to_thread.run_sync(refuse_what_is_not_honoured, body)  # (it compiles the grammar)
@@ -806,7 +826,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             sse_chunks(stream, completion_id, created, runner.name, include_usage, most_calls, bool(body.logprobs)),
             ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
 
-    @api.post("/completions", dependencies=[Depends(authorize)])
+    @api.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         """Legacy completions: the prompt continued as it is, no chat template (older tools)."""
         chat = body.as_chat()
@@ -830,7 +850,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         return EventSourceResponse(text_chunks(stream, completion_id, created, runner.name, include_usage),
                                    ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
 
-    @api.post("/responses", dependencies=[Depends(authorize)])
+    @api.post("/responses")
     async def responses(body: responses_api.ResponsesRequest, request: Request):
         """The Responses API: the same answer, told as a response (responses_api.py)."""
         try:  # (checked as the chat request it becomes: told in the Responses API's words)

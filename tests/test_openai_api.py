@@ -178,6 +178,19 @@ def test_api_key_is_required_when_set(serve, llama_runner):
                                           model=llama_runner.name).choices[0].message.content
 
 
+def test_the_key_is_checked_before_the_body_and_bearer_is_any_case(llama_runner):
+    from fastapi.testclient import TestClient
+    api = TestClient(create_api(llama_runner, app.waiting_line_for(llama_runner), Settings(api_key="s3cret")))
+    malformed = api.post("/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert malformed.status_code == 401 and malformed.json()["error"]["code"] == "invalid_api_key"
+    assert api.post("/responses", json={"input": 5}).status_code == 401
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        answered = api.get("/models", headers={"Authorization": f"{scheme} s3cret"})
+        assert answered.status_code == 200, scheme
+    assert api.get("/models", headers={"Authorization": "Basic s3cret"}).status_code == 401
+    assert api.get("/models", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+
+
 def test_api_is_off_on_a_network_address_without_a_key(llama_runner):
     from fastapi.testclient import TestClient
     api = TestClient(create_api(llama_runner, app.waiting_line_for(llama_runner), Settings(api_key=None),
