@@ -128,35 +128,62 @@ def to_chat_request(body: ResponsesRequest) -> dict:
     for key, value in (body.text or {}).items():
         if key != "format" and value is not None:
             raise RequestProblem(f"text.{key}", f"text.{key}: can't be set per request here (text.format can).")
-    form = (body.text or {}).get("format")
-    if form:
-        if form.get("type") == "json_schema":
-            chat["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": form.get("name") or "answer", "schema": form.get("schema"), "strict": form.get("strict")}}
-        else:
-            chat["response_format"] = {"type": form.get("type")}
+    if body.text is not None and body.text.get("format") is not None:
+        chat["response_format"] = _response_format(body.text["format"])
     return chat
 
 
-def _chat_messages(item: dict, param: str) -> list[dict]:
+FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type"},
+                 "json_schema": {"type", "name", "schema", "strict", "description"}}
+
+
+def _response_format(form) -> dict:
+    """text.format as a chat response_format: RequestProblem naming what is wrong in it."""
+    if not isinstance(form, dict) or form.get("type") not in FORMAT_FIELDS:
+        raise RequestProblem("text.format", "text.format: an object whose type is text, json_object or json_schema.")
+    extra = sorted(set(form) - FORMAT_FIELDS[form["type"]])
+    if extra:
+        raise RequestProblem(f"text.format.{extra[0]}", f"text.format.{extra[0]}: not a field of a "
+                                                        f"{form['type']} format.")
+    if form["type"] != "json_schema":
+        return {"type": form["type"]}
+    if not isinstance(form.get("schema"), dict):
+        raise RequestProblem("text.format.schema", "text.format.schema: a JSON schema (an object) is needed.")
+    return {"type": "json_schema", "json_schema": {
+        "name": form.get("name") or "answer", "schema": form["schema"], "strict": form.get("strict")}}
+
+
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def _chat_messages(item, param: str) -> list[dict]:
+    if not isinstance(item, dict):
+        raise RequestProblem(param, f"{param}: an input item (an object) is needed.")
     kind = item.get("type", "message")
     if kind == "message":
         role, content = item.get("role"), item.get("content")
         if isinstance(content, str):
             return [{"role": role, "content": content}]
+        if not isinstance(content, list):
+            raise RequestProblem(f"{param}.content", f"{param}.content: a string or a list of content parts.")
         parts = []
-        for j, part in enumerate(content or []):
-            if part.get("type") in ("input_text", "output_text", "text"):
-                parts.append({"type": "text", "text": part.get("text", "")})
+        for j, part in enumerate(content):
+            where = f"{param}.content[{j}]"
+            if not isinstance(part, dict):
+                raise RequestProblem(where, f"{where}: a content part (an object with a type) is needed.")
+            if part.get("type") in TEXT_PARTS:
+                if not isinstance(part.get("text"), str):
+                    raise RequestProblem(f"{where}.text", f"{where}.text: a string is needed.")
+                parts.append({"type": "text", "text": part["text"]})
             elif part.get("type") == "input_image":
                 url = part.get("image_url")
                 if not isinstance(url, str):
-                    raise RequestProblem(f"{param}.content[{j}]", "input_image: an image_url (a data: URL) is needed "
-                                                                  "(file_id is not supported).")
+                    raise RequestProblem(where, "input_image: an image_url (a data: URL) is needed "
+                                                "(file_id is not supported).")
                 parts.append({"type": "image_url", "image_url": {"url": url}})
             else:
-                raise RequestProblem(f"{param}.content[{j}]", f"A content part of type {part.get('type')!r} is not "
-                                                              f"supported (input_text, input_image).")
+                raise RequestProblem(where, f"A content part of type {part.get('type')!r} is not "
+                                            f"supported (input_text, input_image).")
         if role == "assistant":  # (its text, as chat messages take it)
             return [{"role": role, "content": "".join(p.get("text", "") for p in parts)}]
         return [{"role": role, "content": parts}]

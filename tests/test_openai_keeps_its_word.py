@@ -306,6 +306,30 @@ def test_the_responses_api_names_a_bad_value_by_its_own_field(api):
     assert refused.value.body["message"].startswith("max_output_tokens: ")
 
 
+MALFORMED_RESPONSES = [
+    ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+    ({"input": [{"role": "user", "content": {"type": "input_text", "text": "hi"}}]}, "input[0].content"),
+    ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input[0].content[0].text"),
+    ({"input": "hi", "text": {"format": "json_object"}}, "text.format"),
+    ({"input": "hi", "text": {"format": {}}}, "text.format"),
+    ({"input": "hi", "text": {"format": {"type": "json_object", "schema": {"type": "object"}}}},
+     "text.format.schema"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+]
+
+
+def test_malformed_responses_input_or_format_is_a_400_naming_the_field(api):
+    import httpx
+    client, _, spy = api
+    for body, param in MALFORMED_RESPONSES:
+        response = httpx.post(f"{client.base_url}responses", json={"max_output_tokens": 5, **body}, timeout=30)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and error["message"].startswith(param), (body, error)
+    assert not spy.streams
+
+
 def test_legacy_completions_continue_the_prompt_as_it_is(serve, llama_runner):
     url, spy = serve(llama_runner)
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
