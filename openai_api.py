@@ -297,7 +297,6 @@ REFUSED = {
 }
 # Accepted and ignored: they change nothing in an answer (README, "OpenAI-compatible API").
 IGNORED = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
-RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
 def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
@@ -307,16 +306,17 @@ def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
         raise APIError(400, f"{field}: {REFUSED[field]}.", param=field, code="unsupported_parameter")
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true.", param="top_logprobs")
+    for field in ("tool_choice", "parallel_tool_calls"):
+        if getattr(request, field) is not None and not request.tools:
+            raise APIError(400, f"{field}: only allowed when tools are specified.", param=field)
+    if request.stream_options is not None:
+        if not request.stream:
+            raise APIError(400, "stream_options: only allowed when stream is true.", param="stream_options")
+        if not isinstance(request.stream_options.get("include_usage", False), bool):
+            raise APIError(400, "stream_options.include_usage: true or false.", param="stream_options.include_usage")
     tools = [tool.model_dump() for tool in request.tools or ()]
     if request.response_format is not None:
-        kind = request.response_format.get("type")
-        if kind not in RESPONSE_FORMATS:
-            raise APIError(400, f"response_format.type: one of {', '.join(RESPONSE_FORMATS)}.",
-                           param="response_format")
-        if kind == "json_schema" and not isinstance((request.response_format.get("json_schema") or {})
-                                                    .get("schema"), dict):
-            raise APIError(400, "response_format.json_schema.schema: a JSON schema (an object) is needed.",
-                           param="response_format")
+        check_response_format(request.response_format)
         try:
             grammar_for(request.response_format, tools)
         except ValueError as error:
@@ -328,6 +328,36 @@ def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
         except ValueError as error:
             raise APIError(400, f"tools: a tool's parameters can't be followed: {error}",
                            param="tools", code="invalid_json_schema") from None
+
+
+# The fields of each response_format type, and of its json_schema
+RESPONSE_FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+JSON_SCHEMA_FIELDS = {"name", "schema", "strict", "description"}
+
+
+def check_response_format(response_format: dict) -> None:
+    """A 400 naming what is wrong in a response_format's shape (its schema is the grammar's)."""
+    kind = response_format.get("type")
+    if kind not in RESPONSE_FORMAT_FIELDS:
+        raise APIError(400, f"response_format.type: one of {', '.join(RESPONSE_FORMAT_FIELDS)}.",
+                       param="response_format.type")
+    extra = sorted(set(response_format) - RESPONSE_FORMAT_FIELDS[kind])
+    if extra:
+        raise APIError(400, f"response_format.{extra[0]}: not a field of a {kind} response_format.",
+                       param=f"response_format.{extra[0]}")
+    if kind != "json_schema":
+        return
+    json_schema = response_format.get("json_schema")
+    if not isinstance(json_schema, dict):
+        raise APIError(400, "response_format.json_schema: an object with the schema ({\"name\", \"schema\", "
+                            "\"strict\"}) is needed.", param="response_format.json_schema")
+    extra = sorted(set(json_schema) - JSON_SCHEMA_FIELDS)
+    if extra:
+        raise APIError(400, f"response_format.json_schema.{extra[0]}: not a field of a json_schema.",
+                       param=f"response_format.json_schema.{extra[0]}")
+    if not isinstance(json_schema.get("schema"), dict):
+        raise APIError(400, "response_format.json_schema.schema: a JSON schema (an object) is needed.",
+                       param="response_format.json_schema.schema")
 
 
 def requires_a_call(request: ChatCompletionRequest) -> bool:

@@ -123,6 +123,22 @@ BAD_REQUESTS = {
     "max_tokens true": ({"max_tokens": True}, 400, "max_tokens"),
     "stream 'yes'": ({"stream": "yes"}, 400, "stream"),
     "temperature as text": ({"temperature": "0.5"}, 400, "temperature"),
+    "json_schema not an object": ({"response_format": {"type": "json_schema", "json_schema": "x"}}, 400,
+                                  "response_format.json_schema"),
+    "json_object with a schema": ({"response_format": {"type": "json_object", "schema": {"type": "object"}}}, 400,
+                                  "response_format.schema"),
+    "text with a json_schema": ({"response_format": {"type": "text", "json_schema": {"schema": {}}}}, 400,
+                                "response_format.json_schema"),
+    "json_schema with a typo": ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "shema": {"type": "object"}}}}, 400, "response_format.json_schema.shema"),
+    "tool_choice required without tools": ({"tool_choice": "required"}, 400, "tool_choice"),
+    "tool_choice bogus without tools": ({"tool_choice": "bogus"}, 400, "tool_choice"),
+    "tool_choice named without tools": ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, 400,
+                                        "tool_choice"),
+    "parallel_tool_calls without tools": ({"parallel_tool_calls": False}, 400, "parallel_tool_calls"),
+    "stream_options without stream": ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
+    "include_usage 'yes'": ({"stream": True, "stream_options": {"include_usage": "yes"}}, 400,
+                            "stream_options.include_usage"),
 }
 
 

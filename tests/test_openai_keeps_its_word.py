@@ -316,6 +316,8 @@ MALFORMED_RESPONSES = [
     ({"input": "hi", "text": {"format": {"type": "json_object", "schema": {"type": "object"}}}},
      "text.format.schema"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "hi", "parallel_tool_calls": False}, "parallel_tool_calls"),
 ]
 
 
