@@ -17,6 +17,7 @@ SCHEMA_INSTRUCTION = "Answer with JSON only, a value that matches this JSON sche
 ANY_OBJECT = {"type": "object"}
 MAX_CALLS = 4  # tool calls in one constrained answer (a weak model would otherwise call until its tokens run out)
 SAFE_INTEGERS = (-(2 ** 53 - 1), 2 ** 53 - 1)  # JavaScript's safe integers: what every JSON reader keeps exact
+NO_PARAMETERS = {"type": "object", "properties": {}}  # a function without parameters takes none (closed: {})
 # JSON as OpenAI writes it: ", " and ": " between items, no other whitespace. (The grammar's
 # default lets the model put any whitespace anywhere, and a weak model spends its tokens so.)
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -45,17 +46,13 @@ def grammar_for(response_format: dict | None, tools: list[dict] | None = None,
     schema = schema_of(response_format or {})
     if schema is None and not (tools and require_call):
         return None
-    schema = bounded_integers(schema)
+    schema = bounded_numbers(schema)
     try:
         if not tools:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT_JSON)
         else:
             start, end = call_marks or ('"<tool_call>"', '"</tool_call>"')
-            call = {"anyOf": [  # each tool's name with its own parameters
-                {"type": "object", "additionalProperties": False, "required": ["name", "arguments"], "properties": {
-                    "name": {"const": tool["function"]["name"]},
-                    "arguments": closed(bounded_integers(tool["function"].get("parameters") or {"type": "object"}))}}
-                for tool in tools]}
+            call = call_schema(tools)
             grammar = llguidance.LLMatcher.grammar_from_lark("\n".join([
                 "start: calls" if require_call else "start: answer | calls",
                 f"answer: %json {json.dumps({**(schema or ANY_OBJECT), 'x-guidance': COMPACT_JSON})}",
@@ -70,17 +67,69 @@ def grammar_for(response_format: dict | None, tools: list[dict] | None = None,
     return grammar
 
 
-def bounded_integers(schema):
-    """The schema with every integer that has no bound given JavaScript's safe-integer bounds
-    (±2^53-1, what every JSON reader keeps exact): a model can't then write digits until its
-    tokens run out."""
+def call_schema(tools: list[dict]) -> dict:
+    """One call's JSON schema: each tool's name with its own parameters (closed, numbers
+    bounded). A tool's definitions ($defs, definitions) move to this schema's root, renamed
+    per tool, and its $refs follow them: its parameters sit under anyOf/i/properties/arguments
+    here, where its own "#/$defs/..." would not resolve."""
+    definitions, branches = {}, []
+    for i, tool in enumerate(tools):
+        arguments = closed(bounded_numbers(tool["function"].get("parameters") or NO_PARAMETERS))
+        arguments, moved = _hoisted(arguments, f"/anyOf/{i}/properties/arguments", f"tool{i}.")
+        definitions.update(moved)
+        branches.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                         "properties": {"name": {"const": tool["function"]["name"]}, "arguments": arguments}})
+    return {"anyOf": branches, **({"$defs": definitions} if definitions else {})}
+
+
+def _hoisted(schema: dict, at: str, prefix: str) -> tuple[dict, dict]:
+    """A schema that will sit at the JSON pointer `at` of another: (it without its root
+    definitions, those definitions named `prefix` + their name), every local $ref rewritten
+    to resolve there."""
+    if not isinstance(schema, dict):
+        return schema, {}
+    names = {(key, name): f"{prefix}{'' if key == '$defs' else key + '.'}{name}"
+             for key in ("$defs", "definitions") if isinstance(schema.get(key), dict) for name in schema[key]}
+
+    def pointer(ref: str) -> str:
+        if ref != "#" and not ref.startswith("#/"):
+            return ref  # (not a pointer into this document)
+        parts = ref[2:].split("/")
+        if len(parts) >= 2 and (parts[0], _unescaped(parts[1])) in names:
+            return "/".join(["#/$defs", _escaped(names[parts[0], _unescaped(parts[1])]), *parts[2:]])
+        return "#" + at + ref[1:]
+
+    def rewritten(value):
+        if isinstance(value, list):
+            return [rewritten(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        return {key: pointer(item) if key == "$ref" and isinstance(item, str) else rewritten(item)
+                for key, item in value.items()}
+    moved = {new: rewritten(schema[key][name]) for (key, name), new in names.items()}
+    return rewritten({key: value for key, value in schema.items() if key not in ("$defs", "definitions")}), moved
+
+
+def _unescaped(token: str) -> str:
+    return token.replace("~1", "/").replace("~0", "~")
+
+
+def _escaped(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def bounded_numbers(schema):
+    """The schema with every integer or number that has no bound given JavaScript's
+    safe-integer bounds (±2^53-1, what every JSON reader keeps exact): a model can't then write
+    digits or an exponent until its tokens run out, and every number it writes is a finite
+    double (a bounded number is written without an exponent)."""
     if isinstance(schema, list):
-        return [bounded_integers(item) for item in schema]
+        return [bounded_numbers(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    bounded = {key: bounded_integers(value) for key, value in schema.items()}
+    bounded = {key: bounded_numbers(value) for key, value in schema.items()}
     kinds = schema.get("type")
-    if kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds):
+    if kinds in ("integer", "number") or (isinstance(kinds, list) and {"integer", "number"} & set(kinds)):
         if "minimum" not in schema and "exclusiveMinimum" not in schema:
             bounded["minimum"] = SAFE_INTEGERS[0]
         if "maximum" not in schema and "exclusiveMaximum" not in schema:

@@ -91,6 +91,56 @@ def test_required_and_named_tool_choice_always_call_the_tool(api):
             jsonschema.validate(json.loads(calls[0].function.arguments), GET_WEATHER["function"]["parameters"])
 
 
+def test_tools_with_nested_models_are_called_with_arguments_that_validate(api):
+    """(pydantic's schema of nested models, as openai.pydantic_function_tool makes it: $defs
+    and $refs, which must still resolve inside the call's grammar.)"""
+    import pydantic
+
+    class Place(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=12)
+        country: str = pydantic.Field(max_length=12)
+
+    class Trip(pydantic.BaseModel):
+        start: Place
+        stops: list[Place] = pydantic.Field(max_length=2)
+
+    schema = Trip.model_json_schema()
+    assert "$defs" in schema
+    trip = {"type": "function", "function": {"name": "plan_trip", "parameters": schema}}
+    client, model, _ = api
+    for choice in ("required", {"type": "function", "function": {"name": "plan_trip"}}):
+        for seed in range(2):
+            answer = ask(client, model, "Plan a trip", tools=[GET_WEATHER, trip], tool_choice=choice,
+                         temperature=1.0, seed=seed, max_tokens=400)
+            assert answer.choices[0].finish_reason == "tool_calls"
+            for call in answer.choices[0].message.tool_calls:
+                if call.function.name == "plan_trip":
+                    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+def test_a_function_without_parameters_is_called_with_none(api):
+    client, model, _ = api
+    ping = {"type": "function", "function": {"name": "ping", "description": "Checks the line."}}
+    for seed in range(3):
+        answer = ask(client, model, "Hello", tools=[ping], tool_choice="required", temperature=1.0, seed=seed)
+        calls = answer.choices[0].message.tool_calls
+        assert calls and all(call.function.name == "ping" and json.loads(call.function.arguments) == {}
+                             for call in calls)
+
+
+def test_an_unbounded_number_is_a_finite_double(api):
+    import math
+    client, model, _ = api
+    schema = {"type": "object", "additionalProperties": False, "required": ["x", "y"],
+              "properties": {"x": {"type": "number"}, "y": {"type": ["number", "null"]}}}
+    for seed in range(6):
+        answer = ask(client, model, "A number", response_format=as_format(schema, "number"), temperature=1.0,
+                     seed=seed, max_tokens=60)
+        if answer.choices[0].finish_reason == "stop":  # (a number's fraction may run on to max_tokens)
+            value = json.loads(answer.choices[0].message.content)
+            assert all(v is None or (math.isfinite(v) and abs(v) < 2 ** 53) for v in value.values()), value
+
+
 def test_a_format_and_tools_together_give_json_or_a_call(api):
     client, model, _ = api
     for seed in range(3):
