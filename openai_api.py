@@ -314,20 +314,23 @@ def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
             raise APIError(400, "stream_options: only allowed when stream is true.", param="stream_options")
         if not isinstance(request.stream_options.get("include_usage", False), bool):
             raise APIError(400, "stream_options.include_usage: true or false.", param="stream_options.include_usage")
-    tools = [tool.model_dump() for tool in request.tools or ()]
     if request.response_format is not None:
         check_response_format(request.response_format)
-        try:
-            grammar_for(request.response_format, tools)
-        except ValueError as error:
-            raise APIError(400, f"response_format: this JSON schema can't be followed: {error}",
-                           param="response_format", code="invalid_json_schema") from None
-    if requires_a_call(request):
-        try:
-            grammar_for(None, tools, require_call=True)
-        except ValueError as error:
-            raise APIError(400, f"tools: a tool's parameters can't be followed: {error}",
-                           param="tools", code="invalid_json_schema") from None
+    shown = shown_tools(request)
+    constrained = (request.response_format or {}).get("type") in ("json_object", "json_schema")
+    if shown and (constrained or requires_a_call(request)):  # (the tools the grammar will hold: each its own 400)
+        for i, tool in shown:
+            try:
+                grammar_for(None, [tool], require_call=True)
+            except ValueError as error:
+                param = f"tools[{i}].function.parameters"
+                raise APIError(400, f"{param}: this JSON schema can't be followed: {error}", param=param,
+                               code="invalid_json_schema") from None
+    try:  # (as the engine will compile it)
+        grammar_for(request.response_format, [tool for _, tool in shown], require_call=requires_a_call(request))
+    except ValueError as error:
+        raise APIError(400, f"response_format: this JSON schema can't be followed: {error}",
+                       param="response_format", code="invalid_json_schema") from None
 
 
 # The fields of each response_format type, and of its json_schema
@@ -526,25 +529,31 @@ def decode_arguments(arguments: str, param: str) -> dict:
     return value
 
 
-def tools_of(request: ChatCompletionRequest, runner: RunnerInfo) -> list[dict] | None:
-    """The tools the model is shown, as tool_choice says: auto (all), none (none), required
-    (all, and it must call one), or a named function (that one alone, and it must call it;
-    the must is kept by constrained decoding: to_settings)."""
+def shown_tools(request: ChatCompletionRequest) -> list[tuple[int, dict]]:
+    """The tools the model is shown, with their index in `tools`, as tool_choice says: auto
+    (all), none (none), required (all, and it must call one), or a named function (that one
+    alone, and it must call it; the must is kept by constrained decoding: to_settings)."""
     if not request.tools or request.tool_choice == "none":
-        return None
-    tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
+        return []
+    tools = list(enumerate(tool.model_dump(exclude_none=True) for tool in request.tools))
     choice = request.tool_choice
     if choice in (None, "auto", "required"):
-        pass
-    elif isinstance(choice, dict) and choice.get("type") == "function" \
-            and isinstance(choice.get("function"), dict):
+        return tools
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
-        tools = [tool for tool in tools if tool["function"]["name"] == name]
-        if not tools:
+        named = [(i, tool) for i, tool in tools if tool["function"]["name"] == name]
+        if not named:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
-    else:
-        raise APIError(400, "tool_choice can be auto, none, required or {\"type\": \"function\", "
-                            "\"function\": {\"name\": ...}}.", param="tool_choice")
+        return named
+    raise APIError(400, "tool_choice can be auto, none, required or {\"type\": \"function\", "
+                        "\"function\": {\"name\": ...}}.", param="tool_choice")
+
+
+def tools_of(request: ChatCompletionRequest, runner: RunnerInfo) -> list[dict] | None:
+    """The tools the engine is given (shown_tools), or a 400 when the model can't take them."""
+    tools = [tool for _, tool in shown_tools(request)]
+    if not tools:
+        return None
     if not runner.supports_tools:
         raise APIError(400, f"This model can't call tools here: {runner.tools_off or 'it does not take them'}. "
                             "Send the request without tools.", param="tools", code="tools_not_supported")

@@ -141,6 +141,24 @@ def test_an_unbounded_number_is_a_finite_double(api):
             assert all(v is None or (math.isfinite(v) and abs(v) < 2 ** 53) for v in value.values()), value
 
 
+def test_a_broken_tool_schema_is_blamed_on_the_tool_and_only_when_it_is_used(api):
+    client, model, _ = api
+    broken = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"word": {"type": "string", "pattern": "(?<=a)b"}}}}}
+    plain = ask(client, model, "Hi", tools=[GET_WEATHER, broken], tool_choice="none",
+                response_format={"type": "json_object"}, max_tokens=40)
+    assert plain.choices[0].finish_reason in ("stop", "length") and not plain.choices[0].message.tool_calls
+    for choice in ("auto", "required"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask(client, model, "Hi", tools=[GET_WEATHER, broken], tool_choice=choice,
+                response_format={"type": "json_object"})
+        assert refused.value.body["param"] == "tools[1].function.parameters", choice
+        assert "look-around" in refused.value.body["message"]
+    named = ask(client, model, "Hi", tools=[GET_WEATHER, broken], max_tokens=100,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.choices[0].message.tool_calls[0].function.name == "get_weather", "the broken tool isn't compiled"
+
+
 def test_a_format_and_tools_together_give_json_or_a_call(api):
     client, model, _ = api
     for seed in range(3):
