@@ -893,19 +893,24 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
     async def responses(body: responses_api.ResponsesRequest, request: Request):
         """The Responses API: the same answer, told as a response (responses_api.py)."""
         try:  # (checked as the chat request it becomes: told in the Responses API's words)
-            chat = ChatCompletionRequest.model_validate(responses_api.to_chat_request(body))
-            check_limits(chat, settings)
-            await anyio.to_thread.run_sync(refuse_what_is_not_honoured, chat)
+            as_chat = responses_api.to_chat_request(body)
         except responses_api.RequestProblem as problem:
             raise APIError(400, str(problem), param=problem.param) from None
+        try:
+            chat = ChatCompletionRequest.model_validate(as_chat)
+            check_limits(chat, settings)
+            await anyio.to_thread.run_sync(refuse_what_is_not_honoured, chat)
         except ValidationError as error:
-            raise invalid_request(error.errors()).renamed(responses_api.param_in_responses) from None
+            raise invalid_request(error.errors()).renamed(as_chat.param_in_responses) from None
         except APIError as error:
-            raise error.renamed(responses_api.param_in_responses) from None
+            raise error.renamed(as_chat.param_in_responses) from None
         deadline = time.monotonic() + settings.api_model_load_wait_s
         most_calls = 1 if chat.parallel_tool_calls is False else None
         async with watching_disconnect(request) as gone:
-            stream = await begin(chat, gone, deadline)
+            try:
+                stream = await begin(chat, gone, deadline)
+            except APIError as error:
+                raise error.renamed(as_chat.param_in_responses) from None
             if not body.stream:
                 try:
                     return await responses_api.complete(stream, updates, body, runner.name, most_calls)

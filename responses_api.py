@@ -13,6 +13,7 @@ against it (tests/test_openai_keeps_its_word.py).
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
@@ -90,27 +91,62 @@ PASSED_ON = (("max_output_tokens", "max_completion_tokens"), ("temperature", "te
 # A chat request's fields by the names this request gave them, longest first
 CHAT_FIELDS_IN_RESPONSES = (("response_format.json_schema.schema", "text.format.schema"),
                             ("response_format.json_schema", "text.format"), ("response_format", "text.format"),
-                            ("messages", "input"), *((theirs, ours) for ours, theirs in PASSED_ON if ours != theirs))
+                            *((theirs, ours) for ours, theirs in PASSED_ON if ours != theirs))
+# Where a chat message's fields are in the input item it came from, by the item's type
+ITEM_FIELDS = {"function_call": ((".tool_calls[0].function.arguments", ".arguments"),
+                                 (".tool_calls[0].function.name", ".name"), (".tool_calls[0].id", ".call_id")),
+               "function_call_output": ((".content", ".output"), (".tool_call_id", ".call_id"))}
 
 
-def param_in_responses(param: str | None) -> str | None:
-    """A field of the chat request a Responses request became, by the Responses API's name."""
-    for chat, ours in CHAT_FIELDS_IN_RESPONSES:
-        if param is not None and (param == chat or param.startswith((chat + ".", chat + "["))):
-            return ours if chat == "messages" else ours + param[len(chat):]
-    return param
+class ChatRequest(dict):
+    """The chat request a Responses request becomes (its body), knowing which input item
+    each of its messages came from: `param_in_responses` names a chat field as the
+    Responses request has it."""
+
+    def __init__(self, body: dict, sources: list[tuple[str, str]]):
+        super().__init__(body)
+        self.sources = sources  # per message: (the Responses field, the input item's type)
+
+    def param_in_responses(self, param: str | None) -> str | None:
+        if param is None:
+            return None
+        message = re.match(r"messages\[(\d+)\]", param)
+        if message and int(message.group(1)) < len(self.sources):
+            source, kind = self.sources[int(message.group(1))]
+            rest = param[message.end():]
+            if kind in ("instructions", "text"):
+                return source
+            for chat, ours in ITEM_FIELDS.get(kind, ()):
+                if rest.startswith(chat):
+                    return source + ours + rest[len(chat):]
+            return source + rest if kind == "message" else source
+        if param.startswith("messages"):
+            return "input"
+        tool = re.match(r"tools\[\d+\]\.function", param)
+        if tool:
+            return param[:tool.end() - len(".function")] + param[tool.end():]
+        for chat, ours in CHAT_FIELDS_IN_RESPONSES:
+            if param == chat or param.startswith((chat + ".", chat + "[")):
+                return ours + param[len(chat):]
+        return param
 
 
-def to_chat_request(body: ResponsesRequest) -> dict:
+def to_chat_request(body: ResponsesRequest) -> ChatRequest:
     """The request as /v1/chat/completions' body (a dict for its model): RequestProblem for
     what can't be."""
     field = refused_field(body, REFUSED, {"background": False, "include": [], "reasoning": {}})
     if field:
         raise RequestProblem(field, f"{field}: {REFUSED[field]}.")
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
-    for index, item in enumerate(items):
-        messages += _chat_messages(item, f"input[{index}]")
+    sources = [("instructions", "instructions")] * len(messages)
+    if isinstance(body.input, str):
+        messages.append({"role": "user", "content": body.input})
+        sources.append(("input", "text"))
+    else:
+        for index, item in enumerate(body.input):
+            converted = _chat_messages(item, f"input[{index}]")
+            messages += converted
+            sources += [(f"input[{index}]", item.get("type", "message"))] * len(converted)
     chat = {"model": body.model, "messages": messages, "stream": False}
     for ours, theirs in PASSED_ON:
         if getattr(body, ours) is not None:
@@ -130,7 +166,7 @@ def to_chat_request(body: ResponsesRequest) -> dict:
             raise RequestProblem(f"text.{key}", f"text.{key}: can't be set per request here (text.format can).")
     if body.text is not None and body.text.get("format") is not None:
         chat["response_format"] = _response_format(body.text["format"])
-    return chat
+    return ChatRequest(chat, sources)
 
 
 FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type"},

@@ -400,6 +400,35 @@ def test_malformed_responses_input_or_format_is_a_400_naming_the_field(api):
     assert not spy.streams
 
 
+def test_the_responses_api_names_an_input_item_by_its_place(api):
+    """(Its input items become chat messages, one or none each, after the instructions': a 400
+    names the item the client sent.)"""
+    import httpx
+    client, _, spy = api
+    call = [{"role": "user", "content": "hi"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{not json"},
+            {"type": "function_call_output", "call_id": "c1", "output": "12 °C"}]
+    cases = [
+        ({"instructions": "Be brief.", "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "What is it?"},
+            {"type": "input_image", "image_url": "data:image/png;base64,@@@"}]}]}, "input[0].content[1].image_url"),
+        ({"instructions": "Be brief.", "input": call}, "input[2].arguments"),
+        ({"input": [{"role": "wizard", "content": "hi"}]}, "input[0].role"),
+        ({"instructions": "Be brief.", "input": ""}, "input"),
+        ({"instructions": "Be brief.", "input": [{"role": "assistant", "content": "hi"}]}, "input"),
+        ({"input": [{"role": "user", "content": "hi"}, {"role": "user", "content": None}]}, "input[1].content"),
+        ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {
+            "type": "object", "properties": {"w": {"type": "string", "pattern": "(?<=a)b"}}}}],
+          "tool_choice": "required"}, "tools[0].parameters"),
+    ]
+    for body, param in cases:
+        response = httpx.post(f"{client.base_url}responses", json={"max_output_tokens": 5, **body}, timeout=30)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param, (body, response.json())
+    assert not spy.streams
+
+
 def test_legacy_completions_continue_the_prompt_as_it_is(serve, llama_runner):
     url, spy = serve(llama_runner)
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
