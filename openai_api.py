@@ -304,6 +304,10 @@ def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
     field = responses_api.refused_field(request, REFUSED, {"n": 1, "modalities": ["text"], "logit_bias": {}})
     if field:
         raise APIError(400, f"{field}: {REFUSED[field]}.", param=field, code="unsupported_parameter")
+    where = lone_surrogate_in(request.model_dump(exclude_none=True))
+    if where:
+        raise APIError(400, f"{where}: holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair: a "
+                            f"character cut in half?); send valid Unicode text.", param=where)
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true.", param="top_logprobs")
     for field in ("tool_choice", "parallel_tool_calls"):
@@ -331,6 +335,29 @@ def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
     except ValueError as error:
         raise APIError(400, f"response_format: this JSON schema can't be followed: {error}",
                        param="response_format", code="invalid_json_schema") from None
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # (a valid JSON escape, but no character: nothing can encode it)
+
+
+def lone_surrogate_in(value, path: str = "") -> str | None:
+    """The path of the first string (or key) in a request's fields that holds a lone surrogate."""
+    if isinstance(value, str):
+        return path if LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inside = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and LONE_SURROGATE.search(key):
+                return inside
+            found = lone_surrogate_in(item, inside)
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = lone_surrogate_in(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 # The fields of each response_format type, and of its json_schema
@@ -869,8 +896,11 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
     async def completions(body: CompletionRequest, request: Request):
         """Legacy completions: the prompt continued as it is, no chat template (older tools)."""
         chat = body.as_chat()
-        check_limits(chat, settings)
-        refuse_what_is_not_honoured(chat)
+        try:
+            check_limits(chat, settings)
+            refuse_what_is_not_honoured(chat)
+        except APIError as error:  # (its one message is the prompt)
+            raise error.renamed(lambda param: "prompt" if param.startswith("messages") else param) from None
         deadline = time.monotonic() + settings.api_model_load_wait_s
         async with watching_disconnect(request) as gone:
             stream = await begin(chat, gone, deadline, raw_prompt=True)

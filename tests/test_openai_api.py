@@ -167,6 +167,35 @@ def test_bad_requests_get_a_4xx_in_openai_shape(serve, idefics3_runner, case):
     assert ok.status_code == 200
 
 
+def test_a_lone_surrogate_is_a_400_naming_where_it_is(serve, llama_runner):
+    """(Valid JSON, as a client that cut an emoji in half sends it, but no text: it can't be
+    encoded for the model or a server behind this one.)"""
+    import json
+    url, spy = serve(llama_runner)
+    hi = {"role": "user", "content": "hi"}
+    call = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                 "function": {"name": "f", "arguments": "{}"}}]}
+    cases = [
+        ("chat/completions", {"messages": [{"role": "user", "content": "I love it \ud83d"}]}, "messages[0].content"),
+        ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+         "messages[0].content[0].text"),
+        ("chat/completions", {"stream": True, "messages": [hi, call, {"role": "tool", "tool_call_id": "c1",
+                                                                      "content": "\udfff"}]}, "messages[2].content"),
+        ("chat/completions", {"messages": [hi], "stop": ["\ud800"]}, "stop[0]"),
+        ("responses", {"instructions": "Be brief.", "input": [hi, {"role": "user", "content": "\ud800"}]},
+         "input[1].content"),
+        ("completions", {"prompt": "Once upon a \ud800"}, "prompt"),
+    ]
+    for path, body, param in cases:
+        limit = {"max_output_tokens": 5} if path == "responses" else {"max_tokens": 5}
+        response = httpx.post(f"{url}v1/{path}", content=json.dumps({**limit, **body}),  # (ASCII: \ud800 escaped)
+                              headers={"content-type": "application/json"}, timeout=30)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and "surrogate" in error["message"], (body, error)
+    assert not spy.streams
+
+
 def test_closing_a_stream_early_stops_generation(serve, idefics3_runner, images):
     url, spy = serve(idefics3_runner)
     client = openai.OpenAI(base_url=url + "v1", api_key="unused")
