@@ -685,6 +685,7 @@ def to_settings(request: ChatCompletionRequest, settings: Settings) -> Generatio
     constrained = request.response_format and request.response_format.get("type") != "text"
     return GenerationSettings(
         max_new_tokens=request.max_completion_tokens or request.max_tokens or settings.max_new_tokens,
+        max_new_tokens_asked=bool(request.max_completion_tokens or request.max_tokens),
         temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's default
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,

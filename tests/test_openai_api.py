@@ -434,16 +434,40 @@ def test_reasoning_comes_as_reasoning_content(serve, reasoning_runner):
 
 
 def test_an_answer_that_reaches_the_end_of_the_context_stops_there_with_length(serve, llama_runner):
+    """(No max_tokens given: the default, 2000 here, is cut to the room left.)"""
     from tests.test_reliability import long_text
-    url, _ = serve(llama_runner)
+    url, _ = serve(llama_runner, max_new_tokens=2000)
     context = llama_runner.context_length
-    prompt = long_text(llama_runner, context - 700)  # fits, with less room than the answer asks for
+    prompt = long_text(llama_runner, context - 700)  # fits, with less room than the default answer
     response = httpx.post(url + "v1/chat/completions", timeout=120, json={
-        "messages": [{"role": "user", "content": prompt}], "max_tokens": 2000, "temperature": 0})
+        "messages": [{"role": "user", "content": prompt}], "temperature": 0})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["total_tokens"] == context, "the answer ends where the context is full"
+
+
+def test_a_max_tokens_the_context_cannot_hold_is_a_400_with_both_figures(serve, llama_runner):
+    """(As OpenAI and vLLM: a client that asks for N tokens gets them or a 400, never fewer
+    without a word; a larger request is never taken where a smaller one is refused.)"""
+    from tests.test_reliability import long_text
+    url, spy = serve(llama_runner)
+    context = llama_runner.context_length
+    prompt = long_text(llama_runner, context - 700)
+    for field in ("max_tokens", "max_completion_tokens"):
+        for asked in (2000, 800):
+            response = httpx.post(url + "v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": prompt}], field: asked})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["code"] == "context_length_exceeded"
+            assert str(asked) in error["message"] and str(context) in error["message"], error["message"]
+    fits = httpx.post(url + "v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": 600})
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] <= 600
+    legacy = httpx.post(url + "v1/completions", timeout=120, json={"prompt": prompt, "max_tokens": 2000})
+    assert legacy.status_code == 400 and legacy.json()["error"]["code"] == "context_length_exceeded"
+    assert "2000" in legacy.json()["error"]["message"]
 
 
 def test_remote_backend_honours_the_update_rate_it_is_given(serve, llama_runner):
