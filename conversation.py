@@ -273,14 +273,15 @@ def alternate_roles(messages: list[dict]) -> list[dict]:
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"  # Hermes: Qwen2.5/3, Hermes, SmolLM3, ...
 
 
-def split_tool_calls(text: str, final: bool = False) -> tuple[str, list[dict], bool]:
+def split_tool_calls(text: str, final: bool = False, names: set[str] | None = None) -> tuple[str, list[dict], bool]:
     """Generated text → (the answer without its tool calls, the calls as {"name",
     "arguments": dict}, a call still being written?). The Hermes format most chat templates
     use: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. While streaming (not
     `final`) a partial "<tool_call" at the end is held back and every tagged block hidden; a
     call cut off by the end of the answer is left out; at the end, a closed block that isn't
     a valid call stays in the answer as text (the engine's response_template parse, where
-    there is one, reads such formats: ReplyParser)."""
+    there is one, reads such formats: ReplyParser). With `names`, a call naming another function stays
+    in the answer as text, as it was written."""
     answer, calls, position = [], [], 0
     while True:
         start = text.find(TOOL_CALL_START, position)
@@ -297,7 +298,9 @@ def split_tool_calls(text: str, final: bool = False) -> tuple[str, list[dict], b
         if end < 0:  # a call still being written; at the end, one cut off (max tokens): left out
             return _joined(answer), calls, not final
         call = parse_tool_call(text[start + len(TOOL_CALL_START):end])
-        if call is not None:
+        if call is not None and names is not None and call["name"] not in names:
+            answer.append(text[start:end + len(TOOL_CALL_END)])
+        elif call is not None:
             calls.append(call)
         elif final:  # not JSON (another format inside the tags): shown once the answer ends
             answer.append(text[start:end + len(TOOL_CALL_END)])
@@ -370,8 +373,10 @@ class ReplyParser:
     tool calls (in the engine, as it generates; consumers only render the parts). A call
     keeps its id from the update where it is first complete to the end."""
 
-    def __init__(self, starts_in_reasoning: bool = False, tools: bool = False):
-        self.starts_in_reasoning, self.tools = starts_in_reasoning, tools
+    def __init__(self, starts_in_reasoning: bool = False, tools: bool = False, names: set[str] | None = None):
+        """`names`: the functions whose calls are calls (others stay in the answer as text);
+        None: any."""
+        self.starts_in_reasoning, self.tools, self.names = starts_in_reasoning, tools, names
         self._calls: list[ToolCall] = []
 
     def parse(self, text: str, final: bool = False, parsed: dict | None = None) -> Reply:
@@ -381,8 +386,13 @@ class ReplyParser:
         calls, calling = [], False
         if parsed is not None:
             answer, calls = parsed["content"], parsed["tool_calls"]
+            if self.names is not None:
+                unknown = [call for call in calls if call["name"] not in self.names]
+                calls = [call for call in calls if call["name"] in self.names]
+                answer = _joined([answer, *(f"{TOOL_CALL_START}{json.dumps(call, ensure_ascii=False)}{TOOL_CALL_END}"
+                                            for call in unknown)])
         elif self.tools:
-            answer, calls, calling = split_tool_calls(answer, final=final)
+            answer, calls, calling = split_tool_calls(answer, final=final, names=self.names)
         return Reply(answer=answer, reasoning=reasoning, reasoning_done=reasoning_done or final,
                      tool_calls=self._with_ids(calls), calling=calling)
 

@@ -233,6 +233,9 @@ class GenerationSettings:
     continues_answer: bool = False   # a tool loop's next step: it generates before requests that came later
     response_format: dict | None = None  # OpenAI's: json_object / json_schema constrain the answer (decoding.py)
     tool_call_required: bool = False     # the answer must be calls of `tools` (tool_choice required / named)
+    # A call naming no function among `tools` stays in the answer as text (the API: a client
+    # can only dispatch what it offered; the chat's toolbox answers an unknown name itself).
+    calls_of_offered_tools_only: bool = False
     presence_penalty: float = 0.0    # OpenAI's penalties on tokens already in the answer (decoding.Penalties)
     logprobs: int | None = None      # each token's log probability and this many top alternatives (None: off)
     raw_prompt: bool = False         # the one user message's text is continued as it is, without the chat template

@@ -1009,7 +1009,9 @@ class ModelRunner:
             if settings.logprobs is not None else None
         template = self.response_template if settings.tools else None
         reply_parsing = (template, inputs["input_ids"][0].tolist(), settings.tools) if template else None
-        parser = ReplyParser(starts_in_reasoning=starts_in_reasoning, tools=bool(settings.tools))
+        parser = ReplyParser(starts_in_reasoning=starts_in_reasoning, tools=bool(settings.tools),
+                             names={tool["function"]["name"] for tool in settings.tools or ()}
+                             if settings.calls_of_offered_tools_only else None)
         return (BatchedStream if self.batcher else TextStream)(
             self, inputs, generation, settings=settings, parser=parser, reply_parsing=reply_parsing,
             on_update=job.on_update, on_end=job.on_end, request_text=last_user_text(job.messages),

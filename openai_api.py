@@ -692,6 +692,7 @@ def to_settings(request: ChatCompletionRequest, settings: Settings) -> Generatio
         stop=request.stop or [],
         response_format=request.response_format if constrained else None,
         tool_call_required=requires_a_call(request),
+        calls_of_offered_tools_only=True,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None)

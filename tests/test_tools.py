@@ -384,6 +384,30 @@ def test_the_api_streams_tool_calls_as_delta_chunks(serve, tools_runner):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
+def test_a_call_to_a_function_the_client_did_not_offer_is_text_not_a_call(serve, tools_runner):
+    """(The tiny model calls get_weather whatever it is offered: a client's dispatcher knows
+    only its own functions.)"""
+    url, _ = serve(tools_runner)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+    get_time = {"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                                  "parameters": {"type": "object", "properties": {}}}}
+    ask = dict(model=tools_runner.name, messages=[{"role": "user", "content": "weather?"}], tools=[get_time],
+               max_tokens=30, temperature=0)
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert not whole.message.tool_calls and whole.finish_reason != "tool_calls"
+    assert '"name": "get_weather"' in whole.message.content
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert not [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    tool = {"type": "function", **get_time["function"]}
+    response = client.responses.create(model=tools_runner.name, input="weather?", tools=[tool], max_output_tokens=30,
+                                       temperature=0)
+    assert [item.type for item in response.output] == ["message"] and "get_weather" in response.output_text
+    offered = client.chat.completions.create(**{**ask, "tools": [get_time, WEATHER_TOOL]}).choices[0]
+    assert offered.message.tool_calls[0].function.name == "get_weather", "an offered function is still called"
+
+
 def test_the_api_refuses_tool_choices_it_cannot_honour(serve, tools_runner, llama_runner):
     url, _ = serve(tools_runner)
     base = {"model": tools_runner.name, "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL]}
@@ -460,8 +484,8 @@ def test_a_tokenizers_response_template_parses_the_calls(tools_runner, monkeypat
     monkeypatch.setattr(tools_runner.tokenizer, "parse_response", parse_response, raising=False)
     url, spy = serve(tools_runner)
     reply = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0).chat.completions.create(
-        model=tools_runner.name, messages=[{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL],
-        max_tokens=30).choices[0]
+        model=tools_runner.name, messages=[{"role": "user", "content": "hi"}], max_tokens=30,
+        tools=[WEATHER_TOOL, {"type": "function", "function": {"name": "current_time"}}]).choices[0]
     assert reply.message.content == "Checking." and reply.message.tool_calls[0].function.name == "current_time"
 
 
