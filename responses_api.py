@@ -247,7 +247,7 @@ def _chat_tool(tool: dict, param: str) -> dict:
 
 # ---------------------------------------------------------------- the answer as a response
 
-def output_items(reply: Reply, most_calls: int | None = None) -> list[dict]:
+def output_items(reply: Reply, most_calls: int | None = None, status: str = "completed") -> list[dict]:
     """A whole reply's parts as output items: reasoning, the message, each function call.
     (A streamed one is told item by item by `events`.)"""
     items = []
@@ -256,7 +256,7 @@ def output_items(reply: Reply, most_calls: int | None = None) -> list[dict]:
                       "summary": [], "content": [{"type": "reasoning_text", "text": reply.reasoning}]})
     if reply.answer or not reply.tool_calls:
         items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}",
-                      "status": "completed", "role": "assistant",
+                      "status": status, "role": "assistant",
                       "content": [{"type": "output_text", "text": reply.answer, "annotations": []}]})
     for call in reply.tool_calls[:most_calls]:
         items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}",
@@ -295,8 +295,9 @@ async def complete(stream, updates, body: ResponsesRequest, model: str, most_cal
     async for _ in updates(stream):
         pass
     response_id, created = f"resp_{uuid.uuid4().hex}", int(time.time())
-    return response_object(body, response_id, created, model, status=final_status(stream),
-                           output=output_items(stream.reply, most_calls), stream=stream)
+    status = final_status(stream)
+    return response_object(body, response_id, created, model, status=status,
+                           output=output_items(stream.reply, most_calls, status), stream=stream)
 
 
 async def events(stream, updates, body: ResponsesRequest, model: str, most_calls: int | None, error_code):
@@ -322,7 +323,7 @@ async def events(stream, updates, body: ResponsesRequest, model: str, most_calls
         if item["type"] == "reasoning":
             return {**item, "content": [{"type": "reasoning_text", "text": entry["text"]}]}
         if item["type"] == "message":
-            return {**item, "status": "completed",
+            return {**item, "status": final_status(stream),  # (closed once the answer ended)
                     "content": [{"type": "output_text", "text": entry["text"], "annotations": []}]}
         return item
 

@@ -309,6 +309,8 @@ def test_the_responses_api_round_trip_with_a_function_tool(api):
     assert hello.status in ("completed", "incomplete") and hello.output[0].type == "message"
     assert hello.usage.output_tokens == spy.streams[-1].new_tokens
     assert spy.calls[-1][0][0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    cut = client.responses.create(model=model, input="Write a poem", max_output_tokens=2, temperature=0)
+    assert cut.status == "incomplete" and cut.output[0].status == "incomplete", "its message is incomplete too"
     tool = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
             "parameters": GET_WEATHER["function"]["parameters"]}
     asked = client.responses.create(model=model, input="What's the weather in Paris?", tools=[tool],
@@ -332,6 +334,9 @@ def test_the_responses_api_streams_its_typed_events(api):
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in ("response.completed",
                                                                                          "response.incomplete")
     assert "response.output_text.delta" in kinds and final.output_text == spy.streams[-1].reply.answer
+    with client.responses.stream(model=model, input="Write a poem", max_output_tokens=2, temperature=0) as cut:
+        last = list(cut)[-1]
+    assert last.type == "response.incomplete" and [item.status for item in last.response.output] == ["incomplete"]
 
 
 def test_the_responses_api_takes_images_and_keeps_a_schema(serve, idefics3_runner, images):
