@@ -591,7 +591,8 @@ def decode_part(part: ContentPart, param: str, settings: Settings, newest: bool 
     """An image, file, audio or video part → the engine's part (its kind checked from the
     content); a 400 naming the part for anything it can't be."""
     if getattr(part, part.type) is None:
-        raise APIError(400, f"A {part.type} part needs a {part.type} object.", param=param)
+        article = "An" if part.type[0] in "aeiou" else "A"
+        raise APIError(400, f"{article} {part.type} part needs {article.lower()} {part.type} object.", param=param)
     if part.type == "image_url":
         return {"type": "image", "image": decode_image(part.image_url.url, param + ".image_url", settings)}
     if part.type == "file":

@@ -120,6 +120,8 @@ BAD_REQUESTS = {
     "unknown part type": ({"messages": [{"role": "user", "content": [{"type": "bogus"}]}]}, 400,
                           "messages[0].content[0].type"),
     "user content null": ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    "image_url part without one": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+                                   "messages[0].content[0]"),
     "max_tokens true": ({"max_tokens": True}, 400, "max_tokens"),
     "stream 'yes'": ({"stream": "yes"}, 400, "stream"),
     "temperature as text": ({"temperature": "0.5"}, 400, "temperature"),
@@ -158,7 +160,8 @@ def test_bad_requests_get_a_4xx_in_openai_shape(serve, idefics3_runner, case):
     if param:
         assert param in (error["param"] or ""), error
     said = {"unknown part type": "messages[0].content[0].type: Input should be 'text', 'image_url'",
-            "user content null": "A user message needs content.", "not json": "The body is not valid JSON"}
+            "user content null": "A user message needs content.", "not json": "The body is not valid JSON",
+            "image_url part without one": "An image_url part needs an image_url object."}
     assert error["message"].startswith(said.get(case, "")), "the 400 says what is wrong where it is"
     assert not spy.streams, "nothing was generated for a bad request"
     # and the server keeps serving
