@@ -471,6 +471,8 @@ def invalid_request(errors: list[dict]) -> APIError:
     worst = max(errors, key=lambda error: len(error.get("loc", ()))) if errors else {}
     if worst.get("type") == "json_invalid":
         return APIError(400, f"The body is not valid JSON: {worst.get('ctx', {}).get('error', worst.get('msg'))}.")
+    if tuple(worst.get("loc", ())) == ("body",):  # (no body, or one that isn't a JSON object)
+        return APIError(400, "The body must be a JSON object, sent with Content-Type: application/json.")
     path = [part for part in worst.get("loc", ()) if part != "body" and not _union_branch(part)]
     param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".") or None
     what = worst.get("msg", "Invalid request")

@@ -51,11 +51,11 @@ class WaitingLine:
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise LineFull(f"The server is busy: the line is full ({len(self._waiting)} requests "
-                               f"waiting for the model). Try again in a minute.")
+                               f"waiting for the model). Try again shortly.")
             limit = self.max_waiting_per_kind.get(kind)
             if limit is not None and sum(p.kind == kind for p in self._waiting) >= limit:
                 raise LineFull(f"The server is busy: the line for {kind.upper()} requests is full "
-                               f"({limit} waiting). Try again in a minute.")
+                               f"({limit} waiting). Try again shortly.")
             place = Place(self, kind)
             self._waiting.append(place)
             return place

@@ -170,6 +170,17 @@ def test_bad_requests_get_a_4xx_in_openai_shape(serve, idefics3_runner, case):
     assert ok.status_code == 200
 
 
+@pytest.mark.parametrize("sent", [{}, {"content": b'{"messages": []}'}, {"content": b"[1, 2]"}],
+                         ids=["no body", "no content type", "a list"])
+def test_a_body_that_is_not_a_json_object_is_told_so(serve, llama_runner, sent):
+    url, spy = serve(llama_runner)
+    response = httpx.post(url + "v1/chat/completions",
+                          headers={} if sent.get("content") != b"[1, 2]" else {"content-type": "application/json"},
+                          **sent)
+    assert response.status_code == 400 and response.json()["error"]["message"] == (
+        "The body must be a JSON object, sent with Content-Type: application/json."), response.text
+
+
 def test_a_lone_surrogate_is_a_400_naming_where_it_is(serve, llama_runner):
     """(Valid JSON, as a client that cut an emoji in half sends it, but no text: it can't be
     encoded for the model or a server behind this one.)"""
