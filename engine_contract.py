@@ -367,6 +367,7 @@ class StreamBase:
         self.max_new_tokens = max_new_tokens
         self.prompt_tokens = 0
         self.new_tokens = 0
+        self.reasoning_tokens = 0  # of new_tokens, those written while reasoning (OpenAI's usage counts them)
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -416,6 +417,8 @@ class StreamBase:
             if self._ended.is_set():
                 return
             self.reply = reply
+            if reply.reasoning and not reply.reasoning_done:
+                self.reasoning_tokens = self.new_tokens
             if not (self._throttle.last(reply) if final else self._throttle.due(reply)):
                 return
             try:

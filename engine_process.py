@@ -139,10 +139,11 @@ class Ended:
     tokens_after_close: int | None
     token_times: list[float] | None
     generated_on: int | None
+    reasoning_tokens: int
     logprobs: list = field(default_factory=list)  # the entries not sent yet
 
     FIGURES = ("new_tokens", "first_token_at", "last_token_at", "ended_at", "closed_at", "tokens_after_close",
-               "token_times", "generated_on")
+               "token_times", "generated_on", "reasoning_tokens")
 
     @classmethod
     def of(cls, request_id: int, stream, sent: Reply, logprobs_sent: int = 0) -> "Ended":

@@ -1027,7 +1027,8 @@ async def text_chunks(stream, completion_id, created, model, include_usage: bool
 
 def usage_of(stream) -> dict:
     return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.new_tokens,
-            "total_tokens": stream.prompt_tokens + stream.new_tokens}
+            "total_tokens": stream.prompt_tokens + stream.new_tokens,
+            "completion_tokens_details": {"reasoning_tokens": stream.reasoning_tokens}}
 
 
 def finish_reason_of(stream, reply: Reply) -> str:

@@ -271,7 +271,7 @@ def response_object(body: ResponsesRequest, response_id: str, created: int, mode
     usage = None
     if stream is not None and status != "in_progress":
         usage = {"input_tokens": stream.prompt_tokens or 0, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                 "output_tokens": stream.new_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                 "output_tokens": stream.new_tokens, "output_tokens_details": {"reasoning_tokens": stream.reasoning_tokens},
                  "total_tokens": (stream.prompt_tokens or 0) + stream.new_tokens}
     return {
         "id": response_id, "object": "response", "created_at": created, "status": status, "model": model,

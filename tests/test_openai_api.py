@@ -438,8 +438,14 @@ def test_reasoning_comes_as_reasoning_content(serve, reasoning_runner):
     ask = functools.partial(client.chat.completions.create, model=reasoning_runner.name,
                             messages=[{"role": "user", "content": "What is 2+2?"}], temperature=0,
                             max_tokens=60)
-    whole = ask().choices[0].message
+    completion = ask()
+    whole = completion.choices[0].message
     assert whole.content and whole.reasoning_content and "</think>" not in whole.content
+    thought = completion.usage.completion_tokens_details.reasoning_tokens
+    assert 0 < thought < completion.usage.completion_tokens, "usage counts the reasoning's tokens, of the answer's"
+    response = client.responses.create(model=reasoning_runner.name, input="What is 2+2?", temperature=0,
+                                       max_output_tokens=60)
+    assert response.usage.output_tokens_details.reasoning_tokens == thought, "the Responses API counts them alike"
     chunks = list(ask(stream=True))
     reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
                         for c in chunks if c.choices)
