@@ -214,7 +214,7 @@ def test_parallel_tool_calls_false_answers_with_one_call():
     reply = Reply(answer="", tool_calls=(ToolCall("a", {}, "call-1"), ToolCall("b", {}, "call-2")))
 
     class Ended:
-        finish_reason, prompt_tokens, new_tokens, error, notices = "stop", 3, 4, None, []
+        finish_reason, prompt_tokens, new_tokens, reasoning_tokens, error, notices = "stop", 3, 4, 0, None, []
 
         def __init__(self):
             self.reply = reply
@@ -483,7 +483,7 @@ def test_responses_events_stay_consistent_around_reasoning_and_calls():
 
     class Stream:
         reply = Reply(reasoning="Let me think.", reasoning_done=True, answer="", tool_calls=(call,))
-        finish_reason, prompt_tokens, new_tokens = "stop", 5, 9
+        finish_reason, prompt_tokens, new_tokens, reasoning_tokens = "stop", 5, 9, 3
 
     async def updates(stream):
         for reply in replies:
