@@ -80,6 +80,7 @@ from gradio_fixes import (
     cache_history_postprocessing,
     gradio_app_built_at_launch_only,
     patient_launch_check,
+    state_now,
     wake_queue_on_events,
 )
 from metrics import Metrics
@@ -562,6 +563,7 @@ class Chats:
         self.retitled: set[str] = set()  # conversations given a new title during their turn (end_turn shows it)
         self.halts: dict[tuple[str, str], Halt] = {}  # (user, conversation) -> its answer in flight, in any tab
         self.stopping = False  # the app is stopping: answers end where they are (stop_answers)
+        self.demo = self.open_state = None  # (build_demo: the Blocks, and the State of the conversation a tab shows)
         self.examples = starter_examples()
         self.scratch = Path(tempfile.mkdtemp(prefix="chat-undo-"))  # images an undo puts back in the textbox
         atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
@@ -925,11 +927,14 @@ class Chats:
         except ChatInputError as error:
             return message, str(error)
 
-    async def end_turn(self, conversation, user, search):
+    async def end_turn(self, conversation, user, search, request: gr.Request = None):
         """After a turn: the list, the textbox back, the title if the turn changed it, and, when
         it was stopped, the chat drawn from the store once the stopped answer is saved (no
         spinner left turning; a Stop's save comes when Gradio has cancelled the turn, after
-        Stop's own event)."""
+        Stop's own event). A tab that has moved on meanwhile (New chat, or another chat opened,
+        stopped the turn) keeps what it shows, and its list marks that chat: the chat on screen
+        is the one a message goes to. Gradio reads `conversation` as this event starts, so the
+        tab's State is asked again after the wait."""
         shown = title = seen = gr.skip()
         if conversation and conversation not in self.answered:
             async with self.turns.held(conversation, STOP_SAVE_WAIT_S):
@@ -938,6 +943,9 @@ class Chats:
                     shown, seen = chat_bubbles(stored), version_of(stored)
                 except StoreError:
                     pass
+        if (showing := state_now(self.demo, request, self.open_state, conversation)) != conversation:
+            self.retitled.discard(conversation)
+            return gr.skip(), self.chat_list(user, showing, search), gr.skip(), gr.skip(), gr.skip()
         if conversation in self.retitled:
             self.retitled.discard(conversation)
             with contextlib.suppress(StoreError):
@@ -1069,6 +1077,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
     with gr.Blocks(title="Local model chat", fill_height=True) as demo:
         user, conversation, turn = gr.State(None), gr.State(None), gr.State(None)
         seen = gr.State(None)  # the version of the saved chat this tab shows (version_of): what an edit changes
+        chats.open_state = conversation
         api_history = gr.State([])
         kept = gr.BrowserState({}, storage_key="local-model-chat", secret=chats.browser_ids.storage_secret)
         with gr.Sidebar(label="Chats", open=False, elem_id="chats") as sidebar:

@@ -10,6 +10,7 @@ warning: a copied internal loop must never replace a newer one unseen.
     refusals = UnqueuedRefusals()                # an unqueued event's gr.Error, shown
     refusals.shown(trigger(refusals.noting(fn), inputs, outputs, queue=False), outputs)
     raise Refusal(message, outputs=...)          # fn refuses, and the page shows these outputs
+    state_now(demo, request, state, default)     # what a tab's gr.State holds now, not when the event began
 
 The chatbot: every streamed update re-sends the whole chat, and Gradio postprocesses every
 message of it again (Chatbot.postprocess builds pydantic models per message). A turn's
@@ -278,6 +279,20 @@ class UnqueuedRefusals:
         event.failure(tell, None, outputs, show_progress="hidden", concurrency_limit=None,
                       api_visibility="undocumented")
         return event
+
+
+def state_now(demo, request, state, default):
+    """What `state` (a gr.State) holds now in the session of `request`: an event's inputs are
+    read when it starts, and one that waits (end_turn, for a stopped answer's save) may find
+    that another event of the tab has changed it meanwhile. `default` when there is no such
+    session (a direct call) or this Gradio keeps sessions elsewhere."""
+    holder, session = getattr(demo, "state_holder", None), getattr(request, "session_hash", None)
+    try:
+        if holder is None or session is None or session not in holder:
+            return default
+        return holder[session][state._id]
+    except (AttributeError, KeyError, TypeError):
+        return default
 
 
 def _session() -> str | None:

@@ -721,3 +721,45 @@ def test_search_folds_case_beyond_ascii(tmp_path):
     store.append("ann", conversation, [{"role": "user", "content": [{"type": "text", "text": "Über den Sommer"}]}])
     assert [c.id for c in store.conversations("ann", "über")] == [conversation]
     assert [c.id for c in store.conversations("ann", "SOMMER")] == [conversation]
+
+
+@pytest.mark.parametrize("move_on", ["open another chat", "New chat"])
+def test_a_tab_that_moves_on_mid_answer_shows_the_chat_its_next_message_goes_to(serve, llama_runner, move_on):
+    """Opening another chat, or New chat, while an answer streams stops it; the turn's end
+    waits for the stopped answer's save, and then drew the stopped chat over the one chosen,
+    while the next message went to the chosen one (and the screen then jumped there)."""
+    from tests.conftest import hold_generation
+    url, spy = serve(llama_runner, max_new_tokens=300)
+    browser = Browser(url, spy.chats)
+    _, chat_list = browser.send("older chat")
+    older = chat_list["value"]
+    browser.call("new_chat", browser.kept, "")
+    waiting, acquire = [], spy.chats.turns.acquire
+
+    async def acquire_seen(key, timeout=None):
+        waiting.append(key)
+        return await acquire(key, timeout)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spy.chats.turns, "acquire", acquire_seen)
+        release = hold_generation(patch, llama_runner.model, after_calls=3)
+        job = browser.begin("a long answer, please", 300)
+        wait_for(lambda: len(waiting) == 1 and len(spy.streams) == 2, 30, "the answer to start")
+        stopped = waiting[0]
+        ending = browser.client.submit("", fn_index=event(spy.chats, "end_turn"))  # (as the page: after the cancel)
+        wait_for(lambda: len(waiting) == 2, 30, "the turn's end to wait for the save")
+        if move_on == "New chat":
+            browser.call("new_chat", browser.kept, "")
+        else:
+            browser.call("open_chat", older, browser.kept, "")
+        job.cancel()
+        release.set()
+        shown, chat_list, _, _ = ending.result(timeout=30)
+    chosen = older if move_on != "New chat" else None
+    assert "a long answer" not in json.dumps(shown), "the stopped chat is not drawn over the one chosen"
+    assert chat_list["value"] == chosen, "the list marks the chat on screen"
+    browser.send("where does this go?")
+    user = _user(spy)
+    sent_to = [c.id for c in spy.chats.store.conversations(user, "where does this go")]
+    assert stopped not in sent_to and (sent_to == [older] if chosen else len(sent_to) == 1)
+    assert app.text_of(spy.chats.store.messages(user, stopped)[0]) == "a long answer, please", "the stopped chat is kept"
+    browser.close()
