@@ -126,6 +126,7 @@ APP_STOPPED = "The app was stopped while this answer was being written: it ends 
 DELETED_ELSEWHERE = ("This chat was deleted (in another tab?): its answer was stopped and is not kept. A new "
                      "message starts a new chat.")
 DELETED_BEFORE = "This chat was deleted (in another tab?): nothing was changed. A new message starts a new chat."
+EMPTY_EDIT = "The edited message is empty: nothing was changed (type some text, or Escape to leave the edit)."
 CHANGED_MEANWHILE = ("This chat was changed meanwhile (in another tab?): here it is as it is now; nothing was "
                      "changed. Try again on what it shows.")
 REASONING_TITLE = "Thinking"
@@ -706,6 +707,8 @@ class Chats:
             if isinstance(item, (str, dict)))
         files = [part for part in stored[index]["content"] if part["type"] in ATTACHED]
         message = {"role": "user", "content": [*files, *([{"type": "text", "text": text}] if text.strip() else [])]}
+        if not message["content"]:  # (the edit would cut the chat there and save an empty message)
+            raise Refusal(EMPTY_EDIT, self._redrawn_turn(chat_bubbles(stored), version_of(stored)))
         return self._begin(message, index, conversation, user, kept, search, stored[:index], len(stored), seen)
 
     async def undo(self, conversation, user, seen=None):

@@ -763,3 +763,25 @@ def test_a_tab_that_moves_on_mid_answer_shows_the_chat_its_next_message_goes_to(
     assert stopped not in sent_to and (sent_to == [older] if chosen else len(sent_to) == 1)
     assert app.text_of(spy.chats.store.messages(user, stopped)[0]) == "a long answer, please", "the stopped chat is kept"
     browser.close()
+
+
+def test_an_edit_that_empties_a_message_is_refused_and_the_chat_kept(serve, llama_runner):
+    """(Every message from the edited one on was deleted, and an empty message saved with
+    "The message is empty" under it.)"""
+    import asyncio
+    import gradio as gr
+    url, spy = serve(llama_runner)
+    browser = Browser(url, spy.chats)
+    for text in ("one", "two", "three"):
+        _, chat_list = browser.send(text)
+    conversation, user = chat_list["value"], _user(spy)
+    saved = spy.chats.store.messages(user, conversation)
+    for emptied in ("", "   ", [{"text": "", "type": "text"}]):
+        with pytest.raises(gr.Error) as refusal:
+            asyncio.run(spy.chats.begin_edit(SimpleNamespace(index=0, value=emptied), conversation, user,
+                                             browser.kept, "", app.version_of(saved)))
+        assert refusal.value.message == app.EMPTY_EDIT
+        assert [b["content"] for b in refusal.value.outputs[1] if b["role"] == "user"] == [["one"], ["two"], ["three"]], \
+            "the tab shows the chat as saved (the bubble's edit undone)"
+        assert spy.chats.store.messages(user, conversation) == saved
+    browser.close()
