@@ -318,7 +318,7 @@ def chat_bubbles(messages: list[dict], *, live: bool = False, owners: list[int] 
                  answering: bool = False) -> list[dict]:
     """The one place where messages as the chat keeps them become the chat's bubbles (Gradio
     message dicts), for a saved conversation and for an answer streaming (`live`: its
-    unfinished reasoning and tool calls spin). A user message: its images, then its text; one
+    unfinished reasoning and tool calls spin). A user message: its text, then its files; one
     left without an answer (the app stopped or was killed meanwhile), a note saying so, unless
     it is the last and is `answering` now (its turn in progress, in this tab or another).
     An answer: notes, the reasoning in a collapsible "Thinking" block, the text, each tool
@@ -335,7 +335,9 @@ def chat_bubbles(messages: list[dict], *, live: bool = False, owners: list[int] 
             content = [file_bubble(part) for part in message["content"] if part["type"] in ATTACHED]
             text = "\n\n".join([*(f"🎤 {part['transcript']}" for part in message["content"]
                                    if part.get("transcript")), *([text_of(message)] if text_of(message) else [])])
-            bubbles.append({"role": "user", "content": [*content, text] if text or not content else content})
+            # (text first: Gradio 6.31 shows an edit pencil on a message whose last part is text, and its
+            # page never sends the edit of one that carries a file, dropping the edited text)
+            bubbles.append({"role": "user", "content": [text, *content] if text or not content else content})
         elif message["role"] == "assistant":
             for note in message.get("notes") or ():
                 bubbles.append(bubble(note, title=NOTE_TITLE))

@@ -544,3 +544,21 @@ def test_the_microphone_records_a_voice_message_that_is_sent_with_a_player(serve
         context.close()
     finally:
         microphone.close()
+
+
+def test_a_message_with_a_file_shows_no_edit_pencil(serve, llama_runner, page, tmp_path):
+    """Gradio 6.31's page never sends the edit of a message that carries a file (an image, a
+    document...): the edited text was dropped without a word. Such a message shows no pencil
+    (Gradio shows it when a message's last part is text); undo still takes it back."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Notes\n\nThe meeting is on Tuesday.\n")
+    url, spy = serve(llama_runner, max_new_tokens=5)
+    open_app(page, url)
+    answered(page, spy, lambda: send(page, "summarise this", notes))
+    answered(page, spy, lambda: send(page, "and this, without a file"))
+    with_file, plain = page.locator(".user-row").first, page.locator(".user-row").last
+    expect(with_file).to_contain_text("summarise this")
+    expect(with_file).to_contain_text("notes.md")
+    for row, pencils in ((plain, 1), (with_file, 0)):
+        row.hover()  # (a message's buttons are the block after it)
+        expect(row.locator("xpath=following-sibling::div[1]").locator("button[aria-label=Edit]")).to_have_count(pencils)
