@@ -557,6 +557,8 @@ class ConversationStore:
         if not isinstance(bodies, list) or not isinstance(title, (str, type(None))):
             raise StoreError("This conversation file is damaged (its messages or its title are not what an export "
                              "holds).")
+        if not bodies:
+            raise StoreError("This conversation file holds no messages: there is nothing to import.")
         if len(bodies) > MAX_IMPORT_MESSAGES:
             raise StoreError(f"This conversation has {len(bodies):,} messages: this app imports at most "
                              f"{MAX_IMPORT_MESSAGES:,} messages in one chat.")

@@ -349,6 +349,8 @@ def test_export_then_import_gives_the_same_conversation(serve, idefics3_runner, 
     ("\ufeff{not json", r"not a conversation exported by this app \(not JSON\)"),
     (json.dumps({"format": "local-model-chat/conversation", "version": 1.5, "messages": []}),
      r"version \(1.5\) is not one this app knows"),
+    (json.dumps({"format": "local-model-chat/conversation", "version": 1, "title": "empty", "messages": []}),
+     r"This conversation file holds no messages"),  # (it added an empty chat to the list)
 ])
 def test_an_import_that_cant_be_read_says_why(llama_runner, tmp_path, content, message):
     """(Deeply nested JSON gave only "Something went wrong on the server".)"""
