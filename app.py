@@ -126,6 +126,7 @@ APP_STOPPED = "The app was stopped while this answer was being written: it ends 
 DELETED_ELSEWHERE = ("This chat was deleted (in another tab?): its answer was stopped and is not kept. A new "
                      "message starts a new chat.")
 DELETED_BEFORE = "This chat was deleted (in another tab?): nothing was changed. A new message starts a new chat."
+EMPTY_TITLE = "A chat's title can't be empty: it keeps the one it has."
 EMPTY_EDIT = "The edited message is empty: nothing was changed (type some text, or Escape to leave the edit)."
 CHANGED_MEANWHILE = ("This chat was changed meanwhile (in another tab?): here it is as it is now; nothing was "
                      "changed. Try again on what it shows.")
@@ -624,12 +625,18 @@ class Chats:
             gr.File(value=None, visible=False), version_of(stored)
 
     def rename(self, title, conversation, user, search):
-        if conversation and title.strip():
-            try:
-                self.store.rename(user, conversation, title)
-            except StoreError as error:
-                raise gr.Error(str(error)) from None
-        return self.chat_list(user, conversation, search)
+        """(the list, the Title box showing the title as saved)"""
+        if not conversation:
+            return gr.skip(), gr.skip()
+        try:
+            if not title.strip():
+                raise Refusal(EMPTY_TITLE, (self.chat_list(user, conversation, search),
+                                            self.store.title(user, conversation)))
+            self.store.rename(user, conversation, title)
+            saved = self.store.title(user, conversation)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        return self.chat_list(user, conversation, search), saved
 
     def delete(self, conversation, user, kept, search):
         if not conversation:
@@ -1158,7 +1165,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         quick_event(search.change, lambda user_key, chosen, text: chats.chat_list(user_key, chosen, text),
                     [user, conversation, search], [chat_list])
         quick_event(functools.partial(gr.on, [rename.click, title.submit]), chats.rename,
-                    [title, conversation, user, search], [chat_list])
+                    [title, conversation, user, search], [chat_list, title])
         quick_event(export.click, chats.export, [conversation, user], [exported])
         delete.click(lambda: gr.Row(visible=True), None, [confirm_delete], **quick)
         keep_it.click(lambda: gr.Row(visible=False), None, [confirm_delete], **quick)

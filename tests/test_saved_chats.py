@@ -599,11 +599,15 @@ def test_rename_and_search_the_list(serve, llama_runner):
     browser.call("new_chat", browser.kept, "")
     _, chat_list = browser.send("something else entirely")
     assert titles(chat_list) == ["something else entirely", "a question about cats"], "newest first"
-    found = browser.call("rename", "Feline matters", "")  # the open chat: the second one
-    assert titles(found) == ["Feline matters", "a question about cats"]
-    assert titles(browser.call("rename", "Feline matters", "cats")) == ["a question about cats"], \
+    found, title = browser.call("rename", "  Feline matters ", "")  # the open chat: the second one
+    assert titles(found) == ["Feline matters", "a question about cats"] and title == "Feline matters"
+    assert titles(browser.call("rename", "Feline matters", "cats")[0]) == ["a question about cats"], \
         "search looks at titles and text"
-    assert titles(browser.call("rename", "Feline matters", "Feline")) == ["Feline matters"]
+    assert titles(browser.call("rename", "Feline matters", "Feline")[0]) == ["Feline matters"]
+    for blank in ("", "   "):  # (ignored without a word, the Title box left blank)
+        message, (found, title) = browser.refused("rename", blank, "")
+        assert message == app.EMPTY_TITLE and title == "Feline matters", "the box shows the title it keeps"
+        assert titles(found) == ["Feline matters", "a question about cats"]
     browser.close()
 
 
