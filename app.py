@@ -397,6 +397,13 @@ def title_of(message: dict) -> str:
                     if part["type"] in icons)
 
 
+def automatic_title(messages: list[dict]) -> str:
+    """The title of a chat the user never renamed: its first message's (title_of), as the store
+    keeps it; none while it has no message (its next message titles it, as a new chat's)."""
+    first = next((message for message in messages if message["role"] == "user"), None)
+    return title_of(first).strip()[:TITLE_CHARS] if first is not None else ""
+
+
 def text_of(message: dict) -> str:
     return "".join(part["text"] for part in message.get("content") or () if part["type"] == "text")
 
@@ -737,9 +744,11 @@ class Chats:
                     shutil.copyfile(source, copy)
                     files.append(str(copy))
             try:
+                title = self.store.title(user, conversation)
                 self.store.append(user, conversation, [], keep=last)
             except StoreError as error:
                 raise gr.Error(str(error)) from None
+            self._title_follows(user, conversation, title, stored, stored[:last])
             return chat_bubbles(stored[:last]), gr.MultimodalTextbox(value={"text": text_of(stored[last]),
                                                                            "files": files}), version_of(stored[:last])
 
@@ -832,12 +841,14 @@ class Chats:
         try:
             message, refusal = without_refused_files(turn["message"])
             try:
-                if turn.get("seen") is not None and version_of(self.store.messages(user, conversation)) != turn["seen"]:
+                before, title = self.store.messages(user, conversation), self.store.title(user, conversation)
+                if turn.get("seen") is not None and version_of(before) != turn["seen"]:
                     raise StoreError(CHANGED_IN_STORE)  # (since the edit or retry began; the store checks the count)
                 self.store.append(user, conversation, [message], keep=turn["keep"],
                                   expected_length=turn.get("length"))
                 asked = True
                 stored = self.store.messages(user, conversation)
+                self._title_follows(user, conversation, title, before, stored)
                 if refusal is None and self.speech is not None and any(  # (saved first: a Stop meanwhile keeps it)
                         part["type"] == "audio" for part in stored[-1]["content"]):
                     yield [*chat_bubbles(stored, answering=True), *pending(TRANSCRIBING_TITLE)], gr.skip()
@@ -916,6 +927,24 @@ class Chats:
         while self.halts and time.monotonic() < deadline:
             time.sleep(0.02)
         return len(self.halts)
+
+    def _title_follows(self, user: str, conversation: str, title: str, before: list[dict], after: list[dict]) -> None:
+        """A title the user never renamed (`title` is `before`'s automatic_title) follows the
+        chat's first message into `after`: an edit or an undo of that message, the first message
+        of a chat an undo left empty; a renamed one stays. end_turn shows it."""
+        if title == automatic_title(before) and (new := automatic_title(after)) != title:
+            with contextlib.suppress(StoreError):  # (a title is not worth failing the turn)
+                self.store.rename(user, conversation, new)
+                self.retitled.add(conversation)
+
+    def list_and_title(self, conversation, user, search):
+        """The list, and the Title box, after an undo (which may change the title)."""
+        self.retitled.discard(conversation)
+        try:
+            title = self.store.title(user, conversation) if conversation else gr.skip()
+        except StoreError:
+            title = gr.skip()
+        return self.chat_list(user, conversation, search), title
 
     def retitle_from_speech(self, user: str, conversation: str, message: dict, written: dict) -> None:
         """A chat begun with audio alone (a voice message, an uploaded recording), still titled by
@@ -1154,7 +1183,8 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
                         [chatbot, chat_list, textbox, title, seen])
             answering.append(respond)
         textbox.stop(None, cancels=answering, **quick)  # (the turn's end_turn redraws the chat)
-        quick_event(chatbot.undo, chats.undo, [conversation, user, seen], [chatbot, textbox, seen])
+        quick_event(chatbot.undo, chats.undo, [conversation, user, seen], [chatbot, textbox, seen]) \
+            .success(chats.list_and_title, [conversation, user, search], [chat_list, title], **quick)
         for action in (new_chat.click, chatbot.clear):  # (the chat's trash icon starts a new one; Delete deletes)
             quick_event(action, chats.new_chat, [user, kept, search], opened, cancels=answering) \
                 .then(idle_textbox, None,

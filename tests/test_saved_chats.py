@@ -791,3 +791,41 @@ def test_an_edit_that_empties_a_message_is_refused_and_the_chat_kept(serve, llam
             "the tab shows the chat as saved (the bubble's edit undone)"
         assert spy.chats.store.messages(user, conversation) == saved
     browser.close()
+
+
+def test_a_title_never_renamed_follows_the_first_message_and_a_renamed_one_stays(llama_runner):
+    """(An edit or an undo of the first message left the chat titled by text it no longer
+    held; undoing the only message left an empty chat that search still found by it.)"""
+    import asyncio
+    chats, user = app.build_demo(llama_runner).chats, "browser:ann"
+
+    async def answered(begun):  # a turn begun, run to its end: (its conversation, the list after it)
+        conversation, _, turn, *_ = await begun
+        async for _ in chats.respond(turn, conversation, user, "", 4):
+            pass
+        _, chat_list, _, _, _ = await chats.end_turn(conversation, user, "")
+        return conversation, chat_list.constructor_args["choices"]
+
+    def edited(conversation, text):
+        stored = chats.store.messages(user, conversation)
+        return chats.begin_edit(SimpleNamespace(index=0, value=text), conversation, user, {}, "", app.version_of(stored))
+
+    async def story():
+        chat, _ = await answered(chats.begin_turn({"text": "one", "files": []}, None, user, {}, ""))
+        await answered(chats.begin_turn({"text": "two", "files": []}, chat, user, {}, ""))
+        _, listed = await answered(edited(chat, "one, edited"))
+        assert listed == [("one, edited", chat)] and chat not in chats.retitled, "the title follows the edit"
+        stored = chats.store.messages(user, chat)
+        await chats.undo(chat, user, app.version_of(stored))  # (the only message left: "one, edited")
+        assert chats.store.messages(user, chat) == [] and chats.store.title(user, chat) == ""
+        assert chats.list_and_title(chat, user, "")[1] == "", "the Title box: a new chat's (none yet)"
+        assert chats.store.conversations(user, "one") == [], "search finds no text the chat no longer holds"
+        assert [c.id for c in chats.store.conversations(user)] == [chat], "the empty chat is kept"
+        _, listed = await answered(chats.begin_turn({"text": "three\nlines", "files": []}, chat, user, {}, ""))
+        assert listed == [("three\nlines", chat)], "its next message titles it, as a new chat's first does"
+        chats.rename("Mine", chat, user, "")
+        _, listed = await answered(edited(chat, "three, edited"))
+        assert listed == [("Mine", chat)], "a title the user chose stays"
+        await chats.undo(chat, user, app.version_of(chats.store.messages(user, chat)))
+        assert chats.store.title(user, chat) == "Mine"
+    asyncio.run(story())
