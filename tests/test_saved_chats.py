@@ -829,3 +829,39 @@ def test_a_title_never_renamed_follows_the_first_message_and_a_renamed_one_stays
         await chats.undo(chat, user, app.version_of(chats.store.messages(user, chat)))
         assert chats.store.title(user, chat) == "Mine"
     asyncio.run(story())
+
+
+def test_stop_during_a_tool_run_shows_what_is_kept(serve, tiny_model_paths, tmp_path):
+    """README: what you see is what is kept. Stopped while its tool ran, a turn's end draws the
+    call as saved: done, with the result saying it was stopped (as the chat shows after a reload)."""
+    import textwrap
+    from model_runner import ModelRunner
+    from tools import Toolbox
+    started = tmp_path / "started"
+    tools = tmp_path / "slow_tools.py"
+    tools.write_text(textwrap.dedent(f'''
+        import time
+        from pathlib import Path
+
+        def get_weather(city: str) -> str:
+            """The weather in a city now.
+
+            Args:
+                city: The city's name.
+            """
+            Path({str(started)!r}).touch()
+            time.sleep(10)
+            return "late"
+    '''))
+    runner = ModelRunner.load(str(tiny_model_paths["tools"]), device="cpu")
+    url, spy = serve(runner, toolbox=Toolbox.load([str(tools)]), max_new_tokens=20)
+    browser = Browser(url, spy.chats)
+    job = browser.begin("What's the weather in Paris?", 20)
+    wait_for(started.exists, 30, "the tool to start")
+    job.cancel()
+    shown, chat_list, _, _ = browser.call("end_turn", "")
+    saved = spy.chats.store.messages(_user(spy), chat_list["value"])
+    assert "stopped before it returned" in app.text_of(saved[-1])
+    assert json.loads(json.dumps(shown)) == json.loads(json.dumps(
+        app.gr.Chatbot().postprocess(app.chat_bubbles(saved)).model_dump())), "the tab shows what is kept"
+    browser.close()
