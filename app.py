@@ -165,6 +165,8 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
         elif line is not None and line.engine_busy:  # at the front, waiting for the answer before it to end
             title = WAITING_TITLE.format(ordinal(1))
         yield Progress([], title)
+        if toolbox is not None and not runner.loaded:  # (whether it takes tools is known once it is loaded)
+            wait_for_either(runner.ready, cancelled)
         if toolbox is not None and runner.supports_tools:
             generation = dataclasses.replace(generation, tools=toolbox.all_schemas)
         done: list[dict] = []  # the steps before this one: their text, the tool calls and results

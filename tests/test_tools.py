@@ -325,6 +325,26 @@ def test_a_model_whose_template_ignores_tools_runs_without_them(serve, llama_run
     assert not titled(final, "🛠") and spy.calls[0][1].tools is None
 
 
+def test_a_message_sent_while_the_model_loads_gets_its_tools_run(tools_runner, tmp_path):
+    """The tools are decided once the model has loaded (a loading slot says it takes none)."""
+    toolbox = Toolbox.load([write_tools(tmp_path, WEATHER)])
+    loaded = threading.Event()
+
+    def slow_load():
+        loaded.wait(30)
+        return tools_runner
+
+    slot = app.ModelSlot("tools", slow_load, one_at_a_time=True).start()
+    steps = app.make_answer_steps(slot, Settings(), toolbox=toolbox)(chat("What's the weather in Paris?"),
+                                                                      GenerationSettings(max_new_tokens=30))
+    assert next(steps).pending == app.LOADING_TITLE
+    threading.Timer(0.5, loaded.set).start()
+    *_, final = steps
+    [call, result, answer] = final.messages
+    assert as_dicts(call["tool_calls"]) == [CALL] and "12 °C and sunny in Paris" in app.text_of(result)
+    assert "<tool_call>" not in json.dumps([app.text_of(m) for m in final.messages])
+
+
 # ---------------------------------------------------------------- the API: the client's tools
 
 WEATHER_TOOL = {"type": "function", "function": {
