@@ -1363,14 +1363,30 @@ class ModelRunner:
             else:
                 low = middle + 1
         if low == len(cuts):
-            last = self._apply_chat_template(system + turns[-1:], tools)["input_ids"].shape[-1]
-            raise ContextTooLong(
-                f"This message is too long for the model: {last} tokens, and its context holds "
-                f"{self.context_length} (with room for the answer). Send a shorter message.")
+            raise self._too_long(system, turns[-1:], tools, budget)
         dropped = cuts[low]
         notices.append(f"The oldest {dropped} message{'s' * (dropped > 1)} of this chat were left out "
                        f"so that it fits the model's context of {self.context_length} tokens.")
         return try_cut(dropped)
+
+    def _too_long(self, system: list[dict], last: list[dict], tools: list[dict] | None, budget: int) -> ContextTooLong:
+        """Why the new message can't be answered even alone: the largest of the system prompt,
+        the tools' descriptions and the message is named, with the figures and what to do."""
+        def size(messages, with_tools=True):
+            return self._apply_chat_template(messages, tools if with_tools else None)["input_ids"].shape[-1]
+        whole = size(system + last)
+        parts = {"this message": size(last, with_tools=False),
+                 "the system prompt": max(0, whole - size(last)) if system else 0,
+                 "the tools' descriptions": max(0, whole - size(system + last, with_tools=False)) if tools else 0}
+        culprit = max(parts, key=parts.get)
+        others = " and ".join(f"{name} {tokens}" for name, tokens in parts.items() if tokens and name != culprit)
+        advice = {"this message": "Send a shorter message.", "the system prompt": "Shorten the system prompt.",
+                  "the tools' descriptions": "Fewer tools (or shorter descriptions) would leave room."}[culprit]
+        return ContextTooLong(
+            f"{culprit[0].upper()}{culprit[1:]} {'are' if culprit.endswith('s') else 'is'} too long for the model: "
+            f"{parts[culprit]} tokens" + (f" (with {others})" if others else "") +
+            f", and its context holds {self.context_length}, {self.context_length - budget} of them kept for the "
+            f"answer. {advice}")
 
     # ------------------------------------------------------------ generation
 

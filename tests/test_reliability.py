@@ -183,6 +183,19 @@ def test_oldest_turns_are_dropped_to_fit_the_context(llama_runner):
         llama_runner.stream([user(long_text(llama_runner, context))])
 
 
+def test_what_is_too_long_for_the_context_is_named_with_its_figures(llama_runner):
+    context, settings = llama_runner.context_length, GenerationSettings(max_new_tokens=100)
+    system = {"role": "system", "content": [{"type": "text", "text": "word " * 3000}]}
+    with pytest.raises(ChatInputError) as refused:
+        llama_runner.stream([system, user("hi")], settings)
+    said = str(refused.value)
+    assert said.startswith("The system prompt is too long for the model: ") and "this message" in said
+    assert f"its context holds {context}, 100 of them kept for the answer" in said
+    assert said.endswith("Shorten the system prompt.")
+    with pytest.raises(ChatInputError, match=r"^This message is too long.*Send a shorter message\.$"):
+        llama_runner.stream([user(long_text(llama_runner, context))], settings)
+
+
 def test_the_ui_shows_when_history_was_dropped(serve, llama_runner):
     url, _ = serve(llama_runner)
     client = Client(url, verbose=False)

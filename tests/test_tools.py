@@ -16,7 +16,7 @@ from gradio_client import Client
 import app
 from config import Settings
 from conversation import split_tool_calls
-from engine_contract import GenerationSettings, Signal, ToolCall
+from engine_contract import ChatInputError, GenerationSettings, Signal, ToolCall
 from model_runner import ModelRunner
 from tests.conftest import wait_for
 from tools import Toolbox, ToolsError
@@ -88,6 +88,16 @@ def test_the_tool_model_calls_its_tool_and_answers_its_result_with_text(tools_ru
                  "content": [{"type": "text", "text": "12 °C"}]}]
     second = answer(tools_runner, messages, settings)
     assert second.text and "<tool_call>" not in second.text and second.new_tokens == 30
+
+
+def test_tools_too_long_for_the_context_are_named_as_the_part_that_does_not_fit(tools_runner):
+    from tests.test_reliability import long_text
+    wordy = {"type": "function", "function": {
+        "name": "get_weather", "description": long_text(tools_runner, tools_runner.context_length),
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    with pytest.raises(ChatInputError, match=r"^The tools' descriptions are too long for the model: \d+ tokens "
+                                             r"\(with this message \d+\).*Fewer tools"):
+        tools_runner.stream(chat("hi"), GenerationSettings(max_new_tokens=10, tools=[wordy]))
 
 
 def test_a_template_without_tools_support_is_detected(llama_runner, tools_runner):
