@@ -205,7 +205,10 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
                     yield Progress([*done, {**step.message(reply, figures=False),
                                             "error": "The model returned an empty answer."}])
                 else:
-                    yield Progress([*done, step.message(reply)])  # the final figures
+                    final = step.message(reply)  # the final figures
+                    if (why := out_of_room(stream, generation.max_new_tokens)) is not None:
+                        final["notes"] = [*final.get("notes", ()), why]
+                    yield Progress([*done, final])
                 return
             calls = reply.tool_calls
             if calls_made + len(calls) > settings.max_tool_steps:
@@ -234,6 +237,22 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
         import spaces
         return spaces.GPU(duration=settings.zero_gpu_duration_s)(answer_steps)
     return answer_steps
+
+
+def out_of_room(stream, max_new_tokens: int) -> str | None:
+    """Why an answer that ended at its length limit stopped where it did, when the chat would
+    not show it otherwise: the model's context full (the engine cut the limit to what was left
+    of it), or max new tokens reached while the model was still thinking (no answer written)."""
+    if stream.finish_reason != "length":
+        return None
+    thinking = " while thinking" if stream.reply.reasoning is not None and not stream.reply.answer else ""
+    if stream.max_new_tokens < max_new_tokens:
+        return (f"The answer stopped here{thinking}: the model's context is full ({stream.prompt_tokens} tokens of "
+                f"chat and {stream.new_tokens} of answer). A new chat, or a shorter message, leaves it more room.")
+    if thinking:
+        return (f"The answer ran out of room while thinking (max new tokens {max_new_tokens}): raise Max new "
+                f"tokens in Settings.")
+    return None
 
 
 def note_kind(note: str) -> str:

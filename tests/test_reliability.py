@@ -208,6 +208,32 @@ def test_the_ui_shows_when_history_was_dropped(serve, llama_runner):
     client.close()
 
 
+def test_an_answer_that_fills_the_context_says_so(serve, llama_runner):
+    url, _ = serve(llama_runner)
+    client = Client(url, verbose=False)
+    prompt = long_text(llama_runner, llama_runner.context_length - 700)  # room for less than it asks
+    full = chat(client, message(prompt), max_new_tokens=2000).result(timeout=120)
+    assert "The answer stopped here: the model's context is full" in notes_of(full) and text_of(full)
+    client.close()
+    client = Client(url, verbose=False)
+    short = chat(client, message("hello"), max_new_tokens=5).result(timeout=60)
+    assert not notes_of(short), "an answer cut by its own max new tokens has no note"
+    client.close()
+
+
+def test_an_answer_that_runs_out_of_tokens_while_thinking_says_so_and_keeps_it(serve, reasoning_runner):
+    from tests.test_attachments import notes_of as notes_shown
+    from tests.test_saved_chats import Browser
+    url, spy = serve(reasoning_runner)
+    browser = Browser(url, spy.chats)
+    shown, chat_list = browser.send("hi", max_new_tokens=1)
+    told = "The answer ran out of room while thinking (max new tokens 1): raise Max new tokens in Settings."
+    assert told in notes_shown(shown)
+    reloaded = Browser(url, spy.chats, kept={**browser.kept, "open": chat_list["value"]})
+    assert told in notes_shown(reloaded.shown)
+    browser.close(), reloaded.close()
+
+
 # ---------------------------------------------------------------- faults
 
 def test_out_of_memory_is_caught_and_the_next_request_works(serve, llama_runner, monkeypatch):
