@@ -720,9 +720,18 @@ class Chats:
 
     async def begin_example(self, selected: gr.SelectData, conversation, user, kept, search):
         """A starter example, by its index (never a path the request names)."""
-        example = self.examples[selected.index]
+        chosen = selected.value.get("text") if isinstance(selected.value, dict) else None  # (the page's list may be
+        example = next((e for e in self.examples if e["text"] == chosen), None) or \
+            self.examples_for_the_model()[selected.index]                                # older than the model's)
         await self._wait_for_the_turn_before(conversation)
         return self._begin(user_message(example), None, conversation, user, kept, search)
+
+    def examples_for_the_model(self) -> list[dict]:
+        """The starter examples the model can do: a text-only model's have no pictures (while
+        it loads, all of them)."""
+        if not self.runner.loaded or self.runner.is_vision:
+            return self.examples
+        return [example for example in self.examples if not example["files"]]
 
     async def begin_retry(self, conversation, user, kept, search, seen=None):
         """Retry: the last message again, its answer dropped."""
@@ -1165,7 +1174,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         header = gr.Markdown(header_markdown(runner, toolbox, speech))
         chatbot = cache_history_postprocessing(gr.Chatbot(
             label="Chat", height="65vh", editable="user", elem_id="chat",
-            examples=[{"text": e["text"], "files": e["files"], "display_text": e["label"]} for e in chats.examples],
+            examples=chatbot_examples(chats),
             latex_delimiters=[{"left": "$$", "right": "$$", "display": True},
                               {"left": "$", "right": "$", "display": False}]))
         textbox = gr.MultimodalTextbox(
@@ -1251,10 +1260,32 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
             def refresh_header():
                 return header_markdown(runner, toolbox, speech), gr.Timer(active=settling())
 
-            timer.tick(refresh_header, outputs=[header, timer], **quick)
+            def refresh_header_and_examples():  # (a page opened while a text-only model loaded: its picture
+                examples = chatbot_examples(chats)                 # examples go; a prop update, so only then)
+                return *refresh_header(), \
+                    gr.Chatbot(examples=examples) if len(examples) < len(chats.examples) else gr.skip()
+
+            timer.tick(refresh_header_and_examples, outputs=[header, timer, chatbot], **quick)
             demo.load(refresh_header, outputs=[header, timer], **quick)
+            if not runner.loaded:  # pages opened once it has loaded get its examples from the start
+                runner.ready.on_set(lambda: examples_in_config(demo, chatbot, chatbot_examples(chats)))
     demo.chats, chats.demo = chats, demo  # (tests reach the events and the store through them)
     return demo
+
+
+def chatbot_examples(chats: Chats) -> list[dict]:
+    return [{"text": e["text"], "files": list(e["files"]), "display_text": e["label"]}
+            for e in chats.examples_for_the_model()]
+
+
+def examples_in_config(demo: gr.Blocks, chatbot: gr.Chatbot, examples: list[dict]) -> None:
+    """The chatbot's starter examples as the page gets them (Gradio serves `demo.config`,
+    made at launch, to every page that opens)."""
+    chatbot.examples = examples
+    chatbot._setup_examples()  # (their pictures served as files)
+    for component in (demo.config or {}).get("components", ()):
+        if component.get("id") == chatbot._id:
+            component["props"]["examples"] = chatbot.examples
 
 
 def header_markdown(runner, toolbox: Toolbox | None = None, speech: Speech | None = None) -> str:

@@ -213,6 +213,25 @@ def test_the_ui_serves_while_the_model_loads(serve, llama_runner):
     client.close()
 
 
+def test_starter_examples_with_pictures_show_only_for_a_model_that_sees_them(serve, llama_runner, idefics3_runner):
+    import threading
+
+    import httpx
+
+    def examples_on_a_new_page(url):
+        [chat] = [c for c in httpx.get(url + "config").json()["components"] if c["props"].get("elem_id") == "chat"]
+        return [example["display_text"] for example in chat["props"]["examples"]]
+    every = [example["label"] for example in app.starter_examples()]
+    assert examples_on_a_new_page(serve(idefics3_runner)[0]) == every
+    assert examples_on_a_new_page(serve(llama_runner)[0]) == ["🐍 Code question"]
+    release = threading.Event()
+    slot = app.ModelSlot("tiny-llama", lambda: release.wait(30) and llama_runner, one_at_a_time=True)
+    url, _ = serve(slot, on_listening=slot.start)
+    assert examples_on_a_new_page(url) == every, "unknown while it loads"
+    release.set()
+    wait_for(lambda: examples_on_a_new_page(url) == ["🐍 Code question"], 30, "the text-only model's examples")
+
+
 def test_the_chat_shows_the_same_whatever_postprocessing_it_reuses(images):
     """The app's chatbot postprocesses each history message once per turn; what the
     browser receives must be exactly what gr.Chatbot sends, update after update."""
