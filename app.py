@@ -1251,6 +1251,11 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         # the chat starts at the top of the screen.
         demo.load(lambda width: gr.Sidebar(open=bool(width and width > SIDEBAR_MIN_WIDTH)), [window_width], [sidebar],
                   js="() => [window.innerWidth]", **quick)
+        # On a phone the list then folds away to show the chat chosen. In the page: Gradio 6.31's sidebar
+        # keeps its toggle's state to itself, so a server's open=False after a toggle changes nothing.
+        for choosing in (new_chat.click, chat_list.input):
+            choosing(None, js=f"""() => {{ if (window.innerWidth <= {SIDEBAR_MIN_WIDTH})
+                document.querySelector('#chats.open > button.toggle-button')?.click(); }}""", **quick)
         def settling() -> bool:  # the model loading, or an MCP server on its first start
             return not runner.loaded or (toolbox is not None and toolbox.starting)
 

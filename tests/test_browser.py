@@ -392,6 +392,31 @@ def test_on_a_phone_the_list_folds_away_and_the_chat_starts_at_the_top(serve, ll
         context.close()
 
 
+def test_on_a_phone_choosing_a_chat_or_a_new_one_folds_the_list_away(serve, llama_runner, browser):
+    url, spy = serve(llama_runner, max_new_tokens=5)
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    phone = context.new_page()
+    chat_list = phone.locator("#chat-list")
+
+    def folded():
+        box = chat_list.bounding_box()
+        return not chat_list.is_visible() or box is None or box["x"] + box["width"] <= 0
+
+    try:
+        open_app(phone, url)
+        answered(phone, spy, lambda: send(phone, "hello from a phone"))
+        for choose, shown in ((lambda: phone.get_by_role("button", name="New chat").click(), False),
+                              (lambda: chat_list.get_by_text("hello from a phone").click(), True)):
+            phone.evaluate("window.scrollTo(0, 0)")
+            phone.get_by_role("button", name="Toggle Sidebar").click()
+            expect(chat_list.get_by_text("hello from a phone")).to_be_in_viewport()
+            choose()
+            wait_for(folded, 10, "the list to fold away")
+            wait_for(lambda: ("hello from a phone" in phone.locator("#chat").inner_text()) == shown, 10, "the chat chosen")
+    finally:
+        context.close()
+
+
 def test_a_starter_example_runs_with_its_picture(serve, idefics3_runner, page):
     url, spy = serve(idefics3_runner, max_new_tokens=20)
     open_app(page, url)
