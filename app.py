@@ -1151,6 +1151,8 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         chats.open_state = conversation
         api_history = gr.State([])
         kept = gr.BrowserState({}, storage_key="local-model-chat", secret=chats.browser_ids.storage_secret)
+        kept_settings = gr.BrowserState({}, storage_key="local-model-chat-settings",  # (the Settings panel's)
+                                        secret=chats.browser_ids.storage_secret)
         with gr.Sidebar(label="Chats", open=False, elem_id="chats") as sidebar:
             new_chat = gr.Button("➕ New chat", variant="primary")
             if hf_oauth:
@@ -1245,6 +1247,13 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
             # --auth would stop; the app's own line orders it with the chat's and /v1's questions)
             gr.api(chats.ask, api_name="ask", queue=False)
 
+        # The Settings panel as this browser left it: kept as typed, restored on the next page.
+        generation_inputs = [system_prompt, max_new_tokens, temperature, top_p]
+        gr.on([box.input for box in generation_inputs], lambda *values: dict(zip(SETTINGS_KEPT, values)),
+              generation_inputs, [kept_settings], **quick)
+        demo.load(functools.partial(restored_settings, panel=generation_inputs), [kept_settings], generation_inputs,
+                  **quick)
+
         start = chats.start_session_with_hf if hf_oauth else chats.start_session
         quick_event(demo.load, start, [kept], [user, conversation, seen, kept, chatbot, chat_list])
         # The list beside the chat on a wide screen; on a phone folded behind its button, so
@@ -1276,6 +1285,26 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
                 runner.ready.on_set(lambda: examples_in_config(demo, chatbot, chatbot_examples(chats)))
     demo.chats, chats.demo = chats, demo  # (tests reach the events and the store through them)
     return demo
+
+
+SETTINGS_KEPT = ("system_prompt", "max_new_tokens", "temperature", "top_p")
+
+
+def restored_settings(kept, panel: list) -> tuple:
+    """The Settings panel's values (SETTINGS_KEPT, its components in `panel`) a browser kept;
+    one missing, or outside its slider now (another version of the app, a lower limit), stays
+    as the panel has it."""
+    kept = kept if isinstance(kept, dict) else {}
+    values = []
+    for name, component in zip(SETTINGS_KEPT, panel):
+        value = kept.get(name)
+        if isinstance(component, gr.Slider):
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                component.minimum <= value <= component.maximum
+            values.append((int(value) if component.step == 1 else float(value)) if fits else gr.skip())
+        else:
+            values.append(value if isinstance(value, str) else gr.skip())
+    return tuple(values)
 
 
 def chatbot_examples(chats: Chats) -> list[dict]:

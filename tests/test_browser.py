@@ -225,6 +225,27 @@ def test_retry_and_saved_conversations_survive_a_reload(serve, idefics3_runner, 
     assert history[0]["content"][0]["type"] == "image", "and its image still reaches the model"
 
 
+def test_the_settings_typed_in_the_panel_survive_a_reload_and_reach_the_model(serve, llama_runner, page):
+    url, spy = serve(llama_runner, max_new_tokens=20)
+    open_app(page, url)
+    page.get_by_text("Settings", exact=True).first.click()
+    typed = {"System prompt": "Answer like a pirate.", "number input for Max new tokens": "7",
+             "number input for Temperature (0 = greedy)": "0.5", "number input for Top-p": "0.9"}
+    for label, value in typed.items():
+        page.get_by_label(label, exact=True).fill(value)
+        page.get_by_label(label, exact=True).press("Tab")
+    time.sleep(0.5)  # (the last value reaches the browser's storage)
+    page.reload()
+    page.wait_for_selector("textarea")
+    page.get_by_text("Settings", exact=True).first.click()
+    for label, value in typed.items():
+        expect(page.get_by_label(label, exact=True)).to_have_value(value)
+    answered(page, spy, lambda: send(page, "hello"))
+    messages, generation = spy.calls[-1]
+    assert messages[0]["content"][0]["text"] == "Answer like a pirate."
+    assert (generation.max_new_tokens, generation.temperature, generation.top_p) == (7, 0.5, 0.9)
+
+
 def test_delete_from_the_list_and_it_stays_deleted(serve, llama_runner, page):
     url, spy = serve(llama_runner, max_new_tokens=5)
     open_app(page, url)
