@@ -279,7 +279,8 @@ class AnswerStep:
             if reply.reasoning_done:
                 if self.thought_for is None:
                     self.thought_for = time.perf_counter() - self.stream.started_at
-                message["reasoning_seconds"] = round(self.thought_for, 1)
+                # (Gradio shows a duration under 0.1 s in ms, and none at all for 0)
+                message["reasoning_seconds"] = max(0.001, round(self.thought_for, 3))
         if reply.tool_calls:
             message["tool_calls"] = list(reply.tool_calls)
         if figures:

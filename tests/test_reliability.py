@@ -234,6 +234,13 @@ def test_an_answer_that_runs_out_of_tokens_while_thinking_says_so_and_keeps_it(s
     browser.close(), reloaded.close()
 
 
+def test_a_short_thought_still_shows_how_long_it_took(reasoning_runner):
+    steps = app.make_answer_steps(reasoning_runner, Settings())([user("hi")], GenerationSettings(max_new_tokens=2))
+    *_, final = steps
+    [thinking] = [b for b in app.chat_bubbles(final.messages) if b["metadata"].get("title") == app.REASONING_TITLE]
+    assert thinking["metadata"]["duration"] > 0, "Gradio shows no duration for 0"
+
+
 # ---------------------------------------------------------------- faults
 
 def test_out_of_memory_is_caught_and_the_next_request_works(serve, llama_runner, monkeypatch):
