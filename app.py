@@ -56,7 +56,7 @@ import config
 import users
 from config import Settings
 from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part
-from conversation import ATTACHED, for_the_model
+from conversation import ATTACHED, for_the_model, with_well_formed_text
 from conversation_store import CHANGED_MEANWHILE as CHANGED_IN_STORE
 from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, load_export, open_store
 from engine_contract import (
@@ -836,7 +836,7 @@ class Chats:
         saves)."""
         if user is None:
             raise gr.Error("This page has lost its session (idle too long, or the server restarted): reload it.")
-        title = gr.skip()
+        message, title = with_well_formed_text(message), gr.skip()
         try:
             # full, or the message would fill it: refused now, not after a chat made for it, or an answer
             self.store.check_room(user, [without_refused_files(message)[0]])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from PIL import Image
@@ -22,6 +23,22 @@ import media
 from config import Settings
 from attachments import IMAGE_FORMATS
 from engine_contract import ChatInputError, FileRefused, ImageRefused, Reply, ToolCall
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def well_formed(text: str) -> str:
+    """`text` with each lone UTF-16 surrogate, half an emoji cut by a paste or a script, as
+    U+FFFD: it is no character, and UTF-8 (the store, the tokenizer, the page) can't hold it.
+    (/v1 refuses one instead, naming where it is.)"""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace") if LONE_SURROGATE.search(text) else text
+
+
+def with_well_formed_text(message: dict) -> dict:
+    """A message whose text parts are well_formed."""
+    return {**message, "content": [{**part, "text": well_formed(part["text"])} if part.get("type") == "text" else part
+                                   for part in message.get("content") or []]}
 
 
 def reads_files(messages: list[dict]) -> bool:

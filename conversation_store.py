@@ -46,6 +46,7 @@ import platformdirs
 from PIL import Image
 
 import media
+from conversation import well_formed
 from engine_contract import ToolCall
 
 APP_FOLDER = "local-model-chat"  # the per-user data folder's name, and on a Space under /data
@@ -272,7 +273,7 @@ class ConversationStore:
             conversation_id = secrets.token_urlsafe(18)
             now = time.time()
             self._db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)",
-                             (conversation_id, user, title.strip()[:TITLE_CHARS], now, now))
+                             (conversation_id, user, well_formed(title).strip()[:TITLE_CHARS], now, now))
         return conversation_id
 
     def conversations(self, user: str, search: str = "") -> list[Summary]:
@@ -280,6 +281,7 @@ class ConversationStore:
         (case-insensitive)."""
         query = "SELECT id, title, created, updated FROM conversations WHERE user=?"
         values: list = [user]
+        search = well_formed(search)
         if search.strip():
             pattern = "%" + search.strip().casefold().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             query += (" AND (casefold(title) LIKE ? ESCAPE '\\' OR id IN (SELECT conversation FROM messages WHERE "
@@ -298,7 +300,8 @@ class ConversationStore:
     def rename(self, user: str, conversation_id: str, title: str) -> None:
         with self._locked():
             self._owned(user, conversation_id)
-            self._db.execute("UPDATE conversations SET title=? WHERE id=?", (title.strip()[:TITLE_CHARS], conversation_id))
+            self._db.execute("UPDATE conversations SET title=? WHERE id=?",
+                             (well_formed(title).strip()[:TITLE_CHARS], conversation_id))
 
     def delete(self, user: str, conversation_id: str) -> None:
         """The conversation and its images (those no other conversation uses)."""
@@ -441,7 +444,7 @@ class ConversationStore:
         parts, images = [], []
         for part in message.get("content") or []:
             if part.get("type") == "text":
-                parts.append({"type": "text", "text": part["text"]})
+                parts.append({"type": "text", "text": well_formed(part["text"])})
             elif part.get("type") == "image":
                 image = _image_bytes(part["image"], self._image_key)
                 images.append(image)

@@ -865,3 +865,21 @@ def test_stop_during_a_tool_run_shows_what_is_kept(serve, tiny_model_paths, tmp_
     assert json.loads(json.dumps(shown)) == json.loads(json.dumps(
         app.gr.Chatbot().postprocess(app.chat_bubbles(saved)).model_dump())), "the tab shows what is kept"
     browser.close()
+
+
+def test_a_half_emoji_in_a_message_or_a_title_is_kept_as_a_replacement_character(serve, llama_runner, monkeypatch):
+    """A lone UTF-16 surrogate (half an emoji, cut by a paste or a script) is no character:
+    the message is still sent, answered and saved, the half shown as U+FFFD; a title too."""
+    import httpx._content  # a page's JSON.stringify sends it as "\ud83d": httpx would refuse to encode it
+    monkeypatch.setattr(httpx._content, "json_dumps", lambda value, **options: json.dumps(
+        value, **{**options, "ensure_ascii": True}))
+    url, spy = serve(llama_runner)
+    browser = Browser(url, spy.chats)
+    shown, chat_list = browser.send("look \ud83d here")
+    assert "look \ufffd here" in json.dumps(shown, ensure_ascii=False) and titles(chat_list) == ["look \ufffd here"]
+    assert app.text_of(spy.calls[-1][0][-1]) == "look \ufffd here", "the model reads it so"
+    found, title = browser.call("rename", "cats \udc00", "")
+    assert titles(found) == ["cats \ufffd"] and title == "cats \ufffd"
+    (conversation,) = spy.chats.store.conversations(_user(spy))
+    assert [app.text_of(m) for m in spy.chats.store.messages(_user(spy), conversation.id)][0] == "look \ufffd here"
+    browser.close()
