@@ -79,6 +79,7 @@ from gradio_fixes import (
     UnqueuedRefusals,
     cache_history_postprocessing,
     gradio_app_built_at_launch_only,
+    keep_reading_js,
     patient_launch_check,
     state_now,
     wake_queue_on_events,
@@ -1259,6 +1260,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         quick_event(demo.load, start, [kept], [user, conversation, seen, kept, chatbot, chat_list])
         # The list beside the chat on a wide screen; on a phone folded behind its button, so
         # the chat starts at the top of the screen.
+        demo.load(None, js=keep_reading_js("chat"), **quick)  # (scrolled up mid-answer: the reader stays there)
         demo.load(lambda width: gr.Sidebar(open=bool(width and width > SIDEBAR_MIN_WIDTH)), [window_width], [sidebar],
                   js="() => [window.innerWidth]", **quick)
         # On a phone the list then folds away to show the chat chosen. In the page: Gradio 6.31's sidebar

@@ -11,6 +11,7 @@ warning: a copied internal loop must never replace a newer one unseen.
     refusals.shown(trigger(refusals.noting(fn), inputs, outputs, queue=False), outputs)
     raise Refusal(message, outputs=...)          # fn refuses, and the page shows these outputs
     state_now(demo, request, state, default)     # what a tab's gr.State holds now, not when the event began
+    demo.load(None, js=keep_reading_js("chat"))  # scrolled up mid-answer, the reader stays there
 
 The chatbot: every streamed update re-sends the whole chat, and Gradio postprocesses every
 message of it again (Chatbot.postprocess builds pydantic models per message). A turn's
@@ -20,6 +21,13 @@ The queue: Gradio's queue loop (queueing.Queue.start_processing) looks for work 
 `sleep_when_free` (1 ms) and looking again, idle or not, and the CPU it burns is taken from
 the model on the other core. Here it sleeps until an event is pushed or a job ends (an
 asyncio.Event), with a slow poll as a safety net.
+
+Reading above a streaming answer: Gradio 6.31's chatbot, at the bottom when an update comes,
+scrolls to the bottom 300 ms later without looking again, and at ~30 updates a second one is
+always due: a reader who scrolls up is pulled back down until the answer ends.
+keep_reading_js makes the page skip those scrolls while the reader is above the bottom
+(any way they got there: wheel, keys, touch, the scroll bar); back at the bottom, or with
+Gradio's own "Scroll down" button, it follows the answer again.
 
 Refusals in unqueued events: Gradio 6.31's browser shows no message for a gr.Error raised
 in an event with queue=False (the queued path shows it as a toast); it only marks the
@@ -293,6 +301,30 @@ def state_now(demo, request, state, default):
         return holder[session][state._id]
     except (AttributeError, KeyError, TypeError):
         return default
+
+
+def keep_reading_js(elem_id: str) -> str:
+    """The page script (a demo.load js) that keeps a reader scrolled up in the chatbot
+    `elem_id` where they are while an answer streams (the module docstring)."""
+    return """() => {
+  if (window.keepReadingInstalled) return;
+  window.keepReadingInstalled = true;
+  const CHAT = '#%s .bubble-wrap, #%s .panel-wrap';
+  const atBottom = (el) => el.scrollHeight - el.scrollTop - el.clientHeight < 30;
+  let readingAbove = false;
+  // Only the reader scrolls the chat up (the chatbot's own scrolls go to the bottom).
+  document.addEventListener('scroll', (event) => {
+    if (event.target instanceof Element && event.target.matches(CHAT)) readingAbove = !atBottom(event.target);
+  }, true);
+  document.addEventListener('click', (event) => {  // Gradio's "Scroll down" button
+    if (event.target instanceof Element && event.target.closest('.scroll-down-button-container')) readingAbove = false;
+  }, true);
+  const scrollTo = Element.prototype.scrollTo;
+  Element.prototype.scrollTo = function (...where) {
+    if (readingAbove && this.matches(CHAT)) return;
+    return scrollTo.apply(this, where);
+  };
+}""" % (elem_id, elem_id)
 
 
 def _session() -> str | None:
