@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -219,19 +220,22 @@ def _problem(settings) -> str | None:
         return f"--base-url must be an http:// or https:// URL, e.g. http://localhost:8000/v1 (it is {settings.base_url!r})"
     if any(":" not in login or login.startswith(":") for login in settings.auth or ()):
         return "--auth must be USER:PASS"
-    if not 1 <= settings.max_new_tokens <= settings.max_new_tokens_limit:
-        return f"--max-new-tokens must be between 1 and {settings.max_new_tokens_limit}"
     for setting in SETTINGS:
         value = getattr(settings, setting.name)
-        if isinstance(setting.default, bool) or not isinstance(setting.default, (int, float)) or value is None:
+        if isinstance(setting.default, bool) or not isinstance(setting.default, (int, float)) or value is None \
+                or setting.name == "max_new_tokens":  # (its range is the limit's: below, once the limit is good)
             continue
         named = setting.flag if setting.option else setting.variable
+        if not math.isfinite(value):  # (nan passes every comparison below)
+            return f"{named} must be a finite number (it is {value})"
         if setting.least is None and isinstance(setting.default, float) and not value > 0:
             return f"{named} must be more than 0 (it is {value})"
         least = 1 if setting.least is None else setting.least
         if value < least or (setting.most is not None and value > setting.most):
             upto = f" to {setting.most:g}" if setting.most is not None else " or more"
             return f"{named} must be {least:g}{upto} (it is {value})"
+    if not 1 <= settings.max_new_tokens <= settings.max_new_tokens_limit:
+        return f"--max-new-tokens must be between 1 and {settings.max_new_tokens_limit}"
     return None
 
 
@@ -252,9 +256,16 @@ def from_environment(environ=os.environ) -> tuple[Settings, list[str]]:
     return Settings(**values), problems
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a refusal is one line (its usage, 13 lines, is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parser(defaults: Settings) -> argparse.ArgumentParser:
     """The command line: each option's default is its value in `defaults` (the environment's)."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description="Chat with a local Hugging Face model (text + images), streamed token by token. "
                     "Each option can also be set by the environment variable in brackets; more "
                     "settings, without options, are in README 'Settings'.")
