@@ -143,8 +143,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_new_tokens", 512, "default answer length: the slider's start, and the API's max_tokens "
             "when a request gives none", option=True, metavar="N"),
     Setting("max_new_tokens_limit", 8192, "the longest answer: the slider stops there, the API answers 400"),
-    Setting("max_updates_per_second", 30, "screen updates while an answer streams (coalesced); long chats "
-            "get fewer (8/s at 100 messages, 2/s at 400)"),
+    Setting("max_updates_per_second", 30, "updates while an answer streams (coalesced), on screen and in /v1 streams; long "
+            "chats get fewer (8/s at 100 messages, 2/s at 400)"),
     # -- images, documents, audio, video
     Setting("max_image_side", 2048, "larger images are downscaled before the model; the chat says so once"),
     Setting("max_image_pixels", 64_000_000, "larger images are refused from their header, before any pixel "

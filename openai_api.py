@@ -693,6 +693,7 @@ def to_settings(request: ChatCompletionRequest, settings: Settings) -> Generatio
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
         stop=request.stop or [],
+        max_updates_per_second=settings.max_updates_per_second,
         response_format=request.response_format if constrained else None,
         tool_call_required=requires_a_call(request),
         calls_of_offered_tools_only=True,

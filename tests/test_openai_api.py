@@ -92,6 +92,18 @@ def test_stop_sequences_seed_and_model_name(serve, llama_runner):
     assert no_model.json()["choices"][0]["message"]["content"] == full
 
 
+def test_max_updates_per_second_applies_to_api_streams(serve, llama_runner):
+    url, spy = serve(llama_runner, max_updates_per_second=2)
+    with httpx.stream("POST", url + "v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 0, "stream": True},
+            timeout=60) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: {")]
+    assert spy.calls[-1][1].max_updates_per_second == 2
+    started, ended = spy.streams[-1].started_at, spy.streams[-1].ended_at
+    text_chunks = len(events) - 2  # (the role chunk and the finish chunk)
+    assert text_chunks <= 2 + 2 * (ended - started), "the first update at once, then at most 2 a second"
+
+
 BAD_REQUESTS = {
     "no messages": ({"messages": []}, 400, "messages"),
     "unknown role": ({"messages": [{"role": "function", "content": "x"}]}, 400, "role"),
