@@ -1469,10 +1469,13 @@ def health(runner) -> JSONResponse:
     """/healthz: "ok", "loading" (both 200), or "unavailable" (503) with the runner's problem
     (a remote server unreachable, an engine process being replaced after a crash)."""
     problem = runner.problem if runner.loaded else None
+    info = runner.info
+    if problem:  # (its record is the engine's that died, or a server's that can't be reached: no model answers)
+        info = dataclasses.replace(info, loaded=False, loop_thread=None, torch_threads=None)
     return JSONResponse({
-        "status": "unavailable" if problem else "ok" if runner.loaded else "loading", "problem": problem,
-        "model": runner.name, "device": runner.info.device, "dtype": runner.info.dtype, "loaded": runner.loaded,
-        "runner": dataclasses.asdict(runner.info)}, status_code=503 if problem else 200)
+        "status": "unavailable" if problem else "ok" if info.loaded else "loading", "problem": problem,
+        "model": info.name, "device": info.device, "dtype": info.dtype, "loaded": info.loaded,
+        "runner": dataclasses.asdict(info)}, status_code=503 if problem else 200)
 
 
 def mcp_server_refusal(settings: Settings) -> str | None:

@@ -1,6 +1,7 @@
 """The engine in a process of its own (the app's default): same answers, Stop, refusals,
 and a crashed engine that ends the answer with a message and comes back."""
 
+import json
 import os
 import signal
 import subprocess
@@ -114,6 +115,12 @@ def test_an_engine_that_dies_idle_right_after_loading_is_replaced_after_a_pause(
         wait_for(lambda: engine.problem and "a new one starts at the next request, or in 4 s" in engine.problem, 20,
                  "the problem to be told")
         assert not engine.alive and engine.restarts == 0
+        import app
+        health = app.health(engine)
+        details = json.loads(health.body)
+        assert health.status_code == 503 and details["status"] == "unavailable"
+        assert details["loaded"] is False and details["runner"]["loaded"] is False, "no model is loaded meanwhile"
+        assert details["runner"]["loop_thread"] is None, "the dead engine's thread is not shown"
         wait_for(lambda: engine.restarts == 1 and engine.problem is None, 120, "a new engine, with no request")
         with engine.stream(ask("hello"), GenerationSettings(max_new_tokens=5)) as after:
             list(after)
