@@ -1453,7 +1453,9 @@ def serve(runner, settings: Settings | None = None, *, block: bool = True, quiet
         on_listening()
 
     api_open = settings.api_key is None and is_loopback(settings.host) and not settings.share
-    server.mount("/v1", create_api(runner, line, settings, open_without_key=api_open, speech=speech))
+    api = create_api(runner, line, settings, open_without_key=api_open, speech=speech)
+    server.mount("/v1", api)
+    demo.stop_api_answers = api.stop_answers  # (main, when the app stops)
     server.add_api_route("/healthz", lambda: health(runner), methods=["GET"])
     server.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=metrics.content_type),
                          methods=["GET"])
@@ -1652,6 +1654,8 @@ def main(argv: list[str] | None = None) -> int:
         for stop in (signal.SIGINT, signal.SIGTERM):  # (a second Ctrl+C must not cut the saving short)
             signal.signal(stop, lambda *_: log.info("Stopping already: saving the answers being written first "
                                                     "(%g s at most).", STOP_SAVE_WAIT_S))
+        if left := demo.stop_api_answers(STOP_SAVE_WAIT_S):
+            log.warning("Stopping: %d API response(s) could not be ended in time.", left)
         if left := demo.chats.stop_answers(STOP_SAVE_WAIT_S):
             log.warning("Stopping: %d answer(s) could not be saved in time.", left)
         demo.close()

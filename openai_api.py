@@ -704,8 +704,15 @@ def to_settings(request: ChatCompletionRequest, settings: Settings) -> Generatio
 
 # ---------------------------------------------------------------- the app
 
+class ServerStopping(GenerationError):
+    """The app is stopping (Ctrl+C, SIGTERM): an answer in flight ends where it is."""
+
+
+STOPPING_MESSAGE = "The server is stopping: this answer ends here."
+
 # What each of the engine's errors is on the API: status, type, code.
 ERROR_CODES = [
+    (ServerStopping, (503, "server_error", "server_stopping")),
     (Cancelled, (499, "invalid_request_error", "client_gone")),
     (ContextTooLong, (400, "invalid_request_error", "context_length_exceeded")),
     (FileRefused, (400, "invalid_request_error", "invalid_file")),
@@ -753,9 +760,54 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
     api = FastAPI(title="OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     api.add_middleware(BodyLimit)
     api.add_middleware(KeyCheck, api_key=api_key, open_without_key=open_without_key)  # (outermost: first)
+    stopping = Signal()  # the app is stopping (stop_answers)
+    in_flight: set = set()  # what stops each request not yet answered in full (its `gone`, its stream)
+
+    def stop_answers(wait_s: float) -> int:
+        """The app is stopping: every request in flight ends at once (a stream with an error
+        event and [DONE], the others with a 503), and so does every later one. Waits up to
+        `wait_s` for their responses to be sent (called from another thread than the
+        server's). Returns how many were not sent in time."""
+        stopping.set()
+        for stop in list(in_flight):
+            stop()
+        deadline = time.monotonic() + wait_s
+        while in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return len(in_flight)
+    api.stop_answers = stop_answers
+
+    @contextlib.asynccontextmanager
+    async def serving(request: Request):
+        """watching_disconnect, the request in flight meanwhile: the app stopping sets its `gone`."""
+        async with watching_disconnect(request) as gone:
+            in_flight.add(gone.set)
+            try:
+                if stopping.is_set():
+                    gone.set()
+                yield gone
+            finally:
+                in_flight.discard(gone.set)
+
+    def streamed(events, stream) -> EventSourceResponse:
+        """A stream's events, in flight until the response has ended. The background task
+        closes the stream even when the client is gone before the first event is sent (the
+        generator, whose finally closes it, never runs then)."""
+        def stop():
+            stream.close(wait=0)
+
+        def ended():
+            in_flight.discard(stop)
+            stop()
+        in_flight.add(stop)
+        if stopping.is_set():
+            stop()
+        return EventSourceResponse(events, ping=15, send_timeout=30, background=BackgroundTask(ended))
 
     @api.exception_handler(APIError)
     async def _api_error(request, error: APIError):
+        if error.status == 499 and stopping.is_set():  # (withdrawn by stop_answers, not by its client)
+            error = api_error(ServerStopping(STOPPING_MESSAGE))
         if error.status == 499:
             return Response(status_code=499)  # the client is gone: nobody reads it
         return JSONResponse(error.body, status_code=error.status, headers=error.headers)
@@ -884,19 +936,17 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         check_limits(body, settings)
         await anyio.to_thread.run_sync(refuse_what_is_not_honoured, body)  # (it compiles the grammar)
         deadline = time.monotonic() + settings.api_model_load_wait_s  # like the UI, a request made while
-        async with watching_disconnect(request) as gone:                 # the model loads waits for it
+        async with serving(request) as gone:                 # the model loads waits for it
             stream = await begin(body, gone, deadline)
             completion_id = f"chatcmpl-{uuid.uuid4().hex}"
             created = int(time.time())
             most_calls = 1 if body.parallel_tool_calls is False else None
             if not body.stream:
-                return await complete(stream, completion_id, created, runner.name, most_calls, bool(body.logprobs))
+                return await complete(stream, completion_id, created, runner.name, most_calls, bool(body.logprobs),
+                                      stopping)
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        # The background task closes the stream even when the client is gone before the
-        # first event is sent (the generator, whose finally closes it, never runs then).
-        return EventSourceResponse(
-            sse_chunks(stream, completion_id, created, runner.name, include_usage, most_calls, bool(body.logprobs)),
-            ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
+        return streamed(sse_chunks(stream, completion_id, created, runner.name, include_usage, most_calls,
+                                   bool(body.logprobs), stopping), stream)
 
     @api.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -908,12 +958,12 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
         except APIError as error:  # (its one message is the prompt)
             raise error.renamed(lambda param: "prompt" if param.startswith("messages") else param) from None
         deadline = time.monotonic() + settings.api_model_load_wait_s
-        async with watching_disconnect(request) as gone:
+        async with serving(request) as gone:
             stream = await begin(chat, gone, deadline, raw_prompt=True)
             completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             if not body.stream:
                 try:
-                    async for _ in updates(stream):
+                    async for _ in updates(stream, stopping):
                         pass
                 except GenerationError as error:
                     raise api_error(error) from None
@@ -922,8 +972,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
                                      "finish_reason": finish_reason_of(stream, stream.reply)}],
                         "usage": usage_of(stream)}
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return EventSourceResponse(text_chunks(stream, completion_id, created, runner.name, include_usage),
-                                   ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
+        return streamed(text_chunks(stream, completion_id, created, runner.name, include_usage, stopping), stream)
 
     @api.post("/responses")
     async def responses(body: responses_api.ResponsesRequest, request: Request):
@@ -942,20 +991,20 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             raise error.renamed(as_chat.param_in_responses) from None
         deadline = time.monotonic() + settings.api_model_load_wait_s
         most_calls = 1 if chat.parallel_tool_calls is False else None
-        async with watching_disconnect(request) as gone:
+        async with serving(request) as gone:
             try:
                 stream = await begin(chat, gone, deadline)
             except APIError as error:
                 raise error.renamed(as_chat.param_in_responses) from None
             if not body.stream:
                 try:
-                    return await responses_api.complete(stream, updates, body, runner.name, most_calls)
+                    return await responses_api.complete(stream, functools.partial(updates, stopping=stopping), body,
+                                                        runner.name, most_calls)
                 except GenerationError as error:
                     raise api_error(error) from None
-        return EventSourceResponse(
-            responses_api.events(stream, updates, body, runner.name, most_calls,
-                                 error_code=lambda error: api_error(error).body["error"]["code"]),
-            ping=15, send_timeout=30, background=BackgroundTask(stream.close, wait=0))
+        return streamed(responses_api.events(stream, functools.partial(updates, stopping=stopping), body, runner.name,
+                                             most_calls, error_code=lambda error: api_error(error).body["error"]["code"]),
+                        stream)
 
     return api
 
@@ -987,14 +1036,17 @@ async def watching_disconnect(request: Request):
         watcher.cancel()
 
 
-async def updates(stream):
+async def updates(stream, stopping: Signal | None = None):
     """The stream's growing reply, pulled from its thread without blocking the event loop.
-    Closing this generator (client gone, task cancelled) stops generation."""
+    Closing this generator (client gone, task cancelled) stops generation. An answer the app
+    stopping has cut (`stopping`) ends with ServerStopping."""
     iterator = iter(stream)
     try:
         while True:  # a cancel (client gone) doesn't wait for the next piece of text
             reply = await anyio.to_thread.run_sync(next, iterator, None, abandon_on_cancel=True)
             if reply is None:
+                if stopping is not None and stopping.is_set() and stream.finish_reason == "cancelled":
+                    raise ServerStopping(STOPPING_MESSAGE)
                 return
             yield reply
     finally:
@@ -1002,7 +1054,7 @@ async def updates(stream):
             await anyio.to_thread.run_sync(stream.close)
 
 
-async def text_chunks(stream, completion_id, created, model, include_usage: bool):
+async def text_chunks(stream, completion_id, created, model, include_usage: bool, stopping: Signal | None = None):
     """A legacy completion's stream: text_completion chunks of the growing text, then [DONE]."""
     def chunk(text: str, finish_reason=None) -> dict:
         return {"data": json.dumps({"id": completion_id, "object": "text_completion", "created": created,
@@ -1011,7 +1063,7 @@ async def text_chunks(stream, completion_id, created, model, include_usage: bool
                                    ensure_ascii=False)}
     sent = ""
     try:
-        async for reply in updates(stream):
+        async for reply in updates(stream, stopping):
             if reply.answer.startswith(sent) and reply.answer != sent:
                 yield chunk(reply.answer[len(sent):])
                 sent = reply.answer
@@ -1038,12 +1090,13 @@ def finish_reason_of(stream, reply: Reply) -> str:
     return "length" if stream.finish_reason == "length" else "stop"
 
 
-async def complete(stream, completion_id, created, model, most_calls: int | None = None, logprobs: bool = False):
+async def complete(stream, completion_id, created, model, most_calls: int | None = None, logprobs: bool = False,
+                   stopping: Signal | None = None):
     """The whole answer as one chat.completion (the client's leaving stops it: `gone`); with
     `most_calls`, only that many of its tool calls (parallel_tool_calls: false); with
     `logprobs`, each token's (choices[0].logprobs.content)."""
     try:
-        async for _ in updates(stream):
+        async for _ in updates(stream, stopping):
             pass
     except GenerationError as error:
         raise api_error(error) from None
@@ -1068,7 +1121,7 @@ def notices_of(stream) -> dict:
 
 
 async def sse_chunks(stream, completion_id, created, model, include_usage: bool, most_calls: int | None = None,
-                     logprobs: bool = False):
+                     logprobs: bool = False, stopping: Signal | None = None):
     """The answer as OpenAI's chunks: reasoning_content and content deltas as they grow; each
     tool call, once complete, as one delta.tool_calls chunk (id, name, arguments), as
     transformers' serve sends them. A call's raw text never goes out as content."""
@@ -1099,7 +1152,7 @@ async def sse_chunks(stream, completion_id, created, model, include_usage: bool,
 
     yield chunk({"role": "assistant", "content": ""}, **notices_of(stream))
     try:
-        async for reply in updates(stream):
+        async for reply in updates(stream, stopping):
             for item in news(reply):
                 yield item
     except GenerationError as error:

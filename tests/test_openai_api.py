@@ -552,3 +552,55 @@ def test_a_client_gone_before_its_first_event_still_stops_generation(llama_runne
     asyncio.run(asyncio.wait_for(api(scope, receive, send), 30))
     stream = spy.streams[0]
     assert stream.join(10) and stream.finish_reason == "cancelled" and stream.new_tokens < 2000
+
+
+@pytest.mark.parametrize("batching", ["off", "on"])
+def test_stopping_the_app_ends_api_answers_in_flight_at_once(tmp_path, batching):
+    """SIGTERM (docker stop) while /v1 answers stream: each stream ends at once with an error
+    event saying the server is stopping, then [DONE]; a request waiting its turn gets a 503;
+    the app exits without logging that the engine failed."""
+    import json
+    import os
+    import signal
+    import threading
+
+    from tests.conftest import free_port, wait_until_loaded
+    from tests.tiny_models import build_bench_llama
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port), "DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, str(ROOT / "app.py"), "--model", str(build_bench_llama(tmp_path / "bench-llama")),
+               "--device", "cpu", "--batching", batching]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    ask = {"messages": [{"role": "user", "content": "tell me a very long story"}], "max_tokens": 6000,
+           "temperature": 0}
+    events, waiting = [], {}
+
+    def stream():
+        with httpx.stream("POST", url, json={**ask, "stream": True}, timeout=60) as response:
+            events.extend(line[6:] for line in response.iter_lines() if line.startswith("data: "))
+
+    def behind():
+        waiting["response"] = httpx.post(url, json=ask, timeout=60)
+    try:
+        assert wait_until_loaded(port, process), "the app did not start"
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        wait_for(lambda: len(events) >= 5, 60, "the answer to stream")
+        waiter = threading.Thread(target=behind)
+        waiter.start()
+        time.sleep(0.5)  # (queued behind the stream, or batched beside it)
+        process.send_signal(signal.SIGTERM)
+        streaming.join(20)
+        waiter.join(20)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "server_stopping", events[-3:]
+    assert "server is stopping" in json.loads(events[-2])["error"]["message"]
+    assert waiting["response"].status_code == 503
+    assert waiting["response"].json()["error"]["code"] == "server_stopping"
+    log = process.stderr.read().decode()
+    assert "engine process stopped" not in log and "Traceback" not in log, log
