@@ -231,7 +231,8 @@ def make_answer_steps(runner, settings: Settings, *, line: WaitingLine | None = 
                                             *pictures(result.images, settings.max_images_per_message)],
                                 "duration": round(result.seconds, 2)}]
                 messages = [*messages, *for_the_model(done[-1:])]
-            generation = dataclasses.replace(generation, continues_answer=True)  # before those who came later
+            # (before those who came later; its first token counts from its own start)
+            generation = dataclasses.replace(generation, continues_answer=True, arrived_at=None)
             yield Progress(done, THINKING_TITLE)
 
     if zero_gpu:
@@ -1056,6 +1057,8 @@ class Chats:
                 if gone.is_set():
                     return
             # (ZeroGPU runs the steps in a worker process of its own: nothing to call back there)
+            if place is not None:
+                generation = dataclasses.replace(generation, arrived_at=place.joined_at)
             steps = self.answer_steps(messages, generation) if self.zero_gpu else \
                 self.answer_steps(messages, generation, gone, place.started, place.reading_files)
             while (progress := await anyio.to_thread.run_sync(next, steps, None, abandon_on_cancel=True)) is not None:

@@ -240,6 +240,9 @@ class GenerationSettings:
     logprobs: int | None = None      # each token's log probability and this many top alternatives (None: off)
     raw_prompt: bool = False         # the one user message's text is continued as it is, without the chat template
     frequency_penalty: float = 0.0
+    # When the user asked (time.perf_counter, one clock for every process): its place in the
+    # waiting line (waiting_line.Place.joined_at). time_to_first_token counts from here.
+    arrived_at: float | None = None
 
 
 # ---------------------------------------------------------------- runners
@@ -299,6 +302,7 @@ class Stream(Protocol):
     prompt_tokens: int
     new_tokens: int
     started_at: float
+    arrived_at: float | None          # when the user asked (else started_at): the wait counts
     first_token_at: float | None
     ended_at: float | None
     closed_at: float | None           # the first close(): Stop, a closed tab, a cancel
@@ -359,7 +363,8 @@ class StreamBase:
 
     def __init__(self, *, max_new_tokens: int, max_updates_per_second: float = Settings.max_updates_per_second,
                  listeners: list | None = None, on_update: Callable[[Reply], None] | None = None,
-                 on_end: Callable[["StreamBase"], None] | None = None, request_text: str = ""):
+                 on_end: Callable[["StreamBase"], None] | None = None, request_text: str = "",
+                 arrived_at: float | None = None):
         self.reply = Reply()
         self.notices: list[str] = []
         self.logprobs: list[dict] = []  # with settings.logprobs: one entry per token, OpenAI's shape
@@ -369,6 +374,7 @@ class StreamBase:
         self.new_tokens = 0
         self.reasoning_tokens = 0  # of new_tokens, those written while reasoning (OpenAI's usage counts them)
         self.started_at = time.perf_counter()
+        self.arrived_at = arrived_at
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.ended_at: float | None = None
@@ -393,6 +399,13 @@ class StreamBase:
 
     @property
     def time_to_first_token(self) -> float | None:
+        """What the user waited: from the request's arrival, its wait in line included."""
+        start = self.started_at if self.arrived_at is None else self.arrived_at
+        return None if self.first_token_at is None else self.first_token_at - start
+
+    @property
+    def engine_time_to_first_token(self) -> float | None:
+        """From the start of generation: the prefill and the first step alone."""
         return None if self.first_token_at is None else self.first_token_at - self.started_at
 
     @property

@@ -412,7 +412,7 @@ class EngineStream(StreamBase):
     def __init__(self, engine: EngineProcess, request_id: int, settings: GenerationSettings, request_text: str,
                  on_reading=None):
         super().__init__(max_new_tokens=settings.max_new_tokens, max_updates_per_second=float("inf"),
-                         listeners=engine.finish_listeners, request_text=request_text)
+                         listeners=engine.finish_listeners, request_text=request_text, arrived_at=settings.arrived_at)
         self._engine = engine
         self._on_reading_callback = on_reading
         self.id = request_id

@@ -287,7 +287,7 @@ class TextStream(StreamBase):
         super().__init__(max_new_tokens=generation_config.max_new_tokens,
                          max_updates_per_second=settings.max_updates_per_second,
                          listeners=runner.finish_listeners, on_update=on_update, on_end=on_end,
-                         request_text=request_text)
+                         request_text=request_text, arrived_at=settings.arrived_at)
         self.notices = list(notices)
         self.token_times = [] if runner.record_token_times else None
         self._runner = runner

@@ -921,6 +921,7 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             place = line.join("api")
         except LineFull as full:
             raise APIError(503, str(full), type="server_error", code="server_busy", headers=retry_after) from None
+        generation.arrived_at = place.joined_at
         try:
             await wait_for_turn(place, gone, deadline)
             generation.tools = tools_of(body, runner.info)

@@ -190,7 +190,8 @@ class RemoteRunner(DescribedByInfo):
             if getattr(settings, penalty):
                 request[penalty] = getattr(settings, penalty)
         try:
-            stream = RemoteStream(self, request, settings.max_updates_per_second, last_user_text(messages))
+            stream = RemoteStream(self, request, settings.max_updates_per_second, last_user_text(messages),
+                                  settings.arrived_at)
         except ChatInputError as refusal:
             raise self._tools_now_off(refusal) if "tools" in request else refusal from None
         stream.notices = notices
@@ -304,10 +305,12 @@ class RemoteStream(StreamBase):
     stream, whose reasoning and answer come apart already; close() closes the HTTP stream,
     so the server stops generating too."""
 
-    def __init__(self, runner: RemoteRunner, request: dict, max_updates_per_second: float, request_text: str):
+    def __init__(self, runner: RemoteRunner, request: dict, max_updates_per_second: float, request_text: str,
+                 arrived_at: float | None = None):
         self._due: list[Reply] = []  # replies the throttle let through, for the reader
         super().__init__(max_new_tokens=request["max_tokens"], max_updates_per_second=max_updates_per_second,
-                         listeners=runner.finish_listeners, on_update=self._due.append, request_text=request_text)
+                         listeners=runner.finish_listeners, on_update=self._due.append, request_text=request_text,
+                         arrived_at=arrived_at)
         self._runner = runner
         self._reasoning = ""
         self._answer = ""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 
 class LineFull(Exception):
@@ -132,6 +133,7 @@ class Place:
     def __init__(self, line: WaitingLine, kind: str):
         self.line = line
         self.kind = kind
+        self.joined_at = time.perf_counter()  # the request's arrival (GenerationSettings.arrived_at)
         self.gone = False  # left the line for good
         self.reading = False  # let through, its files being read: those behind it go ahead
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -344,3 +344,28 @@ def test_a_waiting_place_moves_up_when_the_one_ahead_reads_its_files_and_back_if
     assert place.at_front and place.position == 1
     reading.leave()  # (e.g. Stop while its files were read)
     assert place.position == 1 and line.waiting == 1
+
+
+def test_time_to_first_token_counts_the_wait_in_line(serve, llama_runner, monkeypatch):
+    """A request that waits behind another answer: its time to first token (the metric, the
+    chat's "first token after") is what its user waited, the wait in line included."""
+    import time
+    url, spy = serve(llama_runner)
+    release = hold_generation(monkeypatch, llama_runner.model)
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(httpx.post(url + "v1/chat/completions", json=ask, timeout=60)))
+    first.start()
+    wait_for(lambda: spy.streams, 30, "the first answer to begin")
+    second = threading.Thread(target=lambda: answers.append(httpx.post(url + "v1/chat/completions", json=ask, timeout=60)))
+    second.start()
+    wait_for(lambda: spy.chats.line.waiting == 1, 30, "the second request to wait in line")
+    time.sleep(0.3)  # (a wait in line longer than an answer's own first token)
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert [answer.status_code for answer in answers] == [200, 200]
+    held, waited = spy.streams
+    wait_in_line = held.ended_at - waited.arrived_at
+    assert waited.time_to_first_token > wait_in_line > waited.engine_time_to_first_token
+    assert metric(url, "chat_time_to_first_token_seconds_sum") >= held.time_to_first_token + wait_in_line
