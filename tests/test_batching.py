@@ -300,3 +300,18 @@ def test_batching_auto_prefers_a_compiled_model_on_cuda():
     from batching import wants_batching
     assert wants_batching("auto", "cuda", is_vision=False, compiled=True)[0] is False
     assert wants_batching("on", "cuda", is_vision=False, compiled=True)[0] is True
+
+
+def test_batching_on_cpu_keeps_the_memory_of_a_small_model_small(tmp_path):
+    """The engine of a 3.7M-param model (8192-token context), batching on CPU, holds its KV
+    cache (512 MB) and little more (the manager's attention mask for 8192-token batches took
+    2.4 GB: 3.3 GB resident in all)."""
+    from engine_process import EngineProcess
+    from tests.tiny_models import build_bench_llama
+    engine = EngineProcess.start(str(build_bench_llama(tmp_path / "bench-llama")), device="cpu", batching="on")
+    try:
+        with open(f"/proc/{engine.pid}/status") as status:
+            resident_mb = int(status.read().split("VmRSS:")[1].split()[0]) / 1024
+        assert resident_mb < 1500, f"the engine holds {resident_mb:.0f} MB"
+    finally:
+        engine.close()
