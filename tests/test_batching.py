@@ -10,6 +10,7 @@ import openai
 import pytest
 
 import app
+import batching
 from engine_contract import ChatInputError, GenerationError, GenerationSettings, Runner
 from model_runner import BatchedStream, ModelRunner
 from tests.conftest import hold_generation, wait_for
@@ -315,3 +316,31 @@ def test_batching_on_cpu_keeps_the_memory_of_a_small_model_small(tmp_path):
         assert resident_mb < 1500, f"the engine holds {resident_mb:.0f} MB"
     finally:
         engine.close()
+
+
+def test_stop_during_a_long_prefill_stops_the_compute(tmp_path, monkeypatch):
+    """A long prompt is prefilled in chunks: a Stop while it is prefilled leaves at most the
+    chunk underway and one more to compute (the whole prompt, ~6 s on CPU, was one pass)."""
+    import functools
+    from tests.tiny_models import build_bench_llama
+    runner = ModelRunner.load(str(build_bench_llama(tmp_path / "bench-llama")), device="cpu", batching="on")
+    try:
+        real_forward, underway, release, sizes = runner.model.forward, threading.Event(), threading.Event(), []
+
+        @functools.wraps(real_forward)
+        def forward(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            sizes.append(ids.shape[-1])
+            underway.set()
+            release.wait(60)
+            return real_forward(*args, **kwargs)
+        monkeypatch.setattr(runner.model, "forward", forward)
+        stream = runner.stream(chat("tell me " * 1000), GenerationSettings(max_new_tokens=5))
+        assert underway.wait(60)
+        stream.close(wait=0)  # Stop, while the first pass is underway
+        release.set()
+        stream.join(60)
+        assert stream.finish_reason == "cancelled" and stream.prompt_tokens > 2000
+        assert sum(sizes) <= 2 * batching.BATCH_CPU_MAX_BATCH_TOKENS < stream.prompt_tokens, sizes
+    finally:
+        runner.close()
