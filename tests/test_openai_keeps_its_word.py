@@ -226,7 +226,7 @@ def test_parallel_tool_calls_false_answers_with_one_call():
             raise StopAsyncIteration
     import openai_api
     original = openai_api.updates
-    openai_api.updates = lambda stream: stream
+    openai_api.updates = lambda stream, stopping=None: stream
     try:
         both = asyncio.run(complete(Ended(), "id", 0, "m"))
         one = asyncio.run(complete(Ended(), "id", 0, "m", most_calls=1))
