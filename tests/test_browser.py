@@ -336,7 +336,7 @@ def test_an_edit_in_a_tab_showing_an_old_chat_is_refused_and_the_chat_shown_as_i
     answered(page, spy, lambda: send(page, "m2 beta"))
     other = page.context.new_page()  # (the same browser: the same user, the open chat)
     open_app(other, url)
-    expect(other.locator(".user-row").last).to_contain_text("m2 beta")
+    expect(other.locator(".user-row").last).to_contain_text("m2 beta", timeout=15_000)  # (a loaded machine)
     page.locator("button[aria-label=Undo]").last.click()
     expect(page.locator(".user-row")).to_have_count(1)
     answered(page, spy, lambda: send(page, "m3 gamma"))
