@@ -220,8 +220,8 @@ class Reply:
 class GenerationSettings:
     """One answer's settings."""
     max_new_tokens: int = Settings.max_new_tokens
-    # The client asked for max_new_tokens (the API's max_tokens): a prompt that leaves it less
-    # room in the context is refused (ContextTooLong), where a default is cut to the room left.
+    # The client asked for max_new_tokens (the API's max_tokens): a conversation that leaves it
+    # less room in the context is refused (ContextTooLong), where a default is cut to the room left.
     max_new_tokens_asked: bool = False
     temperature: float = 0.0    # 0 = greedy
     top_p: float = 1.0

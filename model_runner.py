@@ -951,11 +951,10 @@ class ModelRunner:
         settings = job.settings
         notices: list[str] = []
         limit = self.context_length
-        # Room for the answer: all of max_new_tokens if possible, at least a quarter of the
-        # context; all of it when the client asked for it.
-        reserve = (settings.max_new_tokens if settings.max_new_tokens_asked else
-                   min(settings.max_new_tokens, limit // 4)) if limit else 0
-        asked = f" and max_tokens asks for {settings.max_new_tokens} more" if settings.max_new_tokens_asked else ""
+        # Room kept for the answer when a long conversation is cut to fit: max_new_tokens, at
+        # most a quarter of the context (the conversation keeps the rest). A client that asked
+        # for max_new_tokens (the API's max_tokens) gets all of it or a refusal, below.
+        reserve = min(settings.max_new_tokens, limit // 4) if limit else 0
         structured = bool(settings.response_format or settings.tool_call_required)
         if structured and settings.min_new_tokens:  # (the grammar's end would be forbidden: nothing left)
             raise ChatInputError("min_new_tokens can't be combined with a structured output.")
@@ -963,18 +962,12 @@ class ModelRunner:
             text = "".join(part["text"] for part in job.messages[-1]["content"] if part["type"] == "text")
             inputs = self.tokenizer(text, return_tensors="pt").to(self.model.device)
             if limit and inputs["input_ids"].shape[-1] + reserve > limit:
-                raise ContextTooLong(f"This prompt ({inputs['input_ids'].shape[-1]} tokens){asked} leaves no room "
+                raise ContextTooLong(f"This prompt ({inputs['input_ids'].shape[-1]} tokens) leaves no room "
                                      f"for the answer in the model's {limit}-token context.")
         else:
             messages, notices = (job.prepared[0], list(job.prepared[1])) if job.prepared else (job.messages, notices)
-            try:
-                inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices, tools=settings.tools,
-                                           prepared=job.prepared is not None)
-            except ContextTooLong as error:
-                if not settings.max_new_tokens_asked:
-                    raise
-                raise ContextTooLong(f"{error} max_tokens asks for {settings.max_new_tokens} of the model's "
-                                     f"{limit}-token context: ask for fewer, or send less.") from None
+            inputs = self.build_inputs(messages, reserve_tokens=reserve, notices=notices, tools=settings.tools,
+                                       prepared=job.prepared is not None)
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -4:].tolist())
         starts_in_reasoning = prompt_tail.rstrip().endswith(REASONING_START) and not settings.raw_prompt
         if structured and starts_in_reasoning:  # structured: the JSON, no reasoning first
@@ -982,13 +975,19 @@ class ModelRunner:
             starts_in_reasoning = False
         generation = self.generation_config(settings)
         prompt_tokens = inputs["input_ids"].shape[-1]
+        asked = settings.max_new_tokens if settings.max_new_tokens_asked else None
+        if limit and asked and prompt_tokens + asked > limit:
+            raise ContextTooLong(f"This conversation ({prompt_tokens} tokens) and max_tokens ({asked}) are more than "
+                                 f"the model's {limit}-token context holds: ask for at most "
+                                 f"{max(limit - prompt_tokens, 0)} tokens, or send less.")
         if limit:  # the answer ends ("length") where the context is full
             generation.max_new_tokens = min(generation.max_new_tokens, limit - prompt_tokens)
         if self.batcher is not None:  # what the batching cache holds beside this conversation
             allowed = self.batcher.admit(prompt_tokens, generation.max_new_tokens, settings.seed)
-            if allowed < generation.max_new_tokens and settings.max_new_tokens_asked:
-                raise ContextTooLong(f"This conversation ({prompt_tokens} tokens){asked}: the batching cache "
-                                     f"holds {allowed} more beside it. Ask for at most {allowed}, or send less.")
+            if allowed < generation.max_new_tokens and asked:
+                raise ContextTooLong(f"This conversation ({prompt_tokens} tokens) and max_tokens ({asked}): the "
+                                     f"batching cache holds {allowed} more beside it. Ask for at most {allowed}, "
+                                     f"or send less.")
             if allowed < generation.max_new_tokens:
                 notices.append(f"This answer can be at most {allowed} tokens long: that is what the batching "
                                f"cache holds beside this conversation.")

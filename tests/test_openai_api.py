@@ -500,6 +500,18 @@ def test_a_max_tokens_the_context_cannot_hold_is_a_400_with_both_figures(serve, 
     legacy = httpx.post(url + "v1/completions", timeout=120, json={"prompt": prompt, "max_tokens": 2000})
     assert legacy.status_code == 400 and legacy.json()["error"]["code"] == "context_length_exceeded"
     assert "2000" in legacy.json()["error"]["message"]
+    # a conversation: the max_tokens it asks for never costs it its earlier turns
+    turns = [{"role": "user", "content": long_text(llama_runner, context // 3)}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "What did I say first?"}]
+    whole = httpx.post(url + "v1/chat/completions", timeout=120, json={"messages": turns, "max_tokens": 5}).json()
+    room = context - whole["usage"]["prompt_tokens"]
+    kept = httpx.post(url + "v1/chat/completions", timeout=120, json={"messages": turns, "max_tokens": room})
+    assert kept.status_code == 200 and kept.json()["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"], \
+        "all of the conversation, and all of max_tokens"
+    assert not kept.json().get("notices")
+    refused = httpx.post(url + "v1/chat/completions", timeout=120, json={"messages": turns, "max_tokens": room + 1})
+    assert refused.status_code == 400 and f"at most {room} tokens" in refused.json()["error"]["message"], \
+        "refused, not answered with its first turns left out"
 
 
 def test_remote_backend_honours_the_update_rate_it_is_given(serve, llama_runner):
