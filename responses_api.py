@@ -161,6 +161,10 @@ def to_chat_request(body: ResponsesRequest) -> ChatRequest:
                                                     "{\"type\": \"function\", \"name\": ...}.")
             choice = {"type": "function", "function": {"name": choice["name"]}}
         chat["tool_choice"] = choice
+    if not body.tools:  # (OpenAI's Responses API takes these without tools, and echoes them by default)
+        if chat.get("tool_choice") in ("auto", "none"):
+            del chat["tool_choice"]
+        chat.pop("parallel_tool_calls", None)
     for key, value in (body.text or {}).items():
         if key != "format" and value is not None:
             raise RequestProblem(f"text.{key}", f"text.{key}: can't be set per request here (text.format can).")
