@@ -56,7 +56,7 @@ import config
 import users
 from config import Settings
 from attachments import IMAGE_FORMATS, UPLOAD_TYPES, attachment_part
-from conversation import ATTACHED, for_the_model, with_well_formed_text
+from conversation import ATTACHED, for_the_model, well_formed, with_well_formed_text
 from conversation_store import CHANGED_MEANWHILE as CHANGED_IN_STORE
 from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, load_export, open_store
 from engine_contract import (
@@ -628,6 +628,7 @@ class Chats:
         return self.start_session(kept, request, hf_user=profile.username if profile else None)
 
     def chat_list(self, user, selected=None, search: str = ""):
+        search = well_formed(search or "")
         try:
             chats = self.store.conversations(user, search) if user else []
         except StoreError as error:  # (the database failed while the app runs: the page still loads, and says so)
@@ -1229,8 +1230,7 @@ def build_demo(runner, line: WaitingLine | None = None, settings: Settings | Non
         quick_event(chat_list.input, chats.open_chat, [chat_list, user, kept, search], opened, cancels=answering) \
             .then(idle_textbox, None,
                   [textbox], **quick)
-        quick_event(search.change, lambda user_key, chosen, text: chats.chat_list(user_key, chosen, text),
-                    [user, conversation, search], [chat_list])
+        quick_event(search.change, chats.chat_list, [user, conversation, search], [chat_list])
         quick_event(functools.partial(gr.on, [rename.click, title.submit]), chats.rename,
                     [title, conversation, user, search], [chat_list, title])
         quick_event(export.click, chats.export, [conversation, user], [exported])

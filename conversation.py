@@ -237,7 +237,7 @@ def for_the_model(conversation: list[dict], system_prompt: str = "") -> list[dic
     turn, and one can't block the turns after it. The last message stays whatever it is."""
     kept = []
     for message in conversation:
-        message = {key: message[key] for key in MODEL_KEYS if key in message}
+        message = with_well_formed_text({key: message[key] for key in MODEL_KEYS if key in message})
         message["content"] = [part for part in message.get("content") or []
                               if part.get("type") != "text" or part.get("text", "").strip()]
         if message["role"] == "assistant" and not message["content"] and not message.get("tool_calls"):
@@ -245,7 +245,7 @@ def for_the_model(conversation: list[dict], system_prompt: str = "") -> list[dic
         kept.append(message)
     answered = [message for message, after in zip(kept, [*kept[1:], None])
                 if message["role"] != "user" or after is None or after["role"] != "user"]
-    system = [{"role": "system", "content": [{"type": "text", "text": system_prompt.strip()}]}] \
+    system = [{"role": "system", "content": [{"type": "text", "text": well_formed(system_prompt.strip())}]}] \
         if system_prompt and system_prompt.strip() else []
     return system + answered
 

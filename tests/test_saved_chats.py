@@ -880,6 +880,13 @@ def test_a_half_emoji_in_a_message_or_a_title_is_kept_as_a_replacement_character
     assert app.text_of(spy.calls[-1][0][-1]) == "look \ufffd here", "the model reads it so"
     found, title = browser.call("rename", "cats \udc00", "")
     assert titles(found) == ["cats \ufffd"] and title == "cats \ufffd"
+    found = browser.call("chat_list", "cats \ud83d")  # (a search: the list's label says what it matched)
+    assert titles(found) == ["cats \ufffd"] and found["label"].endswith("matching “cats \ufffd”"), found
+    browser.call("rename", "cats", "")
+    shown = browser.call("begin_turn", {"text": "and now?", "files": []}, browser.kept, "")[0]
+    answered = browser.client.predict("Be brief \ud83d", 8, 0.0, 1.0, fn_index=event(spy.chats, "respond"))
+    assert "Error" not in json.dumps(answered) and app.text_of(spy.calls[-1][0][0]) == "Be brief \ufffd", \
+        "a half emoji in the system prompt (kept in the browser) is no error either"
     (conversation,) = spy.chats.store.conversations(_user(spy))
     assert [app.text_of(m) for m in spy.chats.store.messages(_user(spy), conversation.id)][0] == "look \ufffd here"
     browser.close()
