@@ -1566,11 +1566,6 @@ class ModelSlot(DescribedByInfo):
     def problem(self) -> str | None:
         return self.runner.problem if self.runner else None
 
-    def close(self) -> None:
-        """Stop the runner (the engine process ends) if the model has loaded."""
-        if (close := getattr(self.runner, "close", None)) is not None:
-            close()
-
     def stream(self, messages, settings=None, cancelled: Signal | None = None, on_reading=None):
         wait_for_either(self.ready, cancelled)
         if not self.ready.is_set():
@@ -1612,7 +1607,6 @@ def main(argv: list[str] | None = None) -> int:
                 return ModelRunner.load(settings=settings)
             return EngineProcess.start(settings=settings)
         slot = ModelSlot(settings.served_model_name, load, one_at_a_time=True)
-    atexit.register(slot.close)
     try:
         users.read_logins(settings.auth, settings.auth_file)
     except ValueError as error:

@@ -26,6 +26,7 @@ max_updates_per_second messages a second per answer.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import itertools
@@ -164,7 +165,8 @@ REPLACE_AT_ONCE_AFTER_S = 60.0
 # systemd stops a service by sending SIGTERM to its whole group, engine included, while the web
 # server first ends the answers in flight (saving what was written) and then ends the engine: a
 # SIGTERM ends a loaded engine this long after, unless the web server ends it first (a second, at
-# once). The app ends it at exit (ModelSlot.close), before multiprocessing's own SIGTERM would.
+# once). Its web server ends it at exit (atexit: EngineProcess.close), before multiprocessing's
+# own SIGTERM would make the exit wait this long.
 ENGINE_SIGTERM_GRACE_S = 15.0
 
 
@@ -204,6 +206,9 @@ class EngineProcess(DescribedByInfo):
             settings = settings.replace(model=model)
         engine = cls(settings, record_token_times)
         engine._launch()
+        # (registered after multiprocessing's own exit function, so it runs before it: that one's
+        # SIGTERM, a loaded engine waits out)
+        atexit.register(engine.close)
         return engine
 
     @property

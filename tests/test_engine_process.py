@@ -190,6 +190,17 @@ def test_the_model_lives_only_in_an_engine_process_that_goes_away_with_the_app(t
     assert not running(engines[0]), "the engine must not outlive the app"
 
 
+def test_a_program_that_ends_with_an_engine_running_exits_at_once(tiny_model_paths):
+    """Its engine is ended at exit (Exit), not by multiprocessing's SIGTERM, which a loaded
+    engine waits out (ENGINE_SIGTERM_GRACE_S: systemd signals the whole group)."""
+    from engine_process import ENGINE_SIGTERM_GRACE_S
+    program = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from engine_process import EngineProcess; "
+               f"EngineProcess.start({str(tiny_model_paths['llama'])!r}, device='cpu'); print(time.time())")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    exited_after = time.time() - float(done.stdout.split()[-1])
+    assert done.returncode == 0 and exited_after < ENGINE_SIGTERM_GRACE_S / 2, (exited_after, done.stderr[-500:])
+
+
 def children_of(pid: int) -> list[int]:
     """The engine processes among pid's children (multiprocessing also starts a resource tracker)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
