@@ -60,6 +60,7 @@ from conversation import ATTACHED, for_the_model, well_formed, with_well_formed_
 from conversation_store import CHANGED_MEANWHILE as CHANGED_IN_STORE
 from conversation_store import TITLE_CHARS, ConversationStore, NotFound, StoreError, load_export, open_store
 from engine_contract import (
+    ANSWER_CUT_TO_BATCH_CACHE,
     Cancelled,
     ChatInputError,
     DescribedByInfo,
@@ -248,7 +249,8 @@ def out_of_room(stream, max_new_tokens: int) -> str | None:
     if stream.finish_reason != "length":
         return None
     thinking = " while thinking" if stream.reply.reasoning is not None and not stream.reply.answer else ""
-    if stream.max_new_tokens < max_new_tokens:
+    cut_to_cache = note_kind(ANSWER_CUT_TO_BATCH_CACHE.format(tokens=0))
+    if stream.max_new_tokens < max_new_tokens and not any(note_kind(n) == cut_to_cache for n in stream.notices):
         return (f"The answer stopped here{thinking}: the model's context is full ({stream.prompt_tokens} tokens of "
                 f"chat and {stream.new_tokens} of answer). A new chat, or a shorter message, leaves it more room.")
     if thinking:

@@ -25,7 +25,7 @@ from attachments import IMAGE_FORMATS
 from engine_contract import ChatInputError, FileRefused, ImageRefused, Reply, ToolCall
 
 
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # (a valid JSON escape, but no character: nothing can encode it)
 
 
 def well_formed(text: str) -> str:

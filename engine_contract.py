@@ -350,6 +350,9 @@ class Runner(Protocol):
 
 # ---------------------------------------------------------------- streams
 
+# The notice of an answer the batching cache leaves less room than max_new_tokens
+ANSWER_CUT_TO_BATCH_CACHE = ("This answer can be at most {tokens} tokens long: that is what the batching cache holds "
+                             "beside this conversation.")
 _ENDED = object()
 
 

@@ -75,6 +75,7 @@ from conversation import (
     tool_pictures_after_results,
 )
 from engine_contract import (  # noqa: F401  (re-exported: callers of the engine use them with it)
+    ANSWER_CUT_TO_BATCH_CACHE,
     ActiveCount,
     Cancelled,
     ChatInputError,
@@ -989,8 +990,7 @@ class ModelRunner:
                                      f"batching cache holds {allowed} more beside it. Ask for at most {allowed}, "
                                      f"or send less.")
             if allowed < generation.max_new_tokens:
-                notices.append(f"This answer can be at most {allowed} tokens long: that is what the batching "
-                               f"cache holds beside this conversation.")
+                notices.append(ANSWER_CUT_TO_BATCH_CACHE.format(tokens=allowed))
                 generation.max_new_tokens = allowed
         if self.compile and prompt_tokens + generation.max_new_tokens > generation.max_cache_len:
             log.info("This answer (%d prompt tokens + up to %d new) is longer than the static cache "

@@ -47,8 +47,8 @@ import responses_api
 import attachments
 from attachments import attachment_part
 from config import Settings
-from conversation import load_image
-from structured_output import grammar_for, instruction_for
+from conversation import LONE_SURROGATE, load_image
+from structured_output import JSON_SCHEMA_FIELDS, grammar_for, instruction_for
 from engine_contract import (
     Cancelled,
     ChatInputError,
@@ -337,7 +337,6 @@ def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
                        param="response_format", code="invalid_json_schema") from None
 
 
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # (a valid JSON escape, but no character: nothing can encode it)
 
 
 def lone_surrogate_in(value, path: str = "") -> str | None:
@@ -360,9 +359,8 @@ def lone_surrogate_in(value, path: str = "") -> str | None:
     return None
 
 
-# The fields of each response_format type, and of its json_schema
+# The fields of each response_format type (its json_schema's: JSON_SCHEMA_FIELDS)
 RESPONSE_FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
-JSON_SCHEMA_FIELDS = {"name", "schema", "strict", "description"}
 
 
 def check_response_format(response_format: dict) -> None:

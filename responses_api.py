@@ -20,6 +20,7 @@ import uuid
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
 
 from engine_contract import GenerationError, Reply
+from structured_output import JSON_SCHEMA_FIELDS
 
 # Fields this server can't honour: a 400 naming each (the bookkeeping ones are IGNORED).
 REFUSED = {
@@ -173,8 +174,7 @@ def to_chat_request(body: ResponsesRequest) -> ChatRequest:
     return ChatRequest(chat, sources)
 
 
-FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type"},
-                 "json_schema": {"type", "name", "schema", "strict", "description"}}
+FORMAT_FIELDS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", *JSON_SCHEMA_FIELDS}}
 
 
 def _response_format(form) -> dict:

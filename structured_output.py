@@ -17,6 +17,9 @@ SCHEMA_INSTRUCTION = "Answer with JSON only, a value that matches this JSON sche
 ANY_OBJECT = {"type": "object"}
 MAX_CALLS = 4  # tool calls in one constrained answer (a weak model would otherwise call until its tokens run out)
 SAFE_INTEGERS = (-(2 ** 53 - 1), 2 ** 53 - 1)  # JavaScript's safe integers: what every JSON reader keeps exact
+# The fields of OpenAI's json_schema format (chat: under response_format.json_schema; the
+# Responses API: beside text.format's type)
+JSON_SCHEMA_FIELDS = frozenset({"name", "schema", "strict", "description"})
 NO_PARAMETERS = {"type": "object", "properties": {}}  # a function without parameters takes none (closed: {})
 # JSON as OpenAI writes it: ", " and ": " between items, no other whitespace. (The grammar's
 # default lets the model put any whitespace anywhere, and a weak model spends its tokens so.)

@@ -293,6 +293,8 @@ def test_an_answer_longer_than_the_cache_holds_is_cut_to_fit_with_a_note(batched
     stream = answer(batched_runner, PROMPTS[1], GenerationSettings(max_new_tokens=100, min_new_tokens=100))
     assert (stream.new_tokens, stream.finish_reason) == (30, "length")
     assert any("at most 30 tokens" in notice for notice in stream.notices)
+    import app  # the chat's note under it: the cache's, not "the model's context is full"
+    assert app.out_of_room(stream, 100) is None
     with pytest.raises(ChatInputError, match="longer than the batching cache"):
         batched_runner.stream(chat(PROMPTS[1] * 20), GenerationSettings(max_new_tokens=10))
 
