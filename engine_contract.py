@@ -375,7 +375,7 @@ class StreamBase:
         self.max_new_tokens = max_new_tokens
         self.prompt_tokens = 0
         self.new_tokens = 0
-        self.reasoning_tokens = 0  # of new_tokens, those written while reasoning (OpenAI's usage counts them)
+        self.reasoning_tokens = 0  # of new_tokens, those of the reasoning (OpenAI's usage counts them): the engine's count
         self.started_at = time.perf_counter()
         self.arrived_at = arrived_at
         self.first_token_at: float | None = None
@@ -433,8 +433,6 @@ class StreamBase:
             if self._ended.is_set():
                 return
             self.reply = reply
-            if reply.reasoning and not reply.reasoning_done:
-                self.reasoning_tokens = self.new_tokens
             if not (self._throttle.last(reply) if final else self._throttle.due(reply)):
                 return
             try:

@@ -297,6 +297,7 @@ class TextStream(StreamBase):
         self._stop_check = _StopOnEvent(self._stop)
         self._stop_reason = "cancelled"
         self._stop_strings = [s for s in settings.stop if s]
+        self._reasoning_counted = False  # reasoning_tokens known (the reasoning's end written)
         self._streamer = IncrementalTextStreamer(runner.tokenizer, self._on_text, figures=self)
         self._parser = parser
         self._reply_parsing = reply_parsing  # (template, prompt ids, tools): parsed at the end
@@ -351,6 +352,8 @@ class TextStream(StreamBase):
         if self._reply_parsing and error is None:
             parsed = self._runner.parse_reply(self._streamer.ids, *self._reply_parsing)
         self.reply = self._parser.parse(self._visible, final=True, parsed=parsed)
+        if not self._reasoning_counted and self.reply.reasoning is not None and not self.reply.answer:
+            self.reasoning_tokens = self.new_tokens  # (it ended while still thinking)
         self._end(reason, error)
 
     def _on_text(self, piece: str) -> None:
@@ -358,6 +361,10 @@ class TextStream(StreamBase):
         if self._stop_reason == "stop":  # cut at a stop string: what follows is not shown
             return
         self._add(piece)
+        if not self._reasoning_counted and REASONING_END in self._raw[-(len(piece) + len(REASONING_END)):]:
+            self._reasoning_counted = True  # (its closing tag written: the tokens so far were reasoning)
+            if self._parser.starts_in_reasoning or self._raw.lstrip().startswith(REASONING_START):
+                self.reasoning_tokens = self.new_tokens
         if self._throttle.may_show():
             self._update(self._parser.parse(self._visible))
 

@@ -335,6 +335,8 @@ class RemoteStream(StreamBase):
                 if chunk.usage is not None:
                     self.prompt_tokens = chunk.usage.prompt_tokens
                     self._usage_tokens = chunk.usage.completion_tokens
+                    details = chunk.usage.completion_tokens_details
+                    self.reasoning_tokens = (details.reasoning_tokens if details is not None else None) or 0
                 for choice in chunk.choices:
                     delta = choice.delta
                     # vLLM, SGLang, DeepSeek and this app send reasoning apart from the answer
