@@ -26,8 +26,8 @@ Reading above a streaming answer: Gradio 6.31's chatbot, at the bottom when an u
 scrolls to the bottom 300 ms later without looking again, and at ~30 updates a second one is
 always due: a reader who scrolls up is pulled back down until the answer ends.
 keep_reading_js makes the page skip those scrolls while the reader is above the bottom
-(any way they got there: wheel, keys, touch, the scroll bar); back at the bottom, or with
-Gradio's own "Scroll down" button, it follows the answer again.
+(any way they got there: wheel, keys, touch, the scroll bar), and Gradio's "Scroll down"
+button stays; back at the bottom, or with that button, it follows the answer again.
 
 Refusals in unqueued events: Gradio 6.31's browser shows no message for a gr.Error raised
 in an event with queue=False (the queued path shows it as a toast); it only marks the
@@ -321,7 +321,10 @@ def keep_reading_js(elem_id: str) -> str:
   }, true);
   const scrollTo = Element.prototype.scrollTo;
   Element.prototype.scrollTo = function (...where) {
-    if (readingAbove && this.matches(CHAT)) return;
+    if (readingAbove && this.matches(CHAT)) {  // (then the chatbot hides its "Scroll down" button:
+      queueMicrotask(() => this.dispatchEvent(new Event('scroll')));  // told it is not at the bottom, it shows it)
+      return;
+    }
     return scrollTo.apply(this, where);
   };
 }""" % (elem_id, elem_id)

@@ -173,18 +173,19 @@ CHAT_SCROLL_JS = """() => { const chat = document.querySelector('#chat .bubble-w
 
 def test_a_reader_who_scrolls_up_mid_answer_stays_there(serve, llama_runner, page):
     """Scrolled up while an answer streams, the chat stays where the reader put it (Gradio
-    alone pulled it back to the bottom at every update); back at the bottom, it follows again."""
+    alone pulled it back to the bottom at every update), with the "Scroll down" button showing;
+    back at the bottom, by the wheel or that button, it follows again."""
     url, spy = serve(llama_runner, max_new_tokens=2000)
     with pytest.MonkeyPatch.context() as patch:
         slow_generation(patch, llama_runner.model, seconds_per_token=0.03)
         open_app(page, url)
         send(page, "Tell me a long story.")
         wait_for(lambda: page.evaluate("() => document.querySelector('#chat .bubble-wrap').scrollHeight") >
-                 page.evaluate("() => document.querySelector('#chat .bubble-wrap').clientHeight") + 600,
+                 page.evaluate("() => document.querySelector('#chat .bubble-wrap').clientHeight") + 450,
                  60, "the answer to fill more than the chat's height")
         box = page.locator("#chat .bubble-wrap").bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        page.mouse.wheel(0, -500)
+        page.mouse.wheel(0, -400)
         wait_for(lambda: page.evaluate(CHAT_SCROLL_JS) > 300, 5, "the wheel to scroll the chat up")
         above = []
         for _ in range(10):  # ~30 updates: each would have pulled it down
@@ -192,13 +193,18 @@ def test_a_reader_who_scrolls_up_mid_answer_stays_there(serve, llama_runner, pag
             above.append(page.evaluate(CHAT_SCROLL_JS))
         assert spy.streams[-1].ended_at is None, "the answer was still streaming"
         assert min(above) > 300, f"the chat stays where the reader scrolled it ({above} px above the bottom)"
-        page.mouse.wheel(0, 100_000)  # back to the bottom: it follows the answer again
-        wait_for(lambda: page.evaluate(CHAT_SCROLL_JS) < 30, 5, "the wheel to scroll the chat down")
-        grown = page.evaluate("() => document.querySelector('#chat .bubble-wrap').scrollHeight")
-        wait_for(lambda: page.evaluate("() => document.querySelector('#chat .bubble-wrap').scrollHeight") > grown + 200,
-                 30, "the answer to grow")
-        assert spy.streams[-1].ended_at is None, "the answer was still streaming"
-        wait_for(lambda: page.evaluate(CHAT_SCROLL_JS) < 100, 5, "the chat to follow the answer again")
+        expect(page.locator(".scroll-down-button-container button")).to_be_visible(timeout=5000)
+        for back_down in (lambda: page.mouse.wheel(0, 100_000), page.locator(".scroll-down-button-container button").click):
+            back_down()  # the wheel, then the "Scroll down" button: it follows the answer again
+            wait_for(lambda: page.evaluate(CHAT_SCROLL_JS) < 30, 5, "the chat to be scrolled down")
+            grown = page.evaluate("() => document.querySelector('#chat .bubble-wrap').scrollHeight")
+            wait_for(lambda: page.evaluate("() => document.querySelector('#chat .bubble-wrap').scrollHeight") >
+                     grown + 60, 30, "the answer to grow")
+            assert spy.streams[-1].ended_at is None, "the answer was still streaming"
+            wait_for(lambda: page.evaluate(CHAT_SCROLL_JS) < 100, 5, "the chat to follow the answer again")
+            page.mouse.wheel(0, -400)
+            wait_for(lambda: page.evaluate(CHAT_SCROLL_JS) > 300, 5, "the wheel to scroll the chat up")
+            time.sleep(0.5)
         spy.streams[-1].close()
 
 
