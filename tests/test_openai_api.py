@@ -315,12 +315,13 @@ def test_remote_backend_streams_from_another_instance(serve, idefics3_runner, im
     assert texts[-1] == expected.answer
 
     # Stop on the front instance stops generation on the back one
-    job = client.submit({"text": "Go on forever.", "files": []}, "", 2000, 0.0, 1.0, api_name="/chat")
+    job = client.submit({"text": "Go on forever.", "files": []}, "", 1500, 0.0, 1.0, api_name="/chat")  # (it fits: a
+    # max_tokens the back's context can't hold beside the conversation is refused there, as vLLM refuses it)
     wait_for(lambda: len([o for o in job.outputs() if text_of(o)]) >= 2 or job.done(), 30, "text to stream")
     assert not job.done()
     job.cancel()
     assert wait_until_ended(back_spy.streams[-1])
-    assert back_spy.streams[-1].finish_reason == "cancelled" and back_spy.streams[-1].new_tokens < 2000
+    assert back_spy.streams[-1].finish_reason == "cancelled" and back_spy.streams[-1].new_tokens < 1500
     client.close()
 
 
