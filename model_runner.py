@@ -985,17 +985,17 @@ class ModelRunner:
         prompt_tokens = inputs["input_ids"].shape[-1]
         asked = settings.max_new_tokens if settings.max_new_tokens_asked else None
         if limit and asked and prompt_tokens + asked > limit:
-            raise ContextTooLong(f"This conversation ({prompt_tokens} tokens) and max_tokens ({asked}) are more than "
-                                 f"the model's {limit}-token context holds: ask for at most "
+            raise ContextTooLong(f"This conversation ({prompt_tokens} tokens) and the {asked} tokens asked for the "
+                                 f"answer are more than the model's {limit}-token context holds: ask for at most "
                                  f"{max(limit - prompt_tokens, 0)} tokens, or send less.")
         if limit:  # the answer ends ("length") where the context is full
             generation.max_new_tokens = min(generation.max_new_tokens, limit - prompt_tokens)
         if self.batcher is not None:  # what the batching cache holds beside this conversation
             allowed = self.batcher.admit(prompt_tokens, generation.max_new_tokens, settings.seed)
             if allowed < generation.max_new_tokens and asked:
-                raise ContextTooLong(f"This conversation ({prompt_tokens} tokens) and max_tokens ({asked}): the "
-                                     f"batching cache holds {allowed} more beside it. Ask for at most {allowed}, "
-                                     f"or send less.")
+                raise ContextTooLong(f"This conversation ({prompt_tokens} tokens) and the {asked} tokens asked for "
+                                     f"the answer: the batching cache holds {allowed} more beside it. Ask for at "
+                                     f"most {allowed}, or send less.")
             if allowed < generation.max_new_tokens:
                 notices.append(ANSWER_CUT_TO_BATCH_CACHE.format(tokens=allowed))
                 generation.max_new_tokens = allowed

@@ -958,7 +958,10 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             raise error.renamed(lambda param: "prompt" if param.startswith("messages") else param) from None
         deadline = time.monotonic() + settings.api_model_load_wait_s
         async with serving(request) as gone:
-            stream = await begin(chat, gone, deadline, raw_prompt=True)
+            try:
+                stream = await begin(chat, gone, deadline, raw_prompt=True)
+            except APIError as error:
+                raise error.renamed(lambda param: "prompt" if param.startswith("messages") else param) from None
             completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             if not body.stream:
                 try:

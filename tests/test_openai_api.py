@@ -506,6 +506,7 @@ def test_a_max_tokens_the_context_cannot_hold_is_a_400_with_both_figures(serve, 
     assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] <= 600
     legacy = httpx.post(url + "v1/completions", timeout=120, json={"prompt": prompt, "max_tokens": 2000})
     assert legacy.status_code == 400 and legacy.json()["error"]["code"] == "context_length_exceeded"
+    assert legacy.json()["error"]["param"] == "prompt", "it names the legacy request's own field"
     assert "2000" in legacy.json()["error"]["message"]
     # a conversation: the max_tokens it asks for never costs it its earlier turns
     turns = [{"role": "user", "content": long_text(llama_runner, context // 3)}, {"role": "assistant", "content": "ok"},
