@@ -272,10 +272,20 @@ def test_the_settings_typed_in_the_panel_survive_a_reload_and_reach_the_model(se
     page.get_by_text("Settings", exact=True).first.click()
     typed = {"System prompt": "Answer like a pirate.", "number input for Max new tokens": "7",
              "number input for Temperature (0 = greedy)": "0.5", "number input for Top-p": "0.9"}
+    def kept():  # (what the browser keeps: encrypted, so only compared)
+        return page.evaluate("() => localStorage.getItem('local-model-chat-settings')")
+    first = kept()
     for label, value in typed.items():
         page.get_by_label(label, exact=True).fill(value)
         page.get_by_label(label, exact=True).press("Tab")
-    time.sleep(0.5)  # (the last value reaches the browser's storage)
+    writes = [(time.monotonic(), first)]
+
+    def settled():  # (each edit keeps all four: done when it has stopped changing for a while)
+        now = kept()
+        if now != writes[-1][1]:
+            writes.append((time.monotonic(), now))
+        return len(writes) > 1 and time.monotonic() - writes[-1][0] > 2
+    wait_for(settled, 30, "the values to be kept in the browser", interval=0.1)
     page.reload()
     page.wait_for_selector("textarea")
     page.get_by_text("Settings", exact=True).first.click()
