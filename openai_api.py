@@ -321,22 +321,27 @@ def refuse_what_is_not_honoured(request: ChatCompletionRequest) -> None:
     if request.response_format is not None:
         check_response_format(request.response_format)
     shown = shown_tools(request)
-    constrained = (request.response_format or {}).get("type") in ("json_object", "json_schema")
-    if shown and (constrained or requires_a_call(request)):  # (the tools the grammar will hold: each its own 400)
-        for i, tool in shown:
-            try:
-                grammar_for(None, [tool], require_call=True)
-            except ValueError as error:
-                param = f"tools[{i}].function.parameters"
-                raise APIError(400, f"{param}: this JSON schema can't be followed: {error}", param=param,
-                               code="invalid_json_schema") from None
     try:  # (as the engine will compile it)
         grammar_for(request.response_format, [tool for _, tool in shown], require_call=requires_a_call(request))
     except ValueError as error:
+        constrained = (request.response_format or {}).get("type") in ("json_object", "json_schema")
+        if constrained or requires_a_call(request):  # (the grammar holds the tools: one may be the cause)
+            for i, tool in shown:
+                try:
+                    grammar_for(None, [tool], require_call=True)
+                except ValueError as tool_error:
+                    param = f"tools[{i}].function.parameters"
+                    raise APIError(400, f"{param}: this JSON schema can't be followed: {tool_error}", param=param,
+                                   code="invalid_json_schema") from None
         raise APIError(400, f"response_format: this JSON schema can't be followed: {error}",
                        param="response_format", code="invalid_json_schema") from None
 
 
+
+
+def named_as_prompt(param: str) -> str:
+    """A chat request's field as a legacy completion names it (its one message is the prompt)."""
+    return "prompt" if param.startswith("messages") else param
 
 
 def lone_surrogate_in(value, path: str = "") -> str | None:
@@ -955,13 +960,13 @@ def create_api(runner, line: WaitingLine, settings: Settings | None = None, *, o
             check_limits(chat, settings)
             refuse_what_is_not_honoured(chat)
         except APIError as error:  # (its one message is the prompt)
-            raise error.renamed(lambda param: "prompt" if param.startswith("messages") else param) from None
+            raise error.renamed(named_as_prompt) from None
         deadline = time.monotonic() + settings.api_model_load_wait_s
         async with serving(request) as gone:
             try:
                 stream = await begin(chat, gone, deadline, raw_prompt=True)
             except APIError as error:
-                raise error.renamed(lambda param: "prompt" if param.startswith("messages") else param) from None
+                raise error.renamed(named_as_prompt) from None
             completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             if not body.stream:
                 try:
