@@ -877,14 +877,19 @@ class Chats:
         try:
             message, refusal = without_refused_files(turn["message"])
             try:
-                before, title = self.store.messages(user, conversation), self.store.title(user, conversation)
+                # The chat before it: for an edit or a retry (checked against the tab; the title may
+                # follow the first message), or one an undo left untitled; a message at the end of a
+                # titled chat changes neither.
+                title = self.store.title(user, conversation)
+                before = self.store.messages(user, conversation) if turn["keep"] is not None or not title else None
                 if turn.get("seen") is not None and version_of(before) != turn["seen"]:
                     raise StoreError(CHANGED_IN_STORE)  # (since the edit or retry began; the store checks the count)
                 self.store.append(user, conversation, [message], keep=turn["keep"],
                                   expected_length=turn.get("length"))
                 asked = True
                 stored = self.store.messages(user, conversation)
-                self._title_follows(user, conversation, title, before, stored)
+                if before is not None:
+                    self._title_follows(user, conversation, title, before, stored)
                 if refusal is None and self.speech is not None and any(  # (saved first: a Stop meanwhile keeps it)
                         part["type"] == "audio" for part in stored[-1]["content"]):
                     yield [*chat_bubbles(stored, answering=True), *pending(TRANSCRIBING_TITLE)], gr.skip()
