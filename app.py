@@ -1658,10 +1658,12 @@ def main(argv: list[str] | None = None) -> int:
         for stop in (signal.SIGINT, signal.SIGTERM):  # (a second Ctrl+C must not cut the saving short)
             signal.signal(stop, lambda *_: log.info("Stopping already: saving the answers being written first "
                                                     "(%g s at most).", STOP_SAVE_WAIT_S))
-        if left := demo.stop_api_answers(STOP_SAVE_WAIT_S):
-            log.warning("Stopping: %d API response(s) could not be ended in time.", left)
+        deadline = time.monotonic() + STOP_SAVE_WAIT_S
+        demo.stop_api_answers(0)  # (every /v1 answer told at once; its responses sent while the chat's are saved)
         if left := demo.chats.stop_answers(STOP_SAVE_WAIT_S):
             log.warning("Stopping: %d answer(s) could not be saved in time.", left)
+        if left := demo.stop_api_answers(max(0.0, deadline - time.monotonic())):
+            log.warning("Stopping: %d API response(s) could not be ended in time.", left)
         demo.close()
     return 0
 
